@@ -1,0 +1,17 @@
+# Every third-party dependency, found the standard way from Debian/Ubuntu packages
+# (scripts/install-deps installs them).
+find_package(Threads REQUIRED)
+find_package(absl CONFIG REQUIRED)
+find_package(Protobuf REQUIRED)
+find_package(gRPC CONFIG REQUIRED)
+find_package(spdlog CONFIG REQUIRED)
+find_package(fmt CONFIG REQUIRED)
+find_package(nlohmann_json CONFIG REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
+find_program(MEGASERVE_GRPC_CPP_PLUGIN grpc_cpp_plugin REQUIRED)
+find_program(MEGASERVE_SPM_TRAIN spm_train REQUIRED)
+if(MEGASERVE_TESTS)
+  find_package(GTest CONFIG REQUIRED)
+endif()

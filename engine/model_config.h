@@ -1,0 +1,68 @@
+// The shape of a Llama-family decoder, read from a Hugging Face config.json (plus
+// generation_config.json for EOS ids). Everything the loader, the schedule builder and the
+// backends need to know about a model lives here; nothing model-specific is compiled in.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace megaserve::engine {
+
+enum class ModelFamily {
+  kLlama,  // Llama 2/3/3.1/3.2: LlamaForCausalLM
+  kQwen2,  // Qwen2/2.5: bias on q/k/v projections
+  kQwen3,  // Qwen3 dense: RMSNorm on each q and k head before RoPE
+};
+
+enum class RopeScalingType { kNone, kLlama3 };
+
+struct RopeScaling {
+  RopeScalingType type = RopeScalingType::kNone;
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string architecture;  // e.g. "LlamaForCausalLM"
+  ModelFamily family = ModelFamily::kLlama;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;  // hidden_size / num_heads unless config.json says otherwise
+  int vocab_size = 0;
+  int max_position_embeddings = 0;
+  float rms_norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;  // Qwen2
+  bool qk_norm = false;   // Qwen3
+  int bos_token_id = 1;
+  std::vector<int32_t> eos_token_ids;  // from generation_config.json when present
+  std::string torch_dtype;             // as written in config.json, informational
+
+  int q_size() const { return num_heads * head_dim; }
+  int kv_size() const { return num_kv_heads * head_dim; }
+};
+
+// Parses config.json text. `source` names the file in error messages. A feature megaserve
+// does not support (an unknown architecture, a RoPE scaling type, sliding window, MoE...)
+// gives InvalidArgument naming it.
+absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
+                                               const std::string& source);
+
+// Reads <dir>/config.json and, when present, <dir>/generation_config.json.
+absl::StatusOr<ModelConfig> load_model_config(const std::filesystem::path& model_dir);
+
+// The RoPE inverse frequency of each rotary pair i in [0, head_dim/2), llama3 scaling applied.
+std::vector<float> rope_inv_freq(const ModelConfig& config);
+
+}  // namespace megaserve::engine
