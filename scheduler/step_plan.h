@@ -28,6 +28,13 @@ struct StepRequest {
   std::span<const int32_t> prompt_token_ids;
   std::span<const int32_t> output_token_ids;
   uint64_t seed = 0;  // resolved seed (SamplingParams::seed or one the engine drew)
+  // When sample: ids the sampler must not draw this step (EOS unless ignore_eos, and the
+  // stop token ids) because fewer than sampling.min_tokens tokens precede this one.
+  std::vector<int32_t> banned_token_ids;
+  // When sample: index in the output of the token drawn this step (0 for the first). Under
+  // overlapped scheduling output_token_ids lacks tokens still in flight, so this can exceed
+  // output_token_ids.size(); use it for the seeded generator's token index.
+  int32_t output_token_index = 0;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t context_length() const { return first_position + num_tokens(); }
