@@ -45,7 +45,7 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   bool qkv_bias = false;  // Qwen2
   bool qk_norm = false;   // Qwen3
-  int bos_token_id = 1;
+  int bos_token_id = 1;                // -1 when config.json says null
   std::vector<int32_t> eos_token_ids;  // from generation_config.json when present
   std::string torch_dtype;             // as written in config.json, informational
 
@@ -62,7 +62,17 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
 // Reads <dir>/config.json and, when present, <dir>/generation_config.json.
 absl::StatusOr<ModelConfig> load_model_config(const std::filesystem::path& model_dir);
 
-// The RoPE inverse frequency of each rotary pair i in [0, head_dim/2), llama3 scaling applied.
+// Reads one config.json-format file (e.g. configs/models/llama-3.1-8b.json, the shape of a
+// model whose weights are not at hand); no generation_config.json is looked for.
+absl::StatusOr<ModelConfig> load_model_config_file(const std::filesystem::path& config_file);
+
+// Applies a generation_config.json's eos_token_id (an int or a list of ints) to `config`;
+// a file without one leaves `config` unchanged.
+absl::Status apply_generation_config(const std::string& json_text, const std::string& source,
+                                     ModelConfig* config);
+
+// The RoPE inverse frequency of each rotary pair i in [0, head_dim/2), llama3 scaling applied:
+// theta^(-2i/head_dim), computed in double and rounded once to float.
 std::vector<float> rope_inv_freq(const ModelConfig& config);
 
 }  // namespace megaserve::engine
