@@ -1,0 +1,111 @@
+#include "server/config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+
+namespace megaserve::server {
+namespace {
+
+// Collects the text-format parser's complaints so that the error names the line.
+class ParseErrors : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, int column, const std::string& message) override {
+    errors.push_back(absl::StrCat("line ", line + 1, " column ", column + 1, ": ", message));
+  }
+  std::vector<std::string> errors;
+};
+
+}  // namespace
+
+config::ServerConfig default_server_config() {
+  config::ServerConfig c;
+  c.mutable_model()->set_load_format("auto");
+  c.mutable_model()->set_dummy_seed(0);
+  c.mutable_endpoints()->set_grpc_address("0.0.0.0:50051");
+  c.mutable_endpoints()->set_metrics_address("0.0.0.0:9090");
+  config::EngineConfig* e = c.mutable_engine();
+  e->set_backend("auto");
+  e->set_tensor_parallel_size(1);
+  e->set_kv_block_size(16);
+  e->set_num_kv_blocks(0);
+  e->set_gpu_memory_fraction(0.9f);
+  e->set_cpu_kv_cache_mib(256);
+  e->set_max_num_seqs(64);
+  e->set_max_num_batched_tokens(2048);
+  e->set_max_waiting_requests(4096);
+  e->set_max_model_len(0);
+  e->set_cpu_threads(0);
+  e->set_enable_prefix_caching(true);
+  e->set_overlap_scheduling(false);
+  e->set_step_watchdog_ms(60000);
+  c.mutable_logging()->set_level("info");
+  c.set_drain_grace_seconds(30);
+  return c;
+}
+
+absl::StatusOr<config::ServerConfig> load_server_config(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("config file ", file.string(), ": cannot open"));
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  config::ServerConfig config = default_server_config();
+  google::protobuf::TextFormat::Parser parser;
+  ParseErrors errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.MergeFromString(text.str(), &config)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config file ", file.string(), ": ", absl::StrJoin(errors.errors, "; ")));
+  }
+  return config;
+}
+
+absl::Status validate_server_config(const config::ServerConfig& c) {
+  const std::string& format = c.model().load_format();
+  if (format != "auto" && format != "dummy") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.load_format must be \"auto\" or \"dummy\", got \"", format, "\""));
+  }
+  if (c.endpoints().grpc_address().empty()) {
+    return absl::InvalidArgumentError("endpoints.grpc_address is empty");
+  }
+  const config::EngineConfig& e = c.engine();
+  if (e.backend() != "auto" && e.backend() != "cpu" && e.backend() != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine.backend must be \"auto\", \"cpu\" or \"cuda\", got \"", e.backend(), "\""));
+  }
+  const uint32_t block = e.kv_block_size();
+  if (block < 16 || block > 128 || (block & (block - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine.kv_block_size must be a power of two in [16, 128], got ", block));
+  }
+  if (e.tensor_parallel_size() < 1) {
+    return absl::InvalidArgumentError("engine.tensor_parallel_size must be >= 1");
+  }
+  if (e.max_num_seqs() < 1) return absl::InvalidArgumentError("engine.max_num_seqs must be >= 1");
+  if (e.max_num_batched_tokens() < 1) {
+    return absl::InvalidArgumentError("engine.max_num_batched_tokens must be >= 1");
+  }
+  if (e.max_waiting_requests() < 1) {
+    return absl::InvalidArgumentError("engine.max_waiting_requests must be >= 1");
+  }
+  if (!(e.gpu_memory_fraction() > 0.0f && e.gpu_memory_fraction() <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine.gpu_memory_fraction must be in (0, 1], got ", e.gpu_memory_fraction()));
+  }
+  const std::string& level = c.logging().level();
+  if (level != "trace" && level != "debug" && level != "info" && level != "warn" &&
+      level != "error") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "logging.level must be trace, debug, info, warn or error, got \"", level, "\""));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace megaserve::server

@@ -1,0 +1,336 @@
+// The Generate call: validation, admission, then a write loop driven from two sides. The
+// engine thread calls pump() through the RequestOutput notify hook when tokens arrive;
+// OnWriteDone calls it when the previous write left. pump() takes every queued event, folds
+// them into one message, and starts a write only when none is in flight, so a slow client
+// gets fewer, larger messages instead of an unbounded queue.
+//
+// Lifetime [reactor-link]: the engine may push events after the call ended (a stop string
+// matched, the client went away). Its hook holds a shared ReactorLink, never the reactor
+// itself; OnDone cuts the link, and when a pump() is running at that moment the reactor is
+// deleted by that pump() when it returns (`busy` counts them), never under its feet.
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/output_stream.h"
+#include "server/service.h"
+#include "spdlog/spdlog.h"
+
+namespace megaserve::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+const char* status_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    default: return "OTHER";
+  }
+}
+
+v1::FinishReason to_proto(engine::FinishReason reason) {
+  switch (reason) {
+    case engine::FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kAbort: return v1::FINISH_REASON_ABORT;
+    case engine::FinishReason::kError: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+class GenerateReactor;
+
+struct ReactorLink {
+  std::mutex mu;
+  GenerateReactor* reactor = nullptr;
+  int busy = 0;       // pump() calls from the engine hook in progress
+  bool done = false;  // OnDone ran
+};
+
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
+                  const v1::GenerateRequest& request);
+
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+  // Takes the queued engine events and starts the next write when none is in flight.
+  void pump();
+
+ private:
+  void reject(const absl::Status& status);
+  void record_metrics();
+
+  ServingContext* const context_;
+  grpc::CallbackServerContext* const call_;
+  const std::string client_request_id_;
+  const Clock::time_point received_ = Clock::now();
+  std::shared_ptr<ReactorLink> link_ = std::make_shared<ReactorLink>();
+
+  std::mutex mu_;
+  std::shared_ptr<engine::RequestOutput> output_;  // null when rejected before admission
+  std::unique_ptr<OutputStream> stream_;
+  int prompt_tokens_ = 0;
+  Clock::time_point admitted_;
+  std::optional<Clock::time_point> first_token_;
+  std::optional<Clock::time_point> last_token_;
+  v1::GenerateResponse pending_;    // accumulates while a write is in flight
+  bool pending_final_ = false;      // pending_ is the last message
+  v1::GenerateResponse in_flight_;  // the message gRPC is writing; untouched until done
+  bool write_in_flight_ = false;
+  bool finish_called_ = false;
+  bool engine_done_ = false;  // the engine finished it, or was told to
+  std::string final_status_ = "OK";
+  std::optional<std::string> finish_reason_;
+};
+
+GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
+                                 const v1::GenerateRequest& request)
+    : context_(context), call_(call), client_request_id_(request.request_id()) {
+  context_->active_streams.fetch_add(1);
+  link_->reactor = this;
+  if (context_->draining.load()) {
+    reject(absl::UnavailableError("the server is draining (shutting down); retry elsewhere"));
+    return;
+  }
+  auto engine_request = to_engine_request(request, *context_->tokenizer, context_->limits);
+  if (!engine_request.ok()) {
+    reject(engine_request.status());
+    return;
+  }
+  prompt_tokens_ = static_cast<int>(engine_request->prompt_token_ids.size());
+  const scheduler::SamplingParams sampling = engine_request->sampling;
+  auto output = context_->engine->submit(*std::move(engine_request));
+  if (!output.ok()) {
+    reject(output.status());
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    admitted_ = Clock::now();
+    stream_ = std::make_unique<OutputStream>(*context_->tokenizer, sampling,
+                                             context_->eos_token_ids,
+                                             request.params().has_logprobs());
+    output_ = *std::move(output);
+    pending_.set_request_id(client_request_id_);
+  }
+  output_->set_notify([link = link_] {
+    GenerateReactor* reactor = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(link->mu);
+      if (link->done || link->reactor == nullptr) return;
+      reactor = link->reactor;
+      ++link->busy;
+    }
+    reactor->pump();
+    bool delete_reactor = false;
+    {
+      std::lock_guard<std::mutex> lock(link->mu);
+      delete_reactor = --link->busy == 0 && link->done;
+      if (delete_reactor) link->reactor = nullptr;
+    }
+    if (delete_reactor) delete reactor;
+  });
+  pump();  // events pushed before the hook was set
+}
+
+void GenerateReactor::reject(const absl::Status& status) {
+  const grpc::Status grpc_status = to_grpc_status(status);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    final_status_ = status_code_name(grpc_status.error_code());
+    finish_called_ = true;
+    engine_done_ = true;
+  }
+  spdlog::debug("Generate {} rejected: {}", client_request_id_, status.ToString());
+  Finish(grpc_status);
+}
+
+void GenerateReactor::pump() {
+  enum class Action { kNone, kWrite, kWriteAndFinish, kFinishError };
+  Action action = Action::kNone;
+  grpc::Status error;
+  bool stop_engine = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finish_called_ || output_ == nullptr) return;
+    std::vector<engine::RequestEvent> events = output_->take();
+    const Clock::time_point now = Clock::now();
+    StreamDelta delta;
+    for (const engine::RequestEvent& event : events) stream_->add(event, &delta);
+    if (!delta.token_ids.empty()) {
+      if (!first_token_) first_token_ = now;
+      last_token_ = now;
+    }
+    for (int32_t id : delta.token_ids) pending_.add_token_ids(id);
+    pending_.mutable_text()->append(delta.text);
+    for (const scheduler::SampledToken& token : delta.logprobs) {
+      v1::TokenLogprob* logprob = pending_.add_logprobs();
+      logprob->set_token_id(token.token_id);
+      logprob->set_logprob(token.logprob);
+      for (const auto& [id, value] : token.top_logprobs) {
+        v1::TopLogprob* top = logprob->add_top();
+        top->set_token_id(id);
+        top->set_logprob(value);
+      }
+    }
+    if (delta.finished) {
+      stop_engine = delta.stop_string_matched;
+      engine_done_ = true;
+      if (*delta.finished == engine::FinishReason::kError) {
+        error = grpc::Status(grpc::StatusCode::INTERNAL,
+                             absl::StrCat("generation failed: ", delta.error));
+        final_status_ = "INTERNAL";
+        finish_called_ = true;
+        action = Action::kFinishError;
+      } else {
+        finish_reason_ = engine::finish_reason_name(*delta.finished);
+        pending_.set_finish_reason(to_proto(*delta.finished));
+        v1::Usage* usage = pending_.mutable_usage();
+        usage->set_prompt_tokens(prompt_tokens_);
+        usage->set_completion_tokens(stream_->completion_tokens());
+        usage->set_cached_prompt_tokens(stream_->cached_prompt_tokens());
+        v1::Timings* timings = pending_.mutable_timings();
+        timings->set_queue_seconds(seconds_between(received_, admitted_));
+        if (first_token_) {
+          timings->set_first_token_seconds(seconds_between(received_, *first_token_));
+        }
+        timings->set_total_seconds(seconds_between(received_, last_token_.value_or(now)));
+        pending_final_ = true;
+      }
+    }
+    const bool has_content = pending_.token_ids_size() > 0 || !pending_.text().empty();
+    if (action == Action::kNone && !write_in_flight_ && (has_content || pending_final_)) {
+      in_flight_ = std::move(pending_);
+      pending_.Clear();
+      pending_.set_request_id(client_request_id_);
+      write_in_flight_ = true;
+      if (pending_final_) {
+        finish_called_ = true;
+        action = Action::kWriteAndFinish;
+      } else {
+        action = Action::kWrite;
+      }
+    }
+  }
+  if (stop_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kStop);
+  switch (action) {
+    case Action::kNone: break;
+    case Action::kWrite: StartWrite(&in_flight_); break;
+    case Action::kWriteAndFinish:
+      StartWriteAndFinish(&in_flight_, grpc::WriteOptions(), grpc::Status::OK);
+      break;
+    case Action::kFinishError: Finish(error); break;
+  }
+}
+
+void GenerateReactor::OnWriteDone(bool ok) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    write_in_flight_ = false;
+    if (!ok) {
+      // The stream broke (client gone); OnCancel normally says so too.
+      if (finish_called_) return;
+      finish_called_ = true;
+      final_status_ = "CANCELLED";
+    }
+  }
+  if (!ok) {
+    Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream to the client broke"));
+    return;
+  }
+  pump();
+}
+
+void GenerateReactor::OnCancel() {
+  bool finish_now = false;
+  bool abort_engine = false;
+  const bool deadline_passed =
+      call_->deadline() <= std::chrono::system_clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!finish_called_) {
+      final_status_ = deadline_passed ? "DEADLINE_EXCEEDED" : "CANCELLED";
+    }
+    finish_now = !finish_called_ && !write_in_flight_;
+    if (finish_now) finish_called_ = true;
+    abort_engine = !engine_done_;
+    engine_done_ = true;
+  }
+  // Frees the request's KV blocks at the next step boundary.
+  if (abort_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kAbort);
+  if (finish_now) {
+    Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client or its deadline"));
+  }
+}
+
+void GenerateReactor::record_metrics() {
+  RequestRecord record;
+  record.status = final_status_;
+  if (final_status_ == "OK") record.finish_reason = finish_reason_;
+  if (output_ != nullptr) {
+    record.prompt_tokens = prompt_tokens_;
+    record.completion_tokens = stream_->completion_tokens();
+  }
+  if (first_token_) {
+    record.time_to_first_token = seconds_between(received_, *first_token_);
+    if (record.completion_tokens > 1) {
+      record.time_per_output_token =
+          seconds_between(*first_token_, *last_token_) / (record.completion_tokens - 1);
+    }
+  }
+  if (final_status_ == "OK") {
+    record.e2e_latency = seconds_between(received_, last_token_.value_or(Clock::now()));
+  }
+  context_->metrics->record(record);
+}
+
+void GenerateReactor::OnDone() {
+  bool abort_engine = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    abort_engine = !engine_done_ && output_ != nullptr;
+    engine_done_ = true;
+    record_metrics();
+    spdlog::debug("Generate {} done: {} {} ({} prompt, {} generated tokens)",
+                  client_request_id_, final_status_, finish_reason_.value_or("-"),
+                  prompt_tokens_, stream_ ? stream_->completion_tokens() : 0);
+  }
+  if (abort_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kAbort);
+  context_->active_streams.fetch_sub(1);
+  bool delete_now = false;
+  {
+    std::lock_guard<std::mutex> lock(link_->mu);
+    link_->done = true;
+    delete_now = link_->busy == 0;
+    if (delete_now) link_->reactor = nullptr;
+  }
+  if (delete_now) delete this;
+}
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* new_generate_reactor(
+    ServingContext* context, grpc::CallbackServerContext* call,
+    const v1::GenerateRequest& request) {
+  return new GenerateReactor(context, call, request);
+}
+
+}  // namespace megaserve::server

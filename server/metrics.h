@@ -1,0 +1,107 @@
+// Prometheus metrics of the server, rendered in the text exposition format (version 0.0.4)
+// and served over HTTP on their own port. Request-level numbers are recorded by the
+// Generate reactors when a call ends; engine-level gauges are read from Engine::stats() at
+// scrape time; the step-time histogram is fed by a sampler thread (see MetricsHttpServer).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/engine.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace megaserve::server {
+
+// A cumulative histogram with fixed upper bounds (seconds).
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void observe(double value);
+  // Appends the _bucket, _sum and _count lines of metric `name`.
+  void render(const std::string& name, const std::string& help, std::string* out) const;
+
+ private:
+  const std::vector<double> upper_bounds_;
+  mutable std::mutex mu_;
+  std::vector<uint64_t> counts_;  // per bucket, not cumulative; last is +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+// One finished Generate call, as the metrics see it.
+struct RequestRecord {
+  std::string status;                    // gRPC status code name, e.g. "OK", "CANCELLED"
+  std::optional<std::string> finish_reason;  // "stop", "length", "abort" for streams that ran
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  std::optional<double> time_to_first_token;  // seconds
+  std::optional<double> time_per_output_token;  // (last - first token) / (tokens - 1)
+  std::optional<double> e2e_latency;
+};
+
+class Metrics {
+ public:
+  explicit Metrics(std::function<engine::EngineStats()> engine_stats);
+
+  void record(const RequestRecord& record);
+  // Called by the sampler: `steps` steps happened since the last call, the last one took
+  // `seconds`.
+  void observe_steps(int64_t steps, double seconds);
+  std::string render() const;
+
+ private:
+  std::function<engine::EngineStats()> engine_stats_;
+  mutable std::mutex mu_;
+  std::map<std::string, uint64_t> requests_by_status_;
+  std::map<std::string, uint64_t> requests_by_finish_reason_;
+  uint64_t prompt_tokens_ = 0;
+  uint64_t generation_tokens_ = 0;
+  Histogram ttft_;
+  Histogram tpot_;
+  Histogram e2e_;
+  Histogram step_;
+};
+
+// Serves GET /metrics (and / for a pointer to it) on `address` ("host:port"; port 0 picks a
+// free one), and samples the engine's step time every `sample_interval`.
+class MetricsHttpServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(
+      const std::string& address, Metrics* metrics,
+      std::function<engine::EngineStats()> engine_stats);
+  ~MetricsHttpServer();
+  int port() const { return port_; }
+  void stop();
+
+ private:
+  MetricsHttpServer() = default;
+  void sample_steps();
+
+  Metrics* metrics_ = nullptr;
+  std::function<engine::EngineStats()> engine_stats_;
+  std::unique_ptr<httplib::Server> http_;
+  std::thread http_thread_;
+  std::thread sampler_thread_;
+  std::mutex mu_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;
+  int port_ = 0;
+};
+
+// Splits "host:port" (the host may be "[::1]"); InvalidArgument naming `field` otherwise.
+absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
+                                                             const std::string& field);
+
+}  // namespace megaserve::server

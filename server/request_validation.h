@@ -1,0 +1,39 @@
+// Turns a megaserve.v1.GenerateRequest into the engine's GenerateRequest, checking every
+// field on the way. A bad value gives InvalidArgument whose message names the field and
+// the allowed range, so the client can fix its request without reading server logs.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/engine.h"
+#include "engine/tokenizer.h"
+#include "proto/megaserve.pb.h"
+#include "scheduler/sampling_params.h"
+
+namespace megaserve::server {
+
+// Field ranges, shared by the validation and its documentation in proto/megaserve.proto.
+inline constexpr float kMaxRepetitionPenalty = 10.0f;
+inline constexpr float kMaxAbsFrequencyPenalty = 2.0f;
+inline constexpr float kMaxAbsPresencePenalty = 2.0f;
+inline constexpr int kMaxLogprobs = 20;
+inline constexpr int kDefaultMaxTokens = 16;
+
+struct RequestLimits {
+  int vocab_size = 0;
+  int max_model_len = 0;  // prompt + max_tokens must fit
+};
+
+// Checks `params` and fills the engine's SamplingParams. `prompt_tokens` is needed for the
+// context-length check and for the default max_tokens (16, or what still fits).
+absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
+    const v1::SamplingParameters& params, int prompt_tokens, const RequestLimits& limits);
+
+// Tokenizes or checks the prompt, then the sampling parameters.
+absl::StatusOr<engine::GenerateRequest> to_engine_request(const v1::GenerateRequest& request,
+                                                          const engine::Tokenizer& tokenizer,
+                                                          const RequestLimits& limits);
+
+}  // namespace megaserve::server

@@ -1,0 +1,98 @@
+#include "server/server.h"
+
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "spdlog/spdlog.h"
+
+namespace megaserve::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Polls `done` every millisecond until it holds or `deadline` passes.
+template <typename Done>
+bool wait_until(Done done, Clock::time_point deadline) {
+  while (!done()) {
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& options,
+                                                      ServedModel model) {
+  std::unique_ptr<Server> server(new Server());
+  server->model_ = std::move(model);
+  engine::Engine* engine = server->model_.engine.get();
+  ServingContext& context = server->context_;
+  context.engine = engine;
+  context.tokenizer = server->model_.tokenizer.get();
+  context.model_info = server->model_.info;
+  context.limits.vocab_size = server->model_.info.vocab_size();
+  context.limits.max_model_len = server->model_.info.max_model_len();
+  context.eos_token_ids = server->model_.eos_token_ids;
+
+  auto stats = [engine] { return engine->stats(); };
+  server->metrics_ = std::make_unique<Metrics>(stats);
+  context.metrics = server->metrics_.get();
+  if (!options.metrics_address.empty()) {
+    auto http = MetricsHttpServer::start(options.metrics_address, server->metrics_.get(), stats);
+    if (!http.ok()) return http.status();
+    server->metrics_http_ = *std::move(http);
+  }
+
+  server->service_ = std::make_unique<MegaserveService>(&context);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(),
+                           &server->grpc_port_);
+  builder.RegisterService(server->service_.get());
+  server->grpc_server_ = builder.BuildAndStart();
+  if (server->grpc_server_ == nullptr || server->grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("grpc_address ", options.grpc_address,
+                                               ": cannot listen (bad address or port in use)"));
+  }
+  server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  return server;
+}
+
+void Server::drain_and_stop(std::chrono::milliseconds grace) {
+  if (stopped_ || grpc_server_ == nullptr) return;
+  stopped_ = true;
+  context_.draining.store(true);
+  grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  engine::Engine& engine = *model_.engine;
+  const auto idle = [&engine] {
+    const engine::EngineStats stats = engine.stats();
+    return stats.waiting == 0 && stats.running == 0;
+  };
+  const bool finished_in_time = wait_until(idle, Clock::now() + grace);
+  if (finished_in_time) {
+    spdlog::info("drain: every request finished within the grace period");
+  } else {
+    const engine::EngineStats stats = engine.stats();
+    spdlog::warn("drain: grace period over, aborting {} running and {} waiting requests",
+                 stats.running, stats.waiting);
+  }
+  engine.drain(/*abort_all=*/!finished_in_time);
+  // Let the streams deliver their last messages (aborted ones say FINISH_REASON_ABORT).
+  if (!wait_until([this] { return context_.active_streams.load() == 0; },
+                  Clock::now() + std::chrono::seconds(2))) {
+    spdlog::warn("drain: {} streams still open; cancelling them",
+                 context_.active_streams.load());
+  }
+  grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  grpc_server_->Wait();
+  if (metrics_http_) metrics_http_->stop();
+}
+
+Server::~Server() { drain_and_stop(std::chrono::milliseconds(0)); }
+
+}  // namespace megaserve::server

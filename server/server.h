@@ -1,0 +1,61 @@
+// The running server: the gRPC service (with the standard health service and reflection)
+// and the Prometheus endpoint around one engine, plus the drain sequence SIGTERM runs.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/engine.h"
+#include "engine/tokenizer.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/megaserve.pb.h"
+#include "server/metrics.h"
+#include "server/service.h"
+
+namespace megaserve::server {
+
+// The model being served: an engine, its tokenizer and what GetModelInfo reports.
+struct ServedModel {
+  std::unique_ptr<engine::Engine> engine;
+  std::unique_ptr<engine::Tokenizer> tokenizer;
+  v1::ModelInfo info;  // max_model_len and vocab_size also bound requests
+  std::vector<int32_t> eos_token_ids;
+};
+
+struct ServerOptions {
+  std::string grpc_address = "127.0.0.1:0";  // port 0 picks a free port
+  std::string metrics_address;               // empty: no metrics endpoint
+};
+
+class Server {
+ public:
+  static absl::StatusOr<std::unique_ptr<Server>> start(const ServerOptions& options,
+                                                        ServedModel model);
+  ~Server();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
+  engine::Engine& engine() { return *model_.engine; }
+
+  // The SIGTERM sequence: health turns NOT_SERVING and new Generate calls get UNAVAILABLE;
+  // running requests may finish within `grace`, after which the engine aborts the rest;
+  // then the gRPC and metrics servers stop. Idempotent.
+  void drain_and_stop(std::chrono::milliseconds grace);
+
+ private:
+  Server() = default;
+
+  ServedModel model_;
+  ServingContext context_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  std::unique_ptr<MegaserveService> service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  int grpc_port_ = 0;
+  bool stopped_ = false;
+};
+
+}  // namespace megaserve::server
