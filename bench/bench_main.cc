@@ -1,0 +1,232 @@
+// megaserve-bench: the ShareGPT serving benchmark against a running megaserve server.
+//   megaserve-bench --server=localhost:50051 --dataset=ShareGPT_V3_unfiltered_cleaned_split.json
+//                   [--num-prompts=1000] [--request-rate=inf] [--burstiness=1]
+//                   [--max-concurrency=N] [--result-json=out.json] [--peak-tflops=798]
+// Flags may be spelled with dashes or underscores.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "bench/sharegpt_dataset.h"
+#include "bench/sharegpt_runner.h"
+#include "bench/sharegpt_stats.h"
+#include "engine/tokenizer.h"
+#include "grpcpp/grpcpp.h"
+#include "nlohmann/json.hpp"
+#include "proto/megaserve.grpc.pb.h"
+
+ABSL_FLAG(std::string, server, "localhost:50051", "the megaserve gRPC address");
+ABSL_FLAG(std::string, dataset, "", "ShareGPT JSON file (required)");
+ABSL_FLAG(int, num_prompts, 1000, "requests to send");
+ABSL_FLAG(uint64_t, seed, 0, "seed of the dataset shuffle and of the arrival times");
+ABSL_FLAG(double, request_rate, std::numeric_limits<double>::infinity(),
+          "requests per second (inf: all at once)");
+ABSL_FLAG(double, burstiness, 1.0, "gamma shape of the gaps between requests; 1 is Poisson");
+ABSL_FLAG(int, max_concurrency, 0, "streams in flight at most; 0 is unlimited");
+ABSL_FLAG(std::string, tokenizer, "",
+          "a local tokenizer.model to count tokens with (default: the server's Tokenize RPC)");
+ABSL_FLAG(int, min_prompt_len, 4, "drop pairs whose prompt has fewer tokens");
+ABSL_FLAG(int, min_output_len, 4, "drop pairs whose reply has fewer tokens");
+ABSL_FLAG(int, max_prompt_len, 1024, "drop pairs whose prompt has more tokens");
+ABSL_FLAG(int, max_total_len, 2048, "drop pairs whose prompt + reply have more tokens");
+ABSL_FLAG(int, sharegpt_output_len, 0, "if > 0, every request generates this many tokens");
+ABSL_FLAG(std::string, result_json, "", "write the configuration and results here");
+ABSL_FLAG(double, peak_tflops, 0, "the GPU's measured dense bf16 TFLOP/s: print the floor");
+ABSL_FLAG(bool, warmup, true, "send one request before the timed run");
+ABSL_FLAG(bool, progress, true, "show a progress bar on stderr");
+
+namespace megaserve::bench {
+namespace {
+
+// Abseil flag names are identifiers; accept the peers' --num-prompts spelling too.
+std::vector<char*> normalize_flag_names(int argc, char** argv, std::vector<std::string>* store) {
+  store->reserve(argc);
+  std::vector<char*> out;
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (i > 0 && arg.rfind("--", 0) == 0) {
+      const size_t end = std::min(arg.find('='), arg.size());
+      for (size_t j = 2; j < end; ++j) {
+        if (arg[j] == '-') arg[j] = '_';
+      }
+    }
+    store->push_back(std::move(arg));
+  }
+  for (std::string& s : *store) out.push_back(s.data());
+  return out;
+}
+
+int fail(const std::string& message) {
+  std::cerr << "megaserve-bench: " << message << "\n";
+  return 1;
+}
+
+int run(int argc, char** argv) {
+  absl::SetProgramUsageMessage("ShareGPT serving benchmark against a megaserve server");
+  std::vector<std::string> storage;
+  std::vector<char*> args = normalize_flag_names(argc, argv, &storage);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  if (absl::GetFlag(FLAGS_dataset).empty()) return fail("--dataset is required");
+
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  auto stub = v1::Megaserve::NewStub(channel);
+  v1::ModelInfo info;
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    context.set_wait_for_ready(true);
+    grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+    if (!status.ok()) {
+      return fail(absl::StrCat("GetModelInfo on ", absl::GetFlag(FLAGS_server), ": ",
+                               status.error_message()));
+    }
+  }
+
+  TokenCounter count_tokens;
+  std::unique_ptr<engine::Tokenizer> local_tokenizer;
+  if (!absl::GetFlag(FLAGS_tokenizer).empty()) {
+    auto tokenizer = engine::Tokenizer::load(absl::GetFlag(FLAGS_tokenizer));
+    if (!tokenizer.ok()) return fail(tokenizer.status().ToString());
+    local_tokenizer = *std::move(tokenizer);
+    count_tokens = [&](const std::string& text, bool add_bos) -> absl::StatusOr<int> {
+      return static_cast<int>(local_tokenizer->encode(text, add_bos).size());
+    };
+  } else {
+    count_tokens = [&](const std::string& text, bool add_bos) -> absl::StatusOr<int> {
+      v1::TokenizeRequest request;
+      request.set_text(text);
+      request.set_add_bos(add_bos);
+      v1::TokenizeResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = stub->Tokenize(&context, request, &response);
+      if (!status.ok()) {
+        return absl::UnavailableError(absl::StrCat("Tokenize: ", status.error_message()));
+      }
+      return response.token_ids_size();
+    };
+  }
+
+  auto pairs = read_sharegpt(absl::GetFlag(FLAGS_dataset));
+  if (!pairs.ok()) return fail(pairs.status().ToString());
+  SampleOptions sample;
+  sample.num_requests = absl::GetFlag(FLAGS_num_prompts);
+  sample.seed = absl::GetFlag(FLAGS_seed);
+  sample.min_prompt_len = absl::GetFlag(FLAGS_min_prompt_len);
+  sample.min_output_len = absl::GetFlag(FLAGS_min_output_len);
+  sample.max_prompt_len = absl::GetFlag(FLAGS_max_prompt_len);
+  sample.max_total_len = absl::GetFlag(FLAGS_max_total_len);
+  if (absl::GetFlag(FLAGS_sharegpt_output_len) > 0) {
+    sample.fixed_output_len = absl::GetFlag(FLAGS_sharegpt_output_len);
+  }
+  const size_t num_pairs = pairs->size();
+  auto requests = sample_requests(*std::move(pairs), sample, count_tokens);
+  if (!requests.ok()) return fail(requests.status().ToString());
+  if (requests->empty()) {
+    return fail(absl::StrCat("no request of the ", num_pairs,
+                             " conversations passes the length filters"));
+  }
+  std::cout << absl::StrFormat("Model %s (%s), backend %s; %zu requests from %zu conversations\n",
+                               info.name(), info.architecture(), info.backend(),
+                               requests->size(), num_pairs);
+
+  if (absl::GetFlag(FLAGS_warmup)) {
+    RequestResult warmup = run_one(stub.get(), requests->front());
+    if (!warmup.success) return fail(absl::StrCat("warm-up request failed: ", warmup.error));
+  }
+
+  RunOptions options;
+  options.request_rate = absl::GetFlag(FLAGS_request_rate);
+  options.burstiness = absl::GetFlag(FLAGS_burstiness);
+  options.max_concurrency = absl::GetFlag(FLAGS_max_concurrency);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.progress = absl::GetFlag(FLAGS_progress);
+  if (!(options.burstiness > 0)) return fail("--burstiness must be > 0");
+  if (!(options.request_rate > 0)) return fail("--request_rate must be > 0");
+  RunResult run = run_benchmark(stub.get(), *requests, options);
+  const BenchmarkSummary summary = summarize(run.results, run.duration_s);
+  std::cout << format_summary(summary);
+
+  int64_t usage_prompt = 0, usage_completion = 0;
+  for (const RequestResult& r : run.results) {
+    if (!r.success) continue;
+    usage_prompt += r.usage_prompt_tokens;
+    usage_completion += r.usage_completion_tokens;
+  }
+
+  nlohmann::json result;
+  result["config"] = {{"server", absl::GetFlag(FLAGS_server)},
+                      {"dataset", absl::GetFlag(FLAGS_dataset)},
+                      {"num_prompts", sample.num_requests},
+                      {"seed", sample.seed},
+                      {"request_rate", std::isinf(options.request_rate)
+                                           ? nlohmann::json("inf")
+                                           : nlohmann::json(options.request_rate)},
+                      {"burstiness", options.burstiness},
+                      {"max_concurrency", options.max_concurrency},
+                      {"tokenizer", absl::GetFlag(FLAGS_tokenizer).empty()
+                                        ? "server"
+                                        : absl::GetFlag(FLAGS_tokenizer)},
+                      {"min_prompt_len", sample.min_prompt_len},
+                      {"min_output_len", sample.min_output_len},
+                      {"max_prompt_len", sample.max_prompt_len},
+                      {"max_total_len", sample.max_total_len},
+                      {"sharegpt_output_len", absl::GetFlag(FLAGS_sharegpt_output_len)},
+                      {"peak_tflops", absl::GetFlag(FLAGS_peak_tflops)}};
+  result["model"] = {{"name", info.name()},
+                     {"architecture", info.architecture()},
+                     {"backend", info.backend()},
+                     {"tensor_parallel_size", info.tensor_parallel_size()}};
+  result["summary"] = to_json(summary);
+  result["usage_prompt_tokens"] = usage_prompt;
+  result["usage_completion_tokens"] = usage_completion;
+  nlohmann::json input_lens = nlohmann::json::array(), output_lens = nlohmann::json::array(),
+                 ttfts = nlohmann::json::array(), errors = nlohmann::json::array();
+  for (const RequestResult& r : run.results) {
+    input_lens.push_back(r.prompt_len);
+    output_lens.push_back(r.output_tokens);
+    ttfts.push_back(r.ttft);
+    errors.push_back(r.error);
+  }
+  result["input_lens"] = input_lens;
+  result["output_lens"] = output_lens;
+  result["ttfts"] = ttfts;
+  result["errors"] = errors;
+
+  if (const double peak = absl::GetFlag(FLAGS_peak_tflops); peak > 0) {
+    const ModelShape shape{info.hidden_size(), info.intermediate_size(), info.num_layers(),
+                           info.num_heads(),   info.num_kv_heads(),      info.head_dim(),
+                           info.vocab_size()};
+    double flops = 0;
+    for (const BenchRequest& r : *requests) flops += request_flops(shape, r.prompt_len, r.output_len);
+    const double floor_s = flops / (peak * 1e12);
+    const double ratio = floor_s > 0 ? run.duration_s / floor_s : 0;
+    std::cout << absl::StrFormat("%-42s%12.3e\n%-42s%12.4f\n%-42s%12.2f\n", "Workload FLOPs:",
+                                 flops, "Compute floor (s):", floor_s,
+                                 "Measured / floor:", ratio);
+    result["compute_floor"] = {{"total_flops", flops},
+                               {"floor_s", floor_s},
+                               {"measured_over_floor", ratio}};
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_result_json); !path.empty()) {
+    std::ofstream out(path);
+    out << result.dump(2) << "\n";
+    if (!out) return fail(absl::StrCat("cannot write ", path));
+  }
+  return summary.failed == 0 ? 0 : 2;
+}
+
+}  // namespace
+}  // namespace megaserve::bench
+
+int main(int argc, char** argv) { return megaserve::bench::run(argc, argv); }
