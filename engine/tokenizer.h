@@ -26,7 +26,12 @@ class Tokenizer {
   int vocab_size() const;
   int32_t bos_id() const;
   int32_t eos_id() const;
-  std::string piece(int32_t id) const;  // the raw piece, e.g. "▁the" or "<0x0A>"
+  int32_t unk_id() const;
+  std::string piece(int32_t id) const;  // the raw piece, e.g. "▁the" or "<0x0A>"; "" if invalid
+  // The id of a piece given as piece() spells it, or -1 when the vocabulary lacks it.
+  int32_t piece_id(std::string_view piece) const;
+  // For a byte-fallback piece <0xHH>: the byte HH (0..255); -1 for every other id.
+  int byte_value(int32_t id) const;
 
  private:
   struct Impl;
@@ -36,19 +41,36 @@ class Tokenizer {
 
 // Turns a stream of ids into a stream of text deltas whose concatenation equals
 // decode(all ids). A delta never ends inside a UTF-8 sequence: bytes of a character split
-// over several byte-fallback pieces are held back until it is complete.
+// over several byte-fallback pieces are held back until it is complete. An id outside
+// [0, vocab_size) (which decode() rejects) is rendered as U+FFFD and the stream goes on.
+// Cost per push is a decode of a short window of recent ids, not of the whole sequence.
+// Implemented in detokenizer.cc.
 class IncrementalDetokenizer {
  public:
   explicit IncrementalDetokenizer(const Tokenizer& tokenizer);
-  // Appends one id and returns the text that became final.
+  // Appends one id and returns the text that became final (often "", e.g. for BOS/EOS).
   std::string push(int32_t id);
-  // Text still held back (an incomplete UTF-8 tail at the end of the stream).
+  // Ends the stream: returns the text still held back (an incomplete UTF-8 tail, decoded as
+  // sentencepiece does, i.e. one U+FFFD per byte). Pushing after flush() starts a new stream.
   std::string flush();
 
  private:
+  // decode(window_[begin, end)); every id in window_ is valid.
+  std::string decode_window(size_t begin, size_t end) const;
+  // True when window_ ends in byte-fallback pieces that form a proper prefix of a UTF-8
+  // character, which the next pieces may still complete.
+  bool ends_in_incomplete_char() const;
+
   const Tokenizer& tokenizer_;
-  std::vector<int32_t> ids_;
-  size_t emitted_bytes_ = 0;
+  int32_t replacement_id_;  // decodes to U+FFFD alone: <0xFF> with byte fallback, else unk
+  // window_[0, context_size_) are ids whose text was already emitted, kept as context;
+  // the rest are not emitted yet. Once anything was emitted, the context decodes to
+  // context_text_size_ > 0 bytes, so sentencepiece's rule "drop the leading space of the
+  // first piece" falls on the context and the new text is decode(window_) minus that prefix.
+  // Before the first emission the window holds every id since the stream began.
+  std::vector<int32_t> window_;
+  size_t context_size_ = 0;
+  size_t context_text_size_ = 0;
 };
 
 }  // namespace megaserve::engine
