@@ -1,0 +1,66 @@
+// CpuBackend: the Backend (engine/backend.h) that runs steps on the CPU interpreter. It
+// holds the weights, the ScheduleBuilder and the interpreter (with its KV cache); execute()
+// builds the step, optionally verifies it statically, runs it and returns the samples.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/cpu_interpreter.h"
+#include "engine/model_config.h"
+#include "engine/schedule_builder.h"
+#include "engine/tile_config.h"
+#include "engine/weights.h"
+
+namespace megaserve::engine {
+
+struct CpuBackendOptions {
+  int tensor_parallel = 1;
+  int num_sms = 1;   // virtual SMs (queues) per rank
+  TileConfig tiles;  // tiles.num_sms is overwritten by num_sms; default: cpu_tile_config
+  bool default_tiles = true;
+  int32_t num_kv_blocks = 256;
+  int32_t kv_block_size = 16;
+  ExecutionOptions execution;
+  // Record regions and run the static verifier on every step (a failure fails the step).
+  bool verify = false;
+};
+
+class CpuBackend : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CpuBackend>> create(const ModelConfig& config,
+                                                            ModelWeights weights,
+                                                            const CpuBackendOptions& options);
+
+  std::string describe() const override;
+  int32_t num_kv_blocks() const override { return options_.num_kv_blocks; }
+  int32_t kv_block_size() const override { return options_.kv_block_size; }
+  // kTokenFromPreviousStep inputs are the token this backend sampled for the same request in
+  // the previous step (an error if it sampled none). A failed run leaves the barriers and
+  // cache in an unknown state: every later call fails.
+  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
+
+  // For tests and benchmarks.
+  CpuInterpreter& interpreter() { return *interpreter_; }
+  ScheduleBuilder& builder() { return *builder_; }
+  const Step& last_step() const { return last_step_; }
+  void set_execution(const ExecutionOptions& execution) { options_.execution = execution; }
+
+ private:
+  CpuBackend() = default;
+
+  ModelConfig config_;
+  ModelWeights weights_;
+  CpuBackendOptions options_;
+  std::unique_ptr<ScheduleBuilder> builder_;
+  std::unique_ptr<CpuInterpreter> interpreter_;
+  std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
+  Step last_step_;
+  bool broken_ = false;
+};
+
+}  // namespace megaserve::engine

@@ -1,0 +1,79 @@
+// Tile shapes and the placement cost model: the knobs the ScheduleBuilder reads to cut a step
+// into instructions and spread them over SMs. Chosen per executor (the CPU interpreter picks
+// small tiles; a GPU picks from its SM count), never per model.
+#pragma once
+
+#include <cstdint>
+
+namespace megaserve::engine {
+
+struct TileConfig {
+  int num_sms = 1;  // queues per rank (CTAs on a GPU, worker threads on the CPU)
+
+  // Matmul tiles: token rows x output columns.
+  int token_rows = 16;       // token rows per projection tile
+  int qkv_heads = 2;         // fused (q, k or v) heads per QKV tile; a tile holds whole heads
+  int hidden_cols = 32;      // hidden columns per O-projection / down / TP-reduce tile
+  int ffn_cols = 32;         // FFN columns per gate/up tile
+  int vocab_cols = 128;      // vocabulary columns per LM-head tile
+  int embedding_rows = 16;   // token rows per embedding tile
+  int lm_head_samples = 64;  // sampling rows per LM-head tile
+
+  // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
+  // kv_split_tokens keys ([s * kv_split_tokens, (s + 1) * kv_split_tokens)), partials merged
+  // by kAttentionMerge. Split boundaries depend only on positions, so a token's attention
+  // is computed identically whatever else is in the step.
+  int kv_split_tokens = 256;
+  int attention_query_rows = 16;     // query rows per single-request attention tile
+  int attention_batch_requests = 8;  // short requests grouped into one attention tile
+
+  // Cost model: estimated cycles = overhead + max(flops / flops_per_cycle,
+  // bytes / bytes_per_cycle); only the ratios matter for placement.
+  double flops_per_cycle = 1024.0;
+  double bytes_per_cycle = 64.0;
+  double overhead_cycles = 2000.0;
+};
+
+// Small tiles so that even stories260K (hidden 64, 5 layers) makes many instructions and the
+// interpreter exercises real cross-SM ordering.
+inline TileConfig cpu_tile_config(int num_sms) {
+  TileConfig c;
+  c.num_sms = num_sms;
+  c.token_rows = 4;
+  c.qkv_heads = 2;
+  c.hidden_cols = 16;
+  c.ffn_cols = 32;
+  c.vocab_cols = 128;
+  c.embedding_rows = 4;
+  c.lm_head_samples = 4;
+  c.kv_split_tokens = 32;
+  c.attention_query_rows = 4;
+  c.attention_batch_requests = 2;
+  c.flops_per_cycle = 16.0;
+  c.bytes_per_cycle = 16.0;
+  c.overhead_cycles = 100.0;
+  return c;
+}
+
+// An H100/H200-class GPU: 132 SMs, bf16 tensor cores (~1024 dense flops per SM-cycle),
+// ~3 TB/s over 132 SMs at ~1.8 GHz (~13 bytes per SM-cycle), 128-row matmul tiles.
+inline TileConfig gpu_tile_config(int num_sms = 132) {
+  TileConfig c;
+  c.num_sms = num_sms;
+  c.token_rows = 128;
+  c.qkv_heads = 4;
+  c.hidden_cols = 128;
+  c.ffn_cols = 256;
+  c.vocab_cols = 2048;
+  c.embedding_rows = 128;
+  c.lm_head_samples = 128;
+  c.kv_split_tokens = 2048;
+  c.attention_query_rows = 64;
+  c.attention_batch_requests = 32;
+  c.flops_per_cycle = 1024.0;
+  c.bytes_per_cycle = 13.0;
+  c.overhead_cycles = 2000.0;
+  return c;
+}
+
+}  // namespace megaserve::engine
