@@ -217,6 +217,8 @@ double top_p_threshold(std::span<const float> processed, const ScaledLogit& scal
       heavy.push_back({scaled(processed[i]), weight[i], static_cast<int32_t>(i)});
     }
   }
+  // The top token weighs exp(0) = 1 >= light, so `heavy` is never empty; stay safe anyway.
+  if (heavy.empty()) return 0.0;
   const double target = top_p * total;
   // Invariant: [0, lo) ranks before every element of [lo, hi), its weight is `mass_before`
   // and < target, and the prefix that first reaches the target ends inside [lo, hi).
