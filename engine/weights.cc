@@ -87,6 +87,9 @@ absl::Status open_sharded(const std::filesystem::path& model_dir, TensorSources*
     }
     shard_tensors[file].insert(tensor);
   }
+  // Open (and so validate) every shard before comparing contents: a missing shard is the
+  // clearer error.
+  std::vector<std::pair<std::unique_ptr<SafetensorsFile>, const std::set<std::string>*>> shards;
   for (const auto& [shard, names] : shard_tensors) {
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
         SafetensorsFile::open(model_dir / shard);
@@ -94,21 +97,24 @@ absl::Status open_sharded(const std::filesystem::path& model_dir, TensorSources*
       return absl::Status(file.status().code(),
                           absl::StrCat(file.status().message(), " (listed in ", index_name, ")"));
     }
-    for (const std::string& name : names) {
-      if ((*file)->find(name) == nullptr) {
-        return absl::NotFoundError(absl::StrCat(index_name, " puts tensor '", name, "' in ", shard,
-                                                ", but ", (*file)->path().string(),
-                                                " has no such tensor"));
+    shards.emplace_back(*std::move(file), &names);
+  }
+  for (auto& [file, names] : shards) {
+    for (const std::string& name : *names) {
+      if (file->find(name) == nullptr) {
+        return absl::NotFoundError(absl::StrCat(index_name, " puts tensor '", name, "' in ",
+                                                file->path().filename().string(), ", but ",
+                                                file->path().string(), " has no such tensor"));
       }
     }
-    for (const SafetensorsTensor& tensor : (*file)->tensors()) {
-      if (names.count(tensor.name) == 0) {
+    for (const SafetensorsTensor& tensor : file->tensors()) {
+      if (names->count(tensor.name) == 0) {
         return absl::InvalidArgumentError(
-            absl::StrCat((*file)->path().string(), ": tensor '", tensor.name,
+            absl::StrCat(file->path().string(), ": tensor '", tensor.name,
                          "' is not in the weight_map of ", index_name));
       }
     }
-    MEGASERVE_RETURN_IF_ERROR(add_file_tensors(*std::move(file), sources));
+    MEGASERVE_RETURN_IF_ERROR(add_file_tensors(std::move(file), sources));
   }
   return absl::OkStatus();
 }
