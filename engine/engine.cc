@@ -1,0 +1,286 @@
+// The engine loop (engine/engine.h). One thread owns the scheduler between steps; the
+// backend runs a step without the lock held, so submit() and finish() never wait for a step.
+#include "engine/engine.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "scheduler/scheduler.h"
+#include "spdlog/spdlog.h"
+
+namespace megaserve::engine {
+namespace {
+
+FinishReason from_scheduler(scheduler::FinishReason reason) {
+  switch (reason) {
+    case scheduler::FinishReason::kStop:
+      return FinishReason::kStop;
+    case scheduler::FinishReason::kLength:
+      return FinishReason::kLength;
+    case scheduler::FinishReason::kAbort:
+      return FinishReason::kAbort;
+  }
+  return FinishReason::kAbort;
+}
+
+scheduler::FinishReason to_scheduler(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop:
+      return scheduler::FinishReason::kStop;
+    case FinishReason::kLength:
+      return scheduler::FinishReason::kLength;
+    case FinishReason::kAbort:
+    case FinishReason::kError:
+      return scheduler::FinishReason::kAbort;
+  }
+  return scheduler::FinishReason::kAbort;
+}
+
+class EngineImpl final : public Engine {
+ public:
+  EngineImpl(std::unique_ptr<Backend> backend, std::unique_ptr<scheduler::Scheduler> scheduler,
+             const EngineOptions& options)
+      : backend_(std::move(backend)),
+        scheduler_(std::move(scheduler)),
+        options_(options),
+        seeds_(std::random_device{}()) {
+    thread_ = std::thread([this] { loop(); });
+  }
+
+  ~EngineImpl() override {
+    drain(/*abort_all=*/true);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    thread_.join();
+  }
+
+  absl::StatusOr<std::shared_ptr<RequestOutput>> submit(GenerateRequest request) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_) return absl::UnavailableError("the server is shutting down");
+    if (!healthy_) return absl::UnavailableError("the engine failed: " + failure_);
+    scheduler::RequestSpec spec;
+    spec.request_id = next_request_id_++;
+    spec.prompt_token_ids = std::move(request.prompt_token_ids);
+    spec.sampling = std::move(request.sampling);
+    spec.priority = request.priority;
+    spec.seed = spec.sampling.seed.has_value() ? *spec.sampling.seed : seeds_();
+    const uint64_t id = spec.request_id;
+    if (absl::Status status = scheduler_->add_request(std::move(spec)); !status.ok()) {
+      return status;
+    }
+    auto output = std::make_shared<RequestOutput>(id);
+    outputs_.emplace(id, output);
+    work_cv_.notify_all();
+    return output;
+  }
+
+  void finish(uint64_t request_id, FinishReason reason) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_finishes_.emplace_back(request_id, reason);
+    }
+    work_cv_.notify_all();
+  }
+
+  EngineStats stats() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    scheduler::SchedulerStats s = scheduler_->stats();
+    EngineStats out;
+    out.waiting = s.num_waiting;
+    out.running = s.num_running;
+    out.kv_blocks_used = s.num_kv_blocks_used;
+    out.kv_blocks_total = s.num_kv_blocks_total;
+    out.prefix_cache_queries = s.prefix_cache_queries;
+    out.prefix_cache_hits = s.prefix_cache_hits;
+    out.preemptions = s.num_preemptions;
+    out.steps = steps_;
+    out.last_step_seconds = last_step_seconds_;
+    return out;
+  }
+
+  void drain(bool abort_all) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    draining_ = true;
+    if (abort_all) {
+      for (const auto& [id, output] : outputs_) {
+        pending_finishes_.emplace_back(id, FinishReason::kAbort);
+      }
+      work_cv_.notify_all();
+    }
+    idle_cv_.wait(lock, [this] { return outputs_.empty(); });
+  }
+
+  bool healthy() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return healthy_;
+  }
+
+ private:
+  // The plan of a step that ran but whose output is not yet applied (overlapped mode).
+  struct Executed {
+    scheduler::StepOutput output;
+  };
+
+  void loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    std::optional<Executed> unapplied;
+    while (true) {
+      apply_finishes();
+      if (!unapplied) {
+        work_cv_.wait(lock, [this] {
+          return stop_ || !pending_finishes_.empty() || scheduler_->has_unfinished_requests();
+        });
+        if (stop_ && !scheduler_->has_unfinished_requests()) break;
+        apply_finishes();
+      }
+      // Overlapped scheduling: step N+1 is planned before step N's output is applied; the
+      // backend feeds N's sampled tokens into N+1 itself (kTokenFromPreviousStep).
+      scheduler::StepPlan plan = scheduler_->schedule();
+      if (unapplied) {
+        apply_output(unapplied->output);
+        unapplied.reset();
+      }
+      if (plan.requests.empty()) {
+        // Nothing runnable although requests are unfinished (e.g. only finishes pending):
+        // wait for news instead of spinning.
+        if (!unapplied) work_cv_.wait_for(lock, std::chrono::milliseconds(1));
+        continue;
+      }
+
+      lock.unlock();
+      auto start = std::chrono::steady_clock::now();
+      absl::StatusOr<scheduler::StepOutput> output = backend_->execute(plan);
+      double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      lock.lock();
+      ++steps_;
+      last_step_seconds_ = seconds;
+      if (!output.ok()) {
+        fail_everything(output.status());
+        continue;
+      }
+      if (options_.overlap_scheduling) {
+        unapplied = Executed{*std::move(output)};
+      } else {
+        apply_output(*output);
+      }
+    }
+  }
+
+  // Caller holds mu_.
+  void apply_finishes() {
+    while (!pending_finishes_.empty()) {
+      auto [id, reason] = pending_finishes_.front();
+      pending_finishes_.pop_front();
+      auto it = outputs_.find(id);
+      if (it == outputs_.end()) continue;  // already finished on its own
+      if (!scheduler_->finish(id, to_scheduler(reason)).ok()) continue;
+      RequestEvent event;
+      event.finished = reason;
+      complete(it, std::move(event));
+    }
+  }
+
+  // Caller holds mu_.
+  void apply_output(const scheduler::StepOutput& output) {
+    absl::StatusOr<std::vector<scheduler::RequestUpdate>> updates = scheduler_->update(output);
+    if (!updates.ok()) {
+      fail_everything(updates.status());
+      return;
+    }
+    for (scheduler::RequestUpdate& update : *updates) {
+      auto it = outputs_.find(update.request_id);
+      if (it == outputs_.end()) continue;
+      RequestEvent event;
+      event.tokens = std::move(update.new_tokens);
+      event.num_cached_prompt_tokens = update.num_cached_prompt_tokens;
+      if (update.finished) event.finished = from_scheduler(*update.finished);
+      if (event.finished) {
+        complete(it, std::move(event));
+      } else {
+        it->second->push(std::move(event));
+      }
+    }
+  }
+
+  // Caller holds mu_. A failed step leaves the backend's state unknown: every request fails
+  // and the engine stops admitting (the server turns health NOT_SERVING and exits).
+  void fail_everything(const absl::Status& status) {
+    healthy_ = false;
+    failure_ = status.ToString();
+    spdlog::error("engine step failed: {}", failure_);
+    while (!outputs_.empty()) {
+      auto it = outputs_.begin();
+      scheduler_->finish(it->first, scheduler::FinishReason::kAbort).IgnoreError();
+      RequestEvent event;
+      event.finished = FinishReason::kError;
+      event.error = failure_;
+      complete(it, std::move(event));
+    }
+  }
+
+  // Caller holds mu_.
+  void complete(std::unordered_map<uint64_t, std::shared_ptr<RequestOutput>>::iterator it,
+                RequestEvent event) {
+    std::shared_ptr<RequestOutput> output = std::move(it->second);
+    outputs_.erase(it);
+    output->push(std::move(event));
+    if (outputs_.empty()) idle_cv_.notify_all();
+  }
+
+  const std::unique_ptr<Backend> backend_;
+  const std::unique_ptr<scheduler::Scheduler> scheduler_;
+  const EngineOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable idle_cv_;
+  std::unordered_map<uint64_t, std::shared_ptr<RequestOutput>> outputs_;  // unfinished ones
+  std::deque<std::pair<uint64_t, FinishReason>> pending_finishes_;
+  std::mt19937_64 seeds_;
+  uint64_t next_request_id_ = 1;
+  bool draining_ = false;
+  bool stop_ = false;
+  bool healthy_ = true;
+  std::string failure_;
+  int64_t steps_ = 0;
+  double last_step_seconds_ = 0;
+  std::thread thread_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::create(const ModelConfig& model,
+                                                       std::unique_ptr<Backend> backend,
+                                                       const EngineOptions& options) {
+  if (!backend) return absl::InvalidArgumentError("Engine::create: no backend");
+  scheduler::SchedulerConfig config;
+  config.kv_block_size = backend->kv_block_size();
+  config.num_kv_blocks = backend->num_kv_blocks();
+  config.max_num_seqs = options.max_num_seqs;
+  config.max_num_batched_tokens = options.max_num_batched_tokens;
+  config.max_waiting_requests = options.max_waiting_requests;
+  config.max_model_len =
+      options.max_model_len > 0 ? options.max_model_len : model.max_position_embeddings;
+  config.enable_prefix_caching = options.enable_prefix_caching;
+  config.eos_token_ids = model.eos_token_ids;
+  absl::StatusOr<std::unique_ptr<scheduler::Scheduler>> scheduler =
+      scheduler::Scheduler::create(config);
+  if (!scheduler.ok()) return scheduler.status();
+  spdlog::info("engine: {}; max {} seqs, {} tokens per step{}", backend->describe(),
+               config.max_num_seqs, config.max_num_batched_tokens,
+               options.overlap_scheduling ? ", overlapped scheduling" : "");
+  return std::unique_ptr<Engine>(
+      new EngineImpl(std::move(backend), *std::move(scheduler), options));
+}
+
+}  // namespace megaserve::engine
