@@ -33,8 +33,7 @@ bool is_continuation(int byte) { return byte >= 0x80 && byte <= 0xBF; }
 
 }  // namespace
 
-IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer)
-    : tokenizer_(tokenizer) {
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer) : tokenizer_(tokenizer) {
   // A lone 0xFF byte is never valid UTF-8, so its byte piece decodes to exactly U+FFFD,
   // ends any byte run before it and cannot be completed by the pieces after it.
   replacement_id_ = tokenizer_.piece_id("<0xFF>");

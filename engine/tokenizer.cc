@@ -71,8 +71,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
   const sentencepiece::util::Status status =
       impl->processor.Load(std::string_view(model_file.native()));
   if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot load sentencepiece model ", model_file.string(), ": ", status.ToString()));
+    return absl::InvalidArgumentError(absl::StrCat("cannot load sentencepiece model ",
+                                                   model_file.string(), ": ", status.ToString()));
   }
   const int size = impl->processor.GetPieceSize();
   if (size <= 0) {
@@ -104,8 +104,7 @@ absl::StatusOr<std::string> Tokenizer::decode(const std::vector<int32_t>& ids) c
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= size) {
       return absl::InvalidArgumentError(absl::StrCat("token id ", ids[i], " at position ", i,
-                                                     " is outside the vocabulary [0, ", size,
-                                                     ")"));
+                                                     " is outside the vocabulary [0, ", size, ")"));
     }
   }
   const std::vector<int> pieces(ids.begin(), ids.end());

@@ -14,13 +14,21 @@
 
 namespace megaserve::engine {
 
+// Immutable once loaded: every method is const and may be called from several threads.
 class Tokenizer {
  public:
+  // NotFound when the file does not exist, InvalidArgument when it is not a sentencepiece
+  // model; both name the file.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> load(const std::filesystem::path& model_file);
   ~Tokenizer();
 
+  // Any bytes are accepted. With byte fallback and no normalization (Llama), valid UTF-8
+  // round-trips through decode() exactly, except that "▁" (U+2581, sentencepiece's space
+  // symbol) comes back as a space; each byte that does not start a valid UTF-8 character
+  // comes back as U+FFFD.
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const;
-  // Ids outside [0, vocab_size) give InvalidArgument naming the first one.
+  // Ids outside [0, vocab_size) give InvalidArgument naming the first one. Control ids
+  // (BOS, EOS) decode to nothing; the first piece's leading space is dropped.
   absl::StatusOr<std::string> decode(const std::vector<int32_t>& ids) const;
 
   int vocab_size() const;

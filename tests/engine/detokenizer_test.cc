@@ -109,7 +109,8 @@ TEST(DetokenizerTest, OracleSequencesStreamToTheFullDecode) {
   MEGASERVE_REQUIRE_ASSET(kTok512);
   auto tok = load_or_die(testing::assets_dir() / kTok512);
   ASSERT_NE(tok, nullptr);
-  std::istringstream in(testing::read_file(testing::assets_dir() / kOracle / "bos_t0_n200_ids.txt"));
+  std::istringstream in(
+      testing::read_file(testing::assets_dir() / kOracle / "bos_t0_n200_ids.txt"));
   std::vector<int32_t> ids = {tok->bos_id()};
   for (int32_t id; in >> id;) ids.push_back(id);
   ASSERT_EQ(ids.size(), 201u);
@@ -141,9 +142,9 @@ TEST(DetokenizerTest, ByteFallbackCharacterIsHeldBackUntilComplete) {
   EXPECT_EQ(detokenizer.push(x99), "\u2019");
   EXPECT_EQ(detokenizer.push(407), " upon");
   // A four-byte emoji at the very start of a stream.
-  const std::vector<std::string> emoji =
-      stream(*tok, {byte_id(*tok, 0xF0), byte_id(*tok, 0x9F), byte_id(*tok, 0x98),
-                    byte_id(*tok, 0x80), 407});
+  const std::vector<std::string> emoji = stream(
+      *tok,
+      {byte_id(*tok, 0xF0), byte_id(*tok, 0x9F), byte_id(*tok, 0x98), byte_id(*tok, 0x80), 407});
   EXPECT_EQ(emoji, (std::vector<std::string>{"", "", "", "\U0001F600", " upon", ""}));
 }
 
@@ -154,9 +155,9 @@ TEST(DetokenizerTest, InvalidBytesAreEmittedAsReplacementCharacters) {
   ASSERT_NE(tok, nullptr);
   IncrementalDetokenizer detokenizer(*tok);
   EXPECT_EQ(detokenizer.push(403), "Once");
-  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0x80)), kReplacement);  // stray continuation
-  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0xFF)), kReplacement);  // never valid
-  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0xE2)), "");            // may still complete...
+  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0x80)), kReplacement);         // stray continuation
+  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0xFF)), kReplacement);         // never valid
+  EXPECT_EQ(detokenizer.push(byte_id(*tok, 0xE2)), "");                   // may still complete...
   EXPECT_EQ(detokenizer.push(407), std::string(kReplacement) + " upon");  // ...but did not
   // A stream that ends inside a character: flush() gives what decode() gives.
   EXPECT_EQ(detokenizer.push(byte_id(*tok, 0xE2)), "");
@@ -211,17 +212,25 @@ std::vector<int32_t> random_ids(const Tokenizer& tok, std::mt19937& rng, int len
       case 0: {  // a valid multi-byte character, sometimes cut short
         const int bytes = pick(2, 4);
         const int cut = pick(0, 3) == 0 ? pick(1, bytes - 1) : bytes;
-        const int lead = bytes == 2 ? pick(0xC2, 0xDF) : bytes == 3 ? pick(0xE1, 0xEC) : pick(0xF1, 0xF3);
+        const int lead = bytes == 2   ? pick(0xC2, 0xDF)
+                         : bytes == 3 ? pick(0xE1, 0xEC)
+                                      : pick(0xF1, 0xF3);
         ids.push_back(byte_id(tok, lead));
         for (int i = 1; i < cut; ++i) ids.push_back(byte_id(tok, pick(0x80, 0xBF)));
         break;
       }
-      case 1: ids.push_back(byte_id(tok, pick(0, 255))); break;  // any byte
-      case 2: ids.push_back(pick(0, 2)); break;                  // unk, bos, eos
-      case 3:
+      case 1:  // any byte
+        ids.push_back(byte_id(tok, pick(0, 255)));
+        break;
+      case 2:  // unk, bos, eos
+        ids.push_back(pick(0, 2));
+        break;
+      case 3:  // space-only pieces
         if (!space_pieces.empty()) ids.push_back(space_pieces[pick(0, space_pieces.size() - 1)]);
         break;
-      default: ids.push_back(pick(0, tok.vocab_size() - 1)); break;
+      default:  // any piece
+        ids.push_back(pick(0, tok.vocab_size() - 1));
+        break;
     }
   }
   return ids;
@@ -259,7 +268,8 @@ TEST(DetokenizerTest, Llama2MultilingualTextStreamsExactly) {
   auto tok = load_or_die(testing::assets_dir() / kLlama2);
   ASSERT_NE(tok, nullptr);
   const std::string text =
-      "  Héllo wörld — 你好，世界 🙂🚀 naïve café\n\tdone. ✓ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ";
+      "  Héllo wörld — 你好，世界 🙂🚀 naïve café\n\tdone. ✓ "
+      "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ";
   const std::vector<int32_t> ids = tok->encode(text, true);
   int byte_pieces = 0;
   for (int32_t id : ids) byte_pieces += tok->byte_value(id) >= 0;

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/demo_model.h"
@@ -129,15 +131,20 @@ uint32_t random_code_point(std::mt19937& rng) {
   };
   switch (in(0, 7)) {
     case 0:
-    case 1: return in(0x20, 0x7E);
+    case 1:
+      return in(0x20, 0x7E);
     case 2: {
       constexpr uint32_t kWhitespace[] = {' ', ' ', '\n', '\t', '\r'};
       return kWhitespace[in(0, 4)];
     }
-    case 3: return in(0xA0, 0xFF);
-    case 4: return in(0x370, 0x4FF);
-    case 5: return in(0x4E00, 0x9FFF);
-    case 6: return in(0x1F300, 0x1FAFF);
+    case 3:
+      return in(0xA0, 0xFF);
+    case 4:
+      return in(0x370, 0x4FF);
+    case 5:
+      return in(0x4E00, 0x9FFF);
+    case 6:
+      return in(0x1F300, 0x1FAFF);
     default: {
       uint32_t cp;
       do {
@@ -163,10 +170,18 @@ std::string random_bytes(std::mt19937& rng, int max_bytes) {
   std::uniform_int_distribution<int> kind(0, 3);
   for (int i = 0; i < n; ++i) {
     switch (kind(rng)) {
-      case 0: bytes += static_cast<char>(std::uniform_int_distribution<int>(1, 0x7F)(rng)); break;
-      case 1: bytes += static_cast<char>(std::uniform_int_distribution<int>(0x80, 0xBF)(rng)); break;
-      case 2: bytes += static_cast<char>(std::uniform_int_distribution<int>(0xC0, 0xFF)(rng)); break;
-      default: append_utf8(random_code_point(rng), bytes); break;
+      case 0:
+        bytes += static_cast<char>(std::uniform_int_distribution<int>(1, 0x7F)(rng));
+        break;
+      case 1:
+        bytes += static_cast<char>(std::uniform_int_distribution<int>(0x80, 0xBF)(rng));
+        break;
+      case 2:
+        bytes += static_cast<char>(std::uniform_int_distribution<int>(0xC0, 0xFF)(rng));
+        break;
+      default:
+        append_utf8(random_code_point(rng), bytes);
+        break;
     }
   }
   return bytes;
@@ -206,7 +221,8 @@ TEST(TokenizerTest, Tok512EncodesOnceUponATimeAsTheReadmeSays) {
   MEGASERVE_REQUIRE_ASSET(kTok512);
   auto tok = load_or_die(testing::assets_dir() / kTok512);
   ASSERT_NE(tok, nullptr);
-  EXPECT_THAT(tok->encode("Once upon a time", /*add_bos=*/true), ElementsAre(1, 403, 407, 261, 378));
+  EXPECT_THAT(tok->encode("Once upon a time", /*add_bos=*/true),
+              ElementsAre(1, 403, 407, 261, 378));
   EXPECT_THAT(tok->encode("Once upon a time", /*add_bos=*/false), ElementsAre(403, 407, 261, 378));
   EXPECT_THAT(tok->encode("", /*add_bos=*/true), ElementsAre(1));
   EXPECT_TRUE(tok->encode("", /*add_bos=*/false).empty());
@@ -287,8 +303,8 @@ TEST(TokenizerTest, LoadNamesTheFileThatIsWrong) {
   EXPECT_THAT(missing.status().message(), HasSubstr("/nonexistent/dir/tokenizer.model"));
 
   const std::filesystem::path garbage =
-      std::filesystem::temp_directory_path() / ("megaserve_bad_tokenizer_" +
-                                                std::to_string(::getpid()) + ".model");
+      std::filesystem::temp_directory_path() /
+      ("megaserve_bad_tokenizer_" + std::to_string(::getpid()) + ".model");
   {
     std::ofstream out(garbage, std::ios::binary);
     out << "this is not a serialized sentencepiece ModelProto \xff\xfe";
@@ -358,6 +374,34 @@ TEST(TokenizerTest, Llama2ReplacesInvalidUtf8BytesWithReplacementCharacter) {
             "a\uFFFD\uFFFD b\uFFFD\uFFFD");
 }
 
+// The server encodes on gRPC threads while the engine thread decodes: one Tokenizer, many
+// threads, each checking its results against answers computed beforehand on one thread.
+TEST(TokenizerTest, ConcurrentUseGivesTheSameResults) {
+  MEGASERVE_REQUIRE_ASSET(kTok512);
+  auto tok = load_or_die(testing::assets_dir() / kTok512);
+  ASSERT_NE(tok, nullptr);
+  std::vector<std::string> texts;
+  for (const char* name : {"bos_t0_n256.txt", "onceupon_t0_n64.txt", "zoo_t0_n60.txt"}) {
+    texts.push_back(testing::read_file(testing::assets_dir() / kOracle / name));
+  }
+  std::vector<std::vector<int32_t>> expected;
+  for (const std::string& text : texts) expected.push_back(tok->encode(text, true));
+  std::atomic<int> mismatches = 0;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const size_t k = (i + t) % texts.size();
+        const std::vector<int32_t> ids = tok->encode(texts[k], true);
+        auto text = tok->decode(ids);
+        if (ids != expected[k] || !text.ok() || *text != texts[k]) ++mismatches;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
 // --- The demo tokenizer --------------------------------------------------------------------
 
 std::vector<std::string> split(const std::string& text, char separator) {
@@ -399,8 +443,9 @@ TEST(DemoTokenizerTest, VocabMatchesConfigAndDocsRoundTrip) {
   const int kv_heads = config.at("num_key_value_heads").get<int>();
   EXPECT_EQ(hidden % heads, 0);
   EXPECT_EQ(heads % kv_heads, 0);
-  EXPECT_EQ(testing::read_file(dir / "config.json"),
-            testing::read_file(std::filesystem::path(MEGASERVE_SOURCE_DIR) / "configs/demo/config.json"));
+  EXPECT_EQ(
+      testing::read_file(dir / "config.json"),
+      testing::read_file(std::filesystem::path(MEGASERVE_SOURCE_DIR) / "configs/demo/config.json"));
 
   const std::string sentence =
       "The host plans, the device executes: a missing dependency is a test failure on a CPU.";
@@ -428,21 +473,29 @@ TEST(DemoTokenizerTest, RoundTripsRandomValidUtf8) {
   }
 }
 
-// Training again with the build's arguments gives the same tokenizer: same pieces in the
-// same order, hence the same ids for any text.
+// Training again, elsewhere, the way the build does (copies of the docs in training/, the
+// same arguments) gives a byte-identical tokenizer.model: same pieces, same ids for any text.
 TEST(DemoTokenizerTest, TrainingIsReproducible) {
   const std::filesystem::path dir = std::filesystem::temp_directory_path() /
                                     ("megaserve_demo_retrain_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const std::string command = std::string("'") + MEGASERVE_SPM_TRAIN + "' " +
-                              MEGASERVE_DEMO_SPM_ARGS + " '--model_prefix=" +
-                              (dir / "tokenizer").string() + "' > /dev/null 2>&1";
-  ASSERT_EQ(std::system(command.c_str()), 0) << command;
-  auto again = load_or_die(dir / "tokenizer.model");
-  auto built = load_or_die(std::filesystem::path(MEGASERVE_DEMO_BUILD_DIR) / "tokenizer.model");
+  std::filesystem::create_directories(dir / "training");
+  for (const std::string& doc : split(MEGASERVE_DEMO_DOCS, ',')) {
+    std::filesystem::copy_file(doc, dir / "training" / std::filesystem::path(doc).filename());
+  }
+  const std::string command = "cd '" + (dir / "training").string() + "' && '" +
+                              MEGASERVE_SPM_TRAIN + "' " + MEGASERVE_DEMO_SPM_ARGS +
+                              " > /dev/null 2>&1";
+  const int status = std::system(command.c_str());
+  const std::filesystem::path built_file =
+      std::filesystem::path(MEGASERVE_DEMO_BUILD_DIR) / "tokenizer.model";
+  const std::string again_bytes = testing::read_file(dir / "tokenizer.model");
+  auto again = status == 0 ? load_or_die(dir / "tokenizer.model") : nullptr;
   std::filesystem::remove_all(dir);
+  ASSERT_EQ(status, 0) << command;
+  auto built = load_or_die(built_file);
   ASSERT_NE(again, nullptr);
   ASSERT_NE(built, nullptr);
+  EXPECT_TRUE(again_bytes == testing::read_file(built_file));
   ASSERT_EQ(again->vocab_size(), built->vocab_size());
   for (int32_t id = 0; id < built->vocab_size(); ++id) {
     ASSERT_EQ(again->piece(id), built->piece(id)) << "id " << id;
