@@ -7,6 +7,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numbers>
@@ -84,22 +85,56 @@ int32_t argmax_lowest_id(std::span<const float> values) {
   return p * std::bit_cast<double>(biased_exponent << 52);  // n >= -1022: a normal 2^n
 }
 
+// Four floats in one SSE register (a GCC/Clang vector extension; arithmetic, comparisons
+// and ?: act lane by lane). The compiler does not vectorize exp loops by itself.
+using Float4 = float __attribute__((vector_size(16)));
+using Int4 = int32_t __attribute__((vector_size(16)));
+
+// exp(d) lane by lane for d <= 0, within 3e-7 relative; NaN and d < -87 count as -87
+// (e^-87 ~ 1.6e-38, nothing next to the maximum's exp(0) = 1), and d > 0 as 0.
+[[gnu::always_inline]] inline Float4 exp_nonpositive4(Float4 d) {
+  d = d > 0.0f ? Float4{} : d;
+  d = d >= -87.0f ? d : Float4{} - 87.0f;   // NaN compares false: -87
+  constexpr float kShifter = 0x1.8p23f;     // adding it rounds to an integer
+  constexpr float kLn2High = 0x1.62e4p-1f;  // n * kLn2High is exact for |n| < 2^8
+  constexpr float kLn2Low = static_cast<float>(std::numbers::ln2 - 0x1.62e4p-1);
+  const Float4 n = (d * std::numbers::log2e_v<float> + kShifter) - kShifter;
+  const Float4 r = (d - n * kLn2High) - n * kLn2Low;
+  Float4 p = Float4{} + 1.0f / 720;  // Taylor series to degree 6: remainder < 3e-7
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const Int4 biased_exponent = __builtin_convertvector(n, Int4) + 127;  // n >= -126
+  return p * reinterpret_cast<Float4>(biased_exponent << 23);
+}
+
 // log-softmax of the cleaned raw logits, computed once: logprob(x) = x - log_normalizer.
+// The sum of exponentials runs four lanes wide in float, flushed to double every 64
+// entries, so its relative error stays around 1e-6: below a float logprob's resolution
+// for all but the most likely tokens, and far below what any client reads from it.
 class RawLogSoftmax {
  public:
   explicit RawLogSoftmax(std::span<const float> logits) {
-    const double max_logit = max_clean(logits);
+    const float max_logit = max_clean(logits);
     if (max_logit == kNegInf) return;  // nothing finite: every logprob is -inf
-    double lanes[kLanes] = {};
-    size_t i = 0;
-    for (; i + kLanes <= logits.size(); i += kLanes) {
-      for (size_t j = 0; j < kLanes; ++j) {
-        lanes[j] += exp_nonpositive(clean_logit(logits[i + j]) - max_logit);
-      }
-    }
-    for (; i < logits.size(); ++i) lanes[0] += exp_nonpositive(clean_logit(logits[i]) - max_logit);
+    constexpr size_t kBlock = 64;
     double sum = 0.0;
-    for (double lane : lanes) sum += lane;
+    size_t i = 0;
+    for (; i + kBlock <= logits.size(); i += kBlock) {
+      Float4 block_sum{};
+      for (size_t j = i; j < i + kBlock; j += 4) {
+        Float4 x;
+        std::memcpy(&x, &logits[j], sizeof(x));
+        block_sum += exp_nonpositive4(x - max_logit);
+      }
+      sum += static_cast<double>(block_sum[0]) + block_sum[1] + block_sum[2] + block_sum[3];
+    }
+    for (; i < logits.size(); ++i) {
+      sum += exp_nonpositive(static_cast<double>(clean_logit(logits[i])) - max_logit);
+    }
     log_normalizer_ = max_logit + std::log(sum);
   }
   float logprob(float raw_logit) const {
@@ -175,76 +210,123 @@ float top_k_logit(std::span<const float> processed, size_t k) {
   return best.size() == k ? best.front() : kNegInf;
 }
 
-// A token in the running for top-p, with its unnormalized probability exp(s).
-struct Weighted {
-  double s;
-  double weight;
-  int32_t id;
-};
+// Step 7's weights, four tokens at a time: for logits x (padding: -inf), the weight
+// exp((x - max) / T) in float and its histogram bucket. Both top-p passes call this, so
+// they agree exactly on every token's bucket and weight.
+class TopPLanes {
+ public:
+  static constexpr int kBucketsPerNat = 64;
+  static constexpr int kBuckets = 64 * kBucketsPerNat;  // s in [-64, 0], then the rest
 
-struct BetterWeighted {  // best first; ids break ties so that the order is deterministic
-  bool operator()(const Weighted& a, const Weighted& b) const {
-    return a.s > b.s || (a.s == b.s && a.id < b.id);
-  }
-};
+  TopPLanes(float max_logit, float temperature, float logit_floor)
+      : max_logit_(max_logit),
+        // Clamped so that (max - max) * inverse stays 0 for absurdly small temperatures.
+        inverse_temperature_(std::min(1.0f / temperature, kMaxFloat)),
+        logit_floor_(logit_floor) {}
 
-// Step 7 as a threshold on s, over the tokens with s >= s_floor: the s of the last token of
-// the smallest best-first prefix whose weight reaches top_p of their total.
-//
-// Only tokens of weight >= (1 - top_p) * total / n can end that prefix: the lighter ones
-// weigh less than (1 - top_p) * total together, so the heavier ones reach top_p before any
-// lighter one is needed. Among the heavy ones a weighted quickselect finds the end in
-// expected linear time, without a full sort.
-double top_p_threshold(std::span<const float> processed, const ScaledLogit& scaled, double s_floor,
-                       double top_p) {
-  // weight[i] = exp(s) for tokens still in the running, -1 for the others.
-  std::vector<double> weight(processed.size());
-  double lanes[kLanes] = {};
-  size_t n = 0;
-  for (size_t i = 0; i < processed.size(); ++i) {
-    const double s = scaled(processed[i]);
-    const bool in = processed[i] != kNegInf && s >= s_floor;
-    weight[i] = in ? exp_nonpositive(s) : -1.0;
-    lanes[i % kLanes] += in ? weight[i] : 0.0;
-    n += in;
-  }
-  double total = 0.0;
-  for (double lane : lanes) total += lane;
-  const double light = (1.0 - top_p) * total / static_cast<double>(n);
-  std::vector<Weighted> heavy;
-  for (size_t i = 0; i < processed.size(); ++i) {
-    if (weight[i] >= 0.0 && weight[i] >= light) {
-      heavy.push_back({scaled(processed[i]), weight[i], static_cast<int32_t>(i)});
-    }
-  }
-  // The top token weighs exp(0) = 1 >= light, so `heavy` is never empty; stay safe anyway.
-  if (heavy.empty()) return 0.0;
-  const double target = top_p * total;
-  // Invariant: [0, lo) ranks before every element of [lo, hi), its weight is `mass_before`
-  // and < target, and the prefix that first reaches the target ends inside [lo, hi).
-  size_t lo = 0;
-  size_t hi = heavy.size();
-  double mass_before = 0.0;
-  constexpr size_t kSortBelow = 64;
-  while (hi - lo > kSortBelow) {
-    const size_t mid = lo + (hi - lo) / 2;
-    std::nth_element(heavy.begin() + lo, heavy.begin() + mid, heavy.begin() + hi, BetterWeighted());
-    double first_half = 0.0;
-    for (size_t i = lo; i < mid; ++i) first_half += heavy[i].weight;
-    if (mass_before + first_half >= target) {
-      hi = mid;
+  // Loads the 4 logits at `x` (only `count` of them when fewer remain).
+  void load(const float* x, size_t count) {
+    if (count == 4) {
+      std::memcpy(&x_, x, sizeof(x_));  // a fixed size: one unaligned load
     } else {
-      mass_before += first_half;
-      lo = mid;
+      x_ = Float4{} + kNegInf;
+      for (size_t i = 0; i < count; ++i) x_[i] = x[i];
+    }
+    const Float4 s = (x_ - max_logit_) * inverse_temperature_;
+    weight_ = exp_nonpositive4(s);
+    Float4 bucket = -s * static_cast<float>(kBucketsPerNat);
+    bucket = bucket < static_cast<float>(kBuckets - 1) ? bucket : Float4{} + (kBuckets - 1);
+    bucket_ = __builtin_convertvector(bucket, Int4);
+    kept_ = (x_ >= logit_floor_) & (x_ > kNegInf);  // lanes of all ones where kept
+  }
+  bool kept(int lane) const { return kept_[lane] != 0; }
+  float logit(int lane) const { return x_[lane]; }
+  float weight(int lane) const { return weight_[lane]; }
+  int bucket(int lane) const { return bucket_[lane]; }
+
+ private:
+  float max_logit_;
+  float inverse_temperature_;
+  float logit_floor_;
+  Float4 x_{};
+  Float4 weight_{};
+  Int4 bucket_{};
+  Int4 kept_{};
+};
+
+// Step 7 as a threshold on logits, over the tokens with logit >= logit_floor: the logit of
+// the last token of the smallest best-first prefix whose weight reaches top_p of their total.
+//
+// Two passes, no sort of the vocabulary: the first sums weights into buckets of s (a
+// histogram, best first), which locates the bucket where the running mass reaches the
+// target; the second collects only that bucket's tokens, which are sorted to find the exact
+// end. Tokens below the histogram's range share its last bucket, which is exact too, just
+// slower if the end ever falls there (it would take top_p within about 1e-23 of 1).
+float top_p_logit(std::span<const float> processed, float max_logit, float temperature,
+                  float logit_floor, double top_p) {
+  TopPLanes lanes(max_logit, temperature, logit_floor);
+  std::vector<double> mass(TopPLanes::kBuckets, 0.0);
+  double total = 0.0;
+  for (size_t i = 0; i < processed.size(); i += 4) {
+    lanes.load(&processed[i], std::min<size_t>(4, processed.size() - i));
+    for (int lane = 0; lane < 4; ++lane) {
+      if (!lanes.kept(lane)) continue;
+      mass[lanes.bucket(lane)] += lanes.weight(lane);
+      total += lanes.weight(lane);
     }
   }
-  std::sort(heavy.begin() + lo, heavy.begin() + hi, BetterWeighted());
-  for (size_t i = lo; i < hi; ++i) {
-    mass_before += heavy[i].weight;
-    if (mass_before >= target) return heavy[i].s;
+  const double target = top_p * total;
+  int end_bucket = 0;
+  double mass_before = 0.0;  // of the buckets before end_bucket
+  while (end_bucket < TopPLanes::kBuckets - 1 && mass_before + mass[end_bucket] < target) {
+    mass_before += mass[end_bucket++];
   }
-  // Short of the target only by rounding: the lightest heavy token ends the prefix.
-  return heavy[hi - 1].s;
+  struct Member {
+    float logit;
+    float weight;
+    int32_t id;
+  };
+  std::vector<Member> members;
+  for (size_t i = 0; i < processed.size(); i += 4) {
+    lanes.load(&processed[i], std::min<size_t>(4, processed.size() - i));
+    for (int lane = 0; lane < 4; ++lane) {
+      if (!lanes.kept(lane) || lanes.bucket(lane) != end_bucket) continue;
+      members.push_back({lanes.logit(lane), lanes.weight(lane), static_cast<int32_t>(i + lane)});
+    }
+  }
+  // Empty only when rounding left the running mass just short of the target in every
+  // bucket and the last one has no tokens: then the prefix is everything.
+  if (members.empty()) return logit_floor;
+  std::sort(members.begin(), members.end(), [](const Member& a, const Member& b) {
+    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+  });
+  for (const Member& m : members) {
+    mass_before += m.weight;
+    if (mass_before >= target) return m.logit;
+  }
+  // Short of the target only by rounding: the bucket's lightest token ends the prefix.
+  return members.back().logit;
+}
+
+// Top-k at or below this leaves a short list of candidates (at most k plus boundary ties).
+constexpr int kShortListTopK = 1024;
+
+// Step 7 over a short list of candidate ids (reordered here): sorted best first, the logit
+// of the last token of the smallest prefix whose weight reaches top_p of their total.
+float top_p_logit(std::span<const float> processed, std::vector<int32_t>& ids,
+                  const ScaledLogit& scaled, double top_p) {
+  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+    return processed[a] > processed[b] || (processed[a] == processed[b] && a < b);
+  });
+  double total = 0.0;
+  for (int32_t id : ids) total += std::exp(scaled(processed[id]));
+  const double target = top_p * total;
+  double mass = 0.0;
+  for (int32_t id : ids) {
+    mass += std::exp(scaled(processed[id]));
+    if (mass >= target) return processed[id];
+  }
+  return processed[ids.back()];  // short of the target only by rounding: keep all
 }
 
 // Lower bounds of log(-log u) for the draw's pruning, by the number of leading zeros of
@@ -268,14 +350,24 @@ constexpr auto kLogExponentialFloor = [] {
 int32_t draw(std::span<const float> processed, int32_t top, const scheduler::SamplingParams& params,
              const SamplingContext& context) {
   const ScaledLogit scaled(processed[top], params.temperature);
-  double s_floor = -std::numeric_limits<double>::infinity();  // kept: s >= s_floor
+  float logit_floor = kNegInf;  // steps 6 and 7 keep the logits >= logit_floor
+  // A small top-k leaves a short list of tokens: steps 7-9 then visit only those.
+  std::vector<int32_t> short_list;
+  const bool use_short_list = params.top_k > 0 && params.top_k <= kShortListTopK;
   if (params.top_k > 0) {
-    const float kth = top_k_logit(processed, static_cast<size_t>(params.top_k));
-    if (kth != kNegInf) s_floor = scaled(kth);
+    logit_floor = top_k_logit(processed, static_cast<size_t>(params.top_k));
+    for (size_t i = 0; use_short_list && i < processed.size(); ++i) {
+      if (processed[i] != kNegInf && processed[i] >= logit_floor) {
+        short_list.push_back(static_cast<int32_t>(i));
+      }
+    }
   }
   if (params.top_p < 1.0f) {
     const double top_p = std::max(0.0, static_cast<double>(params.top_p));
-    s_floor = std::max(s_floor, top_p_threshold(processed, scaled, s_floor, top_p));
+    logit_floor =
+        std::max(logit_floor, use_short_list ? top_p_logit(processed, short_list, scaled, top_p)
+                                             : top_p_logit(processed, processed[top],
+                                                           params.temperature, logit_floor, top_p));
   }
   // Step 8: p / p_max = exp(s - 0); checked only for tokens that could win the draw.
   const double min_ratio = std::clamp(static_cast<double>(params.min_p), 0.0, 1.0);
@@ -283,18 +375,22 @@ int32_t draw(std::span<const float> processed, int32_t top, const scheduler::Sam
   const uint64_t stream = rng::stream_for(context.seed, context.token_index);
   int32_t best_id = top;
   double best_key = rng::gumbel_for(context.seed, context.token_index, top);  // s = 0
-  for (size_t i = 0; i < processed.size(); ++i) {
-    const auto id = static_cast<int32_t>(i);
-    const double s = scaled(processed[i]);
+  auto consider = [&](int32_t id) {
+    const double s = scaled(processed[id]);
     const uint64_t bits = rng::bits_for(stream, id);
     const int leading_zeros = std::countl_zero((~bits) >> 12);
-    if (s - kLogExponentialFloor[leading_zeros] + std::numbers::ln2 < best_key) continue;
-    if (s < s_floor || std::exp(s) < min_ratio) continue;  // filtered by steps 6-8
+    if (s - kLogExponentialFloor[leading_zeros] + std::numbers::ln2 < best_key) return;
+    if (processed[id] < logit_floor || std::exp(s) < min_ratio) return;  // steps 6-8
     const double key = s + rng::gumbel_from_uniform(rng::uniform_from_bits(bits));
     if (key > best_key || (key == best_key && id < best_id)) {
       best_key = key;
       best_id = id;
     }
+  };
+  if (use_short_list) {
+    for (int32_t id : short_list) consider(id);
+  } else {
+    for (size_t i = 0; i < processed.size(); ++i) consider(static_cast<int32_t>(i));
   }
   return best_id;
 }

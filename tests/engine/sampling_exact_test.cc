@@ -401,34 +401,48 @@ TEST(SamplingLargeVocabTest, DrawIsTheArgmaxOfScaledLogitPlusGumbel) {
           << "T=" << c.temperature << " k=" << c.top_k << " min_p=" << c.min_p << " t=" << t;
     }
   }
-  // top-p = 0.9 at T = 0.8: the kept set is the best-first prefix reaching 0.9 of the mass.
-  SamplingParams params = with_temperature(0.8f);
-  params.top_p = 0.9f;
-  const double inverse_temperature = 1.0 / 0.8;
-  long double total = 0;
-  for (float x : sorted) total += std::exp((x - max_logit) * inverse_temperature);
-  long double mass = 0;
-  float cutoff = sorted.back();
-  for (float x : sorted) {
-    mass += std::exp((x - max_logit) * inverse_temperature) / total;
-    if (mass >= 0.9L) {
-      cutoff = x;
-      break;
-    }
-  }
-  for (int t = 0; t < 8; ++t) {
-    int32_t best = -1;
-    double best_key = -kInf;
-    for (size_t id = 0; id < kVocab; ++id) {
-      if (logits[id] < cutoff) continue;
-      const double s = (logits[id] - max_logit) * inverse_temperature;
-      const double key = s + gumbel_for(21, t, static_cast<int32_t>(id));
-      if (key > best_key) {
-        best_key = key;
-        best = static_cast<int32_t>(id);
+  // top-p: the kept set is the best-first prefix (of the top-k set, if any) that reaches
+  // top_p of that set's mass. Top-k of 40 takes the short-list path, 5000 the full one.
+  struct TopPCase {
+    float temperature;
+    int top_k;
+    float top_p;
+  };
+  for (const TopPCase c :
+       {TopPCase{0.8f, 0, 0.9f}, TopPCase{1.2f, 5000, 0.5f}, TopPCase{1.0f, 40, 0.7f}}) {
+    SamplingParams params = with_temperature(c.temperature);
+    params.top_k = c.top_k;
+    params.top_p = c.top_p;
+    const double inverse_temperature = 1.0 / static_cast<double>(c.temperature);
+    const size_t kept = c.top_k > 0 ? c.top_k : kVocab;
+    long double total = 0;
+    for (size_t i = 0; i < kept; ++i)
+      total += std::exp((sorted[i] - max_logit) * inverse_temperature);
+    long double mass = 0;
+    float cutoff = sorted[kept - 1];
+    for (size_t i = 0; i < kept; ++i) {
+      mass += std::exp((sorted[i] - max_logit) * inverse_temperature) / total;
+      if (mass >= c.top_p) {
+        EXPECT_GT(mass - c.top_p, 1e-6L) << "case too close to its boundary";
+        cutoff = sorted[i];
+        break;
       }
     }
-    EXPECT_EQ(sample_at(logits, params, 21, t).token_id, best) << "top_p t=" << t;
+    for (int t = 0; t < 8; ++t) {
+      int32_t best = -1;
+      double best_key = -kInf;
+      for (size_t id = 0; id < kVocab; ++id) {
+        if (logits[id] < cutoff) continue;
+        const double s = (logits[id] - max_logit) * inverse_temperature;
+        const double key = s + gumbel_for(21, t, static_cast<int32_t>(id));
+        if (key > best_key) {
+          best_key = key;
+          best = static_cast<int32_t>(id);
+        }
+      }
+      EXPECT_EQ(sample_at(logits, params, 21, t).token_id, best)
+          << "T=" << c.temperature << " k=" << c.top_k << " p=" << c.top_p << " t=" << t;
+    }
   }
 }
 
