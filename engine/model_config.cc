@@ -17,10 +17,12 @@ namespace {
 
 using nlohmann::json;
 
-#define MEGASERVE_RETURN_IF_ERROR(expr)         \
-  do {                                          \
+#ifndef MEGASERVE_RETURN_IF_ERROR
+#define MEGASERVE_RETURN_IF_ERROR(expr)                               \
+  do {                                                                \
     if (absl::Status status_ = (expr); !status_.ok()) return status_; \
   } while (0)
+#endif
 
 absl::Status unsupported(const std::string& source, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(source, ": ", what, " is not supported"));
@@ -56,7 +58,8 @@ class Fields {
       number = static_cast<double>(value->get<int64_t>());
     } else if (value->is_number_unsigned()) {
       number = static_cast<double>(value->get<uint64_t>());
-    } else if (value->is_number_float() && std::floor(value->get<double>()) == value->get<double>()) {
+    } else if (value->is_number_float() &&
+               std::floor(value->get<double>()) == value->get<double>()) {
       number = value->get<double>();
     } else {
       return error(key, "must be an integer", *value);
@@ -80,7 +83,8 @@ class Fields {
   absl::Status read_positive(const char* key, float* out) const {
     const json* value = get(key);
     if (value == nullptr) return absl::OkStatus();
-    if (!value->is_number() || !(value->get<double>() > 0) || !std::isfinite(value->get<double>())) {
+    if (!value->is_number() || !(value->get<double>() > 0) ||
+        !std::isfinite(value->get<double>())) {
       return error(key, "must be a positive number", *value);
     }
     *out = static_cast<float>(value->get<double>());
@@ -174,8 +178,8 @@ absl::Status parse_rope_scaling(const json& object, const std::string& source,
   if (type != "llama3") return unsupported(source, absl::StrCat("RoPE scaling type '", type, "'"));
   RopeScaling llama3;
   llama3.type = RopeScalingType::kLlama3;
-  for (const char* key : {"factor", "low_freq_factor", "high_freq_factor",
-                          "original_max_position_embeddings"}) {
+  for (const char* key :
+       {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}) {
     if (fields.get(key) == nullptr) {
       return absl::InvalidArgumentError(
           absl::StrCat(source, ": llama3 RoPE scaling needs '", key, "'"));
@@ -202,8 +206,8 @@ absl::Status check_supported(const Fields& fields, const ModelConfig& config) {
   for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
     const json* experts = fields.get(key);
     if (experts != nullptr && (!experts->is_number() || experts->get<double>() > 0)) {
-      return unsupported(source, absl::StrCat("mixture-of-experts (", key, "=", experts->dump(),
-                                              ")"));
+      return unsupported(source,
+                         absl::StrCat("mixture-of-experts (", key, "=", experts->dump(), ")"));
     }
   }
   if (fields.get("quantization_config") != nullptr) {
@@ -220,6 +224,18 @@ absl::Status check_supported(const Fields& fields, const ModelConfig& config) {
   flag = false;
   MEGASERVE_RETURN_IF_ERROR(fields.read_bool("use_sliding_window", &flag));
   if (flag) return unsupported(source, "sliding-window attention (use_sliding_window=true)");
+  if (const json* layer_types = fields.get("layer_types"); layer_types != nullptr) {
+    // Newer configs list each layer's attention; only full attention is supported.
+    if (!layer_types->is_array()) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": 'layer_types' is not a list"));
+    }
+    for (const json& type : *layer_types) {
+      if (type != "full_attention") {
+        return unsupported(
+            source, absl::StrCat("layer_types entry ", type.dump(), " (only full_attention)"));
+      }
+    }
+  }
   // Qwen2 always has q/k/v bias and no o_proj bias, whatever attention_bias says. On Llama
   // and Qwen3, attention_bias=true also puts a bias on o_proj, which megaserve has no
   // handle for.
@@ -269,10 +285,9 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
     config.qk_norm = true;
   } else {
     MEGASERVE_RETURN_IF_ERROR(check_supported(fields, config));  // a clearer MoE message
-    return unsupported(source,
-                       absl::StrCat("architecture '", config.architecture,
-                                    "' (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
-                                    "Qwen3ForCausalLM)"));
+    return unsupported(source, absl::StrCat("architecture '", config.architecture,
+                                            "' (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+                                            "Qwen3ForCausalLM)"));
   }
   MEGASERVE_RETURN_IF_ERROR(check_supported(fields, config));
 
@@ -291,10 +306,9 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
   if (fields.get("head_dim") != nullptr) {
     MEGASERVE_RETURN_IF_ERROR(fields.read_int("head_dim", 1, &config.head_dim));
   } else if (config.hidden_size % config.num_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ": hidden_size (", config.hidden_size,
-                     ") is not a multiple of num_attention_heads (", config.num_heads,
-                     ") and no head_dim is given"));
+    return absl::InvalidArgumentError(absl::StrCat(source, ": hidden_size (", config.hidden_size,
+                                                   ") is not a multiple of num_attention_heads (",
+                                                   config.num_heads, ") and no head_dim is given"));
   } else {
     config.head_dim = config.hidden_size / config.num_heads;
   }
@@ -314,8 +328,8 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
     // transformers 5 moves rope_theta and the scaling into one object.
     const std::string where = absl::StrCat(source, ": rope_parameters");
     MEGASERVE_RETURN_IF_ERROR(parse_rope_scaling(*parameters, where, &config.rope_scaling));
-    MEGASERVE_RETURN_IF_ERROR(Fields(*parameters, where).read_positive("rope_theta",
-                                                                       &config.rope_theta));
+    MEGASERVE_RETURN_IF_ERROR(
+        Fields(*parameters, where).read_positive("rope_theta", &config.rope_theta));
   }
   if (const json* scaling = fields.get("rope_scaling"); scaling != nullptr) {
     MEGASERVE_RETURN_IF_ERROR(

@@ -43,8 +43,8 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;  // Qwen2
-  bool qk_norm = false;   // Qwen3
+  bool qkv_bias = false;               // Qwen2
+  bool qk_norm = false;                // Qwen3
   int bos_token_id = 1;                // -1 when config.json says null
   std::vector<int32_t> eos_token_ids;  // from generation_config.json when present
   std::string torch_dtype;             // as written in config.json, informational

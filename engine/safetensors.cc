@@ -187,8 +187,8 @@ absl::Status SafetensorsFile::parse() {
   for (int i = 7; i >= 0; --i) header_len = header_len << 8 | bytes[i];  // little-endian
   if (header_len > size_ - 8) {
     return absl::InvalidArgumentError(absl::StrCat(file_name, ": header length ", header_len,
-                                                   " runs past the end of the file (",
-                                                   size_, " bytes; truncated?)"));
+                                                   " runs past the end of the file (", size_,
+                                                   " bytes; truncated?)"));
   }
   if (header_len > kMaxHeaderBytes) {
     return absl::InvalidArgumentError(
@@ -240,8 +240,8 @@ absl::Status SafetensorsFile::parse() {
     }
     SafetensorsTensor tensor;
     tensor.name = name;
-    if (absl::Status status =
-            parse_entry(absl::StrCat(file_name, ": tensor '", name, "'"), entry, data_size, &tensor);
+    if (absl::Status status = parse_entry(absl::StrCat(file_name, ": tensor '", name, "'"), entry,
+                                          data_size, &tensor);
         !status.ok()) {
       return status;
     }
@@ -255,10 +255,9 @@ absl::Status SafetensorsFile::parse() {
   for (const SafetensorsTensor& tensor : tensors_) {
     if (tensor.num_bytes() > 0) by_offset.push_back(&tensor);
   }
-  std::sort(by_offset.begin(), by_offset.end(),
-            [](const SafetensorsTensor* a, const SafetensorsTensor* b) {
-              return a->begin < b->begin;
-            });
+  std::sort(
+      by_offset.begin(), by_offset.end(),
+      [](const SafetensorsTensor* a, const SafetensorsTensor* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     if (by_offset[i]->begin < by_offset[i - 1]->end) {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -20,8 +20,21 @@ namespace megaserve::engine {
 // Every dtype the safetensors format defines. The reader accepts all of them (a file may
 // hold buffers the model does not use); the weight loader converts only F32, F16 and BF16.
 enum class SafetensorsDtype {
-  kBool, kU8, kI8, kI16, kU16, kF16, kBF16, kI32, kU32, kF32, kF64, kI64, kU64,
-  kF8E4M3, kF8E5M2,
+  kBool,
+  kU8,
+  kI8,
+  kI16,
+  kU16,
+  kF16,
+  kBF16,
+  kI32,
+  kU32,
+  kF32,
+  kF64,
+  kI64,
+  kU64,
+  kF8E4M3,
+  kF8E5M2,
 };
 const char* safetensors_dtype_name(SafetensorsDtype dtype);  // as in the file: "BF16", ...
 int safetensors_dtype_size(SafetensorsDtype dtype);          // bytes per element

@@ -2,12 +2,16 @@
 // expected Hugging Face tensor name onto a ModelWeights handle, checks shapes and converts.
 #include "engine/weights.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
 #include <string_view>
+#include <thread>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -127,8 +131,8 @@ absl::StatusOr<TensorSources> open_sources(const std::filesystem::path& model_di
     return sources;
   }
   if (!std::filesystem::exists(model_dir / kSingleFile, ec)) {
-    return absl::NotFoundError(absl::StrCat(model_dir.string(), ": neither ", kSingleFile,
-                                            " nor ", kIndexFile, " found"));
+    return absl::NotFoundError(
+        absl::StrCat(model_dir.string(), ": neither ", kSingleFile, " nor ", kIndexFile, " found"));
   }
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
       SafetensorsFile::open(model_dir / kSingleFile);
@@ -137,44 +141,49 @@ absl::StatusOr<TensorSources> open_sources(const std::filesystem::path& model_di
   return sources;
 }
 
-// Converts one element at a time through float: F16 and BF16 widen exactly, F32 -> BF16
-// rounds to nearest even.
-absl::Status convert(const SafetensorsFile& file, const SafetensorsTensor& source,
-                     Tensor* target) {
-  const int64_t n = source.numel();
-  const uint8_t* in = source.data;  // unaligned: read with memcpy
-  auto read_float = [&](int64_t i) -> float {
-    switch (source.dtype) {
-      case SafetensorsDtype::kF32: {
-        float f;
-        std::memcpy(&f, in + 4 * i, 4);
-        return f;
-      }
-      case SafetensorsDtype::kF16:
-      case SafetensorsDtype::kBF16: {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, 2);
-        return source.dtype == SafetensorsDtype::kF16 ? f16_to_float(h) : bf16_to_float(h);
-      }
-      default:
-        return 0;  // excluded below
-    }
-  };
-  if (source.dtype != SafetensorsDtype::kF32 && source.dtype != SafetensorsDtype::kF16 &&
-      source.dtype != SafetensorsDtype::kBF16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(file.path().string(), ": tensor '", source.name, "' has dtype ",
-                     safetensors_dtype_name(source.dtype), "; only F32, F16 and BF16 load"));
-  }
+bool is_loadable(SafetensorsDtype dtype) {
+  return dtype == SafetensorsDtype::kF32 || dtype == SafetensorsDtype::kF16 ||
+         dtype == SafetensorsDtype::kBF16;
+}
+
+// Copies `source` (F32, F16 or BF16; checked by the caller) into `target`, converting through
+// float where the dtypes differ: F16 and BF16 widen exactly, narrowing rounds to nearest even.
+void convert(const SafetensorsTensor& source, Tensor* target) {
+  const uint8_t* in = source.data;  // unaligned in general: read with memcpy
   const bool same = (source.dtype == SafetensorsDtype::kF32 && target->dtype == DType::kF32) ||
                     (source.dtype == SafetensorsDtype::kF16 && target->dtype == DType::kF16) ||
                     (source.dtype == SafetensorsDtype::kBF16 && target->dtype == DType::kBF16);
   if (same) {
     std::memcpy(target->bytes->data(), in, source.num_bytes());
-    return absl::OkStatus();
+    return;
   }
+  const int64_t n = source.numel();
   for (int64_t i = 0; i < n; ++i) {
-    store_element(*target, i, read_float(i));
+    float value;
+    if (source.dtype == SafetensorsDtype::kF32) {
+      std::memcpy(&value, in + 4 * i, 4);
+    } else {
+      uint16_t bits;
+      std::memcpy(&bits, in + 2 * i, 2);
+      value = source.dtype == SafetensorsDtype::kF16 ? f16_to_float(bits) : bf16_to_float(bits);
+    }
+    store_element(*target, i, value);
+  }
+}
+
+// The shapes a config implies must be positive; a hand-built config may not be.
+absl::Status check_config_shapes(const ModelConfig& config) {
+  for (auto [name, value] : {std::pair{"hidden_size", config.hidden_size},
+                             {"intermediate_size", config.intermediate_size},
+                             {"num_layers", config.num_layers},
+                             {"num_heads", config.num_heads},
+                             {"num_kv_heads", config.num_kv_heads},
+                             {"head_dim", config.head_dim},
+                             {"vocab_size", config.vocab_size}}) {
+    if (value <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("load_weights: model config has ", name, " = ", value));
+    }
   }
   return absl::OkStatus();
 }
@@ -253,13 +262,29 @@ std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights* we
   return slots;
 }
 
+void parallel_for(size_t n, const std::function<void(size_t)>& body) {
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i = next++; i < n; i = next++) body(i);
+  };
+  const size_t num_threads = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> threads;
+  for (size_t t = 1; t < num_threads; ++t) threads.emplace_back(worker);
+  worker();
+  for (std::thread& thread : threads) thread.join();
+}
+
 absl::StatusOr<ModelWeights> load_weights(const std::filesystem::path& model_dir,
                                           const ModelConfig& config, DType dtype) {
+  MEGASERVE_RETURN_IF_ERROR(check_config_shapes(config));
   absl::StatusOr<TensorSources> sources = open_sources(model_dir);
   if (!sources.ok()) return sources.status();
   ModelWeights weights;
   const std::vector<WeightSlot> slots = weight_slots(config, &weights);
 
+  // Check everything before converting anything: a bad checkpoint fails in milliseconds, not
+  // after gigabytes of conversion.
+  std::vector<const SafetensorsTensor*> sources_of_slots;
   std::set<std::string> used;
   for (const WeightSlot& slot : slots) {
     auto it = sources->tensors.find(slot.name);
@@ -273,8 +298,12 @@ absl::StatusOr<ModelWeights> load_weights(const std::filesystem::path& model_dir
           file->path().string(), ": tensor '", slot.name, "' has shape ",
           shape_string(tensor->shape), ", but this model needs ", shape_string(slot.shape)));
     }
-    *slot.target = make_tensor(dtype, slot.shape);
-    MEGASERVE_RETURN_IF_ERROR(convert(*file, *tensor, slot.target));
+    if (!is_loadable(tensor->dtype)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file->path().string(), ": tensor '", slot.name, "' has dtype ",
+                       safetensors_dtype_name(tensor->dtype), "; only F32, F16 and BF16 load"));
+    }
+    sources_of_slots.push_back(tensor);
     used.insert(slot.name);
   }
   for (const auto& [name, source] : sources->tensors) {
@@ -291,6 +320,9 @@ absl::StatusOr<ModelWeights> load_weights(const std::filesystem::path& model_dir
                                                    ": unexpected tensor '", name, "' for ",
                                                    config.architecture));
   }
+
+  for (const WeightSlot& slot : slots) *slot.target = make_tensor(dtype, slot.shape);
+  parallel_for(slots.size(), [&](size_t k) { convert(*sources_of_slots[k], slots[k].target); });
   if (config.tie_word_embeddings) weights.lm_head = weights.embedding;  // shares the bytes
   return weights;
 }

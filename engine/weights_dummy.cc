@@ -1,10 +1,7 @@
 // The `dummy` load format: weights from a seeded generator. Each tensor draws from its own
 // splitmix64 stream, keyed by the seed and the tensor's index, so the result does not depend
 // on how many threads fill it.
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <thread>
 
 #include "engine/weights.h"
 #include "engine/weights_internal.h"
@@ -49,19 +46,7 @@ ModelWeights dummy_weights(const ModelConfig& config, DType dtype, uint64_t seed
   for (const WeightSlot& slot : slots) *slot.target = make_tensor(dtype, slot.shape);
 
   // Billions of elements for an 8B shape: fill tensors on all cores.
-  std::atomic<size_t> next{0};
-  auto worker = [&] {
-    for (size_t k = next++; k < slots.size(); k = next++) {
-      fill(slots[k], config.hidden_size, seed, k);
-    }
-  };
-  const unsigned num_threads =
-      std::max(1u, std::min(std::thread::hardware_concurrency(), static_cast<unsigned>(slots.size())));
-  std::vector<std::thread> threads;
-  for (unsigned t = 1; t < num_threads; ++t) threads.emplace_back(worker);
-  worker();
-  for (std::thread& thread : threads) thread.join();
-
+  parallel_for(slots.size(), [&](size_t k) { fill(slots[k], config.hidden_size, seed, k); });
   if (config.tie_word_embeddings) weights.lm_head = weights.embedding;
   return weights;
 }

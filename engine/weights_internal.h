@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +38,9 @@ struct WeightSlot {
 // tied). Resizes weights->layers; the slots point into `weights`.
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights* weights);
 
+// Runs body(0..n-1) on up to hardware_concurrency threads, in no particular order.
+void parallel_for(size_t n, const std::function<void(size_t)>& body);
+
 // A zero-filled tensor of that dtype and shape.
 Tensor make_tensor(DType dtype, const std::vector<int64_t>& shape);
 
@@ -47,8 +51,8 @@ inline uint16_t float_to_f16(float f) {
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t magnitude = u & 0x7fffffffu;
   if (magnitude >= 0x7f800000u) {  // inf or NaN
-    return static_cast<uint16_t>(sign | 0x7c00u |
-                                 (magnitude > 0x7f800000u ? 0x200u | (magnitude >> 13 & 0x3ffu) : 0));
+    return static_cast<uint16_t>(
+        sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u | (magnitude >> 13 & 0x3ffu) : 0));
   }
   if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520
   const int exponent = static_cast<int>(magnitude >> 23) - 127;

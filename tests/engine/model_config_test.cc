@@ -259,10 +259,14 @@ TEST(ModelConfigTest, RefusesUnsupportedFeaturesByName) {
                  {"mixture-of-experts"});
   expect_refused(llama_json(R"("num_experts": 4)"), {"mixture-of-experts"});
   expect_refused(llama_json(R"("use_sliding_window": true)"), {"use_sliding_window"});
-  expect_refused(llama_json(R"("rope_scaling": {"rope_type": "yarn", "factor": 4.0})"),
-                 {"yarn"});
-  expect_refused(llama_json(R"("rope_scaling": {"type": "linear", "factor": 2.0})"),
-                 {"linear"});
+  expect_refused(
+      llama_json(R"("layer_types": ["full_attention", "sliding_attention", "full_attention"])"),
+      {"layer_types", "sliding_attention"});
+  EXPECT_TRUE(parse_model_config(
+                  llama_json(R"("layer_types": ["full_attention", "full_attention"])"), "c.json")
+                  .ok());
+  expect_refused(llama_json(R"("rope_scaling": {"rope_type": "yarn", "factor": 4.0})"), {"yarn"});
+  expect_refused(llama_json(R"("rope_scaling": {"type": "linear", "factor": 2.0})"), {"linear"});
   expect_refused(llama_json(R"("rope_scaling": {"rope_type": "dynamic", "factor": 2.0})"),
                  {"dynamic"});
   expect_refused(llama_json(R"("attention_bias": true)"), {"attention_bias"});
@@ -323,8 +327,8 @@ TEST(RopeInvFreqTest, UnscaledIsThetaPower) {
 }
 
 // Hugging Face's _compute_llama3_parameters, written out for one index.
-double llama3_reference(double theta, int head_dim, int i, double factor, double low,
-                        double high, double original) {
+double llama3_reference(double theta, int head_dim, int i, double factor, double low, double high,
+                        double original) {
   const double inv_freq = 1.0 / std::pow(theta, 2.0 * i / head_dim);
   const double wavelen = 2 * std::numbers::pi / inv_freq;
   const double low_freq_wavelen = original / low;
@@ -347,8 +351,7 @@ TEST(RopeInvFreqTest, Llama3ScalingInEachRegime) {
     const char* regime;
   };
   for (const Case& c : {Case{0, "high"}, Case{10, "high"}, Case{28, "high"}, Case{29, "medium"},
-                        Case{31, "medium"}, Case{34, "medium"}, Case{35, "low"},
-                        Case{63, "low"}}) {
+                        Case{31, "medium"}, Case{34, "medium"}, Case{35, "low"}, Case{63, "low"}}) {
     SCOPED_TRACE(c.i);
     const double unscaled = 1.0 / std::pow(500000.0, 2.0 * c.i / 128);
     const double wavelen = 2 * std::numbers::pi / unscaled;

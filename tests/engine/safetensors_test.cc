@@ -100,9 +100,9 @@ TEST_F(SafetensorsTest, ReadsTensorsMetadataAndBytes) {
 TEST_F(SafetensorsTest, UnpaddedHeaderAndEveryDtype) {
   // The header length need not be a multiple of 8; data then starts unaligned.
   std::string header = R"({"x":{"dtype":"BF16","shape":[3],"data_offsets":[0,6]},)"
-                             R"("f8":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[6,8]},)"
-                             R"("d":{"dtype":"F64","shape":[1],"data_offsets":[8,16]},)"
-                             R"("e":{"dtype":"F16","shape":[0,4],"data_offsets":[16,16]}})";
+                       R"("f8":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[6,8]},)"
+                       R"("d":{"dtype":"F64","shape":[1],"data_offsets":[8,16]},)"
+                       R"("e":{"dtype":"F16","shape":[0,4],"data_offsets":[16,16]}})";
   if (header.size() % 8 == 0) header += " ";  // JSON allows trailing whitespace
   ASSERT_NE(header.size() % 8, 0u);
   std::string data("\x80\x3f\x00\x40\x40\x40", 6);  // bf16 1.0, 2.0, 3.0
@@ -122,14 +122,15 @@ TEST_F(SafetensorsTest, UnpaddedHeaderAndEveryDtype) {
     SafetensorsDtype dtype;
     const char* name;
     int size;
-  } expected[] = {{SafetensorsDtype::kBool, "BOOL", 1}, {SafetensorsDtype::kU8, "U8", 1},
-                  {SafetensorsDtype::kI8, "I8", 1},     {SafetensorsDtype::kI16, "I16", 2},
-                  {SafetensorsDtype::kU16, "U16", 2},   {SafetensorsDtype::kF16, "F16", 2},
-                  {SafetensorsDtype::kBF16, "BF16", 2}, {SafetensorsDtype::kI32, "I32", 4},
-                  {SafetensorsDtype::kU32, "U32", 4},   {SafetensorsDtype::kF32, "F32", 4},
-                  {SafetensorsDtype::kF64, "F64", 8},   {SafetensorsDtype::kI64, "I64", 8},
-                  {SafetensorsDtype::kU64, "U64", 8},   {SafetensorsDtype::kF8E4M3, "F8_E4M3", 1},
-                  {SafetensorsDtype::kF8E5M2, "F8_E5M2", 1}};
+  } expected[] = {
+      {SafetensorsDtype::kBool, "BOOL", 1},     {SafetensorsDtype::kU8, "U8", 1},
+      {SafetensorsDtype::kI8, "I8", 1},         {SafetensorsDtype::kI16, "I16", 2},
+      {SafetensorsDtype::kU16, "U16", 2},       {SafetensorsDtype::kF16, "F16", 2},
+      {SafetensorsDtype::kBF16, "BF16", 2},     {SafetensorsDtype::kI32, "I32", 4},
+      {SafetensorsDtype::kU32, "U32", 4},       {SafetensorsDtype::kF32, "F32", 4},
+      {SafetensorsDtype::kF64, "F64", 8},       {SafetensorsDtype::kI64, "I64", 8},
+      {SafetensorsDtype::kU64, "U64", 8},       {SafetensorsDtype::kF8E4M3, "F8_E4M3", 1},
+      {SafetensorsDtype::kF8E5M2, "F8_E5M2", 1}};
   for (const auto& e : expected) {
     EXPECT_STREQ(safetensors_dtype_name(e.dtype), e.name);
     EXPECT_EQ(safetensors_dtype_size(e.dtype), e.size) << e.name;
@@ -184,10 +185,9 @@ TEST_F(SafetensorsTest, RefusesEntriesWithWrongFields) {
 
 TEST_F(SafetensorsTest, RefusesShapeBytesMismatch) {
   const std::string data(12, '\0');
-  expect_invalid(
-      safetensors_bytes(R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}})",
-                        data),
-      {"'w'", "[2, 2]", "needs 16 bytes", "hold 12"});
+  expect_invalid(safetensors_bytes(
+                     R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}})", data),
+                 {"'w'", "[2, 2]", "needs 16 bytes", "hold 12"});
   // 2^40 * 2^40 elements overflow 64 bits: still a clean error.
   expect_invalid(safetensors_bytes(R"({"w": {"dtype": "F32", "shape": [1099511627776,
                                       1099511627776], "data_offsets": [0, 12]}})",
@@ -201,23 +201,21 @@ TEST_F(SafetensorsTest, RefusesOffsetsPastTheEndAndTruncatedData) {
                         std::string(12, '\0')),
       {"'w'", "past the end", "truncated"});
   // A whole valid file cut short by a few bytes.
-  std::string bytes = safetensors_bytes(
-      {f32_tensor("a", {4}, {1, 2, 3, 4}), f32_tensor("b", {4}, {5, 6, 7, 8})});
+  std::string bytes =
+      safetensors_bytes({f32_tensor("a", {4}, {1, 2, 3, 4}), f32_tensor("b", {4}, {5, 6, 7, 8})});
   bytes.resize(bytes.size() - 3);
   expect_invalid(bytes, {"'b'", "past the end"});
 }
 
 TEST_F(SafetensorsTest, RefusesOverlappingAndDuplicateTensors) {
-  expect_invalid(
-      safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+  expect_invalid(safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
-                        std::string(12, '\0')),
-      {"'b'", "overlaps", "'a'"});
-  expect_invalid(
-      safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                   std::string(12, '\0')),
+                 {"'b'", "overlaps", "'a'"});
+  expect_invalid(safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                             "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})",
-                        std::string(16, '\0')),
-      {"'a'", "more than once"});
+                                   std::string(16, '\0')),
+                 {"'a'", "more than once"});
 }
 
 }  // namespace

@@ -40,8 +40,7 @@ std::vector<TensorRecord> read_records(const std::filesystem::path& path) {
   const std::string bytes = ::megaserve::testing::read_file(path);
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);  // little-endian host
-  const nlohmann::ordered_json header =
-      nlohmann::ordered_json::parse(bytes.substr(8, header_len));
+  const nlohmann::ordered_json header = nlohmann::ordered_json::parse(bytes.substr(8, header_len));
   std::vector<TensorRecord> records;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
@@ -197,8 +196,7 @@ TEST(WeightsTest, Stories260KF16TargetMatchesReferenceRounding) {
   for (const auto& [reference, converted] : compared) {
     ASSERT_EQ(reference->numel(), converted->numel());
     for (int64_t i = 0; i < reference->numel(); ++i) {
-      ASSERT_EQ(converted->data<uint16_t>()[i],
-                float_to_f16_reference(reference->data<float>()[i]))
+      ASSERT_EQ(converted->data<uint16_t>()[i], float_to_f16_reference(reference->data<float>()[i]))
           << i;
     }
   }
@@ -212,9 +210,9 @@ TEST(WeightsTest, F16RoundsToNearestEven) {
   EXPECT_EQ(float_to_f16(65519.0f), 0x7bff);
   EXPECT_EQ(float_to_f16(65520.0f), 0x7c00);  // the tie above the largest half: infinity
   EXPECT_EQ(float_to_f16(std::ldexp(1.0f, -24)), 0x0001);
-  EXPECT_EQ(float_to_f16(std::ldexp(1.0f, -25)), 0x0000);       // tie to even (zero)
-  EXPECT_EQ(float_to_f16(3 * std::ldexp(1.0f, -25)), 0x0002);   // 1.5 units: tie to even
-  EXPECT_EQ(float_to_f16(std::ldexp(1.0f, -14)), 0x0400);       // smallest normal
+  EXPECT_EQ(float_to_f16(std::ldexp(1.0f, -25)), 0x0000);             // tie to even (zero)
+  EXPECT_EQ(float_to_f16(3 * std::ldexp(1.0f, -25)), 0x0002);         // 1.5 units: tie to even
+  EXPECT_EQ(float_to_f16(std::ldexp(1.0f, -14)), 0x0400);             // smallest normal
   EXPECT_EQ(float_to_f16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);      // tie to even
   EXPECT_EQ(float_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);  // tie to even
   EXPECT_EQ(float_to_f16(-0.0f), 0x8000);
@@ -333,8 +331,9 @@ TEST(WeightsTest, F16BitPatternsWidenExactly) {
   std::vector<TensorRecord> records = read_records(dir / "model.safetensors");
   // model.norm.weight [32] as hand-written half bits: 1, -2, 65504, 2^-24, -0, 0.5, 2^-14, ...
   const uint16_t bits[8] = {0x3c00, 0xc000, 0x7bff, 0x0001, 0x8000, 0x3800, 0x0400, 0x3555};
-  const float expected[8] = {1.0f, -2.0f, 65504.0f, std::ldexp(1.0f, -24), -0.0f, 0.5f,
-                             std::ldexp(1.0f, -14), 1365.0f / 4096};
+  const float expected[8] = {
+      1.0f,          -2.0f, 65504.0f, std::ldexp(1.0f, -24), -0.0f, 0.5f, std::ldexp(1.0f, -14),
+      1365.0f / 4096};
   for (TensorRecord& record : records) {
     if (record.name != "model.norm.weight") continue;
     record.dtype = "F16";
@@ -374,54 +373,56 @@ void erase_tensor(std::vector<TensorRecord>& records, const std::string& name) {
 }
 
 TEST(WeightsErrorTest, NamesTheMissingTensor) {
-  expect_error(load_edited("missing",
-                           [](auto& r) { erase_tensor(r, "model.layers.1.mlp.up_proj.weight"); }),
-               absl::StatusCode::kNotFound, {"model.layers.1.mlp.up_proj.weight", "missing"});
-  expect_error(load_edited("bias",
-                           [](auto& r) { erase_tensor(r, "model.layers.0.self_attn.k_proj.bias"); },
-                           ModelFamily::kQwen2),
+  expect_error(
+      load_edited("missing", [](auto& r) { erase_tensor(r, "model.layers.1.mlp.up_proj.weight"); }),
+      absl::StatusCode::kNotFound, {"model.layers.1.mlp.up_proj.weight", "missing"});
+  expect_error(load_edited(
+                   "bias", [](auto& r) { erase_tensor(r, "model.layers.0.self_attn.k_proj.bias"); },
+                   ModelFamily::kQwen2),
                absl::StatusCode::kNotFound, {"model.layers.0.self_attn.k_proj.bias"});
-  expect_error(load_edited("qnorm",
-                           [](auto& r) { erase_tensor(r, "model.layers.1.self_attn.q_norm.weight"); },
-                           ModelFamily::kQwen3),
-               absl::StatusCode::kNotFound, {"model.layers.1.self_attn.q_norm.weight"});
+  expect_error(
+      load_edited(
+          "qnorm", [](auto& r) { erase_tensor(r, "model.layers.1.self_attn.q_norm.weight"); },
+          ModelFamily::kQwen3),
+      absl::StatusCode::kNotFound, {"model.layers.1.self_attn.q_norm.weight"});
   expect_error(load_edited("lm_head", [](auto& r) { erase_tensor(r, "lm_head.weight"); }),
                absl::StatusCode::kNotFound, {"lm_head.weight"});
 }
 
 TEST(WeightsErrorTest, NamesFileTensorAndShapesOnWrongShape) {
   // k_proj is [kv_size 16, hidden 32]; the same bytes transposed.
-  expect_error(load_edited("shape",
-                           [](auto& r) {
-                             replace_tensor(r, f32_tensor("model.layers.0.self_attn.k_proj.weight",
-                                                   {32, 16}, std::vector<float>(512, 0.5f)));
-                           }),
-               absl::StatusCode::kInvalidArgument,
-               {"model.safetensors", "model.layers.0.self_attn.k_proj.weight", "[32, 16]",
-                "[16, 32]"});
+  expect_error(
+      load_edited("shape",
+                  [](auto& r) {
+                    replace_tensor(r, f32_tensor("model.layers.0.self_attn.k_proj.weight", {32, 16},
+                                                 std::vector<float>(512, 0.5f)));
+                  }),
+      absl::StatusCode::kInvalidArgument,
+      {"model.safetensors", "model.layers.0.self_attn.k_proj.weight", "[32, 16]", "[16, 32]"});
 }
 
 TEST(WeightsErrorTest, NamesTheUnsupportedDtype) {
   for (const char* dtype : {"I64", "F8_E4M3", "F64"}) {
     const int size = std::string(dtype) == "F8_E4M3" ? 1 : 8;
-    expect_error(load_edited(dtype,
-                             [&](auto& r) {
-                               replace_tensor(r, TensorRecord{"model.norm.weight", dtype, {32},
-                                                       std::string(32 * size, '\0')});
-                             }),
-                 absl::StatusCode::kInvalidArgument,
-                 {"model.safetensors", "model.norm.weight", dtype});
+    expect_error(
+        load_edited(dtype,
+                    [&](auto& r) {
+                      replace_tensor(
+                          r, TensorRecord{
+                                 "model.norm.weight", dtype, {32}, std::string(32 * size, '\0')});
+                    }),
+        absl::StatusCode::kInvalidArgument, {"model.safetensors", "model.norm.weight", dtype});
   }
 }
 
 TEST(WeightsErrorTest, UnexpectedTensorsAreErrorsExceptRopeBuffers) {
-  expect_error(load_edited("extra",
-                           [](auto& r) {
-                             r.push_back(f32_tensor("model.layers.0.self_attn.extra.weight", {2},
-                                                    {1, 2}));
-                           }),
-               absl::StatusCode::kInvalidArgument,
-               {"model.safetensors", "unexpected tensor", "model.layers.0.self_attn.extra.weight"});
+  expect_error(
+      load_edited("extra",
+                  [](auto& r) {
+                    r.push_back(f32_tensor("model.layers.0.self_attn.extra.weight", {2}, {1, 2}));
+                  }),
+      absl::StatusCode::kInvalidArgument,
+      {"model.safetensors", "unexpected tensor", "model.layers.0.self_attn.extra.weight"});
   // Biases on a Llama model are unexpected too.
   expect_error(load_edited("llama_bias",
                            [](auto& r) {
@@ -457,6 +458,15 @@ TEST(WeightsErrorTest, TruncatedOrGarbledFilesNameTheFile) {
   std::filesystem::remove(file);
   expect_error(load(dir, DType::kF32).status(), absl::StatusCode::kNotFound,
                {dir.string(), "model.safetensors"});
+}
+
+TEST(WeightsErrorTest, RefusesAnIncompleteConfig) {
+  ModelConfig config = tiny_model_config(ModelFamily::kLlama);
+  const std::filesystem::path dir = make_test_dir("model");
+  write_random_model(dir, config, 1);
+  config.num_kv_heads = 0;
+  expect_error(load_weights(dir, config, DType::kF32).status(), absl::StatusCode::kInvalidArgument,
+               {"num_kv_heads"});
 }
 
 TEST(WeightsErrorTest, ShardIndexProblemsNameIndexAndShard) {

@@ -62,14 +62,14 @@ uint16_t float_to_f16_reference(float value) {
   const double magnitude = std::fabs(static_cast<double>(value));
   if (std::isnan(value)) return sign | 0x7e00;
   if (magnitude >= 65520.0) return sign | 0x7c00;  // halfway above 65504 rounds to infinity
-  std::fesetround(FE_TONEAREST);                  // nearbyint: ties to even
+  std::fesetround(FE_TONEAREST);                   // nearbyint: ties to even
   if (magnitude < std::ldexp(1.0, -14)) {
     // Subnormal: a multiple of 2^-24 (1024 of them is the smallest normal, bits 0x400).
     return sign | static_cast<uint16_t>(std::nearbyint(std::ldexp(magnitude, 24)));
   }
   int exponent = 0;
   const double fraction = std::frexp(magnitude, &exponent);  // magnitude = fraction * 2^exponent
-  const int biased = exponent - 1 + 15;                       // significand in [1, 2)
+  const int biased = exponent - 1 + 15;                      // significand in [1, 2)
   const double mantissa = std::nearbyint((fraction * 2 - 1) * 1024);  // may round to 1024
   return sign | static_cast<uint16_t>((biased << 10) + static_cast<int>(mantissa));
 }
@@ -184,9 +184,8 @@ std::string hf_config_json(const engine::ModelConfig& config) {
   return out.dump(2);
 }
 
-TensorValues write_random_model(const std::filesystem::path& dir,
-                                const engine::ModelConfig& config, uint64_t seed,
-                                const RandomModelOptions& options) {
+TensorValues write_random_model(const std::filesystem::path& dir, const engine::ModelConfig& config,
+                                uint64_t seed, const RandomModelOptions& options) {
   std::mt19937_64 rng(seed);
   auto uniform = [&](int64_t n, double low, double high) {
     std::uniform_real_distribution<double> dist(low, high);

@@ -69,9 +69,8 @@ using TensorValues = std::map<std::string, std::vector<float>>;
 // a = 1/sqrt(in_features), biases U(-0.1, 0.1), norm gains 1 + U(-0.25, 0.25). Names follow
 // Hugging Face (model.layers.N.self_attn.q_proj.weight, ...); q/k/v biases when
 // config.qkv_bias, q_norm/k_norm when config.qk_norm, no lm_head.weight when tied.
-TensorValues write_random_model(const std::filesystem::path& dir,
-                                const engine::ModelConfig& config, uint64_t seed,
-                                const RandomModelOptions& options = {});
+TensorValues write_random_model(const std::filesystem::path& dir, const engine::ModelConfig& config,
+                                uint64_t seed, const RandomModelOptions& options = {});
 
 // A small random-model shape of each family, for tests: hidden 32, 2 layers, 4 heads,
 // 2 kv heads, intermediate 48, vocab 64, head_dim 8; Qwen2 ties its embeddings and Qwen3
