@@ -316,7 +316,7 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
     absl::StatusOr<int> residual =
         residual_stage([&](const ModelShard& sh, int slot,
                            std::vector<Tile>& out) { maker.embedding(sh, slot, out); },
-                       {}, Stage::kEmbed, Stage::kEmbedReduce, 0, /*assign=*/true);
+                       {}, Stage::kEmbed, Stage::kEmbedReduce, -1, /*assign=*/true);
     if (!residual.ok()) return residual.status();
     for (int l = 0; l < L; ++l) {
       absl::Status s =
