@@ -27,9 +27,19 @@
 //      (the Gumbel-max form: exact in distribution, softmax of s over the kept set, and it
 //      reduces exactly across vocabulary tiles and ranks)
 // Probabilities in 7 and 8 are softmax of s over the tokens the earlier filters kept; the
-// largest-logit token is always kept, so the kept set is never empty.
+// largest-logit token is always kept, so the kept set is never empty. Each filter keeps all
+// logits above a threshold, so 6-8 compose as thresholds. Top-p sums its mass from float
+// weights (relative error ~3e-7 each): a cut within that distance of top_p may go either
+// way, as it would with any other rounding.
 // Reported logprobs are log-softmax of the raw model logits (before any step above, after
-// input cleaning); if every raw logit is -inf or NaN, every reported logprob is -inf.
+// input cleaning; the normalizer to ~1e-6 relative); if every raw logit is -inf or NaN,
+// every reported logprob is -inf.
+//
+// Cost per call on a 128k vocabulary: a handful of linear passes (cleaning copy, max, a
+// vectorized exp sum for the logprobs, the draw's hash per token, which a cheap bound keeps
+// from needing logarithms for nearly all tokens); top-k uses a k-heap and, for k <= 1024,
+// restricts the later steps to its short list; top-p a histogram of the mass, never a sort
+// of the vocabulary.
 #pragma once
 
 #include <cstdint>

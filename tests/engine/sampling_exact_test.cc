@@ -270,6 +270,20 @@ TEST(SamplingEdgeTest, ExtremeFilterValuesKeepOnlyTheTop) {
   EXPECT_EQ(full_min_p_tokens, (std::set<int32_t>{1, 3}));
 }
 
+TEST(SamplingEdgeTest, TopKKeepsTiesAtTheBoundary) {
+  // The 3rd largest logit, 2.0, is shared by ids 2 and 4: top-3 keeps four tokens.
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f, 2.0f};
+  SamplingParams params = with_temperature(2.0f);
+  params.top_k = 3;
+  std::set<int32_t> drawn;
+  for (int t = 0; t < 400; ++t) drawn.insert(sample_at(logits, params, 13, t).token_id);
+  EXPECT_EQ(drawn, (std::set<int32_t>{1, 2, 3, 4}));
+  params.top_k = 1;  // the two tied maxima
+  drawn.clear();
+  for (int t = 0; t < 400; ++t) drawn.insert(sample_at(logits, params, 13, t).token_id);
+  EXPECT_EQ(drawn, (std::set<int32_t>{1, 3}));
+}
+
 TEST(SamplingEdgeTest, TinyTemperatureIsGreedyWithoutOverflow) {
   // Gaps of 0.01 at T = 1e-5 are 1000 nats apart: the argmax always wins; huge logits do
   // not overflow the scaled values.
