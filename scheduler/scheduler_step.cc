@@ -33,6 +33,9 @@ StepPlan Scheduler::schedule() {
 
   InFlightStep record;
   record.step_id = step_id;
+  plan.requests.reserve(picks_.size());
+  record.scheduled.reserve(picks_.size());
+  record.sampling.reserve(picks_.size());
   for (const Pick& pick : picks_) {
     pick.request->pick_index = -1;
     if (!pick.live) continue;
