@@ -97,6 +97,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool write_in_flight_ = false;
   bool finish_called_ = false;
   bool engine_done_ = false;  // the engine finished it, or was told to
+  // A stop string ended the stream; the engine is told in OnDone (never from pump(), which
+  // may run inside the engine's push).
+  bool stop_string_matched_ = false;
   std::string final_status_ = "OK";
   std::optional<std::string> finish_reason_;
 };
@@ -167,7 +170,6 @@ void GenerateReactor::pump() {
   enum class Action { kNone, kWrite, kWriteAndFinish, kFinishError };
   Action action = Action::kNone;
   grpc::Status error;
-  bool stop_engine = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (finish_called_ || output_ == nullptr) return;
@@ -192,8 +194,8 @@ void GenerateReactor::pump() {
       }
     }
     if (delta.finished) {
-      stop_engine = delta.stop_string_matched;
-      engine_done_ = true;
+      stop_string_matched_ = delta.stop_string_matched;
+      engine_done_ = !delta.stop_string_matched;
       if (*delta.finished == engine::FinishReason::kError) {
         error = grpc::Status(grpc::StatusCode::INTERNAL,
                              absl::StrCat("generation failed: ", delta.error));
@@ -230,7 +232,6 @@ void GenerateReactor::pump() {
       }
     }
   }
-  if (stop_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kStop);
   switch (action) {
     case Action::kNone: break;
     case Action::kWrite: StartWrite(&in_flight_); break;
@@ -303,17 +304,19 @@ void GenerateReactor::record_metrics() {
 }
 
 void GenerateReactor::OnDone() {
-  bool abort_engine = false;
+  bool tell_engine = false;
+  engine::FinishReason reason = engine::FinishReason::kAbort;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    abort_engine = !engine_done_ && output_ != nullptr;
+    tell_engine = !engine_done_ && output_ != nullptr;
+    if (stop_string_matched_) reason = engine::FinishReason::kStop;
     engine_done_ = true;
     record_metrics();
     spdlog::debug("Generate {} done: {} {} ({} prompt, {} generated tokens)",
                   client_request_id_, final_status_, finish_reason_.value_or("-"),
                   prompt_tokens_, stream_ ? stream_->completion_tokens() : 0);
   }
-  if (abort_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kAbort);
+  if (tell_engine) context_->engine->finish(output_->request_id(), reason);
   context_->active_streams.fetch_sub(1);
   bool delete_now = false;
   {
