@@ -414,8 +414,16 @@ std::vector<float> apply_penalties(std::span<const float> logits,
                                    const scheduler::SamplingParams& params,
                                    const SamplingContext& context) {
   const size_t vocab_size = logits.size();
-  std::vector<float> out(vocab_size);
-  for (size_t i = 0; i < vocab_size; ++i) out[i] = clean_logit(logits[i]);
+  std::vector<float> out(logits.begin(), logits.end());
+  size_t i = 0;
+  for (; i + 4 <= vocab_size; i += 4) {  // input cleaning, four lanes at a time
+    Float4 x;
+    std::memcpy(&x, &out[i], sizeof(x));
+    x = x == x ? x : Float4{} + kNegInf;           // NaN -> -inf
+    x = x < kMaxFloat ? x : Float4{} + kMaxFloat;  // +inf -> largest finite
+    std::memcpy(&out[i], &x, sizeof(x));
+  }
+  for (; i < vocab_size; ++i) out[i] = clean_logit(out[i]);
 
   // 1. Repetition penalty, once per distinct id of prompt and output.
   const float penalty = params.repetition_penalty;

@@ -228,13 +228,44 @@ TEST(SamplingEdgeTest, NegativeInfinityAndNaNAreNeverDrawn) {
 }
 
 TEST(SamplingEdgeTest, PositiveInfinityIsTheLargestLogit) {
-  const std::vector<float> logits = {1.0f, kInf, 3.0f};
-  for (int t = 0; t < 100; ++t) {
-    const auto token = sample_at(logits, {}, 2, t);
-    EXPECT_EQ(token.token_id, 1);
-    EXPECT_EQ(token.logprob, 0.0f);
+  // In the first four entries and in the remainder, which the code handles separately.
+  for (int32_t where : {1, 5}) {
+    std::vector<float> logits = {1.0f, 0.0f, 3.0f, -2.0f, 2.5f, 0.5f};
+    logits[where] = kInf;
+    SamplingParams params;
+    params.top_p = 0.9f;
+    for (int t = 0; t < 100; ++t) {
+      const auto token = sample_at(logits, t % 2 ? params : SamplingParams{}, 2, t);
+      EXPECT_EQ(token.token_id, where);
+      EXPECT_EQ(token.logprob, 0.0f);
+    }
+    EXPECT_EQ(sample_token(logits, with_temperature(0.0f), {}).token_id, where);
   }
-  EXPECT_EQ(sample_token(logits, with_temperature(0.0f), {}).token_id, 1);
+}
+
+TEST(SamplingEdgeTest, LogprobsCleanNaNAndInfinityInLongVocabularies) {
+  // Long enough (130) for the vectorized blocks of the normalizer and the remainder.
+  auto logits = random_logits(130, 14, 2.0f);
+  for (int32_t id : {3, 64, 129}) logits[id] = kNaN;
+  for (int32_t id : {7, 100}) logits[id] = -kInf;
+  const auto reference = log_softmax(logits);
+  SamplingParams params;
+  params.logprobs = 130;
+  const auto token = sample_at(logits, params, 1, 0);
+  EXPECT_NEAR(token.logprob, reference[token.token_id], 1e-5);
+  ASSERT_EQ(token.top_logprobs.size(), 130u);
+  for (const auto& [id, logprob] : token.top_logprobs) {
+    if (std::isinf(static_cast<float>(reference[id]))) {
+      EXPECT_EQ(logprob, -kInf) << "id " << id;
+    } else {
+      EXPECT_NEAR(logprob, reference[id], 1e-5) << "id " << id;
+    }
+  }
+  logits[90] = kInf;  // takes all the probability
+  const auto certain = sample_at(logits, params, 1, 0);
+  EXPECT_EQ(certain.token_id, 90);
+  EXPECT_EQ(certain.logprob, 0.0f);
+  EXPECT_LT(certain.top_logprobs[1].second, -1e30f);
 }
 
 TEST(SamplingEdgeTest, NeutralFilterValuesChangeNothing) {
