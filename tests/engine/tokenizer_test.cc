@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "engine/demo_model.h"
+#include "engine/model_config.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -447,12 +449,17 @@ TEST(DemoTokenizerTest, VocabMatchesConfigAndDocsRoundTrip) {
       testing::read_file(dir / "config.json"),
       testing::read_file(std::filesystem::path(MEGASERVE_SOURCE_DIR) / "configs/demo/config.json"));
 
+  // A sentence from docs/instruction-stream.md (where it is wrapped over two lines).
   const std::string sentence =
-      "The host plans, the device executes: a missing dependency is a test failure on a CPU.";
+      "A fixed size keeps the device's fetch loop trivial: the SM that owns a queue reads "
+      "instruction `i` at byte offset `128 * i`, with no parsing and no pointer chasing.";
+  const std::string docs = read_demo_docs();
+  std::string unwrapped = docs;
+  std::replace(unwrapped.begin(), unwrapped.end(), '\n', ' ');
+  ASSERT_NE(unwrapped.find(sentence), std::string::npos);
   EXPECT_EQ(tok->decode(tok->encode(sentence, true)).value(), sentence);
   // The whole training text round-trips (its "▁" examples aside) and, having been learned
   // from, compresses well.
-  const std::string docs = read_demo_docs();
   ASSERT_GT(docs.size(), 20000u);
   ASSERT_NE(docs.find("\u2581"), std::string::npos);
   const std::vector<int32_t> ids = tok->encode(docs, false);
@@ -461,6 +468,28 @@ TEST(DemoTokenizerTest, VocabMatchesConfigAndDocsRoundTrip) {
   // Text the docs never contain still round-trips through byte fallback.
   const std::string foreign = "naïve 日本語 \U0001F600 \t tabs  and   spaces\n";
   EXPECT_EQ(tok->decode(tok->encode(foreign, true)).value(), foreign);
+}
+
+// The demo's config.json is one that megaserve's own config parser accepts, and it agrees
+// with the tokenizer on the vocabulary and the special ids.
+TEST(DemoTokenizerTest, ConfigLoadsAsALlamaModel) {
+  const std::filesystem::path dir = MEGASERVE_DEMO_BUILD_DIR;
+  auto config = load_model_config(dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto tok = load_or_die(dir / "tokenizer.model");
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(config->architecture, "LlamaForCausalLM");
+  EXPECT_EQ(config->family, ModelFamily::kLlama);
+  EXPECT_EQ(config->vocab_size, tok->vocab_size());
+  EXPECT_EQ(config->bos_token_id, tok->bos_id());
+  EXPECT_THAT(config->eos_token_ids, ElementsAre(tok->eos_id()));
+  EXPECT_EQ(config->hidden_size, 256);
+  EXPECT_EQ(config->num_layers, 4);
+  EXPECT_EQ(config->num_heads, 8);
+  EXPECT_EQ(config->num_kv_heads, 4);
+  EXPECT_EQ(config->head_dim, 32);
+  EXPECT_EQ(config->intermediate_size, 688);
+  EXPECT_EQ(config->max_position_embeddings, 2048);
 }
 
 TEST(DemoTokenizerTest, RoundTripsRandomValidUtf8) {
