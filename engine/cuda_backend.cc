@@ -1,0 +1,675 @@
+#include "engine/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/bf16.h"
+#include "engine/sampling.h"
+#include "kernels/device_probe.h"
+#include "kernels/megakernel.h"
+
+namespace megaserve::engine {
+
+using kernels::DeviceModel;
+using kernels::DeviceSampling;
+using kernels::DeviceStepDesc;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+absl::Status cuda_error(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat("cuda backend: ", what, ": ", cudaGetErrorName(e), " (",
+                                          cudaGetErrorString(e), ")"));
+}
+
+#define MEGASERVE_CUDA_RETURN(expr, what)                                 \
+  do {                                                                    \
+    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return cuda_error(e_, what); \
+  } while (0)
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Bytes of device memory kept free for workspaces and step uploads when num_kv_blocks is
+// derived from free memory.
+constexpr size_t kWorkspaceReserveBytes = size_t{1} << 30;
+
+std::vector<uint16_t> to_bf16(const Tensor& t) {
+  std::vector<uint16_t> out(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype) {
+      case DType::kF32:
+        out[i] = float_to_bf16(t.data<float>()[i]);
+        break;
+      case DType::kBF16:
+        out[i] = t.data<uint16_t>()[i];
+        break;
+      case DType::kF16:
+        out[i] = float_to_bf16(f16_to_float(t.data<uint16_t>()[i]));
+        break;
+    }
+  }
+  return out;
+}
+
+// A sampling row the device op can sample: anything needing the full host sampler
+// (penalties, banned ids, filters, top logprobs) goes to the host.
+bool device_samples(const RequestSampling& r) {
+  const scheduler::SamplingParams& p = r.params;
+  const bool filters = p.top_k > 0 || p.top_p < 1.0f || p.min_p > 0.0f;
+  const bool penalties =
+      p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+  const bool greedy = !(p.temperature > 0.0f);
+  return r.banned_token_ids.empty() && !penalties && p.logprobs == 0 && (greedy || !filters);
+}
+
+}  // namespace
+
+// Everything that touches the CUDA runtime.
+struct CudaState {
+  int device = 0;
+  int grid = 0;
+  size_t smem_bytes = 0;
+  cudaStream_t exec = nullptr;  // the megakernel
+  cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
+  cudaEvent_t done = nullptr;
+  std::vector<void*> allocations;  // weights, cache, inv_freq, layers
+  DeviceModel model{};
+  uint32_t* barriers = nullptr;
+  int num_barriers = 0;
+  kernels::HostControl* host = nullptr;  // mapped pinned memory
+  kernels::HostControl* host_device_alias = nullptr;
+  kernels::DeviceControl* control = nullptr;
+  // Step slots: pinned staging and device copies; the descriptor sits at offset 0.
+  struct Slot {
+    uint8_t* staging = nullptr;
+    uint8_t* device = nullptr;
+    size_t capacity = 0;
+  } slots[2];
+  uint8_t* workspace = nullptr;
+  size_t workspace_capacity = 0;
+  DeviceStepDesc last_desc{};  // where the last step's outputs live
+  bool persistent_running = false;
+  uint32_t seq = 0;  // steps posted to the ring
+
+  ~CudaState() {
+    cudaSetDevice(device);
+    if (exec != nullptr && cudaStreamQuery(exec) == cudaErrorNotReady) {
+      return;  // a kernel that would not stop: leak rather than hang in cudaFree
+    }
+    for (void* p : allocations) cudaFree(p);
+    for (Slot& s : slots) {
+      cudaFreeHost(s.staging);
+      cudaFree(s.device);
+    }
+    cudaFree(workspace);
+    cudaFree(barriers);
+    cudaFree(control);
+    if (host != nullptr) cudaFreeHost(host);
+    if (done != nullptr) cudaEventDestroy(done);
+    if (exec != nullptr) cudaStreamDestroy(exec);
+    if (copy != nullptr) cudaStreamDestroy(copy);
+  }
+
+  template <typename T>
+  absl::StatusOr<T*> upload(const T* data, size_t count, const char* what) {
+    void* p = nullptr;
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), what);
+    allocations.push_back(p);
+    MEGASERVE_CUDA_RETURN(cudaMemcpy(p, data, count * sizeof(T), cudaMemcpyHostToDevice), what);
+    return static_cast<T*>(p);
+  }
+
+  // Waits for the exec stream to go idle, up to `timeout`; true when it did.
+  bool wait_exec_idle(std::chrono::milliseconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    while (cudaStreamQuery(exec) == cudaErrorNotReady) {
+      if (Clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    return true;
+  }
+
+  kernels::MegakernelParams params(int slot) const {
+    kernels::MegakernelParams p{};
+    p.model = model;
+    p.slots[0] = reinterpret_cast<const DeviceStepDesc*>(slots[0].device);
+    p.slots[1] = reinterpret_cast<const DeviceStepDesc*>(slots[1].device);
+    p.barriers = barriers;
+    p.host = host_device_alias;
+    p.control = control;
+    p.slot = slot;
+    p.first_seq = seq;
+    return p;
+  }
+
+  absl::Status start_persistent() {
+    host->doorbell = seq;
+    host->completed = seq;
+    host->shutdown = 0;
+    host->abort = 0;
+    host->aborted = 0;
+    kernels::DeviceControl c{};
+    c.go = seq;
+    MEGASERVE_CUDA_RETURN(cudaMemcpy(control, &c, sizeof c, cudaMemcpyHostToDevice),
+                          "resetting the step ring");
+    MEGASERVE_CUDA_RETURN(kernels::launch_megakernel_persistent(params(0), grid, smem_bytes, exec),
+                          "launching the persistent megakernel");
+    persistent_running = true;
+    return absl::OkStatus();
+  }
+
+  // Posts a shutdown through the ring and waits for the kernel to exit; aborts it if it
+  // does not. True when it stopped.
+  bool stop_persistent() {
+    if (!persistent_running) return true;
+    persistent_running = false;
+    host->shutdown = 1;
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    host->doorbell = seq + 1;
+    if (wait_exec_idle(std::chrono::milliseconds(2000))) return true;
+    host->abort = 1;
+    return wait_exec_idle(std::chrono::milliseconds(2000));
+  }
+
+  absl::Status ensure_slot(int i, size_t bytes) {
+    Slot& s = slots[i];
+    if (s.capacity >= bytes) return absl::OkStatus();
+    if (!stop_persistent()) return absl::InternalError("cuda backend: the kernel did not stop");
+    cudaFreeHost(s.staging);
+    cudaFree(s.device);
+    s = Slot{};
+    const size_t cap = align_up(bytes + bytes / 2);
+    MEGASERVE_CUDA_RETURN(cudaHostAlloc(&s.staging, cap, cudaHostAllocDefault), "step staging");
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&s.device, cap), "step slot");
+    s.capacity = cap;
+    return absl::OkStatus();
+  }
+
+  absl::Status ensure_workspace(size_t bytes) {
+    if (workspace_capacity >= bytes) return absl::OkStatus();
+    if (!stop_persistent()) return absl::InternalError("cuda backend: the kernel did not stop");
+    cudaFree(workspace);
+    workspace = nullptr;
+    workspace_capacity = 0;
+    const size_t cap = align_up(bytes + bytes / 2);
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&workspace, cap), "workspace");
+    workspace_capacity = cap;
+    return absl::OkStatus();
+  }
+};
+
+TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
+  TileConfig c = gpu_tile_config(sm_count);
+  // CUDA-core projections: a warp per output column, 8 token rows per pass over the weights,
+  // so column tiles are kept narrow enough that a decode step's few rows cover every SM.
+  c.token_rows = 64;
+  c.qkv_heads = 1;
+  c.hidden_cols = 32;
+  c.ffn_cols = 64;
+  c.vocab_cols = 512;
+  c.embedding_rows = 64;
+  c.lm_head_samples = 64;
+  c.attention_query_rows = 16;
+  c.attention_batch_requests = 8;
+  c.kv_split_tokens = 1024;
+  c.flops_per_cycle = 128.0;
+  c.bytes_per_cycle = 13.0;
+  c.overhead_cycles = 1000.0;
+  (void)smem_bytes;  // every tile above fits the smallest Hopper CTA (checked in create)
+  return c;
+}
+
+bool cuda_backend_supported(std::string* why) {
+  std::string reason;
+  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&reason);
+  for (const kernels::DeviceInfo& d : devices) {
+    if (d.supported()) return true;
+  }
+  if (why != nullptr) {
+    *why = devices.empty()
+               ? absl::StrCat("no CUDA device: ", reason)
+               : absl::StrCat("no supported GPU (need sm_90, Hopper); device 0 is ",
+                              devices[0].name, " sm_", devices[0].compute_major,
+                              devices[0].compute_minor);
+  }
+  return false;
+}
+
+CudaBackend::CudaBackend() = default;
+
+CudaBackend::~CudaBackend() {
+  if (state_ != nullptr) {
+    cudaSetDevice(state_->device);
+    state_->stop_persistent();
+  }
+}
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
+    const ModelConfig& config, ModelWeights weights, const CudaBackendOptions& options) {
+  std::string why;
+  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&why);
+  if (options.device < 0 || options.device >= static_cast<int>(devices.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: no CUDA device ", options.device, " (",
+                     devices.empty() ? why : absl::StrCat(devices.size(), " visible"), ")"));
+  }
+  const kernels::DeviceInfo& dev = devices[options.device];
+  if (!dev.supported()) {
+    return absl::FailedPreconditionError(absl::StrCat("cuda backend: ", dev.name, " is sm_",
+                                                      dev.compute_major, dev.compute_minor,
+                                                      "; the megakernel is built for sm_90a"));
+  }
+  if (absl::Status s = check_tensor_parallel(config, 1); !s.ok()) return s;
+  const int hd = config.head_dim;
+  if (hd % 8 != 0 || hd > kernels::kMaxHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend: head_dim ", hd, " must be a multiple of 8 and at most ",
+        kernels::kMaxHeadDim));
+  }
+  if (static_cast<int>(weights.layers.size()) != config.num_layers || weights.embedding.empty() ||
+      weights.lm_head.empty() || weights.final_norm.empty()) {
+    return absl::InvalidArgumentError("cuda backend: weights do not match the model config");
+  }
+  if (options.kv_block_size <= 0 || options.num_kv_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: KV cache of ",
+                                                   options.num_kv_blocks, " blocks of ",
+                                                   options.kv_block_size, " tokens"));
+  }
+  if (options.step_watchdog_ms <= 0) {
+    return absl::InvalidArgumentError("cuda backend: step_watchdog_ms must be > 0");
+  }
+  std::unique_ptr<CudaBackend> b(new CudaBackend());
+  b->config_ = config;
+  b->options_ = options;
+  b->device_name_ = dev.name;
+  b->tiles_ = options.tiles.value_or(cuda_tile_config(dev.sm_count, dev.max_shared_memory_per_block));
+  b->tiles_.num_sms = options.num_sms > 0 ? options.num_sms : dev.sm_count;
+  if (b->tiles_.num_sms > dev.sm_count) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", b->tiles_.num_sms,
+                                                   " CTAs exceed the ", dev.sm_count,
+                                                   " SMs (every CTA must be resident)"));
+  }
+  const size_t smem = dev.max_shared_memory_per_block;
+  const size_t smem_floats = smem / sizeof(float);
+  const size_t qkv_floats = size_t{kernels::kMaxMatvecRows} * b->tiles_.qkv_heads * hd;
+  const size_t widest = std::max({config.hidden_size + qkv_floats,
+                                  static_cast<size_t>(config.q_size()),
+                                  static_cast<size_t>(config.intermediate_size),
+                                  size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim});
+  if (widest > smem_floats) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: a projection row of ", widest,
+                                                   " floats exceeds shared memory (", smem,
+                                                   " bytes)"));
+  }
+
+  auto st = std::make_unique<CudaState>();
+  st->device = options.device;
+  st->grid = b->tiles_.num_sms;
+  st->smem_bytes = smem;
+  MEGASERVE_CUDA_RETURN(cudaSetDevice(options.device), "selecting the device");
+  MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->exec, cudaStreamNonBlocking), "stream");
+  MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->copy, cudaStreamNonBlocking), "stream");
+  MEGASERVE_CUDA_RETURN(cudaEventCreateWithFlags(&st->done, cudaEventDisableTiming), "event");
+  MEGASERVE_CUDA_RETURN(kernels::configure_megakernel(smem), "configuring shared memory");
+
+  // Weights, bf16. Tied embeddings share one device copy.
+  std::unordered_map<const void*, const uint16_t*> uploaded;
+  auto up = [&](const Tensor& t, const char* name) -> absl::StatusOr<const uint16_t*> {
+    if (t.empty()) return nullptr;
+    if (auto it = uploaded.find(t.bytes.get()); it != uploaded.end()) return it->second;
+    const std::vector<uint16_t> bits = to_bf16(t);
+    absl::StatusOr<uint16_t*> p = st->upload(bits.data(), bits.size(), name);
+    if (!p.ok()) return p.status();
+    uploaded[t.bytes.get()] = *p;
+    return *p;
+  };
+  DeviceModel& m = st->model;
+  m.hidden = config.hidden_size;
+  m.q_heads = config.num_heads;
+  m.kv_heads = config.num_kv_heads;
+  m.head_dim = hd;
+  m.ffn = config.intermediate_size;
+  m.vocab = config.vocab_size;
+  m.num_layers = config.num_layers;
+  m.rms_norm_eps = config.rms_norm_eps;
+  std::vector<kernels::DeviceLayer> layers(config.num_layers);
+#define MEGASERVE_UPLOAD(dst, tensor)                         \
+  do {                                                        \
+    absl::StatusOr<const uint16_t*> p_ = up(tensor, #tensor); \
+    if (!p_.ok()) return p_.status();                         \
+    dst = *p_;                                                \
+  } while (0)
+  MEGASERVE_UPLOAD(m.embedding, weights.embedding);
+  MEGASERVE_UPLOAD(m.final_norm, weights.final_norm);
+  MEGASERVE_UPLOAD(m.lm_head, weights.lm_head);
+  for (int l = 0; l < config.num_layers; ++l) {
+    const LayerWeights& w = weights.layers[l];
+    kernels::DeviceLayer& d = layers[l];
+    MEGASERVE_UPLOAD(d.attn_norm, w.attn_norm);
+    MEGASERVE_UPLOAD(d.ffn_norm, w.ffn_norm);
+    MEGASERVE_UPLOAD(d.wq, w.wq);
+    MEGASERVE_UPLOAD(d.wk, w.wk);
+    MEGASERVE_UPLOAD(d.wv, w.wv);
+    MEGASERVE_UPLOAD(d.bq, w.bq);
+    MEGASERVE_UPLOAD(d.bk, w.bk);
+    MEGASERVE_UPLOAD(d.bv, w.bv);
+    MEGASERVE_UPLOAD(d.q_norm, w.q_norm);
+    MEGASERVE_UPLOAD(d.k_norm, w.k_norm);
+    MEGASERVE_UPLOAD(d.wo, w.wo);
+    MEGASERVE_UPLOAD(d.w_gate, w.w_gate);
+    MEGASERVE_UPLOAD(d.w_up, w.w_up);
+    MEGASERVE_UPLOAD(d.w_down, w.w_down);
+  }
+#undef MEGASERVE_UPLOAD
+  weights = ModelWeights{};  // the host copy is no longer needed
+  absl::StatusOr<kernels::DeviceLayer*> dl = st->upload(layers.data(), layers.size(), "layers");
+  if (!dl.ok()) return dl.status();
+  m.layers = *dl;
+  const std::vector<float> inv_freq = rope_inv_freq(config);
+  absl::StatusOr<float*> inv = st->upload(inv_freq.data(), inv_freq.size(), "inv_freq");
+  if (!inv.ok()) return inv.status();
+  m.inv_freq = *inv;
+
+  // The KV cache.
+  const int64_t block_elems_per_layer =
+      static_cast<int64_t>(config.num_kv_heads) * options.kv_block_size * hd;
+  const size_t block_bytes = 2 * sizeof(uint16_t) * block_elems_per_layer * config.num_layers;
+  int64_t blocks = options.num_kv_blocks;
+  if (blocks == 0) {
+    size_t free_bytes = 0, total = 0;
+    MEGASERVE_CUDA_RETURN(cudaMemGetInfo(&free_bytes, &total), "querying free memory");
+    const double usable = (static_cast<double>(free_bytes) - kWorkspaceReserveBytes) *
+                          options.memory_fraction;
+    blocks = usable > 0 ? static_cast<int64_t>(usable / block_bytes) : 0;
+    blocks = std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max() / 2);
+    if (blocks < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cuda backend: no room for a KV block (", block_bytes, " bytes) on ", dev.name));
+    }
+  }
+  b->num_kv_blocks_ = static_cast<int32_t>(blocks);
+  m.num_kv_blocks = b->num_kv_blocks_;
+  m.kv_block_size = options.kv_block_size;
+  m.cache_layer_elements = block_elems_per_layer * blocks;
+  for (uint16_t** cache : {&m.k_cache, &m.v_cache}) {
+    void* p = nullptr;
+    const size_t bytes = sizeof(uint16_t) * m.cache_layer_elements * config.num_layers;
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, bytes), "KV cache");
+    st->allocations.push_back(p);
+    MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, bytes), "KV cache");
+    *cache = static_cast<uint16_t*>(p);
+  }
+
+  b->builder_ = std::make_unique<ScheduleBuilder>(config, b->tiles_, 1);
+  st->num_barriers = b->builder_->num_barriers();
+  MEGASERVE_CUDA_RETURN(cudaMalloc(&st->barriers, sizeof(uint32_t) * st->num_barriers),
+                        "barriers");
+  MEGASERVE_CUDA_RETURN(cudaMemset(st->barriers, 0, sizeof(uint32_t) * st->num_barriers),
+                        "barriers");
+  MEGASERVE_CUDA_RETURN(cudaMalloc(&st->control, sizeof(kernels::DeviceControl)), "control");
+  MEGASERVE_CUDA_RETURN(cudaHostAlloc(reinterpret_cast<void**>(&st->host),
+                                      sizeof(kernels::HostControl), cudaHostAllocMapped),
+                        "mapped control words");
+  std::memset(const_cast<kernels::HostControl*>(st->host), 0, sizeof(kernels::HostControl));
+  MEGASERVE_CUDA_RETURN(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->host_device_alias),
+                                                 st->host, 0),
+                        "mapped control words");
+  MEGASERVE_CUDA_RETURN(cudaDeviceSynchronize(), "initialization");
+  b->state_ = std::move(st);
+  return b;
+}
+
+std::string CudaBackend::describe() const {
+  return absl::StrCat("cuda megakernel on ", device_name_, " (device ", options_.device, ", ",
+                      tiles_.num_sms, " CTAs, ",
+                      options_.persistent ? "persistent" : "one launch per step", "): ",
+                      num_kv_blocks_, " KV blocks of ", options_.kv_block_size,
+                      " tokens, bf16 weights and cache");
+}
+
+absl::Status CudaBackend::fail(absl::Status s) {
+  broken_ = true;
+  return s;
+}
+
+absl::StatusOr<std::vector<float>> CudaBackend::logits(int sample) const {
+  const DeviceStepDesc& d = state_->last_desc;
+  if (broken_ || sample < 0 || sample >= d.num_samples) {
+    return absl::OutOfRangeError(absl::StrCat("cuda backend: no sampling row ", sample));
+  }
+  std::vector<float> out(config_.vocab_size);
+  MEGASERVE_CUDA_RETURN(cudaMemcpy(out.data(), d.logits + static_cast<int64_t>(sample) * out.size(),
+                                   out.size() * sizeof(float), cudaMemcpyDeviceToHost),
+                        "reading logits");
+  return out;
+}
+
+absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::StepPlan& plan) {
+  if (broken_) return absl::FailedPreconditionError("cuda backend: an earlier step failed");
+  if (plan.kv_block_size != options_.kv_block_size) {
+    return absl::InvalidArgumentError(absl::StrCat("step ", plan.step_id, ": kv_block_size ",
+                                                   plan.kv_block_size, ", backend has ",
+                                                   options_.kv_block_size));
+  }
+  for (const auto& r : plan.requests) {
+    for (int32_t id : r.token_ids) {
+      if (id == scheduler::kTokenFromPreviousStep && !previous_sampled_.contains(r.request_id)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "step ", plan.step_id, " request ", r.request_id,
+            ": input kTokenFromPreviousStep, but the previous step sampled nothing for it"));
+      }
+    }
+  }
+  absl::StatusOr<Step> step = builder_->build(plan, num_kv_blocks_);
+  if (!step.ok()) return step.status();
+  for (int32_t t = 0; t < step->meta.num_tokens; ++t) {
+    int32_t& id = step->meta.token_ids[t];
+    if (id != scheduler::kTokenFromPreviousStep) continue;
+    id = previous_sampled_.at(step->meta.requests[step->meta.token_request[t]].request_id);
+  }
+  std::vector<scheduler::SampledToken> sampled;
+  if (absl::Status s = run_step(*step, &sampled); !s.ok()) return fail(s);
+  previous_sampled_.clear();
+  for (const auto& tok : sampled) previous_sampled_[tok.request_id] = tok.token_id;
+  scheduler::StepOutput out;
+  out.step_id = plan.step_id;
+  out.sampled = std::move(sampled);
+  last_step_ = std::move(*step);
+  return out;
+}
+
+absl::Status CudaBackend::run_step(const Step& step, std::vector<scheduler::SampledToken>* sampled) {
+  CudaState& st = *state_;
+  MEGASERVE_CUDA_RETURN(cudaSetDevice(st.device), "selecting the device");
+  const StepMetadata& m = step.meta;
+  const RankSchedule& rs = step.ranks[0];
+  const int T = m.num_tokens, S = m.num_samples();
+  const int H = config_.hidden_size, q = config_.q_size(), F = config_.intermediate_size;
+  const int V = config_.vocab_size;
+
+  // Workspace layout (bytes, each region 256-aligned).
+  size_t ws = 0;
+  const auto region = [&](size_t bytes) {
+    const size_t at = ws;
+    ws += align_up(std::max<size_t>(bytes, 1));
+    return at;
+  };
+  const size_t o_res = region(sizeof(float) * T * H), o_q = region(sizeof(float) * T * q);
+  const size_t o_attn = region(sizeof(float) * T * q);
+  const size_t o_split = region(sizeof(float) * m.num_split_rows * config_.head_dim);
+  const size_t o_lse = region(sizeof(float) * m.num_split_rows);
+  const size_t o_act = region(sizeof(float) * T * F);
+  const size_t o_logits = region(sizeof(float) * static_cast<size_t>(S) * V);
+  const size_t o_ids = region(sizeof(int32_t) * S), o_lp = region(sizeof(float) * S);
+  if (absl::Status s = st.ensure_workspace(ws); !s.ok()) return s;
+
+  // Slot layout: descriptor, then the arrays.
+  std::vector<DeviceSampling> sampling(S);
+  for (int s = 0; s < S; ++s) {
+    const RequestSampling& r = m.requests[m.sample_request[s]];
+    sampling[s] = {r.params.temperature, device_samples(r) ? 1 : 0, r.seed,
+                   static_cast<int64_t>(r.output_token_index)};
+  }
+  struct Array {
+    const void* data;
+    size_t bytes;
+  };
+  const auto ints = [](const std::vector<int32_t>& v) {
+    return Array{v.data(), v.size() * sizeof(int32_t)};
+  };
+  const Array arrays[] = {
+      {rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)},
+      ints(rs.queue_begin), ints(m.token_ids), ints(m.positions), ints(m.token_request),
+      ints(m.query_start), ints(m.block_indptr), ints(m.block_indices), ints(m.split_row_begin),
+      ints(m.sample_rows), {sampling.data(), sampling.size() * sizeof(DeviceSampling)}};
+  constexpr int kNumArrays = sizeof(arrays) / sizeof(arrays[0]);
+  size_t offsets[kNumArrays];
+  size_t bytes = align_up(sizeof(DeviceStepDesc));
+  for (int i = 0; i < kNumArrays; ++i) {
+    offsets[i] = bytes;
+    bytes += align_up(std::max<size_t>(arrays[i].bytes, 1));
+  }
+  const int slot = static_cast<int>((st.seq + 1) & 1);
+  if (absl::Status s = st.ensure_slot(slot, bytes); !s.ok()) return s;
+  CudaState::Slot& sl = st.slots[slot];
+  for (int i = 0; i < kNumArrays; ++i) {
+    if (arrays[i].bytes > 0) std::memcpy(sl.staging + offsets[i], arrays[i].data, arrays[i].bytes);
+  }
+  const auto dptr = [&](int i) { return sl.device + offsets[i]; };
+  DeviceStepDesc d{};
+  d.num_queues = rs.num_queues();
+  d.num_tokens = T;
+  d.num_requests = m.num_requests;
+  d.kv_block_size = m.kv_block_size;
+  d.kv_split_tokens = m.kv_split_tokens;
+  d.num_samples = S;
+  d.num_split_rows = m.num_split_rows;
+  d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(0));
+  const int32_t** int_fields[] = {&d.queue_begin,  &d.token_ids,     &d.positions,
+                                  &d.token_request, &d.query_start,  &d.block_indptr,
+                                  &d.block_indices, &d.split_row_begin, &d.sample_rows};
+  for (int i = 0; i < 9; ++i) *int_fields[i] = reinterpret_cast<const int32_t*>(dptr(i + 1));
+  d.sampling = reinterpret_cast<const DeviceSampling*>(dptr(10));
+  const auto wsf = [&](size_t o) { return reinterpret_cast<float*>(st.workspace + o); };
+  d.residual = wsf(o_res);
+  d.q = wsf(o_q);
+  d.attn_out = wsf(o_attn);
+  d.split_out = wsf(o_split);
+  d.split_lse = wsf(o_lse);
+  d.act = wsf(o_act);
+  d.logits = wsf(o_logits);
+  d.sampled_ids = reinterpret_cast<int32_t*>(st.workspace + o_ids);
+  d.sampled_logprobs = wsf(o_lp);
+  std::memcpy(sl.staging, &d, sizeof d);
+  if (options_.poison_workspace) {  // all-ones words are NaN floats
+    MEGASERVE_CUDA_RETURN(cudaMemsetAsync(st.workspace, 0xff, ws, st.copy), "poisoning");
+  }
+  MEGASERVE_CUDA_RETURN(
+      cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, st.copy), "upload");
+  MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(st.copy), "upload");
+
+  // Run, under the watchdog.
+  const auto deadline = Clock::now() + std::chrono::milliseconds(options_.step_watchdog_ms);
+  const uint32_t seq = st.seq + 1;
+  if (options_.persistent) {
+    if (!st.persistent_running) {
+      if (absl::Status s = st.start_persistent(); !s.ok()) return s;
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // slot written before the doorbell
+    st.host->doorbell = seq;
+    while (st.host->completed != seq) {
+      if (Clock::now() > deadline || cudaStreamQuery(st.exec) != cudaErrorNotReady) break;
+      std::this_thread::yield();
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (st.host->completed != seq) {
+      const cudaError_t e = cudaStreamQuery(st.exec);
+      if (e != cudaSuccess && e != cudaErrorNotReady) return cuda_error(e, "persistent megakernel");
+      st.stop_persistent();
+      return absl::DeadlineExceededError(absl::StrCat(
+          "cuda backend: step ", step.step_id, " did not complete within ",
+          options_.step_watchdog_ms, " ms (persistent megakernel aborted)"));
+    }
+  } else {
+    st.host->abort = 0;
+    MEGASERVE_CUDA_RETURN(kernels::launch_megakernel_step(st.params(slot), st.grid, st.smem_bytes,
+                                                          st.exec),
+                          "launching the megakernel");
+    MEGASERVE_CUDA_RETURN(cudaEventRecord(st.done, st.exec), "event");
+    cudaError_t e;
+    while ((e = cudaEventQuery(st.done)) == cudaErrorNotReady) {
+      if (Clock::now() > deadline) {
+        st.host->abort = 1;
+        st.wait_exec_idle(std::chrono::milliseconds(2000));
+        return absl::DeadlineExceededError(absl::StrCat(
+            "cuda backend: step ", step.step_id, " did not complete within ",
+            options_.step_watchdog_ms, " ms (megakernel aborted)"));
+      }
+      std::this_thread::yield();
+    }
+    if (e != cudaSuccess) return cuda_error(e, "megakernel");
+  }
+  st.seq = seq;
+  st.last_desc = d;
+
+  // Read back the samples, and the logits of the rows the host samples.
+  std::vector<int32_t> ids(S);
+  std::vector<float> logprobs(S);
+  if (S > 0) {
+    MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(ids.data(), d.sampled_ids, S * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, st.copy),
+                          "reading samples");
+    MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(logprobs.data(), d.sampled_logprobs, S * sizeof(float),
+                                          cudaMemcpyDeviceToHost, st.copy),
+                          "reading samples");
+    MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(st.copy), "reading samples");
+  }
+  if (options_.check_barriers) {
+    std::vector<uint32_t> values(st.num_barriers);
+    MEGASERVE_CUDA_RETURN(cudaMemcpy(values.data(), st.barriers, values.size() * sizeof(uint32_t),
+                                     cudaMemcpyDeviceToHost),
+                          "reading barriers");
+    for (int b = 0; b < st.num_barriers; ++b) {
+      if (values[b] != rs.barrier_end[b]) {
+        return absl::InternalError(absl::StrCat("cuda backend: step ", step.step_id, ": barrier ",
+                                                b, " ends at ", values[b], ", expected ",
+                                                rs.barrier_end[b]));
+      }
+    }
+  }
+  sampled->assign(S, scheduler::SampledToken{});
+  std::vector<float> row;
+  for (int s = 0; s < S; ++s) {
+    const RequestSampling& r = m.requests[m.sample_request[s]];
+    scheduler::SampledToken& tok = (*sampled)[s];
+    if (sampling[s].on_device) {
+      tok.token_id = ids[s];
+      tok.logprob = logprobs[s];
+    } else {
+      row.resize(V);
+      MEGASERVE_CUDA_RETURN(cudaMemcpy(row.data(), d.logits + static_cast<int64_t>(s) * V,
+                                       V * sizeof(float), cudaMemcpyDeviceToHost),
+                            "reading logits");
+      SamplingContext sc;
+      sc.prompt_token_ids = r.prompt_token_ids;
+      sc.output_token_ids = r.output_token_ids;
+      sc.banned_ids = r.banned_token_ids;
+      sc.seed = r.seed;
+      sc.token_index = r.output_token_index;
+      tok = sample_token(row, r.params, sc);
+    }
+    tok.request_id = r.request_id;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace megaserve::engine

@@ -1,0 +1,97 @@
+// CudaBackend: the GPU twin of CpuBackend (engine/cpu_backend.h). It holds the model's bf16
+// weights, the bf16 paged KV cache, the step workspace and the barriers in device memory;
+// execute() builds the step with the ScheduleBuilder (a GPU TileConfig), uploads its queues
+// and metadata into one of two step slots, runs the megakernel (kernels/megakernel.h) per
+// step or persistently through the step ring, and reads back the sampled tokens.
+//
+// Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
+// the watchdog, or any CUDA error, fails execute() and every later call (never a hang).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/model_config.h"
+#include "engine/schedule_builder.h"
+#include "engine/tile_config.h"
+#include "engine/weights.h"
+
+namespace megaserve::engine {
+
+struct CudaBackendOptions {
+  int device = 0;  // CUDA device ordinal
+  int32_t kv_block_size = 16;
+  // 0: as many blocks as fit in memory_fraction of the free memory left after the weights
+  // and a reserve for the workspace.
+  int32_t num_kv_blocks = 0;
+  double memory_fraction = 0.9;
+  // Persistent kernel fed through the step ring (else one launch per step).
+  bool persistent = true;
+  // A step that takes longer fails execute() and breaks the backend.
+  int step_watchdog_ms = 10000;
+  // Tile shapes; default cuda_tile_config(sm count, shared memory). num_sms is always the
+  // number of CTAs (the device's SM count unless num_sms > 0 below).
+  std::optional<TileConfig> tiles;
+  int num_sms = 0;
+  // Tests: fill the workspace with NaN before every step (unwritten reads show up as NaN),
+  // and compare the barriers with the step's barrier_end after it.
+  bool poison_workspace = false;
+  bool check_barriers = false;
+};
+
+// Tile shapes for the CUDA-core megakernel on a GPU with `sm_count` SMs and `smem_bytes` of
+// shared memory per CTA: narrow column tiles so that small batches still spread over SMs.
+TileConfig cuda_tile_config(int sm_count, size_t smem_bytes);
+
+// True when a supported (Hopper, sm_90) GPU is visible; else false with the reason in `why`.
+bool cuda_backend_supported(std::string* why);
+
+struct CudaState;  // device allocations, streams, mapped control words (cuda_backend.cc)
+
+class CudaBackend : public Backend {
+ public:
+  // `weights` may be fp32, fp16 or bf16 on the host; they are converted to bf16 and uploaded.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> create(const ModelConfig& config,
+                                                             ModelWeights weights,
+                                                             const CudaBackendOptions& options);
+  ~CudaBackend() override;
+
+  std::string describe() const override;
+  int32_t num_kv_blocks() const override { return num_kv_blocks_; }
+  int32_t kv_block_size() const override { return options_.kv_block_size; }
+  // kTokenFromPreviousStep inputs are the tokens this backend sampled in the previous step,
+  // as in CpuBackend.
+  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
+
+  // For tests and benchmarks: the full-vocabulary logits of sampling row `sample` of the
+  // last step (read back from the device), the last step, and the builder.
+  absl::StatusOr<std::vector<float>> logits(int sample) const;
+  const Step& last_step() const { return last_step_; }
+  ScheduleBuilder& builder() { return *builder_; }
+  int num_sms() const { return tiles_.num_sms; }
+
+ private:
+  CudaBackend();
+  absl::Status fail(absl::Status s);  // marks the backend broken
+  absl::Status run_step(const Step& step, std::vector<scheduler::SampledToken>* sampled);
+
+  ModelConfig config_;
+  CudaBackendOptions options_;
+  TileConfig tiles_;
+  int32_t num_kv_blocks_ = 0;
+  std::string device_name_;
+  std::unique_ptr<ScheduleBuilder> builder_;
+  std::unique_ptr<CudaState> state_;
+  std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
+  Step last_step_;
+  bool broken_ = false;
+};
+
+}  // namespace megaserve::engine

@@ -1,0 +1,108 @@
+// The megakernel's controller: how one CTA walks its queue of a step [ISA_BARRIERS].
+// For each instruction, thread 0 copies it to shared memory and waits until every wait's
+// barrier has reached its target (acquire loads, polling with exponential backoff); the CTA
+// runs the op; after __syncthreads (every thread's writes done) thread 0 fences and
+// release-adds 1 to each signal barrier. A wait that the host aborts (watchdog) ends the
+// CTA's step early and reports it in HostControl::aborted.
+#pragma once
+
+#include "engine/isa.h"
+#include "kernels/device_utils.cuh"
+#include "kernels/op_attention.cuh"
+#include "kernels/op_attention_merge.cuh"
+#include "kernels/op_context.cuh"
+#include "kernels/op_embedding.cuh"
+#include "kernels/op_gate_up_silu.cuh"
+#include "kernels/op_hidden_projection.cuh"
+#include "kernels/op_lm_head.cuh"
+#include "kernels/op_qkv_rope.cuh"
+#include "kernels/op_sample.cuh"
+
+namespace megaserve::kernels {
+
+// What a CTA keeps in static shared memory.
+struct CtaState {
+  DeviceModel model;
+  DeviceStepDesc step;
+  engine::isa::Instruction inst;
+  int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
+};
+
+inline constexpr int kAbortCheckInterval = 256;  // polls between reads of HostControl::abort
+
+// Spins (thread 0) until `*p` satisfies `done(value)`, sleeping with exponential backoff.
+// Returns false when the host set abort.
+template <typename Done>
+__device__ bool poll_until(const uint32_t* p, HostControl* host, Done done) {
+  unsigned sleep_ns = 32;
+  for (unsigned iter = 1;; ++iter) {
+    if (done(load_acquire_gpu(p))) return true;
+    if (iter % kAbortCheckInterval == 0 && host->abort) {
+      host->aborted = 1;
+      return false;
+    }
+    __nanosleep(sleep_ns);
+    if (sleep_ns < 1024) sleep_ns *= 2;
+  }
+}
+
+__device__ inline void dispatch(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  using engine::isa::Opcode;
+  switch (inst.opcode()) {
+    case EmbeddingOp::kOpcode:
+      return EmbeddingOp::run(inst, ctx);
+    case QkvRopeOp::kOpcode:
+      return QkvRopeOp::run(inst, ctx);
+    case AttentionOp::kOpcode:
+      return AttentionOp::run(inst, ctx);
+    case AttentionMergeOp::kOpcode:
+      return AttentionMergeOp::run(inst, ctx);
+    case HiddenProjectionOp::kOpcodeO:
+    case HiddenProjectionOp::kOpcodeDown:
+      return HiddenProjectionOp::run(inst, ctx);
+    case GateUpSiluOp::kOpcode:
+      return GateUpSiluOp::run(inst, ctx);
+    case LmHeadOp::kOpcode:
+      return LmHeadOp::run(inst, ctx);
+    case SampleOp::kOpcode:
+      return SampleOp::run(inst, ctx);
+    default:  // kTpReduce (TP > 1 is refused by the host) and invalid opcodes
+      return;
+  }
+}
+
+// Runs queue blockIdx.x of cs.step. Returns false when aborted (cs.stop set).
+__device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host,
+                                 float* smem, int32_t smem_floats) {
+  using engine::isa::barrier_reached;
+  const int q = blockIdx.x;
+  if (q >= cs.step.num_queues) return true;
+  const OpContext ctx{cs.model, cs.step, smem, smem_floats};
+  const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
+  for (int32_t i = begin; i < end; ++i) {
+    if (threadIdx.x == 0) {
+      cs.inst = cs.step.instructions[i];
+      bool ok = true;
+      for (int w = 0; ok && w < cs.inst.num_waits(); ++w) {
+        const uint32_t target = static_cast<uint32_t>(cs.inst.wait_target(w));
+        ok = poll_until(barriers + cs.inst.wait_barrier(w), host,
+                        [&](uint32_t v) { return barrier_reached(v, target); });
+      }
+      if (!ok) cs.stop = 1;
+      __threadfence();
+    }
+    __syncthreads();
+    if (cs.stop) return false;
+    dispatch(cs.inst, ctx);
+    __syncthreads();  // every thread's writes of this instruction are done
+    if (threadIdx.x == 0) {
+      __threadfence();
+      for (int s = 0; s < cs.inst.num_signals(); ++s) {
+        add_release_gpu(barriers + cs.inst.signal_barrier(s), 1);
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace megaserve::kernels

@@ -1,0 +1,91 @@
+// Small device helpers shared by the megakernel's ops: bf16 bit-pattern conversion, warp
+// and CTA reductions, and the acquire/release primitives of the barrier protocol.
+//
+// Memory model note [COHERENCE]: workspace and KV cache data written by other CTAs in the
+// same step are read with plain (L1-cached, never ld.global.nc) loads; the controller's
+// acquire by thread 0 followed by __syncthreads orders them after the producer's release.
+// Only weights, which nothing writes while a kernel runs, are read through ld.global.nc.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "kernels/megakernel.h"
+
+namespace megaserve::kernels {
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+// 8 bf16 weights at `p` (16-byte aligned), read-only path.
+__device__ __forceinline__ void load_weights8(const uint16_t* p, float out[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// 8 bf16 values written in this step (KV cache): a plain coherent load.
+__device__ __forceinline__ void load_bf16x8(const uint16_t* p, float out[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ float weight_at(const uint16_t* p, int64_t i) {
+  return bf16_bits_to_float(__ldg(p + i));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// RMSNorm of one row by one warp: out[i] = x[i] * inv_rms(x) * weight[i] (weight bf16),
+// the same operation order as engine/cpu_ops.cc's rms_norm.
+__device__ __forceinline__ void warp_rms_norm(const float* x, const uint16_t* weight, int n,
+                                              float eps, float* out) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+  for (int i = lane; i < n; i += 32) ss += x[i] * x[i];
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  for (int i = lane; i < n; i += 32) out[i] = x[i] * inv * weight_at(weight, i);
+}
+
+// ---- Barrier protocol [ISA_BARRIERS]
+
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void add_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+}  // namespace megaserve::kernels

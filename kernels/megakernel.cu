@@ -1,0 +1,127 @@
+// The megakernel: one CTA per SM, each interpreting its queue of the step (controller.cuh),
+// in two launch modes sharing that code: one launch per step, and a persistent kernel fed
+// through the step ring [STEP_RING] (megakernel.h).
+#include "kernels/controller.cuh"
+#include "kernels/megakernel.h"
+
+namespace megaserve::kernels {
+namespace {
+
+__device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
+  if (threadIdx.x == 0) {
+    cs.model = p.model;
+    cs.stop = 0;
+  }
+}
+
+__device__ void load_step(CtaState& cs, const DeviceStepDesc* desc) {
+  if (threadIdx.x == 0) cs.step = *desc;
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kMegakernelThreads, 1)
+    megakernel_step(MegakernelParams params, int32_t smem_floats) {
+  extern __shared__ float4 dynamic_smem[];
+  __shared__ CtaState cs;
+  load_cta_state(cs, params);
+  load_step(cs, params.slots[params.slot]);
+  run_queue(cs, params.barriers, params.host, reinterpret_cast<float*>(dynamic_smem),
+            smem_floats);
+}
+
+__global__ void __launch_bounds__(kMegakernelThreads, 1)
+    megakernel_persistent(MegakernelParams params, int32_t smem_floats) {
+  extern __shared__ float4 dynamic_smem[];
+  __shared__ CtaState cs;
+  load_cta_state(cs, params);
+  HostControl* host = params.host;
+  DeviceControl* control = params.control;
+  uint32_t seq = params.first_seq;
+  uint32_t steps = 0;
+  for (;;) {
+    const uint32_t next = seq + 1;
+    if (threadIdx.x == 0) {
+      bool ok = true;
+      if (blockIdx.x == 0) {
+        // The only reader of host memory: waits for the doorbell, then broadcasts.
+        unsigned sleep_ns = 32;
+        for (unsigned iter = 1; host->doorbell == seq; ++iter) {
+          if (iter % kAbortCheckInterval == 0 && host->abort) {
+            ok = false;
+            break;
+          }
+          __nanosleep(sleep_ns);
+          if (sleep_ns < 1024) sleep_ns *= 2;
+        }
+        if (ok) {
+          control->shutdown = host->shutdown;
+          store_release_gpu(&control->go, next);
+        }
+      } else {
+        ok = poll_until(&control->go, host, [&](uint32_t v) { return v == next; });
+      }
+      if (!ok || *reinterpret_cast<volatile uint32_t*>(&control->shutdown) != 0) cs.stop = 1;
+    }
+    __syncthreads();
+    if (cs.stop) return;
+    load_step(cs, params.slots[next & 1]);
+    if (!run_queue(cs, params.barriers, host, reinterpret_cast<float*>(dynamic_smem),
+                   smem_floats)) {
+      return;
+    }
+    __syncthreads();
+    ++steps;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      add_release_gpu(&control->done, 1);
+      if (blockIdx.x == 0) {
+        const uint32_t target = steps * gridDim.x;
+        if (!poll_until(&control->done, host, [&](uint32_t v) { return v == target; })) {
+          cs.stop = 1;
+        } else {
+          __threadfence_system();
+          host->completed = next;
+          __threadfence_system();
+        }
+      }
+    }
+    __syncthreads();
+    if (cs.stop) return;
+    seq = next;
+  }
+}
+
+cudaError_t launch(const void* kernel, const MegakernelParams& params, int grid,
+                   size_t smem_bytes, cudaStream_t stream) {
+  int32_t smem_floats = static_cast<int32_t>(smem_bytes / sizeof(float));
+  MegakernelParams p = params;
+  void* args[] = {&p, &smem_floats};
+  return cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kMegakernelThreads), args,
+                                     smem_bytes, stream);
+}
+
+}  // namespace
+
+cudaError_t configure_megakernel(size_t smem_bytes) {
+  for (const void* k : {reinterpret_cast<const void*>(&megakernel_step),
+                        reinterpret_cast<const void*>(&megakernel_persistent)}) {
+    cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem_bytes));
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_megakernel_step(const MegakernelParams& params, int grid, size_t smem_bytes,
+                                   cudaStream_t stream) {
+  return launch(reinterpret_cast<const void*>(&megakernel_step), params, grid, smem_bytes,
+                stream);
+}
+
+cudaError_t launch_megakernel_persistent(const MegakernelParams& params, int grid,
+                                         size_t smem_bytes, cudaStream_t stream) {
+  return launch(reinterpret_cast<const void*>(&megakernel_persistent), params, grid, smem_bytes,
+                stream);
+}
+
+}  // namespace megaserve::kernels

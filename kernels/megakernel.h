@@ -1,0 +1,139 @@
+// The megakernel's host/device interface: the plain records the host fills in (the model's
+// device pointers, one step's descriptor, the control words of the persistent step ring)
+// and the launch functions. Included by host C++ (engine/cuda_backend.cc) and by the device
+// code; it holds pointers and integers only, so both sides agree on every layout.
+//
+// Step ring protocol [STEP_RING] (persistent mode):
+//   host:   writes step `seq`'s descriptor and data into slot seq % 2 (copy stream, waited
+//           for), then stores HostControl::doorbell = seq (after a release fence).
+//   CTA 0:  the only reader of host memory: polls doorbell until it moves past the last step,
+//           copies shutdown into DeviceControl, then releases DeviceControl::go = seq.
+//   CTAs:   acquire go == seq, run their queue of slot seq % 2, release-add 1 to `done`.
+//   CTA 0:  acquires done == (steps run) * grid, fences system-wide and stores
+//           HostControl::completed = seq, which the host polls (with its watchdog).
+// HostControl::abort (set by the host's watchdog) makes every wait loop give up, so that a
+// stuck step ends the kernel instead of hanging it.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "engine/isa.h"
+
+namespace megaserve::kernels {
+
+inline constexpr int kMegakernelThreads = 256;  // 8 warps per CTA
+inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
+inline constexpr int kMaxHeadDim = 256;        // attention keeps hd / 32 dims per lane
+inline constexpr int kMaxMatvecRows = 8;       // token rows per pass of a projection tile
+
+// bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/bf16.h).
+struct DeviceLayer {
+  const uint16_t* attn_norm;  // [hidden]
+  const uint16_t* ffn_norm;   // [hidden]
+  const uint16_t* wq;         // [q_heads * hd, hidden]
+  const uint16_t* wk;         // [kv_heads * hd, hidden]
+  const uint16_t* wv;         // [kv_heads * hd, hidden]
+  const uint16_t* bq;         // [q_heads * hd] or null
+  const uint16_t* bk;         // [kv_heads * hd] or null
+  const uint16_t* bv;         // [kv_heads * hd] or null
+  const uint16_t* q_norm;     // [hd] or null
+  const uint16_t* k_norm;     // [hd] or null
+  const uint16_t* wo;         // [hidden, q_heads * hd]
+  const uint16_t* w_gate;     // [ffn, hidden]
+  const uint16_t* w_up;       // [ffn, hidden]
+  const uint16_t* w_down;     // [hidden, ffn]
+};
+
+// Constant for the backend's lifetime (one rank: tensor parallelism is not supported yet).
+struct DeviceModel {
+  int32_t hidden, q_heads, kv_heads, head_dim, ffn, vocab, num_layers;
+  float rms_norm_eps;
+  int32_t num_kv_blocks, kv_block_size;
+  const DeviceLayer* layers;  // [num_layers]
+  const uint16_t* embedding;  // [vocab, hidden]
+  const uint16_t* final_norm; // [hidden]
+  const uint16_t* lm_head;    // [vocab, hidden]
+  const float* inv_freq;      // [head_dim / 2], llama3 scaling applied
+  // Per layer [num_kv_blocks, kv_heads, block_size, head_dim] (engine/kv_cache_layout.h),
+  // layer l at l * cache_layer_elements.
+  uint16_t* k_cache;
+  uint16_t* v_cache;
+  int64_t cache_layer_elements;
+};
+
+// How the sample op treats one sampling row. Rows with penalties, banned ids, top-k/p,
+// min-p or top logprobs are sampled by the host from the logits (on_device = 0).
+struct DeviceSampling {
+  float temperature;  // <= 0 (or NaN): greedy
+  int32_t on_device;
+  uint64_t seed;
+  int64_t token_index;
+};
+
+// One step, as the CTAs read it from its slot. Pointers into the slot's upload area
+// (metadata, read-only) and into the workspace (shapes: engine/schedule_step.h, BufferId).
+struct DeviceStepDesc {
+  int32_t num_queues, num_tokens, num_requests, kv_block_size, kv_split_tokens, num_samples;
+  int32_t num_split_rows, pad;
+  const engine::isa::Instruction* instructions;
+  const int32_t* queue_begin;  // [num_queues + 1]
+  const int32_t* token_ids;    // [num_tokens]
+  const int32_t* positions;
+  const int32_t* token_request;
+  const int32_t* query_start;  // [num_requests + 1]
+  const int32_t* block_indptr; // [num_requests + 1]
+  const int32_t* block_indices;
+  const int32_t* split_row_begin;  // [num_requests]
+  const int32_t* sample_rows;      // [num_samples]
+  const DeviceSampling* sampling;  // [num_samples]
+  float* residual;   // [num_tokens, hidden]
+  float* q;          // [num_tokens, q_heads * hd]
+  float* attn_out;   // [num_tokens, q_heads * hd]
+  float* split_out;  // [num_split_rows, hd]
+  float* split_lse;  // [num_split_rows]
+  float* act;        // [num_tokens, ffn]
+  float* logits;     // [num_samples, vocab]
+  int32_t* sampled_ids;       // [num_samples]
+  float* sampled_logprobs;    // [num_samples]
+};
+
+// Mapped pinned host memory, written by the host and read by CTA 0 (and the reverse for
+// `completed` / `aborted`). [STEP_RING]
+struct HostControl {
+  volatile uint32_t doorbell;   // seq of the latest step posted
+  volatile uint32_t shutdown;   // 1: the step posted with the doorbell is "exit"
+  volatile uint32_t abort;      // 1: give up every wait and exit (watchdog)
+  volatile uint32_t completed;  // seq of the latest step finished by every CTA
+  volatile uint32_t aborted;    // set by a CTA that gave up a wait
+  uint32_t pad[3];
+};
+
+// Device memory, reset by the host before each persistent launch. [STEP_RING]
+struct DeviceControl {
+  uint32_t go;        // seq of the step the CTAs may run
+  uint32_t shutdown;  // copied from HostControl by CTA 0 before releasing go
+  uint32_t done;      // CTAs finished, summed over the launch's steps
+  uint32_t pad;
+};
+
+struct MegakernelParams {
+  DeviceModel model;
+  const DeviceStepDesc* slots[2];  // device addresses of the two slots' descriptors
+  uint32_t* barriers;              // [num_barriers], never reset between steps
+  HostControl* host;               // device alias of the mapped HostControl
+  DeviceControl* control;
+  int32_t slot;                    // per-step launch: the slot to run
+  uint32_t first_seq;              // persistent: steps before this launch (doorbell value)
+};
+
+// Opts both kernels into `smem_bytes` of dynamic shared memory.
+cudaError_t configure_megakernel(size_t smem_bytes);
+// One step (params.slot), one CTA per queue; cooperative, so every CTA is co-resident.
+cudaError_t launch_megakernel_step(const MegakernelParams& params, int grid, size_t smem_bytes,
+                                   cudaStream_t stream);
+// The persistent kernel: runs steps from the ring until shutdown or abort.
+cudaError_t launch_megakernel_persistent(const MegakernelParams& params, int grid,
+                                         size_t smem_bytes, cudaStream_t stream);
+
+}  // namespace megaserve::kernels

@@ -1,0 +1,27 @@
+// kEmbedding: residual rows [row_begin, row_end) = embedding rows of the step's token ids
+// (engine/cpu_ops_embedding.cc). One rank only: partial slots (TP) are not supported.
+#pragma once
+
+#include "kernels/device_utils.cuh"
+#include "kernels/op_context.cuh"
+
+namespace megaserve::kernels {
+
+struct EmbeddingOp {
+  static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kEmbedding;
+
+  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const auto a = engine::isa::args_of<engine::isa::EmbeddingArgs>(inst);
+    const int H = ctx.model.hidden;
+    const int64_t n = static_cast<int64_t>(a.row_end - a.row_begin) * H;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const int t = a.row_begin + static_cast<int>(i / H);
+      const int c = static_cast<int>(i % H);
+      const int64_t id = ctx.step.token_ids[t];
+      ctx.step.residual[static_cast<int64_t>(t) * H + c] =
+          weight_at(ctx.model.embedding, id * H + c);  // (H) per row
+    }
+  }
+};
+
+}  // namespace megaserve::kernels

@@ -1,0 +1,97 @@
+// kQkvRope (engine/cpu_ops_qkv.cc): RMSNorm(attn_norm) of token rows, projection onto the
+// fused heads [head_begin, head_end) (q heads, then k heads, then v heads), + bias (Qwen2),
+// per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
+// position * inv_freq[i]); q heads to the q buffer (fp32), k and v heads into the paged
+// bf16 cache at each token's position.
+#pragma once
+
+#include "kernels/device_utils.cuh"
+#include "kernels/op_context.cuh"
+#include "kernels/tile_matvec.cuh"
+
+namespace megaserve::kernels {
+
+struct QkvRopeOp {
+  static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kQkvRope;
+
+  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const auto a = engine::isa::args_of<engine::isa::QkvRopeArgs>(inst);
+    const DeviceModel& md = ctx.model;
+    const DeviceStepDesc& st = ctx.step;
+    const DeviceLayer& w = md.layers[inst.layer()];
+    const int H = md.hidden, hd = md.head_dim, half = hd / 2;
+    const int hq = md.q_heads, hkv = md.kv_heads;
+    const int nheads = a.head_end - a.head_begin;
+    const int ncols = nheads * hd;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* heads = ctx.smem;                           // (kMaxMatvecRows, ncols)
+    float* xs = ctx.smem + kMaxMatvecRows * ncols;     // (rows, H)
+    const int rpp = rows_per_pass(H, ctx.smem_floats - kMaxMatvecRows * ncols);
+    // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind).
+    const auto kind_of = [&](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };
+    const auto head_of = [&](int fh, int kind) {
+      return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+    };
+    for (int r0 = a.row_begin; r0 < a.row_end; r0 += rpp) {
+      const int n = min(rpp, a.row_end - r0);
+      for (int r = warp; r < n; r += kMegakernelWarps) {
+        warp_rms_norm(st.residual + static_cast<int64_t>(r0 + r) * H, w.attn_norm, H,
+                      md.rms_norm_eps, xs + r * H);
+      }
+      __syncthreads();
+      tile_matvec<1>(
+          ncols, H, xs, n,
+          [&](int, int c) {
+            const int fh = a.head_begin + c / hd;
+            const int kind = kind_of(fh);
+            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
+          },
+          [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
+      __syncthreads();
+      // One warp per (row, head): bias, q/k norm, RoPE, store.
+      for (int item = warp; item < n * nheads; item += kMegakernelWarps) {
+        const int r = item / nheads, j = item % nheads;
+        const int t = r0 + r;
+        const int fh = a.head_begin + j;
+        const int kind = kind_of(fh);
+        const int h = head_of(fh, kind);
+        float* head = heads + r * ncols + j * hd;  // (hd)
+        const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+        if (bias != nullptr) {
+          for (int d = lane; d < hd; d += 32) head[d] += weight_at(bias, h * hd + d);
+        }
+        __syncwarp();
+        const int pos = st.positions[t];
+        if (kind < 2) {
+          const uint16_t* qk_norm = kind == 0 ? w.q_norm : w.k_norm;
+          if (qk_norm != nullptr) warp_rms_norm(head, qk_norm, hd, md.rms_norm_eps, head);
+          __syncwarp();
+          for (int i = lane; i < half; i += 32) {
+            const float angle = static_cast<float>(pos) * md.inv_freq[i];
+            const float c = cosf(angle), s = sinf(angle);
+            const float x1 = head[i], x2 = head[i + half];
+            head[i] = x1 * c - x2 * s;
+            head[i + half] = x2 * c + x1 * s;
+          }
+          __syncwarp();
+        }
+        if (kind == 0) {
+          float* out = st.q + (static_cast<int64_t>(t) * hq + h) * hd;
+          for (int d = lane; d < hd; d += 32) out[d] = head[d];
+        } else {
+          const int req = st.token_request[t];
+          const int bs = st.kv_block_size;
+          const int64_t block = st.block_indices[st.block_indptr[req] + pos / bs];
+          uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) +
+                            inst.layer() * md.cache_layer_elements +
+                            ((block * hkv + h) * bs + pos % bs) * hd;
+          for (int d = lane; d < hd; d += 32) cache[d] = float_to_bf16_bits(head[d]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+};
+
+}  // namespace megaserve::kernels
