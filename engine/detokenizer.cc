@@ -34,8 +34,8 @@ bool is_continuation(int byte) { return byte >= 0x80 && byte <= 0xBF; }
 }  // namespace
 
 IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer) : tokenizer_(tokenizer) {
-  // A lone 0xFF byte is never valid UTF-8, so its byte piece decodes to exactly U+FFFD,
-  // ends any byte run before it and cannot be completed by the pieces after it.
+  // 0xFF never occurs in UTF-8, so its byte piece decodes to exactly U+FFFD, turns a
+  // character in progress before it into U+FFFDs, and nothing after it can combine with it.
   replacement_id_ = tokenizer_.piece_id("<0xFF>");
   if (replacement_id_ < 0 || tokenizer_.byte_value(replacement_id_) != 0xFF) {
     replacement_id_ = tokenizer_.unk_id();

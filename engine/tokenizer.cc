@@ -63,9 +63,13 @@ Tokenizer::~Tokenizer() = default;
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
     const std::filesystem::path& model_file) {
   std::error_code error;
-  if (!std::filesystem::is_regular_file(model_file, error)) {
+  if (!std::filesystem::exists(model_file, error)) {
     return absl::NotFoundError(
         absl::StrCat("sentencepiece model ", model_file.string(), " does not exist"));
+  }
+  if (!std::filesystem::is_regular_file(model_file, error)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sentencepiece model ", model_file.string(), " is not a regular file"));
   }
   auto impl = std::make_unique<Impl>();
   const sentencepiece::util::Status status =

@@ -17,8 +17,8 @@ namespace megaserve::engine {
 // Immutable once loaded: every method is const and may be called from several threads.
 class Tokenizer {
  public:
-  // NotFound when the file does not exist, InvalidArgument when it is not a sentencepiece
-  // model; both name the file.
+  // NotFound when the file does not exist, InvalidArgument when it is a folder or not a
+  // sentencepiece model; the message names the file.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> load(const std::filesystem::path& model_file);
   ~Tokenizer();
 

@@ -311,6 +311,12 @@ TEST(TokenizerTest, LoadNamesTheFileThatIsWrong) {
     std::ofstream out(garbage, std::ios::binary);
     out << "this is not a serialized sentencepiece ModelProto \xff\xfe";
   }
+  auto folder = Tokenizer::load(std::filesystem::temp_directory_path());
+  ASSERT_FALSE(folder.ok());
+  EXPECT_EQ(folder.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(folder.status().message(),
+              HasSubstr(std::filesystem::temp_directory_path().string()));
+
   auto bad = Tokenizer::load(garbage);
   std::filesystem::remove(garbage);
   ASSERT_FALSE(bad.ok());
