@@ -7,9 +7,9 @@
 // Prints numbers; it is not a test.
 #include <algorithm>
 #include <chrono>
-#include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <memory>
 #include <optional>
 #include <random>
@@ -106,10 +106,11 @@ void bench_decode_steps(int32_t num_running) {
     update_us.push_back(thread_cpu_micros() - t2);
   }
   const double sched = median(schedule_us);
-  std::printf("%6d running | schedule %8.1f us/step (%5.3f us/request; wall %8.1f) | "
-              "update %8.1f us/step | %.0f tokens/step\n",
-              num_running, sched, sched / num_running, median(wall_us), median(update_us),
-              static_cast<double>(tokens) / kMeasuredSteps);
+  std::printf(
+      "%6d running | schedule %8.1f us/step (%5.3f us/request; wall %8.1f) | "
+      "update %8.1f us/step | %.0f tokens/step\n",
+      num_running, sched, sched / num_running, median(wall_us), median(update_us),
+      static_cast<double>(tokens) / kMeasuredSteps);
 }
 
 void bench_random_simulation(bool overlap) {
@@ -168,11 +169,12 @@ void bench_random_simulation(bool overlap) {
   }
   const double seconds = micros_since(start) / 1e6;
   const SchedulerStats st = s->stats();
-  std::printf("random simulation, overlap=%d: %lld steps in %.2f s = %.0f steps/s "
-              "(%.0f tokens/step, %lld preemptions, prefix hits %.1f%%)\n",
-              overlap, static_cast<long long>(steps), seconds, steps / seconds,
-              static_cast<double>(tokens) / steps, static_cast<long long>(st.num_preemptions),
-              100.0 * st.prefix_cache_hits / std::max<int64_t>(1, st.prefix_cache_queries));
+  std::printf(
+      "random simulation, overlap=%d: %lld steps in %.2f s = %.0f steps/s "
+      "(%.0f tokens/step, %lld preemptions, prefix hits %.1f%%)\n",
+      overlap, static_cast<long long>(steps), seconds, steps / seconds,
+      static_cast<double>(tokens) / steps, static_cast<long long>(st.num_preemptions),
+      100.0 * st.prefix_cache_hits / std::max<int64_t>(1, st.prefix_cache_queries));
 }
 
 }  // namespace
@@ -185,8 +187,9 @@ int main(int argc, char** argv) {
   std::vector<int32_t> sizes = {1, 64, 1024, 4096};
   if (argc > 1) sizes.clear();
   for (int i = 1; i < argc; ++i) sizes.push_back(std::atoi(argv[i]));
-  std::printf("schedule()/update() per step: thread CPU time (and wall), median of 200 steps; "
-              "every request decoding; block 16, prompt 128, prefix caching on\n");
+  std::printf(
+      "schedule()/update() per step: thread CPU time (and wall), median of 200 steps; "
+      "every request decoding; block 16, prompt 128, prefix caching on\n");
   for (int32_t n : sizes) bench_decode_steps(n);
   if (argc > 1) return 0;
   bench_random_simulation(false);

@@ -284,27 +284,25 @@ absl::Status KvBlockPool::check_consistency(std::span<const BlockTable* const> t
 absl::StatusOr<int64_t> kv_block_bytes(const KvCacheShape& shape) {
   if (shape.num_layers < 1 || shape.num_kv_heads < 1 || shape.head_dim < 1 ||
       shape.block_size < 1 || shape.dtype_bytes < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV cache shape needs positive sizes: num_layers=", shape.num_layers,
-        " num_kv_heads=", shape.num_kv_heads, " head_dim=", shape.head_dim,
-        " block_size=", shape.block_size, " dtype_bytes=", shape.dtype_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache shape needs positive sizes: num_layers=", shape.num_layers,
+                     " num_kv_heads=", shape.num_kv_heads, " head_dim=", shape.head_dim,
+                     " block_size=", shape.block_size, " dtype_bytes=", shape.dtype_bytes));
   }
-  return int64_t{shape.num_layers} * 2 * shape.num_kv_heads * shape.block_size *
-         shape.head_dim * shape.dtype_bytes;
+  return int64_t{shape.num_layers} * 2 * shape.num_kv_heads * shape.block_size * shape.head_dim *
+         shape.dtype_bytes;
 }
 
-absl::StatusOr<int32_t> num_kv_blocks_for_budget(int64_t budget_bytes,
-                                                 const KvCacheShape& shape) {
+absl::StatusOr<int32_t> num_kv_blocks_for_budget(int64_t budget_bytes, const KvCacheShape& shape) {
   absl::StatusOr<int64_t> block_bytes = kv_block_bytes(shape);
   if (!block_bytes.ok()) return block_bytes.status();
   const int64_t blocks = budget_bytes / *block_bytes;
   if (budget_bytes < 0 || blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat("KV cache budget of ", budget_bytes,
-                                                   " bytes is less than one block (",
-                                                   *block_bytes, " bytes)"));
+                                                   " bytes is less than one block (", *block_bytes,
+                                                   " bytes)"));
   }
-  return static_cast<int32_t>(
-      std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
+  return static_cast<int32_t>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
 }
 
 }  // namespace megaserve::scheduler

@@ -92,8 +92,8 @@ class KvBlockPool {
   // computed or scheduled (steps run in order, so a later step's reader sees it written).
   // A block whose content is already cached is left unhashed (the cached copy stays the one
   // found), but later blocks still chain to it.
-  void cache_full_blocks(BlockTable& table, std::span<const int32_t> tokens,
-                         int32_t num_positions, uint64_t extra_key);
+  void cache_full_blocks(BlockTable& table, std::span<const int32_t> tokens, int32_t num_positions,
+                         uint64_t extra_key);
 
   // Drops the table's references (last block first, so a chain's tail is evicted before its
   // head) and empties it.

@@ -81,14 +81,13 @@ absl::Status Scheduler::add_request(RequestSpec spec) {
     return invalid("prompt of ", prompt_len, " tokens leaves no room to generate within ",
                    "max_model_len ", config_.max_model_len);
   }
-  const int32_t max_length =
-      static_cast<int32_t>(std::min<int64_t>(int64_t{prompt_len} + sp.max_tokens,
-                                             config_.max_model_len));
+  const int32_t max_length = static_cast<int32_t>(
+      std::min<int64_t>(int64_t{prompt_len} + sp.max_tokens, config_.max_model_len));
   const int32_t blocks_needed = pool_.blocks_for(max_length - 1);
   if (blocks_needed > pool_.num_blocks()) {
-    return invalid("prompt of ", prompt_len, " tokens with max_tokens ", sp.max_tokens,
-                   " needs ", blocks_needed, " KV blocks, more than the whole cache (",
-                   pool_.num_blocks(), " blocks of ", pool_.block_size(), " tokens)");
+    return invalid("prompt of ", prompt_len, " tokens with max_tokens ", sp.max_tokens, " needs ",
+                   blocks_needed, " KV blocks, more than the whole cache (", pool_.num_blocks(),
+                   " blocks of ", pool_.block_size(), " tokens)");
   }
   if (requests_.contains(spec.request_id)) {
     ++counters_.num_rejected_invalid;
@@ -96,8 +95,8 @@ absl::Status Scheduler::add_request(RequestSpec spec) {
   }
   if (static_cast<int32_t>(waiting_.size()) >= config_.max_waiting_requests) {
     ++counters_.num_rejected_queue_full;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "waiting queue is full (", config_.max_waiting_requests, " requests)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("waiting queue is full (", config_.max_waiting_requests, " requests)"));
   }
 
   auto r = std::make_unique<Request>();
@@ -132,10 +131,9 @@ absl::StatusOr<std::vector<RequestUpdate>> Scheduler::update(const StepOutput& o
   for (size_t i = 0; i < step.sampling.size(); ++i) {
     const SampledToken& t = output.sampled[i];
     if (t.request_id != step.sampling[i]->id || t.token_id < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("step ", step.step_id, " output ", i, ": token ", t.token_id,
-                       " for request ", t.request_id, ", expected request ",
-                       step.sampling[i]->id, " and a token id >= 0"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "step ", step.step_id, " output ", i, ": token ", t.token_id, " for request ",
+          t.request_id, ", expected request ", step.sampling[i]->id, " and a token id >= 0"));
     }
   }
 
@@ -242,8 +240,8 @@ absl::Status Scheduler::check_invariants() const {
     const auto counts = in_flight.contains(r.get()) ? in_flight[r.get()] : std::pair{0, 0};
     if (counts.first != r->num_in_flight_steps || counts.second != r->num_pending_tokens) {
       return fail("request ", id, " counts ", r->num_in_flight_steps, " steps and ",
-                  r->num_pending_tokens, " tokens in flight; the steps say ", counts.first,
-                  " and ", counts.second);
+                  r->num_pending_tokens, " tokens in flight; the steps say ", counts.first, " and ",
+                  counts.second);
     }
     if (r->num_known_tokens() > r->max_length || r->num_tokens() > r->max_length) {
       return fail("request ", id, " has ", r->num_tokens(), " tokens, past its max length ",

@@ -141,8 +141,7 @@ void Scheduler::fill_step_request(const Pick& pick, uint64_t step_id, StepReques
     out.output_token_index = r->num_output_tokens();
     if (out.output_token_index < r->sampling.min_tokens) {
       if (!r->sampling.ignore_eos) out.banned_token_ids = config_.eos_token_ids;
-      out.banned_token_ids.insert(out.banned_token_ids.end(),
-                                  r->sampling.stop_token_ids.begin(),
+      out.banned_token_ids.insert(out.banned_token_ids.end(), r->sampling.stop_token_ids.begin(),
                                   r->sampling.stop_token_ids.end());
     }
     ++r->num_pending_tokens;

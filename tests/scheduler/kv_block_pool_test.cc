@@ -75,7 +75,8 @@ TEST(KvBlockPoolTest, MatchesLongestCachedPrefixOfFullBlocks) {
   pool.cache_full_blocks(a, tokens, 40, /*extra_key=*/0);
   EXPECT_EQ(a.num_hashed_blocks, 2);  // positions 32..39 are not a full block
 
-  EXPECT_EQ(pool.match_prefix(tokens, 0), std::vector<int32_t>(a.blocks.begin(), a.blocks.begin() + 2));
+  EXPECT_EQ(pool.match_prefix(tokens, 0),
+            std::vector<int32_t>(a.blocks.begin(), a.blocks.begin() + 2));
   // Only whole blocks of the query count.
   EXPECT_EQ(pool.match_prefix(std::span(tokens).first(31), 0).size(), 1u);
   // Another extra key (say a LoRA adapter) shares nothing.

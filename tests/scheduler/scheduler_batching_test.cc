@@ -8,9 +8,9 @@
 namespace megaserve::scheduler {
 namespace {
 
+using testing::apply;
 using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
-using testing::apply;
 using testing::make_scheduler;
 using testing::output_for;
 using testing::plan;
@@ -267,8 +267,8 @@ TEST(SchedulerBatchingTest, NewRequestsReuseCachedPrefixBlocks) {
   d.prefix_cache_key = 42;
   ASSERT_TRUE(s->add_request(d).ok());
   StepPlan p2 = plan(*s);
-  EXPECT_THAT(rows(p2), ElementsAre(Row{2, 32, 5, true}, Row{3, 16, 16, true},
-                                    Row{4, 0, 32, true}));
+  EXPECT_THAT(rows(p2),
+              ElementsAre(Row{2, 32, 5, true}, Row{3, 16, 16, true}, Row{4, 0, 32, true}));
   const int32_t shared0 = p1.requests[0].block_table[0];
   const int32_t shared1 = p1.requests[0].block_table[1];
   EXPECT_THAT(p2.requests[0].block_table, ElementsAre(shared0, shared1, ::testing::_));

@@ -9,9 +9,9 @@
 namespace megaserve::scheduler {
 namespace {
 
+using testing::apply;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-using testing::apply;
 using testing::make_scheduler;
 using testing::output_for;
 using testing::plan;
@@ -57,8 +57,7 @@ Outcome run_script(const SchedulerConfig& c, RequestSpec r, const std::vector<in
       o.banned.push_back(q.banned_token_ids);
       o.output_index.push_back(q.output_token_index);
     }
-    for (const RequestUpdate& u :
-         apply(*s, output_for(p, [&](const StepRequest& q) {
+    for (const RequestUpdate& u : apply(*s, output_for(p, [&](const StepRequest& q) {
            return script.at(q.output_token_index);
          }))) {
       for (const SampledToken& t : u.new_tokens) o.tokens.push_back(t.token_id);
@@ -245,8 +244,7 @@ TEST(SchedulerOverlapTest, RequestFinishingInStepNHasItsStepNPlusOneTokenDiscard
   ASSERT_TRUE(s->add_request(spec(3, tokens(4, 30), 1)).ok());
 
   StepPlan p1 = plan(*s);
-  EXPECT_THAT(rows(p1), ElementsAre(Row{1, 0, 4, true}, Row{2, 0, 4, true},
-                                    Row{3, 0, 4, true}));
+  EXPECT_THAT(rows(p1), ElementsAre(Row{1, 0, 4, true}, Row{2, 0, 4, true}, Row{3, 0, 4, true}));
   StepPlan p2 = plan(*s);  // before update(1); 3's in-flight token is its last
   EXPECT_EQ(p2.step_id, 2u);
   EXPECT_THAT(rows(p2), ElementsAre(Row{1, 4, 1, true}, Row{2, 4, 1, true}));
@@ -268,9 +266,7 @@ TEST(SchedulerOverlapTest, RequestFinishingInStepNHasItsStepNPlusOneTokenDiscard
   EXPECT_THAT(rows(p3), ElementsAre(Row{2, 5, 1, true}));
   EXPECT_THAT(p3.requests[0].token_ids, ElementsAre(kTokenFromPreviousStep));
   EXPECT_THAT(p3.requests[0].output_token_ids, ElementsAre(52));
-  std::vector<RequestUpdate> u2 = apply(*s, output_for(p2, [](const StepRequest&) {
-    return 60;
-  }));
+  std::vector<RequestUpdate> u2 = apply(*s, output_for(p2, [](const StepRequest&) { return 60; }));
   ASSERT_EQ(u2.size(), 1u);  // request 1's step-2 token is gone
   EXPECT_EQ(u2[0].request_id, 2u);
   EXPECT_THAT(u2[0].new_tokens, ::testing::SizeIs(1));

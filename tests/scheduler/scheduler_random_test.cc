@@ -90,8 +90,8 @@ class FakeDevice {
       const int32_t first = q.first_position;
       const int32_t ctx = q.context_length();
       if (static_cast<int32_t>(q.block_table.size()) != (ctx + bs - 1) / bs ||
-          q.prompt_token_ids.size() != t.spec.prompt_token_ids.size() ||
-          q.seed != t.spec.seed || q.sampling.max_tokens != t.spec.sampling.max_tokens) {
+          q.prompt_token_ids.size() != t.spec.prompt_token_ids.size() || q.seed != t.spec.seed ||
+          q.sampling.max_tokens != t.spec.sampling.max_tokens) {
         ADD_FAILURE() << "request " << q.request_id << ": bad block table size or fields";
         return out;
       }
@@ -247,7 +247,8 @@ TEST_P(SchedulerRandomTest, TenThousandRequestsKeepEveryInvariant) {
         }
       }
       r.sampling.max_tokens = kind == 2 ? 2000 : uniform(1, 64);  // 2000: never fits the cache
-      if (uniform(0, 9) == 0) r.sampling.min_tokens = uniform(0, std::min(3, r.sampling.max_tokens));
+      if (uniform(0, 9) == 0)
+        r.sampling.min_tokens = uniform(0, std::min(3, r.sampling.max_tokens));
       r.sampling.ignore_eos = uniform(0, 9) == 0;
       if (uniform(0, 4) == 0) r.sampling.stop_token_ids = {kStopIdPool[uniform(0, 2)]};
       r.priority = uniform(0, 2) == 0 ? uniform(0, 2) : 0;
@@ -360,23 +361,23 @@ TEST_P(SchedulerRandomTest, TenThousandRequestsKeepEveryInvariant) {
   EXPECT_GT(aborted, 100);
   EXPECT_GT(by_reason[0], 1000);
   EXPECT_GT(by_reason[1], 1000);
-  std::printf("overlap=%d tight=%d: %lld steps, %lld preemptions, prefix hits %lld/%lld tokens, "
-              "stop %lld, length %lld, aborted %lld, rejected %lld invalid + %lld queue full\n",
-              overlap, tight_budget, static_cast<long long>(st.num_steps),
-              static_cast<long long>(st.num_preemptions),
-              static_cast<long long>(st.prefix_cache_hits),
-              static_cast<long long>(st.prefix_cache_queries),
-              static_cast<long long>(by_reason[0]), static_cast<long long>(by_reason[1]),
-              static_cast<long long>(aborted), static_cast<long long>(rejected_invalid),
-              static_cast<long long>(rejected_full));
+  std::printf(
+      "overlap=%d tight=%d: %lld steps, %lld preemptions, prefix hits %lld/%lld tokens, "
+      "stop %lld, length %lld, aborted %lld, rejected %lld invalid + %lld queue full\n",
+      overlap, tight_budget, static_cast<long long>(st.num_steps),
+      static_cast<long long>(st.num_preemptions), static_cast<long long>(st.prefix_cache_hits),
+      static_cast<long long>(st.prefix_cache_queries), static_cast<long long>(by_reason[0]),
+      static_cast<long long>(by_reason[1]), static_cast<long long>(aborted),
+      static_cast<long long>(rejected_invalid), static_cast<long long>(rejected_full));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Modes, SchedulerRandomTest, ::testing::Combine(::testing::Bool(), ::testing::Bool()),
-    [](const ::testing::TestParamInfo<std::tuple<bool, bool>>& info) {
-      return std::string(std::get<0>(info.param) ? "Overlapped" : "Sequential") +
-             (std::get<1>(info.param) ? "TightBudget" : "");
-    });
+INSTANTIATE_TEST_SUITE_P(Modes, SchedulerRandomTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<bool, bool>>& info) {
+                           return std::string(std::get<0>(info.param) ? "Overlapped"
+                                                                      : "Sequential") +
+                                  (std::get<1>(info.param) ? "TightBudget" : "");
+                         });
 
 }  // namespace
 }  // namespace megaserve::scheduler
