@@ -28,10 +28,12 @@
 // request that samples in N then runs in N+1 with input kTokenFromPreviousStep at its next
 // position (the device writes it). If step N's token finishes it (EOS, stop id), its N+1
 // token is discarded: update() never reports it. Finishing by length is known at schedule
-// time, so such a request is not scheduled past its last token. Blocks are allocated when a
-// step is scheduled and freed when a request finishes or is preempted; steps execute in
-// order on the device, so a block freed while an earlier step is in flight is only reused by
-// a later step.
+// time, so such a request is not scheduled past its last token. A request whose token is
+// still in flight runs only if it ran in the step just before (the device forwards tokens
+// only from there), and a preempted one is not re-admitted until the token is known.
+// Blocks are allocated when a step is scheduled and freed when a request finishes or is
+// preempted; steps execute in order on the device, so a block freed while an earlier step
+// is in flight is only reused by a later step.
 //
 // Not thread-safe: one engine thread calls everything.
 #pragma once
@@ -100,8 +102,10 @@ struct SchedulerStats {
   int32_t num_kv_blocks_used = 0;         // referenced by some request
   int32_t num_kv_blocks_cached_free = 0;  // unreferenced but still holding reusable prefixes
   int64_t num_steps = 0;                  // non-empty plans
-  int64_t prefix_cache_queries = 0;       // tokens looked up at each admission (resumes too)
-  int64_t prefix_cache_hits = 0;          // of those, tokens found cached
+  // Prefix cache, counted only when it is enabled: the tokens of the sequence at each
+  // admission (resumes after preemption too), and of those, the tokens found cached.
+  int64_t prefix_cache_queries = 0;
+  int64_t prefix_cache_hits = 0;
   int64_t num_preemptions = 0;
   int64_t num_finished_stop = 0;
   int64_t num_finished_length = 0;
