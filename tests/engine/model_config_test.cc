@@ -314,6 +314,44 @@ TEST(ModelConfigTest, RefusesMalformedConfigs) {
                  {"hidden_size", "num_attention_heads"});
 }
 
+// The test writer's config.json (what other suites' random models carry) reads back whole.
+TEST(ModelConfigTest, WriterConfigJsonRoundTrips) {
+  for (ModelFamily family : {ModelFamily::kLlama, ModelFamily::kQwen2, ModelFamily::kQwen3}) {
+    SCOPED_TRACE(static_cast<int>(family));
+    ModelConfig written = ::megaserve::testing::tiny_model_config(family);
+    written.eos_token_ids = {5, 6};
+    written.bos_token_id = 3;
+    written.rms_norm_eps = 1e-5f;
+    if (family == ModelFamily::kLlama) {
+      written.rope_scaling = {RopeScalingType::kLlama3, 8.0f, 1.0f, 4.0f, 64};
+    }
+    absl::StatusOr<ModelConfig> read =
+        parse_model_config(::megaserve::testing::hf_config_json(written), "written.json");
+    ASSERT_TRUE(read.ok()) << read.status();
+    EXPECT_EQ(read->architecture, written.architecture);
+    EXPECT_EQ(read->family, written.family);
+    EXPECT_EQ(read->hidden_size, written.hidden_size);
+    EXPECT_EQ(read->intermediate_size, written.intermediate_size);
+    EXPECT_EQ(read->num_layers, written.num_layers);
+    EXPECT_EQ(read->num_heads, written.num_heads);
+    EXPECT_EQ(read->num_kv_heads, written.num_kv_heads);
+    EXPECT_EQ(read->head_dim, written.head_dim);
+    EXPECT_EQ(read->vocab_size, written.vocab_size);
+    EXPECT_EQ(read->max_position_embeddings, written.max_position_embeddings);
+    EXPECT_EQ(read->rms_norm_eps, written.rms_norm_eps);
+    EXPECT_EQ(read->rope_theta, written.rope_theta);
+    EXPECT_EQ(read->rope_scaling.type, written.rope_scaling.type);
+    EXPECT_EQ(read->rope_scaling.factor, written.rope_scaling.factor);
+    EXPECT_EQ(read->rope_scaling.original_max_position_embeddings,
+              written.rope_scaling.original_max_position_embeddings);
+    EXPECT_EQ(read->tie_word_embeddings, written.tie_word_embeddings);
+    EXPECT_EQ(read->qkv_bias, written.qkv_bias);
+    EXPECT_EQ(read->qk_norm, written.qk_norm);
+    EXPECT_EQ(read->bos_token_id, 3);
+    EXPECT_THAT(read->eos_token_ids, ElementsAre(5, 6));
+  }
+}
+
 TEST(RopeInvFreqTest, UnscaledIsThetaPower) {
   ModelConfig config;
   config.head_dim = 8;
