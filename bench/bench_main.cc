@@ -24,6 +24,7 @@
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
 #include "proto/megaserve.grpc.pb.h"
+#include "server/flag_spelling.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "the megaserve gRPC address");
 ABSL_FLAG(std::string, dataset, "", "ShareGPT JSON file (required)");
@@ -48,24 +49,6 @@ ABSL_FLAG(bool, progress, true, "show a progress bar on stderr");
 namespace megaserve::bench {
 namespace {
 
-// Abseil flag names are identifiers; accept the peers' --num-prompts spelling too.
-std::vector<char*> normalize_flag_names(int argc, char** argv, std::vector<std::string>* store) {
-  store->reserve(argc);
-  std::vector<char*> out;
-  for (int i = 0; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (i > 0 && arg.rfind("--", 0) == 0) {
-      const size_t end = std::min(arg.find('='), arg.size());
-      for (size_t j = 2; j < end; ++j) {
-        if (arg[j] == '-') arg[j] = '_';
-      }
-    }
-    store->push_back(std::move(arg));
-  }
-  for (std::string& s : *store) out.push_back(s.data());
-  return out;
-}
-
 int fail(const std::string& message) {
   std::cerr << "megaserve-bench: " << message << "\n";
   return 1;
@@ -73,9 +56,8 @@ int fail(const std::string& message) {
 
 int run(int argc, char** argv) {
   absl::SetProgramUsageMessage("ShareGPT serving benchmark against a megaserve server");
-  std::vector<std::string> storage;
-  std::vector<char*> args = normalize_flag_names(argc, argv, &storage);
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  server::FlagSpelling spelling(argc, argv);  // --num-prompts and --num_prompts alike
+  absl::ParseCommandLine(spelling.argc(), spelling.argv());
   if (absl::GetFlag(FLAGS_dataset).empty()) return fail("--dataset is required");
 
   auto channel =

@@ -1,0 +1,100 @@
+// megaserve: the inference server. Configuration comes from --config (a ServerConfig in
+// protobuf text format, e.g. configs/default.textproto) with flags overriding single fields;
+// `megaserve --help` lists them. SIGTERM or SIGINT drains (see Server::drain_and_stop) and
+// exits 0; an engine that turns unhealthy (a failed step) exits 1 so a supervisor restarts it.
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "server/config.h"
+#include "server/config_flags.h"
+#include "server/flag_spelling.h"
+#include "server/model_setup.h"
+#include "server/server.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, config, "",
+          "ServerConfig text file (e.g. configs/default.textproto); flags override its fields");
+
+namespace megaserve::server {
+namespace {
+
+int serve(int argc, char** argv) {
+  // Every thread started from here on inherits the blocked signals; main alone takes them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  absl::SetProgramUsageMessage(
+      "megaserve: LLM inference server (gRPC). Usage: megaserve [--config=FILE] "
+      "[--model=HF_MODEL_DIR] [--grpc_address=HOST:PORT] ...");
+  FlagSpelling spelling(argc, argv);
+  absl::ParseCommandLine(spelling.argc(), spelling.argv());
+
+  config::ServerConfig config = default_server_config();
+  if (const std::string file = absl::GetFlag(FLAGS_config); !file.empty()) {
+    auto loaded = load_server_config(file);
+    if (!loaded.ok()) {
+      spdlog::error("{}", loaded.status().ToString());
+      return 2;
+    }
+    config = *std::move(loaded);
+  }
+  apply_flag_overrides(&config);
+  if (absl::Status valid = validate_server_config(config); !valid.ok()) {
+    spdlog::error("configuration: {}", std::string(valid.message()));
+    return 2;
+  }
+  spdlog::set_level(spdlog::level::from_str(config.logging().level()));
+  if (!config.logging().pattern().empty()) spdlog::set_pattern(config.logging().pattern());
+
+  auto model = setup_model(config);
+  if (!model.ok()) {
+    spdlog::error("model: {}", model.status().ToString());
+    return 1;
+  }
+  ServerOptions options;
+  options.grpc_address = config.endpoints().grpc_address();
+  options.metrics_address = config.endpoints().metrics_address();
+  auto server = Server::start(options, *std::move(model));
+  if (!server.ok()) {
+    spdlog::error("{}", server.status().ToString());
+    return 1;
+  }
+  spdlog::info("serving gRPC on {} (port {}){}", options.grpc_address, (*server)->grpc_port(),
+               options.metrics_address.empty()
+                   ? ", metrics off"
+                   : fmt::format(", Prometheus metrics on http://{}/metrics (port {})",
+                                 options.metrics_address, (*server)->metrics_port()));
+
+  const auto grace = std::chrono::seconds(config.drain_grace_seconds());
+  const timespec poll{0, 100'000'000};  // check the engine's health every 100 ms
+  while (true) {
+    const int signal = sigtimedwait(&signals, nullptr, &poll);
+    if (signal == SIGTERM || signal == SIGINT) {
+      spdlog::info("{}: draining (grace period {} s)", signal == SIGTERM ? "SIGTERM" : "SIGINT",
+                   config.drain_grace_seconds());
+      (*server)->drain_and_stop(grace);
+      spdlog::info("stopped");
+      return 0;
+    }
+    if (!(*server)->engine().healthy()) {
+      spdlog::critical("the engine failed (see above); stopping so that a supervisor restarts");
+      (*server)->drain_and_stop(std::chrono::seconds(0));
+      return 1;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace megaserve::server
+
+int main(int argc, char** argv) { return megaserve::server::serve(argc, argv); }

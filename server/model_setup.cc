@@ -1,0 +1,193 @@
+#include "server/model_setup.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu_backend.h"
+#include "engine/demo_model.h"
+#include "engine/model_config.h"
+#include "engine/weights.h"
+#include "spdlog/spdlog.h"
+
+namespace megaserve::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ModelFiles {
+  fs::path config_dir;      // holds config.json (and generation_config.json)
+  fs::path weights_dir;     // holds the safetensors; empty with dummy weights
+  fs::path tokenizer_file;
+  std::string name;
+  bool dummy = false;
+};
+
+absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
+  ModelFiles files;
+  files.dummy = source.load_format() == "dummy";
+  if (source.path().empty() && source.config_file().empty()) {
+    const fs::path demo = engine::demo_model_dir();
+    if (demo.empty()) {
+      return absl::NotFoundError(
+          "no --model given and the built-in demo model was not found (set MEGASERVE_DEMO_DIR "
+          "or pass --model=/path/to/hf-model-dir)");
+    }
+    spdlog::warn(
+        "No model given: serving the built-in DEMO model from {} (a small Llama shape with "
+        "random weights; its output is gibberish). To serve a real model, pass "
+        "--model=/path/to/hf-model-dir (config.json, *.safetensors, tokenizer.model).",
+        demo.string());
+    files.config_dir = demo;
+    files.tokenizer_file = demo / "tokenizer.model";
+    files.name = "megaserve-demo";
+    files.dummy = true;
+  } else {
+    const fs::path dir = source.path();
+    if (!source.config_file().empty()) {
+      files.config_dir = fs::path(source.config_file()).parent_path();
+    } else {
+      files.config_dir = dir;
+    }
+    files.weights_dir = dir;
+    files.tokenizer_file = dir / "tokenizer.model";
+    files.name = (dir.empty() ? files.config_dir : dir).lexically_normal().filename().string();
+    if (files.name.empty()) files.name = dir.lexically_normal().parent_path().filename().string();
+    if (!files.dummy && dir.empty()) {
+      return absl::InvalidArgumentError(
+          "model.config_file without model.path needs model.load_format \"dummy\"");
+    }
+  }
+  if (!source.tokenizer_file().empty()) files.tokenizer_file = source.tokenizer_file();
+  if (!source.served_name().empty()) files.name = source.served_name();
+  return files;
+}
+
+absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& source,
+                                                const ModelFiles& files) {
+  if (!source.config_file().empty()) {
+    std::ifstream in(source.config_file());
+    if (!in) {
+      return absl::NotFoundError(
+          absl::StrCat("model.config_file ", source.config_file(), ": cannot open"));
+    }
+    std::ostringstream text;
+    text << in.rdbuf();
+    return engine::parse_model_config(text.str(), source.config_file());
+  }
+  return engine::load_model_config(files.config_dir);
+}
+
+absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(
+    const config::EngineConfig& e, const engine::ModelConfig& model,
+    engine::ModelWeights weights) {
+  std::string why_cpu;
+  if (e.backend() == "cuda") {
+    return absl::UnimplementedError(
+        "engine.backend \"cuda\": this megaserve binary has no CUDA backend");
+  }
+  if (e.backend() == "auto") {
+    why_cpu = "backend auto: no CUDA backend in this build, using the CPU interpreter";
+  } else {
+    why_cpu = "backend cpu: asked for by the configuration";
+  }
+  if (e.tensor_parallel_size() != 1) {
+    spdlog::info("CPU backend: simulating {} tensor-parallel ranks in one process",
+                 e.tensor_parallel_size());
+  }
+  engine::CpuBackendOptions options;
+  options.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
+  options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
+  options.num_kv_blocks =
+      e.num_kv_blocks() > 0
+          ? static_cast<int32_t>(e.num_kv_blocks())
+          : cpu_kv_blocks_for(model, options.kv_block_size, e.cpu_kv_cache_mib());
+  const unsigned threads =
+      e.cpu_threads() > 0 ? e.cpu_threads() : std::max(1u, std::thread::hardware_concurrency());
+  options.num_sms = static_cast<int>(threads);
+  options.execution.mode =
+      threads > 1 ? engine::ExecutionMode::kThreaded : engine::ExecutionMode::kSequential;
+  options.verify = e.verify_schedules();
+  auto backend = engine::CpuBackend::create(model, std::move(weights), options);
+  if (!backend.ok()) return backend.status();
+  spdlog::info("{} ({})", why_cpu, (*backend)->describe());
+  return std::unique_ptr<engine::Backend>(*std::move(backend));
+}
+
+}  // namespace
+
+int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size,
+                          uint32_t mib) {
+  const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
+                                  model.head_dim * kv_block_size * int64_t{sizeof(float)};
+  if (bytes_per_block <= 0) return 0;
+  return static_cast<int32_t>(std::max<int64_t>(1, (int64_t{mib} << 20) / bytes_per_block));
+}
+
+absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
+  auto files = locate_model(config.model());
+  if (!files.ok()) return files.status();
+  auto model = read_config(config.model(), *files);
+  if (!model.ok()) return model.status();
+  auto tokenizer = engine::Tokenizer::load(files->tokenizer_file);
+  if (!tokenizer.ok()) return tokenizer.status();
+
+  spdlog::info("model {}: {} layers, hidden {}, {} heads ({} KV), vocab {}, context {}{}",
+               files->name, model->num_layers, model->hidden_size, model->num_heads,
+               model->num_kv_heads, model->vocab_size, model->max_position_embeddings,
+               files->dummy ? ", dummy weights" : "");
+  engine::ModelWeights weights;
+  if (files->dummy) {
+    weights = engine::dummy_weights(*model, engine::DType::kF32, config.model().dummy_seed());
+  } else {
+    auto loaded = engine::load_weights(files->weights_dir, *model, engine::DType::kF32);
+    if (!loaded.ok()) return loaded.status();
+    weights = *std::move(loaded);
+  }
+  const config::EngineConfig& e = config.engine();
+  auto backend = make_backend(e, *model, std::move(weights));
+  if (!backend.ok()) return backend.status();
+  const std::string backend_description = (*backend)->describe();
+  const int32_t num_kv_blocks = (*backend)->num_kv_blocks();
+
+  engine::EngineOptions options;
+  options.max_num_seqs = static_cast<int32_t>(e.max_num_seqs());
+  options.max_num_batched_tokens = static_cast<int32_t>(e.max_num_batched_tokens());
+  options.max_waiting_requests = static_cast<int32_t>(e.max_waiting_requests());
+  options.max_model_len = static_cast<int32_t>(e.max_model_len());
+  options.enable_prefix_caching = e.enable_prefix_caching();
+  options.overlap_scheduling = e.overlap_scheduling();
+  auto engine = engine::Engine::create(*model, *std::move(backend), options);
+  if (!engine.ok()) return engine.status();
+
+  ServedModel served;
+  served.engine = *std::move(engine);
+  served.tokenizer = *std::move(tokenizer);
+  served.eos_token_ids = model->eos_token_ids;
+  if (served.eos_token_ids.empty()) served.eos_token_ids = {served.tokenizer->eos_id()};
+  v1::ModelInfo& info = served.info;
+  info.set_name(files->name);
+  info.set_architecture(model->architecture);
+  info.set_max_model_len(e.max_model_len() > 0 ? static_cast<int32_t>(e.max_model_len())
+                                               : model->max_position_embeddings);
+  info.set_vocab_size(model->vocab_size);
+  info.set_bos_token_id(model->bos_token_id);
+  for (int32_t id : served.eos_token_ids) info.add_eos_token_ids(id);
+  info.set_tensor_parallel_size(static_cast<int32_t>(e.tensor_parallel_size()));
+  info.set_kv_block_size(static_cast<int32_t>(e.kv_block_size()));
+  info.set_num_kv_blocks(num_kv_blocks);
+  info.set_hidden_size(model->hidden_size);
+  info.set_intermediate_size(model->intermediate_size);
+  info.set_num_layers(model->num_layers);
+  info.set_num_heads(model->num_heads);
+  info.set_num_kv_heads(model->num_kv_heads);
+  info.set_head_dim(model->head_dim);
+  info.set_backend(backend_description);
+  return served;
+}
+
+}  // namespace megaserve::server
