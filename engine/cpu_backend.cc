@@ -58,8 +58,10 @@ absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const scheduler::StepP
       }
     }
   }
-  absl::StatusOr<Step> step = builder_->build(plan, options_.num_kv_blocks);
-  if (!step.ok()) return step.status();
+  Step* step = &last_step_;  // reused: its buffers keep their capacity from step to step
+  if (absl::Status s = builder_->build_into(plan, options_.num_kv_blocks, *step); !s.ok()) {
+    return s;
+  }
   for (int32_t t = 0; t < step->meta.num_tokens; ++t) {
     int32_t& id = step->meta.token_ids[t];
     if (id != scheduler::kTokenFromPreviousStep) continue;
@@ -81,7 +83,6 @@ absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const scheduler::StepP
   scheduler::StepOutput out;
   out.step_id = plan.step_id;
   out.sampled = std::move(sampled);
-  last_step_ = std::move(*step);
   return out;
 }
 

@@ -47,6 +47,7 @@ class CpuBackend : public Backend {
   // For tests and benchmarks.
   CpuInterpreter& interpreter() { return *interpreter_; }
   ScheduleBuilder& builder() { return *builder_; }
+  // The step built by the last execute() (valid after a successful one).
   const Step& last_step() const { return last_step_; }
   void set_execution(const ExecutionOptions& execution) { options_.execution = execution; }
 

@@ -28,22 +28,24 @@ void op_sample(const isa::Instruction& inst, int /*rank*/, const OpContext& ctx)
   const auto a = isa::args_of<isa::SampleArgs>(inst);
   const StepMetadata& m = *ctx.meta;
   std::vector<float> logits;
-  logits.reserve(ctx.config->vocab_size);
-  for (const RankState& peer : *ctx.ranks) {
-    const int V = peer.shard.vocab_cols();
-    const float* row = peer.ws.logits.data() + static_cast<int64_t>(a.sample) * V;
-    logits.insert(logits.end(), row, row + V);  // (vocab)
+  for (int s = a.sample_begin; s < a.sample_end; ++s) {
+    logits.clear();
+    for (const RankState& peer : *ctx.ranks) {
+      const int V = peer.shard.vocab_cols();
+      const float* row = peer.ws.logits.data() + static_cast<int64_t>(s) * V;
+      logits.insert(logits.end(), row, row + V);  // (vocab)
+    }
+    const RequestSampling& req = m.requests[m.sample_request[s]];
+    SamplingContext sc;
+    sc.prompt_token_ids = req.prompt_token_ids;
+    sc.output_token_ids = req.output_token_ids;
+    sc.banned_ids = req.banned_token_ids;
+    sc.seed = req.seed;
+    sc.token_index = req.output_token_index;
+    scheduler::SampledToken tok = sample_token(logits, req.params, sc);
+    tok.request_id = req.request_id;
+    (*ctx.sampled)[s] = std::move(tok);
   }
-  const RequestSampling& req = m.requests[m.sample_request[a.sample]];
-  SamplingContext sc;
-  sc.prompt_token_ids = req.prompt_token_ids;
-  sc.output_token_ids = req.output_token_ids;
-  sc.banned_ids = req.banned_token_ids;
-  sc.seed = req.seed;
-  sc.token_index = req.output_token_index;
-  scheduler::SampledToken tok = sample_token(logits, req.params, sc);
-  tok.request_id = req.request_id;
-  (*ctx.sampled)[a.sample] = std::move(tok);
 }
 
 }  // namespace megaserve::engine::cpu

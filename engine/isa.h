@@ -64,7 +64,8 @@ enum class Opcode : int32_t {
   kTpReduce = 8,
   // Final RMSNorm of the sampling rows and the LM head for a range of vocabulary columns.
   kLmHead = 9,
-  // Samples one sampling row from the logits of every rank (gathered from peer memory).
+  // Samples a range of sampling rows from the logits of every rank (gathered from peer
+  // memory).
   kSample = 10,
   kNumOpcodes = 11,
 };
@@ -193,8 +194,8 @@ struct LmHeadArgs {
 };
 
 struct SampleArgs {
-  int32_t sample;  // index into the step's sample list
-  int32_t unused[11];
+  int32_t sample_begin, sample_end;  // sampling rows (indices into the step's sample list)
+  int32_t unused[10];
 };
 
 #define MEGASERVE_ISA_CHECK_ARGS(T) \

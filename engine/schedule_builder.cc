@@ -47,38 +47,93 @@ int barrier_of(Stage stage, int layer, int num_layers) {
   }
 }
 
+using Load = std::pair<double, int>;
+
+}  // namespace
+
+// Per-build working memory, kept by the builder so that its capacity is reused.
+struct BuildScratch {
+  struct RankState {
+    std::priority_queue<Load, std::vector<Load>, std::greater<Load>> heap;  // (load, SM)
+    std::vector<std::vector<Instruction>> queue;                            // [sm], in global order
+    std::vector<std::vector<double>> cost;                   // [sm], parallel to queue
+    std::vector<std::vector<std::vector<Access>>> accesses;  // [sm], when recorded
+  };
+  struct Slot {
+    int32_t rank, sm, pos;  // queue[sm][pos] of rank
+  };
+  std::vector<std::vector<uint32_t>> pending;  // [rank][barrier] signals so far this step
+  std::vector<RankState> ranks;
+  std::vector<Tile> stage;  // one stage's tiles of one rank, before placement
+  std::vector<int32_t> order_in_stage;
+  std::vector<Slot> order;  // the global order
+};
+
+namespace {
+
 // Collects the stages of one step: places each stage's tiles on the least-loaded SMs,
-// longest first, and appends them to the global order (stage by stage, rank by rank, which
-// is topological because every wait names an earlier stage).
+// longest first, and appends them to their SM's queue and to the global order (stage by
+// stage, rank by rank, which is topological because every wait names an earlier stage).
 class Assembler {
  public:
-  Assembler(int tp, int num_sms, const std::vector<std::vector<uint32_t>>& totals)
-      : tp_(tp), num_sms_(num_sms), totals_(totals) {
-    pending_.assign(tp, std::vector<uint32_t>(totals[0].size(), 0));
-    ranks_.resize(tp);
-    for (auto& r : ranks_) {
+  using Slot = BuildScratch::Slot;
+
+  Assembler(int tp, int num_sms, bool record, const std::vector<std::vector<uint32_t>>& totals,
+            BuildScratch& scratch)
+      : tp_(tp), num_sms_(num_sms), record_(record), totals_(totals), x_(scratch) {
+    x_.pending.resize(tp);
+    for (auto& p : x_.pending) p.assign(totals[0].size(), 0);
+    x_.ranks.resize(tp);
+    for (auto& r : x_.ranks) {
+      r.heap = {};
       for (int s = 0; s < num_sms; ++s) r.heap.push({0.0, s});
+      r.queue.resize(num_sms);
+      r.cost.resize(num_sms);
+      r.accesses.resize(record ? num_sms : 0);
+      for (int s = 0; s < num_sms; ++s) {
+        r.queue[s].clear();
+        r.cost[s].clear();
+        if (record) r.accesses[s].clear();
+      }
     }
+    x_.order.clear();
   }
 
-  // Emits `tiles` (this rank's tiles of one stage) with waits on `deps` (barriers of this
+  // A cleared vector for the next stage's tiles of one rank.
+  std::vector<Tile>& stage() {
+    x_.stage.clear();
+    return x_.stage;
+  }
+
+  // Places stage() (rank `rank`'s tiles of one stage) with waits on `deps` (barriers of this
   // rank; a barrier with no signals this step is skipped) and a signal on `signal` to
   // `signal_rank` (a rank, or isa::kSignalAllRanks).
-  absl::Status emit(int rank, std::vector<Tile>& tiles, std::initializer_list<int> deps, int signal,
-                    int signal_rank) {
-    std::stable_sort(tiles.begin(), tiles.end(),
-                     [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
+  absl::Status emit(int rank, std::initializer_list<int> deps, int signal, int signal_rank) {
+    std::vector<Tile>& tiles = x_.stage;
+    BuildScratch::RankState& rs = x_.ranks[rank];
     int num_waits = 0;
     int32_t waits[isa::kMaxWaits][2];
     for (int b : deps) {
-      if (pending_[rank][b] == 0) continue;
+      if (x_.pending[rank][b] == 0) continue;
       if (num_waits == isa::kMaxWaits) return absl::InternalError("too many waits");
       waits[num_waits][0] = b;
-      waits[num_waits][1] = static_cast<int32_t>(totals_[rank][b] + pending_[rank][b]);
+      waits[num_waits][1] = static_cast<int32_t>(totals_[rank][b] + x_.pending[rank][b]);
       ++num_waits;
     }
-    RankState& rs = ranks_[rank];
-    for (Tile& t : tiles) {
+    // Longest first (stable among equals, which is the common case and needs no sort).
+    std::vector<int32_t>& order = x_.order_in_stage;
+    order.resize(tiles.size());
+    bool uniform = true;
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      order[i] = static_cast<int32_t>(i);
+      uniform = uniform && tiles[i].cost == tiles[0].cost;
+    }
+    if (!uniform) {
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return tiles[a].cost > tiles[b].cost; });
+    }
+    for (int32_t i : order) {
+      Tile& t = tiles[i];
       Instruction& inst = t.inst;
       inst.words[isa::kWordNumWaits] = num_waits;
       for (int w = 0; w < num_waits; ++w) {
@@ -91,74 +146,108 @@ class Assembler {
       auto [load, sm] = rs.heap.top();
       rs.heap.pop();
       rs.heap.push({load + t.cost, sm});
-      rs.emitted.push_back({std::move(t), sm, static_cast<int32_t>(order_.size())});
-      order_.push_back({rank, static_cast<int32_t>(rs.emitted.size() - 1)});
+      x_.order.push_back({rank, sm, static_cast<int32_t>(rs.queue[sm].size())});
+      rs.queue[sm].push_back(inst);
+      rs.cost[sm].push_back(t.cost);
+      if (record_) rs.accesses[sm].push_back(std::move(t.accesses));
     }
     const uint32_t n = static_cast<uint32_t>(tiles.size());
     if (signal_rank == isa::kSignalAllRanks) {
-      for (int r = 0; r < tp_; ++r) pending_[r][signal] += n;
+      for (int r = 0; r < tp_; ++r) x_.pending[r][signal] += n;
     } else {
-      pending_[signal_rank][signal] += n;
+      x_.pending[signal_rank][signal] += n;
     }
     return absl::OkStatus();
   }
 
-  uint32_t pending(int rank, int barrier) const { return pending_[rank][barrier]; }
+  size_t global_size() const { return x_.order.size(); }
 
-  // Flattens the queues into `step` and advances `totals`.
-  void finish(Step& step, bool with_accesses, std::vector<std::vector<uint32_t>>& totals) {
-    step.ranks.resize(tp_);
-    std::vector<std::vector<int32_t>> final_index(tp_);
-    for (int r = 0; r < tp_; ++r) {
-      RankState& st = ranks_[r];
-      RankSchedule& out = step.ranks[r];
-      std::vector<int32_t> count(num_sms_ + 1, 0);
-      for (const Emitted& e : st.emitted) ++count[e.sm + 1];
-      out.queue_begin.assign(num_sms_ + 1, 0);
-      for (int s = 0; s < num_sms_; ++s) out.queue_begin[s + 1] = out.queue_begin[s] + count[s + 1];
-      const size_t n = st.emitted.size();
-      out.instructions.resize(n);
-      out.order.resize(n);
-      out.cost.resize(n);
-      if (with_accesses) out.accesses.resize(n);
-      std::vector<int32_t> next(out.queue_begin.begin(), out.queue_begin.end() - 1);
-      final_index[r].resize(n);
-      for (size_t i = 0; i < n; ++i) {
-        Emitted& e = st.emitted[i];
-        const int32_t at = next[e.sm]++;
-        final_index[r][i] = at;
-        out.instructions[at] = e.tile.inst;
-        out.order[at] = e.order;
-        out.cost[at] = e.tile.cost;
-        if (with_accesses) out.accesses[at] = std::move(e.tile.accesses);
+  // Appends a copy of the global-order span [begin, end) (one whole layer, every rank) as
+  // layer `layer`, every barrier index shifted by `shift`: on the same SMs, with wait targets
+  // moved from the old barrier's running total to the new one's. Valid because each waiter
+  // waits for all of a barrier's signals in the step, and the copied barriers receive
+  // exactly the copied signals. (Never used when accesses are recorded.)
+  void replicate(size_t begin, size_t end, int layer, int shift) {
+    added_.assign(tp_ * num_sms_, 0.0);
+    for (size_t g = begin; g < end; ++g) {
+      const Slot from = x_.order[g];
+      BuildScratch::RankState& rs = x_.ranks[from.rank];
+      Instruction inst = rs.queue[from.sm][from.pos];
+      const double cost = rs.cost[from.sm][from.pos];
+      const std::vector<uint32_t>& total = totals_[from.rank];
+      inst.words[isa::kWordLayer] = layer;
+      for (int w = 0; w < inst.num_waits(); ++w) {
+        const int32_t b = inst.wait_barrier(w);
+        inst.words[isa::kWordWaits + 2 * w] = b + shift;
+        inst.words[isa::kWordWaits + 2 * w + 1] = static_cast<int32_t>(
+            static_cast<uint32_t>(inst.wait_target(w)) - total[b] + total[b + shift]);
       }
+      for (int sg = 0; sg < inst.num_signals(); ++sg) {
+        const int32_t b = inst.signal_barrier(sg);
+        inst.words[isa::kWordSignals + 2 * sg] = b + shift;
+        const int target_rank = inst.signal_rank(sg);
+        if (target_rank == isa::kSignalAllRanks) {
+          for (int q = 0; q < tp_; ++q) ++x_.pending[q][b + shift];
+        } else {
+          ++x_.pending[target_rank][b + shift];
+        }
+      }
+      x_.order.push_back({from.rank, from.sm, static_cast<int32_t>(rs.queue[from.sm].size())});
+      rs.queue[from.sm].push_back(inst);
+      rs.cost[from.sm].push_back(cost);
+      added_[from.rank * num_sms_ + from.sm] += cost;
+    }
+    for (int r = 0; r < tp_; ++r) {
+      auto& heap = x_.ranks[r].heap;
+      loads_.clear();
+      while (!heap.empty()) {
+        loads_.push_back(heap.top());
+        heap.pop();
+      }
+      for (const Load& l : loads_) heap.push({l.first + added_[r * num_sms_ + l.second], l.second});
+    }
+  }
+
+  // Concatenates the queues into `step` and advances `totals`.
+  void finish(Step& step, std::vector<std::vector<uint32_t>>& totals) {
+    step.ranks.resize(tp_);
+    for (int r = 0; r < tp_; ++r) {
+      BuildScratch::RankState& rs = x_.ranks[r];
+      RankSchedule& out = step.ranks[r];
+      out.queue_begin.assign(num_sms_ + 1, 0);
+      out.instructions.clear();
+      out.cost.clear();
+      out.accesses.clear();
+      for (int s = 0; s < num_sms_; ++s) {
+        out.queue_begin[s + 1] = out.queue_begin[s] + static_cast<int32_t>(rs.queue[s].size());
+        out.instructions.insert(out.instructions.end(), rs.queue[s].begin(), rs.queue[s].end());
+        out.cost.insert(out.cost.end(), rs.cost[s].begin(), rs.cost[s].end());
+        if (record_) {
+          for (auto& a : rs.accesses[s]) out.accesses.push_back(std::move(a));
+        }
+      }
+      out.order.resize(out.instructions.size());
       out.barrier_begin = totals[r];
-      for (size_t b = 0; b < totals[r].size(); ++b) totals[r][b] += pending_[r][b];
+      for (size_t b = 0; b < totals[r].size(); ++b) totals[r][b] += x_.pending[r][b];
       out.barrier_end = totals[r];
     }
-    step.global_order.resize(order_.size());
-    for (size_t i = 0; i < order_.size(); ++i) {
-      step.global_order[i] = {order_[i].rank, final_index[order_[i].rank][order_[i].index]};
+    step.global_order.resize(x_.order.size());
+    for (size_t g = 0; g < x_.order.size(); ++g) {
+      const Slot slot = x_.order[g];
+      const int32_t at = step.ranks[slot.rank].queue_begin[slot.sm] + slot.pos;
+      step.ranks[slot.rank].order[at] = static_cast<int32_t>(g);
+      step.global_order[g] = {slot.rank, at};
     }
   }
 
  private:
-  struct Emitted {
-    Tile tile;
-    int sm;
-    int32_t order;
-  };
-  using Load = std::pair<double, int>;
-  struct RankState {
-    std::priority_queue<Load, std::vector<Load>, std::greater<Load>> heap;
-    std::vector<Emitted> emitted;
-  };
   int tp_;
   int num_sms_;
+  bool record_;
   const std::vector<std::vector<uint32_t>>& totals_;
-  std::vector<std::vector<uint32_t>> pending_;
-  std::vector<RankState> ranks_;
-  std::vector<InstructionRef> order_;  // index = position in emission order of its rank
+  BuildScratch& x_;
+  std::vector<double> added_;  // replicate(): cost added per (rank, SM)
+  std::vector<Load> loads_;
 };
 
 absl::Status check_plan(const scheduler::StepPlan& plan, const ModelConfig& config,
@@ -248,16 +337,25 @@ ScheduleBuilder::ScheduleBuilder(const ModelConfig& config, const TileConfig& ti
   for (int r = 0; r < tp; ++r) shards_.push_back(shard_of(config, tp, r));
   num_barriers_ = 4 + kLayerStages * config.num_layers;
   totals_.assign(tp, std::vector<uint32_t>(num_barriers_, 0));
+  scratch_ = std::make_unique<BuildScratch>();
 }
 
 void ScheduleBuilder::set_barrier_origin(uint32_t value) {
   for (auto& r : totals_) std::fill(r.begin(), r.end(), value);
 }
 
+ScheduleBuilder::~ScheduleBuilder() = default;
+
 absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
                                             int32_t num_kv_blocks) {
-  if (absl::Status s = check_plan(plan, config_, num_kv_blocks); !s.ok()) return s;
   Step step;
+  if (absl::Status s = build_into(plan, num_kv_blocks, step); !s.ok()) return s;
+  return step;
+}
+
+absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_t num_kv_blocks,
+                                         Step& step) {
+  if (absl::Status s = check_plan(plan, config_, num_kv_blocks); !s.ok()) return s;
   step.step_id = plan.step_id;
   step.tp = tp_;
   step.num_sms = tiles_.num_sms;
@@ -267,20 +365,16 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
   const int L = config_.num_layers;
   const auto bar = [L](Stage s, int layer = 0) { return barrier_of(s, layer, L); };
   TileMaker maker(config_, tiles_, m, options_.record_accesses);
-  Assembler as(tp_, tiles_.num_sms, totals_);
-  std::vector<Tile> tiles;
+  Assembler as(tp_, tiles_.num_sms, options_.record_accesses, totals_, *scratch_);
   const int self_or_all = tp_ == 1 ? 0 : isa::kSignalAllRanks;
-  int reduction = 0;  // index of the next TP reduction; its partial slot is reduction % 2
-  const auto emit = [&](int rank, std::initializer_list<int> deps, int signal, int signal_rank) {
-    return as.emit(rank, tiles, deps, signal, signal_rank);
-  };
+  int reduction = 0;         // index of the next TP reduction; its partial slot is reduction % 2
   constexpr int kSelf = -2;  // signal the emitting rank's own barrier
   const auto emit_stage = [&](auto make, std::initializer_list<int> deps, int signal,
                               int signal_rank) -> absl::Status {
     for (int r = 0; r < tp_; ++r) {
-      tiles.clear();
-      make(shards_[r], tiles);
-      if (absl::Status s = emit(r, deps, signal, signal_rank == kSelf ? r : signal_rank); !s.ok()) {
+      make(shards_[r], as.stage());
+      if (absl::Status s = as.emit(r, deps, signal, signal_rank == kSelf ? r : signal_rank);
+          !s.ok()) {
         return s;
       }
     }
@@ -318,7 +412,17 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
                            std::vector<Tile>& out) { maker.embedding(sh, slot, out); },
                        {}, Stage::kEmbed, Stage::kEmbedReduce, -1, /*assign=*/true);
     if (!residual.ok()) return residual.status();
+    size_t template_begin = 0, template_end = 0;  // layer 1's span of the global order
     for (int l = 0; l < L; ++l) {
+      if (l >= 2 && !options_.record_accesses) {
+        // Layers are identical but for their index and barriers: copy layer 1's instructions
+        // (and placement) instead of tiling and placing again. Recording accesses takes the
+        // general path, so the verifier checks tiles made independently for every layer.
+        as.replicate(template_begin, template_end, l, kLayerStages * (l - 1));
+        residual = bar(tp_ == 1 ? Stage::kDown : Stage::kDownReduce, l);
+        continue;
+      }
+      if (l == 1) template_begin = as.global_size();
       absl::Status s =
           emit_stage([&](const ModelShard& sh, std::vector<Tile>& out) { maker.qkv(sh, l, out); },
                      {*residual}, bar(Stage::kQkv, l), kSelf);
@@ -345,6 +449,7 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
                              std::vector<Tile>& out) { maker.down(sh, l, slot, out); },
                          {bar(Stage::kGateUp, l)}, Stage::kDown, Stage::kDownReduce, l, false);
       if (!residual.ok()) return residual.status();
+      if (l == 1) template_end = as.global_size();
     }
     if (m.num_samples() > 0) {
       absl::Status s =
@@ -359,9 +464,8 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
       if (!s.ok()) return s;
     }
   }
-  as.finish(step, options_.record_accesses, totals_);
-  if (absl::Status s = check_deadlock_free(step); !s.ok()) return s;
-  return step;
+  as.finish(step, totals_);
+  return check_deadlock_free(step);
 }
 
 absl::Status check_deadlock_free(const Step& step) {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -27,15 +28,20 @@ struct ScheduleOptions {
   bool record_accesses = false;
 };
 
+struct BuildScratch;
+
 class ScheduleBuilder {
  public:
   // `config` must pass check_tensor_parallel(config, tp).
   ScheduleBuilder(const ModelConfig& config, const TileConfig& tiles, int tp,
                   ScheduleOptions options = {});
+  ~ScheduleBuilder();
 
   // Checks the plan (token ids, positions, block tables that cover the context, a
   // num_kv_blocks bound when > 0) and builds the step. On error nothing changes.
   absl::StatusOr<Step> build(const scheduler::StepPlan& plan, int32_t num_kv_blocks = 0);
+  // The same into `step`, reusing its buffers' capacity (the steady-state path).
+  absl::Status build_into(const scheduler::StepPlan& plan, int32_t num_kv_blocks, Step& step);
 
   int num_barriers() const { return num_barriers_; }
   int tp() const { return tp_; }
@@ -55,6 +61,7 @@ class ScheduleBuilder {
   std::vector<ModelShard> shards_;
   int num_barriers_;
   std::vector<std::vector<uint32_t>> totals_;  // [rank][barrier]
+  std::unique_ptr<BuildScratch> scratch_;
 };
 
 // The deadlock invariant (DESIGN.md §4): `global_order` lists every instruction once, each

@@ -76,7 +76,7 @@ std::string describe_args(const isa::Instruction& inst) {
     }
     case Opcode::kSample: {
       auto a = isa::args_of<isa::SampleArgs>(inst);
-      return absl::StrCat("sample ", a.sample);
+      return absl::StrCat("samples [", a.sample_begin, ",", a.sample_end, ")");
     }
     default:
       return "";

@@ -350,18 +350,21 @@ void TileMaker::lm_head(const ModelShard& sh, std::vector<Tile>& out) const {
 }
 
 void TileMaker::sample(int tp, std::vector<Tile>& out) const {
-  for (int s = 0; s < meta_.num_samples(); ++s) {
-    Tile& t =
-        new_tile(out, Opcode::kSample, -1, 10.0 * config_.vocab_size, config_.vocab_size * kF32);
+  const int S = meta_.num_samples();
+  for (int s0 = 0; s0 < S; s0 += tiles_.sample_rows) {
+    const int s1 = std::min(S, s0 + tiles_.sample_rows);
+    Tile& t = new_tile(out, Opcode::kSample, -1, 10.0 * config_.vocab_size * (s1 - s0),
+                       static_cast<double>(config_.vocab_size) * kF32 * (s1 - s0));
     isa::SampleArgs a{};
-    a.sample = s;
+    a.sample_begin = s0;
+    a.sample_end = s1;
     isa::set_args(t.inst, a);
     if (!record_) continue;
     for (int peer = 0; peer < tp; ++peer) {
       const ModelShard psh = shard_of(config_, tp, peer);
-      add(t, peer, BufferId::kLogits, -1, s, s + 1, 0, psh.vocab_cols() * kF32, false);
+      add(t, peer, BufferId::kLogits, -1, s0, s1, 0, psh.vocab_cols() * kF32, false);
     }
-    add(t, 0, BufferId::kSampled, -1, s, s + 1, 0, 1, true);
+    add(t, 0, BufferId::kSampled, -1, s0, s1, 0, 1, true);
   }
 }
 

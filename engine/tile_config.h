@@ -18,6 +18,7 @@ struct TileConfig {
   int vocab_cols = 128;      // vocabulary columns per LM-head tile
   int embedding_rows = 16;   // token rows per embedding tile
   int lm_head_samples = 64;  // sampling rows per LM-head tile
+  int sample_rows = 8;       // sampling rows per kSample instruction
 
   // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
   // kv_split_tokens keys ([s * kv_split_tokens, (s + 1) * kv_split_tokens)), partials merged
@@ -46,6 +47,7 @@ inline TileConfig cpu_tile_config(int num_sms) {
   c.vocab_cols = 128;
   c.embedding_rows = 4;
   c.lm_head_samples = 4;
+  c.sample_rows = 2;
   c.kv_split_tokens = 32;
   c.attention_query_rows = 4;
   c.attention_batch_requests = 2;
@@ -56,20 +58,23 @@ inline TileConfig cpu_tile_config(int num_sms) {
 }
 
 // An H100/H200-class GPU: 132 SMs, bf16 tensor cores (~1024 dense flops per SM-cycle),
-// ~3 TB/s over 132 SMs at ~1.8 GHz (~13 bytes per SM-cycle), 128-row matmul tiles.
+// ~3 TB/s over 132 SMs at ~1.8 GHz (~13 bytes per SM-cycle). Tiles of 256 token rows keep a
+// 1024-token decode step at about one to two tiles per SM per stage (4 row tiles x 32
+// hidden or 56 FFN column tiles), so the weights are read 4 times, not 8 or 16.
 inline TileConfig gpu_tile_config(int num_sms = 132) {
   TileConfig c;
   c.num_sms = num_sms;
-  c.token_rows = 128;
+  c.token_rows = 256;
   c.qkv_heads = 4;
   c.hidden_cols = 128;
   c.ffn_cols = 256;
-  c.vocab_cols = 2048;
-  c.embedding_rows = 128;
-  c.lm_head_samples = 128;
+  c.vocab_cols = 4096;
+  c.embedding_rows = 256;
+  c.lm_head_samples = 256;
+  c.sample_rows = 16;
   c.kv_split_tokens = 2048;
   c.attention_query_rows = 64;
-  c.attention_batch_requests = 32;
+  c.attention_batch_requests = 64;
   c.flops_per_cycle = 1024.0;
   c.bytes_per_cycle = 13.0;
   c.overhead_cycles = 2000.0;
