@@ -59,8 +59,10 @@ function(megaserve_test name)
   endif()
   target_link_libraries(${name} PRIVATE ${deps} megaserve_test_support GTest::gmock GTest::gtest_main)
   megaserve_warnings(${name})
-  gtest_discover_tests(${name}
-    DISCOVERY_TIMEOUT 60
-    PROPERTIES LABELS "${ARG_LABELS}"
-               ENVIRONMENT "MEGASERVE_ASSETS_DIR=${MEGASERVE_ASSETS_DIR}")
+  # An empty LABELS value would be dropped and shift ENVIRONMENT into its place.
+  set(properties ENVIRONMENT "MEGASERVE_ASSETS_DIR=${MEGASERVE_ASSETS_DIR}")
+  if(ARG_LABELS)
+    list(APPEND properties LABELS "${ARG_LABELS}")
+  endif()
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${properties})
 endfunction()
