@@ -4,27 +4,45 @@
 
 namespace megaserve::engine::cpu {
 
+namespace {
+
+// Four interleaved fp32 partial sums (column c goes to sum c % 4), combined as
+// (s0 + s1) + (s2 + s3), then the tail in order. A fixed order per element: the result does
+// not depend on tiling or placement, and the independent chains run ~4x faster than one.
+template <typename Load>
+float dot4(int64_t n, const float* x, Load w) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    s0 += w(c) * x[c];
+    s1 += w(c + 1) * x[c + 1];
+    s2 += w(c + 2) * x[c + 2];
+    s3 += w(c + 3) * x[c + 3];
+  }
+  float acc = (s0 + s1) + (s2 + s3);
+  for (; c < n; ++c) acc += w(c) * x[c];
+  return acc;
+}
+
+}  // namespace
+
 float WeightView::dot(int64_t r, const float* x) const {
-  float acc = 0.0f;
   const int64_t base = r * stride;
   switch (dtype) {
     case DType::kF32: {
       const float* w = reinterpret_cast<const float*>(data) + base;
-      for (int64_t c = 0; c < cols; ++c) acc += w[c] * x[c];
-      break;
+      return dot4(cols, x, [w](int64_t c) { return w[c]; });
     }
     case DType::kBF16: {
       const uint16_t* w = reinterpret_cast<const uint16_t*>(data) + base;
-      for (int64_t c = 0; c < cols; ++c) acc += bf16_to_float(w[c]) * x[c];
-      break;
+      return dot4(cols, x, [w](int64_t c) { return bf16_to_float(w[c]); });
     }
     case DType::kF16: {
       const uint16_t* w = reinterpret_cast<const uint16_t*>(data) + base;
-      for (int64_t c = 0; c < cols; ++c) acc += f16_to_float(w[c]) * x[c];
-      break;
+      return dot4(cols, x, [w](int64_t c) { return f16_to_float(w[c]); });
     }
   }
-  return acc;
+  return 0.0f;
 }
 
 WeightView view_of(const Tensor& t, int64_t row_begin, int64_t row_end, int64_t col_begin,

@@ -38,7 +38,7 @@ struct WeightView {
     }
     return 0.0f;
   }
-  // Dot product of row r with x[0..cols), accumulated in fp32 in column order.
+  // Dot product of row r with x[0..cols) in fp32, in a fixed order (cpu_ops.cc: dot4).
   float dot(int64_t r, const float* x) const;
 };
 
