@@ -278,6 +278,39 @@ TEST(SchedulerOverlapTest, RequestFinishingInStepNHasItsStepNPlusOneTokenDiscard
   EXPECT_FALSE(s->has_unfinished_requests());
 }
 
+// Deeper pipelining: three steps planned before the first output comes back. Each later
+// step forwards the token of the one before; when step 1's token is EOS, the tokens of steps
+// 2 and 3 are discarded and nothing leaks.
+TEST(SchedulerOverlapTest, ThreeStepsInFlight) {
+  auto s = make_scheduler(base_config());
+  ASSERT_TRUE(s->add_request(spec(1, tokens(15, 10), 10)).ok());
+  ASSERT_TRUE(s->add_request(spec(2, tokens(3, 10), 10)).ok());
+  StepPlan p1 = plan(*s);
+  StepPlan p2 = plan(*s);
+  StepPlan p3 = plan(*s);
+  EXPECT_THAT(rows(p2), ElementsAre(Row{1, 15, 1, true}, Row{2, 3, 1, true}));
+  EXPECT_THAT(rows(p3), ElementsAre(Row{1, 16, 1, true}, Row{2, 4, 1, true}));
+  EXPECT_THAT(p3.requests[0].token_ids, ElementsAre(kTokenFromPreviousStep));
+  EXPECT_EQ(p3.requests[0].output_token_index, 2);
+  EXPECT_EQ(p3.requests[0].block_table.size(), 2u);  // position 16 opens a second block
+  const auto eos_for_1 = [](const StepRequest& q) { return q.request_id == 1 ? kEos : 40; };
+  std::vector<RequestUpdate> u1 = apply(*s, output_for(p1, eos_for_1));
+  ASSERT_EQ(u1.size(), 2u);
+  EXPECT_EQ(u1[0].finished, FinishReason::kStop);
+  EXPECT_EQ(s->stats().num_kv_blocks_used, 1);
+  std::vector<RequestUpdate> u2 = apply(*s, output_for(p2, eos_for_1));
+  std::vector<RequestUpdate> u3 = apply(*s, output_for(p3, eos_for_1));
+  ASSERT_EQ(u2.size(), 1u);
+  ASSERT_EQ(u3.size(), 1u);
+  EXPECT_EQ(u3[0].request_id, 2u);
+  StepPlan p4 = plan(*s);
+  EXPECT_THAT(rows(p4), ElementsAre(Row{2, 5, 1, true}));
+  EXPECT_THAT(p4.requests[0].output_token_ids, ElementsAre(40, 40, 40));
+  ASSERT_TRUE(s->finish(2, FinishReason::kAbort).ok());
+  apply(*s, output_for(p4, eos_for_1));
+  EXPECT_EQ(s->stats().num_kv_blocks_used, 0);
+}
+
 // A request preempted while its sampled token is in flight waits for that token before
 // it is prefilled again; then its re-prefill includes it.
 TEST(SchedulerOverlapTest, PreemptedWithATokenInFlightResumesOnceItIsKnown) {
