@@ -13,6 +13,9 @@
 #include "engine/model_config.h"
 #include "engine/weights.h"
 #include "spdlog/spdlog.h"
+#if MEGASERVE_WITH_CUDA_BACKEND
+#include "engine/cuda_backend.h"
+#endif
 
 namespace megaserve::server {
 namespace {
@@ -82,40 +85,81 @@ absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& sourc
   return engine::load_model_config(files.config_dir);
 }
 
+// Which backend to build, and the sentence the log gives for it.
+struct BackendChoice {
+  bool cuda = false;
+  std::string why;
+};
+
+absl::StatusOr<BackendChoice> choose_backend(const config::EngineConfig& e) {
+  const std::string& asked = e.backend();
+  if (asked == "cpu") return BackendChoice{false, "backend cpu: asked for by the configuration"};
+#if MEGASERVE_WITH_CUDA_BACKEND
+  std::string why_not;
+  const bool supported = engine::cuda_backend_supported(&why_not);
+  if (asked == "cuda") {
+    if (!supported) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("engine.backend \"cuda\": no usable GPU: ", why_not));
+    }
+    return BackendChoice{true, "backend cuda: asked for by the configuration"};
+  }
+  if (supported) return BackendChoice{true, "backend auto: a supported GPU is present"};
+  return BackendChoice{false, absl::StrCat("backend auto: no supported GPU (", why_not,
+                                           "), using the CPU interpreter")};
+#else
+  if (asked == "cuda") {
+    return absl::FailedPreconditionError(
+        "engine.backend \"cuda\": this megaserve was built without the CUDA backend (no CUDA "
+        "toolkit at build time)");
+  }
+  return BackendChoice{false,
+                       "backend auto: built without the CUDA backend, using the CPU interpreter"};
+#endif
+}
+
 absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(
-    const config::EngineConfig& e, const engine::ModelConfig& model,
+    const config::EngineConfig& e, const BackendChoice& choice, const engine::ModelConfig& model,
     engine::ModelWeights weights) {
-  std::string why_cpu;
-  if (e.backend() == "cuda") {
-    return absl::UnimplementedError(
-        "engine.backend \"cuda\": this megaserve binary has no CUDA backend");
+  std::unique_ptr<engine::Backend> backend;
+#if MEGASERVE_WITH_CUDA_BACKEND
+  if (choice.cuda) {
+    if (e.tensor_parallel_size() != 1) {
+      return absl::UnimplementedError(absl::StrCat(
+          "engine.tensor_parallel_size ", e.tensor_parallel_size(),
+          ": the CUDA backend runs one GPU (tensor parallelism is CPU-simulated only)"));
+    }
+    engine::CudaBackendOptions options;
+    options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
+    options.num_kv_blocks = static_cast<int32_t>(e.num_kv_blocks());
+    options.memory_fraction = e.gpu_memory_fraction();
+    options.step_watchdog_ms = static_cast<int>(e.step_watchdog_ms());
+    auto cuda = engine::CudaBackend::create(model, std::move(weights), options);
+    if (!cuda.ok()) return cuda.status();
+    backend = *std::move(cuda);
   }
-  if (e.backend() == "auto") {
-    why_cpu = "backend auto: no CUDA backend in this build, using the CPU interpreter";
-  } else {
-    why_cpu = "backend cpu: asked for by the configuration";
+#endif
+  if (!choice.cuda) {
+    engine::CpuBackendOptions options;
+    options.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
+    options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
+    options.num_kv_blocks =
+        e.num_kv_blocks() > 0
+            ? static_cast<int32_t>(e.num_kv_blocks())
+            : cpu_kv_blocks_for(model, options.kv_block_size, e.cpu_kv_cache_mib());
+    const unsigned threads = e.cpu_threads() > 0
+                                 ? e.cpu_threads()
+                                 : std::max(1u, std::thread::hardware_concurrency());
+    options.num_sms = static_cast<int>(threads);
+    options.execution.mode =
+        threads > 1 ? engine::ExecutionMode::kThreaded : engine::ExecutionMode::kSequential;
+    options.verify = e.verify_schedules();
+    auto cpu = engine::CpuBackend::create(model, std::move(weights), options);
+    if (!cpu.ok()) return cpu.status();
+    backend = *std::move(cpu);
   }
-  if (e.tensor_parallel_size() != 1) {
-    spdlog::info("CPU backend: simulating {} tensor-parallel ranks in one process",
-                 e.tensor_parallel_size());
-  }
-  engine::CpuBackendOptions options;
-  options.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
-  options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
-  options.num_kv_blocks =
-      e.num_kv_blocks() > 0
-          ? static_cast<int32_t>(e.num_kv_blocks())
-          : cpu_kv_blocks_for(model, options.kv_block_size, e.cpu_kv_cache_mib());
-  const unsigned threads =
-      e.cpu_threads() > 0 ? e.cpu_threads() : std::max(1u, std::thread::hardware_concurrency());
-  options.num_sms = static_cast<int>(threads);
-  options.execution.mode =
-      threads > 1 ? engine::ExecutionMode::kThreaded : engine::ExecutionMode::kSequential;
-  options.verify = e.verify_schedules();
-  auto backend = engine::CpuBackend::create(model, std::move(weights), options);
-  if (!backend.ok()) return backend.status();
-  spdlog::info("{} ({})", why_cpu, (*backend)->describe());
-  return std::unique_ptr<engine::Backend>(*std::move(backend));
+  spdlog::info("{} ({})", choice.why, backend->describe());
+  return backend;
 }
 
 }  // namespace
@@ -140,16 +184,21 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
                files->name, model->num_layers, model->hidden_size, model->num_heads,
                model->num_kv_heads, model->vocab_size, model->max_position_embeddings,
                files->dummy ? ", dummy weights" : "");
+  const config::EngineConfig& e = config.engine();
+  auto choice = choose_backend(e);
+  if (!choice.ok()) return choice.status();
+  // The CPU interpreter computes in fp32; the GPU takes bf16 (converted while loading, so
+  // the host never holds an fp32 copy of a large model).
+  const engine::DType dtype = choice->cuda ? engine::DType::kBF16 : engine::DType::kF32;
   engine::ModelWeights weights;
   if (files->dummy) {
-    weights = engine::dummy_weights(*model, engine::DType::kF32, config.model().dummy_seed());
+    weights = engine::dummy_weights(*model, dtype, config.model().dummy_seed());
   } else {
-    auto loaded = engine::load_weights(files->weights_dir, *model, engine::DType::kF32);
+    auto loaded = engine::load_weights(files->weights_dir, *model, dtype);
     if (!loaded.ok()) return loaded.status();
     weights = *std::move(loaded);
   }
-  const config::EngineConfig& e = config.engine();
-  auto backend = make_backend(e, *model, std::move(weights));
+  auto backend = make_backend(e, *choice, *model, std::move(weights));
   if (!backend.ok()) return backend.status();
   const std::string backend_description = (*backend)->describe();
   const int32_t num_kv_blocks = (*backend)->num_kv_blocks();
