@@ -62,7 +62,8 @@ function(megaserve_test name)
   # An empty LABELS value would be dropped and shift ENVIRONMENT into its place.
   set(properties ENVIRONMENT "MEGASERVE_ASSETS_DIR=${MEGASERVE_ASSETS_DIR}")
   if(ARG_LABELS)
-    list(APPEND properties LABELS "${ARG_LABELS}")
+    string(REPLACE ";" "\\;" labels "${ARG_LABELS}")  # several labels: one escaped list
+    list(APPEND properties LABELS "${labels}")
   endif()
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${properties})
 endfunction()
