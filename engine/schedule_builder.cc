@@ -166,7 +166,8 @@ class Assembler {
   // layer `layer`, every barrier index shifted by `shift`: on the same SMs, with wait targets
   // moved from the old barrier's running total to the new one's. Valid because each waiter
   // waits for all of a barrier's signals in the step, and the copied barriers receive
-  // exactly the copied signals. (Never used when accesses are recorded.)
+  // exactly the copied signals. Recorded regions are copied too, KV-cache ones moved to
+  // `layer` (every other buffer is shared by all layers).
   void replicate(size_t begin, size_t end, int layer, int shift) {
     added_.assign(tp_ * num_sms_, 0.0);
     for (size_t g = begin; g < end; ++g) {
@@ -195,6 +196,13 @@ class Assembler {
       x_.order.push_back({from.rank, from.sm, static_cast<int32_t>(rs.queue[from.sm].size())});
       rs.queue[from.sm].push_back(inst);
       rs.cost[from.sm].push_back(cost);
+      if (record_) {
+        std::vector<Access> accesses = rs.accesses[from.sm][from.pos];
+        for (Access& a : accesses) {
+          if (a.region.layer >= 0) a.region.layer = layer;
+        }
+        rs.accesses[from.sm].push_back(std::move(accesses));
+      }
       added_[from.rank * num_sms_ + from.sm] += cost;
     }
     for (int r = 0; r < tp_; ++r) {
@@ -414,10 +422,10 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
     if (!residual.ok()) return residual.status();
     size_t template_begin = 0, template_end = 0;  // layer 1's span of the global order
     for (int l = 0; l < L; ++l) {
-      if (l >= 2 && !options_.record_accesses) {
+      if (l >= 2) {
         // Layers are identical but for their index and barriers: copy layer 1's instructions
-        // (and placement) instead of tiling and placing again. Recording accesses takes the
-        // general path, so the verifier checks tiles made independently for every layer.
+        // (and placement, and recorded regions) instead of tiling and placing again. The
+        // verifier and the deadlock check see the copies exactly as they will run.
         as.replicate(template_begin, template_end, l, kLayerStages * (l - 1));
         residual = bar(tp_ == 1 ? Stage::kDown : Stage::kDownReduce, l);
         continue;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/schedule_builder.h"
 #include "engine/schedule_verifier.h"
 #include "gmock/gmock.h"
@@ -20,7 +21,7 @@ ModelConfig small_llama() {
   ModelConfig c;
   c.hidden_size = 64;
   c.intermediate_size = 172;
-  c.num_layers = 2;
+  c.num_layers = 4;  // layers 2 and 3 are replicated from layer 1 by the builder
   c.num_heads = 8;
   c.num_kv_heads = 4;
   c.head_dim = 8;
@@ -112,16 +113,20 @@ InstructionRef find(const Step& step, int rank, isa::Opcode op, int layer) {
   return {-1, -1};
 }
 
-TEST(ScheduleVerifierTest, NamesTheTwoInstructionsOfARemovedDependency) {
+class ScheduleVerifierLayerTest : public ::testing::TestWithParam<int> {};
+
+// Layer 1 is tiled and placed; layer 3 is a copy of layer 1 with shifted barriers.
+TEST_P(ScheduleVerifierLayerTest, NamesTheTwoInstructionsOfARemovedDependency) {
+  const int layer = GetParam();
   ScheduleBuilder builder(small_llama(), cpu_tile_config(8), 1, {.record_accesses = true});
   absl::StatusOr<Step> step = builder.build(mixed_plan(), 64);
   ASSERT_TRUE(step.ok()) << step.status();
   ASSERT_TRUE(verify_step(*step).ok());
-  const InstructionRef attention = find(*step, 0, isa::Opcode::kAttention, 1);
+  const InstructionRef attention = find(*step, 0, isa::Opcode::kAttention, layer);
   ASSERT_GE(attention.index, 0);
   isa::Instruction& inst = step->ranks[0].instructions[attention.index];
   ASSERT_EQ(inst.num_waits(), 1);
-  inst.words[isa::kWordNumWaits] = 0;            // forget "all QKV tiles of layer 1 are done"
+  inst.words[isa::kWordNumWaits] = 0;            // forget "all QKV tiles of this layer are done"
   ASSERT_TRUE(check_deadlock_free(*step).ok());  // still runnable, just racy
 
   const std::vector<Conflict> conflicts = find_conflicts(*step, 1000);
@@ -130,7 +135,7 @@ TEST(ScheduleVerifierTest, NamesTheTwoInstructionsOfARemovedDependency) {
   for (const Conflict& c : conflicts) {
     const isa::Instruction& other = step->ranks[c.first.rank].instructions[c.first.index];
     if (c.second.index == attention.index && other.opcode() == isa::Opcode::kQkvRope &&
-        other.layer() == 1 && c.first_writes && !c.second_writes) {
+        other.layer() == layer && c.first_writes && !c.second_writes) {
       named = true;
     }
   }
@@ -138,8 +143,11 @@ TEST(ScheduleVerifierTest, NamesTheTwoInstructionsOfARemovedDependency) {
   const absl::Status s = verify_step(*step);
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr(attention_name + " reads"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("that kQkvRope layer 1 ("));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr(absl::StrCat("that kQkvRope layer ", layer, " (")));
 }
+
+INSTANTIATE_TEST_SUITE_P(Layers, ScheduleVerifierLayerTest, ::testing::Values(1, 3));
 
 TEST(ScheduleVerifierTest, NamesACrossRankDependency) {
   ScheduleBuilder builder(small_llama(), cpu_tile_config(3), 2, {.record_accesses = true});

@@ -153,6 +153,44 @@ TEST_P(StoriesOracleTest, GreedyMatchesLlama2cOracles) {
   }
 }
 
+// The 132-SM GPU tile configuration runs on the interpreter too (one queue per SM; most are
+// short or empty for so small a model), statically verified, under tensor parallelism.
+TEST(StoriesGpuTilesTest, GpuTileConfigRunsOnTheInterpreter) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  StoriesFixture& f = StoriesFixture::get();
+  ASSERT_EQ(f.error, "");
+  for (ExecutionMode mode : {ExecutionMode::kSequential, ExecutionMode::kShuffled}) {
+    CpuBackendOptions options;
+    options.tensor_parallel = 2;
+    options.num_sms = 132;
+    options.default_tiles = false;
+    options.tiles = gpu_tile_config(132);
+    options.tiles.kv_split_tokens = 64;  // split the longer contexts here too
+    options.num_kv_blocks = 32;
+    options.kv_block_size = 16;
+    options.execution.mode = mode;
+    options.execution.poison_workspace = true;
+    options.verify = true;
+    auto backend = CpuBackend::create(f.config, f.weights, options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    GreedyDriver driver(**backend, options.num_kv_blocks);
+    driver.add({.id = 1, .prompt = {kBos}, .max_new_tokens = 200});
+    driver.add({.id = 2,
+                .prompt = f.tokenizer->encode("Zoo", true),
+                .max_new_tokens = 57,
+                .start_step = 5,
+                .stop_id = kBos});
+    absl::Status s = driver.run();
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(driver.requests()[0].generated, f.oracle.bos_ids);
+    std::vector<int32_t> ids = {f.tokenizer->encode("Zoo", false)};
+    ids.insert(ids.end(), driver.requests()[1].generated.begin(),
+               driver.requests()[1].generated.end());
+    if (ids.back() == kBos) ids.pop_back();
+    EXPECT_EQ(*f.tokenizer->decode(ids), f.oracle.zoo_text);
+  }
+}
+
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   int i = 0;
