@@ -218,6 +218,7 @@ TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
   c.vocab_cols = 512;
   c.embedding_rows = 64;
   c.lm_head_samples = 64;
+  c.sample_rows = 1;  // one CTA per sampling row
   c.attention_query_rows = 16;
   c.attention_batch_requests = 8;
   c.kv_split_tokens = 1024;
@@ -255,19 +256,6 @@ CudaBackend::~CudaBackend() {
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     const ModelConfig& config, ModelWeights weights, const CudaBackendOptions& options) {
-  std::string why;
-  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&why);
-  if (options.device < 0 || options.device >= static_cast<int>(devices.size())) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cuda backend: no CUDA device ", options.device, " (",
-                     devices.empty() ? why : absl::StrCat(devices.size(), " visible"), ")"));
-  }
-  const kernels::DeviceInfo& dev = devices[options.device];
-  if (!dev.supported()) {
-    return absl::FailedPreconditionError(absl::StrCat("cuda backend: ", dev.name, " is sm_",
-                                                      dev.compute_major, dev.compute_minor,
-                                                      "; the megakernel is built for sm_90a"));
-  }
   if (absl::Status s = check_tensor_parallel(config, 1); !s.ok()) return s;
   const int hd = config.head_dim;
   if (hd % 8 != 0 || hd > kernels::kMaxHeadDim) {
@@ -287,6 +275,19 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   if (options.step_watchdog_ms <= 0) {
     return absl::InvalidArgumentError("cuda backend: step_watchdog_ms must be > 0");
   }
+  std::string why;
+  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&why);
+  if (options.device < 0 || options.device >= static_cast<int>(devices.size())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: no CUDA device ", options.device, " (",
+                     devices.empty() ? why : absl::StrCat(devices.size(), " visible"), ")"));
+  }
+  const kernels::DeviceInfo& dev = devices[options.device];
+  if (!dev.supported()) {
+    return absl::FailedPreconditionError(absl::StrCat("cuda backend: ", dev.name, " is sm_",
+                                                      dev.compute_major, dev.compute_minor,
+                                                      "; the megakernel is built for sm_90a"));
+  }
   std::unique_ptr<CudaBackend> b(new CudaBackend());
   b->config_ = config;
   b->options_ = options;
@@ -298,7 +299,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
                                                    " CTAs exceed the ", dev.sm_count,
                                                    " SMs (every CTA must be resident)"));
   }
-  const size_t smem = dev.max_shared_memory_per_block;
+  MEGASERVE_CUDA_RETURN(cudaSetDevice(options.device), "selecting the device");
+  size_t smem = 0;
+  MEGASERVE_CUDA_RETURN(kernels::configure_megakernel(dev.max_shared_memory_per_block, &smem),
+                        "configuring shared memory");
   const size_t smem_floats = smem / sizeof(float);
   const size_t qkv_floats = size_t{kernels::kMaxMatvecRows} * b->tiles_.qkv_heads * hd;
   const size_t widest = std::max({config.hidden_size + qkv_floats,
@@ -315,11 +319,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   st->device = options.device;
   st->grid = b->tiles_.num_sms;
   st->smem_bytes = smem;
-  MEGASERVE_CUDA_RETURN(cudaSetDevice(options.device), "selecting the device");
   MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->exec, cudaStreamNonBlocking), "stream");
   MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->copy, cudaStreamNonBlocking), "stream");
   MEGASERVE_CUDA_RETURN(cudaEventCreateWithFlags(&st->done, cudaEventDisableTiming), "event");
-  MEGASERVE_CUDA_RETURN(kernels::configure_megakernel(smem), "configuring shared memory");
 
   // Weights, bf16. Tied embeddings share one device copy.
   std::unordered_map<const void*, const uint16_t*> uploaded;

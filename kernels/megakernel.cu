@@ -54,12 +54,14 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
           if (sleep_ns < 1024) sleep_ns *= 2;
         }
         if (ok) {
+          __threadfence_system();  // the slot's upload precedes the doorbell
           control->shutdown = host->shutdown;
           store_release_gpu(&control->go, next);
         }
       } else {
         ok = poll_until(&control->go, host, [&](uint32_t v) { return v == next; });
       }
+      __threadfence();
       if (!ok || *reinterpret_cast<volatile uint32_t*>(&control->shutdown) != 0) cs.stop = 1;
     }
     __syncthreads();
@@ -102,11 +104,20 @@ cudaError_t launch(const void* kernel, const MegakernelParams& params, int grid,
 
 }  // namespace
 
-cudaError_t configure_megakernel(size_t smem_bytes) {
-  for (const void* k : {reinterpret_cast<const void*>(&megakernel_step),
-                        reinterpret_cast<const void*>(&megakernel_persistent)}) {
+cudaError_t configure_megakernel(size_t optin_bytes, size_t* dynamic_bytes) {
+  const void* kernels[] = {reinterpret_cast<const void*>(&megakernel_step),
+                           reinterpret_cast<const void*>(&megakernel_persistent)};
+  size_t static_bytes = 0;
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr{};
+    if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
+    static_bytes = attr.sharedSizeBytes > static_bytes ? attr.sharedSizeBytes : static_bytes;
+  }
+  // 16-byte granularity keeps float4 views of the dynamic area in bounds.
+  *dynamic_bytes = (optin_bytes - static_bytes) / 16 * 16;
+  for (const void* k : kernels) {
     cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_bytes));
+                                         static_cast<int>(*dynamic_bytes));
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -127,8 +127,9 @@ struct MegakernelParams {
   uint32_t first_seq;              // persistent: steps before this launch (doorbell value)
 };
 
-// Opts both kernels into `smem_bytes` of dynamic shared memory.
-cudaError_t configure_megakernel(size_t smem_bytes);
+// Opts both kernels into the most dynamic shared memory a CTA can have next to their static
+// shared memory, given the device's opt-in limit per block; returns it in `dynamic_bytes`.
+cudaError_t configure_megakernel(size_t optin_bytes, size_t* dynamic_bytes);
 // One step (params.slot), one CTA per queue; cooperative, so every CTA is co-resident.
 cudaError_t launch_megakernel_step(const MegakernelParams& params, int grid, size_t smem_bytes,
                                    cudaStream_t stream);

@@ -1,4 +1,4 @@
-// kSample for one sampling row, following engine/sampling.h for the rows the host marked
+// kSample for a range of sampling rows, each following engine/sampling.h for the rows the host marked
 // on_device (no penalties, banned ids, top-k/p, min-p or top logprobs):
 //   cleaning: NaN -> -inf, +inf -> the largest finite float;
 //   greedy (temperature <= 0 or NaN): argmax, lowest id on ties;
@@ -57,11 +57,16 @@ struct SampleOp {
 
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::SampleArgs>(inst);
+    for (int s = a.sample_begin; s < a.sample_end; ++s) sample_row(s, ctx);
+  }
+
+  // Every thread of the CTA calls it (block reductions inside).
+  __device__ static void sample_row(int sample, const OpContext& ctx) {
     const DeviceStepDesc& st = ctx.step;
-    const DeviceSampling sp = st.sampling[a.sample];
+    const DeviceSampling sp = st.sampling[sample];
     if (!sp.on_device) return;
     const int V = ctx.model.vocab;
-    const float* logits = st.logits + static_cast<int64_t>(a.sample) * V;  // (V)
+    const float* logits = st.logits + static_cast<int64_t>(sample) * V;  // (V)
     double* dscratch = reinterpret_cast<double*>(ctx.smem);                  // (warps)
     int* iscratch = reinterpret_cast<int*>(dscratch + kMegakernelWarps);     // (warps)
     float* fscratch = reinterpret_cast<float*>(iscratch + kMegakernelWarps); // (warps)
@@ -75,8 +80,8 @@ struct SampleOp {
     block_argmax(best, best_id, fscratch, iscratch);
     if (best == -INFINITY) {  // nothing finite: token 0 (sampling.h step 3 fallback)
       if (threadIdx.x == 0) {
-        st.sampled_ids[a.sample] = 0;
-        st.sampled_logprobs[a.sample] = -INFINITY;
+        st.sampled_ids[sample] = 0;
+        st.sampled_logprobs[sample] = -INFINITY;
       }
       return;
     }
@@ -102,8 +107,8 @@ struct SampleOp {
       token = id;
     }
     if (threadIdx.x == 0) {
-      st.sampled_ids[a.sample] = token;
-      st.sampled_logprobs[a.sample] = static_cast<float>(
+      st.sampled_ids[sample] = token;
+      st.sampled_logprobs[sample] = static_cast<float>(
           static_cast<double>(clean(logits[token])) - (static_cast<double>(best) + log(sum)));
     }
   }

@@ -1,0 +1,111 @@
+// GPU step benchmark: decode steps of the CUDA megakernel on a model shape with dummy bf16
+// weights (default configs/models/llama-3.2-1b.json), for several batch sizes, persistent and
+// one launch per step. Prints, per row, the mean step time, decode tokens/s, the step's
+// memory floor (weights + KV bytes over the measured-bandwidth figure of DESIGN.md §10,
+// 3.0 TB/s on H100) and the ratio to it.
+//
+//   gpu_step_bench [config.json] [steps per row]
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "engine/cuda_backend.h"
+#include "engine/model_config.h"
+#include "engine/weights.h"
+
+namespace megaserve::engine {
+namespace {
+
+constexpr double kBandwidthBytesPerSecond = 3.0e12;
+constexpr int kContext = 128;  // tokens in each request's cache before the timed steps
+constexpr int32_t kBlock = 16;
+
+int run(const std::string& config_path, int steps) {
+  auto config = load_model_config_file(config_path);
+  if (!config.ok()) {
+    std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
+    return 1;
+  }
+  std::string why;
+  if (!cuda_backend_supported(&why)) {
+    std::fprintf(stderr, "gpu_step_bench: %s\n", why.c_str());
+    return 1;
+  }
+  const ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);
+  double weight_bytes = 0;
+  const auto count = [&](const Tensor& t) { weight_bytes += t.empty() ? 0 : 2.0 * t.numel(); };
+  count(weights.embedding);
+  if (weights.lm_head.bytes != weights.embedding.bytes) count(weights.lm_head);
+  for (const LayerWeights& l : weights.layers) {
+    for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) count(*t);
+  }
+  std::printf("model %s: %.2f GB of bf16 weights\n", config_path.c_str(), weight_bytes / 1e9);
+  std::printf("%-11s %6s %10s %12s %10s %8s\n", "mode", "batch", "step_ms", "tok/s", "floor_ms",
+              "floor/x");
+  for (bool persistent : {true, false}) {
+    CudaBackendOptions o;
+    o.kv_block_size = kBlock;
+    o.num_kv_blocks = 64 * (kContext + steps + kBlock) / kBlock + 8;
+    o.persistent = persistent;
+    o.step_watchdog_ms = 60000;  // the prefill steps are long on CUDA cores
+    auto b = CudaBackend::create(*config, weights, o);
+    if (!b.ok()) {
+      std::fprintf(stderr, "%s\n", b.status().ToString().c_str());
+      return 1;
+    }
+    uint64_t step_id = 0;
+    for (int batch : {1, 8, 32}) {
+      const int per_req = (kContext + steps + kBlock) / kBlock;
+      std::vector<int32_t> tokens(kContext, 7);
+      scheduler::StepPlan plan;
+      plan.kv_block_size = kBlock;
+      for (int i = 0; i < batch; ++i) {
+        scheduler::StepRequest r;
+        r.request_id = step_id * 1000 + i + 1;
+        r.token_ids = tokens;
+        for (int k = 0; k < per_req; ++k) r.block_table.push_back(i * per_req + k);
+        r.sample = true;
+        plan.requests.push_back(r);
+      }
+      plan.step_id = step_id++;
+      if (auto out = (*b)->execute(plan); !out.ok()) {  // prefill
+        std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
+        return 1;
+      }
+      for (auto& r : plan.requests) {
+        r.first_position = kContext;
+        r.token_ids = {scheduler::kTokenFromPreviousStep};
+      }
+      std::chrono::duration<double> elapsed{};
+      for (int s = 0; s < steps; ++s) {
+        plan.step_id = step_id++;
+        const auto t0 = std::chrono::steady_clock::now();
+        auto out = (*b)->execute(plan);
+        elapsed += std::chrono::steady_clock::now() - t0;
+        if (!out.ok()) {
+          std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
+          return 1;
+        }
+        for (auto& r : plan.requests) ++r.first_position;
+      }
+      const double step_s = elapsed.count() / steps;
+      const double kv_bytes = 2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers *
+                              config->kv_size();
+      const double floor_s = (weight_bytes + kv_bytes) / kBandwidthBytesPerSecond;
+      std::printf("%-11s %6d %10.3f %12.0f %10.3f %8.3f\n", persistent ? "persistent" : "per-step",
+                  batch, step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+int main(int argc, char** argv) {
+  const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.2-1b.json";
+  const int steps = argc > 2 ? std::atoi(argv[2]) : 20;
+  return megaserve::engine::run(config, steps);
+}

@@ -1,0 +1,232 @@
+// CudaBackend against the CPU interpreter (fp32, the numerical reference) on random small
+// models written to disk in bf16 and loaded by the real loader, so both backends hold the
+// same weights: teacher-forced steps mixing prefill chunks and decodes, awkward sizes
+// (tokens per step 1, 3, 17, 129; contexts up to ~4000; KV blocks of 16 and 64; head_dim 64
+// and 128; GQA 1, 4, 8; Qwen2 bias, Qwen3 q/k norm, llama3 RoPE), KV splits. The GPU
+// workspace is poisoned with NaN before every step, so an unwritten read shows up in the
+// logits; every logit row must be finite and within 1e-2 (relative to the row's largest
+// magnitude) of the CPU's.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/cpu_backend.h"
+#include "engine/cuda_backend.h"
+#include "engine/weights.h"
+#include "gtest/gtest.h"
+#include "tests/kernels/gpu_test_util.h"
+#include "tests/support/safetensors_writer.h"
+
+namespace megaserve::engine {
+namespace {
+
+struct ModelCase {
+  std::string name;
+  ModelFamily family;
+  int hidden, heads, kv_heads, head_dim, ffn, vocab, layers;
+  int32_t block_size;
+  int kv_split_tokens;  // GPU tiles; the CPU uses its own (smaller) splits
+  bool llama3 = false;
+};
+
+// A request of the teacher-forced schedule: its whole token sequence, fed in the given
+// chunk sizes (one chunk per step, then single-token decodes), starting at `start_step`.
+struct ForcedRequest {
+  std::vector<int32_t> tokens;
+  std::vector<int> chunks;
+  int start_step = 0;
+  int fed = 0;
+  std::vector<int32_t> blocks;
+};
+
+ModelConfig make_config(const ModelCase& c) {
+  ModelConfig config = testing::tiny_model_config(c.family);
+  config.hidden_size = c.hidden;
+  config.num_heads = c.heads;
+  config.num_kv_heads = c.kv_heads;
+  config.head_dim = c.head_dim;
+  config.intermediate_size = c.ffn;
+  config.vocab_size = c.vocab;
+  config.num_layers = c.layers;
+  config.max_position_embeddings = 8192;
+  if (c.llama3) {
+    config.rope_theta = 500000.0f;
+    config.rope_scaling.type = RopeScalingType::kLlama3;
+    config.rope_scaling.factor = 8.0f;
+    config.rope_scaling.original_max_position_embeddings = 1024;
+  }
+  return config;
+}
+
+// Relative error of `got` against `want` over one row: max |got - want| / max |want|.
+double row_error(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, scale = 1e-6;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+  }
+  return err / scale;
+}
+
+class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
+
+void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps) {
+  const ModelConfig config = make_config(c);
+  const auto dir = testing::make_test_dir(c.name);
+  testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
+  absl::StatusOr<ModelWeights> weights = load_weights(dir, config, DType::kBF16);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+
+  int32_t blocks_needed = 0;
+  for (const auto& r : requests) {
+    blocks_needed += (static_cast<int32_t>(r.tokens.size()) + c.block_size - 1) / c.block_size;
+  }
+  CpuBackendOptions cpu_opts;
+  cpu_opts.num_sms = 8;
+  cpu_opts.default_tiles = false;
+  cpu_opts.tiles = cpu_tile_config(8);
+  cpu_opts.tiles.token_rows = 16;
+  cpu_opts.tiles.kv_split_tokens = 512;
+  cpu_opts.num_kv_blocks = blocks_needed + 3;
+  cpu_opts.kv_block_size = c.block_size;
+  cpu_opts.execution.mode = ExecutionMode::kThreaded;
+  auto cpu = CpuBackend::create(config, *weights, cpu_opts);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+
+  CudaBackendOptions gpu_opts;
+  gpu_opts.kv_block_size = c.block_size;
+  gpu_opts.num_kv_blocks = blocks_needed + 3;
+  gpu_opts.persistent = true;
+  gpu_opts.poison_workspace = true;
+  gpu_opts.check_barriers = true;
+  TileConfig tiles = cuda_tile_config(132, 0);
+  tiles.kv_split_tokens = c.kv_split_tokens;
+  gpu_opts.tiles = tiles;
+  auto gpu = CudaBackend::create(config, *weights, gpu_opts);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+
+  // Blocks handed out from the top, in a scrambled order, as a real pool would.
+  std::vector<int32_t> free_blocks;
+  for (int32_t b = 0; b < blocks_needed + 3; ++b) free_blocks.push_back(b);
+  std::shuffle(free_blocks.begin(), free_blocks.end(), std::mt19937(7));
+
+  std::mt19937 rng(99);
+  int compared = 0;
+  double worst = 0;
+  for (int step = 0; step < num_steps; ++step) {
+    scheduler::StepPlan plan;
+    plan.step_id = step;
+    plan.kv_block_size = c.block_size;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      ForcedRequest& r = requests[i];
+      const int total = static_cast<int>(r.tokens.size());
+      if (step < r.start_step || r.fed >= total) continue;
+      const int k = step - r.start_step;
+      const int n = std::min(total - r.fed, k < static_cast<int>(r.chunks.size()) ? r.chunks[k] : 1);
+      scheduler::StepRequest sr;
+      sr.request_id = i + 1;
+      sr.first_position = r.fed;
+      sr.token_ids.assign(r.tokens.begin() + r.fed, r.tokens.begin() + r.fed + n);
+      while (static_cast<int>(r.blocks.size()) * c.block_size < r.fed + n) {
+        r.blocks.push_back(free_blocks.back());
+        free_blocks.pop_back();
+      }
+      sr.block_table = r.blocks;
+      sr.sample = true;
+      sr.sampling.temperature = 0.0f;
+      r.fed += n;
+      plan.requests.push_back(std::move(sr));
+    }
+    if (plan.requests.empty()) break;
+    auto want = (*cpu)->execute(plan);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got = (*gpu)->execute(plan);
+    ASSERT_TRUE(got.ok()) << "step " << step << ": " << got.status();
+    ASSERT_EQ(got->sampled.size(), want->sampled.size());
+    for (size_t s = 0; s < want->sampled.size(); ++s) {
+      const std::vector<float> ref = (*cpu)->interpreter().logits(static_cast<int>(s));
+      absl::StatusOr<std::vector<float>> row = (*gpu)->logits(static_cast<int>(s));
+      ASSERT_TRUE(row.ok()) << row.status();
+      for (size_t v = 0; v < row->size(); ++v) {
+        ASSERT_TRUE(std::isfinite((*row)[v])) << "step " << step << " sample " << s << " id " << v;
+      }
+      const double err = row_error(*row, ref);
+      worst = std::max(worst, err);
+      EXPECT_LT(err, 1e-2) << c.name << " step " << step << " sample " << s;
+      // Greedy ids agree unless the CPU's top two are closer than the tolerance.
+      std::vector<float> sorted = ref;
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      const double margin = sorted[0] - sorted[1];
+      if (margin > 2e-2 * std::abs(sorted[0]) + 1e-3) {
+        EXPECT_EQ(got->sampled[s].token_id, want->sampled[s].token_id)
+            << c.name << " step " << step << " sample " << s;
+      }
+      EXPECT_EQ(got->sampled[s].request_id, want->sampled[s].request_id);
+      ++compared;
+    }
+  }
+  (void)rng;
+  std::printf("[ %s ] %d logit rows compared, worst relative error %.2e\n", c.name.c_str(),
+              compared, worst);
+}
+
+std::vector<int32_t> random_tokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
+  return t;
+}
+
+// Mixed batches with tokens per request-step of 1, 3, 17 and 129.
+TEST_P(CudaVsCpu, MixedPrefillAndDecodeSteps) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase& c = GetParam();
+  std::vector<ForcedRequest> reqs(4);
+  reqs[0] = {random_tokens(300, c.vocab, 1), {129, 129, 17}, 0};
+  reqs[1] = {random_tokens(40, c.vocab, 2), {3, 17, 3}, 0};
+  reqs[2] = {random_tokens(200, c.vocab, 3), {17, 129}, 2};
+  reqs[3] = {random_tokens(30, c.vocab, 4), {1, 1, 3, 17}, 1};
+  run_forced(c, reqs, 12);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaVsCpu,
+    ::testing::Values(
+        ModelCase{"llama_gqa1_hd64_bs16", ModelFamily::kLlama, 256, 4, 4, 64, 344, 1000, 2, 16,
+                  64},
+        ModelCase{"llama3rope_gqa4_hd128_bs64", ModelFamily::kLlama, 256, 8, 2, 128, 200, 777, 2,
+                  64, 128, true},
+        ModelCase{"qwen2_gqa8_hd64_bs16", ModelFamily::kQwen2, 128, 8, 1, 64, 96, 515, 2, 16,
+                  1024},
+        ModelCase{"qwen3_gqa4_hd128_bs64", ModelFamily::kQwen3, 192, 4, 1, 128, 160, 600, 2, 64,
+                  256}),
+    [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
+
+// One request to a context of ~4000 tokens (prefill chunks of 1000, then decodes) beside a
+// short one: long KV-split attention with the GPU's default split size.
+TEST(CudaVsCpuLong, ContextOf4000Tokens) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase c{"long_context", ModelFamily::kLlama, 64, 2, 1, 64, 64, 300, 1, 16, 1024};
+  std::vector<ForcedRequest> reqs(2);
+  reqs[0] = {random_tokens(3990, c.vocab, 11), {1000, 1000, 1000, 985}, 0};
+  reqs[1] = {random_tokens(20, c.vocab, 12), {3}, 2};
+  run_forced(c, reqs, 10);
+}
+
+TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
+  ModelConfig config = testing::tiny_model_config(ModelFamily::kLlama);
+  config.head_dim = 12;  // not a multiple of 8
+  auto b = CudaBackend::create(config, ModelWeights{}, {});
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("head_dim 12"), std::string::npos) << b.status();
+  config.head_dim = 8;
+  b = CudaBackend::create(config, ModelWeights{}, {});  // no tensors
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("weights do not match"), std::string::npos) << b.status();
+}
+
+}  // namespace
+}  // namespace megaserve::engine

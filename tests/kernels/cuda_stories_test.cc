@@ -1,0 +1,241 @@
+// stories260K on the GPU: greedy from BOS against the llama2.c oracle (bf16 weights and KV
+// cache, so a long exact prefix rather than all 200 ids), teacher-forced argmax agreement,
+// the device sample op against the host sampler on the same logits (greedy exactly, seeded
+// Gumbel draws exactly, logprobs), and thousands of back-to-back persistent steps giving the
+// same tokens as one launch per step.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+#include <vector>
+
+#include "engine/cuda_backend.h"
+#include "engine/model_config.h"
+#include "engine/sampling.h"
+#include "engine/weights.h"
+#include "gtest/gtest.h"
+#include "tests/kernels/gpu_test_util.h"
+#include "tests/support/assets.h"
+
+namespace megaserve::engine {
+namespace {
+
+constexpr const char* kModel = "models/stories260K-hf/config.json";
+
+struct Stories {
+  ModelConfig config;
+  ModelWeights weights;
+  std::vector<int32_t> oracle;  // 200 ids after BOS
+};
+
+Stories load_stories() {
+  Stories s;
+  const auto dir = testing::assets_dir() / "models/stories260K-hf";
+  auto c = load_model_config(dir);
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (!c.ok()) return s;
+  s.config = *c;
+  auto w = load_weights(dir, s.config, DType::kF32);
+  EXPECT_TRUE(w.ok()) << w.status();
+  if (w.ok()) s.weights = std::move(*w);
+  std::istringstream ids(testing::read_file(testing::assets_dir() /
+                                            "models/stories260K/oracle/bos_t0_n200_ids.txt"));
+  for (int32_t id; ids >> id;) s.oracle.push_back(id);
+  EXPECT_EQ(s.oracle.size(), 200u);
+  return s;
+}
+
+std::unique_ptr<CudaBackend> make_backend(const Stories& s, bool persistent, int32_t blocks = 512) {
+  CudaBackendOptions o;
+  o.kv_block_size = 16;
+  o.num_kv_blocks = blocks;
+  o.persistent = persistent;
+  o.check_barriers = true;
+  auto b = CudaBackend::create(s.config, s.weights, o);
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? std::move(*b) : nullptr;
+}
+
+scheduler::StepRequest decode_request(uint64_t id, int32_t token, int32_t position,
+                                      const std::vector<int32_t>& blocks) {
+  scheduler::StepRequest r;
+  r.request_id = id;
+  r.token_ids = {token};
+  r.first_position = position;
+  r.block_table = blocks;
+  r.sample = true;
+  r.sampling.temperature = 0.0f;  // greedy (SamplingParams defaults to 1)
+  return r;
+}
+
+TEST(CudaStories, GreedyFromBosMatchesOracle) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  for (bool persistent : {false, true}) {
+    auto b = make_backend(s, persistent);
+    ASSERT_NE(b, nullptr);
+    std::vector<int32_t> blocks;
+    int32_t token = 1;  // BOS
+    int matched = 0;
+    bool diverged = false;
+    for (int pos = 0; pos < 200; ++pos) {
+      if (pos % 16 == 0) blocks.push_back(pos / 16);
+      scheduler::StepPlan plan;
+      plan.step_id = pos;
+      plan.kv_block_size = 16;
+      plan.requests.push_back(decode_request(7, pos == 0 ? token : scheduler::kTokenFromPreviousStep,
+                                             pos, blocks));
+      auto out = b->execute(plan);
+      ASSERT_TRUE(out.ok()) << out.status();
+      ASSERT_EQ(out->sampled.size(), 1u);
+      token = out->sampled[0].token_id;
+      if (!diverged && token == s.oracle[pos]) {
+        ++matched;
+      } else {
+        diverged = true;
+      }
+    }
+    std::printf("[ stories260K %s ] greedy from BOS: first %d of 200 ids match the oracle\n",
+                persistent ? "persistent" : "per-step", matched);
+    EXPECT_GE(matched, 50);
+  }
+}
+
+TEST(CudaStories, TeacherForcedArgmaxAgreement) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  auto b = make_backend(s, true);
+  ASSERT_NE(b, nullptr);
+  std::vector<int32_t> blocks;
+  int agree = 0;
+  for (int pos = 0; pos < 200; ++pos) {
+    if (pos % 16 == 0) blocks.push_back(pos / 16);
+    scheduler::StepPlan plan;
+    plan.step_id = pos;
+    plan.kv_block_size = 16;
+    plan.requests.push_back(decode_request(3, pos == 0 ? 1 : s.oracle[pos - 1], pos, blocks));
+    auto out = b->execute(plan);
+    ASSERT_TRUE(out.ok()) << out.status();
+    agree += out->sampled[0].token_id == s.oracle[pos];
+  }
+  std::printf("[ stories260K ] teacher-forced argmax agreement: %d / 200\n", agree);
+  EXPECT_GE(agree, 198);  // >= 99%
+}
+
+// 48 requests in one step, each a prefill of a different prompt, sampled greedily, with
+// seeded temperatures, or with host-side filters; the device's choices must be exactly the
+// host sampler's on the very logits the device produced.
+TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  auto b = make_backend(s, true);
+  ASSERT_NE(b, nullptr);
+  for (int round = 0; round < 4; ++round) {
+    scheduler::StepPlan plan;
+    plan.step_id = round;
+    plan.kv_block_size = 16;
+    std::vector<std::vector<int32_t>> prompts(48);
+    for (int i = 0; i < 48; ++i) {
+      scheduler::StepRequest r;
+      r.request_id = 100 * round + i;
+      prompts[i] = {1, static_cast<int32_t>(10 + i), static_cast<int32_t>(300 + round + i)};
+      r.token_ids = prompts[i];
+      r.block_table = {i};
+      r.sample = true;
+      r.seed = 1000 + i;
+      r.output_token_index = round;
+      r.prompt_token_ids = prompts[i];
+      switch (i % 4) {
+        case 0:
+          r.sampling.temperature = 0.0f;
+          break;
+        case 1:
+          r.sampling.temperature = 0.7f;
+          break;
+        case 2:
+          r.sampling.temperature = 1.5f;
+          break;
+        case 3:  // host path: filters, penalty and top logprobs
+          r.sampling.temperature = 0.9f;
+          r.sampling.top_k = 20;
+          r.sampling.top_p = 0.9f;
+          r.sampling.repetition_penalty = 1.2f;
+          r.sampling.logprobs = 3;
+          break;
+      }
+      plan.requests.push_back(r);
+    }
+    auto out = b->execute(plan);
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_EQ(out->sampled.size(), 48u);
+    for (int i = 0; i < 48; ++i) {
+      auto logits = b->logits(i);
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      SamplingContext sc;
+      sc.prompt_token_ids = prompts[i];
+      sc.seed = plan.requests[i].seed;
+      sc.token_index = round;
+      const scheduler::SampledToken want = sample_token(*logits, plan.requests[i].sampling, sc);
+      EXPECT_EQ(out->sampled[i].token_id, want.token_id) << "round " << round << " request " << i;
+      EXPECT_NEAR(out->sampled[i].logprob, want.logprob, 1e-4) << "request " << i;
+      EXPECT_EQ(out->sampled[i].top_logprobs.size(), want.top_logprobs.size());
+      EXPECT_EQ(out->sampled[i].request_id, plan.requests[i].request_id);
+    }
+  }
+}
+
+// Runs `waves` waves of 4 concurrent seeded requests, each generating up to `tokens` tokens
+// from a one-token prompt (about `waves * tokens` steps); returns every sampled token.
+std::vector<int32_t> generate(CudaBackend& b, int waves, int tokens) {
+  std::vector<int32_t> all;
+  uint64_t step = 0;
+  for (int w = 0; w < waves; ++w) {
+    std::vector<std::vector<int32_t>> blocks(4);
+    for (int pos = 0; pos < tokens; ++pos) {
+      scheduler::StepPlan plan;
+      plan.step_id = step++;
+      plan.kv_block_size = 16;
+      for (int i = 0; i < 4; ++i) {
+        if (pos % 16 == 0) blocks[i].push_back(i * 32 + pos / 16);
+        scheduler::StepRequest r = decode_request(
+            w * 4 + i + 1, pos == 0 ? 1 + i : scheduler::kTokenFromPreviousStep, pos, blocks[i]);
+        r.sampling.temperature = i == 0 ? 0.0f : 0.8f;
+        r.seed = 77 * w + i;
+        r.output_token_index = pos;
+        plan.requests.push_back(r);
+      }
+      auto out = b.execute(plan);
+      EXPECT_TRUE(out.ok()) << out.status();
+      if (!out.ok()) return all;
+      for (const auto& t : out->sampled) all.push_back(t.token_id);
+    }
+  }
+  return all;
+}
+
+TEST(CudaStories, PersistentStepsMatchPerStepLaunches) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  // One backend at a time: a resident persistent kernel holds every SM, so another
+  // backend's cooperative launch could never start beside it.
+  std::vector<int32_t> a, c;
+  {
+    auto persistent = make_backend(s, true);
+    ASSERT_NE(persistent, nullptr);
+    a = generate(*persistent, 8, 256);  // 2048 steps
+  }
+  {
+    auto per_step = make_backend(s, false);
+    ASSERT_NE(per_step, nullptr);
+    c = generate(*per_step, 8, 256);
+  }
+  ASSERT_EQ(a.size(), 8u * 256 * 4);
+  EXPECT_EQ(a, c);
+}
+
+}  // namespace
+}  // namespace megaserve::engine
