@@ -1,0 +1,148 @@
+// The real `megaserve` binary as a subprocess: SIGTERM turns health NOT_SERVING, new
+// requests get UNAVAILABLE, running requests finish within the grace period (or are
+// aborted when it is over), and the process exits 0.
+#include <signal.h>
+
+#include <chrono>
+#include <future>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/server/grpc_test_util.h"
+#include "tests/server/subprocess.h"
+#include "tests/support/assets.h"
+
+namespace megaserve::server {
+namespace {
+
+using megaserve::testing::StreamResult;
+using megaserve::testing::Subprocess;
+using HealthStatus = grpc::health::v1::HealthCheckResponse;
+
+constexpr char kModel[] = "models/stories260K-hf/config.json";
+
+class SigtermTest : public ::testing::Test {
+ protected:
+  void SetUp() override { MEGASERVE_REQUIRE_ASSET(kModel); }
+
+  // Starts megaserve and returns its gRPC port (0 on failure).
+  int start(const std::string& grace_seconds) {
+    const std::string log =
+        (std::filesystem::path(::testing::TempDir()) /
+         absl::StrCat("megaserve_sigterm_", getpid(), "_", grace_seconds, ".log"))
+            .string();
+    server_ = std::make_unique<Subprocess>(
+        std::vector<std::string>{
+            MEGASERVE_BINARY, "--config=" MEGASERVE_SOURCE_DIR "/configs/default.textproto",
+            absl::StrCat("--model=", (megaserve::testing::assets_dir() / "models/stories260K-hf")
+                                         .string()),
+            "--grpc_address=127.0.0.1:0", "--metrics_address=", "--backend=cpu",
+            "--cpu_threads=1", "--num_kv_blocks=1024",
+            absl::StrCat("--drain_grace_seconds=", grace_seconds)},
+        log);
+    const auto port = server_->wait_for_log(std::regex(R"(serving gRPC on \S+ \(port (\d+)\))"),
+                                            std::chrono::seconds(30));
+    int value = 0;
+    if (!port || !absl::SimpleAtoi(*port, &value)) {
+      ADD_FAILURE() << "megaserve did not start:\n" << server_->log();
+    }
+    return value;
+  }
+
+  std::unique_ptr<Subprocess> server_;
+};
+
+v1::GenerateRequest long_request() {
+  v1::GenerateRequest request;
+  request.set_text("Once upon a time");
+  request.mutable_params()->set_temperature(0.0f);
+  request.mutable_params()->set_max_tokens(480);
+  request.mutable_params()->set_ignore_eos(true);
+  return request;
+}
+
+TEST_F(SigtermTest, DrainsRunningRequestsThenExitsZero) {
+  const int port = start("30");
+  ASSERT_GT(port, 0);
+  EXPECT_EQ(megaserve::testing::health(port), HealthStatus::SERVING);
+  // Several long streams keep the engine busy well past the checks below.
+  constexpr int kStreams = 12;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  auto stub = megaserve::testing::connect(port);
+  std::vector<int> tokens(kStreams, 0);
+  for (int i = 0; i < kStreams; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(stub->Generate(contexts.back().get(), long_request()));
+  }
+  v1::GenerateResponse response;
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(readers[i]->Read(&response));
+    tokens[i] += response.token_ids_size();
+  }
+  server_->signal(SIGTERM);
+  HealthStatus::ServingStatus status = HealthStatus::SERVING;
+  for (int i = 0; i < 200 && status == HealthStatus::SERVING; ++i) {
+    status = megaserve::testing::health(port);
+  }
+  EXPECT_EQ(status, HealthStatus::NOT_SERVING);
+  const StreamResult rejected = megaserve::testing::generate(*stub, long_request());
+  EXPECT_EQ(rejected.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << rejected.status.error_message();
+  for (int i = 0; i < kStreams; ++i) {
+    v1::FinishReason reason = v1::FINISH_REASON_UNSPECIFIED;
+    while (readers[i]->Read(&response)) {
+      tokens[i] += response.token_ids_size();
+      if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        reason = response.finish_reason();
+      }
+    }
+    EXPECT_TRUE(readers[i]->Finish().ok()) << i;
+    EXPECT_EQ(reason, v1::FINISH_REASON_LENGTH) << i;
+    EXPECT_EQ(tokens[i], 480) << i;
+  }
+  EXPECT_EQ(server_->wait(std::chrono::seconds(20)), 0) << server_->log();
+  EXPECT_NE(server_->log().find("SIGTERM: draining"), std::string::npos);
+}
+
+TEST_F(SigtermTest, AbortsWhatOutlivesTheGracePeriodThenExitsZero) {
+  const int port = start("0");
+  ASSERT_GT(port, 0);
+  auto stub = megaserve::testing::connect(port);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  v1::GenerateResponse response;
+  for (int i = 0; i < 8; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(stub->Generate(contexts.back().get(), long_request()));
+    ASSERT_TRUE(readers.back()->Read(&response));
+  }
+  server_->signal(SIGTERM);
+  int aborted = 0;
+  for (auto& reader : readers) {
+    int tokens = 0;
+    v1::FinishReason reason = v1::FINISH_REASON_UNSPECIFIED;
+    while (reader->Read(&response)) {
+      tokens += response.token_ids_size();
+      if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        reason = response.finish_reason();
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    // An aborted request ends normally with FINISH_REASON_ABORT (or, if its last message
+    // could not be delivered before shutdown, with CANCELLED/UNAVAILABLE).
+    if (status.ok()) {
+      EXPECT_NE(reason, v1::FINISH_REASON_UNSPECIFIED);
+      aborted += reason == v1::FINISH_REASON_ABORT;
+    }
+  }
+  EXPECT_GT(aborted, 0);
+  EXPECT_EQ(server_->wait(std::chrono::seconds(20)), 0) << server_->log();
+}
+
+}  // namespace
+}  // namespace megaserve::server
