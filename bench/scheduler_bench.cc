@@ -3,7 +3,7 @@
 //      decoding (one token each per step, a block boundary every 16 steps).
 //   2. Steps per second of a randomized simulation (10,000 requests with shared prefixes,
 //      EOS now and then, aborts, a cache small enough to preempt), with and without
-//      overlapped scheduling. The "model" is a hash, so this is the scheduler alone.
+//      overlapped scheduling. The "model" is a hash: this is the scheduler plus the driver.
 // Prints numbers; it is not a test.
 #include <algorithm>
 #include <chrono>
