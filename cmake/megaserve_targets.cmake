@@ -65,5 +65,11 @@ function(megaserve_test name)
     string(REPLACE ";" "\\;" labels "${ARG_LABELS}")  # several labels: one escaped list
     list(APPEND properties LABELS "${labels}")
   endif()
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${properties})
+  # ASAN twins of a suite get their own test names, so ctest properties never mix.
+  set(suffix "")
+  if(ARG_ASAN)
+    set(suffix ".asan")
+  endif()
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 TEST_SUFFIX "${suffix}"
+                       PROPERTIES ${properties})
 endfunction()
