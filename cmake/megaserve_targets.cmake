@@ -66,10 +66,9 @@ function(megaserve_test name)
     list(APPEND properties LABELS "${labels}")
   endif()
   # ASAN twins of a suite get their own test names, so ctest properties never mix.
-  set(suffix "")
+  set(suffix)
   if(ARG_ASAN)
-    set(suffix ".asan")
+    set(suffix TEST_SUFFIX .asan)
   endif()
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 TEST_SUFFIX "${suffix}"
-                       PROPERTIES ${properties})
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 ${suffix} PROPERTIES ${properties})
 endfunction()
