@@ -1,6 +1,7 @@
 #include "engine/schedule_builder.h"
 
 #include <algorithm>
+#include <climits>
 #include <queue>
 #include <utility>
 
@@ -162,50 +163,56 @@ class Assembler {
 
   size_t global_size() const { return x_.order.size(); }
 
-  // Appends a copy of the global-order span [begin, end) (one whole layer, every rank) as
-  // layer `layer`, every barrier index shifted by `shift`: on the same SMs, with wait targets
-  // moved from the old barrier's running total to the new one's. Valid because each waiter
-  // waits for all of a barrier's signals in the step, and the copied barriers receive
-  // exactly the copied signals. Recorded regions are copied too, KV-cache ones moved to
-  // `layer` (every other buffer is shared by all layers).
-  void replicate(size_t begin, size_t end, int layer, int shift) {
+  // Declares that the global-order span [begin, end) (layer `first_layer - 1`, every rank)
+  // repeats `copies` times as layers first_layer, first_layer + 1, ...: the same tiles on the
+  // same SMs, each copy's barrier indices shifted by kLayerStages more, wait targets moved
+  // from the old barrier's running total to the new one's. Valid because each waiter waits
+  // for all of a barrier's signals in the step and a copied barrier receives exactly the
+  // copied signals. The copies are written by finish() straight into their final slots; the
+  // stages emitted afterwards (LM head, sampling) queue behind them. Recorded regions are
+  // copied too, KV-cache ones moved to their layer (other buffers are shared by all layers).
+  void repeat_layer(size_t begin, size_t end, int first_layer, int copies) {
+    Repeat& rep = rep_;
+    rep.active = copies > 0;
+    if (!rep.active) return;
+    rep.begin = begin;
+    rep.end = end;
+    rep.at = x_.order.size();
+    rep.first_layer = first_layer;
+    rep.copies = copies;
+    rep.start.assign(tp_ * num_sms_, INT32_MAX);
+    rep.count.assign(tp_ * num_sms_, 0);
+    rep.insert_at.assign(tp_ * num_sms_, 0);
     added_.assign(tp_ * num_sms_, 0.0);
     for (size_t g = begin; g < end; ++g) {
-      const Slot from = x_.order[g];
-      BuildScratch::RankState& rs = x_.ranks[from.rank];
-      Instruction inst = rs.queue[from.sm][from.pos];
-      const double cost = rs.cost[from.sm][from.pos];
-      const std::vector<uint32_t>& total = totals_[from.rank];
-      inst.words[isa::kWordLayer] = layer;
-      for (int w = 0; w < inst.num_waits(); ++w) {
-        const int32_t b = inst.wait_barrier(w);
-        inst.words[isa::kWordWaits + 2 * w] = b + shift;
-        inst.words[isa::kWordWaits + 2 * w + 1] = static_cast<int32_t>(
-            static_cast<uint32_t>(inst.wait_target(w)) - total[b] + total[b + shift]);
-      }
-      for (int sg = 0; sg < inst.num_signals(); ++sg) {
-        const int32_t b = inst.signal_barrier(sg);
-        inst.words[isa::kWordSignals + 2 * sg] = b + shift;
-        const int target_rank = inst.signal_rank(sg);
-        if (target_rank == isa::kSignalAllRanks) {
-          for (int q = 0; q < tp_; ++q) ++x_.pending[q][b + shift];
-        } else {
-          ++x_.pending[target_rank][b + shift];
-        }
-      }
-      x_.order.push_back({from.rank, from.sm, static_cast<int32_t>(rs.queue[from.sm].size())});
-      rs.queue[from.sm].push_back(inst);
-      rs.cost[from.sm].push_back(cost);
-      if (record_) {
-        std::vector<Access> accesses = rs.accesses[from.sm][from.pos];
-        for (Access& a : accesses) {
-          if (a.region.layer >= 0) a.region.layer = layer;
-        }
-        rs.accesses[from.sm].push_back(std::move(accesses));
-      }
-      added_[from.rank * num_sms_ + from.sm] += cost;
+      const Slot t = x_.order[g];
+      const int k = t.rank * num_sms_ + t.sm;
+      rep.start[k] = std::min(rep.start[k], t.pos);  // a layer is a contiguous run per SM
+      ++rep.count[k];
+      added_[k] += x_.ranks[t.rank].cost[t.sm][t.pos] * copies;
+    }
+    rep.global_begin.assign(tp_ * num_sms_ + 1, 0);
+    for (int k = 0; k < tp_ * num_sms_; ++k) {
+      rep.global_begin[k + 1] = rep.global_begin[k] + rep.count[k];
+    }
+    rep.global.resize(end - begin);
+    for (size_t g = begin; g < end; ++g) {
+      const Slot t = x_.order[g];
+      const int k = t.rank * num_sms_ + t.sm;
+      rep.global[rep.global_begin[k] + t.pos - rep.start[k]] = static_cast<int32_t>(g);
     }
     for (int r = 0; r < tp_; ++r) {
+      for (int sm = 0; sm < num_sms_; ++sm) {
+        rep.insert_at[r * num_sms_ + sm] = static_cast<int32_t>(x_.ranks[r].queue[sm].size());
+      }
+      // Every signal a copied barrier receives is the copy of one its template received.
+      std::vector<uint32_t>& pending = x_.pending[r];
+      const int first = 2 + kLayerStages * (first_layer - 1);
+      for (int c = 1; c <= copies; ++c) {
+        for (int b = first; b < first + kLayerStages; ++b) {
+          pending[b + c * kLayerStages] = pending[b];
+        }
+      }
       auto& heap = x_.ranks[r].heap;
       loads_.clear();
       while (!heap.empty()) {
@@ -216,45 +223,133 @@ class Assembler {
     }
   }
 
-  // Concatenates the queues into `step` and advances `totals`.
+  // Lays the queues out in `step` (each queue in global order, copies included) and advances
+  // `totals`.
   void finish(Step& step, std::vector<std::vector<uint32_t>>& totals) {
+    const Repeat& rep = rep_;
     step.ranks.resize(tp_);
     for (int r = 0; r < tp_; ++r) {
       BuildScratch::RankState& rs = x_.ranks[r];
       RankSchedule& out = step.ranks[r];
       out.queue_begin.assign(num_sms_ + 1, 0);
-      out.instructions.clear();
-      out.cost.clear();
-      out.accesses.clear();
-      for (int s = 0; s < num_sms_; ++s) {
-        out.queue_begin[s + 1] = out.queue_begin[s] + static_cast<int32_t>(rs.queue[s].size());
-        out.instructions.insert(out.instructions.end(), rs.queue[s].begin(), rs.queue[s].end());
-        out.cost.insert(out.cost.end(), rs.cost[s].begin(), rs.cost[s].end());
-        if (record_) {
-          for (auto& a : rs.accesses[s]) out.accesses.push_back(std::move(a));
-        }
+      for (int sm = 0; sm < num_sms_; ++sm) {
+        const int64_t copied = rep.active ? int64_t{rep.copies} * rep.count[r * num_sms_ + sm] : 0;
+        out.queue_begin[sm + 1] =
+            out.queue_begin[sm] + static_cast<int32_t>(rs.queue[sm].size() + copied);
       }
-      out.order.resize(out.instructions.size());
+      const size_t n = out.queue_begin[num_sms_];
+      out.instructions.resize(n);  // a no-op in steady state: the Step is reused
+      out.cost.resize(n);
+      out.order.resize(n);
+      if (record_) {
+        out.accesses.resize(n);
+      } else {
+        out.accesses.clear();
+      }
+    }
+    step.global_order.resize(x_.order.size() +
+                             (rep.active ? (rep.end - rep.begin) * rep.copies : 0));
+    // Global positions: entries before the copies keep theirs, the copies take
+    // [rep.at, rep.at + copies * span), later entries move up by copies * span.
+    const size_t span = rep.active ? rep.end - rep.begin : 0;
+    for (size_t g = 0; g < x_.order.size(); ++g) {
+      const Slot slot = x_.order[g];
+      const int k = slot.rank * num_sms_ + slot.sm;
+      BuildScratch::RankState& rs = x_.ranks[slot.rank];
+      RankSchedule& out = step.ranks[slot.rank];
+      int32_t at = out.queue_begin[slot.sm] + slot.pos;
+      int32_t g_final = static_cast<int32_t>(g);
+      if (rep.active && slot.pos >= rep.insert_at[k]) at += rep.copies * rep.count[k];
+      if (rep.active && g >= rep.at) g_final += static_cast<int32_t>(rep.copies * span);
+      out.instructions[at] = rs.queue[slot.sm][slot.pos];
+      out.cost[at] = rs.cost[slot.sm][slot.pos];
+      out.order[at] = g_final;
+      if (record_) {
+        std::vector<Access>& a = rs.accesses[slot.sm][slot.pos];
+        const bool is_template =
+            rep.active && slot.pos >= rep.start[k] && slot.pos < rep.start[k] + rep.count[k];
+        out.accesses[at] = is_template ? a : std::move(a);  // copies still need the template's
+      }
+      step.global_order[g_final] = {slot.rank, at};
+    }
+    if (rep.active) write_copies(step, totals);
+    for (int r = 0; r < tp_; ++r) {
+      RankSchedule& out = step.ranks[r];
       out.barrier_begin = totals[r];
       for (size_t b = 0; b < totals[r].size(); ++b) totals[r][b] += x_.pending[r][b];
       out.barrier_end = totals[r];
     }
-    step.global_order.resize(x_.order.size());
-    for (size_t g = 0; g < x_.order.size(); ++g) {
-      const Slot slot = x_.order[g];
-      const int32_t at = step.ranks[slot.rank].queue_begin[slot.sm] + slot.pos;
-      step.ranks[slot.rank].order[at] = static_cast<int32_t>(g);
-      step.global_order[g] = {slot.rank, at};
-    }
   }
 
  private:
+  struct Repeat {
+    bool active = false;
+    size_t begin = 0, end = 0;  // the template layer's span of the global order
+    size_t at = 0;              // where the copies enter the global order
+    int first_layer = 0, copies = 0;
+    std::vector<int32_t> start, count;  // [rank * num_sms + sm] the template's run per SM
+    std::vector<int32_t> insert_at;     // [rank * num_sms + sm] queue length at the copies
+    // Global positions of the template's instructions, per (rank, SM) run in queue order:
+    // global[global_begin[k] + j] for the run's j-th instruction.
+    std::vector<int32_t> global, global_begin;
+  };
+
+  // The copies of repeat_layer() at their final slots: per SM, each copy of the template's
+  // run is contiguous, so this streams through memory.
+  void write_copies(Step& step, const std::vector<std::vector<uint32_t>>& totals) {
+    const Repeat& rep = rep_;
+    const int32_t span = static_cast<int32_t>(rep.end - rep.begin);
+    for (int r = 0; r < tp_; ++r) {
+      const BuildScratch::RankState& rs = x_.ranks[r];
+      RankSchedule& out = step.ranks[r];
+      const std::vector<uint32_t>& total = totals[r];
+      for (int sm = 0; sm < num_sms_; ++sm) {
+        const int k = r * num_sms_ + sm;
+        const int32_t n = rep.count[k];
+        if (n == 0) continue;
+        const Instruction* from = rs.queue[sm].data() + rep.start[k];
+        const int32_t* template_g = rep.global.data() + rep.global_begin[k];
+        for (int c = 0; c < rep.copies; ++c) {
+          const int shift = kLayerStages * (c + 1);
+          const int32_t base = out.queue_begin[sm] + rep.insert_at[k] + c * n;
+          for (int32_t j = 0; j < n; ++j) {
+            Instruction& inst = out.instructions[base + j];
+            inst = from[j];
+            inst.words[isa::kWordLayer] = rep.first_layer + c;
+            for (int w = 0; w < inst.num_waits(); ++w) {
+              const int32_t b = inst.wait_barrier(w);
+              inst.words[isa::kWordWaits + 2 * w] = b + shift;
+              inst.words[isa::kWordWaits + 2 * w + 1] = static_cast<int32_t>(
+                  static_cast<uint32_t>(inst.wait_target(w)) - total[b] + total[b + shift]);
+            }
+            for (int sg = 0; sg < inst.num_signals(); ++sg) {
+              inst.words[isa::kWordSignals + 2 * sg] += shift;
+            }
+            const int32_t g = static_cast<int32_t>(rep.at) + c * span +
+                              (template_g[j] - static_cast<int32_t>(rep.begin));
+            out.cost[base + j] = rs.cost[sm][rep.start[k] + j];
+            out.order[base + j] = g;
+            step.global_order[g] = {r, base + j};
+            if (record_) {
+              std::vector<Access> accesses = rs.accesses[sm][rep.start[k] + j];
+              for (Access& a : accesses) {
+                if (a.region.layer >= 0) a.region.layer = rep.first_layer + c;
+              }
+              out.accesses[base + j] = std::move(accesses);
+            }
+          }
+        }
+      }
+    }
+  }
+
   int tp_;
   int num_sms_;
   bool record_;
   const std::vector<std::vector<uint32_t>>& totals_;
   BuildScratch& x_;
-  std::vector<double> added_;  // replicate(): cost added per (rank, SM)
+  Repeat rep_;
+  std::vector<double> added_;  // repeat_layer(): cost added per (rank, SM)
   std::vector<Load> loads_;
 };
 
@@ -423,12 +518,12 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
     size_t template_begin = 0, template_end = 0;  // layer 1's span of the global order
     for (int l = 0; l < L; ++l) {
       if (l >= 2) {
-        // Layers are identical but for their index and barriers: copy layer 1's instructions
-        // (and placement, and recorded regions) instead of tiling and placing again. The
-        // verifier and the deadlock check see the copies exactly as they will run.
-        as.replicate(template_begin, template_end, l, kLayerStages * (l - 1));
-        residual = bar(tp_ == 1 ? Stage::kDown : Stage::kDownReduce, l);
-        continue;
+        // Layers are identical but for their index and barriers: layers 2.. are copies of
+        // layer 1 (tiles, placement, recorded regions) instead of being tiled and placed
+        // again. The verifier and the deadlock check see the copies exactly as they run.
+        as.repeat_layer(template_begin, template_end, 2, L - 2);
+        residual = bar(tp_ == 1 ? Stage::kDown : Stage::kDownReduce, L - 1);
+        break;
       }
       if (l == 1) template_begin = as.global_size();
       absl::Status s =
@@ -485,59 +580,108 @@ absl::Status check_deadlock_free(const Step& step) {
                                             step.global_order.size(), " of ", total,
                                             " instructions"));
   }
-  std::vector<std::vector<int32_t>> position(tp);
-  for (int r = 0; r < tp; ++r) position[r].assign(step.ranks[r].instructions.size(), -1);
-  for (size_t i = 0; i < step.global_order.size(); ++i) {
-    const InstructionRef ref = step.global_order[i];
+  // The global order is a permutation, consistent with each instruction's `order` (two
+  // entries naming one instruction would need two different `order` values).
+  for (size_t g = 0; g < step.global_order.size(); ++g) {
+    const InstructionRef ref = step.global_order[g];
     if (ref.rank < 0 || ref.rank >= tp || ref.index < 0 ||
-        ref.index >= static_cast<int32_t>(position[ref.rank].size()) ||
-        position[ref.rank][ref.index] != -1) {
-      return absl::InternalError(absl::StrCat("step ", step.step_id, ": global order entry ", i,
-                                              " is out of range or repeated"));
+        ref.index >= static_cast<int32_t>(step.ranks[ref.rank].order.size()) ||
+        step.ranks[ref.rank].order[ref.index] != static_cast<int32_t>(g)) {
+      return absl::InternalError(absl::StrCat("step ", step.step_id, ": global order entry ", g,
+                                              " disagrees with the instructions' order"));
     }
-    position[ref.rank][ref.index] = static_cast<int32_t>(i);
   }
-  // Each queue a subsequence of the global order.
+  // Each queue a subsequence of the global order; per (rank, barrier), the signals this step
+  // and the latest position among them. Memory order: one streaming pass.
+  struct Signals {
+    uint32_t count = 0;
+    int32_t last = -1;
+  };
+  const size_t num_barriers = tp > 0 ? step.ranks[0].barrier_begin.size() : 0;
+  std::vector<Signals> sig(tp * num_barriers);
+  struct Wait {
+    int32_t rank, index, barrier;
+    uint32_t target;
+  };
+  std::vector<Wait> waits;  // gathered in the same pass, checked once all signals are known
+  waits.reserve(total * 2);
   for (int r = 0; r < tp; ++r) {
     const RankSchedule& rs = step.ranks[r];
     for (int q = 0; q < rs.num_queues(); ++q) {
-      for (int32_t i = rs.queue_begin[q] + 1; i < rs.queue_begin[q + 1]; ++i) {
-        if (position[r][i] < position[r][i - 1]) {
+      for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1]; ++i) {
+        if (i > rs.queue_begin[q] && rs.order[i] < rs.order[i - 1]) {
           return absl::FailedPreconditionError(
               absl::StrCat("deadlock invariant: queue ", q, " of rank ", r, " runs ",
                            describe_instruction(step, {r, i - 1}), " before ",
                            describe_instruction(step, {r, i}), ", against the global order"));
         }
+        const isa::Instruction& inst = rs.instructions[i];
+        for (int w = 0; w < inst.num_waits(); ++w) {
+          waits.push_back({r, i, inst.wait_barrier(w), static_cast<uint32_t>(inst.wait_target(w))});
+        }
+        for (int sg = 0; sg < inst.num_signals(); ++sg) {
+          const int32_t b = inst.signal_barrier(sg);
+          const int32_t target = inst.signal_rank(sg);
+          if (b < 0 || b >= static_cast<int32_t>(num_barriers)) {
+            return absl::InternalError(
+                absl::StrCat(describe_instruction(step, {r, i}), " signals unknown barrier ", b));
+          }
+          for (int t = 0; t < tp; ++t) {
+            if (target != isa::kSignalAllRanks && target != t) continue;
+            Signals& x = sig[t * num_barriers + b];
+            ++x.count;
+            x.last = std::max(x.last, rs.order[i]);
+          }
+        }
       }
     }
   }
-  // Replay the global order, counting signals: every wait must already be satisfied.
-  std::vector<std::vector<uint32_t>> value(tp);
-  for (int r = 0; r < tp; ++r) value[r] = step.ranks[r].barrier_begin;
-  for (const InstructionRef ref : step.global_order) {
-    const Instruction& inst = step.ranks[ref.rank].instructions[ref.index];
-    for (int w = 0; w < inst.num_waits(); ++w) {
-      const int32_t b = inst.wait_barrier(w);
-      if (b < 0 || b >= static_cast<int32_t>(value[ref.rank].size()) ||
-          !isa::barrier_reached(value[ref.rank][b], static_cast<uint32_t>(inst.wait_target(w)))) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "deadlock invariant: ", describe_instruction(step, ref), " waits for barrier ", b,
-            " >= ", static_cast<uint32_t>(inst.wait_target(w)),
-            ", which instructions earlier in the global order do not reach"));
+  // Every wait reached by signals strictly earlier in the global order. A wait for all of a
+  // barrier's signals (the builder's only kind) compares with the latest signaller; a wait
+  // for fewer looks for its k-th earliest.
+  std::vector<std::vector<int32_t>> sorted(tp * num_barriers);
+  for (const Wait& wt : waits) {
+    const RankSchedule& rs = step.ranks[wt.rank];
+    const int32_t b = wt.barrier;
+    const int32_t position = rs.order[wt.index];
+    bool reached = b >= 0 && b < static_cast<int32_t>(num_barriers);
+    if (reached) {
+      const uint32_t needed = wt.target - rs.barrier_begin[b];
+      const Signals& x = sig[wt.rank * num_barriers + b];
+      if (needed > x.count) {
+        reached = false;
+      } else if (needed == x.count) {
+        reached = x.last < position;
+      } else if (needed > 0) {
+        std::vector<int32_t>& positions = sorted[wt.rank * num_barriers + b];
+        if (positions.empty()) {  // in global order, so sorted
+          for (const InstructionRef ref : step.global_order) {
+            const isa::Instruction& s = step.ranks[ref.rank].instructions[ref.index];
+            for (int sg = 0; sg < s.num_signals(); ++sg) {
+              if (s.signal_barrier(sg) == b &&
+                  (s.signal_rank(sg) == isa::kSignalAllRanks || s.signal_rank(sg) == wt.rank)) {
+                positions.push_back(step.ranks[ref.rank].order[ref.index]);
+              }
+            }
+          }
+        }
+        reached = positions[needed - 1] < position;
       }
     }
-    for (int s = 0; s < inst.num_signals(); ++s) {
-      const int32_t b = inst.signal_barrier(s);
-      const int32_t target = inst.signal_rank(s);
-      for (int r = 0; r < tp; ++r) {
-        if (target == isa::kSignalAllRanks || target == r) ++value[r][b];
-      }
+    if (!reached) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("deadlock invariant: ", describe_instruction(step, {wt.rank, wt.index}),
+                       " waits for barrier ", b, " >= ", wt.target,
+                       ", which instructions earlier in the global order do not reach"));
     }
   }
   for (int r = 0; r < tp; ++r) {
-    if (value[r] != step.ranks[r].barrier_end) {
-      return absl::InternalError(absl::StrCat("step ", step.step_id, " rank ", r,
-                                              ": signals do not add up to barrier_end"));
+    const RankSchedule& rs = step.ranks[r];
+    for (size_t b = 0; b < num_barriers; ++b) {
+      if (rs.barrier_begin[b] + sig[r * num_barriers + b].count != rs.barrier_end[b]) {
+        return absl::InternalError(absl::StrCat("step ", step.step_id, " rank ", r, " barrier ", b,
+                                                ": signals do not add up to barrier_end"));
+      }
     }
   }
   return absl::OkStatus();

@@ -122,7 +122,20 @@ TEST_P(ScheduleVerifierLayerTest, NamesTheTwoInstructionsOfARemovedDependency) {
   absl::StatusOr<Step> step = builder.build(mixed_plan(), 64);
   ASSERT_TRUE(step.ok()) << step.status();
   ASSERT_TRUE(verify_step(*step).ok());
-  const InstructionRef attention = find(*step, 0, isa::Opcode::kAttention, layer);
+  // An attention tile that is first of its stage on its SM: without its wait, nothing
+  // orders it after the QKV tiles of other SMs.
+  InstructionRef attention{-1, -1};
+  const RankSchedule& rs = step->ranks[0];
+  for (int q = 0; q < rs.num_queues() && attention.index < 0; ++q) {
+    for (int32_t i = rs.queue_begin[q] + 1; i < rs.queue_begin[q + 1]; ++i) {
+      if (rs.instructions[i].opcode() == isa::Opcode::kAttention &&
+          rs.instructions[i].layer() == layer &&
+          rs.instructions[i - 1].opcode() == isa::Opcode::kQkvRope) {
+        attention = {0, i};
+        break;
+      }
+    }
+  }
   ASSERT_GE(attention.index, 0);
   isa::Instruction& inst = step->ranks[0].instructions[attention.index];
   ASSERT_EQ(inst.num_waits(), 1);
