@@ -1,0 +1,127 @@
+// The deadlock-invariant check (declared in schedule_builder.h): one streaming pass over the
+// queues, then every wait against the signals strictly earlier in the global order.
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/schedule_builder.h"
+
+namespace megaserve::engine {
+
+absl::Status check_deadlock_free(const Step& step) {
+  const int tp = static_cast<int>(step.ranks.size());
+  size_t total = 0;
+  for (const auto& r : step.ranks) total += r.instructions.size();
+  if (step.global_order.size() != total) {
+    return absl::InternalError(absl::StrCat("step ", step.step_id, ": global order lists ",
+                                            step.global_order.size(), " of ", total,
+                                            " instructions"));
+  }
+  // The global order is a permutation, consistent with each instruction's `order` (two
+  // entries naming one instruction would need two different `order` values).
+  for (size_t g = 0; g < step.global_order.size(); ++g) {
+    const InstructionRef ref = step.global_order[g];
+    if (ref.rank < 0 || ref.rank >= tp || ref.index < 0 ||
+        ref.index >= static_cast<int32_t>(step.ranks[ref.rank].order.size()) ||
+        step.ranks[ref.rank].order[ref.index] != static_cast<int32_t>(g)) {
+      return absl::InternalError(absl::StrCat("step ", step.step_id, ": global order entry ", g,
+                                              " disagrees with the instructions' order"));
+    }
+  }
+  // Each queue a subsequence of the global order; per (rank, barrier), the signals this step
+  // and the latest position among them. Memory order: one streaming pass.
+  struct Signals {
+    uint32_t count = 0;
+    int32_t last = -1;
+  };
+  const size_t num_barriers = tp > 0 ? step.ranks[0].barrier_begin.size() : 0;
+  std::vector<Signals> sig(tp * num_barriers);
+  struct Wait {
+    int32_t rank, index, barrier;
+    uint32_t target;
+  };
+  std::vector<Wait> waits;  // gathered in the same pass, checked once all signals are known
+  waits.reserve(total * 2);
+  for (int r = 0; r < tp; ++r) {
+    const RankSchedule& rs = step.ranks[r];
+    for (int q = 0; q < rs.num_queues(); ++q) {
+      for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1]; ++i) {
+        if (i > rs.queue_begin[q] && rs.order[i] < rs.order[i - 1]) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("deadlock invariant: queue ", q, " of rank ", r, " runs ",
+                           describe_instruction(step, {r, i - 1}), " before ",
+                           describe_instruction(step, {r, i}), ", against the global order"));
+        }
+        const isa::Instruction& inst = rs.instructions[i];
+        for (int w = 0; w < inst.num_waits(); ++w) {
+          waits.push_back({r, i, inst.wait_barrier(w), static_cast<uint32_t>(inst.wait_target(w))});
+        }
+        for (int sg = 0; sg < inst.num_signals(); ++sg) {
+          const int32_t b = inst.signal_barrier(sg);
+          const int32_t target = inst.signal_rank(sg);
+          if (b < 0 || b >= static_cast<int32_t>(num_barriers)) {
+            return absl::InternalError(
+                absl::StrCat(describe_instruction(step, {r, i}), " signals unknown barrier ", b));
+          }
+          for (int t = 0; t < tp; ++t) {
+            if (target != isa::kSignalAllRanks && target != t) continue;
+            Signals& x = sig[t * num_barriers + b];
+            ++x.count;
+            x.last = std::max(x.last, rs.order[i]);
+          }
+        }
+      }
+    }
+  }
+  // Every wait reached by signals strictly earlier in the global order. A wait for all of a
+  // barrier's signals (the builder's only kind) compares with the latest signaller; a wait
+  // for fewer looks for its k-th earliest.
+  std::vector<std::vector<int32_t>> sorted(tp * num_barriers);
+  for (const Wait& wt : waits) {
+    const RankSchedule& rs = step.ranks[wt.rank];
+    const int32_t b = wt.barrier;
+    const int32_t position = rs.order[wt.index];
+    bool reached = b >= 0 && b < static_cast<int32_t>(num_barriers);
+    if (reached) {
+      const uint32_t needed = wt.target - rs.barrier_begin[b];
+      const Signals& x = sig[wt.rank * num_barriers + b];
+      if (needed > x.count) {
+        reached = false;
+      } else if (needed == x.count) {
+        reached = x.last < position;
+      } else if (needed > 0) {
+        std::vector<int32_t>& positions = sorted[wt.rank * num_barriers + b];
+        if (positions.empty()) {  // in global order, so sorted
+          for (const InstructionRef ref : step.global_order) {
+            const isa::Instruction& s = step.ranks[ref.rank].instructions[ref.index];
+            for (int sg = 0; sg < s.num_signals(); ++sg) {
+              if (s.signal_barrier(sg) == b &&
+                  (s.signal_rank(sg) == isa::kSignalAllRanks || s.signal_rank(sg) == wt.rank)) {
+                positions.push_back(step.ranks[ref.rank].order[ref.index]);
+              }
+            }
+          }
+        }
+        reached = positions[needed - 1] < position;
+      }
+    }
+    if (!reached) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("deadlock invariant: ", describe_instruction(step, {wt.rank, wt.index}),
+                       " waits for barrier ", b, " >= ", wt.target,
+                       ", which instructions earlier in the global order do not reach"));
+    }
+  }
+  for (int r = 0; r < tp; ++r) {
+    const RankSchedule& rs = step.ranks[r];
+    for (size_t b = 0; b < num_barriers; ++b) {
+      if (rs.barrier_begin[b] + sig[r * num_barriers + b].count != rs.barrier_end[b]) {
+        return absl::InternalError(absl::StrCat("step ", step.step_id, " rank ", r, " barrier ", b,
+                                                ": signals do not add up to barrier_end"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace megaserve::engine
