@@ -2,7 +2,8 @@
 // weights (default configs/models/llama-3.2-1b.json), for several batch sizes, persistent and
 // one launch per step. Prints, per row, the mean step time, decode tokens/s, the step's
 // memory floor (weights + KV bytes over the measured-bandwidth figure of DESIGN.md §10,
-// 3.0 TB/s on H100) and the ratio to it.
+// 3.0 TB/s on H100) and the ratio to it; then, with device timestamps, where one decode
+// step's time went per opcode.
 //
 //   gpu_step_bench [config.json] [steps per row]
 #include <chrono>
@@ -21,6 +22,20 @@ namespace {
 constexpr double kBandwidthBytesPerSecond = 3.0e12;
 constexpr int kContext = 128;  // tokens in each request's cache before the timed steps
 constexpr int32_t kBlock = 16;
+
+// One decode step's device time: its span, and per opcode the op and wait time summed over
+// instructions, divided by the CTAs (so each column adds up to at most the span).
+void print_profile(int batch, bool tensor_cores, const StepProfile& p) {
+  std::printf("profile (%s), decode batch %d: device span %.1f us over %d CTAs; per CTA:",
+              tensor_cores ? "tensor cores" : "CUDA cores", batch, p.span_us, p.num_ctas);
+  for (int op = 1; op < static_cast<int>(isa::Opcode::kNumOpcodes); ++op) {
+    const StepProfile::Op& o = p.ops[op];
+    if (o.count == 0) continue;
+    std::printf(" %s x%d op %.1f wait %.1f;", isa::opcode_name(static_cast<isa::Opcode>(op)),
+                o.count, o.op_us / p.num_ctas, o.wait_us / p.num_ctas);
+  }
+  std::printf("\n");
+}
 
 int run(const std::string& config_path, int steps) {
   auto config = load_model_config_file(config_path);
@@ -42,19 +57,26 @@ int run(const std::string& config_path, int steps) {
     for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) count(*t);
   }
   std::printf("model %s: %.2f GB of bf16 weights\n", config_path.c_str(), weight_bytes / 1e9);
-  std::printf("%-11s %6s %10s %12s %10s %8s\n", "mode", "batch", "step_ms", "tok/s", "floor_ms",
+  std::printf("%-14s %6s %10s %12s %10s %8s\n", "mode", "batch", "step_ms", "tok/s", "floor_ms",
               "floor/x");
-  for (bool persistent : {true, false}) {
+  // persistent, per-step, persistent on tensor cores; then each of CUDA cores and tensor
+  // cores profiled.
+  for (int mode = 0; mode < 5; ++mode) {
+    const bool persistent = mode != 1, profile = mode >= 3;
+    const bool tensor_cores = mode == 2 || mode == 4;
     CudaBackendOptions o;
     o.kv_block_size = kBlock;
     o.num_kv_blocks = 64 * (kContext + steps + kBlock) / kBlock + 8;
     o.persistent = persistent;
+    o.profile = profile;
+    o.tensor_cores = tensor_cores;
     o.step_watchdog_ms = 60000;  // the prefill steps are long on CUDA cores
     auto b = CudaBackend::create(*config, weights, o);
     if (!b.ok()) {
       std::fprintf(stderr, "%s\n", b.status().ToString().c_str());
       return 1;
     }
+    if (mode == 0) std::printf("backend: %s\n", (*b)->describe().c_str());
     uint64_t step_id = 0;
     for (int batch : {1, 8, 32}) {
       const int per_req = (kContext + steps + kBlock) / kBlock;
@@ -78,8 +100,9 @@ int run(const std::string& config_path, int steps) {
         r.first_position = kContext;
         r.token_ids = {scheduler::kTokenFromPreviousStep};
       }
+      const int timed = profile ? 3 : steps;
       std::chrono::duration<double> elapsed{};
-      for (int s = 0; s < steps; ++s) {
+      for (int s = 0; s < timed; ++s) {
         plan.step_id = step_id++;
         const auto t0 = std::chrono::steady_clock::now();
         auto out = (*b)->execute(plan);
@@ -90,12 +113,17 @@ int run(const std::string& config_path, int steps) {
         }
         for (auto& r : plan.requests) ++r.first_position;
       }
-      const double step_s = elapsed.count() / steps;
+      if (profile) {
+        print_profile(batch, tensor_cores, (*b)->last_profile());
+        continue;
+      }
+      const double step_s = elapsed.count() / timed;
       const double kv_bytes = 2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers *
                               config->kv_size();
       const double floor_s = (weight_bytes + kv_bytes) / kBandwidthBytesPerSecond;
-      std::printf("%-11s %6d %10.3f %12.0f %10.3f %8.3f\n", persistent ? "persistent" : "per-step",
-                  batch, step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);
+      std::printf("%-14s %6d %10.3f %12.0f %10.3f %8.3f\n",
+                  tensor_cores ? "persistent-tc" : (persistent ? "persistent" : "per-step"), batch,
+                  step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);
     }
   }
   return 0;

@@ -1,17 +1,13 @@
 #include "engine/cuda_backend.h"
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/bf16.h"
+#include "engine/cuda_state.h"
 #include "engine/sampling.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
@@ -21,22 +17,8 @@ namespace megaserve::engine {
 using kernels::DeviceModel;
 using kernels::DeviceSampling;
 using kernels::DeviceStepDesc;
-using Clock = std::chrono::steady_clock;
 
 namespace {
-
-absl::Status cuda_error(cudaError_t e, const char* what) {
-  return absl::InternalError(absl::StrCat("cuda backend: ", what, ": ", cudaGetErrorName(e), " (",
-                                          cudaGetErrorString(e), ")"));
-}
-
-#define MEGASERVE_CUDA_RETURN(expr, what)                                 \
-  do {                                                                    \
-    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return cuda_error(e_, what); \
-  } while (0)
-
-constexpr size_t kAlign = 256;
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // Bytes of device memory kept free for workspaces and step uploads when num_kv_blocks is
 // derived from free memory.
@@ -72,140 +54,6 @@ bool device_samples(const RequestSampling& r) {
 }
 
 }  // namespace
-
-// Everything that touches the CUDA runtime.
-struct CudaState {
-  int device = 0;
-  int grid = 0;
-  size_t smem_bytes = 0;
-  cudaStream_t exec = nullptr;  // the megakernel
-  cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
-  cudaEvent_t done = nullptr;
-  std::vector<void*> allocations;  // weights, cache, inv_freq, layers
-  DeviceModel model{};
-  uint32_t* barriers = nullptr;
-  int num_barriers = 0;
-  kernels::HostControl* host = nullptr;  // mapped pinned memory
-  kernels::HostControl* host_device_alias = nullptr;
-  kernels::DeviceControl* control = nullptr;
-  // Step slots: pinned staging and device copies; the descriptor sits at offset 0.
-  struct Slot {
-    uint8_t* staging = nullptr;
-    uint8_t* device = nullptr;
-    size_t capacity = 0;
-  } slots[2];
-  uint8_t* workspace = nullptr;
-  size_t workspace_capacity = 0;
-  DeviceStepDesc last_desc{};  // where the last step's outputs live
-  bool persistent_running = false;
-  uint32_t seq = 0;  // steps posted to the ring
-
-  ~CudaState() {
-    cudaSetDevice(device);
-    if (exec != nullptr && cudaStreamQuery(exec) == cudaErrorNotReady) {
-      return;  // a kernel that would not stop: leak rather than hang in cudaFree
-    }
-    for (void* p : allocations) cudaFree(p);
-    for (Slot& s : slots) {
-      cudaFreeHost(s.staging);
-      cudaFree(s.device);
-    }
-    cudaFree(workspace);
-    cudaFree(barriers);
-    cudaFree(control);
-    if (host != nullptr) cudaFreeHost(host);
-    if (done != nullptr) cudaEventDestroy(done);
-    if (exec != nullptr) cudaStreamDestroy(exec);
-    if (copy != nullptr) cudaStreamDestroy(copy);
-  }
-
-  template <typename T>
-  absl::StatusOr<T*> upload(const T* data, size_t count, const char* what) {
-    void* p = nullptr;
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), what);
-    allocations.push_back(p);
-    MEGASERVE_CUDA_RETURN(cudaMemcpy(p, data, count * sizeof(T), cudaMemcpyHostToDevice), what);
-    return static_cast<T*>(p);
-  }
-
-  // Waits for the exec stream to go idle, up to `timeout`; true when it did.
-  bool wait_exec_idle(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    while (cudaStreamQuery(exec) == cudaErrorNotReady) {
-      if (Clock::now() > deadline) return false;
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-    return true;
-  }
-
-  kernels::MegakernelParams params(int slot) const {
-    kernels::MegakernelParams p{};
-    p.model = model;
-    p.slots[0] = reinterpret_cast<const DeviceStepDesc*>(slots[0].device);
-    p.slots[1] = reinterpret_cast<const DeviceStepDesc*>(slots[1].device);
-    p.barriers = barriers;
-    p.host = host_device_alias;
-    p.control = control;
-    p.slot = slot;
-    p.first_seq = seq;
-    return p;
-  }
-
-  absl::Status start_persistent() {
-    host->doorbell = seq;
-    host->completed = seq;
-    host->shutdown = 0;
-    host->abort = 0;
-    host->aborted = 0;
-    kernels::DeviceControl c{};
-    c.go = seq;
-    MEGASERVE_CUDA_RETURN(cudaMemcpy(control, &c, sizeof c, cudaMemcpyHostToDevice),
-                          "resetting the step ring");
-    MEGASERVE_CUDA_RETURN(kernels::launch_megakernel_persistent(params(0), grid, smem_bytes, exec),
-                          "launching the persistent megakernel");
-    persistent_running = true;
-    return absl::OkStatus();
-  }
-
-  // Posts a shutdown through the ring and waits for the kernel to exit; aborts it if it
-  // does not. True when it stopped.
-  bool stop_persistent() {
-    if (!persistent_running) return true;
-    persistent_running = false;
-    host->shutdown = 1;
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    host->doorbell = seq + 1;
-    if (wait_exec_idle(std::chrono::milliseconds(2000))) return true;
-    host->abort = 1;
-    return wait_exec_idle(std::chrono::milliseconds(2000));
-  }
-
-  absl::Status ensure_slot(int i, size_t bytes) {
-    Slot& s = slots[i];
-    if (s.capacity >= bytes) return absl::OkStatus();
-    if (!stop_persistent()) return absl::InternalError("cuda backend: the kernel did not stop");
-    cudaFreeHost(s.staging);
-    cudaFree(s.device);
-    s = Slot{};
-    const size_t cap = align_up(bytes + bytes / 2);
-    MEGASERVE_CUDA_RETURN(cudaHostAlloc(&s.staging, cap, cudaHostAllocDefault), "step staging");
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&s.device, cap), "step slot");
-    s.capacity = cap;
-    return absl::OkStatus();
-  }
-
-  absl::Status ensure_workspace(size_t bytes) {
-    if (workspace_capacity >= bytes) return absl::OkStatus();
-    if (!stop_persistent()) return absl::InternalError("cuda backend: the kernel did not stop");
-    cudaFree(workspace);
-    workspace = nullptr;
-    workspace_capacity = 0;
-    const size_t cap = align_up(bytes + bytes / 2);
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&workspace, cap), "workspace");
-    workspace_capacity = cap;
-    return absl::OkStatus();
-  }
-};
 
 TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
   TileConfig c = gpu_tile_config(sm_count);
@@ -256,6 +104,12 @@ CudaBackend::~CudaBackend() {
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     const ModelConfig& config, ModelWeights weights, const CudaBackendOptions& options) {
+  if (options.tensor_parallel != 1) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: tensor_parallel ", options.tensor_parallel,
+        " is not supported yet (the megakernel runs one rank; use tensor_parallel 1 or the CPU "
+        "interpreter)"));
+  }
   if (absl::Status s = check_tensor_parallel(config, 1); !s.ok()) return s;
   const int hd = config.head_dim;
   if (hd % 8 != 0 || hd > kernels::kMaxHeadDim) {
@@ -319,9 +173,6 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   st->device = options.device;
   st->grid = b->tiles_.num_sms;
   st->smem_bytes = smem;
-  MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->exec, cudaStreamNonBlocking), "stream");
-  MEGASERVE_CUDA_RETURN(cudaStreamCreateWithFlags(&st->copy, cudaStreamNonBlocking), "stream");
-  MEGASERVE_CUDA_RETURN(cudaEventCreateWithFlags(&st->done, cudaEventDisableTiming), "event");
 
   // Weights, bf16. Tied embeddings share one device copy.
   std::unordered_map<const void*, const uint16_t*> uploaded;
@@ -343,6 +194,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   m.vocab = config.vocab_size;
   m.num_layers = config.num_layers;
   m.rms_norm_eps = config.rms_norm_eps;
+  m.tensor_cores = options.tensor_cores ? 1 : 0;
   std::vector<kernels::DeviceLayer> layers(config.num_layers);
 #define MEGASERVE_UPLOAD(dst, tensor)                         \
   do {                                                        \
@@ -412,19 +264,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   }
 
   b->builder_ = std::make_unique<ScheduleBuilder>(config, b->tiles_, 1);
-  st->num_barriers = b->builder_->num_barriers();
-  MEGASERVE_CUDA_RETURN(cudaMalloc(&st->barriers, sizeof(uint32_t) * st->num_barriers),
-                        "barriers");
-  MEGASERVE_CUDA_RETURN(cudaMemset(st->barriers, 0, sizeof(uint32_t) * st->num_barriers),
-                        "barriers");
-  MEGASERVE_CUDA_RETURN(cudaMalloc(&st->control, sizeof(kernels::DeviceControl)), "control");
-  MEGASERVE_CUDA_RETURN(cudaHostAlloc(reinterpret_cast<void**>(&st->host),
-                                      sizeof(kernels::HostControl), cudaHostAllocMapped),
-                        "mapped control words");
-  std::memset(const_cast<kernels::HostControl*>(st->host), 0, sizeof(kernels::HostControl));
-  MEGASERVE_CUDA_RETURN(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->host_device_alias),
-                                                 st->host, 0),
-                        "mapped control words");
+  if (absl::Status s = st->init(b->builder_->num_barriers()); !s.ok()) return s;
   MEGASERVE_CUDA_RETURN(cudaDeviceSynchronize(), "initialization");
   b->state_ = std::move(st);
   return b;
@@ -433,7 +273,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
 std::string CudaBackend::describe() const {
   return absl::StrCat("cuda megakernel on ", device_name_, " (device ", options_.device, ", ",
                       tiles_.num_sms, " CTAs, ",
-                      options_.persistent ? "persistent" : "one launch per step", "): ",
+                      options_.persistent ? "persistent" : "one launch per step",
+                      options_.tensor_cores ? ", tensor cores" : ", CUDA cores", "): ",
                       num_kv_blocks_, " KV blocks of ", options_.kv_block_size,
                       " tokens, bf16 weights and cache");
 }
@@ -491,137 +332,46 @@ absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::Step
 
 absl::Status CudaBackend::run_step(const Step& step, std::vector<scheduler::SampledToken>* sampled) {
   CudaState& st = *state_;
-  MEGASERVE_CUDA_RETURN(cudaSetDevice(st.device), "selecting the device");
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
-  const int T = m.num_tokens, S = m.num_samples();
-  const int H = config_.hidden_size, q = config_.q_size(), F = config_.intermediate_size;
+  const int S = m.num_samples();
   const int V = config_.vocab_size;
-
-  // Workspace layout (bytes, each region 256-aligned).
-  size_t ws = 0;
-  const auto region = [&](size_t bytes) {
-    const size_t at = ws;
-    ws += align_up(std::max<size_t>(bytes, 1));
-    return at;
-  };
-  const size_t o_res = region(sizeof(float) * T * H), o_q = region(sizeof(float) * T * q);
-  const size_t o_attn = region(sizeof(float) * T * q);
-  const size_t o_split = region(sizeof(float) * m.num_split_rows * config_.head_dim);
-  const size_t o_lse = region(sizeof(float) * m.num_split_rows);
-  const size_t o_act = region(sizeof(float) * T * F);
-  const size_t o_logits = region(sizeof(float) * static_cast<size_t>(S) * V);
-  const size_t o_ids = region(sizeof(int32_t) * S), o_lp = region(sizeof(float) * S);
-  if (absl::Status s = st.ensure_workspace(ws); !s.ok()) return s;
-
-  // Slot layout: descriptor, then the arrays.
   std::vector<DeviceSampling> sampling(S);
   for (int s = 0; s < S; ++s) {
     const RequestSampling& r = m.requests[m.sample_request[s]];
     sampling[s] = {r.params.temperature, device_samples(r) ? 1 : 0, r.seed,
                    static_cast<int64_t>(r.output_token_index)};
   }
-  struct Array {
-    const void* data;
-    size_t bytes;
-  };
-  const auto ints = [](const std::vector<int32_t>& v) {
-    return Array{v.data(), v.size() * sizeof(int32_t)};
-  };
-  const Array arrays[] = {
-      {rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)},
-      ints(rs.queue_begin), ints(m.token_ids), ints(m.positions), ints(m.token_request),
-      ints(m.query_start), ints(m.block_indptr), ints(m.block_indices), ints(m.split_row_begin),
-      ints(m.sample_rows), {sampling.data(), sampling.size() * sizeof(DeviceSampling)}};
-  constexpr int kNumArrays = sizeof(arrays) / sizeof(arrays[0]);
-  size_t offsets[kNumArrays];
-  size_t bytes = align_up(sizeof(DeviceStepDesc));
-  for (int i = 0; i < kNumArrays; ++i) {
-    offsets[i] = bytes;
-    bytes += align_up(std::max<size_t>(arrays[i].bytes, 1));
+  const WorkspaceShape shape{config_.hidden_size, config_.q_size(), config_.head_dim,
+                             config_.intermediate_size, V, options_.profile};
+  absl::StatusOr<DeviceStepDesc> desc =
+      st.upload_step(step, shape, sampling, options_.poison_workspace);
+  if (!desc.ok()) return desc.status();
+  const DeviceStepDesc& d = *desc;
+  if (absl::Status s = st.run(step.step_id, options_.persistent,
+                              std::chrono::milliseconds(options_.step_watchdog_ms));
+      !s.ok()) {
+    return s;
   }
-  const int slot = static_cast<int>((st.seq + 1) & 1);
-  if (absl::Status s = st.ensure_slot(slot, bytes); !s.ok()) return s;
-  CudaState::Slot& sl = st.slots[slot];
-  for (int i = 0; i < kNumArrays; ++i) {
-    if (arrays[i].bytes > 0) std::memcpy(sl.staging + offsets[i], arrays[i].data, arrays[i].bytes);
-  }
-  const auto dptr = [&](int i) { return sl.device + offsets[i]; };
-  DeviceStepDesc d{};
-  d.num_queues = rs.num_queues();
-  d.num_tokens = T;
-  d.num_requests = m.num_requests;
-  d.kv_block_size = m.kv_block_size;
-  d.kv_split_tokens = m.kv_split_tokens;
-  d.num_samples = S;
-  d.num_split_rows = m.num_split_rows;
-  d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(0));
-  const int32_t** int_fields[] = {&d.queue_begin,  &d.token_ids,     &d.positions,
-                                  &d.token_request, &d.query_start,  &d.block_indptr,
-                                  &d.block_indices, &d.split_row_begin, &d.sample_rows};
-  for (int i = 0; i < 9; ++i) *int_fields[i] = reinterpret_cast<const int32_t*>(dptr(i + 1));
-  d.sampling = reinterpret_cast<const DeviceSampling*>(dptr(10));
-  const auto wsf = [&](size_t o) { return reinterpret_cast<float*>(st.workspace + o); };
-  d.residual = wsf(o_res);
-  d.q = wsf(o_q);
-  d.attn_out = wsf(o_attn);
-  d.split_out = wsf(o_split);
-  d.split_lse = wsf(o_lse);
-  d.act = wsf(o_act);
-  d.logits = wsf(o_logits);
-  d.sampled_ids = reinterpret_cast<int32_t*>(st.workspace + o_ids);
-  d.sampled_logprobs = wsf(o_lp);
-  std::memcpy(sl.staging, &d, sizeof d);
-  if (options_.poison_workspace) {  // all-ones words are NaN floats
-    MEGASERVE_CUDA_RETURN(cudaMemsetAsync(st.workspace, 0xff, ws, st.copy), "poisoning");
-  }
-  MEGASERVE_CUDA_RETURN(
-      cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, st.copy), "upload");
-  MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(st.copy), "upload");
-
-  // Run, under the watchdog.
-  const auto deadline = Clock::now() + std::chrono::milliseconds(options_.step_watchdog_ms);
-  const uint32_t seq = st.seq + 1;
-  if (options_.persistent) {
-    if (!st.persistent_running) {
-      if (absl::Status s = st.start_persistent(); !s.ok()) return s;
-    }
-    std::atomic_thread_fence(std::memory_order_seq_cst);  // slot written before the doorbell
-    st.host->doorbell = seq;
-    while (st.host->completed != seq) {
-      if (Clock::now() > deadline || cudaStreamQuery(st.exec) != cudaErrorNotReady) break;
-      std::this_thread::yield();
-    }
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (st.host->completed != seq) {
-      const cudaError_t e = cudaStreamQuery(st.exec);
-      if (e != cudaSuccess && e != cudaErrorNotReady) return cuda_error(e, "persistent megakernel");
-      st.stop_persistent();
-      return absl::DeadlineExceededError(absl::StrCat(
-          "cuda backend: step ", step.step_id, " did not complete within ",
-          options_.step_watchdog_ms, " ms (persistent megakernel aborted)"));
-    }
-  } else {
-    st.host->abort = 0;
-    MEGASERVE_CUDA_RETURN(kernels::launch_megakernel_step(st.params(slot), st.grid, st.smem_bytes,
-                                                          st.exec),
-                          "launching the megakernel");
-    MEGASERVE_CUDA_RETURN(cudaEventRecord(st.done, st.exec), "event");
-    cudaError_t e;
-    while ((e = cudaEventQuery(st.done)) == cudaErrorNotReady) {
-      if (Clock::now() > deadline) {
-        st.host->abort = 1;
-        st.wait_exec_idle(std::chrono::milliseconds(2000));
-        return absl::DeadlineExceededError(absl::StrCat(
-            "cuda backend: step ", step.step_id, " did not complete within ",
-            options_.step_watchdog_ms, " ms (megakernel aborted)"));
-      }
-      std::this_thread::yield();
-    }
-    if (e != cudaSuccess) return cuda_error(e, "megakernel");
-  }
-  st.seq = seq;
   st.last_desc = d;
+  if (options_.profile) {
+    std::vector<uint64_t> t(3 * rs.instructions.size());
+    MEGASERVE_CUDA_RETURN(cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t),
+                                     cudaMemcpyDeviceToHost),
+                          "reading the profile");
+    last_profile_ = StepProfile{};
+    last_profile_.num_ctas = rs.num_queues();
+    uint64_t first = ~uint64_t{0}, last = 0;
+    for (size_t i = 0; i < rs.instructions.size(); ++i) {
+      StepProfile::Op& op = last_profile_.ops[static_cast<int>(rs.instructions[i].opcode())];
+      ++op.count;
+      op.wait_us += (t[3 * i + 1] - t[3 * i]) * 1e-3;
+      op.op_us += (t[3 * i + 2] - t[3 * i + 1]) * 1e-3;
+      first = std::min(first, t[3 * i]);
+      last = std::max(last, t[3 * i + 2]);
+    }
+    last_profile_.span_us = last > first ? (last - first) * 1e-3 : 0;
+  }
 
   // Read back the samples, and the logits of the rows the host samples.
   std::vector<int32_t> ids(S);

@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
+#include "engine/isa.h"
 #include "engine/model_config.h"
 #include "engine/schedule_builder.h"
 #include "engine/tile_config.h"
@@ -27,6 +28,8 @@ namespace megaserve::engine {
 
 struct CudaBackendOptions {
   int device = 0;  // CUDA device ordinal
+  // Tensor parallelism is not implemented on the GPU yet: anything but 1 is refused.
+  int tensor_parallel = 1;
   int32_t kv_block_size = 16;
   // 0: as many blocks as fit in memory_fraction of the free memory left after the weights
   // and a reserve for the workspace.
@@ -44,6 +47,23 @@ struct CudaBackendOptions {
   // and compare the barriers with the step's barrier_end after it.
   bool poison_workspace = false;
   bool check_barriers = false;
+  // Projections on tensor cores (TF32 mma.sync; bf16 weights exact, activations rounded to
+  // TF32) where the reduction width is a multiple of 32; else CUDA cores (fp32 FMA).
+  bool tensor_cores = false;
+  // Benchmarks: record per-instruction timestamps on the device (CudaBackend::last_profile).
+  bool profile = false;
+};
+
+// Where one step's device time went (CudaBackendOptions::profile), from %globaltimer.
+struct StepProfile {
+  struct Op {
+    int count = 0;
+    double op_us = 0;    // summed over instructions: waits satisfied -> op done
+    double wait_us = 0;  // summed: fetched -> waits satisfied
+  };
+  double span_us = 0;  // first fetch -> last op done, over every CTA
+  int num_ctas = 0;
+  Op ops[static_cast<int>(isa::Opcode::kNumOpcodes)];
 };
 
 // Tile shapes for the CUDA-core megakernel on a GPU with `sm_count` SMs and `smem_bytes` of
@@ -76,6 +96,7 @@ class CudaBackend : public Backend {
   const Step& last_step() const { return last_step_; }
   ScheduleBuilder& builder() { return *builder_; }
   int num_sms() const { return tiles_.num_sms; }
+  const StepProfile& last_profile() const { return last_profile_; }
 
  private:
   CudaBackend();
@@ -91,6 +112,7 @@ class CudaBackend : public Backend {
   std::unique_ptr<CudaState> state_;
   std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
   Step last_step_;
+  StepProfile last_profile_;
   bool broken_ = false;
 };
 

@@ -29,6 +29,7 @@ struct CtaState {
 };
 
 inline constexpr int kAbortCheckInterval = 256;  // polls between reads of HostControl::abort
+inline constexpr unsigned kMaxSleepNs = 256;     // backoff cap: bounds the wake-up latency
 
 // Spins (thread 0) until `*p` satisfies `done(value)`, sleeping with exponential backoff.
 // Returns false when the host set abort.
@@ -42,7 +43,7 @@ __device__ bool poll_until(const uint32_t* p, HostControl* host, Done done) {
       return false;
     }
     __nanosleep(sleep_ns);
-    if (sleep_ns < 1024) sleep_ns *= 2;
+    if (sleep_ns < kMaxSleepNs) sleep_ns *= 2;
   }
 }
 
@@ -79,8 +80,10 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
   if (q >= cs.step.num_queues) return true;
   const OpContext ctx{cs.model, cs.step, smem, smem_floats};
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
+  uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {
     if (threadIdx.x == 0) {
+      if (profile != nullptr) profile[3 * i] = global_time_ns();
       cs.inst = cs.step.instructions[i];
       bool ok = true;
       for (int w = 0; ok && w < cs.inst.num_waits(); ++w) {
@@ -90,12 +93,14 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
       }
       if (!ok) cs.stop = 1;
       __threadfence();
+      if (profile != nullptr) profile[3 * i + 1] = global_time_ns();
     }
     __syncthreads();
     if (cs.stop) return false;
     dispatch(cs.inst, ctx);
     __syncthreads();  // every thread's writes of this instruction are done
     if (threadIdx.x == 0) {
+      if (profile != nullptr) profile[3 * i + 2] = global_time_ns();
       __threadfence();
       for (int s = 0; s < cs.inst.num_signals(); ++s) {
         add_release_gpu(barriers + cs.inst.signal_barrier(s), 1);

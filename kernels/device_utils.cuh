@@ -72,6 +72,12 @@ __device__ __forceinline__ void warp_rms_norm(const float* x, const uint16_t* we
   for (int i = lane; i < n; i += 32) out[i] = x[i] * inv * weight_at(weight, i);
 }
 
+__device__ __forceinline__ uint64_t global_time_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // ---- Barrier protocol [ISA_BARRIERS]
 
 __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {

@@ -50,6 +50,7 @@ struct DeviceModel {
   int32_t hidden, q_heads, kv_heads, head_dim, ffn, vocab, num_layers;
   float rms_norm_eps;
   int32_t num_kv_blocks, kv_block_size;
+  int32_t tensor_cores;       // 1: projections on tensor cores (TF32 mma) where K allows
   const DeviceLayer* layers;  // [num_layers]
   const uint16_t* embedding;  // [vocab, hidden]
   const uint16_t* final_norm; // [hidden]
@@ -96,6 +97,9 @@ struct DeviceStepDesc {
   float* logits;     // [num_samples, vocab]
   int32_t* sampled_ids;       // [num_samples]
   float* sampled_logprobs;    // [num_samples]
+  // Profiling (null unless asked for): per instruction, %globaltimer in ns when its CTA
+  // fetched it, when its waits were satisfied and when its op was done.
+  uint64_t* profile;          // [num_instructions, 3]
 };
 
 // Mapped pinned host memory, written by the host and read by CTA 0 (and the reverse for

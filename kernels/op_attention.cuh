@@ -17,6 +17,7 @@ namespace megaserve::kernels {
 struct AttentionOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kAttention;
   static constexpr int kDimsPerLane = kMaxHeadDim / 32;
+  static constexpr int kVRowsInFlight = 8;
 
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
@@ -57,6 +58,7 @@ struct AttentionOp {
           if (j < key_end) {
             row = ((static_cast<int64_t>(blocks[j / bs]) * hkv + a.kv_head) * bs + j % bs) * hd;
             float dot = 0.0f;
+#pragma unroll 4
             for (int d = 0; d < hd; d += 8) {
               float kv[8];
               load_bf16x8(kc + row + d, kv);
@@ -71,14 +73,29 @@ struct AttentionOp {
           l = l * alpha + warp_sum(p);
 #pragma unroll
           for (int e = 0; e < kDimsPerLane; ++e) acc[e] *= alpha;
+          // The chunk's V rows, kVRowsInFlight at a time: their loads are all issued before
+          // any is used (a decode step is bound by this loop's memory latency).
           const int chunk = min(32, key_end - j0);
-          for (int jj = 0; jj < chunk; ++jj) {
-            const float pj = __shfl_sync(0xffffffffu, p, jj);
-            const int64_t vrow = __shfl_sync(0xffffffffu, row, jj);
+          for (int jj0 = 0; jj0 < chunk; jj0 += kVRowsInFlight) {
+            float pv[kVRowsInFlight];
+            uint16_t v[kVRowsInFlight][kDimsPerLane];
 #pragma unroll
-            for (int e = 0; e < kDimsPerLane; ++e) {
-              const int d = lane + 32 * e;
-              if (d < hd) acc[e] += pj * bf16_bits_to_float(vc[vrow + d]);
+            for (int u = 0; u < kVRowsInFlight; ++u) {
+              const int jj = jj0 + u;
+              const int src = jj < chunk ? jj : 0;
+              const float pj = __shfl_sync(0xffffffffu, p, src);
+              const int64_t vrow = __shfl_sync(0xffffffffu, row, src);
+              pv[u] = jj < chunk ? pj : 0.0f;
+#pragma unroll
+              for (int e = 0; e < kDimsPerLane; ++e) {
+                const int d = lane + 32 * e;
+                v[u][e] = (d < hd && jj < chunk) ? vc[vrow + d] : uint16_t{0};
+              }
+            }
+#pragma unroll
+            for (int u = 0; u < kVRowsInFlight; ++u) {
+#pragma unroll
+              for (int e = 0; e < kDimsPerLane; ++e) acc[e] += pv[u] * bf16_bits_to_float(v[u][e]);
             }
           }
           m = m_new;

@@ -27,8 +27,8 @@ struct GateUpSiluOp {
                       md.rms_norm_eps, xs + r * H);
       }
       __syncthreads();
-      tile_matvec<2>(
-          a.col_end - a.col_begin, H, xs, n,
+      project_rows<2>(
+          md.tensor_cores != 0, a.col_end - a.col_begin, H, xs, n,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
           },

@@ -27,8 +27,8 @@ struct LmHeadOp {
                       md.final_norm, H, md.rms_norm_eps, xs + r * H);
       }
       __syncthreads();
-      tile_matvec<1>(
-          a.col_end - a.col_begin, H, xs, n,
+      project_rows<1>(
+          md.tensor_cores != 0, a.col_end - a.col_begin, H, xs, n,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
           [&](int c, int r, const float* v) {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];

@@ -39,8 +39,8 @@ struct QkvRopeOp {
                       md.rms_norm_eps, xs + r * H);
       }
       __syncthreads();
-      tile_matvec<1>(
-          ncols, H, xs, n,
+      project_rows<1>(
+          md.tensor_cores != 0, ncols, H, xs, n,
           [&](int, int c) {
             const int fh = a.head_begin + c / hd;
             const int kind = kind_of(fh);

@@ -5,8 +5,10 @@
 // and 128; GQA 1, 4, 8; Qwen2 bias, Qwen3 q/k norm, llama3 RoPE), KV splits. The GPU
 // workspace is poisoned with NaN before every step, so an unwritten read shows up in the
 // logits; every logit row must be finite and within 1e-2 (relative to the row's largest
-// magnitude) of the CPU's.
+// magnitude) of the CPU's. Each case runs with the projections on CUDA cores and on tensor
+// cores.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -73,7 +75,8 @@ double row_error(const std::vector<float>& got, const std::vector<float>& want) 
 
 class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
 
-void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps) {
+void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
+                bool tensor_cores) {
   const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
@@ -102,6 +105,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.persistent = true;
   gpu_opts.poison_workspace = true;
   gpu_opts.check_barriers = true;
+  gpu_opts.tensor_cores = tensor_cores;
   TileConfig tiles = cuda_tile_config(132, 0);
   tiles.kv_split_tokens = c.kv_split_tokens;
   gpu_opts.tiles = tiles;
@@ -169,8 +173,8 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
     }
   }
   (void)rng;
-  std::printf("[ %s ] %d logit rows compared, worst relative error %.2e\n", c.name.c_str(),
-              compared, worst);
+  std::printf("[ %s %s ] %d logit rows compared, worst relative error %.2e\n", c.name.c_str(),
+              tensor_cores ? "tensor-cores" : "cuda-cores", compared, worst);
 }
 
 std::vector<int32_t> random_tokens(int n, int vocab, uint32_t seed) {
@@ -189,7 +193,7 @@ TEST_P(CudaVsCpu, MixedPrefillAndDecodeSteps) {
   reqs[1] = {random_tokens(40, c.vocab, 2), {3, 17, 3}, 0};
   reqs[2] = {random_tokens(200, c.vocab, 3), {17, 129}, 2};
   reqs[3] = {random_tokens(30, c.vocab, 4), {1, 1, 3, 17}, 1};
-  run_forced(c, reqs, 12);
+  for (bool tensor_cores : {false, true}) run_forced(c, reqs, 12, tensor_cores);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -213,7 +217,7 @@ TEST(CudaVsCpuLong, ContextOf4000Tokens) {
   std::vector<ForcedRequest> reqs(2);
   reqs[0] = {random_tokens(3990, c.vocab, 11), {1000, 1000, 1000, 985}, 0};
   reqs[1] = {random_tokens(20, c.vocab, 12), {3}, 2};
-  run_forced(c, reqs, 10);
+  for (bool tensor_cores : {false, true}) run_forced(c, reqs, 10, tensor_cores);
 }
 
 TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
@@ -223,9 +227,111 @@ TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
   ASSERT_FALSE(b.ok());
   EXPECT_NE(b.status().message().find("head_dim 12"), std::string::npos) << b.status();
   config.head_dim = 8;
+  CudaBackendOptions tp2;
+  tp2.tensor_parallel = 2;
+  b = CudaBackend::create(config, ModelWeights{}, tp2);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kUnimplemented) << b.status();
+  EXPECT_NE(b.status().message().find("tensor_parallel 2"), std::string::npos) << b.status();
   b = CudaBackend::create(config, ModelWeights{}, {});  // no tensors
   ASSERT_FALSE(b.ok());
   EXPECT_NE(b.status().message().find("weights do not match"), std::string::npos) << b.status();
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+namespace megaserve::engine {
+namespace {
+
+// A step whose waits can never be satisfied (the builder is told the barriers start far
+// ahead of the device's) must fail within the watchdog, in both launch modes, and leave the
+// backend refusing further steps: never a hang.
+TEST(CudaBackendWatchdog, StuckStepFailsInsteadOfHanging) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelConfig config = testing::tiny_model_config(ModelFamily::kLlama);
+  const auto dir = testing::make_test_dir("watchdog");
+  testing::write_random_model(dir, config, 5, {.dtype = "BF16"});
+  absl::StatusOr<ModelWeights> weights = load_weights(dir, config, DType::kBF16);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  for (bool persistent : {true, false}) {
+    CudaBackendOptions o;
+    o.num_kv_blocks = 8;
+    o.persistent = persistent;
+    o.step_watchdog_ms = 300;
+    auto b = CudaBackend::create(config, *weights, o);
+    ASSERT_TRUE(b.ok()) << b.status();
+    (*b)->builder().set_barrier_origin(1u << 20);
+    scheduler::StepPlan plan;
+    plan.kv_block_size = 16;
+    scheduler::StepRequest r;
+    r.request_id = 1;
+    r.token_ids = {1, 2, 3};
+    r.block_table = {0};
+    r.sample = true;
+    plan.requests.push_back(r);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto out = (*b)->execute(plan);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_FALSE(out.ok());
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
+    EXPECT_LT(seconds, 5.0) << (persistent ? "persistent" : "per-step");
+    auto again = (*b)->execute(plan);
+    ASSERT_FALSE(again.ok());
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition) << again.status();
+  }
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+namespace megaserve::engine {
+namespace {
+
+// Plan errors are refused before anything runs and leave the backend usable; describe()
+// names the GPU.
+TEST(CudaBackendErrors, BadPlansAreRefusedAndTheBackendStaysUsable) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelConfig config = testing::tiny_model_config(ModelFamily::kQwen3);
+  const auto dir = testing::make_test_dir("bad_plans");
+  testing::write_random_model(dir, config, 6, {.dtype = "BF16"});
+  absl::StatusOr<ModelWeights> weights = load_weights(dir, config, DType::kBF16);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  CudaBackendOptions o;
+  o.num_kv_blocks = 4;
+  auto b = CudaBackend::create(config, *weights, o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  std::string why;
+  ASSERT_TRUE(cuda_backend_supported(&why));
+  EXPECT_NE((*b)->describe().find("cuda megakernel on "), std::string::npos);
+  EXPECT_EQ((*b)->num_kv_blocks(), 4);
+
+  scheduler::StepPlan plan;
+  plan.kv_block_size = 16;
+  scheduler::StepRequest r;
+  r.request_id = 9;
+  r.token_ids = {scheduler::kTokenFromPreviousStep};  // nothing was sampled before
+  r.block_table = {0};
+  r.sample = true;
+  r.sampling.temperature = 0.0f;
+  plan.requests.push_back(r);
+  auto out = (*b)->execute(plan);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
+  plan.requests[0].token_ids = {3};
+  plan.requests[0].block_table = {7};  // outside the 4 blocks
+  out = (*b)->execute(plan);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
+  plan.kv_block_size = 32;
+  out = (*b)->execute(plan);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
+  plan.kv_block_size = 16;
+  plan.requests[0].block_table = {1};
+  out = (*b)->execute(plan);  // and a good plan still runs
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->sampled.size(), 1u);
+  EXPECT_GE(out->sampled[0].token_id, 0);
+  EXPECT_LT(out->sampled[0].token_id, config.vocab_size);
 }
 
 }  // namespace

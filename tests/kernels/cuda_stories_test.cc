@@ -45,10 +45,12 @@ Stories load_stories() {
   return s;
 }
 
-std::unique_ptr<CudaBackend> make_backend(const Stories& s, bool persistent, int32_t blocks = 512) {
+std::unique_ptr<CudaBackend> make_backend(const Stories& s, bool persistent,
+                                          bool tensor_cores = false) {
   CudaBackendOptions o;
+  o.tensor_cores = tensor_cores;
   o.kv_block_size = 16;
-  o.num_kv_blocks = blocks;
+  o.num_kv_blocks = 512;
   o.persistent = persistent;
   o.check_barriers = true;
   auto b = CudaBackend::create(s.config, s.weights, o);
@@ -72,8 +74,9 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
   MEGASERVE_REQUIRE_ASSET(kModel);
   MEGASERVE_REQUIRE_GPU();
   const Stories s = load_stories();
-  for (bool persistent : {false, true}) {
-    auto b = make_backend(s, persistent);
+  for (int mode = 0; mode < 3; ++mode) {  // per-step, persistent, persistent + tensor cores
+    const bool persistent = mode > 0;
+    auto b = make_backend(s, persistent, mode == 2);
     ASSERT_NE(b, nullptr);
     std::vector<int32_t> blocks;
     int32_t token = 1;  // BOS
@@ -97,7 +100,7 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
       }
     }
     std::printf("[ stories260K %s ] greedy from BOS: first %d of 200 ids match the oracle\n",
-                persistent ? "persistent" : "per-step", matched);
+                mode == 0 ? "per-step" : (mode == 1 ? "persistent" : "tensor-cores"), matched);
     EXPECT_GE(matched, 50);
   }
 }

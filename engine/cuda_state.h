@@ -1,0 +1,104 @@
+// The CUDA backend's device side as the host sees it (engine/cuda_backend.h): streams, the
+// step slots and workspace, the barriers, the mapped control words of the step ring, and
+// the two ways of running a step (one launch, or a doorbell to the persistent kernel),
+// both under a watchdog. Only engine/cuda_backend.cc includes it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "engine/schedule_step.h"
+#include "kernels/megakernel.h"
+
+namespace megaserve::engine {
+
+inline absl::Status cuda_error(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat("cuda backend: ", what, ": ", cudaGetErrorName(e), " (",
+                                          cudaGetErrorString(e), ")"));
+}
+
+#define MEGASERVE_CUDA_RETURN(expr, what)                                        \
+  do {                                                                           \
+    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return cuda_error(e_, what); \
+  } while (0)
+
+// Shapes the workspace is carved for (one rank).
+struct WorkspaceShape {
+  int hidden, q_size, head_dim, ffn, vocab;
+  bool profile;  // also room for 3 timestamps per instruction
+};
+
+struct CudaState {
+  int device = 0;
+  int grid = 0;          // CTAs = queues per step
+  size_t smem_bytes = 0; // dynamic shared memory per CTA
+  cudaStream_t exec = nullptr;  // the megakernel
+  cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
+  cudaEvent_t done = nullptr;
+  std::vector<void*> allocations;  // weights, cache, inv_freq, layer table
+  kernels::DeviceModel model{};
+  uint32_t* barriers = nullptr;  // never reset between steps
+  int num_barriers = 0;
+  kernels::HostControl* host = nullptr;  // mapped pinned memory [STEP_RING]
+  kernels::HostControl* host_device_alias = nullptr;
+  kernels::DeviceControl* control = nullptr;
+  // Step slots [STEP_RING]: pinned staging and device copies; the descriptor at offset 0.
+  struct Slot {
+    uint8_t* staging = nullptr;
+    uint8_t* device = nullptr;
+    size_t capacity = 0;
+  } slots[2];
+  uint8_t* workspace = nullptr;
+  size_t workspace_capacity = 0;
+  kernels::DeviceStepDesc last_desc{};  // where the last step's outputs live
+  bool persistent_running = false;
+  uint32_t seq = 0;  // steps run so far (the ring's sequence number)
+
+  CudaState() = default;
+  CudaState(const CudaState&) = delete;
+  CudaState& operator=(const CudaState&) = delete;
+  ~CudaState();
+
+  // Streams, event, barriers and control words; `device` and `grid` set by the caller.
+  absl::Status init(int num_barriers);
+
+  template <typename T>
+  absl::StatusOr<T*> upload(const T* data, size_t count, const char* what) {
+    void* p = nullptr;
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, (count > 0 ? count : 1) * sizeof(T)), what);
+    allocations.push_back(p);
+    MEGASERVE_CUDA_RETURN(cudaMemcpy(p, data, count * sizeof(T), cudaMemcpyHostToDevice), what);
+    return static_cast<T*>(p);
+  }
+
+  // Carves the workspace for `step`, packs its queues and metadata into the next slot with
+  // `sampling` (one per sampling row) and uploads them (poisoning the workspace with NaN
+  // first when asked). Returns the descriptor the kernel will read.
+  absl::StatusOr<kernels::DeviceStepDesc> upload_step(
+      const Step& step, const WorkspaceShape& shape,
+      const std::vector<kernels::DeviceSampling>& sampling, bool poison);
+
+  // Runs the uploaded step (the next sequence number) persistently or with one launch and
+  // waits for it; past `watchdog` the kernel is aborted and DeadlineExceeded returned.
+  absl::Status run(uint64_t step_id, bool persistent, std::chrono::milliseconds watchdog);
+
+  // Posts a shutdown through the ring and waits for the kernel to exit, aborting it if it
+  // does not. True when it stopped.
+  bool stop_persistent();
+
+ private:
+  bool wait_exec_idle(std::chrono::milliseconds timeout);
+  kernels::MegakernelParams params(int slot) const;
+  absl::Status start_persistent();
+  absl::Status ensure_slot(int i, size_t bytes);
+  absl::Status ensure_workspace(size_t bytes);
+};
+
+}  // namespace megaserve::engine
