@@ -118,8 +118,8 @@ int run(const std::string& config_path, int steps) {
         continue;
       }
       const double step_s = elapsed.count() / timed;
-      const double kv_bytes = 2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers *
-                              config->kv_size();
+      const double kv_bytes =
+          2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers * config->kv_size();
       const double floor_s = (weight_bytes + kv_bytes) / kBandwidthBytesPerSecond;
       std::printf("%-14s %6d %10.3f %12.0f %10.3f %8.3f\n",
                   tensor_cores ? "persistent-tc" : (persistent ? "persistent" : "per-step"), batch,

@@ -84,11 +84,10 @@ bool cuda_backend_supported(std::string* why) {
     if (d.supported()) return true;
   }
   if (why != nullptr) {
-    *why = devices.empty()
-               ? absl::StrCat("no CUDA device: ", reason)
-               : absl::StrCat("no supported GPU (need sm_90, Hopper); device 0 is ",
-                              devices[0].name, " sm_", devices[0].compute_major,
-                              devices[0].compute_minor);
+    *why = devices.empty() ? absl::StrCat("no CUDA device: ", reason)
+                           : absl::StrCat("no supported GPU (need sm_90, Hopper); device 0 is ",
+                                          devices[0].name, " sm_", devices[0].compute_major,
+                                          devices[0].compute_minor);
   }
   return false;
 }
@@ -113,9 +112,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   if (absl::Status s = check_tensor_parallel(config, 1); !s.ok()) return s;
   const int hd = config.head_dim;
   if (hd % 8 != 0 || hd > kernels::kMaxHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda backend: head_dim ", hd, " must be a multiple of 8 and at most ",
-        kernels::kMaxHeadDim));
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: head_dim ", hd,
+                                                   " must be a multiple of 8 and at most ",
+                                                   kernels::kMaxHeadDim));
   }
   if (static_cast<int>(weights.layers.size()) != config.num_layers || weights.embedding.empty() ||
       weights.lm_head.empty() || weights.final_norm.empty()) {
@@ -146,7 +145,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   b->config_ = config;
   b->options_ = options;
   b->device_name_ = dev.name;
-  b->tiles_ = options.tiles.value_or(cuda_tile_config(dev.sm_count, dev.max_shared_memory_per_block));
+  b->tiles_ =
+      options.tiles.value_or(cuda_tile_config(dev.sm_count, dev.max_shared_memory_per_block));
   b->tiles_.num_sms = options.num_sms > 0 ? options.num_sms : dev.sm_count;
   if (b->tiles_.num_sms > dev.sm_count) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", b->tiles_.num_sms,
@@ -159,10 +159,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
                         "configuring shared memory");
   const size_t smem_floats = smem / sizeof(float);
   const size_t qkv_floats = size_t{kernels::kMaxMatvecRows} * b->tiles_.qkv_heads * hd;
-  const size_t widest = std::max({config.hidden_size + qkv_floats,
-                                  static_cast<size_t>(config.q_size()),
-                                  static_cast<size_t>(config.intermediate_size),
-                                  size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim});
+  const size_t widest =
+      std::max({config.hidden_size + qkv_floats, static_cast<size_t>(config.q_size()),
+                static_cast<size_t>(config.intermediate_size),
+                size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim});
   if (widest > smem_floats) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: a projection row of ", widest,
                                                    " floats exceeds shared memory (", smem,
@@ -241,13 +241,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   if (blocks == 0) {
     size_t free_bytes = 0, total = 0;
     MEGASERVE_CUDA_RETURN(cudaMemGetInfo(&free_bytes, &total), "querying free memory");
-    const double usable = (static_cast<double>(free_bytes) - kWorkspaceReserveBytes) *
-                          options.memory_fraction;
+    const double usable =
+        (static_cast<double>(free_bytes) - kWorkspaceReserveBytes) * options.memory_fraction;
     blocks = usable > 0 ? static_cast<int64_t>(usable / block_bytes) : 0;
     blocks = std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max() / 2);
     if (blocks < 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cuda backend: no room for a KV block (", block_bytes, " bytes) on ", dev.name));
+      return absl::ResourceExhaustedError(absl::StrCat("cuda backend: no room for a KV block (",
+                                                       block_bytes, " bytes) on ", dev.name));
     }
   }
   b->num_kv_blocks_ = static_cast<int32_t>(blocks);
@@ -271,12 +271,11 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
 }
 
 std::string CudaBackend::describe() const {
-  return absl::StrCat("cuda megakernel on ", device_name_, " (device ", options_.device, ", ",
-                      tiles_.num_sms, " CTAs, ",
-                      options_.persistent ? "persistent" : "one launch per step",
-                      options_.tensor_cores ? ", tensor cores" : ", CUDA cores", "): ",
-                      num_kv_blocks_, " KV blocks of ", options_.kv_block_size,
-                      " tokens, bf16 weights and cache");
+  return absl::StrCat(
+      "cuda megakernel on ", device_name_, " (device ", options_.device, ", ", tiles_.num_sms,
+      " CTAs, ", options_.persistent ? "persistent" : "one launch per step",
+      options_.tensor_cores ? ", tensor cores" : ", CUDA cores", "): ", num_kv_blocks_,
+      " KV blocks of ", options_.kv_block_size, " tokens, bf16 weights and cache");
 }
 
 absl::Status CudaBackend::fail(absl::Status s) {
@@ -330,7 +329,8 @@ absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::Step
   return out;
 }
 
-absl::Status CudaBackend::run_step(const Step& step, std::vector<scheduler::SampledToken>* sampled) {
+absl::Status CudaBackend::run_step(const Step& step,
+                                   std::vector<scheduler::SampledToken>* sampled) {
   CudaState& st = *state_;
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
@@ -342,8 +342,9 @@ absl::Status CudaBackend::run_step(const Step& step, std::vector<scheduler::Samp
     sampling[s] = {r.params.temperature, device_samples(r) ? 1 : 0, r.seed,
                    static_cast<int64_t>(r.output_token_index)};
   }
-  const WorkspaceShape shape{config_.hidden_size, config_.q_size(), config_.head_dim,
-                             config_.intermediate_size, V, options_.profile};
+  const WorkspaceShape shape{
+      config_.hidden_size, config_.q_size(), config_.head_dim, config_.intermediate_size, V,
+      options_.profile};
   absl::StatusOr<DeviceStepDesc> desc =
       st.upload_step(step, shape, sampling, options_.poison_workspace);
   if (!desc.ok()) return desc.status();
@@ -356,9 +357,9 @@ absl::Status CudaBackend::run_step(const Step& step, std::vector<scheduler::Samp
   st.last_desc = d;
   if (options_.profile) {
     std::vector<uint64_t> t(3 * rs.instructions.size());
-    MEGASERVE_CUDA_RETURN(cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t),
-                                     cudaMemcpyDeviceToHost),
-                          "reading the profile");
+    MEGASERVE_CUDA_RETURN(
+        cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+        "reading the profile");
     last_profile_ = StepProfile{};
     last_profile_.num_ctas = rs.num_queues();
     uint64_t first = ~uint64_t{0}, last = 0;

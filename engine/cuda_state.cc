@@ -165,9 +165,16 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   };
   const Array arrays[] = {
       {rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)},
-      ints(rs.queue_begin), ints(m.token_ids), ints(m.positions), ints(m.token_request),
-      ints(m.query_start), ints(m.block_indptr), ints(m.block_indices), ints(m.split_row_begin),
-      ints(m.sample_rows), {sampling.data(), sampling.size() * sizeof(DeviceSampling)}};
+      ints(rs.queue_begin),
+      ints(m.token_ids),
+      ints(m.positions),
+      ints(m.token_request),
+      ints(m.query_start),
+      ints(m.block_indptr),
+      ints(m.block_indices),
+      ints(m.split_row_begin),
+      ints(m.sample_rows),
+      {sampling.data(), sampling.size() * sizeof(DeviceSampling)}};
   constexpr int kNumArrays = sizeof(arrays) / sizeof(arrays[0]);
   size_t offsets[kNumArrays];
   size_t bytes = align_up(sizeof(DeviceStepDesc));
@@ -211,20 +218,19 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   if (poison) {  // all-ones words are NaN floats
     MEGASERVE_CUDA_RETURN(cudaMemsetAsync(workspace, 0xff, ws_bytes, copy), "poisoning");
   }
-  MEGASERVE_CUDA_RETURN(
-      cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy), "upload");
+  MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy),
+                        "upload");
   MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(copy), "upload");
   return d;
 }
 
-absl::Status CudaState::run(uint64_t step_id, bool persistent,
-                            std::chrono::milliseconds watchdog) {
+absl::Status CudaState::run(uint64_t step_id, bool persistent, std::chrono::milliseconds watchdog) {
   const auto deadline = Clock::now() + watchdog;
   const uint32_t next = seq + 1;
   const auto timed_out = [&](const char* how) {
     return absl::DeadlineExceededError(absl::StrCat("cuda backend: step ", step_id,
-                                                    " did not complete within ",
-                                                    watchdog.count(), " ms (", how, ")"));
+                                                    " did not complete within ", watchdog.count(),
+                                                    " ms (", how, ")"));
   };
   if (persistent) {
     if (!persistent_running) {

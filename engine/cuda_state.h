@@ -37,8 +37,8 @@ struct WorkspaceShape {
 
 struct CudaState {
   int device = 0;
-  int grid = 0;          // CTAs = queues per step
-  size_t smem_bytes = 0; // dynamic shared memory per CTA
+  int grid = 0;                 // CTAs = queues per step
+  size_t smem_bytes = 0;        // dynamic shared memory per CTA
   cudaStream_t exec = nullptr;  // the megakernel
   cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
   cudaEvent_t done = nullptr;

@@ -73,8 +73,8 @@ __device__ inline void dispatch(const engine::isa::Instruction& inst, const OpCo
 }
 
 // Runs queue blockIdx.x of cs.step. Returns false when aborted (cs.stop set).
-__device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host,
-                                 float* smem, int32_t smem_floats) {
+__device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host, float* smem,
+                                 int32_t smem_floats) {
   using engine::isa::barrier_reached;
   const int q = blockIdx.x;
   if (q >= cs.step.num_queues) return true;

@@ -25,8 +25,7 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
   __shared__ CtaState cs;
   load_cta_state(cs, params);
   load_step(cs, params.slots[params.slot]);
-  run_queue(cs, params.barriers, params.host, reinterpret_cast<float*>(dynamic_smem),
-            smem_floats);
+  run_queue(cs, params.barriers, params.host, reinterpret_cast<float*>(dynamic_smem), smem_floats);
 }
 
 __global__ void __launch_bounds__(kMegakernelThreads, 1)
@@ -93,13 +92,13 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
   }
 }
 
-cudaError_t launch(const void* kernel, const MegakernelParams& params, int grid,
-                   size_t smem_bytes, cudaStream_t stream) {
+cudaError_t launch(const void* kernel, const MegakernelParams& params, int grid, size_t smem_bytes,
+                   cudaStream_t stream) {
   int32_t smem_floats = static_cast<int32_t>(smem_bytes / sizeof(float));
   MegakernelParams p = params;
   void* args[] = {&p, &smem_floats};
-  return cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kMegakernelThreads), args,
-                                     smem_bytes, stream);
+  return cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kMegakernelThreads), args, smem_bytes,
+                                     stream);
 }
 
 }  // namespace
@@ -125,8 +124,7 @@ cudaError_t configure_megakernel(size_t optin_bytes, size_t* dynamic_bytes) {
 
 cudaError_t launch_megakernel_step(const MegakernelParams& params, int grid, size_t smem_bytes,
                                    cudaStream_t stream) {
-  return launch(reinterpret_cast<const void*>(&megakernel_step), params, grid, smem_bytes,
-                stream);
+  return launch(reinterpret_cast<const void*>(&megakernel_step), params, grid, smem_bytes, stream);
 }
 
 cudaError_t launch_megakernel_persistent(const MegakernelParams& params, int grid,

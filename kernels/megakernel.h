@@ -24,8 +24,8 @@ namespace megaserve::kernels {
 
 inline constexpr int kMegakernelThreads = 256;  // 8 warps per CTA
 inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
-inline constexpr int kMaxHeadDim = 256;        // attention keeps hd / 32 dims per lane
-inline constexpr int kMaxMatvecRows = 8;       // token rows per pass of a projection tile
+inline constexpr int kMaxHeadDim = 256;   // attention keeps hd / 32 dims per lane
+inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a projection tile
 
 // bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/bf16.h).
 struct DeviceLayer {
@@ -50,12 +50,12 @@ struct DeviceModel {
   int32_t hidden, q_heads, kv_heads, head_dim, ffn, vocab, num_layers;
   float rms_norm_eps;
   int32_t num_kv_blocks, kv_block_size;
-  int32_t tensor_cores;       // 1: projections on tensor cores (TF32 mma) where K allows
-  const DeviceLayer* layers;  // [num_layers]
-  const uint16_t* embedding;  // [vocab, hidden]
-  const uint16_t* final_norm; // [hidden]
-  const uint16_t* lm_head;    // [vocab, hidden]
-  const float* inv_freq;      // [head_dim / 2], llama3 scaling applied
+  int32_t tensor_cores;        // 1: projections on tensor cores (TF32 mma) where K allows
+  const DeviceLayer* layers;   // [num_layers]
+  const uint16_t* embedding;   // [vocab, hidden]
+  const uint16_t* final_norm;  // [hidden]
+  const uint16_t* lm_head;     // [vocab, hidden]
+  const float* inv_freq;       // [head_dim / 2], llama3 scaling applied
   // Per layer [num_kv_blocks, kv_heads, block_size, head_dim] (engine/kv_cache_layout.h),
   // layer l at l * cache_layer_elements.
   uint16_t* k_cache;
@@ -82,24 +82,24 @@ struct DeviceStepDesc {
   const int32_t* token_ids;    // [num_tokens]
   const int32_t* positions;
   const int32_t* token_request;
-  const int32_t* query_start;  // [num_requests + 1]
-  const int32_t* block_indptr; // [num_requests + 1]
+  const int32_t* query_start;   // [num_requests + 1]
+  const int32_t* block_indptr;  // [num_requests + 1]
   const int32_t* block_indices;
   const int32_t* split_row_begin;  // [num_requests]
   const int32_t* sample_rows;      // [num_samples]
   const DeviceSampling* sampling;  // [num_samples]
-  float* residual;   // [num_tokens, hidden]
-  float* q;          // [num_tokens, q_heads * hd]
-  float* attn_out;   // [num_tokens, q_heads * hd]
-  float* split_out;  // [num_split_rows, hd]
-  float* split_lse;  // [num_split_rows]
-  float* act;        // [num_tokens, ffn]
-  float* logits;     // [num_samples, vocab]
-  int32_t* sampled_ids;       // [num_samples]
-  float* sampled_logprobs;    // [num_samples]
+  float* residual;                 // [num_tokens, hidden]
+  float* q;                        // [num_tokens, q_heads * hd]
+  float* attn_out;                 // [num_tokens, q_heads * hd]
+  float* split_out;                // [num_split_rows, hd]
+  float* split_lse;                // [num_split_rows]
+  float* act;                      // [num_tokens, ffn]
+  float* logits;                   // [num_samples, vocab]
+  int32_t* sampled_ids;            // [num_samples]
+  float* sampled_logprobs;         // [num_samples]
   // Profiling (null unless asked for): per instruction, %globaltimer in ns when its CTA
   // fetched it, when its waits were satisfied and when its op was done.
-  uint64_t* profile;          // [num_instructions, 3]
+  uint64_t* profile;  // [num_instructions, 3]
 };
 
 // Mapped pinned host memory, written by the host and read by CTA 0 (and the reverse for
@@ -127,8 +127,8 @@ struct MegakernelParams {
   uint32_t* barriers;              // [num_barriers], never reset between steps
   HostControl* host;               // device alias of the mapped HostControl
   DeviceControl* control;
-  int32_t slot;                    // per-step launch: the slot to run
-  uint32_t first_seq;              // persistent: steps before this launch (doorbell value)
+  int32_t slot;        // per-step launch: the slot to run
+  uint32_t first_seq;  // persistent: steps before this launch (doorbell value)
 };
 
 // Opts both kernels into the most dynamic shared memory a CTA can have next to their static

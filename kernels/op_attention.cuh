@@ -104,9 +104,9 @@ struct AttentionOp {
         if (a.split < 0) {
           out = st.attn_out + (static_cast<int64_t>(t) * hq + h) * hd;
         } else {
-          const int64_t srow = st.split_row_begin[i] +
-                               ((static_cast<int64_t>(a.split) * hkv + a.kv_head) * n + qi) * group +
-                               g;
+          const int64_t srow =
+              st.split_row_begin[i] +
+              ((static_cast<int64_t>(a.split) * hkv + a.kv_head) * n + qi) * group + g;
           out = st.split_out + srow * hd;
           if (lane == 0) st.split_lse[srow] = key_begin < key_end ? m + logf(l) : -INFINITY;
         }

@@ -21,9 +21,9 @@ struct HiddenProjectionOp {
     const bool o_proj = inst.opcode() == kOpcodeO;
     const int H = md.hidden;
     const int K = o_proj ? md.q_heads * md.head_dim : md.ffn;
-    const uint16_t* W = o_proj ? w.wo : w.w_down;   // [H, K]
+    const uint16_t* W = o_proj ? w.wo : w.w_down;        // [H, K]
     const float* input = o_proj ? st.attn_out : st.act;  // [T, K]
-    float* xs = ctx.smem;                           // (rows, K)
+    float* xs = ctx.smem;                                // (rows, K)
     const int rpp = rows_per_pass(K, ctx.smem_floats);
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += rpp) {
       const int n = min(rpp, a.row_end - r0);

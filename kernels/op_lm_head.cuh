@@ -23,8 +23,8 @@ struct LmHeadOp {
     for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += rpp) {
       const int n = min(rpp, a.sample_end - s0);
       for (int r = warp; r < n; r += kMegakernelWarps) {
-        warp_rms_norm(st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H,
-                      md.final_norm, H, md.rms_norm_eps, xs + r * H);
+        warp_rms_norm(st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H, md.final_norm,
+                      H, md.rms_norm_eps, xs + r * H);
       }
       __syncthreads();
       project_rows<1>(

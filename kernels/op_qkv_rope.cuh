@@ -24,8 +24,8 @@ struct QkvRopeOp {
     const int nheads = a.head_end - a.head_begin;
     const int ncols = nheads * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* heads = ctx.smem;                           // (kMaxMatvecRows, ncols)
-    float* xs = ctx.smem + kMaxMatvecRows * ncols;     // (rows, H)
+    float* heads = ctx.smem;                        // (kMaxMatvecRows, ncols)
+    float* xs = ctx.smem + kMaxMatvecRows * ncols;  // (rows, H)
     const int rpp = rows_per_pass(H, ctx.smem_floats - kMaxMatvecRows * ncols);
     // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind).
     const auto kind_of = [&](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };

@@ -1,5 +1,5 @@
-// kSample for a range of sampling rows, each following engine/sampling.h for the rows the host marked
-// on_device (no penalties, banned ids, top-k/p, min-p or top logprobs):
+// kSample for a range of sampling rows, each following engine/sampling.h for the rows the host
+// marked on_device (no penalties, banned ids, top-k/p, min-p or top logprobs):
 //   cleaning: NaN -> -inf, +inf -> the largest finite float;
 //   greedy (temperature <= 0 or NaN): argmax, lowest id on ties;
 //   otherwise the Gumbel-max draw: argmax over finite logits of
@@ -66,10 +66,10 @@ struct SampleOp {
     const DeviceSampling sp = st.sampling[sample];
     if (!sp.on_device) return;
     const int V = ctx.model.vocab;
-    const float* logits = st.logits + static_cast<int64_t>(sample) * V;  // (V)
-    double* dscratch = reinterpret_cast<double*>(ctx.smem);                  // (warps)
-    int* iscratch = reinterpret_cast<int*>(dscratch + kMegakernelWarps);     // (warps)
-    float* fscratch = reinterpret_cast<float*>(iscratch + kMegakernelWarps); // (warps)
+    const float* logits = st.logits + static_cast<int64_t>(sample) * V;       // (V)
+    double* dscratch = reinterpret_cast<double*>(ctx.smem);                   // (warps)
+    int* iscratch = reinterpret_cast<int*>(dscratch + kMegakernelWarps);      // (warps)
+    float* fscratch = reinterpret_cast<float*>(iscratch + kMegakernelWarps);  // (warps)
 
     float best = -INFINITY;
     int best_id = V;  // ids increase along a thread's loop: the first strict max is lowest
@@ -108,8 +108,8 @@ struct SampleOp {
     }
     if (threadIdx.x == 0) {
       st.sampled_ids[sample] = token;
-      st.sampled_logprobs[sample] = static_cast<float>(
-          static_cast<double>(clean(logits[token])) - (static_cast<double>(best) + log(sum)));
+      st.sampled_logprobs[sample] = static_cast<float>(static_cast<double>(clean(logits[token])) -
+                                                       (static_cast<double>(best) + log(sum)));
     }
   }
 };

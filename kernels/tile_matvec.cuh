@@ -22,8 +22,7 @@ inline constexpr int kLoadsInFlight = 4;  // per lane, in the vectorized weight 
 // then emit(c, r, v) once per (c, r), from whichever lane holds it. Callers __syncthreads
 // before (xs written) and after (emitted values read by other threads).
 template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf row_of,
-                            Emit emit) {
+__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf row_of, Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int c = warp; c < ncols; c += kMegakernelWarps) {
     float acc[kMats][kMaxMatvecRows];
@@ -44,8 +43,8 @@ __device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf 
             if (r >= nrows) break;
             const float4* x = reinterpret_cast<const float4*>(xs + r * K + k);
             const float4 x0 = x[0], x1 = x[1];
-            acc[m][r] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w +
-                         wv[4] * x1.x + wv[5] * x1.y + wv[6] * x1.z + wv[7] * x1.w;
+            acc[m][r] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w + wv[4] * x1.x +
+                         wv[5] * x1.y + wv[6] * x1.z + wv[7] * x1.w;
           }
         };
         // kLoadsInFlight 16-byte loads per lane are issued before any is used: a decode
@@ -108,12 +107,12 @@ __device__ __forceinline__ void mma_tf32(float c[4], uint32_t a0, uint32_t a1, u
 // permutation for A and B, so the sum over k is unchanged. Needs K % 32 == 0 and 16-byte
 // aligned weight rows.
 template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec_tensor_cores(int ncols, int K, const float* xs, int nrows,
-                                         RowOf row_of, Emit emit) {
+__device__ void tile_matvec_tensor_cores(int ncols, int K, const float* xs, int nrows, RowOf row_of,
+                                         Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const float* xrow = xs + min(g, nrows - 1) * K;  // token row g (K); rows past nrows repeat
-                                                  // the last (their outputs are not emitted)
+                                                   // the last (their outputs are not emitted)
   for (int c0 = warp * 16; c0 < ncols; c0 += kMegakernelWarps * 16) {
     const uint16_t* wa[kMats];  // column c0 + g (clamped: extra columns are not emitted)
     const uint16_t* wb[kMats];  // column c0 + g + 8
@@ -162,8 +161,7 @@ __device__ void tile_matvec_tensor_cores(int ncols, int K, const float* xs, int 
 template <int kMats, typename RowOf, typename Emit>
 __device__ void project_rows(bool tensor_cores, int ncols, int K, const float* xs, int nrows,
                              RowOf row_of, Emit emit) {
-  if (tensor_cores && K % 32 == 0 &&
-      (reinterpret_cast<uintptr_t>(row_of(0, 0)) & 15) == 0) {
+  if (tensor_cores && K % 32 == 0 && (reinterpret_cast<uintptr_t>(row_of(0, 0)) & 15) == 0) {
     tile_matvec_tensor_cores<kMats>(ncols, K, xs, nrows, row_of, emit);
   } else {
     tile_matvec<kMats>(ncols, K, xs, nrows, row_of, emit);

@@ -7,6 +7,8 @@
 // logits; every logit row must be finite and within 1e-2 (relative to the row's largest
 // magnitude) of the CPU's. Each case runs with the projections on CUDA cores and on tensor
 // cores.
+#include "engine/cuda_backend.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -16,7 +18,6 @@
 #include <vector>
 
 #include "engine/cpu_backend.h"
-#include "engine/cuda_backend.h"
 #include "engine/weights.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
@@ -117,7 +118,6 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   for (int32_t b = 0; b < blocks_needed + 3; ++b) free_blocks.push_back(b);
   std::shuffle(free_blocks.begin(), free_blocks.end(), std::mt19937(7));
 
-  std::mt19937 rng(99);
   int compared = 0;
   double worst = 0;
   for (int step = 0; step < num_steps; ++step) {
@@ -129,7 +129,8 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
       const int total = static_cast<int>(r.tokens.size());
       if (step < r.start_step || r.fed >= total) continue;
       const int k = step - r.start_step;
-      const int n = std::min(total - r.fed, k < static_cast<int>(r.chunks.size()) ? r.chunks[k] : 1);
+      const int n =
+          std::min(total - r.fed, k < static_cast<int>(r.chunks.size()) ? r.chunks[k] : 1);
       scheduler::StepRequest sr;
       sr.request_id = i + 1;
       sr.first_position = r.fed;
@@ -172,7 +173,6 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
       ++compared;
     }
   }
-  (void)rng;
   std::printf("[ %s %s ] %d logit rows compared, worst relative error %.2e\n", c.name.c_str(),
               tensor_cores ? "tensor-cores" : "cuda-cores", compared, worst);
 }
@@ -199,12 +199,10 @@ TEST_P(CudaVsCpu, MixedPrefillAndDecodeSteps) {
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaVsCpu,
     ::testing::Values(
-        ModelCase{"llama_gqa1_hd64_bs16", ModelFamily::kLlama, 256, 4, 4, 64, 344, 1000, 2, 16,
-                  64},
+        ModelCase{"llama_gqa1_hd64_bs16", ModelFamily::kLlama, 256, 4, 4, 64, 344, 1000, 2, 16, 64},
         ModelCase{"llama3rope_gqa4_hd128_bs64", ModelFamily::kLlama, 256, 8, 2, 128, 200, 777, 2,
                   64, 128, true},
-        ModelCase{"qwen2_gqa8_hd64_bs16", ModelFamily::kQwen2, 128, 8, 1, 64, 96, 515, 2, 16,
-                  1024},
+        ModelCase{"qwen2_gqa8_hd64_bs16", ModelFamily::kQwen2, 128, 8, 1, 64, 96, 515, 2, 16, 1024},
         ModelCase{"qwen3_gqa4_hd128_bs64", ModelFamily::kQwen3, 192, 4, 1, 128, 160, 600, 2, 64,
                   256}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });

@@ -38,8 +38,8 @@ Stories load_stories() {
   auto w = load_weights(dir, s.config, DType::kF32);
   EXPECT_TRUE(w.ok()) << w.status();
   if (w.ok()) s.weights = std::move(*w);
-  std::istringstream ids(testing::read_file(testing::assets_dir() /
-                                            "models/stories260K/oracle/bos_t0_n200_ids.txt"));
+  std::istringstream ids(
+      testing::read_file(testing::assets_dir() / "models/stories260K/oracle/bos_t0_n200_ids.txt"));
   for (int32_t id; ids >> id;) s.oracle.push_back(id);
   EXPECT_EQ(s.oracle.size(), 200u);
   return s;
@@ -87,8 +87,8 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
       scheduler::StepPlan plan;
       plan.step_id = pos;
       plan.kv_block_size = 16;
-      plan.requests.push_back(decode_request(7, pos == 0 ? token : scheduler::kTokenFromPreviousStep,
-                                             pos, blocks));
+      plan.requests.push_back(
+          decode_request(7, pos == 0 ? token : scheduler::kTokenFromPreviousStep, pos, blocks));
       auto out = b->execute(plan);
       ASSERT_TRUE(out.ok()) << out.status();
       ASSERT_EQ(out->sampled.size(), 1u);

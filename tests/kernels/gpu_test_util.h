@@ -17,13 +17,13 @@ inline bool gpu_expected() {
 
 }  // namespace megaserve::testing
 
-#define MEGASERVE_REQUIRE_GPU()                                                        \
-  do {                                                                                 \
-    std::string why_no_gpu_;                                                           \
-    if (!::megaserve::engine::cuda_backend_supported(&why_no_gpu_)) {                  \
-      if (::megaserve::testing::gpu_expected()) {                                      \
-        FAIL() << "MEGASERVE_EXPECT_GPU=1 but " << why_no_gpu_;                        \
-      }                                                                                \
-      GTEST_SKIP() << "no supported GPU: " << why_no_gpu_;                             \
-    }                                                                                  \
+#define MEGASERVE_REQUIRE_GPU()                                       \
+  do {                                                                \
+    std::string why_no_gpu_;                                          \
+    if (!::megaserve::engine::cuda_backend_supported(&why_no_gpu_)) { \
+      if (::megaserve::testing::gpu_expected()) {                     \
+        FAIL() << "MEGASERVE_EXPECT_GPU=1 but " << why_no_gpu_;       \
+      }                                                               \
+      GTEST_SKIP() << "no supported GPU: " << why_no_gpu_;            \
+    }                                                                 \
   } while (0)
