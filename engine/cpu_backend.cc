@@ -20,6 +20,7 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::create(const ModelConfig
   b->options_ = options;
   TileConfig tiles = options.default_tiles ? cpu_tile_config(options.num_sms) : options.tiles;
   tiles.num_sms = options.num_sms;
+  if (absl::Status s = check_tile_config(tiles); !s.ok()) return s;
   b->options_.tiles = tiles;
   b->builder_ = std::make_unique<ScheduleBuilder>(
       config, tiles, options.tensor_parallel, ScheduleOptions{.record_accesses = options.verify});

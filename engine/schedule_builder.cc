@@ -107,6 +107,8 @@ ScheduleBuilder::ScheduleBuilder(const ModelConfig& config, const TileConfig& ti
   num_barriers_ = 4 + kLayerStages * config.num_layers;
   totals_.assign(tp, std::vector<uint32_t>(num_barriers_, 0));
   scratch_ = std::make_unique<BuildScratch>();
+  valid_ = check_tensor_parallel(config, tp);
+  if (valid_.ok()) valid_ = check_tile_config(tiles);
 }
 
 void ScheduleBuilder::set_barrier_origin(uint32_t value) {
@@ -124,6 +126,7 @@ absl::StatusOr<Step> ScheduleBuilder::build(const scheduler::StepPlan& plan,
 
 absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_t num_kv_blocks,
                                          Step& step) {
+  if (!valid_.ok()) return valid_;
   if (absl::Status s = check_plan(plan, config_, num_kv_blocks); !s.ok()) return s;
   step.step_id = plan.step_id;
   step.tp = tp_;

@@ -32,7 +32,8 @@ struct BuildScratch;
 
 class ScheduleBuilder {
  public:
-  // `config` must pass check_tensor_parallel(config, tp).
+  // `config` must pass check_tensor_parallel(config, tp); a `tiles` failing
+  // check_tile_config makes every build() fail with that error.
   ScheduleBuilder(const ModelConfig& config, const TileConfig& tiles, int tp,
                   ScheduleOptions options = {});
   ~ScheduleBuilder();
@@ -62,6 +63,7 @@ class ScheduleBuilder {
   int num_barriers_;
   std::vector<std::vector<uint32_t>> totals_;  // [rank][barrier]
   std::unique_ptr<BuildScratch> scratch_;
+  absl::Status valid_;  // check_tensor_parallel and check_tile_config
 };
 
 // The deadlock invariant (DESIGN.md §4): `global_order` lists every instruction once, each

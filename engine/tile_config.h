@@ -4,6 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 
 namespace megaserve::engine {
 
@@ -34,6 +38,32 @@ struct TileConfig {
   double bytes_per_cycle = 64.0;
   double overhead_cycles = 2000.0;
 };
+
+// Every count must be positive (a zero tile size would cut nothing); the error names the field.
+inline absl::Status check_tile_config(const TileConfig& c) {
+  const std::pair<const char*, int> fields[] = {
+      {"num_sms", c.num_sms},
+      {"token_rows", c.token_rows},
+      {"qkv_heads", c.qkv_heads},
+      {"hidden_cols", c.hidden_cols},
+      {"ffn_cols", c.ffn_cols},
+      {"vocab_cols", c.vocab_cols},
+      {"embedding_rows", c.embedding_rows},
+      {"lm_head_samples", c.lm_head_samples},
+      {"sample_rows", c.sample_rows},
+      {"kv_split_tokens", c.kv_split_tokens},
+      {"attention_query_rows", c.attention_query_rows},
+      {"attention_batch_requests", c.attention_batch_requests}};
+  for (const auto& [name, value] : fields) {
+    if (value < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("TileConfig.", name, " = ", value, " < 1"));
+    }
+  }
+  if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0)) {
+    return absl::InvalidArgumentError("TileConfig cost model rates must be positive");
+  }
+  return absl::OkStatus();
+}
 
 // Small tiles so that even stories260K (hidden 64, 5 layers) makes many instructions and the
 // interpreter exercises real cross-SM ordering.

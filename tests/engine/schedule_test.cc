@@ -317,6 +317,17 @@ TEST(ScheduleBuilderTest, RejectsBadPlansByName) {
   EXPECT_EQ(builder.barrier_totals()[0], std::vector<uint32_t>(builder.num_barriers(), 0u));
 }
 
+TEST(ScheduleBuilderTest, RejectsAnEmptyTileOrTensorParallelMismatch) {
+  TileConfig tiles = cpu_tile_config(2);
+  tiles.ffn_cols = 0;
+  ScheduleBuilder zero_tiles(small_llama(), tiles, 1);
+  EXPECT_THAT(std::string(zero_tiles.build(mixed_plan(), 64).status().message()),
+              HasSubstr("TileConfig.ffn_cols = 0"));
+  ScheduleBuilder tp3(small_llama(), cpu_tile_config(2), 3);
+  EXPECT_THAT(std::string(tp3.build(mixed_plan(), 64).status().message()),
+              HasSubstr("tensor_parallel 3 does not divide num_heads 8"));
+}
+
 TEST(ScheduleBuilderTest, MetadataIsTheCsrBlockTable) {
   ScheduleBuilder builder(small_llama(), cpu_tile_config(1), 1);
   absl::StatusOr<Step> step = builder.build(mixed_plan(), 64);
