@@ -43,6 +43,10 @@ enum class Opcode : int32_t {
   // RMSNorm(attn_norm) of token rows, projected onto a range of fused heads (q heads, then k
   // heads, then v heads of this rank), + bias (Qwen2), + per-head RMSNorm (Qwen3), + RoPE
   // on q and k; q heads go to the q buffer, k and v heads are appended to the paged cache.
+  // Why the norm is recomputed by every projection tile (here, kGateUpSilu, kLmHead): it
+  // costs rows x hidden extra work per tile, a few percent of the tile's matmul, where a
+  // separate norm op would add a stage, a barrier and a round trip of the normalized rows
+  // through global memory to every layer.
   kQkvRope = 2,
   // Causal attention of query rows over the paged KV cache for one kv head (all q heads of
   // its group). Unsplit: writes the attention output. Split: writes one KV split's
@@ -65,7 +69,9 @@ enum class Opcode : int32_t {
   // Final RMSNorm of the sampling rows and the LM head for a range of vocabulary columns.
   kLmHead = 9,
   // Samples a range of sampling rows from the logits of every rank (gathered from peer
-  // memory).
+  // memory, in rank order). Gathering (S x vocab floats) rather than combining per-rank
+  // Gumbel-max candidates keeps every sampling parameter exact: top-p, min-p and the
+  // penalties need the whole distribution, and the result is the single-device one.
   kSample = 10,
   kNumOpcodes = 11,
 };
