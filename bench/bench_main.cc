@@ -15,6 +15,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/sharegpt_dataset.h"
@@ -55,6 +57,13 @@ int fail(const std::string& message) {
 }
 
 int run(int argc, char** argv) {
+  // --help lists this program's flags (Abseil's default matches the program's file name).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "bench/bench_main");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage("ShareGPT serving benchmark against a megaserve server");
   server::FlagSpelling spelling(argc, argv);  // --num-prompts and --num_prompts alike
   absl::ParseCommandLine(spelling.argc(), spelling.argv());

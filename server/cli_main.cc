@@ -16,6 +16,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
@@ -76,8 +78,15 @@ std::string to_json(const google::protobuf::Message& message) {
 }
 
 int run(int argc, char** argv) {
+  // --help lists this program's flags (Abseil's default matches the program's file name).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "server/cli_main");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(
-      "megaserve-cli [PROMPT...] [--max_tokens=N --temperature=T ...] | --info | --tokenize "
+      "[PROMPT...] [--max_tokens=N --temperature=T ...] | --info | --tokenize "
       "PROMPT | --health");
   FlagSpelling spelling(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(spelling.argc(), spelling.argv());

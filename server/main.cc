@@ -12,6 +12,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "server/config.h"
 #include "server/config_flags.h"
 #include "server/flag_spelling.h"
@@ -33,8 +35,15 @@ int serve(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+  // --help lists this program's flags (Abseil's default matches the program's file name).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "server/");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(
-      "megaserve: LLM inference server (gRPC). Usage: megaserve [--config=FILE] "
+      "LLM inference server (gRPC). Usage: megaserve [--config=FILE] "
       "[--model=HF_MODEL_DIR] [--grpc_address=HOST:PORT] ...");
   FlagSpelling spelling(argc, argv);
   absl::ParseCommandLine(spelling.argc(), spelling.argv());
