@@ -216,38 +216,46 @@ absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext
 
 absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext& ctx,
                                           double timeout) {
-  std::atomic<bool> failed{false};
-  std::vector<std::string> errors(0);
-  std::mutex error_mu;
-  std::vector<std::thread> workers;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  struct Queue {
+    int rank;
+    int32_t begin, end;
+  };
+  std::vector<Queue> queues;
   for (int r = 0; r < tp(); ++r) {
     const RankSchedule& rs = step.ranks[r];
     for (int q = 0; q < rs.num_queues(); ++q) {
-      if (rs.queue_begin[q] == rs.queue_begin[q + 1]) continue;
-      workers.emplace_back([&, r, q] {
-        for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1]; ++i) {
-          const isa::Instruction& inst = rs.instructions[i];
-          while (!ready(step, r, inst)) {  // acquire loads pair with signal()'s release adds
-            if (failed.load(std::memory_order_relaxed)) return;
-            if (std::chrono::steady_clock::now() > deadline) {
-              std::lock_guard<std::mutex> lock(error_mu);
-              errors.push_back(describe_instruction(step, {r, i}));
-              failed.store(true);
-              return;
-            }
-            std::this_thread::yield();
-          }
-          cpu::execute(inst, r, ctx);
-          signal(inst);
-        }
-      });
+      if (rs.queue_begin[q] < rs.queue_begin[q + 1]) {
+        queues.push_back({r, rs.queue_begin[q], rs.queue_begin[q + 1]});
+      }
     }
   }
-  for (auto& w : workers) w.join();
+  std::atomic<bool> failed{false};
+  std::string error;
+  std::mutex error_mu;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  if (!pool_) pool_ = std::make_unique<cpu::WorkerPool>();
+  pool_->run(static_cast<int>(queues.size()), [&](int w) {
+    const Queue& q = queues[w];
+    const RankSchedule& rs = step.ranks[q.rank];
+    for (int32_t i = q.begin; i < q.end; ++i) {
+      const isa::Instruction& inst = rs.instructions[i];
+      while (!ready(step, q.rank, inst)) {  // acquire loads pair with signal()'s release adds
+        if (failed.load(std::memory_order_relaxed)) return;
+        if (std::chrono::steady_clock::now() > deadline) {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (error.empty()) error = describe_instruction(step, {q.rank, i});
+          failed.store(true);
+          return;
+        }
+        std::this_thread::yield();
+      }
+      cpu::execute(inst, q.rank, ctx);
+      signal(inst);
+    }
+  });
   if (failed.load()) {
-    return absl::DeadlineExceededError(absl::StrCat("step ", step.step_id, ": ", errors.front(),
-                                                    " still waiting after ", timeout, " s"));
+    return absl::DeadlineExceededError(
+        absl::StrCat("step ", step.step_id, ": ", error, " still waiting after ", timeout, " s"));
   }
   return absl::OkStatus();
 }

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/cpu_ops.h"
+#include "engine/cpu_worker_pool.h"
 #include "engine/model_config.h"
 #include "engine/schedule_step.h"
 #include "engine/weights.h"
@@ -26,8 +27,8 @@ enum class ExecutionMode {
   // One thread repeatedly picks, with a seeded generator, a random (rank, SM) whose next
   // instruction's waits are satisfied: a random interleaving the waits allow.
   kShuffled,
-  // One thread per (rank, SM) queue, as CTAs on a GPU: spins (yielding) on acquire loads of
-  // the barriers, signals with release increments.
+  // One thread per (rank, SM) queue, as CTAs on a GPU (persistent between steps): spins
+  // (yielding) on acquire loads of the barriers, signals with release increments.
   kThreaded,
 };
 
@@ -82,6 +83,7 @@ class CpuInterpreter {
   int num_barriers_ = 0;
   std::vector<cpu::RankState> ranks_;
   std::vector<std::unique_ptr<std::atomic<uint32_t>[]>> barriers_;  // [rank][barrier]
+  std::unique_ptr<cpu::WorkerPool> pool_;                           // kThreaded, made on use
 };
 
 }  // namespace megaserve::engine
