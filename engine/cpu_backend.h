@@ -20,8 +20,9 @@ namespace megaserve::engine {
 
 struct CpuBackendOptions {
   int tensor_parallel = 1;
-  int num_sms = 1;   // virtual SMs (queues) per rank
-  TileConfig tiles;  // tiles.num_sms is overwritten by num_sms; default: cpu_tile_config
+  int num_sms = 1;  // virtual SMs (queues) per rank
+  // default_tiles: cpu_tile_config(num_sms); otherwise `tiles` (its num_sms is overwritten).
+  TileConfig tiles;
   bool default_tiles = true;
   int32_t num_kv_blocks = 256;
   int32_t kv_block_size = 16;
@@ -30,6 +31,8 @@ struct CpuBackendOptions {
   bool verify = false;
 };
 
+// Not thread-safe: one engine thread calls execute() (the threaded mode's workers are
+// internal to a step).
 class CpuBackend : public Backend {
  public:
   static absl::StatusOr<std::unique_ptr<CpuBackend>> create(const ModelConfig& config,

@@ -8,9 +8,55 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/schedule_shard.h"
 
 namespace megaserve::engine {
+
+namespace {
+
+// The ops index weights by the config's shapes: refuse tensors that disagree.
+absl::Status check_weight_shapes(const ModelConfig& c, const ModelWeights& w) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t Q = c.q_size(), KV = c.kv_size(), hd = c.head_dim;
+  const auto check = [](const Tensor& t, std::vector<int64_t> shape, const std::string& name,
+                        bool optional = false) -> absl::Status {
+    if (optional && t.empty()) return absl::OkStatus();
+    if (t.empty() || t.shape != shape) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("weight ", name, " is missing or not [", absl::StrJoin(shape, ", "), "]"));
+    }
+    return absl::OkStatus();
+  };
+  if (static_cast<int>(w.layers.size()) != c.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights have ", w.layers.size(), " layers, the config ", c.num_layers));
+  }
+  absl::Status s = check(w.embedding, {V, H}, "embedding");
+  if (s.ok()) s = check(w.lm_head, {V, H}, "lm_head");
+  if (s.ok()) s = check(w.final_norm, {H}, "final_norm");
+  for (int l = 0; l < c.num_layers && s.ok(); ++l) {
+    const LayerWeights& x = w.layers[l];
+    const std::string p = absl::StrCat("layers.", l, ".");
+    if (s.ok()) s = check(x.attn_norm, {H}, p + "attn_norm");
+    if (s.ok()) s = check(x.ffn_norm, {H}, p + "ffn_norm");
+    if (s.ok()) s = check(x.wq, {Q, H}, p + "wq");
+    if (s.ok()) s = check(x.wk, {KV, H}, p + "wk");
+    if (s.ok()) s = check(x.wv, {KV, H}, p + "wv");
+    if (s.ok()) s = check(x.wo, {H, Q}, p + "wo");
+    if (s.ok()) s = check(x.w_gate, {I, H}, p + "w_gate");
+    if (s.ok()) s = check(x.w_up, {I, H}, p + "w_up");
+    if (s.ok()) s = check(x.w_down, {H, I}, p + "w_down");
+    if (s.ok()) s = check(x.bq, {Q}, p + "bq", true);
+    if (s.ok()) s = check(x.bk, {KV}, p + "bk", true);
+    if (s.ok()) s = check(x.bv, {KV}, p + "bv", true);
+    if (s.ok()) s = check(x.q_norm, {hd}, p + "q_norm", true);
+    if (s.ok()) s = check(x.k_norm, {hd}, p + "k_norm", true);
+  }
+  return s;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<CpuInterpreter>> CpuInterpreter::create(
     const ModelConfig& config, const ModelWeights& weights, int tp, int32_t num_kv_blocks,
@@ -20,10 +66,7 @@ absl::StatusOr<std::unique_ptr<CpuInterpreter>> CpuInterpreter::create(
     return absl::InvalidArgumentError(
         absl::StrCat("KV cache of ", num_kv_blocks, " blocks of ", kv_block_size, " tokens"));
   }
-  if (static_cast<int>(weights.layers.size()) != config.num_layers || weights.embedding.empty() ||
-      weights.lm_head.empty() || weights.final_norm.empty()) {
-    return absl::InvalidArgumentError("weights do not match the model config's layer count");
-  }
+  if (absl::Status s = check_weight_shapes(config, weights); !s.ok()) return s;
   if (config.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("head_dim ", config.head_dim, " is odd; RoPE needs pairs"));

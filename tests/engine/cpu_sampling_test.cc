@@ -124,6 +124,17 @@ TEST_F(CpuSamplingTest, SeededDrawsMatchTheSamplerAndDoNotDependOnPlacement) {
   }
 }
 
+TEST_F(CpuSamplingTest, RejectsWeightsThatDisagreeWithTheConfig) {
+  ModelWeights bad = weights_;
+  bad.layers[1].w_down.shape = {bad.layers[1].w_down.shape[1], bad.layers[1].w_down.shape[0]};
+  auto b = CpuBackend::create(config_, bad, {});
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(b.status().message()), ::testing::HasSubstr("layers.1.w_down"));
+  ModelWeights short_model = weights_;
+  short_model.layers.pop_back();
+  EXPECT_FALSE(CpuBackend::create(config_, short_model, {}).ok());
+}
+
 TEST_F(CpuSamplingTest, TokenFromPreviousStepNeedsAPreviousSample) {
   auto b = backend(1, 1, ExecutionMode::kSequential);
   ASSERT_NE(b, nullptr);
