@@ -124,12 +124,12 @@ int run(int argc, char** argv) {
   auto requests = sample_requests(*std::move(pairs), sample, count_tokens);
   if (!requests.ok()) return fail(requests.status().ToString());
   if (requests->empty()) {
-    return fail(absl::StrCat("no request of the ", num_pairs,
-                             " conversations passes the length filters"));
+    return fail(
+        absl::StrCat("no request of the ", num_pairs, " conversations passes the length filters"));
   }
   std::cout << absl::StrFormat("Model %s (%s), backend %s; %zu requests from %zu conversations\n",
-                               info.name(), info.architecture(), info.backend(),
-                               requests->size(), num_pairs);
+                               info.name(), info.architecture(), info.backend(), requests->size(),
+                               num_pairs);
 
   if (absl::GetFlag(FLAGS_warmup)) {
     RequestResult warmup = run_one(stub.get(), requests->front());
@@ -156,24 +156,23 @@ int run(int argc, char** argv) {
   }
 
   nlohmann::json result;
-  result["config"] = {{"server", absl::GetFlag(FLAGS_server)},
-                      {"dataset", absl::GetFlag(FLAGS_dataset)},
-                      {"num_prompts", sample.num_requests},
-                      {"seed", sample.seed},
-                      {"request_rate", std::isinf(options.request_rate)
-                                           ? nlohmann::json("inf")
-                                           : nlohmann::json(options.request_rate)},
-                      {"burstiness", options.burstiness},
-                      {"max_concurrency", options.max_concurrency},
-                      {"tokenizer", absl::GetFlag(FLAGS_tokenizer).empty()
-                                        ? "server"
-                                        : absl::GetFlag(FLAGS_tokenizer)},
-                      {"min_prompt_len", sample.min_prompt_len},
-                      {"min_output_len", sample.min_output_len},
-                      {"max_prompt_len", sample.max_prompt_len},
-                      {"max_total_len", sample.max_total_len},
-                      {"sharegpt_output_len", absl::GetFlag(FLAGS_sharegpt_output_len)},
-                      {"peak_tflops", absl::GetFlag(FLAGS_peak_tflops)}};
+  result["config"] = {
+      {"server", absl::GetFlag(FLAGS_server)},
+      {"dataset", absl::GetFlag(FLAGS_dataset)},
+      {"num_prompts", sample.num_requests},
+      {"seed", sample.seed},
+      {"request_rate", std::isinf(options.request_rate) ? nlohmann::json("inf")
+                                                        : nlohmann::json(options.request_rate)},
+      {"burstiness", options.burstiness},
+      {"max_concurrency", options.max_concurrency},
+      {"tokenizer",
+       absl::GetFlag(FLAGS_tokenizer).empty() ? "server" : absl::GetFlag(FLAGS_tokenizer)},
+      {"min_prompt_len", sample.min_prompt_len},
+      {"min_output_len", sample.min_output_len},
+      {"max_prompt_len", sample.max_prompt_len},
+      {"max_total_len", sample.max_total_len},
+      {"sharegpt_output_len", absl::GetFlag(FLAGS_sharegpt_output_len)},
+      {"peak_tflops", absl::GetFlag(FLAGS_peak_tflops)}};
   result["model"] = {{"name", info.name()},
                      {"architecture", info.architecture()},
                      {"backend", info.backend()},
@@ -199,15 +198,15 @@ int run(int argc, char** argv) {
                            info.num_heads(),   info.num_kv_heads(),      info.head_dim(),
                            info.vocab_size()};
     double flops = 0;
-    for (const BenchRequest& r : *requests) flops += request_flops(shape, r.prompt_len, r.output_len);
+    for (const BenchRequest& r : *requests)
+      flops += request_flops(shape, r.prompt_len, r.output_len);
     const double floor_s = flops / (peak * 1e12);
     const double ratio = floor_s > 0 ? run.duration_s / floor_s : 0;
-    std::cout << absl::StrFormat("%-42s%12.3e\n%-42s%12.4f\n%-42s%12.2f\n", "Workload FLOPs:",
-                                 flops, "Compute floor (s):", floor_s,
+    std::cout << absl::StrFormat("%-42s%12.3e\n%-42s%12.4f\n%-42s%12.2f\n",
+                                 "Workload FLOPs:", flops, "Compute floor (s):", floor_s,
                                  "Measured / floor:", ratio);
-    result["compute_floor"] = {{"total_flops", flops},
-                               {"floor_s", floor_s},
-                               {"measured_over_floor", ratio}};
+    result["compute_floor"] = {
+        {"total_flops", flops}, {"floor_s", floor_s}, {"measured_over_floor", ratio}};
   }
   if (const std::string path = absl::GetFlag(FLAGS_result_json); !path.empty()) {
     std::ofstream out(path);

@@ -30,8 +30,8 @@ absl::StatusOr<std::vector<ConversationPair>> parse_sharegpt(const std::string& 
     if (turns.size() < 2) continue;
     for (int t = 0; t < 2; ++t) {
       if (!turns[t].is_object() || !turns[t].contains("value") || !turns[t]["value"].is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(source, ": entry ", i, " turn ", t,
-                                                       " has no string \"value\""));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": entry ", i, " turn ", t, " has no string \"value\""));
       }
     }
     pairs.push_back({turns[0]["value"].get<std::string>(), turns[1]["value"].get<std::string>()});

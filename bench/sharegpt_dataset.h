@@ -33,7 +33,7 @@ struct SampleOptions {
   int min_prompt_len = 4;
   int min_output_len = 4;  // not applied with fixed_output_len
   int max_prompt_len = 1024;
-  int max_total_len = 2048;  // prompt + output
+  int max_total_len = 2048;             // prompt + output
   std::optional<int> fixed_output_len;  // instead of turn 1's length
 };
 

@@ -138,9 +138,8 @@ RunResult run_benchmark(v1::Megaserve::Stub* stub, const std::vector<BenchReques
 
   const Clock::time_point start = Clock::now();
   for (int i = 0; i < total; ++i) {
-    std::this_thread::sleep_until(
-        start + std::chrono::duration_cast<Clock::duration>(
-                    std::chrono::duration<double>(arrivals[i])));
+    std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(arrivals[i])));
     {
       std::unique_lock<std::mutex> lock(progress->mu);
       progress->cv.wait(lock, [&] {

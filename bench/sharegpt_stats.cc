@@ -66,7 +66,7 @@ double decoder_layer_params(const ModelShape& m) {
   const double q = static_cast<double>(m.heads * m.head_dim);
   const double kv = static_cast<double>(m.kv_heads * m.head_dim);
   const double h = static_cast<double>(m.hidden);
-  const double per_layer = h * q + 2 * h * kv + q * h   // q, k, v, o
+  const double per_layer = h * q + 2 * h * kv + q * h                     // q, k, v, o
                            + 3 * h * static_cast<double>(m.intermediate)  // gate, up, down
                            + 2 * h;                                       // two norms
   return per_layer * static_cast<double>(m.layers);
@@ -112,8 +112,8 @@ void line(std::string* out, const std::string& label, double value, int decimals
 void section(std::string* out, const std::string& title) {
   const int width = 54;
   const int pad = std::max(0, width - static_cast<int>(title.size()) - 2);
-  absl::StrAppend(out, std::string(pad / 2, '-'), " ", title, " ",
-                  std::string(pad - pad / 2, '-'), "\n");
+  absl::StrAppend(out, std::string(pad / 2, '-'), " ", title, " ", std::string(pad - pad / 2, '-'),
+                  "\n");
 }
 
 void distribution_lines(std::string* out, const std::string& name, const Distribution& d) {

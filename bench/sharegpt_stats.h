@@ -20,8 +20,8 @@ struct RequestResult {
   int output_tokens = 0;        // token ids received on the stream
   int usage_prompt_tokens = 0;  // as the server reported in its last message
   int usage_completion_tokens = 0;
-  double ttft = 0;     // seconds
-  double latency = 0;  // seconds, send to last message
+  double ttft = 0;          // seconds
+  double latency = 0;       // seconds, send to last message
   std::vector<double> itl;  // seconds between consecutive messages after the first
 };
 

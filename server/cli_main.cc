@@ -64,8 +64,7 @@ void set_deadline(grpc::ClientContext* context) {
 }
 
 int report(const grpc::Status& status) {
-  std::cerr << "megaserve-cli: " << status.error_code() << " " << status.error_message()
-            << "\n";
+  std::cerr << "megaserve-cli: " << status.error_code() << " " << status.error_message() << "\n";
   return 1;
 }
 
@@ -188,9 +187,8 @@ int run(int argc, char** argv) {
   if (!status.ok()) return report(status);
   if (!json) {
     std::cerr << "[" << v1::FinishReason_Name(last.finish_reason()) << ", "
-              << last.usage().prompt_tokens() << " prompt + "
-              << last.usage().completion_tokens() << " generated tokens, "
-              << last.timings().total_seconds() << " s]\n";
+              << last.usage().prompt_tokens() << " prompt + " << last.usage().completion_tokens()
+              << " generated tokens, " << last.timings().total_seconds() << " s]\n";
   }
   return 0;
 }

@@ -60,8 +60,8 @@ absl::StatusOr<config::ServerConfig> load_server_config(const std::filesystem::p
   ParseErrors errors;
   parser.RecordErrorsTo(&errors);
   if (!parser.MergeFromString(text.str(), &config)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config file ", file.string(), ": ", absl::StrJoin(errors.errors, "; ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config file ", file.string(), ": ", absl::StrJoin(errors.errors, "; ")));
   }
   return config;
 }
@@ -82,8 +82,8 @@ absl::Status validate_server_config(const config::ServerConfig& c) {
   }
   const uint32_t block = e.kv_block_size();
   if (block < 16 || block > 128 || (block & (block - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "engine.kv_block_size must be a power of two in [16, 128], got ", block));
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.kv_block_size must be a power of two in [16, 128], got ", block));
   }
   if (e.tensor_parallel_size() < 1) {
     return absl::InvalidArgumentError("engine.tensor_parallel_size must be >= 1");

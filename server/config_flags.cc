@@ -17,8 +17,7 @@ ABSL_FLAG(std::optional<std::string>, tokenizer, std::nullopt,
           "a tokenizer.model to use instead of the model directory's");
 ABSL_FLAG(std::optional<std::string>, served_model_name, std::nullopt,
           "the name GetModelInfo reports (default: the directory name)");
-ABSL_FLAG(std::optional<std::string>, grpc_address, std::nullopt,
-          "gRPC listen address, host:port");
+ABSL_FLAG(std::optional<std::string>, grpc_address, std::nullopt, "gRPC listen address, host:port");
 ABSL_FLAG(std::optional<std::string>, metrics_address, std::nullopt,
           "Prometheus metrics listen address, host:port; empty turns metrics off");
 ABSL_FLAG(std::optional<std::string>, backend, std::nullopt, "auto, cpu or cuda");
@@ -32,8 +31,7 @@ ABSL_FLAG(std::optional<uint32_t>, cpu_kv_cache_mib, std::nullopt,
 ABSL_FLAG(std::optional<float>, gpu_memory_fraction, std::nullopt,
           "CUDA backend: share of GPU memory to use");
 ABSL_FLAG(std::optional<uint32_t>, max_num_seqs, std::nullopt, "requests per step at most");
-ABSL_FLAG(std::optional<uint32_t>, max_num_batched_tokens, std::nullopt,
-          "tokens per step at most");
+ABSL_FLAG(std::optional<uint32_t>, max_num_batched_tokens, std::nullopt, "tokens per step at most");
 ABSL_FLAG(std::optional<uint32_t>, max_waiting_requests, std::nullopt,
           "waiting queue length; beyond it requests get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::optional<uint32_t>, max_model_len, std::nullopt,
@@ -44,8 +42,7 @@ ABSL_FLAG(std::optional<bool>, enable_prefix_caching, std::nullopt,
           "reuse KV blocks of identical prompt prefixes");
 ABSL_FLAG(std::optional<uint32_t>, drain_grace_seconds, std::nullopt,
           "on SIGTERM, how long running requests may finish before they are aborted");
-ABSL_FLAG(std::optional<std::string>, log_level, std::nullopt,
-          "trace, debug, info, warn or error");
+ABSL_FLAG(std::optional<std::string>, log_level, std::nullopt, "trace, debug, info, warn or error");
 ABSL_FLAG(std::optional<std::string>, log_pattern, std::nullopt, "spdlog pattern");
 
 namespace megaserve::server {
@@ -82,8 +79,7 @@ void apply_flag_overrides(config::ServerConfig* c) {
   override_field(FLAGS_max_waiting_requests, [e](uint32_t v) { e->set_max_waiting_requests(v); });
   override_field(FLAGS_max_model_len, [e](uint32_t v) { e->set_max_model_len(v); });
   override_field(FLAGS_cpu_threads, [e](uint32_t v) { e->set_cpu_threads(v); });
-  override_field(FLAGS_enable_prefix_caching,
-                 [e](bool v) { e->set_enable_prefix_caching(v); });
+  override_field(FLAGS_enable_prefix_caching, [e](bool v) { e->set_enable_prefix_caching(v); });
   override_field(FLAGS_drain_grace_seconds, [c](uint32_t v) { c->set_drain_grace_seconds(v); });
   override_field(FLAGS_log_level,
                  [c](const std::string& v) { c->mutable_logging()->set_level(v); });

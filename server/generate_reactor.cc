@@ -31,24 +31,37 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
 
 const char* status_code_name(grpc::StatusCode code) {
   switch (code) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    default: return "OTHER";
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    default:
+      return "OTHER";
   }
 }
 
 v1::FinishReason to_proto(engine::FinishReason reason) {
   switch (reason) {
-    case engine::FinishReason::kStop: return v1::FINISH_REASON_STOP;
-    case engine::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
-    case engine::FinishReason::kAbort: return v1::FINISH_REASON_ABORT;
-    case engine::FinishReason::kError: break;
+    case engine::FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kAbort:
+      return v1::FINISH_REASON_ABORT;
+    case engine::FinishReason::kError:
+      break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
 }
@@ -128,9 +141,8 @@ GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerCo
   {
     std::lock_guard<std::mutex> lock(mu_);
     admitted_ = Clock::now();
-    stream_ = std::make_unique<OutputStream>(*context_->tokenizer, sampling,
-                                             context_->eos_token_ids,
-                                             request.params().has_logprobs());
+    stream_ = std::make_unique<OutputStream>(
+        *context_->tokenizer, sampling, context_->eos_token_ids, request.params().has_logprobs());
     output_ = *std::move(output);
     pending_.set_request_id(client_request_id_);
   }
@@ -233,12 +245,17 @@ void GenerateReactor::pump() {
     }
   }
   switch (action) {
-    case Action::kNone: break;
-    case Action::kWrite: StartWrite(&in_flight_); break;
+    case Action::kNone:
+      break;
+    case Action::kWrite:
+      StartWrite(&in_flight_);
+      break;
     case Action::kWriteAndFinish:
       StartWriteAndFinish(&in_flight_, grpc::WriteOptions(), grpc::Status::OK);
       break;
-    case Action::kFinishError: Finish(error); break;
+    case Action::kFinishError:
+      Finish(error);
+      break;
   }
 }
 
@@ -263,8 +280,7 @@ void GenerateReactor::OnWriteDone(bool ok) {
 void GenerateReactor::OnCancel() {
   bool finish_now = false;
   bool abort_engine = false;
-  const bool deadline_passed =
-      call_->deadline() <= std::chrono::system_clock::now();
+  const bool deadline_passed = call_->deadline() <= std::chrono::system_clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!finish_called_) {
@@ -312,9 +328,9 @@ void GenerateReactor::OnDone() {
     if (stop_string_matched_) reason = engine::FinishReason::kStop;
     engine_done_ = true;
     record_metrics();
-    spdlog::debug("Generate {} done: {} {} ({} prompt, {} generated tokens)",
-                  client_request_id_, final_status_, finish_reason_.value_or("-"),
-                  prompt_tokens_, stream_ ? stream_->completion_tokens() : 0);
+    spdlog::debug("Generate {} done: {} {} ({} prompt, {} generated tokens)", client_request_id_,
+                  final_status_, finish_reason_.value_or("-"), prompt_tokens_,
+                  stream_ ? stream_->completion_tokens() : 0);
   }
   if (tell_engine) context_->engine->finish(output_->request_id(), reason);
   context_->active_streams.fetch_sub(1);

@@ -27,8 +27,8 @@ void render_gauge(const std::string& name, const std::string& help, double value
 }
 
 void render_labeled_counter(const std::string& name, const std::string& help,
-                            const std::string& label,
-                            const std::map<std::string, uint64_t>& values, std::string* out) {
+                            const std::string& label, const std::map<std::string, uint64_t>& values,
+                            std::string* out) {
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n");
   for (const auto& [key, value] : values) {
     absl::StrAppend(out, name, "{", label, "=\"", key, "\"} ", value, "\n");
@@ -49,8 +49,7 @@ void Histogram::observe(double value) {
   ++count_;
 }
 
-void Histogram::render(const std::string& name, const std::string& help,
-                       std::string* out) const {
+void Histogram::render(const std::string& name, const std::string& help, std::string* out) const {
   std::lock_guard<std::mutex> lock(mu_);
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
   uint64_t cumulative = 0;
@@ -64,10 +63,10 @@ void Histogram::render(const std::string& name, const std::string& help,
 
 Metrics::Metrics(std::function<engine::EngineStats()> engine_stats)
     : engine_stats_(std::move(engine_stats)),
-      ttft_({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-             7.5, 10.0, 20.0, 40.0, 80.0}),
-      tpot_({0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-             0.5, 0.75, 1.0, 2.5}),
+      ttft_({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+             10.0, 20.0, 40.0, 80.0}),
+      tpot_({0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+             0.75, 1.0, 2.5}),
       e2e_({0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0}),
       step_({0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
              1.0}) {}
@@ -93,9 +92,8 @@ std::string Metrics::render() const {
   std::string out;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    render_labeled_counter("megaserve_requests_total",
-                           "Generate calls by final gRPC status.", "status",
-                           requests_by_status_, &out);
+    render_labeled_counter("megaserve_requests_total", "Generate calls by final gRPC status.",
+                           "status", requests_by_status_, &out);
     render_labeled_counter("megaserve_requests_finished_total",
                            "Generate streams that ran, by finish reason.", "reason",
                            requests_by_finish_reason_, &out);
@@ -108,19 +106,17 @@ std::string Metrics::render() const {
   render_gauge("megaserve_requests_waiting", "Requests waiting to be scheduled.", stats.waiting,
                &out);
   render_gauge("megaserve_requests_running", "Requests being computed.", stats.running, &out);
-  render_gauge("megaserve_kv_blocks_used", "KV cache blocks in use.", stats.kv_blocks_used,
-               &out);
-  render_gauge("megaserve_kv_blocks_total", "KV cache blocks in all.", stats.kv_blocks_total,
-               &out);
+  render_gauge("megaserve_kv_blocks_used", "KV cache blocks in use.", stats.kv_blocks_used, &out);
+  render_gauge("megaserve_kv_blocks_total", "KV cache blocks in all.", stats.kv_blocks_total, &out);
   render_counter("megaserve_prefix_cache_queries_total", "Prompt tokens looked up.",
                  stats.prefix_cache_queries, &out);
   render_counter("megaserve_prefix_cache_hits_total", "Prompt tokens found in the cache.",
                  stats.prefix_cache_hits, &out);
   render_gauge("megaserve_prefix_cache_hit_rate",
                "Prefix cache hits over queries since start (0 before any query).",
-               stats.prefix_cache_queries > 0 ? static_cast<double>(stats.prefix_cache_hits) /
-                                                    stats.prefix_cache_queries
-                                              : 0.0,
+               stats.prefix_cache_queries > 0
+                   ? static_cast<double>(stats.prefix_cache_hits) / stats.prefix_cache_queries
+                   : 0.0,
                &out);
   render_counter("megaserve_preemptions_total", "Requests preempted for lack of KV blocks.",
                  stats.preemptions, &out);
@@ -139,7 +135,7 @@ std::string Metrics::render() const {
 }
 
 absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
-                                                             const std::string& field) {
+                                                            const std::string& field) {
   const size_t colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || colon == 0 ||

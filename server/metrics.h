@@ -42,11 +42,11 @@ class Histogram {
 
 // One finished Generate call, as the metrics see it.
 struct RequestRecord {
-  std::string status;                    // gRPC status code name, e.g. "OK", "CANCELLED"
+  std::string status;                        // gRPC status code name, e.g. "OK", "CANCELLED"
   std::optional<std::string> finish_reason;  // "stop", "length", "abort" for streams that ran
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
-  std::optional<double> time_to_first_token;  // seconds
+  std::optional<double> time_to_first_token;    // seconds
   std::optional<double> time_per_output_token;  // (last - first token) / (tokens - 1)
   std::optional<double> e2e_latency;
 };
@@ -102,6 +102,6 @@ class MetricsHttpServer {
 
 // Splits "host:port" (the host may be "[::1]"); InvalidArgument naming `field` otherwise.
 absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
-                                                             const std::string& field);
+                                                            const std::string& field);
 
 }  // namespace megaserve::server

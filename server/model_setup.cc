@@ -23,8 +23,8 @@ namespace {
 namespace fs = std::filesystem;
 
 struct ModelFiles {
-  fs::path config_dir;      // holds config.json (and generation_config.json)
-  fs::path weights_dir;     // holds the safetensors; empty with dummy weights
+  fs::path config_dir;   // holds config.json (and generation_config.json)
+  fs::path weights_dir;  // holds the safetensors; empty with dummy weights
   fs::path tokenizer_file;
   std::string name;
   bool dummy = false;
@@ -118,9 +118,10 @@ absl::StatusOr<BackendChoice> choose_backend(const config::EngineConfig& e) {
 #endif
 }
 
-absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(
-    const config::EngineConfig& e, const BackendChoice& choice, const engine::ModelConfig& model,
-    engine::ModelWeights weights) {
+absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(const config::EngineConfig& e,
+                                                              const BackendChoice& choice,
+                                                              const engine::ModelConfig& model,
+                                                              engine::ModelWeights weights) {
   std::unique_ptr<engine::Backend> backend;
 #if MEGASERVE_WITH_CUDA_BACKEND
   if (choice.cuda) {
@@ -143,13 +144,11 @@ absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(
     engine::CpuBackendOptions options;
     options.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
     options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
-    options.num_kv_blocks =
-        e.num_kv_blocks() > 0
-            ? static_cast<int32_t>(e.num_kv_blocks())
-            : cpu_kv_blocks_for(model, options.kv_block_size, e.cpu_kv_cache_mib());
-    const unsigned threads = e.cpu_threads() > 0
-                                 ? e.cpu_threads()
-                                 : std::max(1u, std::thread::hardware_concurrency());
+    options.num_kv_blocks = e.num_kv_blocks() > 0 ? static_cast<int32_t>(e.num_kv_blocks())
+                                                  : cpu_kv_blocks_for(model, options.kv_block_size,
+                                                                      e.cpu_kv_cache_mib());
+    const unsigned threads =
+        e.cpu_threads() > 0 ? e.cpu_threads() : std::max(1u, std::thread::hardware_concurrency());
     options.num_sms = static_cast<int>(threads);
     options.execution.mode =
         threads > 1 ? engine::ExecutionMode::kThreaded : engine::ExecutionMode::kSequential;
@@ -164,8 +163,7 @@ absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(
 
 }  // namespace
 
-int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size,
-                          uint32_t mib) {
+int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size, uint32_t mib) {
   const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
                                   model.head_dim * kv_block_size * int64_t{sizeof(float)};
   if (bytes_per_block <= 0) return 0;

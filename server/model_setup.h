@@ -12,7 +12,6 @@ namespace megaserve::server {
 absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config);
 
 // KV blocks that fit in `mib` MiB of fp32 K and V for every layer (the CPU backend's cache).
-int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size,
-                          uint32_t mib);
+int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size, uint32_t mib);
 
 }  // namespace megaserve::server

@@ -9,13 +9,12 @@
 namespace megaserve::server {
 namespace {
 
-absl::Status check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids,
-                             const char* field, int vocab_size) {
+absl::Status check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids, const char* field,
+                             int vocab_size) {
   for (int i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "] = ", ids[i],
-                                                     " is outside the vocabulary [0, ",
-                                                     vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, "[", i, "] = ", ids[i], " is outside the vocabulary [0, ", vocab_size, ")"));
     }
   }
   return absl::OkStatus();
@@ -25,16 +24,17 @@ absl::Status check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids
 absl::Status check_range(const char* field, float value, float lo, float hi, bool open_low) {
   const bool low_ok = open_low ? value > lo : value >= lo;
   if (!std::isfinite(value) || !low_ok || value > hi) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " must be in ", open_low ? "(" : "[",
-                                                   lo, ", ", hi, "], got ", value));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " must be in ", open_low ? "(" : "[", lo, ", ", hi, "], got ", value));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
-    const v1::SamplingParameters& p, int prompt_tokens, const RequestLimits& limits) {
+absl::StatusOr<scheduler::SamplingParams> to_sampling_params(const v1::SamplingParameters& p,
+                                                             int prompt_tokens,
+                                                             const RequestLimits& limits) {
   scheduler::SamplingParams out;
   if (p.has_temperature()) {
     if (!std::isfinite(p.temperature()) || p.temperature() < 0) {
@@ -67,8 +67,8 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
     out.repetition_penalty = p.repetition_penalty();
   }
   if (p.has_frequency_penalty()) {
-    if (auto s = check_range("frequency_penalty", p.frequency_penalty(),
-                             -kMaxAbsFrequencyPenalty, kMaxAbsFrequencyPenalty, false);
+    if (auto s = check_range("frequency_penalty", p.frequency_penalty(), -kMaxAbsFrequencyPenalty,
+                             kMaxAbsFrequencyPenalty, false);
         !s.ok()) {
       return s;
     }
@@ -96,10 +96,10 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
           absl::StrCat("max_tokens must be >= 1, got ", p.max_tokens()));
     }
     if (p.max_tokens() > room) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt has ", prompt_tokens, " tokens and max_tokens is ", p.max_tokens(), ": ",
-          prompt_tokens + p.max_tokens(), " tokens exceed the model's context of ",
-          limits.max_model_len, " tokens"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt has ", prompt_tokens, " tokens and max_tokens is ", p.max_tokens(),
+                       ": ", prompt_tokens + p.max_tokens(),
+                       " tokens exceed the model's context of ", limits.max_model_len, " tokens"));
     }
     out.max_tokens = p.max_tokens();
   } else {
@@ -107,9 +107,8 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
   }
   if (p.has_min_tokens()) {
     if (p.min_tokens() < 0 || p.min_tokens() > out.max_tokens) {
-      return absl::InvalidArgumentError(absl::StrCat("min_tokens must be in [0, max_tokens = ",
-                                                     out.max_tokens, "], got ",
-                                                     p.min_tokens()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "min_tokens must be in [0, max_tokens = ", out.max_tokens, "], got ", p.min_tokens()));
     }
     out.min_tokens = p.min_tokens();
   }
@@ -119,8 +118,7 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
     }
     out.stop_strings.push_back(p.stop(i));
   }
-  if (auto s = check_token_ids(p.stop_token_ids(), "stop_token_ids", limits.vocab_size);
-      !s.ok()) {
+  if (auto s = check_token_ids(p.stop_token_ids(), "stop_token_ids", limits.vocab_size); !s.ok()) {
     return s;
   }
   out.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
@@ -165,8 +163,8 @@ absl::StatusOr<engine::GenerateRequest> to_engine_request(const v1::GenerateRequ
     case v1::GenerateRequest::INPUT_NOT_SET:
       return absl::InvalidArgumentError("input is not set: give text or token_ids");
   }
-  auto sampling = to_sampling_params(request.params(),
-                                     static_cast<int>(out.prompt_token_ids.size()), limits);
+  auto sampling =
+      to_sampling_params(request.params(), static_cast<int>(out.prompt_token_ids.size()), limits);
   if (!sampling.ok()) return sampling.status();
   out.sampling = *std::move(sampling);
   out.priority = request.priority();

@@ -28,8 +28,9 @@ struct RequestLimits {
 
 // Checks `params` and fills the engine's SamplingParams. `prompt_tokens` is needed for the
 // context-length check and for the default max_tokens (16, or what still fits).
-absl::StatusOr<scheduler::SamplingParams> to_sampling_params(
-    const v1::SamplingParameters& params, int prompt_tokens, const RequestLimits& limits);
+absl::StatusOr<scheduler::SamplingParams> to_sampling_params(const v1::SamplingParameters& params,
+                                                             int prompt_tokens,
+                                                             const RequestLimits& limits);
 
 // Tokenizes or checks the prompt, then the sampling parameters.
 absl::StatusOr<engine::GenerateRequest> to_engine_request(const v1::GenerateRequest& request,

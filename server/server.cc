@@ -85,8 +85,7 @@ void Server::drain_and_stop(std::chrono::milliseconds grace) {
   // Let the streams deliver their last messages (aborted ones say FINISH_REASON_ABORT).
   if (!wait_until([this] { return context_.active_streams.load() == 0; },
                   Clock::now() + std::chrono::seconds(2))) {
-    spdlog::warn("drain: {} streams still open; cancelling them",
-                 context_.active_streams.load());
+    spdlog::warn("drain: {} streams still open; cancelling them", context_.active_streams.load());
   }
   grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
   grpc_server_->Wait();

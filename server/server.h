@@ -33,7 +33,7 @@ struct ServerOptions {
 class Server {
  public:
   static absl::StatusOr<std::unique_ptr<Server>> start(const ServerOptions& options,
-                                                        ServedModel model);
+                                                       ServedModel model);
   ~Server();
 
   int grpc_port() const { return grpc_port_; }

@@ -9,8 +9,7 @@ namespace megaserve::server {
 grpc::Status to_grpc_status(const absl::Status& status) {
   // absl::StatusCode and grpc::StatusCode share their numbering (both follow
   // google.rpc.Code).
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* MegaserveService::Generate(

@@ -54,7 +54,6 @@ class MegaserveService final : public v1::Megaserve::CallbackService {
 
 // Defined in generate_reactor.cc.
 grpc::ServerWriteReactor<v1::GenerateResponse>* new_generate_reactor(
-    ServingContext* context, grpc::CallbackServerContext* call,
-    const v1::GenerateRequest& request);
+    ServingContext* context, grpc::CallbackServerContext* call, const v1::GenerateRequest& request);
 
 }  // namespace megaserve::server

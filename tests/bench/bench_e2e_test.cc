@@ -69,9 +69,8 @@ TEST(BenchE2eTest, ShareGptSampleCompletesAndTokenCountsMatchTheServer) {
   megaserve::testing::Subprocess bench(
       {MEGASERVE_BENCH_BINARY, absl::StrCat("--server=127.0.0.1:", (*server)->grpc_port()),
        absl::StrCat("--dataset=", (megaserve::testing::assets_dir() / kDataset).string()),
-       "--num-prompts=6", "--max-prompt-len=1200", "--max-total-len=4096",
-       "--request-rate=inf", "--progress=false", "--peak-tflops=100",
-       absl::StrCat("--result-json=", result_file)},
+       "--num-prompts=6", "--max-prompt-len=1200", "--max-total-len=4096", "--request-rate=inf",
+       "--progress=false", "--peak-tflops=100", absl::StrCat("--result-json=", result_file)},
       (dir / "bench.log").string());
   ASSERT_EQ(bench.wait(std::chrono::seconds(120)), 0) << bench.log();
   const std::string log = bench.log();
@@ -92,9 +91,9 @@ TEST(BenchE2eTest, ShareGptSampleCompletesAndTokenCountsMatchTheServer) {
   EXPECT_EQ(result["usage_completion_tokens"].get<int64_t>(), output);
   // ...each (prompt, output) length pair is a row of the sample's Llama-2 length table...
   std::set<std::pair<int, int>> table;
-  for (absl::string_view line : absl::StrSplit(
-           megaserve::testing::read_file(megaserve::testing::assets_dir() / kLengths), '\n',
-           absl::SkipEmpty())) {
+  for (absl::string_view line :
+       absl::StrSplit(megaserve::testing::read_file(megaserve::testing::assets_dir() / kLengths),
+                      '\n', absl::SkipEmpty())) {
     std::vector<std::string> cells = absl::StrSplit(line, ',');
     int prompt = 0, completion = 0;
     if (cells.size() == 3 && absl::SimpleAtoi(cells[1], &prompt) &&

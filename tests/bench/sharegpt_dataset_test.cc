@@ -54,8 +54,8 @@ TEST(ParseShareGpt, NamesTheSourceAndEntryInErrors) {
   auto no_turns = parse_sharegpt(R"([{"conversations": []}, {"id": 1}])", "f.json");
   ASSERT_FALSE(no_turns.ok());
   EXPECT_NE(no_turns.status().message().find("entry 1"), std::string::npos);
-  auto no_value = parse_sharegpt(R"([{"conversations": [{"from": "human"}, {"value": "b"}]}])",
-                                 "f.json");
+  auto no_value =
+      parse_sharegpt(R"([{"conversations": [{"from": "human"}, {"value": "b"}]}])", "f.json");
   ASSERT_FALSE(no_value.ok());
   EXPECT_NE(no_value.status().message().find("turn 0"), std::string::npos);
 }
@@ -93,12 +93,12 @@ TEST(SeededShuffle, PlacesEachItemUniformly) {
 TEST(SampleRequests, AppliesThePeersLengthFiltersAtTheirBoundaries) {
   // Prompt lengths count BOS: words(n) gives n + 1 tokens.
   std::vector<ConversationPair> pairs = {
-      {words(2, "p3"), words(10, "c")},      // prompt 3 < 4: dropped
-      {words(3, "p4"), words(10, "c")},      // prompt 4: kept
-      {words(10, "o3"), words(3, "c")},      // output 3 < 4: dropped
-      {words(10, "o4"), words(4, "c")},      // output 4: kept
-      {words(1023, "p1024"), words(4, "c")},  // prompt 1024: kept
-      {words(1024, "p1025"), words(4, "c")},  // prompt 1025: dropped
+      {words(2, "p3"), words(10, "c")},         // prompt 3 < 4: dropped
+      {words(3, "p4"), words(10, "c")},         // prompt 4: kept
+      {words(10, "o3"), words(3, "c")},         // output 3 < 4: dropped
+      {words(10, "o4"), words(4, "c")},         // output 4: kept
+      {words(1023, "p1024"), words(4, "c")},    // prompt 1024: kept
+      {words(1024, "p1025"), words(4, "c")},    // prompt 1025: dropped
       {words(999, "t2048"), words(1048, "c")},  // 1000 + 1048 = 2048: kept
       {words(999, "t2049"), words(1049, "c")},  // 2049: dropped
   };

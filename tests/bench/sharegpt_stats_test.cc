@@ -66,8 +66,8 @@ TEST(Summarize, UsesThePeersDefinitions) {
 }
 
 TEST(RequestFlops, MatchesAStraightLineCount) {
-  const ModelShape m{/*hidden=*/64, /*intermediate=*/172, /*layers=*/5, /*heads=*/8,
-                     /*kv_heads=*/4, /*head_dim=*/8, /*vocab=*/512};
+  const ModelShape m{/*hidden=*/64,  /*intermediate=*/172, /*layers=*/5, /*heads=*/8,
+                     /*kv_heads=*/4, /*head_dim=*/8,       /*vocab=*/512};
   // Per layer: wq 64x64, wk 64x32, wv 64x32, wo 64x64, gate/up/down 3 x 64x172, norms 2x64.
   const double per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 172 + 2 * 64;
   EXPECT_DOUBLE_EQ(decoder_layer_params(m), 5 * per_layer);

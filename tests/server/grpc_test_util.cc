@@ -5,9 +5,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "google/protobuf/unknown_field_set.h"
 #include "grpcpp/impl/codegen/client_unary_call.h"
 #include "grpcpp/impl/codegen/sync_stream.h"
-#include "google/protobuf/unknown_field_set.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
 
@@ -32,8 +32,8 @@ StreamResult generate(v1::Megaserve::Stub& stub, const v1::GenerateRequest& requ
 }
 
 std::unique_ptr<v1::Megaserve::Stub> connect(int port) {
-  return v1::Megaserve::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                                    grpc::InsecureChannelCredentials()));
+  return v1::Megaserve::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
 }
 
 std::map<std::string, double> scrape_metrics(int port) {
@@ -69,8 +69,8 @@ std::map<std::string, double> scrape_metrics(int port) {
 }
 
 grpc::health::v1::HealthCheckResponse::ServingStatus health(int port) {
-  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   grpc::health::v1::HealthCheckResponse response;
@@ -87,9 +87,8 @@ namespace {
 std::string reflection_call(int port, const std::string& request_bytes) {
   auto channel =
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
-  grpc::internal::RpcMethod method(
-      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-      grpc::internal::RpcMethod::BIDI_STREAMING, channel);
+  grpc::internal::RpcMethod method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                   grpc::internal::RpcMethod::BIDI_STREAMING, channel);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
@@ -114,8 +113,7 @@ std::string reflection_call(int port, const std::string& request_bytes) {
 
 // A length-delimited string field (length < 128).
 std::string string_field(int number, const std::string& value) {
-  return std::string{static_cast<char>((number << 3) | 2), static_cast<char>(value.size())} +
-         value;
+  return std::string{static_cast<char>((number << 3) | 2), static_cast<char>(value.size())} + value;
 }
 
 }  // namespace

@@ -108,11 +108,10 @@ TEST_F(RequestValidationTest, EveryBadFieldIsNamed) {
        "token_ids[0]"},
       {"temperature", [](v1::GenerateRequest* r) { r->mutable_params()->set_temperature(-0.1f); },
        "temperature"},
-      {"temperature nan",
-       [](v1::GenerateRequest* r) { r->mutable_params()->set_temperature(NAN); }, "temperature"},
+      {"temperature nan", [](v1::GenerateRequest* r) { r->mutable_params()->set_temperature(NAN); },
+       "temperature"},
       {"top_p 0", [](v1::GenerateRequest* r) { r->mutable_params()->set_top_p(0.0f); }, "top_p"},
-      {"top_p > 1", [](v1::GenerateRequest* r) { r->mutable_params()->set_top_p(1.01f); },
-       "top_p"},
+      {"top_p > 1", [](v1::GenerateRequest* r) { r->mutable_params()->set_top_p(1.01f); }, "top_p"},
       {"top_k", [](v1::GenerateRequest* r) { r->mutable_params()->set_top_k(-1); }, "top_k"},
       {"min_p", [](v1::GenerateRequest* r) { r->mutable_params()->set_min_p(1.5f); }, "min_p"},
       {"repetition 0",
@@ -124,8 +123,7 @@ TEST_F(RequestValidationTest, EveryBadFieldIsNamed) {
       {"frequency",
        [](v1::GenerateRequest* r) { r->mutable_params()->set_frequency_penalty(2.5f); },
        "frequency_penalty"},
-      {"presence",
-       [](v1::GenerateRequest* r) { r->mutable_params()->set_presence_penalty(-3.0f); },
+      {"presence", [](v1::GenerateRequest* r) { r->mutable_params()->set_presence_penalty(-3.0f); },
        "presence_penalty"},
       {"max_tokens", [](v1::GenerateRequest* r) { r->mutable_params()->set_max_tokens(0); },
        "max_tokens"},
@@ -174,8 +172,7 @@ TEST_F(RequestValidationTest, TooLongGivesBothLengths) {
   v1::GenerateRequest request = ids_request(std::vector<int32_t>(64, 5));
   auto out = convert(request);
   ASSERT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(out.status().message().find("64 tokens"), std::string::npos)
-      << out.status().message();
+  EXPECT_NE(out.status().message().find("64 tokens"), std::string::npos) << out.status().message();
   EXPECT_NE(out.status().message().find("context is 64"), std::string::npos);
 
   request = ids_request(std::vector<int32_t>(50, 5));

@@ -125,8 +125,8 @@ TEST_F(ServerE2eTest, GreedyFromBosGivesTheOracleIds) {
 TEST_F(ServerE2eTest, ThirtyTwoConcurrentStreamsEachEqualTheirSoloOutput) {
   constexpr int kStreams = 32;
   std::vector<v1::GenerateRequest> requests;
-  const char* openings[] = {"Once upon a time", "Lily", "The cat", "One day", "Tom and Sue",
-                            "Zoo", "The big red ball", "Mom said"};
+  const char* openings[] = {"Once upon a time", "Lily", "The cat",          "One day",
+                            "Tom and Sue",      "Zoo",  "The big red ball", "Mom said"};
   for (int i = 0; i < kStreams; ++i) {
     v1::GenerateRequest request = greedy(openings[i % 8], 24 + i);
     if (i % 2 == 1) {  // seeded sampling: the same draws whatever else runs

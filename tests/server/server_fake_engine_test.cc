@@ -75,8 +75,8 @@ class ServerFakeEngineTest : public ::testing::Test {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     const engine::EngineStats s = engine_->stats();
-    ADD_FAILURE() << "engine not idle: " << s.waiting << " waiting, " << s.running
-                  << " running, " << s.kv_blocks_used << " KV blocks used";
+    ADD_FAILURE() << "engine not idle: " << s.waiting << " waiting, " << s.running << " running, "
+                  << s.kv_blocks_used << " KV blocks used";
   }
 
   const engine::Tokenizer* tokenizer_ = nullptr;
@@ -177,8 +177,7 @@ TEST_F(ServerFakeEngineTest, InvalidFieldsGetInvalidArgumentAndOthersAreUndistur
     mutate(&request);
     const StreamResult r = megaserve::testing::generate(*stub_, request);
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
-    EXPECT_NE(r.status.error_message().find(field), std::string::npos)
-        << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(field), std::string::npos) << r.status.error_message();
     EXPECT_TRUE(r.messages.empty());
   };
   bad([](v1::GenerateRequest* r) { r->mutable_params()->set_temperature(-1); }, "temperature");
@@ -386,14 +385,12 @@ TEST_F(ServerFakeEngineTest, HealthAndReflectionAnswer) {
             grpc::health::v1::HealthCheckResponse::SERVING);
   const std::vector<std::string> services =
       megaserve::testing::reflection_services(server_->grpc_port());
-  EXPECT_NE(std::find(services.begin(), services.end(), "megaserve.v1.Megaserve"),
-            services.end());
-  EXPECT_NE(std::find(services.begin(), services.end(), "grpc.health.v1.Health"),
-            services.end());
-  EXPECT_TRUE(megaserve::testing::reflection_describes(server_->grpc_port(),
-                                                       "megaserve.v1.Megaserve"));
-  EXPECT_FALSE(megaserve::testing::reflection_describes(server_->grpc_port(),
-                                                        "megaserve.v1.NoSuchService"));
+  EXPECT_NE(std::find(services.begin(), services.end(), "megaserve.v1.Megaserve"), services.end());
+  EXPECT_NE(std::find(services.begin(), services.end(), "grpc.health.v1.Health"), services.end());
+  EXPECT_TRUE(
+      megaserve::testing::reflection_describes(server_->grpc_port(), "megaserve.v1.Megaserve"));
+  EXPECT_FALSE(
+      megaserve::testing::reflection_describes(server_->grpc_port(), "megaserve.v1.NoSuchService"));
 }
 
 TEST_F(ServerFakeEngineTest, MetricsCountWhatWasSent) {

@@ -38,11 +38,10 @@ class SigtermTest : public ::testing::Test {
     server_ = std::make_unique<Subprocess>(
         std::vector<std::string>{
             MEGASERVE_BINARY, "--config=" MEGASERVE_SOURCE_DIR "/configs/default.textproto",
-            absl::StrCat("--model=", (megaserve::testing::assets_dir() / "models/stories260K-hf")
-                                         .string()),
-            "--grpc_address=127.0.0.1:0", "--metrics_address=", "--backend=cpu",
-            "--cpu_threads=1", "--num_kv_blocks=1024",
-            absl::StrCat("--drain_grace_seconds=", grace_seconds)},
+            absl::StrCat("--model=",
+                         (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
+            "--grpc_address=127.0.0.1:0", "--metrics_address=", "--backend=cpu", "--cpu_threads=1",
+            "--num_kv_blocks=1024", absl::StrCat("--drain_grace_seconds=", grace_seconds)},
         log);
     const auto port = server_->wait_for_log(std::regex(R"(serving gRPC on \S+ \(port (\d+)\))"),
                                             std::chrono::seconds(30));
