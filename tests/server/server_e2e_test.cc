@@ -122,6 +122,53 @@ TEST_F(ServerE2eTest, GreedyFromBosGivesTheOracleIds) {
   EXPECT_EQ(r.token_ids, oracle);
 }
 
+TEST_F(ServerE2eTest, ModelInfoDescribesStories260K) {
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&context, v1::GetModelInfoRequest(), &info).ok());
+  // The assets README: dim 64, hidden 172, 5 layers, 8 heads, 4 KV heads, vocab 512,
+  // max sequence 512; EOS 2, BOS 1.
+  EXPECT_EQ(info.name(), "stories260K-hf");
+  EXPECT_EQ(info.architecture(), "LlamaForCausalLM");
+  EXPECT_EQ(info.hidden_size(), 64);
+  EXPECT_EQ(info.intermediate_size(), 172);
+  EXPECT_EQ(info.num_layers(), 5);
+  EXPECT_EQ(info.num_heads(), 8);
+  EXPECT_EQ(info.num_kv_heads(), 4);
+  EXPECT_EQ(info.head_dim(), 8);
+  EXPECT_EQ(info.vocab_size(), 512);
+  EXPECT_EQ(info.max_model_len(), 512);
+  EXPECT_EQ(info.bos_token_id(), 1);
+  ASSERT_EQ(info.eos_token_ids_size(), 1);
+  EXPECT_EQ(info.eos_token_ids(0), 2);
+  EXPECT_EQ(info.tensor_parallel_size(), 1);
+  EXPECT_EQ(info.kv_block_size(), 16);
+  EXPECT_EQ(info.num_kv_blocks(), 512);
+  EXPECT_EQ(info.backend().rfind("cpu", 0), 0u) << info.backend();
+}
+
+TEST_F(ServerE2eTest, GreedyLogprobsRankTheChosenTokenFirst) {
+  v1::GenerateRequest request = greedy("Once upon a time", 12);
+  request.mutable_params()->set_logprobs(3);
+  const StreamResult r = megaserve::testing::generate(*stub_, request);
+  ASSERT_TRUE(r.status.ok());
+  int n = 0;
+  for (const v1::GenerateResponse& m : r.messages) {
+    ASSERT_EQ(m.logprobs_size(), m.token_ids_size());
+    for (const v1::TokenLogprob& lp : m.logprobs()) {
+      ++n;
+      ASSERT_EQ(lp.top_size(), 3);
+      // Greedy takes the argmax of the raw logits, so it is the best alternative.
+      EXPECT_EQ(lp.top(0).token_id(), lp.token_id());
+      EXPECT_FLOAT_EQ(lp.top(0).logprob(), lp.logprob());
+      EXPECT_LE(lp.logprob(), 0.0f);
+      EXPECT_GE(lp.top(0).logprob(), lp.top(1).logprob());
+      EXPECT_GE(lp.top(1).logprob(), lp.top(2).logprob());
+    }
+  }
+  EXPECT_EQ(n, 12);
+}
+
 TEST_F(ServerE2eTest, ThirtyTwoConcurrentStreamsEachEqualTheirSoloOutput) {
   constexpr int kStreams = 32;
   std::vector<v1::GenerateRequest> requests;
