@@ -29,17 +29,28 @@ def main() -> int:
             continue
         offset, = struct.unpack_from('<Q', data, header + 8)
         size, = struct.unpack_from('<Q', data, header + 32)
-        for entry in range(offset, offset + size, 16):
+        entries = range(offset, offset + size - 15, 16)
+        target = None
+        for entry in entries:
             tag, value = struct.unpack_from('<qQ', data, entry)
             if tag == DT_FLAGS:
-                struct.pack_into('<qQ', data, entry, tag, value | DF_SYMBOLIC)
-                with open(destination + '.tmp', 'wb') as out:
-                    out.write(data)
-                shutil.move(destination + '.tmp', destination)
-                return 0
-            if tag == DT_NULL:
+                target = (entry, value | DF_SYMBOLIC)
                 break
-    sys.exit(f'{source}: no DT_FLAGS entry in the dynamic section')
+            if tag == DT_NULL:
+                # No DT_FLAGS: linkers leave spare DT_NULL slots after the terminator; use
+                # this one if another DT_NULL follows to end the section.
+                if entry + 16 < offset + size and \
+                        struct.unpack_from('<q', data, entry + 16)[0] == DT_NULL:
+                    target = (entry, DF_SYMBOLIC)
+                break
+        if target is None:
+            sys.exit(f'{source}: no DT_FLAGS entry and no spare slot in the dynamic section')
+        struct.pack_into('<qQ', data, target[0], DT_FLAGS, target[1])
+        with open(destination + '.tmp', 'wb') as out:
+            out.write(data)
+        shutil.move(destination + '.tmp', destination)
+        return 0
+    sys.exit(f'{source}: no dynamic section')
 
 
 if __name__ == '__main__':
