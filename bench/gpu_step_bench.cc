@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/cuda_backend.h"
+#include "engine/cuda_trace.h"
 #include "engine/model_config.h"
 #include "engine/weights.h"
 
@@ -23,18 +24,11 @@ constexpr double kBandwidthBytesPerSecond = 3.0e12;
 constexpr int kContext = 128;  // tokens in each request's cache before the timed steps
 constexpr int32_t kBlock = 16;
 
-// One decode step's device time: its span, and per opcode the op and wait time summed over
-// instructions, divided by the CTAs (so each column adds up to at most the span).
-void print_profile(int batch, bool tensor_cores, const StepProfile& p) {
-  std::printf("profile (%s), decode batch %d: device span %.1f us over %d CTAs; per CTA:",
-              tensor_cores ? "tensor cores" : "CUDA cores", batch, p.span_us, p.num_ctas);
-  for (int op = 1; op < static_cast<int>(isa::Opcode::kNumOpcodes); ++op) {
-    const StepProfile::Op& o = p.ops[op];
-    if (o.count == 0) continue;
-    std::printf(" %s x%d op %.1f wait %.1f;", isa::opcode_name(static_cast<isa::Opcode>(op)),
-                o.count, o.op_us / p.num_ctas, o.wait_us / p.num_ctas);
-  }
-  std::printf("\n");
+// One decode step's device time, per opcode (engine/cuda_trace.h).
+void print_profile(int batch, bool tensor_cores, const ModelConfig& config, const CudaBackend& b) {
+  const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+  std::printf("profile (%s), decode batch %d: %s", tensor_cores ? "tensor cores" : "CUDA cores",
+              batch, format_trace_summary(s).c_str());
 }
 
 int run(const std::string& config_path, int steps) {
@@ -114,7 +108,7 @@ int run(const std::string& config_path, int steps) {
         for (auto& r : plan.requests) ++r.first_position;
       }
       if (profile) {
-        print_profile(batch, tensor_cores, (*b)->last_profile());
+        print_profile(batch, tensor_cores, *config, **b);
         continue;
       }
       const double step_s = elapsed.count() / timed;

@@ -162,7 +162,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   const size_t widest =
       std::max({config.hidden_size + qkv_floats, static_cast<size_t>(config.q_size()),
                 static_cast<size_t>(config.intermediate_size),
-                size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim});
+                size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim,
+                size_t{kernels::kAttentionSmemFloats}});
   if (widest > smem_floats) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: a projection row of ", widest,
                                                    " floats exceeds shared memory (", smem,
@@ -194,7 +195,6 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   m.vocab = config.vocab_size;
   m.num_layers = config.num_layers;
   m.rms_norm_eps = config.rms_norm_eps;
-  m.tensor_cores = options.tensor_cores ? 1 : 0;
   std::vector<kernels::DeviceLayer> layers(config.num_layers);
 #define MEGASERVE_UPLOAD(dst, tensor)                         \
   do {                                                        \
@@ -345,8 +345,10 @@ absl::Status CudaBackend::run_step(const Step& step,
   const WorkspaceShape shape{
       config_.hidden_size, config_.q_size(), config_.head_dim, config_.intermediate_size, V,
       options_.profile};
+  const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
+                        (options_.attention_warp_per_head ? kernels::kStepAttentionWarpPerHead : 0);
   absl::StatusOr<DeviceStepDesc> desc =
-      st.upload_step(step, shape, sampling, options_.poison_workspace);
+      st.upload_step(step, shape, sampling, flags, options_.poison_workspace);
   if (!desc.ok()) return desc.status();
   const DeviceStepDesc& d = *desc;
   if (absl::Status s = st.run(step.step_id, options_.persistent,
@@ -355,23 +357,18 @@ absl::Status CudaBackend::run_step(const Step& step,
     return s;
   }
   st.last_desc = d;
+  last_timings_.clear();
   if (options_.profile) {
-    std::vector<uint64_t> t(3 * rs.instructions.size());
+    constexpr int kWords = kernels::kProfileWords;
+    std::vector<uint64_t> t(kWords * rs.instructions.size());
     MEGASERVE_CUDA_RETURN(
         cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
         "reading the profile");
-    last_profile_ = StepProfile{};
-    last_profile_.num_ctas = rs.num_queues();
-    uint64_t first = ~uint64_t{0}, last = 0;
+    last_timings_.resize(rs.instructions.size());
     for (size_t i = 0; i < rs.instructions.size(); ++i) {
-      StepProfile::Op& op = last_profile_.ops[static_cast<int>(rs.instructions[i].opcode())];
-      ++op.count;
-      op.wait_us += (t[3 * i + 1] - t[3 * i]) * 1e-3;
-      op.op_us += (t[3 * i + 2] - t[3 * i + 1]) * 1e-3;
-      first = std::min(first, t[3 * i]);
-      last = std::max(last, t[3 * i + 2]);
+      last_timings_[i] = {t[kWords * i], t[kWords * i + 1], t[kWords * i + 2],
+                          static_cast<uint32_t>(t[kWords * i + 3])};
     }
-    last_profile_.span_us = last > first ? (last - first) * 1e-3 : 0;
   }
 
   // Read back the samples, and the logits of the rows the host samples.

@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
+#include "engine/cuda_trace.h"
 #include "engine/isa.h"
 #include "engine/model_config.h"
 #include "engine/schedule_builder.h"
@@ -50,20 +51,12 @@ struct CudaBackendOptions {
   // Projections on tensor cores (TF32 mma.sync; bf16 weights exact, activations rounded to
   // TF32) where the reduction width is a multiple of 32; else CUDA cores (fp32 FMA).
   bool tensor_cores = false;
-  // Benchmarks: record per-instruction timestamps on the device (CudaBackend::last_profile).
+  // kAttention as first written: one warp per (query row, q head) walks all its keys.
+  // Default: each row's keys spread over the CTA's warps (kernels/op_attention.cuh).
+  bool attention_warp_per_head = false;
+  // Benchmarks: record per-instruction timestamps and SMs on the device
+  // (CudaBackend::last_timings, engine/cuda_trace.h).
   bool profile = false;
-};
-
-// Where one step's device time went (CudaBackendOptions::profile), from %globaltimer.
-struct StepProfile {
-  struct Op {
-    int count = 0;
-    double op_us = 0;    // summed over instructions: waits satisfied -> op done
-    double wait_us = 0;  // summed: fetched -> waits satisfied
-  };
-  double span_us = 0;  // first fetch -> last op done, over every CTA
-  int num_ctas = 0;
-  Op ops[static_cast<int>(isa::Opcode::kNumOpcodes)];
 };
 
 // Tile shapes for the CUDA-core megakernel on a GPU with `sm_count` SMs and `smem_bytes` of
@@ -96,7 +89,13 @@ class CudaBackend : public Backend {
   const Step& last_step() const { return last_step_; }
   ScheduleBuilder& builder() { return *builder_; }
   int num_sms() const { return tiles_.num_sms; }
-  const StepProfile& last_profile() const { return last_profile_; }
+  // With profile on: per instruction of last_step().ranks[0], its device timestamps.
+  const std::vector<InstructionTiming>& last_timings() const { return last_timings_; }
+  // Per-step choices, applied from the next execute() on (the resident kernel reads them
+  // from each step's descriptor): benchmarks compare variants on one upload of the weights.
+  void set_profile(bool on) { options_.profile = on; }
+  void set_tensor_cores(bool on) { options_.tensor_cores = on; }
+  void set_attention_warp_per_head(bool on) { options_.attention_warp_per_head = on; }
 
  private:
   CudaBackend();
@@ -112,7 +111,7 @@ class CudaBackend : public Backend {
   std::unique_ptr<CudaState> state_;
   std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
   Step last_step_;
-  StepProfile last_profile_;
+  std::vector<InstructionTiming> last_timings_;
   bool broken_ = false;
 };
 

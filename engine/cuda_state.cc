@@ -131,7 +131,7 @@ absl::Status CudaState::ensure_workspace(size_t bytes) {
 
 absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const WorkspaceShape& ws,
                                                       const std::vector<DeviceSampling>& sampling,
-                                                      bool poison) {
+                                                      int32_t flags, bool poison) {
   MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
@@ -152,7 +152,8 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   const size_t o_act = region(sizeof(float) * T * ws.ffn);
   const size_t o_logits = region(sizeof(float) * S * ws.vocab);
   const size_t o_ids = region(sizeof(int32_t) * S), o_lp = region(sizeof(float) * S);
-  const size_t o_prof = region(ws.profile ? 3 * sizeof(uint64_t) * rs.instructions.size() : 0);
+  const size_t o_prof =
+      region(ws.profile ? kernels::kProfileWords * sizeof(uint64_t) * rs.instructions.size() : 0);
   if (absl::Status s = ensure_workspace(ws_bytes); !s.ok()) return s;
 
   // Slot layout: the descriptor, then the arrays in this order.
@@ -197,6 +198,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   d.kv_split_tokens = m.kv_split_tokens;
   d.num_samples = m.num_samples();
   d.num_split_rows = m.num_split_rows;
+  d.flags = flags;
   d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(0));
   const int32_t** int_fields[] = {&d.queue_begin,   &d.token_ids,       &d.positions,
                                   &d.token_request, &d.query_start,     &d.block_indptr,

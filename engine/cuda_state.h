@@ -32,7 +32,7 @@ inline absl::Status cuda_error(cudaError_t e, const char* what) {
 // Shapes the workspace is carved for (one rank).
 struct WorkspaceShape {
   int hidden, q_size, head_dim, ffn, vocab;
-  bool profile;  // also room for 3 timestamps per instruction
+  bool profile;  // also room for kernels::kProfileWords words per instruction
 };
 
 struct CudaState {
@@ -79,11 +79,12 @@ struct CudaState {
   }
 
   // Carves the workspace for `step`, packs its queues and metadata into the next slot with
-  // `sampling` (one per sampling row) and uploads them (poisoning the workspace with NaN
-  // first when asked). Returns the descriptor the kernel will read.
+  // `sampling` (one per sampling row) and the step's kernels::kStep* `flags`, and uploads
+  // them (poisoning the workspace with NaN first when asked). Returns the descriptor the
+  // kernel will read.
   absl::StatusOr<kernels::DeviceStepDesc> upload_step(
       const Step& step, const WorkspaceShape& shape,
-      const std::vector<kernels::DeviceSampling>& sampling, bool poison);
+      const std::vector<kernels::DeviceSampling>& sampling, int32_t flags, bool poison);
 
   // Runs the uploaded step (the next sequence number) persistently or with one launch and
   // waits for it; past `watchdog` the kernel is aborted and DeadlineExceeded returned.

@@ -83,7 +83,7 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
   uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {
     if (threadIdx.x == 0) {
-      if (profile != nullptr) profile[3 * i] = global_time_ns();
+      if (profile != nullptr) profile[kProfileWords * i] = global_time_ns();
       cs.inst = cs.step.instructions[i];
       bool ok = true;
       for (int w = 0; ok && w < cs.inst.num_waits(); ++w) {
@@ -93,14 +93,17 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
       }
       if (!ok) cs.stop = 1;
       __threadfence();
-      if (profile != nullptr) profile[3 * i + 1] = global_time_ns();
+      if (profile != nullptr) profile[kProfileWords * i + 1] = global_time_ns();
     }
     __syncthreads();
     if (cs.stop) return false;
     dispatch(cs.inst, ctx);
     __syncthreads();  // every thread's writes of this instruction are done
     if (threadIdx.x == 0) {
-      if (profile != nullptr) profile[3 * i + 2] = global_time_ns();
+      if (profile != nullptr) {
+        profile[kProfileWords * i + 2] = global_time_ns();
+        profile[kProfileWords * i + 3] = sm_id();
+      }
       __threadfence();
       for (int s = 0; s < cs.inst.num_signals(); ++s) {
         add_release_gpu(barriers + cs.inst.signal_barrier(s), 1);

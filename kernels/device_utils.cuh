@@ -44,6 +44,16 @@ __device__ __forceinline__ void load_bf16x8(const uint16_t* p, float out[8]) {
   }
 }
 
+// 8 bf16 values packed in 16 bytes (element 2i in the low half of word i).
+__device__ __forceinline__ void unpack_bf16x8(const uint4 v, float out[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
 __device__ __forceinline__ float weight_at(const uint16_t* p, int64_t i) {
   return bf16_bits_to_float(__ldg(p + i));
 }
@@ -76,6 +86,12 @@ __device__ __forceinline__ uint64_t global_time_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+
+__device__ __forceinline__ uint32_t sm_id() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
 }
 
 // ---- Barrier protocol [ISA_BARRIERS]

@@ -26,6 +26,13 @@ inline constexpr int kMegakernelThreads = 256;  // 8 warps per CTA
 inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
 inline constexpr int kMaxHeadDim = 256;   // attention keeps hd / 32 dims per lane
 inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a projection tile
+// kAttention (op_attention.cuh) scores up to kAttentionMaxGroup q heads per pass over a row's
+// keys; its shared memory: their queries, then per warp, per head, (max, sum) and 32 row
+// slots x 8 dims of partial output.
+inline constexpr int kAttentionMaxGroup = 4;
+inline constexpr int kAttentionWarpStateFloats = kAttentionMaxGroup * (2 + 32 * 8);
+inline constexpr int kAttentionSmemFloats =
+    kAttentionMaxGroup * kMaxHeadDim + kMegakernelWarps * kAttentionWarpStateFloats;
 
 // bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/bf16.h).
 struct DeviceLayer {
@@ -50,7 +57,6 @@ struct DeviceModel {
   int32_t hidden, q_heads, kv_heads, head_dim, ffn, vocab, num_layers;
   float rms_norm_eps;
   int32_t num_kv_blocks, kv_block_size;
-  int32_t tensor_cores;        // 1: projections on tensor cores (TF32 mma) where K allows
   const DeviceLayer* layers;   // [num_layers]
   const uint16_t* embedding;   // [vocab, hidden]
   const uint16_t* final_norm;  // [hidden]
@@ -72,11 +78,23 @@ struct DeviceSampling {
   int64_t token_index;
 };
 
+// DeviceStepDesc::flags: per-step choices, so that one resident kernel (and one upload of
+// the weights) can run every variant.
+inline constexpr int32_t kStepTensorCores = 1;  // projections on tensor cores where K allows
+// kAttention with one warp per (query row, q head) walking all its keys (the first version),
+// instead of each row's keys spread over the CTA's warps. Kept to measure against.
+inline constexpr int32_t kStepAttentionWarpPerHead = 2;
+
+// Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
+// were satisfied and when its op was done, and the SM (%smid) that ran it.
+inline constexpr int kProfileWords = 4;
+
 // One step, as the CTAs read it from its slot. Pointers into the slot's upload area
 // (metadata, read-only) and into the workspace (shapes: engine/schedule_step.h, BufferId).
 struct DeviceStepDesc {
   int32_t num_queues, num_tokens, num_requests, kv_block_size, kv_split_tokens, num_samples;
-  int32_t num_split_rows, pad;
+  int32_t num_split_rows;
+  int32_t flags;  // kStep* bits
   const engine::isa::Instruction* instructions;
   const int32_t* queue_begin;  // [num_queues + 1]
   const int32_t* token_ids;    // [num_tokens]
@@ -97,9 +115,8 @@ struct DeviceStepDesc {
   float* logits;                   // [num_samples, vocab]
   int32_t* sampled_ids;            // [num_samples]
   float* sampled_logprobs;         // [num_samples]
-  // Profiling (null unless asked for): per instruction, %globaltimer in ns when its CTA
-  // fetched it, when its waits were satisfied and when its op was done.
-  uint64_t* profile;  // [num_instructions, 3]
+  // Profiling (null unless asked for): kProfileWords per instruction.
+  uint64_t* profile;  // [num_instructions, kProfileWords]
 };
 
 // Mapped pinned host memory, written by the host and read by CTA 0 (and the reverse for

@@ -28,7 +28,7 @@ struct GateUpSiluOp {
       }
       __syncthreads();
       project_rows<2>(
-          md.tensor_cores != 0, a.col_end - a.col_begin, H, xs, n,
+          (st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, H, xs, n,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
           },

@@ -31,12 +31,11 @@ struct HiddenProjectionOp {
         xs[i] = input[static_cast<int64_t>(r0) * K + i];
       }
       __syncthreads();
-      project_rows<1>(
-          md.tensor_cores != 0, a.col_end - a.col_begin, K, xs, n,
-          [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
-          [&](int c, int r, const float* v) {
-            st.residual[static_cast<int64_t>(r0 + r) * H + a.col_begin + c] += v[0];
-          });
+      project_rows<1>((st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, K, xs, n,
+                      [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
+                      [&](int c, int r, const float* v) {
+                        st.residual[static_cast<int64_t>(r0 + r) * H + a.col_begin + c] += v[0];
+                      });
       __syncthreads();
     }
   }

@@ -28,7 +28,7 @@ struct LmHeadOp {
       }
       __syncthreads();
       project_rows<1>(
-          md.tensor_cores != 0, a.col_end - a.col_begin, H, xs, n,
+          (st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, H, xs, n,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
           [&](int c, int r, const float* v) {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];

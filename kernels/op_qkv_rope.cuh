@@ -39,15 +39,14 @@ struct QkvRopeOp {
                       md.rms_norm_eps, xs + r * H);
       }
       __syncthreads();
-      project_rows<1>(
-          md.tensor_cores != 0, ncols, H, xs, n,
-          [&](int, int c) {
-            const int fh = a.head_begin + c / hd;
-            const int kind = kind_of(fh);
-            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
-          },
-          [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
+      project_rows<1>((st.flags & kStepTensorCores) != 0, ncols, H, xs, n,
+                      [&](int, int c) {
+                        const int fh = a.head_begin + c / hd;
+                        const int kind = kind_of(fh);
+                        const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+                        return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
+                      },
+                      [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       __syncthreads();
       // One warp per (row, head): bias, q/k norm, RoPE, store.
       for (int item = warp; item < n * nheads; item += kMegakernelWarps) {

@@ -5,7 +5,7 @@
 //
 // Two implementations of the same contract: CUDA cores (any K), and tensor cores
 // (mma.sync m16n8k8 in TF32: bf16 weights are exact in TF32, activations are rounded to TF32,
-// fp32 accumulation), used when the model asks for it (DeviceModel::tensor_cores) and K is a
+// fp32 accumulation), used when the step asks for it (kStepTensorCores) and K is a
 // multiple of 32.
 #pragma once
 
@@ -15,7 +15,7 @@
 
 namespace megaserve::kernels {
 
-inline constexpr int kLoadsInFlight = 4;  // per lane, in the vectorized weight loop
+inline constexpr int kLoadsInFlight = 8;  // per lane, in the vectorized weight loop
 
 // For each column c in [0, ncols) and each row r in [0, nrows):
 //   v[m] = dot(row_of(m, c)[0, K), xs[r * K, r * K + K)) for m < kMats,
@@ -47,15 +47,22 @@ __device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf 
                          wv[5] * x1.y + wv[6] * x1.z + wv[7] * x1.w;
           }
         };
-        // kLoadsInFlight 16-byte loads per lane are issued before any is used: a decode
-        // step is bound by memory latency times the bytes each SM keeps in flight.
+        // kLoadsInFlight 16-byte loads per lane are issued before any is used (kept packed,
+        // 4 registers each, until then): a decode step is bound by memory latency times the
+        // bytes each SM keeps in flight (8 warps x 32 lanes x kLoadsInFlight x 16 bytes).
         int k = lane * 8;
         for (; k + (kLoadsInFlight - 1) * 256 < K; k += kLoadsInFlight * 256) {
-          float wv[kLoadsInFlight][8];
+          uint4 raw[kLoadsInFlight];
 #pragma unroll
-          for (int u = 0; u < kLoadsInFlight; ++u) load_weights8(w + k + u * 256, wv[u]);
+          for (int u = 0; u < kLoadsInFlight; ++u) {
+            raw[u] = __ldg(reinterpret_cast<const uint4*>(w + k + u * 256));
+          }
 #pragma unroll
-          for (int u = 0; u < kLoadsInFlight; ++u) accumulate(wv[u], k + u * 256);
+          for (int u = 0; u < kLoadsInFlight; ++u) {
+            float wv[8];
+            unpack_bf16x8(raw[u], wv);
+            accumulate(wv, k + u * 256);
+          }
         }
         for (; k < K; k += 256) {
           float wv[8];

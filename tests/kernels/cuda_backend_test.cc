@@ -6,7 +6,8 @@
 // workspace is poisoned with NaN before every step, so an unwritten read shows up in the
 // logits; every logit row must be finite and within 1e-2 (relative to the row's largest
 // magnitude) of the CPU's. Each case runs with the projections on CUDA cores and on tensor
-// cores.
+// cores (attention with each row's keys spread over the warps), and on CUDA cores with the
+// first version's attention (one warp per query row and q head).
 #include "engine/cuda_backend.h"
 
 #include <algorithm>
@@ -76,8 +77,18 @@ double row_error(const std::vector<float>& got, const std::vector<float>& want) 
 
 class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
 
+struct KernelVariant {
+  bool tensor_cores = false;
+  bool attention_warp_per_head = false;
+  const char* name() const {
+    return attention_warp_per_head ? "attention-warp-per-head"
+                                   : (tensor_cores ? "tensor-cores" : "cuda-cores");
+  }
+};
+constexpr KernelVariant kVariants[] = {{false, false}, {true, false}, {false, true}};
+
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
-                bool tensor_cores) {
+                KernelVariant variant) {
   const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
@@ -106,7 +117,8 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.persistent = true;
   gpu_opts.poison_workspace = true;
   gpu_opts.check_barriers = true;
-  gpu_opts.tensor_cores = tensor_cores;
+  gpu_opts.tensor_cores = variant.tensor_cores;
+  gpu_opts.attention_warp_per_head = variant.attention_warp_per_head;
   TileConfig tiles = cuda_tile_config(132, 0);
   tiles.kv_split_tokens = c.kv_split_tokens;
   gpu_opts.tiles = tiles;
@@ -174,7 +186,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
     }
   }
   std::printf("[ %s %s ] %d logit rows compared, worst relative error %.2e\n", c.name.c_str(),
-              tensor_cores ? "tensor-cores" : "cuda-cores", compared, worst);
+              variant.name(), compared, worst);
 }
 
 std::vector<int32_t> random_tokens(int n, int vocab, uint32_t seed) {
@@ -193,7 +205,7 @@ TEST_P(CudaVsCpu, MixedPrefillAndDecodeSteps) {
   reqs[1] = {random_tokens(40, c.vocab, 2), {3, 17, 3}, 0};
   reqs[2] = {random_tokens(200, c.vocab, 3), {17, 129}, 2};
   reqs[3] = {random_tokens(30, c.vocab, 4), {1, 1, 3, 17}, 1};
-  for (bool tensor_cores : {false, true}) run_forced(c, reqs, 12, tensor_cores);
+  for (const KernelVariant& v : kVariants) run_forced(c, reqs, 12, v);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -215,7 +227,7 @@ TEST(CudaVsCpuLong, ContextOf4000Tokens) {
   std::vector<ForcedRequest> reqs(2);
   reqs[0] = {random_tokens(3990, c.vocab, 11), {1000, 1000, 1000, 985}, 0};
   reqs[1] = {random_tokens(20, c.vocab, 12), {3}, 2};
-  for (bool tensor_cores : {false, true}) run_forced(c, reqs, 10, tensor_cores);
+  for (const KernelVariant& v : kVariants) run_forced(c, reqs, 10, v);
 }
 
 TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
@@ -330,6 +342,78 @@ TEST(CudaBackendErrors, BadPlansAreRefusedAndTheBackendStaysUsable) {
   ASSERT_EQ(out->sampled.size(), 1u);
   EXPECT_GE(out->sampled[0].token_id, 0);
   EXPECT_LT(out->sampled[0].token_id, config.vocab_size);
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+namespace megaserve::engine {
+namespace {
+
+// Profiling: every instruction of the step gets device timestamps in order (fetch <= start
+// <= end), all instructions of a queue ran on one SM (one resident CTA per queue), distinct
+// queues on distinct SMs, inside the device's SM count; the summary counts every
+// instruction, and with profiling off again no timings are kept.
+TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelConfig config = testing::tiny_model_config(ModelFamily::kLlama);
+  const auto dir = testing::make_test_dir("profile");
+  testing::write_random_model(dir, config, 8, {.dtype = "BF16"});
+  absl::StatusOr<ModelWeights> weights = load_weights(dir, config, DType::kBF16);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  CudaBackendOptions o;
+  o.num_kv_blocks = 8;
+  o.profile = true;
+  auto b = CudaBackend::create(config, *weights, o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  scheduler::StepPlan plan;
+  plan.kv_block_size = 16;
+  for (int i = 0; i < 2; ++i) {
+    scheduler::StepRequest r;
+    r.request_id = i + 1;
+    r.token_ids = {1, 2, 3, 4, 5};
+    r.block_table = {i};
+    r.sample = true;
+    r.sampling.temperature = 0.0f;
+    plan.requests.push_back(r);
+  }
+  auto out = (*b)->execute(plan);
+  ASSERT_TRUE(out.ok()) << out.status();
+  const RankSchedule& rs = (*b)->last_step().ranks[0];
+  const std::vector<InstructionTiming>& t = (*b)->last_timings();
+  ASSERT_EQ(t.size(), rs.instructions.size());
+  std::vector<uint32_t> sm_of_queue;
+  for (int q = 0; q < rs.num_queues(); ++q) {
+    if (rs.queue_begin[q] == rs.queue_begin[q + 1]) continue;
+    const uint32_t sm = t[rs.queue_begin[q]].sm;
+    EXPECT_LT(sm, static_cast<uint32_t>((*b)->num_sms()));
+    for (uint32_t other : sm_of_queue) EXPECT_NE(sm, other) << "queue " << q;
+    sm_of_queue.push_back(sm);
+    for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1]; ++i) {
+      EXPECT_EQ(t[i].sm, sm) << "instruction " << i;
+      EXPECT_LE(t[i].fetch_ns, t[i].start_ns) << "instruction " << i;
+      EXPECT_LE(t[i].start_ns, t[i].end_ns) << "instruction " << i;
+      if (i > rs.queue_begin[q]) {
+        EXPECT_LE(t[i - 1].end_ns, t[i].fetch_ns) << "instruction " << i;
+      }
+    }
+  }
+  const TraceSummary s = summarize_trace(config, (*b)->last_step(), t);
+  int count = 0;
+  for (const OpSummary& op : s.ops) count += op.count;
+  EXPECT_EQ(count, static_cast<int>(rs.instructions.size()));
+  EXPECT_GT(s.span_us, 0);
+  EXPECT_LT(s.span_us, 1e6);
+
+  (*b)->set_profile(false);
+  plan.step_id = 1;
+  for (auto& r : plan.requests) {
+    r.first_position = 5;
+    r.token_ids = {6};
+  }
+  out = (*b)->execute(plan);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE((*b)->last_timings().empty());
 }
 
 }  // namespace

@@ -105,6 +105,37 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
   }
 }
 
+// Small enough for compute-sanitizer (scripts/gpu-suite runs it under memcheck and
+// racecheck): BOS and the oracle's first 19 ids as one 20-token prefill, then 8 decodes, in
+// both launch modes; every sampled id must be the oracle's (CUDA cores match it for 200).
+TEST(CudaStories, ShortPrefillThenDecodeBothLaunchModes) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  constexpr int kPrompt = 20, kDecodes = 8;
+  for (bool persistent : {false, true}) {
+    auto b = make_backend(s, persistent);
+    ASSERT_NE(b, nullptr);
+    scheduler::StepRequest r = decode_request(3, 1, 0, {0, 1});
+    r.token_ids = {1};  // BOS
+    r.token_ids.insert(r.token_ids.end(), s.oracle.begin(), s.oracle.begin() + kPrompt - 1);
+    scheduler::StepPlan plan;
+    plan.kv_block_size = 16;
+    plan.requests.push_back(r);
+    for (int k = 0; k <= kDecodes; ++k) {
+      plan.step_id = k;
+      auto out = b->execute(plan);
+      ASSERT_TRUE(out.ok()) << out.status();
+      ASSERT_EQ(out->sampled.size(), 1u);
+      const int pos = kPrompt - 1 + k;  // position of the token this step sampled after
+      EXPECT_EQ(out->sampled[0].token_id, s.oracle[pos])
+          << (persistent ? "persistent" : "per-step") << " position " << pos;
+      plan.requests[0].first_position = pos + 1;
+      plan.requests[0].token_ids = {scheduler::kTokenFromPreviousStep};
+    }
+  }
+}
+
 TEST(CudaStories, TeacherForcedArgmaxAgreement) {
   MEGASERVE_REQUIRE_ASSET(kModel);
   MEGASERVE_REQUIRE_GPU();

@@ -1,0 +1,264 @@
+// GPU profile benchmark of the CUDA megakernel on a large model shape (default
+// configs/models/llama-3.1-8b.json, dummy bf16 weights), everything against floors measured
+// in the same run:
+//   - device copy bandwidth: cudaMemcpy device-to-device of 1 GiB, read + write counted;
+//   - batch-1 decode (context 512): ms per token, host-inclusive (execute() call to return)
+//     and on the device (profiled span), against the memory floor (weights + KV bytes over
+//     the measured bandwidth), for each kernel variant;
+//   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens,
+//     profiled: per-opcode busy time and achieved TFLOP/s and TB/s (engine/cuda_trace.h), a
+//     per-SM Chrome trace of the first layers, and the prefill's compute floor (its FLOPs
+//     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
+//
+//   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "engine/cuda_backend.h"
+#include "engine/cuda_trace.h"
+#include "engine/model_config.h"
+#include "engine/weights.h"
+
+namespace megaserve::engine {
+namespace {
+
+constexpr int32_t kBlock = 16;
+constexpr int kContext = 512;   // cached tokens of each decode request
+constexpr int kBigBatch = 256;  // requests of the large decode step
+constexpr int kPrefillTokens = 8192;
+constexpr int kTimedSteps = 20;  // batch-1 decode steps per variant
+constexpr int kTraceLayers = 2;  // layers 0..kTraceLayers-1 go into the Chrome traces
+
+// Device-to-device copy bandwidth (bytes read + bytes written per second) of 1 GiB copies.
+double copy_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+  cudaMemset(a, 1, bytes);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);  // warm-up
+  constexpr int kCopies = 10;
+  cudaEventRecord(e0);
+  for (int i = 0; i < kCopies; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e1);
+  cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return ms > 0 ? 2.0 * bytes * kCopies / (ms * 1e-3) : 0;
+}
+
+// `batch` requests with `context` cached tokens each decoding one token (or, when
+// `prefill_tokens` > 0, one request prefilling that many from position 0). The KV cache is
+// not filled first: timing does not depend on the cached values (zeros).
+scheduler::StepPlan make_plan(uint64_t step_id, int batch, int context, int prefill_tokens) {
+  scheduler::StepPlan plan;
+  plan.step_id = step_id;
+  plan.kv_block_size = kBlock;
+  const int tokens = prefill_tokens > 0 ? prefill_tokens : 1;
+  const int first = prefill_tokens > 0 ? 0 : context;
+  const int blocks = (first + tokens + kBlock - 1) / kBlock;
+  for (int i = 0; i < batch; ++i) {
+    scheduler::StepRequest r;
+    r.request_id = step_id * 100000 + i + 1;
+    r.first_position = first;
+    r.token_ids.assign(tokens, 1000 + i);
+    for (int k = 0; k < blocks; ++k) r.block_table.push_back(i * blocks + k);
+    r.sample = true;
+    r.sampling.temperature = 0.0f;
+    plan.requests.push_back(r);
+  }
+  return plan;
+}
+
+struct Variant {
+  const char* name;
+  bool tensor_cores, warp_per_head;
+};
+
+void set_variant(CudaBackend& b, const Variant& v) {
+  b.set_tensor_cores(v.tensor_cores);
+  b.set_attention_warp_per_head(v.warp_per_head);
+}
+
+// Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
+double profiled_step(CudaBackend& b, const ModelConfig& config, const scheduler::StepPlan& plan,
+                     const std::string& label, const std::string& trace_path) {
+  b.set_profile(true);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto out = b.execute(plan);
+  const double host_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  b.set_profile(false);
+  if (!out.ok()) {
+    std::printf("%s: %s\n", label.c_str(), out.status().ToString().c_str());
+    return 0;
+  }
+  const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+  std::printf("== %s: %zu instructions, execute() %.2f ms\n%s", label.c_str(),
+              b.last_step().ranks[0].instructions.size(), host_ms, format_trace_summary(s).c_str());
+  if (!trace_path.empty()) {
+    absl::Status w =
+        write_chrome_trace(trace_path, b.last_step(), b.last_timings(), kTraceLayers - 1);
+    std::printf("trace (layers < %d): %s %s\n", kTraceLayers, trace_path.c_str(),
+                w.ok() ? "written" : w.ToString().c_str());
+  }
+  return s.span_us;
+}
+
+int run(const std::string& config_path, const std::string& out_dir, double bf16_tflops) {
+  auto config = load_model_config_file(config_path);
+  if (!config.ok()) {
+    std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
+    return 1;
+  }
+  std::string why;
+  if (!cuda_backend_supported(&why)) {
+    std::fprintf(stderr, "gpu_profile_bench: %s\n", why.c_str());
+    return 1;
+  }
+  const double bandwidth = copy_bandwidth();
+  std::printf("device copy bandwidth (1 GiB D2D, read + write): %.3f TB/s\n", bandwidth * 1e-12);
+  if (bandwidth <= 0) return 1;
+
+  const auto t_weights = std::chrono::steady_clock::now();
+  ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);
+  // Bytes a decode step must read: every decoder matrix and norm, the final norm and LM head;
+  // of the embedding only the rows of its tokens (negligible).
+  double weight_bytes = 0;
+  const auto count = [&](const Tensor& t) { weight_bytes += t.empty() ? 0 : 2.0 * t.numel(); };
+  count(weights.lm_head);
+  count(weights.final_norm);
+  for (const LayerWeights& l : weights.layers) {
+    for (const Tensor* t :
+         {&l.attn_norm, &l.ffn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      count(*t);
+    }
+  }
+  CudaBackendOptions o;
+  o.kv_block_size = kBlock;
+  o.num_kv_blocks =
+      kBigBatch * ((kContext + 1 + kBlock - 1) / kBlock) + kPrefillTokens / kBlock + 16;
+  o.persistent = true;
+  o.step_watchdog_ms = 120000;  // the 8192-token prefill step
+  auto backend = CudaBackend::create(*config, std::move(weights), o);
+  if (!backend.ok()) {
+    std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
+    return 1;
+  }
+  CudaBackend& b = **backend;
+  std::printf("model %s: %.3f GB read per decode step (weights); set up in %.1f s\nbackend: %s\n",
+              config_path.c_str(), weight_bytes * 1e-9,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
+              b.describe().c_str());
+
+  const Variant variants[] = {{"cuda-cores, attention warp/head (v1)", false, true},
+                              {"cuda-cores, attention split over warps", false, false},
+                              {"tensor-cores, attention split over warps", true, false}};
+  uint64_t step_id = 0;
+  // Batch-1 decode: one request, context kContext.
+  const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config->num_layers * config->kv_size();
+  const double floor_1 = (weight_bytes + kv_bytes_1) / bandwidth;
+  std::printf("\nbatch-1 decode, context %d: memory floor %.3f ms (%.3f GB at %.3f TB/s)\n",
+              kContext, floor_1 * 1e3, (weight_bytes + kv_bytes_1) * 1e-9, bandwidth * 1e-12);
+  std::printf("%-42s %12s %12s %12s %12s\n", "variant", "host_ms/tok", "floor/host", "device_ms",
+              "floor/dev");
+  for (const Variant& v : variants) {
+    set_variant(b, v);
+    double elapsed = 0;
+    bool ok = true;
+    for (int s = 0; s < kTimedSteps + 2 && ok; ++s) {
+      const scheduler::StepPlan plan = make_plan(step_id++, 1, kContext, 0);
+      const auto t0 = std::chrono::steady_clock::now();
+      auto out = b.execute(plan);
+      if (s >= 2)
+        elapsed += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      ok = out.ok();
+      if (!ok) std::printf("%s: %s\n", v.name, out.status().ToString().c_str());
+    }
+    if (!ok) return 1;
+    b.set_profile(true);
+    auto out = b.execute(make_plan(step_id++, 1, kContext, 0));
+    b.set_profile(false);
+    if (!out.ok()) return 1;
+    const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
+    const double host_s = elapsed / kTimedSteps, dev_s = s.span_us * 1e-6;
+    std::printf("%-42s %12.3f %12.3f %12.3f %12.3f\n", v.name, host_s * 1e3, floor_1 / host_s,
+                dev_s * 1e3, floor_1 / dev_s);
+    std::printf("%s", format_trace_summary(s).c_str());
+  }
+
+  // Decode at batch kBigBatch: the first and the current attention, on tensor cores.
+  const double kv_bytes_big = kBigBatch * kv_bytes_1;
+  const double floor_big = (weight_bytes + kv_bytes_big) / bandwidth;
+  std::printf("\ndecode %d requests x context %d: memory floor %.3f ms (%.2f GB)\n", kBigBatch,
+              kContext, floor_big * 1e3, (weight_bytes + kv_bytes_big) * 1e-9);
+  for (int k = 0; k < 2; ++k) {
+    const Variant v = k == 0 ? Variant{"attention warp/head (v1)", true, true}
+                             : Variant{"attention split over warps", true, false};
+    set_variant(b, v);
+    (void)b.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
+    const std::string trace =
+        out_dir.empty() ? ""
+                        : out_dir + (k == 0 ? "/decode256_v1.trace.json" : "/decode256.trace.json");
+    const double span =
+        profiled_step(b, *config, make_plan(step_id++, kBigBatch, kContext, 0),
+                      std::string("decode batch 256, tensor cores, ") + v.name, trace);
+    if (span > 0) {
+      std::printf("device span %.3f ms, floor/span %.3f, %.0f tok/s on the device\n", span * 1e-3,
+                  floor_big / (span * 1e-6), kBigBatch / (span * 1e-6));
+    }
+  }
+
+  // One 8192-token prefill step (a single request), tensor cores, current attention.
+  set_variant(b, variants[2]);
+  const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);
+  b.set_profile(true);
+  auto out = b.execute(prefill);
+  b.set_profile(false);
+  if (!out.ok()) {
+    std::printf("prefill: %s\n", out.status().ToString().c_str());
+    return 1;
+  }
+  const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
+  std::printf("\n== prefill %d tokens, tensor cores: %zu instructions\n%s", kPrefillTokens,
+              b.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
+  if (!out_dir.empty()) {
+    const std::string path = out_dir + "/prefill8k.trace.json";
+    absl::Status w = write_chrome_trace(path, b.last_step(), b.last_timings(), 0);
+    std::printf("trace (layer 0): %s %s\n", path.c_str(),
+                w.ok() ? "written" : w.ToString().c_str());
+  }
+  if (bf16_tflops > 0) {
+    const double floor_s = s.flops / (bf16_tflops * 1e12);
+    std::printf(
+        "prefill compute floor: %.3f TFLOP at %.1f TFLOP/s (bf16 matmul) = %.3f ms; step %.3f "
+        "ms; floor/step %.4f; achieved %.1f TFLOP/s\n",
+        s.flops * 1e-12, bf16_tflops, floor_s * 1e3, s.span_us * 1e-3, floor_s / (s.span_us * 1e-6),
+        s.flops / (s.span_us * 1e-6) * 1e-12);
+  } else {
+    std::printf("prefill: %.3f TFLOP in %.3f ms (no bf16 rate given: no compute floor)\n",
+                s.flops * 1e-12, s.span_us * 1e-3);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+int main(int argc, char** argv) {
+  const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.1-8b.json";
+  const std::string out_dir = argc > 2 ? argv[2] : "";
+  const double tflops = argc > 3 ? std::atof(argv[3]) : 0;
+  return megaserve::engine::run(config, out_dir, tflops);
+}
