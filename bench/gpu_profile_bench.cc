@@ -257,6 +257,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
 }  // namespace megaserve::engine
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a log cut off by a timeout keeps its lines
   const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.1-8b.json";
   const std::string out_dir = argc > 2 ? argv[2] : "";
   const double tflops = argc > 3 ? std::atof(argv[3]) : 0;

@@ -127,6 +127,7 @@ int run(const std::string& config_path, int steps) {
 }  // namespace megaserve::engine
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a log cut off by a timeout keeps its lines
   const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.2-1b.json";
   const int steps = argc > 2 ? std::atoi(argv[2]) : 20;
   return megaserve::engine::run(config, steps);
