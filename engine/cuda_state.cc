@@ -217,12 +217,29 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   d.sampled_logprobs = wsf(o_lp);
   d.profile = ws.profile ? reinterpret_cast<uint64_t*>(workspace + o_prof) : nullptr;
   std::memcpy(sl.staging, &d, sizeof d);
+  // Only copies on the copy stream while a persistent kernel is resident [STEP_RING]: a
+  // kernel there (cudaMemsetAsync is one) may never start, since the megakernel's CTAs can
+  // hold nearly all of every SM's registers while they wait for this very upload.
   if (poison) {  // all-ones words are NaN floats
-    MEGASERVE_CUDA_RETURN(cudaMemsetAsync(workspace, 0xff, ws_bytes, copy), "poisoning");
+    if (poison_bytes.size() < ws_bytes) poison_bytes.assign(ws_bytes, 0xff);
+    MEGASERVE_CUDA_RETURN(
+        cudaMemcpyAsync(workspace, poison_bytes.data(), ws_bytes, cudaMemcpyHostToDevice, copy),
+        "poisoning");
   }
   MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy),
                         "upload");
-  MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(copy), "upload");
+  // Bounded, so that an upload that cannot complete fails the step instead of hanging it.
+  const auto deadline = Clock::now() + kUploadTimeout;
+  cudaError_t e;
+  while ((e = cudaStreamQuery(copy)) == cudaErrorNotReady) {
+    if (Clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat("cuda backend: uploading step ", step.step_id,
+                                                      " did not complete within ",
+                                                      kUploadTimeout.count(), " ms"));
+    }
+    std::this_thread::yield();
+  }
+  MEGASERVE_CUDA_RETURN(e, "upload");
   return d;
 }
 

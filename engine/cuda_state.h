@@ -35,6 +35,9 @@ struct WorkspaceShape {
   bool profile;  // also room for kernels::kProfileWords words per instruction
 };
 
+// A step's upload (and poisoning) takes milliseconds; past this it is stuck.
+inline constexpr std::chrono::milliseconds kUploadTimeout{30000};
+
 struct CudaState {
   int device = 0;
   int grid = 0;                 // CTAs = queues per step
@@ -58,6 +61,7 @@ struct CudaState {
   uint8_t* workspace = nullptr;
   size_t workspace_capacity = 0;
   kernels::DeviceStepDesc last_desc{};  // where the last step's outputs live
+  std::vector<uint8_t> poison_bytes;    // all 0xff: copied over the workspace to poison it
   bool persistent_running = false;
   uint32_t seq = 0;  // steps run so far (the ring's sequence number)
 
@@ -80,8 +84,8 @@ struct CudaState {
 
   // Carves the workspace for `step`, packs its queues and metadata into the next slot with
   // `sampling` (one per sampling row) and the step's kernels::kStep* `flags`, and uploads
-  // them (poisoning the workspace with NaN first when asked). Returns the descriptor the
-  // kernel will read.
+  // them (poisoning the workspace with NaN first when asked), waiting at most
+  // kUploadTimeout. Returns the descriptor the kernel will read.
   absl::StatusOr<kernels::DeviceStepDesc> upload_step(
       const Step& step, const WorkspaceShape& shape,
       const std::vector<kernels::DeviceSampling>& sampling, int32_t flags, bool poison);

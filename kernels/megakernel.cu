@@ -39,6 +39,9 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
   uint32_t steps = 0;
   for (;;) {
     const uint32_t next = seq + 1;
+    // Every thread has read the previous step's cs.stop before thread 0 may write it again
+    // (compute-sanitizer racecheck reported that write-after-read hazard).
+    __syncthreads();
     if (threadIdx.x == 0) {
       bool ok = true;
       if (blockIdx.x == 0) {
