@@ -11,8 +11,6 @@
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
 //
 //   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
-#include <cuda_runtime.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -33,30 +31,6 @@ constexpr int kBigBatch = 256;  // requests of the large decode step
 constexpr int kPrefillTokens = 8192;
 constexpr int kTimedSteps = 20;  // batch-1 decode steps per variant
 constexpr int kTraceLayers = 2;  // layers 0..kTraceLayers-1 go into the Chrome traces
-
-// Device-to-device copy bandwidth (bytes read + bytes written per second) of 1 GiB copies.
-double copy_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
-  cudaMemset(a, 1, bytes);
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);  // warm-up
-  constexpr int kCopies = 10;
-  cudaEventRecord(e0);
-  for (int i = 0; i < kCopies; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(e1);
-  cudaEventSynchronize(e1);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, e0, e1);
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  cudaFree(a);
-  cudaFree(b);
-  return ms > 0 ? 2.0 * bytes * kCopies / (ms * 1e-3) : 0;
-}
 
 // `batch` requests with `context` cached tokens each decoding one token (or, when
 // `prefill_tokens` > 0, one request prefilling that many from position 0). The KV cache is
@@ -127,9 +101,13 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     std::fprintf(stderr, "gpu_profile_bench: %s\n", why.c_str());
     return 1;
   }
-  const double bandwidth = copy_bandwidth();
+  const absl::StatusOr<double> measured = device_copy_bandwidth(0);
+  if (!measured.ok()) {
+    std::fprintf(stderr, "%s\n", measured.status().ToString().c_str());
+    return 1;
+  }
+  const double bandwidth = *measured;
   std::printf("device copy bandwidth (1 GiB D2D, read + write): %.3f TB/s\n", bandwidth * 1e-12);
-  if (bandwidth <= 0) return 1;
 
   const auto t_weights = std::chrono::steady_clock::now();
   ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);

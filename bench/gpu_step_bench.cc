@@ -1,9 +1,9 @@
 // GPU step benchmark: decode steps of the CUDA megakernel on a model shape with dummy bf16
 // weights (default configs/models/llama-3.2-1b.json), for several batch sizes, persistent and
 // one launch per step. Prints, per row, the mean step time, decode tokens/s, the step's
-// memory floor (weights + KV bytes over the measured-bandwidth figure of DESIGN.md §10,
-// 3.0 TB/s on H100) and the ratio to it; then, with device timestamps, where one decode
-// step's time went per opcode.
+// memory floor (weights + KV bytes over the device copy bandwidth measured at the start,
+// engine/cuda_backend.h device_copy_bandwidth) and the ratio to it; then, with device timestamps,
+// where one decode step's time went per opcode.
 //
 //   gpu_step_bench [config.json] [steps per row]
 #include <chrono>
@@ -20,7 +20,6 @@
 namespace megaserve::engine {
 namespace {
 
-constexpr double kBandwidthBytesPerSecond = 3.0e12;
 constexpr int kContext = 128;  // tokens in each request's cache before the timed steps
 constexpr int32_t kBlock = 16;
 
@@ -42,6 +41,12 @@ int run(const std::string& config_path, int steps) {
     std::fprintf(stderr, "gpu_step_bench: %s\n", why.c_str());
     return 1;
   }
+  const absl::StatusOr<double> bandwidth = device_copy_bandwidth(0);
+  if (!bandwidth.ok()) {
+    std::fprintf(stderr, "%s\n", bandwidth.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("device copy bandwidth (1 GiB D2D, read + write): %.3f TB/s\n", *bandwidth * 1e-12);
   const ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);
   double weight_bytes = 0;
   const auto count = [&](const Tensor& t) { weight_bytes += t.empty() ? 0 : 2.0 * t.numel(); };
@@ -114,7 +119,7 @@ int run(const std::string& config_path, int steps) {
       const double step_s = elapsed.count() / timed;
       const double kv_bytes =
           2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers * config->kv_size();
-      const double floor_s = (weight_bytes + kv_bytes) / kBandwidthBytesPerSecond;
+      const double floor_s = (weight_bytes + kv_bytes) / *bandwidth;
       std::printf("%-14s %6d %10.3f %12.0f %10.3f %8.3f\n",
                   tensor_cores ? "persistent-tc" : (persistent ? "persistent" : "per-step"), batch,
                   step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);

@@ -77,6 +77,46 @@ TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
   return c;
 }
 
+absl::StatusOr<double> device_copy_bandwidth(int device, size_t bytes, int copies) {
+  MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
+  void* buffers[2] = {nullptr, nullptr};
+  cudaEvent_t events[2] = {nullptr, nullptr};
+  const auto release = [&] {
+    for (void* p : buffers) cudaFree(p);
+    for (cudaEvent_t e : events) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+  };
+  const auto check = [&](cudaError_t e, const char* what) -> absl::Status {
+    if (e == cudaSuccess) return absl::OkStatus();
+    release();
+    return cuda_error(e, what);
+  };
+  for (void*& p : buffers) {
+    if (absl::Status s = check(cudaMalloc(&p, bytes), "copy bandwidth buffers"); !s.ok()) return s;
+  }
+  for (cudaEvent_t& e : events) {
+    if (absl::Status s = check(cudaEventCreate(&e), "copy bandwidth events"); !s.ok()) return s;
+  }
+  float ms = 0;
+  absl::Status s = check(cudaMemset(buffers[0], 1, bytes), "copy bandwidth");
+  if (s.ok()) {
+    s = check(cudaMemcpy(buffers[1], buffers[0], bytes, cudaMemcpyDeviceToDevice), "warm-up");
+  }
+  if (s.ok()) s = check(cudaEventRecord(events[0]), "copy bandwidth");
+  for (int i = 0; s.ok() && i < copies; ++i) {
+    s = check(cudaMemcpyAsync(buffers[1], buffers[0], bytes, cudaMemcpyDeviceToDevice),
+              "copy bandwidth");
+  }
+  if (s.ok()) s = check(cudaEventRecord(events[1]), "copy bandwidth");
+  if (s.ok()) s = check(cudaEventSynchronize(events[1]), "copy bandwidth");
+  if (s.ok()) s = check(cudaEventElapsedTime(&ms, events[0], events[1]), "copy bandwidth");
+  if (!s.ok()) return s;  // check() released everything
+  release();
+  if (!(ms > 0)) return absl::InternalError("cuda backend: copy bandwidth: no time elapsed");
+  return 2.0 * static_cast<double>(bytes) * copies / (ms * 1e-3);
+}
+
 bool cuda_backend_supported(std::string* why) {
   std::string reason;
   const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&reason);

@@ -63,6 +63,12 @@ struct CudaBackendOptions {
 // shared memory per CTA: narrow column tiles so that small batches still spread over SMs.
 TileConfig cuda_tile_config(int sm_count, size_t smem_bytes);
 
+// Device-to-device copy bandwidth of `device` in bytes per second, read + write counted:
+// `copies` cudaMemcpy of `bytes` between two buffers, timed with events after a warm-up. The
+// memory floor of the benchmarks (bench/gpu_*.cc) is bytes to read over this.
+absl::StatusOr<double> device_copy_bandwidth(int device, size_t bytes = size_t{1} << 30,
+                                             int copies = 10);
+
 // True when a supported (Hopper, sm_90) GPU is visible; else false with the reason in `why`.
 bool cuda_backend_supported(std::string* why);
 

@@ -418,3 +418,21 @@ TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
 
 }  // namespace
 }  // namespace megaserve::engine
+
+namespace megaserve::engine {
+namespace {
+
+// The benchmarks' memory floor: a plausible bandwidth on a GPU (HBM3/HBM3e devices copy at
+// 1-10 TB/s read + write), and an error, not a crash, for a device that does not exist.
+TEST(DeviceCopyBandwidth, PlausibleOnTheGpuAndAnErrorWithoutIt) {
+  const absl::StatusOr<double> missing = device_copy_bandwidth(999, 1 << 20, 1);
+  EXPECT_FALSE(missing.ok());
+  MEGASERVE_REQUIRE_GPU();
+  const absl::StatusOr<double> bw = device_copy_bandwidth(0, size_t{64} << 20, 3);
+  ASSERT_TRUE(bw.ok()) << bw.status();
+  EXPECT_GT(*bw, 0.5e12);
+  EXPECT_LT(*bw, 20e12);
+}
+
+}  // namespace
+}  // namespace megaserve::engine
