@@ -5,7 +5,6 @@
 // on the CPU with hand-made steps.
 #pragma once
 
-#include <climits>
 #include <cstdint>
 #include <span>
 #include <string>
