@@ -27,14 +27,19 @@ absl::StatusOr<std::vector<ConversationPair>> parse_sharegpt(const std::string& 
           absl::StrCat(source, ": entry ", i, " has no \"conversations\" array"));
     }
     const nlohmann::json& turns = entry["conversations"];
-    if (turns.size() < 2) continue;
-    for (int t = 0; t < 2; ++t) {
+    if (turns.empty()) continue;
+    const int num_turns = turns.size() < 2 ? 1 : 2;
+    for (int t = 0; t < num_turns; ++t) {
       if (!turns[t].is_object() || !turns[t].contains("value") || !turns[t]["value"].is_string()) {
         return absl::InvalidArgumentError(
             absl::StrCat(source, ": entry ", i, " turn ", t, " has no string \"value\""));
       }
     }
-    pairs.push_back({turns[0]["value"].get<std::string>(), turns[1]["value"].get<std::string>()});
+    if (num_turns == 1) {
+      pairs.push_back({turns[0]["value"].get<std::string>(), "", /*has_completion=*/false});
+    } else {
+      pairs.push_back({turns[0]["value"].get<std::string>(), turns[1]["value"].get<std::string>()});
+    }
   }
   return pairs;
 }
@@ -54,6 +59,7 @@ absl::StatusOr<std::vector<BenchRequest>> sample_requests(std::vector<Conversati
   std::vector<BenchRequest> requests;
   for (ConversationPair& pair : pairs) {
     if (static_cast<int>(requests.size()) >= options.num_requests) break;
+    if (!pair.has_completion && !options.fixed_output_len) continue;
     auto prompt_len = count_tokens(pair.prompt, /*add_bos=*/true);
     if (!prompt_len.ok()) return prompt_len.status();
     int output_len = 0;

@@ -19,10 +19,12 @@ namespace megaserve::bench {
 struct ConversationPair {
   std::string prompt;      // turn 0
   std::string completion;  // turn 1
+  bool has_completion = true;  // false for a lone first turn (usable with a fixed output length)
 };
 
 // Parses a ShareGPT JSON file ([{"conversations": [{"from", "value"}, ...]}, ...]); entries
-// with fewer than two turns are skipped. `source` names the file in errors.
+// with no turn are skipped, a lone turn 0 gives a pair without completion (sample_requests
+// uses it only with a fixed output length). `source` names the file in errors.
 absl::StatusOr<std::vector<ConversationPair>> parse_sharegpt(const std::string& json_text,
                                                              const std::string& source);
 absl::StatusOr<std::vector<ConversationPair>> read_sharegpt(const std::filesystem::path& file);

@@ -30,7 +30,7 @@ absl::StatusOr<int> count_words(const std::string& text, bool add_bos) {
   return n + (add_bos ? 1 : 0);
 }
 
-TEST(ParseShareGpt, TakesTurnsZeroAndOneAndSkipsShortConversations) {
+TEST(ParseShareGpt, TakesTurnsZeroAndOneAndKeepsLoneFirstTurnsApart) {
   const std::string json = R"([
     {"id": "a", "conversations": [{"from": "human", "value": "hi"},
                                   {"from": "gpt", "value": "hello"},
@@ -40,11 +40,28 @@ TEST(ParseShareGpt, TakesTurnsZeroAndOneAndSkipsShortConversations) {
   ])";
   auto pairs = parse_sharegpt(json, "test.json");
   ASSERT_TRUE(pairs.ok()) << pairs.status();
-  ASSERT_EQ(pairs->size(), 2u);
+  ASSERT_EQ(pairs->size(), 3u);
   EXPECT_EQ((*pairs)[0].prompt, "hi");
   EXPECT_EQ((*pairs)[0].completion, "hello");
-  EXPECT_EQ((*pairs)[1].prompt, "x");
-  EXPECT_EQ((*pairs)[1].completion, "y");
+  EXPECT_TRUE((*pairs)[0].has_completion);
+  EXPECT_EQ((*pairs)[1].prompt, "alone");
+  EXPECT_FALSE((*pairs)[1].has_completion);
+  EXPECT_EQ((*pairs)[2].prompt, "x");
+  EXPECT_EQ((*pairs)[2].completion, "y");
+}
+
+TEST(SampleRequests, LoneFirstTurnsNeedAFixedOutputLength) {
+  std::vector<ConversationPair> pairs = {{words(5, "a"), "", /*has_completion=*/false},
+                                         {words(6, "b"), words(5, "c")}};
+  auto requests = sample_requests(pairs, SampleOptions(), count_words);
+  ASSERT_TRUE(requests.ok());
+  ASSERT_EQ(requests->size(), 1u);
+  EXPECT_EQ(requests->front().prompt_len, 7);
+  SampleOptions fixed;
+  fixed.fixed_output_len = 9;
+  requests = sample_requests(pairs, fixed, count_words);
+  ASSERT_TRUE(requests.ok());
+  EXPECT_EQ(requests->size(), 2u);
 }
 
 TEST(ParseShareGpt, NamesTheSourceAndEntryInErrors) {
