@@ -181,8 +181,8 @@ def rope_error(ours, theirs):
 def run(out_dir, families, agreement, tol, tie):
     import torch
     import transformers
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
-          f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, device {device}")
     rows, failed = [], False
     for family in families:
         model_dir = os.path.join(out_dir, family)
