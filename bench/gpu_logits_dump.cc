@@ -321,7 +321,7 @@ absl::StatusOr<json> run_schedule(Backend& backend, const LogitsFn& logits, int 
       const int k = step - r.start_step;
       const int n = k < static_cast<int>(r.chunks.size()) ? r.chunks[k] : 1;
       scheduler::StepRequest sr;
-      sr.request_id = i;
+      sr.request_id = i + 1;  // ids from 1, as the engine numbers them
       sr.first_position = r.fed;
       sr.token_ids.assign(r.tokens.begin() + r.fed, r.tokens.begin() + r.fed + n);
       while (static_cast<int>(r.blocks.size()) * kBlockSize < r.fed + n) {
