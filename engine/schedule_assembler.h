@@ -7,7 +7,7 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
-#include <queue>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -55,11 +55,51 @@ inline int barrier_of(Stage stage, int layer, int num_layers) {
 
 using Load = std::pair<double, int>;
 
+// A binary min-heap of (load, SM) whose top is replaced in place (one sift-down instead of a
+// pop and a push). Entries are distinct (one per SM), so the sequence of tops is that of any
+// correct priority queue holding the same entries.
+class LoadHeap {
+ public:
+  void clear() { v_.clear(); }
+  bool empty() const { return v_.empty(); }
+  const Load& top() const { return v_.front(); }
+  void push(Load l) {
+    v_.push_back(l);
+    std::push_heap(v_.begin(), v_.end(), std::greater<Load>());
+  }
+  void pop() {
+    std::pop_heap(v_.begin(), v_.end(), std::greater<Load>());
+    v_.pop_back();
+  }
+  void replace_top(Load l) {
+    const size_t n = v_.size();
+    size_t i = 0;
+    for (;;) {
+      size_t c = 2 * i + 1;
+      if (c >= n) break;
+      c += static_cast<size_t>(c + 1 < n) & less(v_[c + (c + 1 < n)], v_[c]);  // the smaller
+      if (!less(v_[c], l)) break;
+      v_[i] = v_[c];
+      i = c;
+    }
+    v_[i] = l;
+  }
+
+ private:
+  // a < b as pairs, without branches (which child is smaller is unpredictable).
+  static size_t less(const Load& a, const Load& b) {
+    const bool tie = a.first == b.first;
+    return static_cast<size_t>((a.first < b.first) | (tie & (a.second < b.second)));
+  }
+
+  std::vector<Load> v_;
+};
+
 // Per-build working memory, kept by the builder so that its capacity is reused.
 struct Scratch {
   struct RankState {
-    std::priority_queue<Load, std::vector<Load>, std::greater<Load>> heap;  // (load, SM)
-    std::vector<std::vector<Instruction>> queue;                            // [sm], in global order
+    LoadHeap heap;                                // (load, SM)
+    std::vector<std::vector<Instruction>> queue;  // [sm], in global order
     std::vector<std::vector<double>> cost;                   // [sm], parallel to queue
     std::vector<std::vector<std::vector<Access>>> accesses;  // [sm], when recorded
   };
@@ -87,7 +127,7 @@ class Assembler {
     for (auto& p : x_.pending) p.assign(totals[0].size(), 0);
     x_.ranks.resize(tp);
     for (auto& r : x_.ranks) {
-      r.heap = {};
+      r.heap.clear();
       for (int s = 0; s < num_sms; ++s) r.heap.push({0.0, s});
       r.queue.resize(num_sms);
       r.cost.resize(num_sms);
@@ -145,9 +185,8 @@ class Assembler {
       inst.words[isa::kWordNumSignals] = 1;
       inst.words[isa::kWordSignals] = signal;
       inst.words[isa::kWordSignals + 1] = signal_rank;
-      auto [load, sm] = rs.heap.top();
-      rs.heap.pop();
-      rs.heap.push({load + t.cost, sm});
+      const auto [load, sm] = rs.heap.top();
+      rs.heap.replace_top({load + t.cost, sm});
       x_.order.push_back({rank, sm, static_cast<int32_t>(rs.queue[sm].size())});
       rs.queue[sm].push_back(inst);
       rs.cost[sm].push_back(t.cost);
@@ -309,26 +348,30 @@ class Assembler {
         const int32_t n = rep.count[k];
         if (n == 0) continue;
         const Instruction* from = rs.queue[sm].data() + rep.start[k];
+        const double* from_cost = rs.cost[sm].data() + rep.start[k];
         const int32_t* template_g = rep.global.data() + rep.global_begin[k];
         for (int c = 0; c < rep.copies; ++c) {
           const int shift = kLayerStages * (c + 1);
           const int32_t base = out.queue_begin[sm] + rep.insert_at[k] + c * n;
+          // The run copied whole, then patched from the template (not read back from the copy).
+          std::copy(from, from + n, out.instructions.data() + base);
+          std::copy(from_cost, from_cost + n, out.cost.data() + base);
           for (int32_t j = 0; j < n; ++j) {
+            const Instruction& src = from[j];
             Instruction& inst = out.instructions[base + j];
-            inst = from[j];
             inst.words[isa::kWordLayer] = rep.first_layer + c;
-            for (int w = 0; w < inst.num_waits(); ++w) {
-              const int32_t b = inst.wait_barrier(w);
+            for (int w = 0; w < src.num_waits(); ++w) {
+              const int32_t b = src.wait_barrier(w);
               inst.words[isa::kWordWaits + 2 * w] = b + shift;
               inst.words[isa::kWordWaits + 2 * w + 1] = static_cast<int32_t>(
-                  static_cast<uint32_t>(inst.wait_target(w)) - total[b] + total[b + shift]);
+                  static_cast<uint32_t>(src.wait_target(w)) - total[b] + total[b + shift]);
             }
-            for (int sg = 0; sg < inst.num_signals(); ++sg) {
-              inst.words[isa::kWordSignals + 2 * sg] += shift;
+            for (int sg = 0; sg < src.num_signals(); ++sg) {
+              const int word = isa::kWordSignals + 2 * sg;
+              inst.words[word] = src.words[word] + shift;
             }
             const int32_t g = static_cast<int32_t>(rep.at) + c * span +
                               (template_g[j] - static_cast<int32_t>(rep.begin));
-            out.cost[base + j] = rs.cost[sm][rep.start[k] + j];
             out.order[base + j] = g;
             step.global_order[g] = {r, base + j};
             if (record_) {

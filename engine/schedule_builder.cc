@@ -47,7 +47,21 @@ absl::Status check_plan(const scheduler::StepPlan& plan, const ModelConfig& conf
                                                      r.block_table.size(), " blocks, context ",
                                                      r.context_length(), " needs ", needed));
     }
-    for (int64_t j = 0; j < needed; ++j) {
+    // One branch-free pass over the blocks (the common case: all valid), then the first
+    // bad one for the message.
+    const uint32_t limit = num_kv_blocks > 0 ? static_cast<uint32_t>(num_kv_blocks) : 0x80000000u;
+    const int32_t* blocks = r.block_table.data();
+    bool any_bad = false, bad1 = false, bad2 = false, bad3 = false;  // four independent chains
+    int64_t j = 0;
+    for (; j + 4 <= needed; j += 4) {  // negative ids wrap above the limit
+      any_bad |= static_cast<uint32_t>(blocks[j]) >= limit;
+      bad1 |= static_cast<uint32_t>(blocks[j + 1]) >= limit;
+      bad2 |= static_cast<uint32_t>(blocks[j + 2]) >= limit;
+      bad3 |= static_cast<uint32_t>(blocks[j + 3]) >= limit;
+    }
+    for (; j < needed; ++j) any_bad |= static_cast<uint32_t>(blocks[j]) >= limit;
+    any_bad = any_bad || bad1 || bad2 || bad3;
+    for (j = 0; any_bad && j < needed; ++j) {
       const int32_t b = r.block_table[j];
       if (b < 0 || (num_kv_blocks > 0 && b >= num_kv_blocks)) {
         return absl::InvalidArgumentError(absl::StrCat(where(), ": block_table[", j, "] = ", b,
@@ -58,12 +72,20 @@ absl::Status check_plan(const scheduler::StepPlan& plan, const ModelConfig& conf
   return absl::OkStatus();
 }
 
-StepMetadata make_metadata(const scheduler::StepPlan& plan, const TileConfig& tiles,
-                           const ModelShard& shard) {
-  StepMetadata m;
+// Fills `m` from scratch, keeping its vectors' capacity (the Step is reused across steps).
+void make_metadata(const scheduler::StepPlan& plan, const TileConfig& tiles,
+                   const ModelShard& shard, StepMetadata& m) {
   m.num_requests = static_cast<int32_t>(plan.requests.size());
   m.kv_block_size = plan.kv_block_size;
   m.kv_split_tokens = tiles.kv_split_tokens;
+  m.num_split_rows = 0;
+  for (std::vector<int32_t>* v :
+       {&m.token_ids, &m.positions, &m.token_request, &m.query_start, &m.context_lens,
+        &m.block_indptr, &m.block_indices, &m.last_block_len, &m.num_splits, &m.split_row_begin,
+        &m.sample_rows, &m.sample_request}) {
+    v->clear();
+  }
+  m.requests.resize(m.num_requests);
   m.query_start.push_back(0);
   m.block_indptr.push_back(0);
   const int group = shard.q_heads / shard.kv_heads;
@@ -91,11 +113,16 @@ StepMetadata make_metadata(const scheduler::StepPlan& plan, const TileConfig& ti
       m.sample_rows.push_back(m.query_start.back() - 1);
       m.sample_request.push_back(i);
     }
-    m.requests.push_back({r.request_id, r.sampling, r.prompt_token_ids, r.output_token_ids,
-                          r.banned_token_ids, r.seed, r.output_token_index});
+    RequestSampling& out = m.requests[i];  // assigned field by field: copies reuse capacity
+    out.request_id = r.request_id;
+    out.params = r.sampling;
+    out.prompt_token_ids = r.prompt_token_ids;
+    out.output_token_ids = r.output_token_ids;
+    out.banned_token_ids = r.banned_token_ids;
+    out.seed = r.seed;
+    out.output_token_index = r.output_token_index;
   }
   m.num_tokens = static_cast<int32_t>(m.token_ids.size());
-  return m;
 }
 
 }  // namespace
@@ -132,7 +159,7 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
   step.tp = tp_;
   step.num_sms = tiles_.num_sms;
   step.accesses_recorded = options_.record_accesses;
-  step.meta = make_metadata(plan, tiles_, shards_[0]);
+  make_metadata(plan, tiles_, shards_[0], step.meta);
   const StepMetadata& m = step.meta;
   const int L = config_.num_layers;
   const auto bar = [L](Stage s, int layer = 0) { return barrier_of(s, layer, L); };

@@ -162,7 +162,21 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
       }
     }
   };
+  const size_t first_tile = out.size();
   for (int kv = 0; kv < sh.kv_heads; ++kv) {
+    if (kv > 0 && !record_) {
+      // Every kv head gets the same tiles (requests, rows, split, cost): without regions to
+      // record, kv head 0's are repeated with their kv_head replaced.
+      const size_t per_head = (out.size() - first_tile) / kv;
+      out.reserve(first_tile + per_head * sh.kv_heads);  // no reallocation under the copies
+      for (size_t j = 0; j < per_head; ++j) {
+        Tile& t = out.emplace_back(out[first_tile + j]);
+        isa::AttentionArgs a = isa::args_of<isa::AttentionArgs>(t.inst);
+        a.kv_head = kv;
+        isa::set_args(t.inst, a);
+      }
+      continue;
+    }
     int group_begin = -1;  // open batch of short unsplit requests
     const auto flush = [&](int end) {
       if (group_begin < 0) return;
