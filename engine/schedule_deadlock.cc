@@ -183,9 +183,9 @@ bool holds_deadlock_invariant(const Step& step, std::vector<BarrierSummary>& sum
       for (int32_t i = rs.queue_begin[q + 1] - 1; i >= rs.queue_begin[q]; --i) {
         const int32_t position = rs.order[i];
         if (i > rs.queue_begin[q] && position < rs.order[i - 1]) return false;
-        // Both cache lines of an instruction a few ahead.
+        // Both cache lines of the instruction two dozen ahead (the walk is backwards).
         const char* ahead =
-            reinterpret_cast<const char*>(rs.instructions.data() + std::max(i - 6, 0));
+            reinterpret_cast<const char*>(rs.instructions.data() + std::max(i - 24, 0));
         __builtin_prefetch(ahead);
         __builtin_prefetch(ahead + 64);
         const isa::Instruction& inst = rs.instructions[i];
