@@ -218,13 +218,8 @@ absl::Status CpuInterpreter::run_sequential(const Step& step, const cpu::OpConte
   return absl::OkStatus();
 }
 
-absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext& ctx,
-                                          uint64_t seed) {
-  struct Queue {
-    int rank;
-    int32_t next, end;
-  };
-  std::vector<Queue> queues;
+std::vector<CpuInterpreter::QueueRange> CpuInterpreter::non_empty_queues(const Step& step) const {
+  std::vector<QueueRange> queues;
   for (int r = 0; r < tp(); ++r) {
     const RankSchedule& rs = step.ranks[r];
     for (int q = 0; q < rs.num_queues(); ++q) {
@@ -233,52 +228,46 @@ absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext
       }
     }
   }
+  return queues;
+}
+
+absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext& ctx,
+                                          uint64_t seed) {
+  std::vector<QueueRange> queues = non_empty_queues(step);  // begin: the next instruction
   std::mt19937_64 rng(seed ^ (step.step_id * 0x9e3779b97f4a7c15ull));
   std::vector<int> ready_queues;
   while (!queues.empty()) {
     ready_queues.clear();
     for (int i = 0; i < static_cast<int>(queues.size()); ++i) {
-      const Queue& q = queues[i];
-      if (ready(step, q.rank, step.ranks[q.rank].instructions[q.next])) ready_queues.push_back(i);
+      const QueueRange& q = queues[i];
+      if (ready(step, q.rank, step.ranks[q.rank].instructions[q.begin])) ready_queues.push_back(i);
     }
     if (ready_queues.empty()) {
-      const Queue& q = queues.front();
+      const QueueRange& q = queues.front();
       return absl::InternalError(
           absl::StrCat("step ", step.step_id, ": deadlock, no queue is ready; ",
-                       describe_instruction(step, {q.rank, q.next}), " waits forever"));
+                       describe_instruction(step, {q.rank, q.begin}), " waits forever"));
     }
     const int pick = ready_queues[rng() % ready_queues.size()];
-    Queue& q = queues[pick];
-    const isa::Instruction& inst = step.ranks[q.rank].instructions[q.next];
+    QueueRange& q = queues[pick];
+    const isa::Instruction& inst = step.ranks[q.rank].instructions[q.begin];
     cpu::execute(inst, q.rank, ctx);
     signal(inst);
-    if (++q.next == q.end) queues.erase(queues.begin() + pick);
+    if (++q.begin == q.end) queues.erase(queues.begin() + pick);
   }
   return absl::OkStatus();
 }
 
 absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext& ctx,
                                           double timeout) {
-  struct Queue {
-    int rank;
-    int32_t begin, end;
-  };
-  std::vector<Queue> queues;
-  for (int r = 0; r < tp(); ++r) {
-    const RankSchedule& rs = step.ranks[r];
-    for (int q = 0; q < rs.num_queues(); ++q) {
-      if (rs.queue_begin[q] < rs.queue_begin[q + 1]) {
-        queues.push_back({r, rs.queue_begin[q], rs.queue_begin[q + 1]});
-      }
-    }
-  }
+  const std::vector<QueueRange> queues = non_empty_queues(step);
   std::atomic<bool> failed{false};
   std::string error;
   std::mutex error_mu;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   if (!pool_) pool_ = std::make_unique<cpu::WorkerPool>();
   pool_->run(static_cast<int>(queues.size()), [&](int w) {
-    const Queue& q = queues[w];
+    const QueueRange& q = queues[w];
     const RankSchedule& rs = step.ranks[q.rank];
     for (int32_t i = q.begin; i < q.end; ++i) {
       const isa::Instruction& inst = rs.instructions[i];

@@ -71,6 +71,12 @@ class CpuInterpreter {
   absl::Status check_step(const Step& step) const;
   void prepare_workspaces(const Step& step, bool poison);
   absl::Status run_sequential(const Step& step, const cpu::OpContext& ctx);
+  // Instructions [begin, end) of one rank's queue.
+  struct QueueRange {
+    int rank;
+    int32_t begin, end;
+  };
+  std::vector<QueueRange> non_empty_queues(const Step& step) const;
   absl::Status run_shuffled(const Step& step, const cpu::OpContext& ctx, uint64_t seed);
   absl::Status run_threaded(const Step& step, const cpu::OpContext& ctx, double timeout);
   bool ready(const Step& step, int rank, const isa::Instruction& inst) const;

@@ -125,14 +125,10 @@ class EngineImpl final : public Engine {
   }
 
  private:
-  // The plan of a step that ran but whose output is not yet applied (overlapped mode).
-  struct Executed {
-    scheduler::StepOutput output;
-  };
-
   void loop() {
     std::unique_lock<std::mutex> lock(mu_);
-    std::optional<Executed> unapplied;
+    // The output of a step that ran but is not yet applied (overlapped mode).
+    std::optional<scheduler::StepOutput> unapplied;
     while (true) {
       apply_finishes();
       if (!unapplied) {
@@ -146,7 +142,7 @@ class EngineImpl final : public Engine {
       // backend feeds N's sampled tokens into N+1 itself (kTokenFromPreviousStep).
       scheduler::StepPlan plan = scheduler_->schedule();
       if (unapplied) {
-        apply_output(unapplied->output);
+        apply_output(*unapplied);
         unapplied.reset();
       }
       if (plan.requests.empty()) {
@@ -169,7 +165,7 @@ class EngineImpl final : public Engine {
         continue;
       }
       if (options_.overlap_scheduling) {
-        unapplied = Executed{*std::move(output)};
+        unapplied = *std::move(output);
       } else {
         apply_output(*output);
       }
