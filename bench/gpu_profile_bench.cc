@@ -5,9 +5,10 @@
 //   - batch-1 decode (context 512): ms per token, host-inclusive (execute() call to return)
 //     and on the device (profiled span), against the memory floor (weights + KV bytes over
 //     the measured bandwidth), for each kernel variant;
-//   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens,
-//     profiled: per-opcode busy time and achieved TFLOP/s and TB/s (engine/cuda_trace.h), a
-//     per-SM Chrome trace of the first layers, and the prefill's compute floor (its FLOPs
+//   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens, each
+//     with the CUDA-core and the tensor-core attention, profiled: per-opcode busy time and
+//     achieved TFLOP/s and TB/s (engine/cuda_trace.h), a per-SM Chrome trace of the first
+//     layers, and the prefill's compute floor (its FLOPs
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
 //
 //   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
@@ -58,11 +59,13 @@ scheduler::StepPlan make_plan(uint64_t step_id, int batch, int context, int pref
 struct Variant {
   const char* name;
   bool tensor_cores, warp_per_head;
+  bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
 };
 
 void set_variant(CudaBackend& b, const Variant& v) {
   b.set_tensor_cores(v.tensor_cores);
   b.set_attention_warp_per_head(v.warp_per_head);
+  b.set_attention_cuda_cores(v.attention_cuda_cores);
 }
 
 // Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
@@ -141,8 +144,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               b.describe().c_str());
 
   const Variant variants[] = {{"cuda-cores, attention warp/head (v1)", false, true},
-                              {"cuda-cores, attention split over warps", false, false},
-                              {"tensor-cores, attention split over warps", true, false}};
+                              {"cuda-cores, attention split over warps", false, false, true},
+                              {"cuda-cores, tensor-core attention", false, false},
+                              {"tensor-cores, tensor-core attention", true, false}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
   const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config->num_layers * config->kv_size();
@@ -176,19 +180,20 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     std::printf("%s", format_trace_summary(s).c_str());
   }
 
-  // Decode at batch kBigBatch: the first and the current attention, on tensor cores.
+  // Decode at batch kBigBatch, projections on tensor cores: CUDA-core and tensor-core
+  // attention.
   const double kv_bytes_big = kBigBatch * kv_bytes_1;
   const double floor_big = (weight_bytes + kv_bytes_big) / bandwidth;
   std::printf("\ndecode %d requests x context %d: memory floor %.3f ms (%.2f GB)\n", kBigBatch,
               kContext, floor_big * 1e3, (weight_bytes + kv_bytes_big) * 1e-9);
   for (int k = 0; k < 2; ++k) {
-    const Variant v = k == 0 ? Variant{"attention warp/head (v1)", true, true}
-                             : Variant{"attention split over warps", true, false};
+    const Variant v = k == 0 ? Variant{"attention split over warps", true, false, true}
+                             : Variant{"tensor-core attention", true, false};
     set_variant(b, v);
     (void)b.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
     const std::string trace =
         out_dir.empty() ? ""
-                        : out_dir + (k == 0 ? "/decode256_v1.trace.json" : "/decode256.trace.json");
+                        : out_dir + (k == 0 ? "/decode256_cc.trace.json" : "/decode256.trace.json");
     const double span =
         profiled_step(b, *config, make_plan(step_id++, kBigBatch, kContext, 0),
                       std::string("decode batch 256, tensor cores, ") + v.name, trace);
@@ -198,35 +203,40 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     }
   }
 
-  // One 8192-token prefill step (a single request), tensor cores, current attention.
-  set_variant(b, variants[2]);
-  const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);
-  b.set_profile(true);
-  auto out = b.execute(prefill);
-  b.set_profile(false);
-  if (!out.ok()) {
-    std::printf("prefill: %s\n", out.status().ToString().c_str());
-    return 1;
-  }
-  const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
-  std::printf("\n== prefill %d tokens, tensor cores: %zu instructions\n%s", kPrefillTokens,
-              b.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
-  if (!out_dir.empty()) {
-    const std::string path = out_dir + "/prefill8k.trace.json";
-    absl::Status w = write_chrome_trace(path, b.last_step(), b.last_timings(), 0);
-    std::printf("trace (layer 0): %s %s\n", path.c_str(),
-                w.ok() ? "written" : w.ToString().c_str());
-  }
-  if (bf16_tflops > 0) {
-    const double floor_s = s.flops / (bf16_tflops * 1e12);
-    std::printf(
-        "prefill compute floor: %.3f TFLOP at %.1f TFLOP/s (bf16 matmul) = %.3f ms; step %.3f "
-        "ms; floor/step %.4f; achieved %.1f TFLOP/s\n",
-        s.flops * 1e-12, bf16_tflops, floor_s * 1e3, s.span_us * 1e-3, floor_s / (s.span_us * 1e-6),
-        s.flops / (s.span_us * 1e-6) * 1e-12);
-  } else {
-    std::printf("prefill: %.3f TFLOP in %.3f ms (no bf16 rate given: no compute floor)\n",
-                s.flops * 1e-12, s.span_us * 1e-3);
+  // One 8192-token prefill step (a single request), projections on tensor cores: with the
+  // tensor-core attention (the default, traced), then with the CUDA-core attention.
+  const Variant prefill_variants[] = {variants[3],
+                                      {"tensor-cores, attention split over warps", true, false, true}};
+  for (const Variant& v : prefill_variants) {
+    set_variant(b, v);
+    const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);
+    b.set_profile(true);
+    auto out = b.execute(prefill);
+    b.set_profile(false);
+    if (!out.ok()) {
+      std::printf("prefill: %s\n", out.status().ToString().c_str());
+      return 1;
+    }
+    const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
+    std::printf("\n== prefill %d tokens, %s: %zu instructions\n%s", kPrefillTokens, v.name,
+                b.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
+    if (!out_dir.empty() && &v == &prefill_variants[0]) {
+      const std::string path = out_dir + "/prefill8k.trace.json";
+      absl::Status w = write_chrome_trace(path, b.last_step(), b.last_timings(), 0);
+      std::printf("trace (layer 0): %s %s\n", path.c_str(),
+                  w.ok() ? "written" : w.ToString().c_str());
+    }
+    if (bf16_tflops > 0) {
+      const double floor_s = s.flops / (bf16_tflops * 1e12);
+      std::printf(
+          "prefill compute floor: %.3f TFLOP at %.1f TFLOP/s (bf16 matmul) = %.3f ms; step %.3f "
+          "ms; floor/step %.4f; achieved %.1f TFLOP/s\n",
+          s.flops * 1e-12, bf16_tflops, floor_s * 1e3, s.span_us * 1e-3,
+          floor_s / (s.span_us * 1e-6), s.flops / (s.span_us * 1e-6) * 1e-12);
+    } else {
+      std::printf("prefill: %.3f TFLOP in %.3f ms (no bf16 rate given: no compute floor)\n",
+                  s.flops * 1e-12, s.span_us * 1e-3);
+    }
   }
   return 0;
 }

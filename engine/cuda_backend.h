@@ -54,6 +54,10 @@ struct CudaBackendOptions {
   // kAttention as first written: one warp per (query row, q head) walks all its keys.
   // Default: each row's keys spread over the CTA's warps (kernels/op_attention.cuh).
   bool attention_warp_per_head = false;
+  // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
+  // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
+  // always run on CUDA cores).
+  bool attention_cuda_cores = false;
   // Benchmarks: record per-instruction timestamps and SMs on the device
   // (CudaBackend::last_timings, engine/cuda_trace.h).
   bool profile = false;
@@ -102,6 +106,7 @@ class CudaBackend : public Backend {
   void set_profile(bool on) { options_.profile = on; }
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
   void set_attention_warp_per_head(bool on) { options_.attention_warp_per_head = on; }
+  void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
 
  private:
   CudaBackend();

@@ -84,6 +84,9 @@ inline constexpr int32_t kStepTensorCores = 1;  // projections on tensor cores w
 // kAttention with one warp per (query row, q head) walking all its keys (the first version),
 // instead of each row's keys spread over the CTA's warps. Kept to measure against.
 inline constexpr int32_t kStepAttentionWarpPerHead = 2;
+// kAttention on CUDA cores (each row's keys spread over the warps, op_attention.cuh) instead
+// of bf16 tensor cores (op_attention_mma.cuh, the default where the head dim allows).
+inline constexpr int32_t kStepAttentionCudaCores = 4;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

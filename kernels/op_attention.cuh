@@ -4,7 +4,11 @@
 // s. Unsplit writes the normalized output to attn_out; split writes it to split_out and its
 // log-sum-exp (max + log(sum), -inf for no keys) to split_lse.
 //
-// Each query row's keys are spread over the CTA's warps, so that a decode row (one query,
+// By default the op runs on bf16 tensor cores (op_attention_mma.cuh) for head dims 64 and
+// 128; other head dims, and steps with kStepAttentionCudaCores, run the CUDA-core version
+// below (kStepAttentionWarpPerHead: the first version, op_attention_per_head.cuh).
+//
+// CUDA cores: each query row's keys are spread over the CTA's warps, so that a decode row (one query,
 // hundreds of keys) keeps all 8 warps' loads in flight: warp w takes the chunks of 32 keys
 // starting at key_begin + 32 w, + 32 * kMegakernelWarps, ... For each chunk, lane i loads
 // key chunk + i's K row once and scores it against up to kMaxGroup q heads of the group
@@ -16,6 +20,7 @@
 #pragma once
 
 #include "kernels/device_utils.cuh"
+#include "kernels/op_attention_mma.cuh"
 #include "kernels/op_attention_per_head.cuh"
 #include "kernels/op_context.cuh"
 
@@ -36,6 +41,10 @@ struct AttentionOp {
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     if ((ctx.step.flags & kStepAttentionWarpPerHead) != 0) {
       return AttentionWarpPerHead::run(inst, ctx);
+    }
+    if ((ctx.step.flags & kStepAttentionCudaCores) == 0 &&
+        AttentionMma::takes(ctx.model, ctx.smem_floats)) {
+      return AttentionMma::run(inst, ctx);
     }
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
     const DeviceStepDesc& st = ctx.step;

@@ -6,8 +6,10 @@
 // workspace is poisoned with NaN before every step, so an unwritten read shows up in the
 // logits; every logit row must be finite and within 1e-2 (relative to the row's largest
 // magnitude) of the CPU's. Each case runs with the projections on CUDA cores and on tensor
-// cores (attention with each row's keys spread over the warps), and on CUDA cores with the
-// first version's attention (one warp per query row and q head).
+// cores (attention on bf16 tensor cores, the default), and on CUDA cores with the CUDA-core
+// attentions (each row's keys spread over the warps; the first version, one warp per query
+// row and q head). CudaAttentionAwkward adds shapes that the tensor-core attention's tiling
+// finds awkward.
 #include "engine/cuda_backend.h"
 
 #include <algorithm>
@@ -34,6 +36,7 @@ struct ModelCase {
   int32_t block_size;
   int kv_split_tokens;  // GPU tiles; the CPU uses its own (smaller) splits
   bool llama3 = false;
+  int attention_query_rows = 0;  // GPU tiles (0: cuda_tile_config's)
 };
 
 // A request of the teacher-forced schedule: its whole token sequence, fed in the given
@@ -78,14 +81,17 @@ double row_error(const std::vector<float>& got, const std::vector<float>& want) 
 class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
 
 struct KernelVariant {
-  bool tensor_cores = false;
+  bool tensor_cores = false;  // projections on (TF32) tensor cores
   bool attention_warp_per_head = false;
+  bool attention_cuda_cores = false;
   const char* name() const {
-    return attention_warp_per_head ? "attention-warp-per-head"
-                                   : (tensor_cores ? "tensor-cores" : "cuda-cores");
+    if (attention_warp_per_head) return "attention-warp-per-head";
+    if (attention_cuda_cores) return "cuda-core-attention";
+    return tensor_cores ? "tensor-cores" : "cuda-cores";
   }
 };
-constexpr KernelVariant kVariants[] = {{false, false}, {true, false}, {false, true}};
+constexpr KernelVariant kVariants[] = {
+    {false, false, false}, {true, false, false}, {false, false, true}, {false, true, false}};
 
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
                 KernelVariant variant) {
@@ -119,8 +125,10 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.check_barriers = true;
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.attention_warp_per_head = variant.attention_warp_per_head;
+  gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
   TileConfig tiles = cuda_tile_config(132, 0);
   tiles.kv_split_tokens = c.kv_split_tokens;
+  if (c.attention_query_rows > 0) tiles.attention_query_rows = c.attention_query_rows;
   gpu_opts.tiles = tiles;
   auto gpu = CudaBackend::create(config, *weights, gpu_opts);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -229,6 +237,41 @@ TEST(CudaVsCpuLong, ContextOf4000Tokens) {
   reqs[1] = {random_tokens(20, c.vocab, 12), {3}, 2};
   for (const KernelVariant& v : kVariants) run_forced(c, reqs, 10, v);
 }
+
+// The tensor-core attention's awkward sizes: contexts and prefill chunks that are not
+// multiples of the KV block, of its 16-key mma steps or of its 64/128-key stages; KV splits
+// not aligned to either (rows of a chunk whose keys all lie before a split get no keys);
+// (query row, q head) M rows that cross 16-row m-tiles within a query (GQA 3), fill an
+// m-tile exactly (GQA 16), leave warps idle (7 m-tiles; 3 m-tiles x 2 key slices) or need
+// several 128-row passes (40 rows x GQA 8); GQA 8 with head_dim 64.
+class CudaAttentionAwkward : public ::testing::TestWithParam<ModelCase> {};
+
+TEST_P(CudaAttentionAwkward, AgainstTheCpuInterpreter) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase& c = GetParam();
+  std::vector<ForcedRequest> reqs(5);
+  reqs[0] = {random_tokens(257, c.vocab, 21), {65, 63, 129}, 0};
+  reqs[1] = {random_tokens(131, c.vocab, 22), {1, 17, 33, 80}, 0};
+  reqs[2] = {random_tokens(20, c.vocab, 23), {15}, 0};
+  reqs[3] = {random_tokens(203, c.vocab, 24), {127, 73}, 1};
+  reqs[4] = {random_tokens(72, c.vocab, 25), {3, 64, 2}, 2};
+  run_forced(c, reqs, 8, kVariants[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionAwkward,
+    ::testing::Values(
+        ModelCase{"gqa8_hd64_bs16_split100_rows40", ModelFamily::kLlama, 128, 8, 1, 64, 96, 300,
+                  1, 16, 100, false, 40},
+        ModelCase{"gqa3_hd128_bs64_rows16", ModelFamily::kQwen2, 128, 6, 2, 128, 96, 300, 1, 64,
+                  1024, false, 16},
+        ModelCase{"gqa1_hd128_bs16_split96_rows24", ModelFamily::kLlama, 128, 2, 2, 128, 64, 300,
+                  1, 16, 96, false, 24},
+        ModelCase{"gqa16_hd64_bs64_split160_rows7", ModelFamily::kQwen3, 128, 16, 1, 64, 64,
+                  300, 1, 64, 160, false, 7},
+        ModelCase{"gqa2_hd64_bs16_split70_rows64", ModelFamily::kLlama, 128, 4, 2, 64, 64, 300, 1,
+                  16, 70, false, 64}),
+    [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
 
 TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
   ModelConfig config = testing::tiny_model_config(ModelFamily::kLlama);

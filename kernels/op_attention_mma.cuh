@@ -1,0 +1,423 @@
+// kAttention on bf16 tensor cores (the default; op_attention.cuh has the contract and the
+// CUDA-core version, kStepAttentionCudaCores). mma.sync m16n8k16 bf16 with fp32
+// accumulation, online softmax in fp32 (base-2 exponents: scores are pre-scaled by log2 e).
+//
+// The M rows of the mma are (query row, q head of the kv head's group) pairs of one request,
+// flattened as r = (qi - q0) * group + g, so that every key row staged from the cache serves
+// all q heads of its kv head and all query rows of the tile: a decode row of GQA 4 is 4 of
+// the 16 M rows, a 16-row prefill tile 64. A pass takes up to 128 M rows (R m-tiles of 16).
+// Its warps are (m-tile, key slice) pairs: S = 8 / R slices (1, 2, 4, 8) so that a decode
+// pass (R = 1) still keeps 8 warps busy on distinct keys; with S > 1 the slices' softmax
+// states are merged through shared memory at the end of the pass.
+//
+// K/V are staged per stage of T keys (T = 64 when S = 1, else 128: KW = T / S keys per warp)
+// from the paged cache into shared memory with cp.async, double-buffered (stage s + 1 loads
+// while stage s computes); keys past the pass's last key are zero-filled. Rows of K and V are
+// HD bf16 (16-byte chunks XOR-swizzled by row % 8, so that ldmatrix's 8 row addresses hit
+// distinct banks). S = Q K^T takes K fragments with ldmatrix; P V takes V with ldmatrix.trans
+// and P straight from the S accumulators (rounded to bf16). Causal masking is per M row:
+// key j counts for row (qi, g) iff key_begin <= j < key_end(qi) (op_attention.cuh).
+//
+// Takes head dims 64 and 128 (templated: Q fragments and the output accumulators live in
+// registers); other head dims fall back to the CUDA-core version (AttentionOp).
+#pragma once
+
+#include "kernels/device_utils.cuh"
+#include "kernels/op_context.cuh"
+
+namespace megaserve::kernels {
+
+namespace attention_mma {
+
+inline constexpr int kPassRows = 16 * kMegakernelWarps;  // M rows per pass (8 m-tiles)
+inline constexpr int kMaxStageKeys = 128;                // T when S > 1
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+
+// Shared memory one pass needs for head dim `hd`: two stages of K and V (T x hd bf16 each;
+// reused after the key loop for the slices' states, 8 warps x (16 x hd + 32) floats), then
+// the pass's Q (kPassRows x hd bf16).
+__host__ __device__ constexpr int stage_bytes(int hd) { return 2 * 2 * kMaxStageKeys * hd * 2; }
+__host__ __device__ constexpr int smem_bytes(int hd) {
+  return stage_bytes(hd) + kPassRows * hd * 2;
+}
+static_assert(kMegakernelWarps * (16 * 128 + 32) * 4 <= stage_bytes(128), "merge area fits");
+static_assert(kMegakernelWarps * (16 * 64 + 32) * 4 <= stage_bytes(64), "merge area fits");
+
+// Packs two floats into bf16x2, `lo` in the low half (the lower column of a fragment).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// c (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col).
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr)
+               : "memory");
+}
+
+// 16 bytes global -> shared through L2 (cache-coherent with this step's K/V appends, see
+// device_utils.cuh [COHERENCE]); src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Element offset of (key row, 16-byte chunk) in a staged (T, HD) bf16 tile.
+template <int HD>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * HD + ((chunk ^ (row & 7)) << 3);
+}
+
+}  // namespace attention_mma
+
+template <int HD>
+struct AttentionMmaPass {
+  static_assert(HD == 64 || HD == 128, "head dims with a tensor-core attention");
+  static constexpr int kKSteps = HD / 16;  // k16 steps of Q K^T
+  static constexpr int kNTiles = HD / 8;   // n8 tiles of the output
+  static constexpr int kChunks = HD / 8;   // 16-byte chunks per K/V/Q row
+  static constexpr int kStageBytes = attention_mma::stage_bytes(HD);
+
+  // One pass: M rows [mb, mb + mrows) of request i (n rows in the step, tile rows from q0).
+  // Starts and ends with a __syncthreads (shared memory is reused by the next pass).
+  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx,
+                             const engine::isa::AttentionArgs& a, int i, int n, int q0, int mb,
+                             int mrows) {
+    using namespace attention_mma;
+    const DeviceModel& md = ctx.model;
+    const DeviceStepDesc& st = ctx.step;
+    const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
+    const int K = st.kv_split_tokens, bs = st.kv_block_size;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g8 = lane >> 2, t4 = lane & 3;  // mma fragment row group and column pair
+    const int row0 = st.query_start[i];
+    const int key_begin = a.split < 0 ? 0 : a.split * K;
+    const auto key_end_of = [&](int qi) {  // keys of query row qi end here (exclusive)
+      const int pos = st.positions[row0 + qi];
+      return a.split < 0 ? pos + 1 : min(pos + 1, (a.split + 1) * K);
+    };
+
+    const int R = (mrows + 15) / 16;
+    const int S = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
+    const int T = S == 1 ? 64 : kMaxStageKeys;
+    const int KW = T / S;  // keys of a stage per warp (a multiple of 16)
+    const int mt = warp % R, slice = warp / R;
+    const bool active = warp < R * S;
+
+    // Last key of the pass (over all its rows) and of this warp's m-tile.
+    const int qa_first = q0 + mb / group, qa_last = q0 + (mb + mrows - 1) / group;
+    int pass_end = key_begin;
+    for (int qi = qa_first + lane; qi <= qa_last; qi += 32) pass_end = max(pass_end, key_end_of(qi));
+    pass_end = __reduce_max_sync(0xffffffffu, pass_end);
+    const int mt_last = min(mb + mt * 16 + 15, mb + mrows - 1);
+    int tile_end = key_begin;
+    for (int qi = q0 + (mb + mt * 16) / group + lane; qi <= q0 + mt_last / group; qi += 32) {
+      tile_end = max(tile_end, key_end_of(qi));
+    }
+    tile_end = __reduce_max_sync(0xffffffffu, tile_end);
+
+    // This thread's two M rows (fragment rows g8 and g8 + 8 of its m-tile): their key ends.
+    int row_end[2];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      const int r = mt * 16 + g8 + 8 * x;  // pass-local M row
+      row_end[x] = r < mrows ? key_end_of(q0 + (mb + r) / group) : key_begin;
+    }
+
+    float o[kNTiles][4];  // output accumulators (16, HD)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g8, g8 + 8
+    float l[2] = {0.0f, 0.0f};            // this thread's part of the running sums
+
+    uint16_t* stage_base = reinterpret_cast<uint16_t*>(ctx.smem);  // [2][K, V][T, HD]
+    const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_base));
+    const uint32_t q_addr = stage_addr + kStageBytes;  // (R * 16, HD), swizzled like K
+    const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
+    const uint16_t* kc = md.k_cache + layer_offset;
+    const uint16_t* vc = md.v_cache + layer_offset;
+    const int32_t* blocks = st.block_indices + st.block_indptr[i];
+    const int stages = pass_end > key_begin ? (pass_end - key_begin + T - 1) / T : 0;
+
+    // Stage s -> buffer b: every thread copies chunks tid, tid + 256, ... of K and of V.
+    const auto issue = [&](int s, int b) {
+      const uint32_t k_dst = stage_addr + b * 2 * T * HD * 2;
+      const uint32_t v_dst = k_dst + T * HD * 2;
+#pragma unroll 1
+      for (int c = threadIdx.x; c < T * kChunks; c += kMegakernelThreads) {
+        const int row = c / kChunks, chunk = c % kChunks;
+        const int j = key_begin + s * T + row;
+        const bool valid = j < pass_end;
+        const int64_t off =
+            valid ? ((static_cast<int64_t>(blocks[j / bs]) * hkv + a.kv_head) * bs + j % bs) * HD +
+                        chunk * 8
+                  : 0;
+        const uint32_t dst = swizzled<HD>(row, chunk) * 2;
+        cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
+        cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
+      }
+      cp_async_commit();
+    };
+
+    __syncthreads();  // the previous pass (or op) is done with shared memory
+    if (stages > 0) issue(0, 0);
+    // Q of the pass as bf16, scaled by log2 e / sqrt(hd); rows past mrows are zeros. Read as
+    // A fragments with ldmatrix (registers are short: the output accumulators take HD / 2).
+    {
+      const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
+      for (int c = threadIdx.x; c < R * 16 * kChunks; c += kMegakernelThreads) {
+        const int r = c / kChunks, chunk = c % kChunks;
+        uint32_t w[4] = {0, 0, 0, 0};
+        if (r < mrows) {
+          const int rr = mb + r, qi = q0 + rr / group, g = rr % group;
+          const float* q = st.q +
+                           (static_cast<int64_t>(row0 + qi) * hq + a.kv_head * group + g) * HD +
+                           chunk * 8;
+          const float4 x0 = *reinterpret_cast<const float4*>(q);
+          const float4 x1 = *reinterpret_cast<const float4*>(q + 4);
+          w[0] = pack_bf16x2(x0.x * qscale, x0.y * qscale);
+          w[1] = pack_bf16x2(x0.z * qscale, x0.w * qscale);
+          w[2] = pack_bf16x2(x1.x * qscale, x1.y * qscale);
+          w[3] = pack_bf16x2(x1.z * qscale, x1.w * qscale);
+        }
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(
+                         q_addr + swizzled<HD>(r, chunk) * 2),
+                     "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                     : "memory");
+      }
+    }
+    for (int s = 0; s < stages; ++s) {
+      if (s + 1 < stages) {
+        issue(s + 1, (s + 1) & 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // stage s is in shared memory for every warp
+      const int stage_key0 = key_begin + s * T;
+      const uint32_t k_tile = stage_addr + (s & 1) * 2 * T * HD * 2;
+      const uint32_t v_tile = k_tile + T * HD * 2;
+      for (int c0 = slice * KW; active && c0 < slice * KW + KW; c0 += 16) {
+        if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
+        // S (16 rows x 16 keys) = Q K^T: n-tiles keys c0..c0+7 and c0+8..c0+15.
+        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        {
+          // ldmatrix lane -> matrix lane / 8. K: (keys +0 / +8) x (chunk 2kk / 2kk + 1);
+          // Q (A fragment a0..a3): (rows +0 / +8) x (chunk 2kk / 2kk + 1).
+          const int mi = lane >> 3, krow = c0 + (mi >> 1) * 8 + (lane & 7);
+          const int qrow = mt * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+          for (int kk = 0; kk < kKSteps; ++kk) {
+            uint32_t qf[4], b[4];
+            ldmatrix_x4(qf, q_addr + swizzled<HD>(qrow, 2 * kk + (mi >> 1)) * 2);
+            ldmatrix_x4(b, k_tile + swizzled<HD>(krow, 2 * kk + (mi & 1)) * 2);
+            mma_bf16(sc[0], qf, b[0], b[1]);
+            mma_bf16(sc[1], qf, b[2], b[3]);
+          }
+        }
+        // Mask, then the online softmax update of both rows (a row's 16 keys lie in the
+        // 4 lanes of a quad: reduce over lane ^ 1, lane ^ 2).
+        float alpha[2];
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          float cmax = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = stage_key0 + c0 + nt * 8 + 2 * t4 + e;
+              float& v = sc[nt][2 * x + e];
+              if (j >= row_end[x]) v = -INFINITY;
+              cmax = fmaxf(cmax, v);
+            }
+          }
+          cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
+          cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 2));
+          const float m_new = fmaxf(m[x], cmax);
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no keys yet: no NaN
+          alpha[x] = exp2f(m[x] - m_use);
+          float sum = 0.0f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& v = sc[nt][2 * x + e];
+              v = exp2f(v - m_use);
+              sum += v;
+            }
+          }
+          l[x] = l[x] * alpha[x] + sum;
+          m[x] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          o[nt][0] *= alpha[0];
+          o[nt][1] *= alpha[0];
+          o[nt][2] *= alpha[1];
+          o[nt][3] *= alpha[1];
+        }
+        // P (16 x 16 keys) as an A fragment: the S accumulators of the two n-tiles.
+        const uint32_t pf[4] = {pack_bf16x2(sc[0][0], sc[0][1]), pack_bf16x2(sc[0][2], sc[0][3]),
+                                pack_bf16x2(sc[1][0], sc[1][1]), pack_bf16x2(sc[1][2], sc[1][3])};
+        {
+          // ldmatrix.trans lane -> matrix lane / 8: (keys +0 / +8) x (chunk 2dp / 2dp + 1).
+          const int mi = lane >> 3, vrow = c0 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+          for (int dp = 0; dp < HD / 16; ++dp) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, v_tile + swizzled<HD>(vrow, 2 * dp + (mi >> 1)) * 2);
+            mma_bf16(o[2 * dp], pf, b[0], b[1]);
+            mma_bf16(o[2 * dp + 1], pf, b[2], b[3]);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with buffer s & 1 before stage s + 2 refills it
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+      l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+
+    // Where pass row r's output (and, split, its lse) goes.
+    const auto out_of = [&](int r, float** lse) {
+      const int rr = mb + r, qi = q0 + rr / group, g = rr % group;
+      if (a.split < 0) {
+        *lse = nullptr;
+        return st.attn_out + (static_cast<int64_t>(row0 + qi) * hq + a.kv_head * group + g) * HD;
+      }
+      const int64_t srow = st.split_row_begin[i] +
+                           ((static_cast<int64_t>(a.split) * hkv + a.kv_head) * n + qi) * group + g;
+      *lse = st.split_lse + srow;
+      return st.split_out + srow * HD;
+    };
+
+    if (S == 1) {
+      if (active) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const int r = mt * 16 + g8 + 8 * x;
+          if (r >= mrows) continue;
+          float* lse;
+          float* out = out_of(r, &lse);
+          const float inv = l[x] > 0.0f ? 1.0f / l[x] : 0.0f;  // no keys: zeros
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+            *reinterpret_cast<float2*>(out + nt * 8 + 2 * t4) =
+                make_float2(o[nt][2 * x] * inv, o[nt][2 * x + 1] * inv);
+          }
+          if (lse != nullptr && t4 == 0) {
+            *lse = l[x] > 0.0f ? (m[x] + log2f(l[x])) * kLn2 : -INFINITY;
+          }
+        }
+      }
+      __syncthreads();
+      return;
+    }
+
+    // S > 1: each warp leaves (m, l) and its unnormalized output rows in shared memory (the
+    // stage buffers are free: the key loop ended with a __syncthreads), then the slices of
+    // each m-tile are merged: M = max m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+    constexpr int kWarpFloats = 32 + 16 * HD;  // m[16], l[16], o[16][HD]
+    float* states = ctx.smem;
+    if (active) {
+      float* mine = states + warp * kWarpFloats;
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const int r = g8 + 8 * x;
+        if (t4 == 0) {
+          mine[r] = m[x];
+          mine[16 + r] = l[x];
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          *reinterpret_cast<float2*>(mine + 32 + r * HD + nt * 8 + 2 * t4) =
+              make_float2(o[nt][2 * x], o[nt][2 * x + 1]);
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int e = threadIdx.x; e < mrows * HD; e += kMegakernelThreads) {
+      const int r = e / HD, d = e % HD;
+      const int tile = r / 16, rl = r % 16;
+      float M = -INFINITY;
+      for (int sl = 0; sl < S; ++sl) M = fmaxf(M, states[(sl * R + tile) * kWarpFloats + rl]);
+      float L = 0.0f, A = 0.0f;
+      if (M > -INFINITY) {
+        for (int sl = 0; sl < S; ++sl) {
+          const float* w = states + (sl * R + tile) * kWarpFloats;
+          const float c = exp2f(w[rl] - M);  // a slice without keys: m = -inf, c = 0
+          L += c * w[16 + rl];
+          A += c * w[32 + rl * HD + d];
+        }
+      }
+      float* lse;
+      float* out = out_of(r, &lse);
+      out[d] = L > 0.0f ? A / L : 0.0f;
+      if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
+    }
+    __syncthreads();
+  }
+};
+
+struct AttentionMma {
+  // Whether the tensor-core version takes this model and shared memory size.
+  __device__ static bool takes(const DeviceModel& md, int smem_floats) {
+    return (md.head_dim == 64 || md.head_dim == 128) &&
+           static_cast<int64_t>(smem_floats) * 4 >= attention_mma::smem_bytes(md.head_dim);
+  }
+
+  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    if (ctx.model.head_dim == 64) return run_hd<64>(inst, ctx);
+    return run_hd<128>(inst, ctx);
+  }
+
+ private:
+  template <int HD>
+  __device__ static void run_hd(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
+    const DeviceStepDesc& st = ctx.step;
+    const int group = ctx.model.q_heads / ctx.model.kv_heads;
+    const bool batch = a.request_end - a.request_begin > 1;
+    for (int i = a.request_begin; i < a.request_end; ++i) {
+      const int n = st.query_start[i + 1] - st.query_start[i];
+      const int q0 = batch ? 0 : a.query_begin, q1 = batch ? n : a.query_end;
+      const int rows = (q1 - q0) * group;
+      for (int mb = 0; mb < rows; mb += attention_mma::kPassRows) {
+        AttentionMmaPass<HD>::run(inst, ctx, a, i, n, q0, mb,
+                                  min(attention_mma::kPassRows, rows - mb));
+      }
+    }
+  }
+};
+
+}  // namespace megaserve::kernels
