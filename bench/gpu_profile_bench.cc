@@ -205,8 +205,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
 
   // One 8192-token prefill step (a single request), projections on tensor cores: with the
   // tensor-core attention (the default, traced), then with the CUDA-core attention.
-  const Variant prefill_variants[] = {variants[3],
-                                      {"tensor-cores, attention split over warps", true, false, true}};
+  const Variant prefill_variants[] = {
+      variants[3], {"tensor-cores, attention split over warps", true, false, true}};
   for (const Variant& v : prefill_variants) {
     set_variant(b, v);
     const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);

@@ -385,9 +385,10 @@ absl::Status CudaBackend::run_step(const Step& step,
   const WorkspaceShape shape{
       config_.hidden_size, config_.q_size(), config_.head_dim, config_.intermediate_size, V,
       options_.profile};
-  const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
-                        (options_.attention_warp_per_head ? kernels::kStepAttentionWarpPerHead : 0) |
-                        (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
+  const int32_t flags =
+      (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
+      (options_.attention_warp_per_head ? kernels::kStepAttentionWarpPerHead : 0) |
+      (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =
       st.upload_step(step, shape, sampling, flags, options_.poison_workspace);
   if (!desc.ok()) return desc.status();

@@ -8,8 +8,8 @@
 // 128; other head dims, and steps with kStepAttentionCudaCores, run the CUDA-core version
 // below (kStepAttentionWarpPerHead: the first version, op_attention_per_head.cuh).
 //
-// CUDA cores: each query row's keys are spread over the CTA's warps, so that a decode row (one query,
-// hundreds of keys) keeps all 8 warps' loads in flight: warp w takes the chunks of 32 keys
+// CUDA cores: each query row's keys are spread over the CTA's warps, so that a decode row (one
+// query, hundreds of keys) keeps all 8 warps' loads in flight: warp w takes the chunks of 32 keys
 // starting at key_begin + 32 w, + 32 * kMegakernelWarps, ... For each chunk, lane i loads
 // key chunk + i's K row once and scores it against up to kMaxGroup q heads of the group
 // (one pass), then the chunk's V rows are read with 16-byte loads, each lane owning 8

@@ -135,7 +135,8 @@ struct AttentionMmaPass {
     // Last key of the pass (over all its rows) and of this warp's m-tile.
     const int qa_first = q0 + mb / group, qa_last = q0 + (mb + mrows - 1) / group;
     int pass_end = key_begin;
-    for (int qi = qa_first + lane; qi <= qa_last; qi += 32) pass_end = max(pass_end, key_end_of(qi));
+    for (int qi = qa_first + lane; qi <= qa_last; qi += 32)
+      pass_end = max(pass_end, key_end_of(qi));
     pass_end = __reduce_max_sync(0xffffffffu, pass_end);
     const int mt_last = min(mb + mt * 16 + 15, mb + mrows - 1);
     int tile_end = key_begin;
@@ -208,10 +209,10 @@ struct AttentionMmaPass {
           w[2] = pack_bf16x2(x1.x * qscale, x1.y * qscale);
           w[3] = pack_bf16x2(x1.z * qscale, x1.w * qscale);
         }
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(
-                         q_addr + swizzled<HD>(r, chunk) * 2),
-                     "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                     : "memory");
+        asm volatile(
+            "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(r, chunk) * 2),
+            "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+            : "memory");
       }
     }
     for (int s = 0; s < stages; ++s) {

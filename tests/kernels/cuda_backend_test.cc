@@ -260,17 +260,16 @@ TEST_P(CudaAttentionAwkward, AgainstTheCpuInterpreter) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaAttentionAwkward,
-    ::testing::Values(
-        ModelCase{"gqa8_hd64_bs16_split100_rows40", ModelFamily::kLlama, 128, 8, 1, 64, 96, 300,
-                  1, 16, 100, false, 40},
-        ModelCase{"gqa3_hd128_bs64_rows16", ModelFamily::kQwen2, 128, 6, 2, 128, 96, 300, 1, 64,
-                  1024, false, 16},
-        ModelCase{"gqa1_hd128_bs16_split96_rows24", ModelFamily::kLlama, 128, 2, 2, 128, 64, 300,
-                  1, 16, 96, false, 24},
-        ModelCase{"gqa16_hd64_bs64_split160_rows7", ModelFamily::kQwen3, 128, 16, 1, 64, 64,
-                  300, 1, 64, 160, false, 7},
-        ModelCase{"gqa2_hd64_bs16_split70_rows64", ModelFamily::kLlama, 128, 4, 2, 64, 64, 300, 1,
-                  16, 70, false, 64}),
+    ::testing::Values(ModelCase{"gqa8_hd64_bs16_split100_rows40", ModelFamily::kLlama, 128, 8, 1,
+                                64, 96, 300, 1, 16, 100, false, 40},
+                      ModelCase{"gqa3_hd128_bs64_rows16", ModelFamily::kQwen2, 128, 6, 2, 128, 96,
+                                300, 1, 64, 1024, false, 16},
+                      ModelCase{"gqa1_hd128_bs16_split96_rows24", ModelFamily::kLlama, 128, 2, 2,
+                                128, 64, 300, 1, 16, 96, false, 24},
+                      ModelCase{"gqa16_hd64_bs64_split160_rows7", ModelFamily::kQwen3, 128, 16, 1,
+                                64, 64, 300, 1, 64, 160, false, 7},
+                      ModelCase{"gqa2_hd64_bs16_split70_rows64", ModelFamily::kLlama, 128, 4, 2, 64,
+                                64, 300, 1, 16, 70, false, 64}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
 
 TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
