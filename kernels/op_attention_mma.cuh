@@ -11,8 +11,9 @@
 // states are merged through shared memory at the end of the pass.
 //
 // K/V are staged per stage of T keys (T = 64 when S = 1, else 128: KW = T / S keys per warp)
-// from the paged cache into shared memory with cp.async, double-buffered (stage s + 1 loads
-// while stage s computes); keys past the pass's last key are zero-filled. Rows of K and V are
+// from the paged cache into shared memory with cp.async through a ring of 3 stage buffers
+// (2 where shared memory is short): stages s + 1 and s + 2 load while stage s computes, one
+// __syncthreads per stage; keys past the pass's last key are zero-filled. Rows of K and V are
 // HD bf16 (16-byte chunks XOR-swizzled by row % 8, so that ldmatrix's 8 row addresses hit
 // distinct banks). S = Q K^T takes K fragments with ldmatrix; P V takes V with ldmatrix.trans
 // and P straight from the S accumulators (rounded to bf16). Causal masking is per M row:
@@ -34,15 +35,17 @@ inline constexpr int kMaxStageKeys = 128;                // T when S > 1
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
-// Shared memory one pass needs for head dim `hd`: two stages of K and V (T x hd bf16 each;
-// reused after the key loop for the slices' states, 8 warps x (16 x hd + 32) floats), then
-// the pass's Q (kPassRows x hd bf16).
-__host__ __device__ constexpr int stage_bytes(int hd) { return 2 * 2 * kMaxStageKeys * hd * 2; }
-__host__ __device__ constexpr int smem_bytes(int hd) {
-  return stage_bytes(hd) + kPassRows * hd * 2;
+// Shared memory of a pass for head dim `hd`: the pass's Q (kPassRows x hd bf16), then 2 or 3
+// stage buffers of K and V (T x hd bf16 each; 3 where the CTA's shared memory allows, for a
+// deeper cp.async pipeline). After the key loop the stage buffers hold the slices' states
+// (8 warps x (16 x hd + 32) floats).
+__host__ __device__ constexpr int q_bytes(int hd) { return kPassRows * hd * 2; }
+__host__ __device__ constexpr int buffer_bytes(int hd) { return 2 * kMaxStageKeys * hd * 2; }
+__host__ __device__ constexpr int smem_bytes(int hd, int buffers) {
+  return q_bytes(hd) + buffers * buffer_bytes(hd);
 }
-static_assert(kMegakernelWarps * (16 * 128 + 32) * 4 <= stage_bytes(128), "merge area fits");
-static_assert(kMegakernelWarps * (16 * 64 + 32) * 4 <= stage_bytes(64), "merge area fits");
+static_assert(kMegakernelWarps * (16 * 128 + 32) * 4 <= 2 * buffer_bytes(128), "merge area");
+static_assert(kMegakernelWarps * (16 * 64 + 32) * 4 <= 2 * buffer_bytes(64), "merge area");
 
 // Packs two floats into bf16x2, `lo` in the low half (the lower column of a fragment).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
@@ -104,13 +107,15 @@ struct AttentionMmaPass {
   static constexpr int kKSteps = HD / 16;  // k16 steps of Q K^T
   static constexpr int kNTiles = HD / 8;   // n8 tiles of the output
   static constexpr int kChunks = HD / 8;   // 16-byte chunks per K/V/Q row
-  static constexpr int kStageBytes = attention_mma::stage_bytes(HD);
+  static constexpr int kQBytes = attention_mma::q_bytes(HD);
+  static constexpr int kBufferBytes = attention_mma::buffer_bytes(HD);
 
-  // One pass: M rows [mb, mb + mrows) of request i (n rows in the step, tile rows from q0).
-  // Starts and ends with a __syncthreads (shared memory is reused by the next pass).
+  // One pass: M rows [mb, mb + mrows) of request i (n rows in the step, tile rows from q0),
+  // K/V staged through `buffers` (2 or 3) stage buffers. Starts and ends with a
+  // __syncthreads (shared memory is reused by the next pass).
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx,
                              const engine::isa::AttentionArgs& a, int i, int n, int q0, int mb,
-                             int mrows) {
+                             int mrows, int buffers) {
     using namespace attention_mma;
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -159,22 +164,24 @@ struct AttentionMmaPass {
     float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g8, g8 + 8
     float l[2] = {0.0f, 0.0f};            // this thread's part of the running sums
 
-    uint16_t* stage_base = reinterpret_cast<uint16_t*>(ctx.smem);  // [2][K, V][T, HD]
-    const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_base));
-    const uint32_t q_addr = stage_addr + kStageBytes;  // (R * 16, HD), swizzled like K
+    // Shared memory: Q (kPassRows, HD) bf16, then `buffers` stage buffers [K, V][T, HD].
+    const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ctx.smem));
+    const uint32_t stage_addr = q_addr + kQBytes;
     const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
     const uint16_t* kc = md.k_cache + layer_offset;
     const uint16_t* vc = md.v_cache + layer_offset;
     const int32_t* blocks = st.block_indices + st.block_indptr[i];
     const int stages = pass_end > key_begin ? (pass_end - key_begin + T - 1) / T : 0;
 
-    // Stage s -> buffer b: every thread copies chunks tid, tid + 256, ... of K and of V.
+    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of rows
+    // tid / kChunks, + kRowStep, ... of K and of V (keys past pass_end are zero-filled).
     const auto issue = [&](int s, int b) {
-      const uint32_t k_dst = stage_addr + b * 2 * T * HD * 2;
+      constexpr int kRowStep = kMegakernelThreads / kChunks;
+      const uint32_t k_dst = stage_addr + b * kBufferBytes;
       const uint32_t v_dst = k_dst + T * HD * 2;
+      const int chunk = threadIdx.x % kChunks;
 #pragma unroll 1
-      for (int c = threadIdx.x; c < T * kChunks; c += kMegakernelThreads) {
-        const int row = c / kChunks, chunk = c % kChunks;
+      for (int row = threadIdx.x / kChunks; row < T; row += kRowStep) {
         const int j = key_begin + s * T + row;
         const bool valid = j < pass_end;
         const int64_t off =
@@ -185,46 +192,72 @@ struct AttentionMmaPass {
         cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
         cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
       }
-      cp_async_commit();
     };
 
     __syncthreads();  // the previous pass (or op) is done with shared memory
-    if (stages > 0) issue(0, 0);
+    // Prologue: stages 0 .. buffers - 2 in flight, one commit group per stage (empty groups
+    // past the last stage keep the count uniform).
+    for (int p = 0; p < buffers - 1; ++p) {
+      if (p < stages) issue(p, p);
+      cp_async_commit();
+    }
     // Q of the pass as bf16, scaled by log2 e / sqrt(hd); rows past mrows are zeros. Read as
     // A fragments with ldmatrix (registers are short: the output accumulators take HD / 2).
+    // kQBatch chunks' loads are issued before any is used.
     {
+      constexpr int kQBatch = 4;
+      constexpr int kQIters = kPassRows * kChunks / kMegakernelThreads;
+      static_assert(kQIters % kQBatch == 0, "whole batches");
       const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
-      for (int c = threadIdx.x; c < R * 16 * kChunks; c += kMegakernelThreads) {
-        const int r = c / kChunks, chunk = c % kChunks;
-        uint32_t w[4] = {0, 0, 0, 0};
-        if (r < mrows) {
-          const int rr = mb + r, qi = q0 + rr / group, g = rr % group;
-          const float* q = st.q +
-                           (static_cast<int64_t>(row0 + qi) * hq + a.kv_head * group + g) * HD +
-                           chunk * 8;
-          const float4 x0 = *reinterpret_cast<const float4*>(q);
-          const float4 x1 = *reinterpret_cast<const float4*>(q + 4);
-          w[0] = pack_bf16x2(x0.x * qscale, x0.y * qscale);
-          w[1] = pack_bf16x2(x0.z * qscale, x0.w * qscale);
-          w[2] = pack_bf16x2(x1.x * qscale, x1.y * qscale);
-          w[3] = pack_bf16x2(x1.z * qscale, x1.w * qscale);
+#pragma unroll 1
+      for (int k0 = 0; k0 < kQIters; k0 += kQBatch) {
+        float4 x[kQBatch][2];
+#pragma unroll
+        for (int k = 0; k < kQBatch; ++k) {
+          const int c = threadIdx.x + (k0 + k) * kMegakernelThreads;
+          const int r = c / kChunks, chunk = c % kChunks;
+          x[k][0] = x[k][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (r < mrows) {
+            const int rr = mb + r, qi = q0 + rr / group, g = rr % group;
+            const float* q = st.q +
+                             (static_cast<int64_t>(row0 + qi) * hq + a.kv_head * group + g) * HD +
+                             chunk * 8;
+            x[k][0] = *reinterpret_cast<const float4*>(q);
+            x[k][1] = *reinterpret_cast<const float4*>(q + 4);
+          }
         }
-        asm volatile(
-            "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(r, chunk) * 2),
-            "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-            : "memory");
+#pragma unroll
+        for (int k = 0; k < kQBatch; ++k) {
+          const int c = threadIdx.x + (k0 + k) * kMegakernelThreads;
+          const int r = c / kChunks, chunk = c % kChunks;
+          if (r >= R * 16) continue;
+          asm volatile(
+              "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(r, chunk) * 2),
+              "r"(pack_bf16x2(x[k][0].x * qscale, x[k][0].y * qscale)),
+              "r"(pack_bf16x2(x[k][0].z * qscale, x[k][0].w * qscale)),
+              "r"(pack_bf16x2(x[k][1].x * qscale, x[k][1].y * qscale)),
+              "r"(pack_bf16x2(x[k][1].z * qscale, x[k][1].w * qscale))
+              : "memory");
+        }
       }
     }
     for (int s = 0; s < stages; ++s) {
-      if (s + 1 < stages) {
-        issue(s + 1, (s + 1) & 1);
+      // Groups committed so far: buffers - 1 + s; stage s is group s.
+      if (buffers == 3) {
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();  // stage s is in shared memory for every warp
+      // Stage s (and Q) are in shared memory for every warp, and every warp is done with
+      // stage s - 1, whose buffer the next issue refills.
+      __syncthreads();
+      {
+        const int next = s + buffers - 1;
+        if (next < stages) issue(next, next % buffers);
+        cp_async_commit();
+      }
       const int stage_key0 = key_begin + s * T;
-      const uint32_t k_tile = stage_addr + (s & 1) * 2 * T * HD * 2;
+      const uint32_t k_tile = stage_addr + (s % buffers) * kBufferBytes;
       const uint32_t v_tile = k_tile + T * HD * 2;
       for (int c0 = slice * KW; active && c0 < slice * KW + KW; c0 += 16) {
         if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
@@ -300,8 +333,9 @@ struct AttentionMmaPass {
           }
         }
       }
-      __syncthreads();  // every warp is done with buffer s & 1 before stage s + 2 refills it
     }
+    cp_async_wait<0>();  // only empty groups can be pending here
+    __syncthreads();     // every warp is done with the stage buffers
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
@@ -345,10 +379,10 @@ struct AttentionMmaPass {
     }
 
     // S > 1: each warp leaves (m, l) and its unnormalized output rows in shared memory (the
-    // stage buffers are free: the key loop ended with a __syncthreads), then the slices of
+    // stage buffers are free: the key loop was followed by a __syncthreads), then the slices of
     // each m-tile are merged: M = max m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
     constexpr int kWarpFloats = 32 + 16 * HD;  // m[16], l[16], o[16][HD]
-    float* states = ctx.smem;
+    float* states = ctx.smem + kQBytes / 4;
     if (active) {
       float* mine = states + warp * kWarpFloats;
 #pragma unroll
@@ -394,7 +428,7 @@ struct AttentionMma {
   // Whether the tensor-core version takes this model and shared memory size.
   __device__ static bool takes(const DeviceModel& md, int smem_floats) {
     return (md.head_dim == 64 || md.head_dim == 128) &&
-           static_cast<int64_t>(smem_floats) * 4 >= attention_mma::smem_bytes(md.head_dim);
+           static_cast<int64_t>(smem_floats) * 4 >= attention_mma::smem_bytes(md.head_dim, 2);
   }
 
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
@@ -409,13 +443,15 @@ struct AttentionMma {
     const DeviceStepDesc& st = ctx.step;
     const int group = ctx.model.q_heads / ctx.model.kv_heads;
     const bool batch = a.request_end - a.request_begin > 1;
+    const int buffers =
+        static_cast<int64_t>(ctx.smem_floats) * 4 >= attention_mma::smem_bytes(HD, 3) ? 3 : 2;
     for (int i = a.request_begin; i < a.request_end; ++i) {
       const int n = st.query_start[i + 1] - st.query_start[i];
       const int q0 = batch ? 0 : a.query_begin, q1 = batch ? n : a.query_end;
       const int rows = (q1 - q0) * group;
       for (int mb = 0; mb < rows; mb += attention_mma::kPassRows) {
         AttentionMmaPass<HD>::run(inst, ctx, a, i, n, q0, mb,
-                                  min(attention_mma::kPassRows, rows - mb));
+                                  min(attention_mma::kPassRows, rows - mb), buffers);
       }
     }
   }

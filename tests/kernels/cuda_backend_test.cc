@@ -123,6 +123,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.persistent = true;
   gpu_opts.poison_workspace = true;
   gpu_opts.check_barriers = true;
+  gpu_opts.step_watchdog_ms = 60000;  // compute-sanitizer runs these steps far slower
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.attention_warp_per_head = variant.attention_warp_per_head;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
