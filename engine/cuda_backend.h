@@ -51,8 +51,8 @@ struct CudaBackendOptions {
   // Projections on tensor cores (TF32 mma.sync; bf16 weights exact, activations rounded to
   // TF32) where the reduction width is a multiple of 32; else CUDA cores (fp32 FMA).
   bool tensor_cores = false;
-  // kAttention as first written: one warp per (query row, q head) walks all its keys.
-  // Default: each row's keys spread over the CTA's warps (kernels/op_attention.cuh).
+  // kAttention as first written: one warp per (query row, q head) walks all its keys
+  // (overrides attention_cuda_cores and the tensor-core default below).
   bool attention_warp_per_head = false;
   // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
