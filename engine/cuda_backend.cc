@@ -57,20 +57,23 @@ bool device_samples(const RequestSampling& r) {
 
 TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
   TileConfig c = gpu_tile_config(sm_count);
-  // CUDA-core projections: a warp per output column, 8 token rows per pass over the weights,
-  // so column tiles are kept narrow enough that a decode step's few rows cover every SM.
+  // Projections: a tile's columns are spread over the CTA's 8 warps (tensor cores: blocks of
+  // 32 weight rows; CUDA cores: a warp per column) and its rows reuse each staged weight
+  // chunk, up to 64 at a time. Column tiles are as wide as a prefill wants; a step with
+  // fewer tiles than SMs gets narrower ones (TileConfig::balance_columns), so that a decode
+  // step's weight stream covers every SM.
   c.token_rows = 64;
   c.qkv_heads = 1;
-  c.hidden_cols = 32;
+  c.hidden_cols = 128;
   c.ffn_cols = 64;
-  c.vocab_cols = 512;
+  c.vocab_cols = 1024;
   c.embedding_rows = 64;
   c.lm_head_samples = 64;
   c.sample_rows = 1;  // one CTA per sampling row
   c.attention_query_rows = 16;
   c.attention_batch_requests = 8;
   c.kv_split_tokens = 1024;
-  c.flops_per_cycle = 128.0;
+  c.flops_per_cycle = 512.0;
   c.bytes_per_cycle = 13.0;
   c.overhead_cycles = 1000.0;
   (void)smem_bytes;  // every tile above fits the smallest Hopper CTA (checked in create)
@@ -197,17 +200,26 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   size_t smem = 0;
   MEGASERVE_CUDA_RETURN(kernels::configure_megakernel(dev.max_shared_memory_per_block, &smem),
                         "configuring shared memory");
-  const size_t smem_floats = smem / sizeof(float);
-  const size_t qkv_floats = size_t{kernels::kMaxMatvecRows} * b->tiles_.qkv_heads * hd;
-  const size_t widest =
-      std::max({config.hidden_size + qkv_floats, static_cast<size_t>(config.q_size()),
-                static_cast<size_t>(config.intermediate_size),
-                size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim,
-                size_t{kernels::kAttentionSmemFloats}});
-  if (widest > smem_floats) {
-    return absl::InvalidArgumentError(absl::StrCat("cuda backend: a projection row of ", widest,
-                                                   " floats exceeds shared memory (", smem,
-                                                   " bytes)"));
+  // Shared memory per op: a projection keeps kProjectionChunkRows row scales (QKV also their
+  // heads' outputs) beside its core, which needs kProjectionMinSmemBytes (tensor cores) and
+  // one input row of floats (CUDA cores); attention its queries and warp states.
+  const size_t widest_row =
+      std::max({static_cast<size_t>(config.hidden_size), static_cast<size_t>(config.q_size()),
+                static_cast<size_t>(config.intermediate_size)});
+  const size_t core_bytes =
+      std::max(size_t{kernels::kProjectionMinSmemBytes}, widest_row * sizeof(float));
+  const size_t qkv_bytes = (size_t{kernels::kProjectionChunkRows} * b->tiles_.qkv_heads * hd +
+                            kernels::kProjectionScaleFloats) *
+                           sizeof(float);
+  const size_t needed =
+      std::max({qkv_bytes + core_bytes,
+                size_t{kernels::kMegakernelWarps} * kernels::kMaxHeadDim * sizeof(float),
+                size_t{kernels::kAttentionSmemFloats} * sizeof(float)});
+  if (needed > smem) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda backend: the ops need ", needed, " bytes of shared memory (qkv_heads ",
+                     b->tiles_.qkv_heads, " x head_dim ", hd, ", widest input row ", widest_row,
+                     " floats), the device gives ", smem));
   }
 
   auto st = std::make_unique<CudaState>();

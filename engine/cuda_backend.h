@@ -48,9 +48,10 @@ struct CudaBackendOptions {
   // and compare the barriers with the step's barrier_end after it.
   bool poison_workspace = false;
   bool check_barriers = false;
-  // Projections on tensor cores (TF32 mma.sync; bf16 weights exact, activations rounded to
-  // TF32) where the reduction width is a multiple of 32; else CUDA cores (fp32 FMA).
-  bool tensor_cores = false;
+  // Projections on bf16 tensor cores (mma.sync m16n8k16; each fp32 activation as a bf16
+  // hi + lo pair, fp32 accumulation) where the reduction width is a multiple of 8; else, or
+  // when false, CUDA cores (fp32 FMA).
+  bool tensor_cores = true;
   // kAttention as first written: one warp per (query row, q head) walks all its keys
   // (overrides attention_cuda_cores and the tensor-core default below).
   bool attention_warp_per_head = false;
@@ -63,8 +64,8 @@ struct CudaBackendOptions {
   bool profile = false;
 };
 
-// Tile shapes for the CUDA-core megakernel on a GPU with `sm_count` SMs and `smem_bytes` of
-// shared memory per CTA: narrow column tiles so that small batches still spread over SMs.
+// Tile shapes for the megakernel on a GPU with `sm_count` SMs and `smem_bytes` of shared
+// memory per CTA: wide column tiles, narrowed when a step has fewer tiles than SMs.
 TileConfig cuda_tile_config(int sm_count, size_t smem_bytes);
 
 // Device-to-device copy bandwidth of `device` in bytes per second, read + write counted:

@@ -10,6 +10,8 @@ using isa::Opcode;
 
 constexpr int64_t kF32 = 4;         // workspace element bytes (fp32 activations)
 constexpr double kWeightBytes = 2;  // cost model: bf16 weights and KV on the GPU
+// Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
+constexpr int kColumnGranule = 16;
 
 }  // namespace
 
@@ -46,6 +48,29 @@ void TileMaker::add_cache(Tile& t, int rank, int layer, int req, int key_begin, 
   }
 }
 
+int TileMaker::column_width(int count, int width, int granule, int row_tiles) const {
+  const int64_t sms = tiles_.num_sms;
+  const auto tiles_at = [&](int w) {
+    return static_cast<int64_t>(row_tiles) * ((count + w - 1) / w);
+  };
+  if (!tiles_.balance_columns || tiles_at(width) >= 2 * sms) return width;
+  // Candidates up to the width that makes one round of tiles (it may exceed `width`: a small
+  // step's tiles are short in rows, so wider ones stay cheap).
+  const int64_t one_round = (static_cast<int64_t>(count) * row_tiles + sms - 1) / sms;
+  const int widest =
+      static_cast<int>(std::max<int64_t>(width, (one_round + granule - 1) / granule * granule));
+  int best = width;
+  int64_t best_cols = (tiles_at(width) + sms - 1) / sms * width;  // rounds x width
+  for (int w = widest / granule * granule; w >= granule; w -= granule) {
+    const int64_t cols = (tiles_at(w) + sms - 1) / sms * w;
+    if (cols < best_cols || (cols == best_cols && w > best)) {
+      best = w;
+      best_cols = cols;
+    }
+  }
+  return best;
+}
+
 void TileMaker::embedding(const ModelShard& sh, int slot, std::vector<Tile>& out) const {
   const int T = meta_.num_tokens;
   const int64_t row_bytes = config_.hidden_size * kF32;
@@ -70,10 +95,12 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   const int hd = config_.head_dim;
   const int H = config_.hidden_size;
   const int fused = sh.fused_heads();
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles);
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
-    for (int h0 = 0; h0 < fused; h0 += tiles_.qkv_heads) {
-      const int h1 = std::min(fused, h0 + tiles_.qkv_heads);
+    for (int h0 = 0; h0 < fused; h0 += heads) {
+      const int h1 = std::min(fused, h0 + heads);
       const double rows = r1 - r0, cols = (h1 - h0) * hd;
       Tile& t = new_tile(out, Opcode::kQkvRope, layer, 2.0 * rows * cols * H,
                          cols * H * kWeightBytes + rows * (H + cols) * kF32);
@@ -250,10 +277,12 @@ void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slo
                              BufferId input, std::vector<Tile>& out) const {
   const int T = meta_.num_tokens;
   const int H = config_.hidden_size;
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int width = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
-    for (int c0 = 0; c0 < H; c0 += tiles_.hidden_cols) {
-      const int c1 = std::min(H, c0 + tiles_.hidden_cols);
+    for (int c0 = 0; c0 < H; c0 += width) {
+      const int c1 = std::min(H, c0 + width);
       const double rows = r1 - r0, cols = c1 - c0;
       Tile& t = new_tile(out, op, layer, 2.0 * rows * cols * in_cols,
                          cols * in_cols * kWeightBytes + rows * (in_cols + 2 * cols) * kF32);
@@ -289,10 +318,12 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
   const int T = meta_.num_tokens;
   const int H = config_.hidden_size;
   const int F = sh.ffn_cols();
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int width = column_width(F, tiles_.ffn_cols, kColumnGranule, row_tiles);
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
-    for (int c0 = 0; c0 < F; c0 += tiles_.ffn_cols) {
-      const int c1 = std::min(F, c0 + tiles_.ffn_cols);
+    for (int c0 = 0; c0 < F; c0 += width) {
+      const int c1 = std::min(F, c0 + width);
       const double rows = r1 - r0, cols = c1 - c0;
       Tile& t = new_tile(out, Opcode::kGateUpSilu, layer, 4.0 * rows * cols * H,
                          2.0 * cols * H * kWeightBytes + rows * (H + cols) * kF32);
@@ -340,10 +371,12 @@ void TileMaker::lm_head(const ModelShard& sh, std::vector<Tile>& out) const {
   const int S = meta_.num_samples();
   const int H = config_.hidden_size;
   const int V = sh.vocab_cols();
+  const int row_tiles = (S + tiles_.lm_head_samples - 1) / tiles_.lm_head_samples;
+  const int width = column_width(V, tiles_.vocab_cols, kColumnGranule, row_tiles);
   for (int s0 = 0; s0 < S; s0 += tiles_.lm_head_samples) {
     const int s1 = std::min(S, s0 + tiles_.lm_head_samples);
-    for (int c0 = 0; c0 < V; c0 += tiles_.vocab_cols) {
-      const int c1 = std::min(V, c0 + tiles_.vocab_cols);
+    for (int c0 = 0; c0 < V; c0 += width) {
+      const int c1 = std::min(V, c0 + width);
       const double rows = s1 - s0, cols = c1 - c0;
       Tile& t = new_tile(out, Opcode::kLmHead, -1, 2.0 * rows * cols * H,
                          cols * H * kWeightBytes + rows * (H + cols) * kF32);

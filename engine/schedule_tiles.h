@@ -47,6 +47,11 @@ class TileMaker {
   // [kv_begin, kv_end); one region per block.
   void add_cache(Tile& t, int rank, int layer, int req, int key_begin, int key_end, int kv_begin,
                  int kv_end, int kv_heads, bool write) const;
+  // Column tile width for `count` columns (or heads) cut `width` wide over `row_tiles` row
+  // tiles: `width`, or with TileConfig::balance_columns and a stage of fewer than two tiles
+  // per SM, the multiple of `granule` (up to one round of tiles over the SMs) that minimizes
+  // the columns of the busiest SM (rounds of tiles x width; ties to the wider).
+  int column_width(int count, int width, int granule, int row_tiles) const;
   void hidden_tiles(const ModelShard& sh, isa::Opcode op, int layer, int slot, int in_cols,
                     BufferId input, std::vector<Tile>& out) const;
 

@@ -24,6 +24,12 @@ struct TileConfig {
   int lm_head_samples = 64;  // sampling rows per LM-head tile
   int sample_rows = 8;       // sampling rows per kSample instruction
 
+  // GPU: a projection stage (QKV, O, gate/up, down, LM head) whose tiles would not keep
+  // every SM busy for two rounds gets the column width (multiples of 16 columns, whole heads
+  // for QKV; narrower or, up to one round of tiles, wider) that puts the fewest columns on
+  // the busiest SM. Column splits change no number, only how instructions share the weights.
+  bool balance_columns = false;
+
   // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
   // kv_split_tokens keys ([s * kv_split_tokens, (s + 1) * kv_split_tokens)), partials merged
   // by kAttentionMerge. Split boundaries depend only on positions, so a token's attention
@@ -105,6 +111,7 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   c.kv_split_tokens = 2048;
   c.attention_query_rows = 64;
   c.attention_batch_requests = 64;
+  c.balance_columns = true;
   c.flops_per_cycle = 1024.0;
   c.bytes_per_cycle = 13.0;
   c.overhead_cycles = 2000.0;

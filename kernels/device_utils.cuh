@@ -70,15 +70,21 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// 1 / sqrt(mean(x^2) + eps) of one row, by one warp (every lane gets it).
+__device__ __forceinline__ float warp_inv_rms(const float* x, int n, float eps) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+  for (int i = lane; i < n; i += 32) ss += x[i] * x[i];
+  ss = warp_sum(ss);
+  return 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+}
+
 // RMSNorm of one row by one warp: out[i] = x[i] * inv_rms(x) * weight[i] (weight bf16),
 // the same operation order as engine/cpu_ops.cc's rms_norm.
 __device__ __forceinline__ void warp_rms_norm(const float* x, const uint16_t* weight, int n,
                                               float eps, float* out) {
   const int lane = threadIdx.x & 31;
-  float ss = 0.0f;
-  for (int i = lane; i < n; i += 32) ss += x[i] * x[i];
-  ss = warp_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  const float inv = warp_inv_rms(x, n, eps);
   for (int i = lane; i < n; i += 32) out[i] = x[i] * inv * weight_at(weight, i);
 }
 

@@ -25,7 +25,14 @@ namespace megaserve::kernels {
 inline constexpr int kMegakernelThreads = 256;  // 8 warps per CTA
 inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
 inline constexpr int kMaxHeadDim = 256;   // attention keeps hd / 32 dims per lane
-inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a projection tile
+inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a CUDA-core projection
+// Projections (kernels/projection.cuh) take a tile's token rows in chunks of this many (row
+// scales, QKV heads in shared memory); the bf16 tensor-core core (kernels/tile_mma.cuh)
+// needs kProjectionMinSmemBytes of shared memory beside what the op keeps.
+inline constexpr int kProjectionChunkRows = 64;
+// Floats an op keeps for its row scales (kProjectionChunkRows) and their partial sums.
+inline constexpr int kProjectionScaleFloats = kProjectionChunkRows + kMegakernelWarps * 8;
+inline constexpr int kProjectionMinSmemBytes = 96 * 1024;
 // kAttention (op_attention.cuh) scores up to kAttentionMaxGroup q heads per pass over a row's
 // keys; its shared memory: their queries, then per warp, per head, (max, sum) and 32 row
 // slots x 8 dims of partial output.
@@ -80,7 +87,7 @@ struct DeviceSampling {
 
 // DeviceStepDesc::flags: per-step choices, so that one resident kernel (and one upload of
 // the weights) can run every variant.
-inline constexpr int32_t kStepTensorCores = 1;  // projections on tensor cores where K allows
+inline constexpr int32_t kStepTensorCores = 1;  // projections on bf16 tensor cores where K allows
 // kAttention with one warp per (query row, q head) walking all its keys (the first version),
 // instead of each row's keys spread over the CTA's warps. Kept to measure against.
 inline constexpr int32_t kStepAttentionWarpPerHead = 2;

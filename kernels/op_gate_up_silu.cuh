@@ -4,7 +4,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/op_context.cuh"
-#include "kernels/tile_matvec.cuh"
+#include "kernels/projection.cuh"
 
 namespace megaserve::kernels {
 
@@ -17,18 +17,16 @@ struct GateUpSiluOp {
     const DeviceStepDesc& st = ctx.step;
     const DeviceLayer& w = md.layers[inst.layer()];
     const int H = md.hidden, F = md.ffn;
-    const int warp = threadIdx.x >> 5;
-    float* xs = ctx.smem;  // (rows, H)
-    const int rpp = rows_per_pass(H, ctx.smem_floats);
-    for (int r0 = a.row_begin; r0 < a.row_end; r0 += rpp) {
-      const int n = min(rpp, a.row_end - r0);
-      for (int r = warp; r < n; r += kMegakernelWarps) {
-        warp_rms_norm(st.residual + static_cast<int64_t>(r0 + r) * H, w.ffn_norm, H,
-                      md.rms_norm_eps, xs + r * H);
-      }
-      __syncthreads();
-      project_rows<2>(
-          (st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, H, xs, n,
+    float* scale = ctx.smem;                          // (kProjectionScaleFloats)
+    float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
+    const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
+    for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
+      const int n = min(kProjectionChunkRows, a.row_end - r0);
+      const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
+      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
+      project<2>(
+          st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm},
+          reinterpret_cast<char*>(core), core_bytes, row,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
           },
@@ -36,7 +34,6 @@ struct GateUpSiluOp {
             const float g = v[0], u = v[1];
             st.act[static_cast<int64_t>(r0 + r) * F + a.col_begin + c] = g / (1.0f + expf(-g)) * u;
           });
-      __syncthreads();
     }
   }
 };

@@ -5,7 +5,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/op_context.cuh"
-#include "kernels/tile_matvec.cuh"
+#include "kernels/projection.cuh"
 
 namespace megaserve::kernels {
 
@@ -23,21 +23,15 @@ struct HiddenProjectionOp {
     const int K = o_proj ? md.q_heads * md.head_dim : md.ffn;
     const uint16_t* W = o_proj ? w.wo : w.w_down;        // [H, K]
     const float* input = o_proj ? st.attn_out : st.act;  // [T, K]
-    float* xs = ctx.smem;                                // (rows, K)
-    const int rpp = rows_per_pass(K, ctx.smem_floats);
-    for (int r0 = a.row_begin; r0 < a.row_end; r0 += rpp) {
-      const int n = min(rpp, a.row_end - r0);
-      for (int i = threadIdx.x; i < n * K; i += blockDim.x) {
-        xs[i] = input[static_cast<int64_t>(r0) * K + i];
-      }
-      __syncthreads();
-      project_rows<1>((st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, K, xs, n,
-                      [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
-                      [&](int c, int r, const float* v) {
-                        st.residual[static_cast<int64_t>(r0 + r) * H + a.col_begin + c] += v[0];
-                      });
-      __syncthreads();
-    }
+    project<1>(
+        st.flags,
+        ProjectionInput{a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr, nullptr},
+        reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4,
+        [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
+        [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
+        [&](int c, int r, const float* v) {
+          st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
+        });
   }
 };
 

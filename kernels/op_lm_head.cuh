@@ -5,7 +5,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/op_context.cuh"
-#include "kernels/tile_matvec.cuh"
+#include "kernels/projection.cuh"
 
 namespace megaserve::kernels {
 
@@ -17,23 +17,22 @@ struct LmHeadOp {
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
     const int H = md.hidden, V = md.vocab;
-    const int warp = threadIdx.x >> 5;
-    float* xs = ctx.smem;  // (rows, H)
-    const int rpp = rows_per_pass(H, ctx.smem_floats);
-    for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += rpp) {
-      const int n = min(rpp, a.sample_end - s0);
-      for (int r = warp; r < n; r += kMegakernelWarps) {
-        warp_rms_norm(st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H, md.final_norm,
-                      H, md.rms_norm_eps, xs + r * H);
-      }
-      __syncthreads();
-      project_rows<1>(
-          (st.flags & kStepTensorCores) != 0, a.col_end - a.col_begin, H, xs, n,
+    float* scale = ctx.smem;                          // (kProjectionScaleFloats)
+    float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
+    const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
+    for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionChunkRows) {
+      const int n = min(kProjectionChunkRows, a.sample_end - s0);
+      const auto row = [&](int r) {
+        return st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H;
+      };
+      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
+      project<1>(
+          st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
+          reinterpret_cast<char*>(core), core_bytes, row,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
           [&](int c, int r, const float* v) {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];
           });
-      __syncthreads();
     }
   }
 };

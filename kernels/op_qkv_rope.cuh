@@ -7,7 +7,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/op_context.cuh"
-#include "kernels/tile_matvec.cuh"
+#include "kernels/projection.cuh"
 
 namespace megaserve::kernels {
 
@@ -24,30 +24,30 @@ struct QkvRopeOp {
     const int nheads = a.head_end - a.head_begin;
     const int ncols = nheads * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* heads = ctx.smem;                        // (kMaxMatvecRows, ncols)
-    float* xs = ctx.smem + kMaxMatvecRows * ncols;  // (rows, H)
-    const int rpp = rows_per_pass(H, ctx.smem_floats - kMaxMatvecRows * ncols);
+    float* heads = ctx.smem;                              // (kProjectionChunkRows, ncols)
+    float* scale = heads + kProjectionChunkRows * ncols;  // (kProjectionScaleFloats)
+    float* core = scale + kProjectionScaleFloats;         // the projection's own
+    const int core_bytes =
+        (ctx.smem_floats - kProjectionChunkRows * ncols - kProjectionScaleFloats) * 4;
     // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind).
     const auto kind_of = [&](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };
     const auto head_of = [&](int fh, int kind) {
       return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
     };
-    for (int r0 = a.row_begin; r0 < a.row_end; r0 += rpp) {
-      const int n = min(rpp, a.row_end - r0);
-      for (int r = warp; r < n; r += kMegakernelWarps) {
-        warp_rms_norm(st.residual + static_cast<int64_t>(r0 + r) * H, w.attn_norm, H,
-                      md.rms_norm_eps, xs + r * H);
-      }
-      __syncthreads();
-      project_rows<1>((st.flags & kStepTensorCores) != 0, ncols, H, xs, n,
-                      [&](int, int c) {
-                        const int fh = a.head_begin + c / hd;
-                        const int kind = kind_of(fh);
-                        const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-                        return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
-                      },
-                      [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
-      __syncthreads();
+    for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
+      const int n = min(kProjectionChunkRows, a.row_end - r0);
+      const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
+      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
+      project<1>(
+          st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm}, reinterpret_cast<char*>(core),
+          core_bytes, [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },
+          [&](int, int c) {
+            const int fh = a.head_begin + c / hd;
+            const int kind = kind_of(fh);
+            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
+          },
+          [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       // One warp per (row, head): bias, q/k norm, RoPE, store.
       for (int item = warp; item < n * nheads; item += kMegakernelWarps) {
         const int r = item / nheads, j = item % nheads;

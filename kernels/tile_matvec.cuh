@@ -1,12 +1,7 @@
-// The projection core shared by kQkvRope, kOProj, kDownProj, kGateUpSilu and kLmHead: a tile
-// of up to kMaxMatvecRows token rows (fp32, in shared memory) times a range of weight rows
-// (bf16, [out, in] as stored), fp32 accumulation. One warp per output column; each weight
-// element is loaded once per pass and used for every row of the pass.
-//
-// Two implementations of the same contract: CUDA cores (any K), and tensor cores
-// (mma.sync m16n8k8 in TF32: bf16 weights are exact in TF32, activations are rounded to TF32,
-// fp32 accumulation), used when the step asks for it (kStepTensorCores) and K is a
-// multiple of 32.
+// The projection core on CUDA cores (fp32 FMA, any K): a pass of up to kMaxMatvecRows token
+// rows (fp32, in shared memory) times a range of weight rows (bf16, [out, in] as stored).
+// One warp per output column; each weight element is loaded once per pass and used for
+// every row of the pass. kernels/projection.cuh picks it or the tensor-core core.
 #pragma once
 
 #include <stdint.h>
@@ -88,90 +83,6 @@ __device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf 
       for (int m = 0; m < kMats; ++m) v[m] = warp_sum(acc[m][r]);
       if (lane == 0) emit(c, r, v);
     }
-  }
-}
-
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-
-// c += A (16x8, row) * B (8x8, col), TF32 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_tf32(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// tile_matvec on tensor cores: a warp computes 16 output columns (M) x 8 token rows (N) at
-// a time, K in chunks of 32. Lane (g = lane / 4, t = lane % 4) loads 8 consecutive weights of
-// columns g and g + 8 and 8 activations of token row g at k = chunk + 8t; within a chunk,
-// mma k-step j takes the pair (chunk + 8t + 2j, + 1) as logical k (t, t + 4), the same
-// permutation for A and B, so the sum over k is unchanged. Needs K % 32 == 0 and 16-byte
-// aligned weight rows.
-template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec_tensor_cores(int ncols, int K, const float* xs, int nrows, RowOf row_of,
-                                         Emit emit) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const float* xrow = xs + min(g, nrows - 1) * K;  // token row g (K); rows past nrows repeat
-                                                   // the last (their outputs are not emitted)
-  for (int c0 = warp * 16; c0 < ncols; c0 += kMegakernelWarps * 16) {
-    const uint16_t* wa[kMats];  // column c0 + g (clamped: extra columns are not emitted)
-    const uint16_t* wb[kMats];  // column c0 + g + 8
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) {
-      wa[m] = row_of(m, min(c0 + g, ncols - 1));
-      wb[m] = row_of(m, min(c0 + g + 8, ncols - 1));
-    }
-    float acc[kMats][4];
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
-#pragma unroll 2
-    for (int k0 = 0; k0 < K; k0 += 32) {
-      const int k = k0 + 8 * t;
-      const float4 x0 = *reinterpret_cast<const float4*>(xrow + k);
-      const float4 x1 = *reinterpret_cast<const float4*>(xrow + k + 4);
-      const uint32_t b[8] = {to_tf32(x0.x), to_tf32(x0.y), to_tf32(x0.z), to_tf32(x0.w),
-                             to_tf32(x1.x), to_tf32(x1.y), to_tf32(x1.z), to_tf32(x1.w)};
-#pragma unroll
-      for (int m = 0; m < kMats; ++m) {
-        const uint4 va = __ldg(reinterpret_cast<const uint4*>(wa[m] + k));
-        const uint4 vb = __ldg(reinterpret_cast<const uint4*>(wb[m] + k));
-        const uint32_t pa[4] = {va.x, va.y, va.z, va.w};
-        const uint32_t pb[4] = {vb.x, vb.y, vb.z, vb.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // bf16 pair j: element 2j low half, 2j + 1 high half
-          mma_tf32(acc[m], pa[j] << 16, pb[j] << 16, pa[j] & 0xffff0000u, pb[j] & 0xffff0000u,
-                   b[2 * j], b[2 * j + 1]);
-        }
-      }
-    }
-    // Accumulator i: column c0 + g (+ 8 for i >= 2), token row 2t (+ 1 for odd i).
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int c = c0 + g + (i >= 2 ? 8 : 0), r = 2 * t + (i & 1);
-      if (c >= ncols || r >= nrows) continue;
-      float v[kMats];
-#pragma unroll
-      for (int m = 0; m < kMats; ++m) v[m] = acc[m][i];
-      emit(c, r, v);
-    }
-  }
-}
-
-// The projection entry point: tensor cores when asked for and K allows, else CUDA cores.
-template <int kMats, typename RowOf, typename Emit>
-__device__ void project_rows(bool tensor_cores, int ncols, int K, const float* xs, int nrows,
-                             RowOf row_of, Emit emit) {
-  if (tensor_cores && K % 32 == 0 && (reinterpret_cast<uintptr_t>(row_of(0, 0)) & 15) == 0) {
-    tile_matvec_tensor_cores<kMats>(ncols, K, xs, nrows, row_of, emit);
-  } else {
-    tile_matvec<kMats>(ncols, K, xs, nrows, row_of, emit);
   }
 }
 

@@ -3,6 +3,8 @@
 // a removed dependency is named by the verifier; a planted order violation is caught by the
 // deadlock check; barrier totals carry over between steps; bad plans are rejected by name.
 #include <algorithm>
+#include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -345,6 +347,106 @@ TEST(ScheduleBuilderTest, MetadataIsTheCsrBlockTable) {
   EXPECT_EQ(m.positions[40], 100);
   EXPECT_EQ(m.positions[41], 20);
   EXPECT_EQ(m.num_splits, (std::vector<int32_t>{2, 4, 0, 0, 0, 0}));
+}
+
+}  // namespace
+}  // namespace megaserve::engine
+
+namespace megaserve::engine {
+namespace {
+
+// The column tiles of one opcode in layer 0 (LM head: its layer -1) of a step: how many, and
+// the distinct widths. Their widths must add up to `n` columns (QKV: heads) per row tile.
+struct ColumnTiles {
+  int count = 0;
+  std::set<int> widths;
+};
+
+ColumnTiles column_tiles(const Step& step, isa::Opcode op, int n, int row_tiles) {
+  ColumnTiles out;
+  int64_t covered = 0;
+  for (const isa::Instruction& inst : step.ranks[0].instructions) {
+    if (inst.opcode() != op || inst.layer() != (op == isa::Opcode::kLmHead ? -1 : 0)) continue;
+    int begin = 0, end = 0;
+    if (op == isa::Opcode::kQkvRope) {
+      const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+      begin = a.head_begin, end = a.head_end;
+    } else if (op == isa::Opcode::kGateUpSilu) {
+      const auto a = isa::args_of<isa::GateUpArgs>(inst);
+      begin = a.col_begin, end = a.col_end;
+    } else if (op == isa::Opcode::kLmHead) {
+      const auto a = isa::args_of<isa::LmHeadArgs>(inst);
+      begin = a.col_begin, end = a.col_end;
+    } else {
+      const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
+      begin = a.col_begin, end = a.col_end;
+    }
+    ++out.count;
+    out.widths.insert(end - begin);
+    covered += end - begin;
+  }
+  EXPECT_EQ(covered, static_cast<int64_t>(n) * row_tiles) << "opcode " << static_cast<int>(op);
+  return out;
+}
+
+// Llama-3.1-8B's shape at batch 1 on 132 SMs: with balance_columns, every projection stage
+// but QKV (whole heads) has about one tile per SM: O and down 4096 / 32 = 128 tiles, gate/up
+// 14336 / 112 = 128, LM head 128256 / 976 = 132 (the last 400 wide); without it (the CPU
+// tiles' default), the configured widths. 256 decode rows (4 row tiles) keep the configured
+// 128-column O tiles (4 x 32 = 128 tiles, one round already).
+TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
+  ModelConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_layers = 2;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  c.max_position_embeddings = 4096;
+  TileConfig tiles = gpu_tile_config(132);
+  tiles.token_rows = 64;
+  tiles.qkv_heads = 1;
+  tiles.hidden_cols = 128;
+  tiles.ffn_cols = 64;
+  tiles.vocab_cols = 1024;
+  tiles.lm_head_samples = 64;
+  const auto build = [&](const TileConfig& t, int batch) {
+    scheduler::StepPlan plan;
+    plan.kv_block_size = 16;
+    for (int i = 0; i < batch; ++i) plan.requests.push_back(request(i + 1, 20, 1, 2 * i, true));
+    ScheduleBuilder builder(c, t, 1);
+    absl::StatusOr<Step> step = builder.build(plan, 2 * batch + 2);
+    EXPECT_TRUE(step.ok()) << step.status();
+    return *std::move(step);
+  };
+  using isa::Opcode;
+  const Step balanced = build(tiles, 1);
+  EXPECT_EQ(column_tiles(balanced, Opcode::kQkvRope, 48, 1).count, 48);
+  for (Opcode op : {Opcode::kOProj, Opcode::kDownProj}) {
+    const ColumnTiles t = column_tiles(balanced, op, 4096, 1);
+    EXPECT_EQ(t.count, 128);
+    EXPECT_THAT(t.widths, ::testing::ElementsAre(32));
+  }
+  const ColumnTiles gate_up = column_tiles(balanced, Opcode::kGateUpSilu, 14336, 1);
+  EXPECT_EQ(gate_up.count, 128);
+  EXPECT_THAT(gate_up.widths, ::testing::ElementsAre(112));
+  const ColumnTiles lm = column_tiles(balanced, Opcode::kLmHead, 128256, 1);
+  EXPECT_EQ(lm.count, 132);
+  EXPECT_THAT(lm.widths, ::testing::ElementsAre(400, 976));
+
+  TileConfig fixed = tiles;
+  fixed.balance_columns = false;
+  const Step plain = build(fixed, 1);
+  EXPECT_EQ(column_tiles(plain, Opcode::kOProj, 4096, 1).count, 32);
+  EXPECT_EQ(column_tiles(plain, Opcode::kGateUpSilu, 14336, 1).count, 224);
+  EXPECT_EQ(column_tiles(plain, Opcode::kLmHead, 128256, 1).count, 126);
+  EXPECT_FALSE(cpu_tile_config(132).balance_columns);
+
+  const Step batch256 = build(tiles, 256);
+  const ColumnTiles o256 = column_tiles(batch256, Opcode::kOProj, 4096, 4);
+  EXPECT_EQ(o256.count, 4 * 32);
+  EXPECT_THAT(o256.widths, ::testing::ElementsAre(128));
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -81,7 +82,7 @@ double row_error(const std::vector<float>& got, const std::vector<float>& want) 
 class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
 
 struct KernelVariant {
-  bool tensor_cores = false;  // projections on (TF32) tensor cores
+  bool tensor_cores = false;  // projections on (bf16) tensor cores
   bool attention_warp_per_head = false;
   bool attention_cuda_cores = false;
   const char* name() const {
@@ -93,8 +94,9 @@ struct KernelVariant {
 constexpr KernelVariant kVariants[] = {
     {false, false, false}, {true, false, false}, {false, false, true}, {false, true, false}};
 
+// `tiles`: the GPU's tile shapes (default cuda_tile_config(132) with c.kv_split_tokens).
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
-                KernelVariant variant) {
+                KernelVariant variant, const std::optional<TileConfig>& tiles = std::nullopt) {
   const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
@@ -127,10 +129,10 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.attention_warp_per_head = variant.attention_warp_per_head;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
-  TileConfig tiles = cuda_tile_config(132, 0);
-  tiles.kv_split_tokens = c.kv_split_tokens;
-  if (c.attention_query_rows > 0) tiles.attention_query_rows = c.attention_query_rows;
-  gpu_opts.tiles = tiles;
+  TileConfig gpu_tiles = tiles.value_or(cuda_tile_config(132, 0));
+  gpu_tiles.kv_split_tokens = c.kv_split_tokens;
+  if (c.attention_query_rows > 0) gpu_tiles.attention_query_rows = c.attention_query_rows;
+  gpu_opts.tiles = gpu_tiles;
   auto gpu = CudaBackend::create(config, *weights, gpu_opts);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
 
@@ -272,6 +274,39 @@ INSTANTIATE_TEST_SUITE_P(
                       ModelCase{"gqa2_hd64_bs16_split70_rows64", ModelFamily::kLlama, 128, 4, 2, 64,
                                 64, 300, 1, 16, 70, false, 64}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
+
+// The projection cores on awkward shapes (kernels/projection.cuh), against the CPU: steps of
+// exactly 129, 17, 3 and 1 token rows (the tensor-core core's decode blocks for <= 16 rows,
+// its prefill blocks and several row passes beyond); reduction widths that are not a
+// multiple of the 64..512-wide chunks nor of 16 (hidden 200, ffn 328: the last k16
+// step half zero-filled); whole-stage column tiles wider than one pass (ffn 328 as gate/up:
+// passes of 128 + 128 + 72 columns; vocab 1001: 256 x 3 + 233) and, with the default
+// balanced tiles, narrow ones with column tails; and a model whose reduction widths are not
+// multiples of 8 (hidden 196, ffn 100), which the CUDA-core core takes beside the tensor-core
+// one (O: K = 256).
+TEST(CudaProjections, AwkwardShapesAgainstCpu) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase aligned{
+      "proj_k200_ffn328", ModelFamily::kQwen2, 200, 5, 1, 64, 328, 1001, 2, 16, 1024};
+  const ModelCase unaligned{
+      "proj_k196_ffn100", ModelFamily::kLlama, 196, 4, 2, 64, 100, 333, 1, 16, 1024};
+  TileConfig wide = cuda_tile_config(132, 0);
+  wide.balance_columns = false;
+  wide.token_rows = 256;
+  wide.hidden_cols = 256;
+  wide.ffn_cols = 328;
+  wide.vocab_cols = 1001;
+  wide.qkv_heads = 3;  // 7 fused heads: tiles of 3, 3 and 1
+  wide.lm_head_samples = 256;
+  for (const ModelCase& c : {aligned, unaligned}) {
+    std::vector<ForcedRequest> reqs(1);
+    reqs[0] = {random_tokens(160, c.vocab, 21), {129, 17, 3, 1, 1}, 0};
+    for (const KernelVariant& v : {kVariants[0], kVariants[1]}) {
+      run_forced(c, reqs, 6, v, wide);
+      run_forced(c, reqs, 6, v);
+    }
+  }
+}
 
 TEST(CudaBackendErrors, RejectsWhatItCannotRun) {
   ModelConfig config = testing::tiny_model_config(ModelFamily::kLlama);

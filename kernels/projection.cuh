@@ -1,0 +1,103 @@
+// The projection entry point of kQkvRope, kOProj, kDownProj, kGateUpSilu and kLmHead: token
+// rows x weight rows, on bf16 tensor cores (kernels/tile_mma.cuh) when the step asks for them
+// (kStepTensorCores) and the shape allows (K % 8 == 0, 16-byte-aligned rows), else on CUDA
+// cores (kernels/tile_matvec.cuh, fp32 activations staged kMaxMatvecRows rows at a time).
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/device_utils.cuh"
+#include "kernels/tile_matvec.cuh"
+#include "kernels/tile_mma.cuh"
+
+namespace megaserve::kernels {
+
+// Token rows up to this many take the decode-shaped warp blocks (32 weight rows x 16 token
+// rows); more take 32 x 32.
+inline constexpr int kMmaDecodeRows = 16;
+
+// scale[r] = 1 / rms(row(r)[0, H)) for r < n (n <= kProjectionChunkRows), by the whole CTA;
+// `scales` holds kProjectionScaleFloats floats of shared memory (the scales, then partial
+// sums). Up to 8 rows (decode) spread each row over every thread (one memory round trip per
+// row rather than H / 32 dependent ones per warp); more take a warp per row. Ends with
+// __syncthreads.
+template <typename Row>
+__device__ void row_inv_rms(int n, int H, float eps, Row row, float* scales) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* partial = scales + kProjectionChunkRows;  // (8 rows, kMegakernelWarps)
+  if (n <= 8 && H % 4 == 0 && (reinterpret_cast<uintptr_t>(row(0)) & 15) == 0) {
+    for (int r = 0; r < n; ++r) {
+      const float4* x = reinterpret_cast<const float4*>(row(r));  // (H / 4)
+      float ss = 0.0f;
+      for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
+        const float4 v = x[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) partial[r * kMegakernelWarps + warp] = ss;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < n) {
+      float ss = 0.0f;
+      for (int w = 0; w < kMegakernelWarps; ++w) ss += partial[threadIdx.x * kMegakernelWarps + w];
+      scales[threadIdx.x] = 1.0f / sqrtf(ss / static_cast<float>(H) + eps);
+    }
+  } else {
+    for (int r = warp; r < n; r += kMegakernelWarps) {
+      const float inv = warp_inv_rms(row(r), H, eps);
+      if (lane == 0) scales[r] = inv;
+    }
+  }
+  __syncthreads();
+}
+
+template <int kMats, typename SrcRow, typename RowOf>
+__device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf row_of) {
+  const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
+  if (in.K % 8 != 0 || misaligned(src_row(0))) return false;
+  for (int m = 0; m < kMats; ++m) {
+    if (misaligned(row_of(m, 0)) || misaligned(row_of(m, in.ncols - 1))) return false;
+  }
+  return true;
+}
+
+// emit(c, r, v[kMats]) once per column c < in.ncols and token row r < in.nrows, v[m] the dot
+// product of weight row row_of(m, c) with x[r] (ProjectionInput). `smem` (16-byte aligned,
+// `smem_bytes`, at least kProjectionMinSmemBytes and K floats) belongs to the projection;
+// the caller synchronizes before (row_scale written); the projection ends with
+// __syncthreads.
+template <int kMats, typename SrcRow, typename RowOf, typename Emit>
+__device__ void project(int32_t step_flags, const ProjectionInput& in, char* smem, int smem_bytes,
+                        SrcRow src_row, RowOf row_of, Emit emit) {
+  if (in.nrows <= 0) return;
+  if ((step_flags & kStepTensorCores) != 0 && mma_can_take<kMats>(in, src_row, row_of)) {
+    if (in.nrows <= kMmaDecodeRows) {
+      tile_mma<kMats, 2, 2>(in, smem, smem_bytes, src_row, row_of, emit);
+    } else {
+      tile_mma<kMats, 2, 4>(in, smem, smem_bytes, src_row, row_of, emit);
+    }
+    return;
+  }
+  const int K = in.K;
+  float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
+  const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
+  for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
+    const int n = min(rpp, in.nrows - r0);
+    for (int r = 0; r < n; ++r) {
+      const float* x = src_row(r0 + r);
+      const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = x[k];
+        if (in.row_scale != nullptr) v *= s;  // (x * inv_rms) * weight, as the CPU
+        if (in.norm != nullptr) v *= weight_at(in.norm, k);
+        xs[r * K + k] = v;
+      }
+    }
+    __syncthreads();
+    tile_matvec<kMats>(in.ncols, K, xs, n, row_of,
+                       [&](int c, int r, const float* v) { emit(c, r0 + r, v); });
+    __syncthreads();
+  }
+}
+
+}  // namespace megaserve::kernels
