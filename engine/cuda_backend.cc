@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/bf16.h"
+#include "engine/cuda_sampling.h"
 #include "engine/cuda_state.h"
 #include "engine/sampling.h"
 #include "kernels/device_probe.h"
@@ -15,7 +16,6 @@
 namespace megaserve::engine {
 
 using kernels::DeviceModel;
-using kernels::DeviceSampling;
 using kernels::DeviceStepDesc;
 
 namespace {
@@ -40,17 +40,6 @@ std::vector<uint16_t> to_bf16(const Tensor& t) {
     }
   }
   return out;
-}
-
-// A sampling row the device op can sample: anything needing the full host sampler
-// (penalties, banned ids, filters, top logprobs) goes to the host.
-bool device_samples(const RequestSampling& r) {
-  const scheduler::SamplingParams& p = r.params;
-  const bool filters = p.top_k > 0 || p.top_p < 1.0f || p.min_p > 0.0f;
-  const bool penalties =
-      p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
-  const bool greedy = !(p.temperature > 0.0f);
-  return r.banned_token_ids.empty() && !penalties && p.logprobs == 0 && (greedy || !filters);
 }
 
 }  // namespace
@@ -363,6 +352,7 @@ absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::Step
       }
     }
   }
+  if (absl::Status s = check_device_sampling(plan); !s.ok()) return s;
   absl::StatusOr<Step> step = builder_->build(plan, num_kv_blocks_);
   if (!step.ok()) return step.status();
   for (int32_t t = 0; t < step->meta.num_tokens; ++t) {
@@ -388,12 +378,7 @@ absl::Status CudaBackend::run_step(const Step& step,
   const RankSchedule& rs = step.ranks[0];
   const int S = m.num_samples();
   const int V = config_.vocab_size;
-  std::vector<DeviceSampling> sampling(S);
-  for (int s = 0; s < S; ++s) {
-    const RequestSampling& r = m.requests[m.sample_request[s]];
-    sampling[s] = {r.params.temperature, device_samples(r) ? 1 : 0, r.seed,
-                   static_cast<int64_t>(r.output_token_index)};
-  }
+  const SamplingUpload sampling = pack_sampling(m, V);
   const WorkspaceShape shape{
       config_.hidden_size, config_.q_size(), config_.head_dim, config_.intermediate_size, V,
       options_.profile};
@@ -425,16 +410,24 @@ absl::Status CudaBackend::run_step(const Step& step,
     }
   }
 
-  // Read back the samples, and the logits of the rows the host samples.
-  std::vector<int32_t> ids(S);
-  std::vector<float> logprobs(S);
+  // Read back the samples (and the top logprobs when a row asked for them).
+  constexpr int kTop = kernels::kMaxTopLogprobs;
+  std::vector<int32_t> ids(S), top_ids(sampling.any_logprobs ? S * kTop : 0);
+  std::vector<float> logprobs(S), top_logprobs(top_ids.size());
   if (S > 0) {
-    MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(ids.data(), d.sampled_ids, S * sizeof(int32_t),
-                                          cudaMemcpyDeviceToHost, st.copy),
+    const auto read = [&](void* dst, const void* src, size_t bytes) {
+      return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st.copy);
+    };
+    MEGASERVE_CUDA_RETURN(read(ids.data(), d.sampled_ids, S * sizeof(int32_t)), "reading samples");
+    MEGASERVE_CUDA_RETURN(read(logprobs.data(), d.sampled_logprobs, S * sizeof(float)),
                           "reading samples");
-    MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(logprobs.data(), d.sampled_logprobs, S * sizeof(float),
-                                          cudaMemcpyDeviceToHost, st.copy),
-                          "reading samples");
+    if (sampling.any_logprobs) {
+      MEGASERVE_CUDA_RETURN(read(top_ids.data(), d.top_ids, top_ids.size() * sizeof(int32_t)),
+                            "reading top logprobs");
+      MEGASERVE_CUDA_RETURN(
+          read(top_logprobs.data(), d.top_logprobs, top_logprobs.size() * sizeof(float)),
+          "reading top logprobs");
+    }
     MEGASERVE_CUDA_RETURN(cudaStreamSynchronize(st.copy), "reading samples");
   }
   if (options_.check_barriers) {
@@ -455,10 +448,13 @@ absl::Status CudaBackend::run_step(const Step& step,
   for (int s = 0; s < S; ++s) {
     const RequestSampling& r = m.requests[m.sample_request[s]];
     scheduler::SampledToken& tok = (*sampled)[s];
-    if (sampling[s].on_device) {
-      tok.token_id = ids[s];
-      tok.logprob = logprobs[s];
-    } else {
+    if (!options_.host_sampling) {
+      const size_t top = sampling.any_logprobs ? static_cast<size_t>(s) * kTop : 0;
+      const size_t n = sampling.any_logprobs ? kTop : 0;
+      tok = unpack_sample(sampling.rows[s], V, ids[s], logprobs[s],
+                          std::span(top_ids).subspan(top, n),
+                          std::span(top_logprobs).subspan(top, n));
+    } else {  // test option: the host samples the device's logits
       row.resize(V);
       MEGASERVE_CUDA_RETURN(cudaMemcpy(row.data(), d.logits + static_cast<int64_t>(s) * V,
                                        V * sizeof(float), cudaMemcpyDeviceToHost),

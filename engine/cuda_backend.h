@@ -59,6 +59,9 @@ struct CudaBackendOptions {
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
   // always run on CUDA cores).
   bool attention_cuda_cores = false;
+  // Tests: sample every row on the host (engine::sample_token) from the device's logits read
+  // back, instead of the device's sample op; to compare the two on the same logits.
+  bool host_sampling = false;
   // Benchmarks: record per-instruction timestamps and SMs on the device
   // (CudaBackend::last_timings, engine/cuda_trace.h).
   bool profile = false;
@@ -108,6 +111,7 @@ class CudaBackend : public Backend {
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
   void set_attention_warp_per_head(bool on) { options_.attention_warp_per_head = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
+  void set_host_sampling(bool on) { options_.host_sampling = on; }
 
  private:
   CudaBackend();

@@ -130,8 +130,8 @@ absl::Status CudaState::ensure_workspace(size_t bytes) {
 }
 
 absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const WorkspaceShape& ws,
-                                                      const std::vector<DeviceSampling>& sampling,
-                                                      int32_t flags, bool poison) {
+                                                      const SamplingUpload& sampling, int32_t flags,
+                                                      bool poison) {
   MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
@@ -152,6 +152,9 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   const size_t o_act = region(sizeof(float) * T * ws.ffn);
   const size_t o_logits = region(sizeof(float) * S * ws.vocab);
   const size_t o_ids = region(sizeof(int32_t) * S), o_lp = region(sizeof(float) * S);
+  const size_t o_scratch = region(sizeof(float) * sampling.scratch_rows * ws.vocab);
+  const size_t o_top_ids = region(sizeof(int32_t) * S * kernels::kMaxTopLogprobs);
+  const size_t o_top_lps = region(sizeof(float) * S * kernels::kMaxTopLogprobs);
   const size_t o_prof =
       region(ws.profile ? kernels::kProfileWords * sizeof(uint64_t) * rs.instructions.size() : 0);
   if (absl::Status s = ensure_workspace(ws_bytes); !s.ok()) return s;
@@ -175,7 +178,8 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
       ints(m.block_indices),
       ints(m.split_row_begin),
       ints(m.sample_rows),
-      {sampling.data(), sampling.size() * sizeof(DeviceSampling)}};
+      {sampling.rows.data(), sampling.rows.size() * sizeof(DeviceSampling)},
+      ints(sampling.ids)};
   constexpr int kNumArrays = sizeof(arrays) / sizeof(arrays[0]);
   size_t offsets[kNumArrays];
   size_t bytes = align_up(sizeof(DeviceStepDesc));
@@ -205,6 +209,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
                                   &d.block_indices, &d.split_row_begin, &d.sample_rows};
   for (int i = 0; i < 9; ++i) *int_fields[i] = reinterpret_cast<const int32_t*>(dptr(i + 1));
   d.sampling = reinterpret_cast<const DeviceSampling*>(dptr(10));
+  d.sampling_ids = reinterpret_cast<const int32_t*>(dptr(11));
   const auto wsf = [&](size_t o) { return reinterpret_cast<float*>(workspace + o); };
   d.residual = wsf(o_res);
   d.q = wsf(o_q);
@@ -215,6 +220,9 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   d.logits = wsf(o_logits);
   d.sampled_ids = reinterpret_cast<int32_t*>(workspace + o_ids);
   d.sampled_logprobs = wsf(o_lp);
+  d.sampling_scratch = wsf(o_scratch);
+  d.top_ids = reinterpret_cast<int32_t*>(workspace + o_top_ids);
+  d.top_logprobs = wsf(o_top_lps);
   d.profile = ws.profile ? reinterpret_cast<uint64_t*>(workspace + o_prof) : nullptr;
   std::memcpy(sl.staging, &d, sizeof d);
   // Only copies on the copy stream while a persistent kernel is resident [STEP_RING]: a

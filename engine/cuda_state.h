@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "engine/cuda_sampling.h"
 #include "engine/schedule_step.h"
 #include "kernels/megakernel.h"
 
@@ -83,12 +84,12 @@ struct CudaState {
   }
 
   // Carves the workspace for `step`, packs its queues and metadata into the next slot with
-  // `sampling` (one per sampling row) and the step's kernels::kStep* `flags`, and uploads
+  // `sampling` (its rows and their ids) and the step's kernels::kStep* `flags`, and uploads
   // them (poisoning the workspace with NaN first when asked), waiting at most
   // kUploadTimeout. Returns the descriptor the kernel will read.
-  absl::StatusOr<kernels::DeviceStepDesc> upload_step(
-      const Step& step, const WorkspaceShape& shape,
-      const std::vector<kernels::DeviceSampling>& sampling, int32_t flags, bool poison);
+  absl::StatusOr<kernels::DeviceStepDesc> upload_step(const Step& step, const WorkspaceShape& shape,
+                                                      const SamplingUpload& sampling, int32_t flags,
+                                                      bool poison);
 
   // Runs the uploaded step (the next sequence number) persistently or with one launch and
   // waits for it; past `watchdog` the kernel is aborted and DeadlineExceeded returned.

@@ -76,14 +76,30 @@ struct DeviceModel {
   int64_t cache_layer_elements;
 };
 
-// How the sample op treats one sampling row. Rows with penalties, banned ids, top-k/p,
-// min-p or top logprobs are sampled by the host from the logits (on_device = 0).
+// One sampling row's parameters for the sample op (engine/sampling.h, packed by
+// engine/cuda_sampling.cc). Its context lives in DeviceStepDesc::sampling_ids, in three
+// consecutive ranges: [repeat_begin, count_begin) the distinct prompt and output ids of the
+// repetition penalty; [count_begin, banned_begin) (output id, count) pairs, two words each,
+// for the frequency and presence penalties; [banned_begin, banned_end) the banned ids. Every
+// id is inside the vocabulary.
 struct DeviceSampling {
   float temperature;  // <= 0 (or NaN): greedy
-  int32_t on_device;
+  float top_p;        // 1: off
+  float min_p;        // 0: off
+  int32_t top_k;      // 0: off
+  float repetition_penalty, frequency_penalty, presence_penalty;
+  int32_t logprobs;  // top-N alternatives reported, at most kMaxTopLogprobs
+  int32_t repeat_begin, count_begin, banned_begin, banned_end;
+  // Row of DeviceStepDesc::sampling_scratch that holds the penalized logits, or -1 when the
+  // row has no penalties and no banned ids (the op then reads the logits themselves).
+  int32_t scratch_row;
+  int32_t pad;
   uint64_t seed;
   int64_t token_index;
 };
+
+// The most top logprobs the device reports per row (the server's kMaxLogprobs).
+inline constexpr int kMaxTopLogprobs = 20;
 
 // DeviceStepDesc::flags: per-step choices, so that one resident kernel (and one upload of
 // the weights) can run every variant.
@@ -116,6 +132,7 @@ struct DeviceStepDesc {
   const int32_t* split_row_begin;  // [num_requests]
   const int32_t* sample_rows;      // [num_samples]
   const DeviceSampling* sampling;  // [num_samples]
+  const int32_t* sampling_ids;     // the rows' id ranges (DeviceSampling)
   float* residual;                 // [num_tokens, hidden]
   float* q;                        // [num_tokens, q_heads * hd]
   float* attn_out;                 // [num_tokens, q_heads * hd]
@@ -125,6 +142,9 @@ struct DeviceStepDesc {
   float* logits;                   // [num_samples, vocab]
   int32_t* sampled_ids;            // [num_samples]
   float* sampled_logprobs;         // [num_samples]
+  float* sampling_scratch;         // [rows with scratch_row >= 0, vocab] penalized logits
+  int32_t* top_ids;                // [num_samples, kMaxTopLogprobs], first `logprobs` of a row
+  float* top_logprobs;             // [num_samples, kMaxTopLogprobs]
   // Profiling (null unless asked for): kProfileWords per instruction.
   uint64_t* profile;  // [num_instructions, kProfileWords]
 };

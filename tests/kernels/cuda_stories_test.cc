@@ -1,12 +1,14 @@
 // stories260K on the GPU: greedy from BOS against the llama2.c oracle (bf16 weights and KV
 // cache, so a long exact prefix rather than all 200 ids), teacher-forced argmax agreement,
 // the device sample op against the host sampler on the same logits (greedy exactly, seeded
-// Gumbel draws exactly, logprobs), and thousands of back-to-back persistent steps giving the
-// same tokens as one launch per step.
+// Gumbel draws exactly, filters, penalties, logprobs), seeded generation with every filter
+// sampled on the device and on the host, and thousands of back-to-back persistent steps
+// giving the same tokens as one launch per step.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
+#include <string>
 #include <vector>
 
 #include "engine/cuda_backend.h"
@@ -15,6 +17,7 @@
 #include "engine/weights.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
+#include "tests/kernels/sampling_check.h"
 #include "tests/support/assets.h"
 
 namespace megaserve::engine {
@@ -159,14 +162,16 @@ TEST(CudaStories, TeacherForcedArgmaxAgreement) {
 }
 
 // 48 requests in one step, each a prefill of a different prompt, sampled greedily, with
-// seeded temperatures, or with host-side filters; the device's choices must be exactly the
-// host sampler's on the very logits the device produced.
+// seeded temperatures, or with filters, a penalty and top logprobs; the device's choices
+// must be the host sampler's on the very logits the device produced
+// (tests/kernels/sampling_check.h).
 TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
   MEGASERVE_REQUIRE_ASSET(kModel);
   MEGASERVE_REQUIRE_GPU();
   const Stories s = load_stories();
   auto b = make_backend(s, true);
   ASSERT_NE(b, nullptr);
+  testing::SampleCheckStats stats;
   for (int round = 0; round < 4; ++round) {
     scheduler::StepPlan plan;
     plan.step_id = round;
@@ -192,7 +197,7 @@ TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
         case 2:
           r.sampling.temperature = 1.5f;
           break;
-        case 3:  // host path: filters, penalty and top logprobs
+        case 3:  // filters, penalty and top logprobs
           r.sampling.temperature = 0.9f;
           r.sampling.top_k = 20;
           r.sampling.top_p = 0.9f;
@@ -212,13 +217,115 @@ TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
       sc.prompt_token_ids = prompts[i];
       sc.seed = plan.requests[i].seed;
       sc.token_index = round;
-      const scheduler::SampledToken want = sample_token(*logits, plan.requests[i].sampling, sc);
-      EXPECT_EQ(out->sampled[i].token_id, want.token_id) << "round " << round << " request " << i;
-      EXPECT_NEAR(out->sampled[i].logprob, want.logprob, 1e-4) << "request " << i;
-      EXPECT_EQ(out->sampled[i].top_logprobs.size(), want.top_logprobs.size());
+      testing::expect_matches_host(
+          out->sampled[i], *logits, plan.requests[i].sampling, sc,
+          "round " + std::to_string(round) + " request " + std::to_string(i), &stats);
       EXPECT_EQ(out->sampled[i].request_id, plan.requests[i].request_id);
     }
   }
+  EXPECT_EQ(stats.ambiguous, 0);
+}
+
+// Seeded generation with every filter, penalty and banned ids (min_tokens) through the step
+// loop, tokens fed back on the device: the device's sampling and the host sampling the same
+// device logits (CudaBackendOptions::host_sampling) give the same tokens and logprobs.
+struct GeneratedToken {
+  int32_t id;
+  float logprob;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
+std::vector<std::vector<GeneratedToken>> generate_with_filters(CudaBackend& b, int tokens) {
+  std::vector<scheduler::SamplingParams> params(8);
+  params[0].temperature = 0.8f, params[0].top_k = 40;
+  params[1].top_p = 0.9f;
+  params[2].temperature = 0.7f, params[2].min_p = 0.1f;
+  params[3].repetition_penalty = 1.3f, params[3].logprobs = 5;
+  params[4].temperature = 0.9f, params[4].frequency_penalty = 0.5f;
+  params[4].presence_penalty = 0.3f;
+  params[5] = {.temperature = 1.2f,
+               .top_k = 100,
+               .top_p = 0.95f,
+               .min_p = 0.02f,
+               .repetition_penalty = 1.1f,
+               .frequency_penalty = 0.2f,
+               .presence_penalty = 0.2f};
+  params[5].logprobs = 20;
+  params[6].temperature = 0.0f, params[6].repetition_penalty = 1.5f, params[6].logprobs = 3;
+  params[7].temperature = 1e-3f, params[7].top_p = 0.5f;
+  const int n = static_cast<int>(params.size());
+  std::vector<std::vector<int32_t>> prompts(n), outputs(n);
+  std::vector<std::vector<GeneratedToken>> result(n);
+  for (int i = 0; i < n; ++i) prompts[i] = {1, static_cast<int32_t>(40 + 7 * i), 300};
+  for (int k = 0; k < tokens; ++k) {
+    scheduler::StepPlan plan;
+    plan.step_id = k;
+    plan.kv_block_size = 16;
+    for (int i = 0; i < n; ++i) {
+      scheduler::StepRequest r;
+      r.request_id = i + 1;
+      if (k == 0) {
+        r.token_ids = prompts[i];
+      } else {
+        r.token_ids = {scheduler::kTokenFromPreviousStep};
+        r.first_position = static_cast<int32_t>(prompts[i].size()) + k - 1;
+      }
+      r.block_table = {4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3};
+      r.sample = true;
+      r.sampling = params[i];
+      r.prompt_token_ids = prompts[i];
+      r.output_token_ids = outputs[i];
+      r.seed = 500 + i;
+      r.output_token_index = k;
+      if (i == 5 && k < 10) r.banned_token_ids = {2, 13, 2};  // EOS and a stop id, min_tokens
+      plan.requests.push_back(std::move(r));
+    }
+    auto out = b.execute(plan);
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (!out.ok()) return result;
+    for (int i = 0; i < n; ++i) {
+      const scheduler::SampledToken& t = out->sampled[i];
+      outputs[i].push_back(t.token_id);
+      result[i].push_back({t.token_id, t.logprob, t.top_logprobs});
+    }
+  }
+  return result;
+}
+
+TEST(CudaStories, DeviceSamplingMatchesHostSamplingEndToEnd) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  MEGASERVE_REQUIRE_GPU();
+  const Stories s = load_stories();
+  auto b = make_backend(s, true);
+  ASSERT_NE(b, nullptr);
+  constexpr int kTokens = 56;  // with the 3-token prompt, within 4 blocks of 16
+  const auto device = generate_with_filters(*b, kTokens);
+  b->set_host_sampling(true);
+  const auto host = generate_with_filters(*b, kTokens);
+  ASSERT_EQ(device.size(), host.size());
+  int tops = 0;
+  for (size_t i = 0; i < host.size(); ++i) {
+    ASSERT_EQ(device[i].size(), host[i].size());
+    for (size_t k = 0; k < host[i].size(); ++k) {
+      const GeneratedToken& d = device[i][k];
+      const GeneratedToken& h = host[i][k];
+      ASSERT_EQ(d.id, h.id) << "request " << i << " token " << k;
+      EXPECT_TRUE(testing::logprob_close(d.logprob, h.logprob)) << i << " " << k;
+      ASSERT_EQ(d.top.size(), h.top.size()) << i << " " << k;
+      for (size_t j = 0; j < h.top.size(); ++j) {
+        EXPECT_EQ(d.top[j].first, h.top[j].first) << i << " " << k << " " << j;
+        EXPECT_TRUE(testing::logprob_close(d.top[j].second, h.top[j].second));
+        ++tops;
+      }
+      if (i == 5 && k < 10) {
+        EXPECT_TRUE(d.id != 2 && d.id != 13) << k;
+      }
+    }
+  }
+  std::printf(
+      "[ stories260K ] device vs host sampling: %zu requests x %d tokens equal, %d top "
+      "logprobs\n",
+      host.size(), kTokens, tops);
 }
 
 // Runs `waves` waves of 4 concurrent seeded requests, each generating up to `tokens` tokens
