@@ -10,15 +10,14 @@
 //   pruning bound;
 //   the chosen token's logprob and the top-N (best first, lower id on ties) from the log-
 //   softmax of the cleaned raw logits.
-// Float arithmetic of the penalties uses explicitly rounded intrinsics, so that no multiply
-// and add is contracted into an FMA the host does not do. Writes sampled_ids[s],
-// sampled_logprobs[s], and top_ids / top_logprobs[s, 0 .. logprobs).
+// The penalties' float arithmetic and the draw's s and key use explicitly rounded
+// intrinsics, so that no multiply and add is contracted into an FMA the host does not do. Writes
+// sampled_ids[s], sampled_logprobs[s], and top_ids / top_logprobs[s, 0 .. logprobs).
 #pragma once
 
 #include <float.h>
 
 #include "engine/counter_rng.h"
-#include "kernels/device_utils.cuh"
 #include "kernels/op_context.cuh"
 #include "kernels/op_sample_select.cuh"
 
@@ -97,7 +96,7 @@ struct SampleOp {
       };
       // Probability mass (unnormalized, <= 1 per token) in 2^-46 fixed point: exact sums.
       const auto mass = [&](int i) {
-        const double s = (static_cast<double>(sample::clean(row[i])) - max_logit) * inv_t;
+        const double s = __dmul_rn(static_cast<double>(sample::clean(row[i])) - max_logit, inv_t);
         return __double2ull_rn(exp(s) * 0x1p46);
       };
       const float cut = sample::key_value(sample::select_threshold<false>(
@@ -118,12 +117,13 @@ struct SampleOp {
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
       const float x = sample::clean(row[i]);
       if (x == -INFINITY) continue;
-      const double s = (static_cast<double>(x) - max_logit) * inv_t;
+      const double s = __dmul_rn(static_cast<double>(x) - max_logit, inv_t);
       const uint64_t bits = engine::rng::bits_for(stream, i);
       const int leading_zeros = __clzll(static_cast<long long>((~bits) >> 12));
       if (s - (11 - leading_zeros) * kLn2 + kLn2 < best_key) continue;
       if (x < floor || exp(s) < min_ratio) continue;  // steps 6-8
-      const double key = s + engine::rng::gumbel_from_uniform(engine::rng::uniform_from_bits(bits));
+      const double key =
+          __dadd_rn(s, engine::rng::gumbel_from_uniform(engine::rng::uniform_from_bits(bits)));
       if (key > best_key || (key == best_key && i < best_id)) best_key = key, best_id = i;
     }
     sample::block_argmax(best_key, best_id, sm.dred, sm.ired);

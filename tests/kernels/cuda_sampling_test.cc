@@ -8,18 +8,21 @@
 // model whose lm_head has heavy-tailed row gains (peaked rows) and exact duplicate rows
 // (tied logits at every cut). Comparison rules: tests/kernels/sampling_check.h.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda_backend.h"
+#include "engine/cuda_trace.h"
+#include "engine/isa.h"
 #include "engine/model_config.h"
 #include "engine/sampling.h"
 #include "engine/weights.h"
@@ -187,12 +190,31 @@ Case make_case(int k, std::mt19937& rng, const std::vector<int32_t>& best, int v
   return c;
 }
 
+// The sample op's device time in the last step (profile on): the mean and the largest
+// kSample instruction (one row each), in microseconds.
+std::pair<double, double> sample_op_us(const CudaBackend& b) {
+  const std::vector<isa::Instruction>& insts = b.last_step().ranks[0].instructions;
+  double sum = 0, worst = 0;
+  int n = 0;
+  for (size_t i = 0; i < insts.size() && i < b.last_timings().size(); ++i) {
+    if (insts[i].opcode() != isa::Opcode::kSample) continue;
+    const InstructionTiming& t = b.last_timings()[i];
+    const double us = static_cast<double>(t.end_ns - t.start_ns) * 1e-3;
+    sum += us;
+    worst = std::max(worst, us);
+    ++n;
+  }
+  return {n > 0 ? sum / n : 0.0, worst};
+}
+
 struct VocabCase {
   const char* name;
   int vocab;
   bool special;
   int cases;
 };
+
+void PrintTo(const VocabCase& c, std::ostream* os) { *os << c.name; }
 
 class CudaSampling : public ::testing::TestWithParam<VocabCase> {};
 
@@ -213,8 +235,10 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
   std::mt19937 rng(1000 + vc.vocab);
   testing::SampleCheckStats stats;
   uint64_t step_id = 0;
-  double filtered_ms = 0, greedy_ms = 0;
+  // Device time of the sample op per row (profiled): greedy rows, and the cases' rows.
+  double greedy_us = 0, greedy_worst = 0, cases_us = 0, cases_worst = 0;
   int timed_steps = 0;
+  backend.set_profile(true);
   for (int first = 0; first < vc.cases; first += kRowsPerStep) {
     const int rows = std::min(kRowsPerStep, vc.cases - first);
     // Two input tokens per row; a greedy step first gives each row's logits, from which the
@@ -232,11 +256,9 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
       plan.requests.push_back(std::move(r));
     }
     plan.step_id = step_id++;
-    auto start = std::chrono::steady_clock::now();
     auto probe = backend.execute(plan);
-    greedy_ms +=
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     ASSERT_TRUE(probe.ok()) << probe.status();
+    const auto [greedy_mean, greedy_max] = sample_op_us(backend);
     std::vector<Case> cases;
     for (int i = 0; i < rows; ++i) {
       auto logits = backend.logits(i);
@@ -252,12 +274,14 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
       r.output_token_index = c.token_index;
     }
     plan.step_id = step_id++;
-    start = std::chrono::steady_clock::now();
     auto out = backend.execute(plan);
-    filtered_ms +=
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    ++timed_steps;
     ASSERT_TRUE(out.ok()) << out.status();
+    const auto [cases_mean, cases_max] = sample_op_us(backend);
+    greedy_us += greedy_mean;
+    greedy_worst = std::max(greedy_worst, greedy_max);
+    cases_us += cases_mean;
+    cases_worst = std::max(cases_worst, cases_max);
+    ++timed_steps;
     ASSERT_EQ(out->sampled.size(), static_cast<size_t>(rows));
     for (int i = 0; i < rows; ++i) {
       auto logits = backend.logits(i);
@@ -277,9 +301,10 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
   }
   std::printf(
       "[ sampling %s ] %d rows match the host sampler (%d at a cut within 1e-5); "
-      "step of %d rows: %.2f ms greedy, %.2f ms with the cases' filters (host wall)\n",
-      vc.name, stats.compared, stats.ambiguous, kRowsPerStep, greedy_ms / timed_steps,
-      filtered_ms / timed_steps);
+      "sample op per row on the device: greedy %.1f us mean, %.1f max; the cases' "
+      "parameters %.1f us mean, %.1f max\n",
+      vc.name, stats.compared, stats.ambiguous, greedy_us / timed_steps, greedy_worst,
+      cases_us / timed_steps, cases_worst);
   EXPECT_EQ(stats.compared, vc.cases);
   EXPECT_LE(stats.ambiguous, stats.compared / 50);
 }
