@@ -68,6 +68,7 @@ absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const scheduler::StepP
     if (id != scheduler::kTokenFromPreviousStep) continue;
     id = previous_sampled_.at(step->meta.requests[step->meta.token_request[t]].request_id);
   }
+  add_in_flight_outputs(previous_sampled_, *step, in_flight_outputs_);
   if (options_.verify) {
     if (absl::Status s = verify_step(*step); !s.ok()) {
       broken_ = true;

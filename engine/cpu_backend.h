@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
@@ -32,7 +33,7 @@ struct CpuBackendOptions {
 };
 
 // Not thread-safe: one engine thread calls execute() (the threaded mode's workers are
-// internal to a step).
+// internal to a step). Synchronous: submit() runs the whole step (Backend's default).
 class CpuBackend : public Backend {
  public:
   static absl::StatusOr<std::unique_ptr<CpuBackend>> create(const ModelConfig& config,
@@ -63,6 +64,7 @@ class CpuBackend : public Backend {
   std::unique_ptr<ScheduleBuilder> builder_;
   std::unique_ptr<CpuInterpreter> interpreter_;
   std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
+  std::vector<std::vector<int32_t>> in_flight_outputs_;     // add_in_flight_outputs
   Step last_step_;
   bool broken_ = false;
 };

@@ -1,7 +1,9 @@
 // The engine loop (engine/engine.h). One thread owns the scheduler between steps; the
-// backend runs a step without the lock held, so submit() and finish() never wait for a step.
+// backend's submit() and collect() run without the lock held, so submit() and finish() never
+// wait for a step.
 #include "engine/engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -127,48 +129,60 @@ class EngineImpl final : public Engine {
  private:
   void loop() {
     std::unique_lock<std::mutex> lock(mu_);
-    // The output of a step that ran but is not yet applied (overlapped mode).
-    std::optional<scheduler::StepOutput> unapplied;
+    // Steps submitted to the backend and not yet collected, oldest first (their submit
+    // times). Between iterations at most one: under overlapped scheduling step N stays in
+    // flight while step N+1 is planned and submitted; N is then collected and applied.
+    std::deque<std::chrono::steady_clock::time_point> in_flight;
+    std::chrono::steady_clock::time_point last_collect{};
     while (true) {
       apply_finishes();
-      if (!unapplied) {
+      if (in_flight.empty()) {
         work_cv_.wait(lock, [this] {
           return stop_ || !pending_finishes_.empty() || scheduler_->has_unfinished_requests();
         });
         if (stop_ && !scheduler_->has_unfinished_requests()) break;
         apply_finishes();
       }
-      // Overlapped scheduling: step N+1 is planned before step N's output is applied; the
-      // backend feeds N's sampled tokens into N+1 itself (kTokenFromPreviousStep).
-      scheduler::StepPlan plan = scheduler_->schedule();
-      if (unapplied) {
-        apply_output(*unapplied);
-        unapplied.reset();
+      // With a step in flight, step N+1 is planned before step N's output is applied; the
+      // backend feeds N's sampled tokens into N+1 itself (kTokenFromPreviousStep), and the
+      // scheduler discards N+1's work for requests that N finishes.
+      const scheduler::StepPlan plan = scheduler_->schedule();
+      if (!plan.requests.empty()) {
+        lock.unlock();
+        const auto start = std::chrono::steady_clock::now();
+        const absl::Status submitted = backend_->submit(plan);
+        lock.lock();
+        if (!submitted.ok()) {
+          in_flight.clear();  // the backend is left failed or refused the step: nothing to apply
+          fail_everything(submitted);
+          continue;
+        }
+        in_flight.push_back(start);
       }
-      if (plan.requests.empty()) {
+      const size_t keep = options_.overlap_scheduling && !plan.requests.empty() ? 1 : 0;
+      if (in_flight.size() <= keep) {
         // Nothing runnable although requests are unfinished (e.g. only finishes pending):
         // wait for news instead of spinning.
-        if (!unapplied) work_cv_.wait_for(lock, std::chrono::milliseconds(1));
+        if (in_flight.empty()) work_cv_.wait_for(lock, std::chrono::milliseconds(1));
         continue;
       }
-
       lock.unlock();
-      auto start = std::chrono::steady_clock::now();
-      absl::StatusOr<scheduler::StepOutput> output = backend_->execute(plan);
-      double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      absl::StatusOr<scheduler::StepOutput> output = backend_->collect();
+      const auto now = std::chrono::steady_clock::now();
       lock.lock();
+      // The step's own time: from its submission, or from the previous step's collection
+      // when it was queued behind that one.
+      last_step_seconds_ =
+          std::chrono::duration<double>(now - std::max(in_flight.front(), last_collect)).count();
+      last_collect = now;
+      in_flight.pop_front();
       ++steps_;
-      last_step_seconds_ = seconds;
       if (!output.ok()) {
+        in_flight.clear();
         fail_everything(output.status());
         continue;
       }
-      if (options_.overlap_scheduling) {
-        unapplied = *std::move(output);
-      } else {
-        apply_output(*output);
-      }
+      apply_output(*output);
     }
   }
 
