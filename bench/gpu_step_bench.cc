@@ -3,9 +3,13 @@
 // one launch per step. Prints, per row, the mean step time, decode tokens/s, the step's
 // memory floor (weights + KV bytes over the device copy bandwidth measured at the start,
 // engine/cuda_backend.h device_copy_bandwidth) and the ratio to it; then, with device timestamps,
-// where one decode step's time went per opcode.
+// where one decode step's time went per opcode. Then the overlap rows: decode steps of batch 1
+// and 256, each timed synchronously (submit then collect: the host builds and uploads while
+// the GPU idles) and overlapped (step N+1 built, uploaded and posted while step N runs, as
+// the engine's overlapped loop does), in alternating rounds, with the host's time inside
+// submit() (build + upload) beside.
 //
-//   gpu_step_bench [config.json] [steps per row]
+//   gpu_step_bench [config.json] [steps per row] [all | overlap] [overlap batch, default 1 and 256]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -30,7 +34,103 @@ void print_profile(int batch, bool tensor_cores, const ModelConfig& config, cons
               batch, format_trace_summary(s).c_str());
 }
 
-int run(const std::string& config_path, int steps) {
+struct Timed {
+  double step_s = 0, submit_s = 0;
+  int64_t overlapped = 0;
+};
+
+// `steps` decode steps of every request of `plan` (the first step's inputs as given, then
+// kTokenFromPreviousStep), one in flight while the next is submitted when `overlap`.
+absl::StatusOr<Timed> time_decode(CudaBackend& b, scheduler::StepPlan& plan, uint64_t& step_id,
+                                  int steps, bool overlap) {
+  Timed t;
+  const int64_t overlapped_before = b.overlapped_posts();
+  std::chrono::duration<double> submitting{};
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int s = 0; s < steps; ++s) {
+    plan.step_id = step_id++;
+    const auto s0 = std::chrono::steady_clock::now();
+    if (absl::Status st = b.submit(plan); !st.ok()) return st;
+    submitting += std::chrono::steady_clock::now() - s0;
+    for (auto& r : plan.requests) {
+      ++r.first_position;
+      r.token_ids = {scheduler::kTokenFromPreviousStep};
+    }
+    if (overlap && s == 0) continue;
+    if (auto out = b.collect(); !out.ok()) return out.status();
+  }
+  if (overlap) {
+    if (auto out = b.collect(); !out.ok()) return out.status();
+  }
+  t.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+  t.submit_s = submitting.count() / steps;
+  t.overlapped = b.overlapped_posts() - overlapped_before;
+  return t;
+}
+
+// Decode of batch 1 and 256 at context kContext (the cache is not prefilled: decode time does
+// not depend on the cached values), synchronous and overlapped in alternating rounds.
+int run_overlap(const ModelConfig& config, const ModelWeights& weights, double weight_bytes,
+                double bandwidth, int steps, const std::vector<int>& batches) {
+  constexpr int kRounds = 3;
+  std::printf("%-14s %6s %10s %10s %10s %8s %11s\n", "overlap mode", "batch", "step_ms",
+              "submit_ms", "floor_ms", "floor/x", "overlapped");
+  for (int batch : batches) {
+    const int per_req = (kContext + kRounds * 2 * steps + 2 * kBlock) / kBlock;
+    CudaBackendOptions o;
+    o.kv_block_size = kBlock;
+    o.num_kv_blocks = batch * per_req + 8;
+    o.step_watchdog_ms = 60000;
+    auto b = CudaBackend::create(config, weights, o);
+    if (!b.ok()) {
+      std::fprintf(stderr, "%s\n", b.status().ToString().c_str());
+      return 1;
+    }
+    scheduler::StepPlan plan;
+    plan.kv_block_size = kBlock;
+    for (int i = 0; i < batch; ++i) {
+      scheduler::StepRequest r;
+      r.request_id = i + 1;
+      r.first_position = kContext;
+      r.token_ids = {7 + i % 100};
+      for (int k = 0; k < per_req; ++k) r.block_table.push_back(i * per_req + k);
+      r.sample = true;
+      r.sampling.temperature = 0.0f;
+      plan.requests.push_back(r);
+    }
+    uint64_t step_id = 1;
+    if (auto w = time_decode(**b, plan, step_id, 3, false); !w.ok()) {  // warm-up
+      std::fprintf(stderr, "%s\n", w.status().ToString().c_str());
+      return 1;
+    }
+    Timed sum[2];
+    for (int round = 0; round < kRounds; ++round) {
+      for (int overlap = 0; overlap < 2; ++overlap) {
+        auto t = time_decode(**b, plan, step_id, steps, overlap == 1);
+        if (!t.ok()) {
+          std::fprintf(stderr, "%s\n", t.status().ToString().c_str());
+          return 1;
+        }
+        sum[overlap].step_s += t->step_s / kRounds;
+        sum[overlap].submit_s += t->submit_s / kRounds;
+        sum[overlap].overlapped += t->overlapped;
+      }
+    }
+    const int context = plan.requests[0].first_position - kRounds * steps;  // mean context
+    const double kv_bytes = 2.0 * 2 * batch * context * config.num_layers * config.kv_size();
+    const double floor_s = (weight_bytes + kv_bytes) / bandwidth;
+    for (int overlap = 0; overlap < 2; ++overlap) {
+      std::printf("%-14s %6d %10.3f %10.3f %10.3f %8.3f %6lld/%-4d\n",
+                  overlap ? "overlapped" : "synchronous", batch, sum[overlap].step_s * 1e3,
+                  sum[overlap].submit_s * 1e3, floor_s * 1e3, floor_s / sum[overlap].step_s,
+                  static_cast<long long>(sum[overlap].overlapped), kRounds * steps);
+    }
+  }
+  return 0;
+}
+
+int run(const std::string& config_path, int steps, bool overlap_only,
+        const std::vector<int>& overlap_batches) {
   auto config = load_model_config_file(config_path);
   if (!config.ok()) {
     std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
@@ -56,6 +156,9 @@ int run(const std::string& config_path, int steps) {
     for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) count(*t);
   }
   std::printf("model %s: %.2f GB of bf16 weights\n", config_path.c_str(), weight_bytes / 1e9);
+  if (overlap_only) {
+    return run_overlap(*config, weights, weight_bytes, *bandwidth, steps, overlap_batches);
+  }
   std::printf("%-14s %6s %10s %12s %10s %8s\n", "mode", "batch", "step_ms", "tok/s", "floor_ms",
               "floor/x");
   // persistent, per-step, persistent on tensor cores; then each of CUDA cores and tensor
@@ -125,7 +228,7 @@ int run(const std::string& config_path, int steps) {
                   step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);
     }
   }
-  return 0;
+  return run_overlap(*config, weights, weight_bytes, *bandwidth, steps, overlap_batches);
 }
 
 }  // namespace
@@ -135,5 +238,8 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a log cut off by a timeout keeps its lines
   const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.2-1b.json";
   const int steps = argc > 2 ? std::atoi(argv[2]) : 20;
-  return megaserve::engine::run(config, steps);
+  const bool overlap_only = argc > 3 && std::string(argv[3]) == "overlap";
+  const std::vector<int> batches =
+      argc > 4 ? std::vector<int>{std::atoi(argv[4])} : std::vector<int>{1, 256};
+  return megaserve::engine::run(config, steps, overlap_only, batches);
 }

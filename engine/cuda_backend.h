@@ -1,19 +1,32 @@
 // CudaBackend: the GPU twin of CpuBackend (engine/cpu_backend.h). It holds the model's bf16
 // weights, the bf16 paged KV cache, the step workspace and the barriers in device memory;
-// execute() builds the step with the ScheduleBuilder (a GPU TileConfig), uploads its queues
-// and metadata into one of two step slots, runs the megakernel (kernels/megakernel.h) per
-// step or persistently through the step ring, and reads back the sampled tokens.
+// submit() builds the step with the ScheduleBuilder (a GPU TileConfig), uploads its queues
+// and metadata into one of two step slots and posts it to the megakernel
+// (kernels/megakernel.h: persistently through the step ring, or one launch per step) while
+// the previous step may still run; collect() waits for the oldest step and reads back its
+// sampled tokens.
+//
+// Overlap: an input kTokenFromPreviousStep is resolved on the device (the embedding reads
+// the previous step's sampled id) when that step is still running. submit() first waits for
+// the previous step when its workspace must be read (host_sampling, profiling, barrier
+// checks), when a row's penalties need the token that step samples (the plan lacks it),
+// when the workspace is poisoned, or when the step needs bigger buffers (a reallocation
+// stops the persistent kernel).
 //
 // Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
-// the watchdog, or any CUDA error, fails execute() and every later call (never a hang).
+// the watchdog, or any CUDA error, fails the call that sees it and every later call (never a
+// hang), steps in flight included.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
+#include <deque>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -94,18 +107,25 @@ class CudaBackend : public Backend {
   int32_t num_kv_blocks() const override { return num_kv_blocks_; }
   int32_t kv_block_size() const override { return options_.kv_block_size; }
   // kTokenFromPreviousStep inputs are the tokens this backend sampled in the previous step,
-  // as in CpuBackend.
+  // as in CpuBackend. execute() is submit() then collect(), with no step in flight.
   absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
+  absl::Status submit(const scheduler::StepPlan& plan) override;
+  absl::StatusOr<scheduler::StepOutput> collect() override;
+  int steps_in_flight() const override { return static_cast<int>(in_flight_.size()); }
+  // Submitted steps that were posted while the step before them was still running (for
+  // tests and benchmarks: how often the overlap happened).
+  int64_t overlapped_posts() const { return overlapped_posts_; }
 
   // For tests and benchmarks: the full-vocabulary logits of sampling row `sample` of the
-  // last step (read back from the device), the last step, and the builder.
+  // last collected step (read back from the device; valid while no later step is in
+  // flight), that step, and the builder.
   absl::StatusOr<std::vector<float>> logits(int sample) const;
   const Step& last_step() const { return last_step_; }
   ScheduleBuilder& builder() { return *builder_; }
   int num_sms() const { return tiles_.num_sms; }
   // With profile on: per instruction of last_step().ranks[0], its device timestamps.
   const std::vector<InstructionTiming>& last_timings() const { return last_timings_; }
-  // Per-step choices, applied from the next execute() on (the resident kernel reads them
+  // Per-step choices, applied from the next submit() on (the resident kernel reads them
   // from each step's descriptor): benchmarks compare variants on one upload of the weights.
   void set_profile(bool on) { options_.profile = on; }
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
@@ -114,9 +134,13 @@ class CudaBackend : public Backend {
   void set_host_sampling(bool on) { options_.host_sampling = on; }
 
  private:
+  struct InFlight;  // a step posted to the device and not yet collected (cuda_backend.cc)
+
   CudaBackend();
   absl::Status fail(absl::Status s);  // marks the backend broken
-  absl::Status run_step(const Step& step, std::vector<scheduler::SampledToken>* sampled);
+  // Waits for `f` (its watchdog counted from when it could start) and reads back its
+  // samples; idempotent. Steps finish in order.
+  absl::Status finish(InFlight& f);
 
   ModelConfig config_;
   CudaBackendOptions options_;
@@ -125,8 +149,15 @@ class CudaBackend : public Backend {
   std::string device_name_;
   std::unique_ptr<ScheduleBuilder> builder_;
   std::unique_ptr<CudaState> state_;
-  std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
+  std::deque<std::unique_ptr<InFlight>> in_flight_;  // oldest first, kMaxStepsInFlight at most
+  // The last finished step's samples (request id -> token), for inputs resolved on the host.
+  std::unordered_map<uint64_t, int32_t> previous_sampled_;
+  // The last submitted step's sampling rows: request id -> (row, sampled on the device).
+  std::unordered_map<uint64_t, std::pair<int32_t, bool>> previous_rows_;
+  std::chrono::steady_clock::time_point last_finished_;
+  int64_t overlapped_posts_ = 0;
   Step last_step_;
+  Step spare_step_;  // the one collected before last_step_, rebuilt by the next submit()
   std::vector<InstructionTiming> last_timings_;
   bool broken_ = false;
 };

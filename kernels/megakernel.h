@@ -5,12 +5,16 @@
 //
 // Step ring protocol [STEP_RING] (persistent mode):
 //   host:   writes step `seq`'s descriptor and data into slot seq % 2 (copy stream, waited
-//           for), then stores HostControl::doorbell = seq (after a release fence).
+//           for), then stores HostControl::doorbell = seq (after a release fence). It may do
+//           so while step seq - 1 runs (the slot it writes was step seq - 2's, complete), so
+//           at most two steps are posted and not complete.
 //   CTA 0:  the only reader of host memory: polls doorbell until it moves past the last step,
 //           copies shutdown into DeviceControl, then releases DeviceControl::go = seq.
 //   CTAs:   acquire go == seq, run their queue of slot seq % 2, release-add 1 to `done`.
 //   CTA 0:  acquires done == (steps run) * grid, fences system-wide and stores
-//           HostControl::completed = seq, which the host polls (with its watchdog).
+//           HostControl::completed = seq, which the host polls (with its watchdog); then
+//           step seq + 1 starts at once if its doorbell came already.
+// A shutdown is posted only when every posted step is complete.
 // HostControl::abort (set by the host's watchdog) makes every wait loop give up, so that a
 // stuck step ends the kernel instead of hanging it.
 #pragma once
@@ -111,6 +115,11 @@ inline constexpr int32_t kStepAttentionWarpPerHead = 2;
 // of bf16 tensor cores (op_attention_mma.cuh, the default where the head dim allows).
 inline constexpr int32_t kStepAttentionCudaCores = 4;
 
+// Token ids of a step's input at or below kPreviousSampleBase are not ids but the sampled id
+// of row kPreviousSampleBase - id of the step run just before (DeviceStepDesc::
+// previous_sampled_ids): the host posts step N+1 before it knows N's samples.
+inline constexpr int32_t kPreviousSampleBase = -2;
+
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.
 inline constexpr int kProfileWords = 4;
@@ -123,7 +132,7 @@ struct DeviceStepDesc {
   int32_t flags;  // kStep* bits
   const engine::isa::Instruction* instructions;
   const int32_t* queue_begin;  // [num_queues + 1]
-  const int32_t* token_ids;    // [num_tokens]
+  const int32_t* token_ids;    // [num_tokens]; kPreviousSampleBase - row: see there
   const int32_t* positions;
   const int32_t* token_request;
   const int32_t* query_start;   // [num_requests + 1]
@@ -133,6 +142,9 @@ struct DeviceStepDesc {
   const int32_t* sample_rows;      // [num_samples]
   const DeviceSampling* sampling;  // [num_samples]
   const int32_t* sampling_ids;     // the rows' id ranges (DeviceSampling)
+  // The previous step's sampled_ids (its slot's outputs, never rewritten by this step's
+  // upload); read only for token ids at or below kPreviousSampleBase.
+  const int32_t* previous_sampled_ids;
   float* residual;                 // [num_tokens, hidden]
   float* q;                        // [num_tokens, q_heads * hd]
   float* attn_out;                 // [num_tokens, q_heads * hd]

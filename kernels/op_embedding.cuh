@@ -1,5 +1,9 @@
 // kEmbedding: residual rows [row_begin, row_end) = embedding rows of the step's token ids
 // (engine/cpu_ops_embedding.cc). One rank only: partial slots (TP) are not supported.
+// An id at or below kPreviousSampleBase is the previous step's sample of row
+// kPreviousSampleBase - id, written by that step's sample op on other SMs: it is complete
+// (the step ring or the launch boundary orders it) and read through L2 (__ldcg), since this
+// SM's L1 may still hold the value from two steps ago.
 #pragma once
 
 #include "kernels/device_utils.cuh"
@@ -17,7 +21,10 @@ struct EmbeddingOp {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const int t = a.row_begin + static_cast<int>(i / H);
       const int c = static_cast<int>(i % H);
-      const int64_t id = ctx.step.token_ids[t];
+      int64_t id = ctx.step.token_ids[t];
+      if (id <= kPreviousSampleBase) {
+        id = __ldcg(ctx.step.previous_sampled_ids + (kPreviousSampleBase - id));
+      }
       ctx.step.residual[static_cast<int64_t>(t) * H + c] =
           weight_at(ctx.model.embedding, id * H + c);  // (H) per row
     }
