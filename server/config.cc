@@ -41,7 +41,6 @@ config::ServerConfig default_server_config() {
   e->set_max_model_len(0);
   e->set_cpu_threads(0);
   e->set_enable_prefix_caching(true);
-  e->set_overlap_scheduling(false);
   e->set_step_watchdog_ms(60000);
   c.mutable_logging()->set_level("info");
   c.set_drain_grace_seconds(30);

@@ -40,6 +40,8 @@ ABSL_FLAG(std::optional<uint32_t>, cpu_threads, std::nullopt,
           "CPU backend threads (virtual SMs); 0: all hardware threads");
 ABSL_FLAG(std::optional<bool>, enable_prefix_caching, std::nullopt,
           "reuse KV blocks of identical prompt prefixes");
+ABSL_FLAG(std::optional<bool>, overlap_scheduling, std::nullopt,
+          "plan and upload step N+1 while step N runs (default: on with the CUDA backend)");
 ABSL_FLAG(std::optional<uint32_t>, drain_grace_seconds, std::nullopt,
           "on SIGTERM, how long running requests may finish before they are aborted");
 ABSL_FLAG(std::optional<std::string>, log_level, std::nullopt, "trace, debug, info, warn or error");
@@ -80,6 +82,7 @@ void apply_flag_overrides(config::ServerConfig* c) {
   override_field(FLAGS_max_model_len, [e](uint32_t v) { e->set_max_model_len(v); });
   override_field(FLAGS_cpu_threads, [e](uint32_t v) { e->set_cpu_threads(v); });
   override_field(FLAGS_enable_prefix_caching, [e](bool v) { e->set_enable_prefix_caching(v); });
+  override_field(FLAGS_overlap_scheduling, [e](bool v) { e->set_overlap_scheduling(v); });
   override_field(FLAGS_drain_grace_seconds, [c](uint32_t v) { c->set_drain_grace_seconds(v); });
   override_field(FLAGS_log_level,
                  [c](const std::string& v) { c->mutable_logging()->set_level(v); });

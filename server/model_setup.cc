@@ -207,7 +207,9 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   options.max_waiting_requests = static_cast<int32_t>(e.max_waiting_requests());
   options.max_model_len = static_cast<int32_t>(e.max_model_len());
   options.enable_prefix_caching = e.enable_prefix_caching();
-  options.overlap_scheduling = e.overlap_scheduling();
+  // Overlap pays only where a step runs beside the host (the GPU); the CPU interpreter runs
+  // steps inside submit(), so there it would only delay applying outputs.
+  options.overlap_scheduling = e.has_overlap_scheduling() ? e.overlap_scheduling() : choice->cuda;
   auto engine = engine::Engine::create(*model, *std::move(backend), options);
   if (!engine.ok()) return engine.status();
 
