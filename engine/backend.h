@@ -75,16 +75,16 @@ class Backend {
 // for each such request of `step`, `storage` gets the known outputs plus the token from
 // `previous` (request id -> token the previous step sampled) and the span points there.
 // `storage` must outlive the step's sampling.
-inline void add_in_flight_outputs(const std::unordered_map<uint64_t, int32_t>& previous,
-                                  Step& step, std::vector<std::vector<int32_t>>& storage) {
+inline void add_in_flight_outputs(const std::unordered_map<uint64_t, int32_t>& previous, Step& step,
+                                  std::vector<std::vector<int32_t>>& storage) {
   storage.clear();
   storage.reserve(step.meta.requests.size());  // never reallocated: spans into it stay valid
   for (RequestSampling& r : step.meta.requests) {
     if (static_cast<size_t>(r.output_token_index) != r.output_token_ids.size() + 1) continue;
     const auto it = previous.find(r.request_id);
     if (it == previous.end()) continue;
-    std::vector<int32_t>& full = storage.emplace_back(r.output_token_ids.begin(),
-                                                      r.output_token_ids.end());
+    std::vector<int32_t>& full =
+        storage.emplace_back(r.output_token_ids.begin(), r.output_token_ids.end());
     full.push_back(it->second);
     r.output_token_ids = full;
   }

@@ -398,7 +398,7 @@ absl::Status CudaBackend::submit(const scheduler::StepPlan& plan) {
   Step& step = f->step;
   const StepMetadata& m = step.meta;
   const int S = m.num_samples();
-  const WorkspaceShape shape{config_.hidden_size, config_.q_size(), config_.head_dim,
+  const WorkspaceShape shape{config_.hidden_size,       config_.q_size(),   config_.head_dim,
                              config_.intermediate_size, config_.vocab_size, options_.profile};
   CudaState& st = *state_;
   // Penalties count the token each request sampled in the step before, which a plan made
@@ -408,8 +408,7 @@ absl::Status CudaBackend::submit(const scheduler::StepPlan& plan) {
     const scheduler::SamplingParams& p = r.params;
     needs_previous_outputs |=
         static_cast<size_t>(r.output_token_index) == r.output_token_ids.size() + 1 &&
-        (p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f ||
-         p.presence_penalty != 0.0f);
+        (p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f);
   }
   // Everything below changes device state: a failure breaks the backend.
   if (!in_flight_.empty()) {
@@ -495,8 +494,8 @@ absl::Status CudaBackend::finish(InFlight& f) {
   if (options_.profile && d.profile != nullptr) {
     constexpr int kWords = kernels::kProfileWords;
     std::vector<uint64_t> t(kWords * rs.instructions.size());
-    if (cudaError_t e = cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t),
-                                   cudaMemcpyDeviceToHost);
+    if (cudaError_t e =
+            cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost);
         e != cudaSuccess) {
       return failed(e, "reading the profile");
     }

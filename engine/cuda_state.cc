@@ -41,9 +41,9 @@ WorkspaceLayout workspace_layout(const Step& step, const WorkspaceShape& ws,
   l.act = region(sizeof(float) * T * ws.ffn);
   l.logits = region(sizeof(float) * S * ws.vocab);
   l.scratch = region(sizeof(float) * sampling.scratch_rows * ws.vocab);
-  l.profile = region(
-      ws.profile ? kernels::kProfileWords * sizeof(uint64_t) * step.ranks[0].instructions.size()
-                 : 0);
+  l.profile = region(ws.profile ? kernels::kProfileWords * sizeof(uint64_t) *
+                                      step.ranks[0].instructions.size()
+                                : 0);
   return l;
 }
 

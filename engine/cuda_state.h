@@ -49,7 +49,7 @@ struct CudaState {
   cudaStream_t exec = nullptr;  // the megakernel
   cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
   cudaEvent_t done[2] = {nullptr, nullptr};  // per slot: its launch ended (per-step mode)
-  std::vector<void*> allocations;  // weights, cache, inv_freq, layer table
+  std::vector<void*> allocations;            // weights, cache, inv_freq, layer table
   kernels::DeviceModel model{};
   uint32_t* barriers = nullptr;  // never reset between steps
   int num_barriers = 0;

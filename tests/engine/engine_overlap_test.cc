@@ -257,8 +257,8 @@ TEST(EngineOverlap, DeferredStepsApplyInOrderWithTheSynchronousTokens) {
   EXPECT_EQ(overlapped.log->max_in_flight, 2);  // the overlap really happened
   std::lock_guard<std::mutex> lock(overlapped.log->mu);
   EXPECT_EQ(overlapped.log->collected, overlapped.log->submitted);
-  EXPECT_TRUE(std::is_sorted(overlapped.log->collected_ids.begin(),
-                             overlapped.log->collected_ids.end()));
+  EXPECT_TRUE(
+      std::is_sorted(overlapped.log->collected_ids.begin(), overlapped.log->collected_ids.end()));
   EXPECT_EQ(overlapped.engine->stats().kv_blocks_used, 0);
   EXPECT_EQ(overlapped.engine->stats().steps, overlapped.log->collected);
 }

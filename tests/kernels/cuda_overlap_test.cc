@@ -10,8 +10,8 @@
 #include <cstdio>
 #include <deque>
 #include <map>
-#include <sstream>
 #include <random>
+#include <sstream>
 #include <vector>
 
 #include "engine/cuda_backend.h"
@@ -240,8 +240,8 @@ void compare_overlapped(int steps, bool check_posts) {
       for (size_t k = 0; k < want[i].size(); ++k) {
         EXPECT_EQ(got[i][k].request_id, want[i][k].request_id);
         if (got[i][k].token_id != want[i][k].token_id && ++mismatches <= 5) {
-          ADD_FAILURE() << (persistent ? "persistent" : "per-step") << " step " << i << " row "
-                        << k << ": " << got[i][k].token_id << " vs " << want[i][k].token_id;
+          ADD_FAILURE() << (persistent ? "persistent" : "per-step") << " step " << i << " row " << k
+                        << ": " << got[i][k].token_id << " vs " << want[i][k].token_id;
         }
       }
     }
@@ -252,12 +252,12 @@ void compare_overlapped(int steps, bool check_posts) {
     if (check_posts) {
       EXPECT_GE(b->overlapped_posts(), overlappable * 9 / 10);
     }
-    std::printf("[ overlap %s ] %zu steps, %lld rows, %lld inputs from the step before, "
-                "%lld of %lld possible posts overlapped, %.3f s\n",
-                persistent ? "persistent" : "per-step", w.plans.size(),
-                static_cast<long long>(rows), static_cast<long long>(forwarded),
-                static_cast<long long>(b->overlapped_posts()),
-                static_cast<long long>(overlappable), s);
+    std::printf(
+        "[ overlap %s ] %zu steps, %lld rows, %lld inputs from the step before, "
+        "%lld of %lld possible posts overlapped, %.3f s\n",
+        persistent ? "persistent" : "per-step", w.plans.size(), static_cast<long long>(rows),
+        static_cast<long long>(forwarded), static_cast<long long>(b->overlapped_posts()),
+        static_cast<long long>(overlappable), s);
   }
 }
 
@@ -349,8 +349,8 @@ std::vector<std::vector<int32_t>> run_engine(const Model& m, bool overlap,
   auto engine = Engine::create(m.config, std::move(backend), o);
   EXPECT_TRUE(engine.ok()) << engine.status();
   // Stop ids: the three most frequent ids of the greedy oracle text.
-  std::istringstream oracle(testing::read_file(
-      testing::assets_dir() / "models/stories260K/oracle/bos_t0_n200_ids.txt"));
+  std::istringstream oracle(
+      testing::read_file(testing::assets_dir() / "models/stories260K/oracle/bos_t0_n200_ids.txt"));
   std::map<int32_t, int> counts;
   for (int32_t id; oracle >> id;) ++counts[id];
   std::vector<std::pair<int, int32_t>> by_count;
