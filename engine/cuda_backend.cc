@@ -61,7 +61,9 @@ TileConfig cuda_tile_config(int sm_count, size_t smem_bytes) {
   c.embedding_rows = 64;
   c.lm_head_samples = 64;
   c.sample_rows = 1;  // one CTA per sampling row
-  c.attention_query_rows = 16;
+  // 32 query rows: a GQA-4 tile's 128 M rows fill one tensor-core attention pass (8 m-tiles,
+  // a warp each: no key-slice merge) and its K/V are staged once per 32 query rows, not 16.
+  c.attention_query_rows = 32;
   c.attention_batch_requests = 8;
   c.kv_split_tokens = 1024;
   c.flops_per_cycle = 512.0;
