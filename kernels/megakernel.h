@@ -36,7 +36,7 @@ inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a CUDA-core 
 inline constexpr int kProjectionChunkRows = 64;
 // Floats an op keeps for its row scales (kProjectionChunkRows) and their partial sums.
 inline constexpr int kProjectionScaleFloats = kProjectionChunkRows + kMegakernelWarps * 8;
-inline constexpr int kProjectionMinSmemBytes = 96 * 1024;
+inline constexpr int kProjectionMinSmemBytes = 112 * 1024;
 // kAttention (op_attention.cuh) scores up to kAttentionMaxGroup q heads per pass over a row's
 // keys; its shared memory: their queries, then per warp, per head, (max, sum) and 32 row
 // slots x 8 dims of partial output.

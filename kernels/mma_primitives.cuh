@@ -56,7 +56,8 @@ __device__ __forceinline__ void cp_async_wait(int n) {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");  // reads shared memory that plain stores wrote (the B operands)
 }
 
 // Two floats as bf16x2 (round to nearest even): `lo` in the low half (the smaller k).

@@ -14,18 +14,24 @@
 // Per stage, in shared memory (BK = the chunk's k width, 64..512):
 //   A   (a_alloc, BK + 8)  bf16  weight rows; the 16-byte pad puts the 8 rows an ldmatrix
 //                                reads in distinct banks
-//   X   (n_alloc, BK + 8)  fp32  activation rows as read (the workspace is fp32); the pad
-//                                spreads a B fragment's float2 reads over the banks
+//   X   (n_alloc, BK + 8)  fp32  activation rows as read (the workspace is fp32)
 //   N   (BK)               bf16  RMSNorm weight chunk (when the input is normalized)
+// and before the stages, once (or twice, converting ahead: see below):
+//   B   (2 * n_alloc, BK + 8)  bf16  a chunk's activations as B operands: rows [0, n_alloc)
+//                                    the hi halves, [n_alloc, 2 n_alloc) the lo
 // Only a chunk's k < K is copied: a last k16 step that is half past K (K % 16 == 8) masks
-// that half in the fragments. Rows past a pass's columns or token rows are not copied either
-// (they feed only outputs that are not emitted).
+// that half of the A fragments (B is written as zeros there). Rows past a pass's columns or
+// token rows are not copied either (they feed only outputs that are not emitted; their B
+// rows are zeros).
 //
-// B fragments are built from X at use: v = x * row_scale[n] * norm[k] (the CPU's operation
-// order), split into bf16 hi + lo (lo = bf16(v - hi)), both multiplied: ~16 significant bits
-// of the fp32 activations reach the tensor cores, so that results stay close to the fp32
-// reference (bf16 activations alone put Qwen3's q/k-normed logits past 1e-2 of it). The
-// weights are bf16 already: exact.
+// When a chunk has landed the whole CTA converts its X once into B (chunk kc + 1's while
+// chunk kc multiplies, where two B and 3 stages fit: one barrier per chunk): v = x * row_scale[n] *
+// norm[k] (the CPU's operation order), split into bf16 hi + lo (lo = bf16(v - hi)), both
+// multiplied: ~16 significant bits of the fp32 activations reach the tensor cores, so that
+// results stay close to the fp32 reference (bf16 activations alone put Qwen3's q/k-normed
+// logits past 1e-2 of it). The weights are bf16 already: exact. Warps then load B fragments
+// with ldmatrix (one x4 gives an n-tile's hi and lo), so a token row is converted once per
+// chunk, not once per warp block that uses it.
 #pragma once
 
 #include <stdint.h>
@@ -59,13 +65,20 @@ __host__ __device__ constexpr int mma_stage_bytes(int a_rows, int token_rows, in
   return a_rows * (bk * 2 + 16) + token_rows * (bk * 4 + 32) + bk * 2;
 }
 
-// The core needs its tables and two stages of the largest 64-wide chunk (8 warp blocks of 32
-// weight rows with one of 32 token rows); the pipeline's memory also holds the end-of-pass
-// reduction (8 warps x 32 x 32 floats).
+// The converted B operands (hi and lo rows) of one chunk.
+__host__ __device__ constexpr int mma_b_bytes(int token_rows, int bk) {
+  return 2 * token_rows * (bk * 2 + 16);
+}
+
+// The core needs its tables, the B operands and two stages of the largest 64-wide chunk (8
+// warp blocks of 32 weight rows with one of 32 token rows, or 4 with two); the memory after
+// the tables also holds the end-of-pass reduction (8 warps x 32 x 32 floats).
 static_assert(kMmaTableBytes % 16 == 0);
-static_assert(kMmaTableBytes + 2 * mma_stage_bytes(kMmaMaxPassA, 32, 64) <= kProjectionMinSmemBytes,
+static_assert(kMmaTableBytes + mma_b_bytes(32, 64) + 2 * mma_stage_bytes(kMmaMaxPassA, 32, 64) <=
+                  kProjectionMinSmemBytes,
               "kernels/megakernel.h promises the host less than the core needs");
-static_assert(kMmaTableBytes + 2 * mma_stage_bytes(128, 64, 64) <= kProjectionMinSmemBytes);
+static_assert(kMmaTableBytes + mma_b_bytes(64, 64) + 2 * mma_stage_bytes(128, 64, 64) <=
+              kProjectionMinSmemBytes);
 static_assert(kMmaTableBytes + kMegakernelWarps * 32 * 32 * 4 <= kProjectionMinSmemBytes);
 
 // For every column c < in.ncols and token row r < in.nrows:
@@ -84,8 +97,8 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
   const uint16_t** a_rows = reinterpret_cast<const uint16_t**>(smem);  // (kMmaMaxPassA)
   const float** x_rows = reinterpret_cast<const float**>(smem + kMmaMaxPassA * 8);
   float* x_scale = reinterpret_cast<float*>(smem + kMmaMaxPassA * 8 + kMmaMaxPassRows * 8);
-  char* pipe = smem + kMmaTableBytes;
-  const int pipe_bytes = smem_bytes - kMmaTableBytes;
+  char* const work = smem + kMmaTableBytes;  // B, then the stages; the reduction at the end
+  const int work_bytes = smem_bytes - kMmaTableBytes;
 
   // Pass shape: all columns at once when they fit in 8 warp blocks (each weight read once
   // per row pass), else column passes of 8 blocks; rows fill the blocks left.
@@ -111,17 +124,27 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
       const int a_alloc = mb * kBlockA, n_alloc = (nr + 7) / 8 * 8;
       const int blocks = mb * nb;
       const int warps_k = kMegakernelWarps / blocks;  // >= 1: blocks <= 8 by construction
-      // Chunk width: as wide as leaves room for kMmaMinStagesForWiderChunks stages (long
-      // contiguous rows per copy), no wider than K needs.
+      // Chunk width: as wide as leaves room for one B and kMmaMinStagesForWiderChunks stages
+      // (long contiguous rows per copy), no wider than K needs.
       const int bk_max = min(kMmaMaxChunk, (K + 63) / 64 * 64);
       int bk = 64;
-      while (bk * 2 <= bk_max && pipe_bytes / mma_stage_bytes(a_alloc, n_alloc, bk * 2) >=
+      while (bk * 2 <= bk_max && (work_bytes - mma_b_bytes(n_alloc, bk * 2)) /
+                                         mma_stage_bytes(a_alloc, n_alloc, bk * 2) >=
                                      kMmaMinStagesForWiderChunks) {
         bk *= 2;
       }
+      const int b_bytes = mma_b_bytes(n_alloc, bk);
       const int stage_bytes = mma_stage_bytes(a_alloc, n_alloc, bk);
-      const int stages = min(kMmaMaxStages, pipe_bytes / stage_bytes);  // >= 2 (host check)
-      const int stride_a = bk * 2 + 16, stride_x = bk * 4 + 32;         // bytes per row
+      // Converting ahead (chunk kc + 1's B while chunk kc multiplies: one barrier per chunk)
+      // takes two B buffers and 3 stages (kc's A, kc + 1's X, one loading); else chunk kc is
+      // converted into one B between two barriers, with >= 2 stages (static_asserts above,
+      // host check of kProjectionMinSmemBytes).
+      const bool ahead = (work_bytes - 2 * b_bytes) / stage_bytes >= 3;
+      const int b_buffers = ahead ? 2 : 1;
+      char* const pipe = work + b_buffers * b_bytes;
+      const int stages = min(kMmaMaxStages, (work_bytes - b_buffers * b_bytes) / stage_bytes);
+      const int stride_a = bk * 2 + 16, stride_x = bk * 4 + 32;  // bytes per row
+      const int stride_b = stride_a;
       const int nchunks = (K + bk - 1) / bk;
 
       for (int a = tid; a < a_alloc; a += blockDim.x) {
@@ -167,12 +190,6 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
       const int blk = warp / warps_k, kw = warp % warps_k;
       const bool active = blk < blocks;
       const int bm = active ? blk % mb : 0, bn = active ? blk / mb : 0;
-      float scale[kNT];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const int n = (bn * kNT + nt) * 8 + g;
-        scale[nt] = n < n_alloc ? x_scale[n] : 1.0f;
-      }
       float acc[kMT][kNT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -183,22 +200,69 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
         }
       }
 
+      // Chunk kc's X (fp32, stage s) -> B buffer `b` (bf16 hi and lo rows), 4 k at a time;
+      // zeros past the chunk's K (up to its last k16 step) and in rows past nr.
+      const auto convert = [&](int kc, int s, char* b) {
+        const int kk = min(bk, K - kc * bk), quads = (kk + 15) / 16 * 4;
+        const float* xs = reinterpret_cast<const float*>(stage_x(s));     // (n_alloc, bk + 8)
+        const uint2* ns = reinterpret_cast<const uint2*>(stage_norm(s));  // (bk / 4)
+        const int shift_q = __ffs(bk / 4) - 1;
+        for (int i = tid; i < n_alloc * (bk / 4); i += blockDim.x) {
+          const int n = i >> shift_q, j = i & (bk / 4 - 1);
+          if (j >= quads) continue;
+          uint2 hi = make_uint2(0u, 0u), lo = hi;
+          if (n < nr && 4 * j < kk) {
+            const float4 x = *reinterpret_cast<const float4*>(xs + n * (bk + 8) + 4 * j);
+            const float sc = x_scale[n];
+            float v0 = x.x * sc, v1 = x.y * sc, v2 = x.z * sc, v3 = x.w * sc;
+            if (in.norm != nullptr) {
+              const uint2 w = ns[j];
+              const float2 w0 = unpack_bf16x2(w.x), w1 = unpack_bf16x2(w.y);
+              v0 *= w0.x;
+              v1 *= w0.y;
+              v2 *= w1.x;
+              v3 *= w1.y;
+            }
+            hi.x = pack_bf16x2(v0, v1);
+            hi.y = pack_bf16x2(v2, v3);
+            const float2 h0 = unpack_bf16x2(hi.x), h1 = unpack_bf16x2(hi.y);
+            lo.x = pack_bf16x2(v0 - h0.x, v1 - h0.y);
+            lo.y = pack_bf16x2(v2 - h1.x, v3 - h1.y);
+          }
+          *reinterpret_cast<uint2*>(b + n * stride_b + 8 * j) = hi;
+          *reinterpret_cast<uint2*>(b + (n_alloc + n) * stride_b + 8 * j) = lo;
+        }
+      };
+
       for (int s = 0; s < stages - 1; ++s) {
         if (s < nchunks) load_chunk(s, s);
         cp_async_commit();
       }
+      if (ahead) {
+        cp_async_wait(stages - 2);  // chunk 0 has landed (this thread's copies)
+        __syncthreads();
+        convert(0, 0, work);
+      }
       for (int kc = 0; kc < nchunks; ++kc) {
         const int s = kc % stages;
-        cp_async_wait(stages - 2);  // chunk kc has landed (this thread's copies)
-        __syncthreads();            // everyone's copies landed; stage (kc - 1) % stages is free
+        // Chunk kc (kc + 1 when converting ahead) has landed, this thread's copies; after the
+        // barrier everyone's, and everyone is done with chunk kc - 1: its stage and its B are
+        // free (and B of chunk kc, converted ahead, is complete).
+        cp_async_wait(ahead ? stages - 3 : stages - 2);
+        __syncthreads();
         if (kc + stages - 1 < nchunks) load_chunk(kc + stages - 1, (kc + stages - 1) % stages);
         cp_async_commit();
+        char* const b_cur = work + (ahead ? (kc & 1) * b_bytes : 0);
+        if (ahead) {
+          if (kc + 1 < nchunks) convert(kc + 1, (kc + 1) % stages, work + ((kc + 1) & 1) * b_bytes);
+        } else {
+          convert(kc, s, b_cur);
+          __syncthreads();  // B of chunk kc written
+        }
         if (!active) continue;
-        const uint32_t sa = smem_addr(stage_a(s));
-        const float* xs = reinterpret_cast<const float*>(stage_x(s));           // (n_alloc, bk + 8)
-        const uint32_t* ns = reinterpret_cast<const uint32_t*>(stage_norm(s));  // (bk / 2)
         const int kk = min(bk, K - kc * bk);
         const int ksteps = (kk + 15) / 16;
+        const uint32_t sa = smem_addr(stage_a(s)), sb = smem_addr(b_cur);
         for (int ks = kw; ks < ksteps; ks += warps_k) {
           const int kb = ks * 16;          // chunk-relative k of this step
           const bool half = kb + 8 >= kk;  // k in [kb + 8, kb + 16) is past K: masked
@@ -211,42 +275,29 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
             ldmatrix_x4(afrag[mt], sa + a * stride_a + j * 16);
             if (half) afrag[mt][2] = afrag[mt][3] = 0u;
           }
-          float2 w0 = make_float2(1.0f, 1.0f), w1 = w0;  // norm at kb + 2t (+1), kb + 8 + 2t (+1)
-          if (in.norm != nullptr) {
-            w0 = unpack_bf16x2(ns[(kb + 2 * t) / 2]);
-            w1 = unpack_bf16x2(ns[(kb + 8 + 2 * t) / 2]);
-          }
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
-            const int n = (bn * kNT + nt) * 8 + g;
-            if ((bn * kNT + nt) * 8 >= nr) continue;
-            const float* row = xs + n * (bk + 8) + kb + 2 * t;
-            const float2 x0 = *reinterpret_cast<const float2*>(row);
-            const float2 x1 = *reinterpret_cast<const float2*>(row + 8);
-            const float v0 = x0.x * scale[nt] * w0.x, v1 = x0.y * scale[nt] * w0.y;
-            const float v2 = x1.x * scale[nt] * w1.x, v3 = x1.y * scale[nt] * w1.y;
-            const uint32_t hi0 = pack_bf16x2(v0, v1);
-            const float2 h0 = unpack_bf16x2(hi0);
-            const uint32_t lo0 = pack_bf16x2(v0 - h0.x, v1 - h0.y);
-            uint32_t hi1 = pack_bf16x2(v2, v3);
-            const float2 h1 = unpack_bf16x2(hi1);
-            uint32_t lo1 = pack_bf16x2(v2 - h1.x, v3 - h1.y);
-            if (half) hi1 = lo1 = 0u;
+            const int n0 = (bn * kNT + nt) * 8;
+            if (n0 >= nr) continue;
+            // Matrices 0, 1: hi rows n0.., k kb.. and kb + 8..; 2, 3: the same lo rows.
+            uint32_t bfrag[4];
+            const int row = n0 + (lane & 7) + ((lane >> 4) != 0 ? n_alloc : 0);
+            ldmatrix_x4(bfrag, sb + row * stride_b + (kb + ((lane >> 3) & 1) * 8) * 2);
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt) {
               if ((bm * kMT + mt) * 16 >= a_used) continue;
-              mma_bf16(acc[mt][nt], afrag[mt], hi0, hi1);
-              mma_bf16(acc[mt][nt], afrag[mt], lo0, lo1);
+              mma_bf16(acc[mt][nt], afrag[mt], bfrag[0], bfrag[1]);
+              mma_bf16(acc[mt][nt], afrag[mt], bfrag[2], bfrag[3]);
             }
           }
         }
       }
       cp_async_wait(0);
-      __syncthreads();  // the pipeline's memory becomes the reduction buffer
+      __syncthreads();  // B and the pipeline's memory become the reduction buffer
 
       // Per warp (kBlockA, kBlockN) partial sums; accumulator i holds A row g (+ 8 for
       // i >= 2) and token row 2t (+ 1 for odd i) of its tile.
-      float* red = reinterpret_cast<float*>(pipe);  // (warps, kBlockA, kBlockN)
+      float* red = reinterpret_cast<float*>(work);  // (warps, kBlockA, kBlockN)
       if (active) {
         float* mine = red + warp * kBlockA * kBlockN;
 #pragma unroll
