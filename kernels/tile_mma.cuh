@@ -138,8 +138,10 @@ __device__ void tile_mma(const ProjectionInput& in, char* smem, int smem_bytes, 
       // Converting ahead (chunk kc + 1's B while chunk kc multiplies: one barrier per chunk)
       // takes two B buffers and 3 stages (kc's A, kc + 1's X, one loading); else chunk kc is
       // converted into one B between two barriers, with >= 2 stages (static_asserts above,
-      // host check of kProjectionMinSmemBytes).
-      const bool ahead = (work_bytes - 2 * b_bytes) / stage_bytes >= 3;
+      // host check of kProjectionMinSmemBytes). Passes of <= 16 token rows stream weights
+      // (latency-bound): they keep the deeper prefetch of one B buffer, whose conversion of
+      // <= 16 rows is short.
+      const bool ahead = n_alloc > 16 && (work_bytes - 2 * b_bytes) / stage_bytes >= 3;
       const int b_buffers = ahead ? 2 : 1;
       char* const pipe = work + b_buffers * b_bytes;
       const int stages = min(kMmaMaxStages, (work_bytes - b_buffers * b_bytes) / stage_bytes);
