@@ -1,6 +1,6 @@
-// PTX wrappers of the tensor-core projection core (kernels/tile_mma.cuh): per-thread cp.async
-// global -> shared copies, ldmatrix, bf16 packing and mma.sync m16n8k16. Shared-memory
-// operands are 32-bit shared-window addresses.
+// PTX wrappers of the tensor-core projection core (kernels/tile_mma.cuh) and attention
+// (kernels/op_attention_mma.cuh): per-thread cp.async global -> shared copies, ldmatrix, bf16
+// packing and mma.sync m16n8k16. Shared-memory operands are 32-bit shared-window addresses.
 #pragma once
 
 #include <stdint.h>
@@ -13,7 +13,8 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // ---- Per-thread asynchronous copies
 
-// 16 bytes global -> shared, L2 only; src_bytes < 16 zero-fills the rest.
+// 16 bytes global -> shared, L2 only (so it sees this step's K/V appends, device_utils.cuh
+// [COHERENCE]); src_bytes < 16 zero-fills the rest.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
@@ -58,6 +59,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");  // reads shared memory that plain stores wrote (the B operands)
+}
+
+// The same, each 8x8 matrix transposed (the V operand of attention).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
 }
 
 // Two floats as bf16x2 (round to nearest even): `lo` in the low half (the smaller k).

@@ -24,6 +24,7 @@
 #pragma once
 
 #include "kernels/device_utils.cuh"
+#include "kernels/mma_primitives.cuh"
 #include "kernels/op_context.cuh"
 
 namespace megaserve::kernels {
@@ -46,52 +47,6 @@ __host__ __device__ constexpr int smem_bytes(int hd, int buffers) {
 }
 static_assert(kMegakernelWarps * (16 * 128 + 32) * 4 <= 2 * buffer_bytes(128), "merge area");
 static_assert(kMegakernelWarps * (16 * 64 + 32) * 4 <= 2 * buffer_bytes(64), "merge area");
-
-// Packs two floats into bf16x2, `lo` in the low half (the lower column of a fragment).
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-// c (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col).
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr)
-               : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr)
-               : "memory");
-}
-
-// 16 bytes global -> shared through L2 (cache-coherent with this step's K/V appends, see
-// device_utils.cuh [COHERENCE]); src_bytes = 0 zero-fills the destination.
-__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
 
 // Element offset of (key row, 16-byte chunk) in a staged (T, HD) bf16 tile.
 template <int HD>
@@ -244,9 +199,9 @@ struct AttentionMmaPass {
     for (int s = 0; s < stages; ++s) {
       // Groups committed so far: buffers - 1 + s; stage s is group s.
       if (buffers == 3) {
-        cp_async_wait<1>();
+        cp_async_wait(1);
       } else {
-        cp_async_wait<0>();
+        cp_async_wait(0);
       }
       // Stage s (and Q) are in shared memory for every warp, and every warp is done with
       // stage s - 1, whose buffer the next issue refills.
@@ -334,7 +289,7 @@ struct AttentionMmaPass {
         }
       }
     }
-    cp_async_wait<0>();  // only empty groups can be pending here
+    cp_async_wait(0);  // only empty groups can be pending here
     __syncthreads();     // every warp is done with the stage buffers
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
