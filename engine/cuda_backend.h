@@ -62,8 +62,8 @@ struct CudaBackendOptions {
   bool poison_workspace = false;
   bool check_barriers = false;
   // Projections on bf16 tensor cores (mma.sync m16n8k16; each fp32 activation as a bf16
-  // hi + lo pair, fp32 accumulation) where the reduction width is a multiple of 8; else, or
-  // when false, CUDA cores (fp32 FMA).
+  // hi + lo pair, fp32 accumulation) where the reduction width is a multiple of 8 and a tile
+  // has more than one token row; else, or when false, CUDA cores (fp32 FMA).
   bool tensor_cores = true;
   // kAttention as first written: one warp per (query row, q head) walks all its keys
   // (overrides attention_cuda_cores and the tensor-core default below).

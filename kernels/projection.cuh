@@ -1,7 +1,11 @@
 // The projection entry point of kQkvRope, kOProj, kDownProj, kGateUpSilu and kLmHead: token
 // rows x weight rows, on bf16 tensor cores (kernels/tile_mma.cuh) when the step asks for them
-// (kStepTensorCores) and the shape allows (K % 8 == 0, 16-byte-aligned rows), else on CUDA
-// cores (kernels/tile_matvec.cuh, fp32 activations staged kMaxMatvecRows rows at a time).
+// (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile has
+// more than one token row, else on CUDA cores (kernels/tile_matvec.cuh, fp32 activations
+// staged kMaxMatvecRows rows at a time). One row is a pure weight stream, which the CUDA-core
+// loop keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O /
+// gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores'
+// 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
 #pragma once
 
 #include <stdint.h>
@@ -70,7 +74,8 @@ template <int kMats, typename SrcRow, typename RowOf, typename Emit>
 __device__ void project(int32_t step_flags, const ProjectionInput& in, char* smem, int smem_bytes,
                         SrcRow src_row, RowOf row_of, Emit emit) {
   if (in.nrows <= 0) return;
-  if ((step_flags & kStepTensorCores) != 0 && mma_can_take<kMats>(in, src_row, row_of)) {
+  if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
+      mma_can_take<kMats>(in, src_row, row_of)) {
     if (in.nrows <= kMmaDecodeRows) {
       tile_mma<kMats, 2, 2>(in, smem, smem_bytes, src_row, row_of, emit);
     } else {
