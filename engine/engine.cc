@@ -126,6 +126,11 @@ class EngineImpl final : public Engine {
     return healthy_;
   }
 
+  void set_step_observer(std::function<void(double seconds)> observer) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    step_observer_ = std::move(observer);
+  }
+
  private:
   void loop() {
     std::unique_lock<std::mutex> lock(mu_);
@@ -177,6 +182,7 @@ class EngineImpl final : public Engine {
       last_collect = now;
       in_flight.pop_front();
       ++steps_;
+      if (step_observer_) step_observer_(last_step_seconds_);
       if (!output.ok()) {
         in_flight.clear();
         fail_everything(output.status());
@@ -264,6 +270,7 @@ class EngineImpl final : public Engine {
   std::string failure_;
   int64_t steps_ = 0;
   double last_step_seconds_ = 0;
+  std::function<void(double seconds)> step_observer_;
   std::thread thread_;
 };
 

@@ -104,6 +104,11 @@ class Engine {
   virtual void drain(bool abort_all) = 0;
   // A failed step fails every in-flight request; then healthy() turns false.
   virtual bool healthy() const = 0;
+  // `observer(seconds)` runs on the engine thread once per completed step, with that step's
+  // time (EngineStats::last_step_seconds), under the engine's lock: it must be quick and must
+  // not call into the engine. Replaces the previous observer; nullptr clears it. Once this
+  // returns, the previous observer is never called again.
+  virtual void set_step_observer(std::function<void(double seconds)> observer) = 0;
 };
 
 }  // namespace megaserve::engine

@@ -84,9 +84,7 @@ void Metrics::record(const RequestRecord& record) {
   if (record.e2e_latency) e2e_.observe(*record.e2e_latency);
 }
 
-void Metrics::observe_steps(int64_t steps, double seconds) {
-  for (int64_t i = 0; i < steps; ++i) step_.observe(seconds);
-}
+void Metrics::observe_step(double seconds) { step_.observe(seconds); }
 
 std::string Metrics::render() const {
   std::string out;
@@ -127,9 +125,7 @@ std::string Metrics::render() const {
                "Per request: (last token - first token) / (output tokens - 1).", &out);
   e2e_.render("megaserve_e2e_request_latency_seconds",
               "From receiving a request to its last token.", &out);
-  step_.render("megaserve_step_seconds",
-               "Engine step time, sampled every 5 ms (each step counted once with the most "
-               "recent duration).",
+  step_.render("megaserve_step_seconds", "Engine step time, observed as each step completes.",
                &out);
   return out;
 }
@@ -151,13 +147,11 @@ absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& a
 }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
-    const std::string& address, Metrics* metrics,
-    std::function<engine::EngineStats()> engine_stats) {
+    const std::string& address, Metrics* metrics) {
   auto host_port = split_host_port(address, "metrics_address");
   if (!host_port.ok()) return host_port.status();
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
   server->metrics_ = metrics;
-  server->engine_stats_ = std::move(engine_stats);
   server->http_ = std::make_unique<httplib::Server>();
   server->http_->Get("/metrics", [metrics](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics->render(), "text/plain; version=0.0.4; charset=utf-8");
@@ -176,7 +170,6 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
         absl::StrCat("metrics_address ", address, ": cannot listen (port in use?)"));
   }
   server->http_thread_ = std::thread([s = server.get()] { s->http_->listen_after_bind(); });
-  server->sampler_thread_ = std::thread([s = server.get()] { s->sample_steps(); });
   // httplib's stop() does nothing before listening began; wait for it so that stop()
   // always ends the listener.
   for (int i = 0; i < 2000 && !server->http_->is_running(); ++i) {
@@ -185,28 +178,14 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
   return server;
 }
 
-void MetricsHttpServer::sample_steps() {
-  int64_t seen_steps = engine_stats_().steps;
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!stop_cv_.wait_for(lock, std::chrono::milliseconds(5), [this] { return stopping_; })) {
-    const engine::EngineStats stats = engine_stats_();
-    if (stats.steps > seen_steps) {
-      metrics_->observe_steps(stats.steps - seen_steps, stats.last_step_seconds);
-      seen_steps = stats.steps;
-    }
-  }
-}
-
 void MetricsHttpServer::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return;
     stopping_ = true;
   }
-  stop_cv_.notify_all();
   http_->stop();
   if (http_thread_.joinable()) http_thread_.join();
-  if (sampler_thread_.joinable()) sampler_thread_.join();
 }
 
 MetricsHttpServer::~MetricsHttpServer() { stop(); }

@@ -4,7 +4,6 @@
 // scrape time; the step-time histogram is fed by a sampler thread (see MetricsHttpServer).
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -56,9 +55,8 @@ class Metrics {
   explicit Metrics(std::function<engine::EngineStats()> engine_stats);
 
   void record(const RequestRecord& record);
-  // Called by the sampler: `steps` steps happened since the last call, the last one took
-  // `seconds`.
-  void observe_steps(int64_t steps, double seconds);
+  // One engine step took `seconds` (the engine's step observer, Engine::set_step_observer).
+  void observe_step(double seconds);
   std::string render() const;
 
  private:
@@ -75,27 +73,22 @@ class Metrics {
 };
 
 // Serves GET /metrics (and / for a pointer to it) on `address` ("host:port"; port 0 picks a
-// free one), and samples the engine's step time every `sample_interval`.
+// free one).
 class MetricsHttpServer {
  public:
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(
-      const std::string& address, Metrics* metrics,
-      std::function<engine::EngineStats()> engine_stats);
+      const std::string& address, Metrics* metrics);
   ~MetricsHttpServer();
   int port() const { return port_; }
   void stop();
 
  private:
   MetricsHttpServer() = default;
-  void sample_steps();
 
   Metrics* metrics_ = nullptr;
-  std::function<engine::EngineStats()> engine_stats_;
   std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_;
-  std::thread sampler_thread_;
   std::mutex mu_;
-  std::condition_variable stop_cv_;
   bool stopping_ = false;
   int port_ = 0;
 };

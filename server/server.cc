@@ -41,8 +41,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
   auto stats = [engine] { return engine->stats(); };
   server->metrics_ = std::make_unique<Metrics>(stats);
   context.metrics = server->metrics_.get();
+  // Cleared in ~Server, before metrics_ goes.
+  engine->set_step_observer([m = server->metrics_.get()](double s) { m->observe_step(s); });
   if (!options.metrics_address.empty()) {
-    auto http = MetricsHttpServer::start(options.metrics_address, server->metrics_.get(), stats);
+    auto http = MetricsHttpServer::start(options.metrics_address, server->metrics_.get());
     if (!http.ok()) return http.status();
     server->metrics_http_ = *std::move(http);
   }
@@ -92,6 +94,9 @@ void Server::drain_and_stop(std::chrono::milliseconds grace) {
   if (metrics_http_) metrics_http_->stop();
 }
 
-Server::~Server() { drain_and_stop(std::chrono::milliseconds(0)); }
+Server::~Server() {
+  drain_and_stop(std::chrono::milliseconds(0));
+  if (model_.engine != nullptr) model_.engine->set_step_observer(nullptr);
+}
 
 }  // namespace megaserve::server

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -125,6 +126,41 @@ TEST(Engine, GreedyFromBosReproducesTheOracle) {
   EXPECT_EQ(r.tokens.size(), 200u);
   EXPECT_EQ(r.reason, FinishReason::kLength);
   EXPECT_EQ(engine->stats().kv_blocks_used, 0);
+}
+
+TEST(Engine, StepObserverSeesEveryStepWithItsTime) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  auto engine = make_engine({});
+  std::mutex mu;
+  int64_t calls = 0;
+  double sum = 0.0;
+  bool all_positive = true;
+  engine->set_step_observer([&](double seconds) {
+    std::lock_guard<std::mutex> lock(mu);
+    ++calls;
+    sum += seconds;
+    all_positive = all_positive && seconds > 0.0;
+  });
+  const auto start = std::chrono::steady_clock::now();
+  Result r = run_alone(*engine, greedy({1}, 50));
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_EQ(r.tokens.size(), 50u);
+  {
+    // A step is observed before its output is applied, so every step of the request is in.
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(calls, engine->stats().steps);
+    EXPECT_GE(calls, 50);
+    EXPECT_TRUE(all_positive);
+    EXPECT_LE(sum, wall);  // the steps ran one after another inside the request's time
+  }
+  // Cleared: later steps are not observed.
+  engine->set_step_observer(nullptr);
+  const int64_t steps_before = engine->stats().steps;
+  run_alone(*engine, greedy({1}, 5));
+  EXPECT_GT(engine->stats().steps, steps_before);
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(calls, steps_before);
 }
 
 class EngineBatching : public ::testing::TestWithParam<bool> {};  // overlapped scheduling

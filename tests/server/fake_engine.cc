@@ -110,8 +110,14 @@ void FakeEngine::loop() {
   }
 }
 
+void FakeEngine::set_step_observer(std::function<void(double seconds)> observer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  step_observer_ = std::move(observer);
+}
+
 void FakeEngine::step() {
   ++steps_;
+  if (step_observer_) step_observer_(1e-4);  // the step time stats() reports
   // Finishes requested since the last step apply first (the engine's step boundary).
   for (const auto& [id, reason] : std::exchange(pending_finishes_, {})) {
     auto it = requests_.find(id);

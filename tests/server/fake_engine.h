@@ -43,6 +43,7 @@ class FakeEngine final : public engine::Engine {
   engine::EngineStats stats() const override;
   void drain(bool abort_all) override;
   bool healthy() const override { return true; }
+  void set_step_observer(std::function<void(double seconds)> observer) override;
 
   // While paused, no step runs: requests stay waiting or running where they are.
   void set_paused(bool paused);
@@ -73,6 +74,7 @@ class FakeEngine final : public engine::Engine {
   uint64_t next_id_ = 1;
   int64_t submitted_ = 0;
   int64_t steps_ = 0;
+  std::function<void(double seconds)> step_observer_;
   bool paused_ = false;
   bool draining_ = false;
   bool stopping_ = false;
