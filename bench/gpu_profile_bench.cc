@@ -15,9 +15,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "bench/gpu_bench_start.h"
 #include "engine/cuda_backend.h"
 #include "engine/cuda_trace.h"
 #include "engine/model_config.h"
@@ -94,26 +96,13 @@ double profiled_step(CudaBackend& b, const ModelConfig& config, const scheduler:
 }
 
 int run(const std::string& config_path, const std::string& out_dir, double bf16_tflops) {
-  auto config = load_model_config_file(config_path);
-  if (!config.ok()) {
-    std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
-    return 1;
-  }
-  std::string why;
-  if (!cuda_backend_supported(&why)) {
-    std::fprintf(stderr, "gpu_profile_bench: %s\n", why.c_str());
-    return 1;
-  }
-  const absl::StatusOr<double> measured = device_copy_bandwidth(0);
-  if (!measured.ok()) {
-    std::fprintf(stderr, "%s\n", measured.status().ToString().c_str());
-    return 1;
-  }
-  const double bandwidth = *measured;
-  std::printf("device copy bandwidth (1 GiB D2D, read + write): %.3f TB/s\n", bandwidth * 1e-12);
+  const std::optional<GpuBenchStart> start = start_gpu_bench("gpu_profile_bench", config_path);
+  if (!start) return 1;
+  const ModelConfig& config = start->config;
+  const double bandwidth = start->bandwidth;
 
   const auto t_weights = std::chrono::steady_clock::now();
-  ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);
+  ModelWeights weights = dummy_weights(config, DType::kBF16, 1);
   // Bytes a decode step must read: every decoder matrix and norm, the final norm and LM head;
   // of the embedding only the rows of its tokens (negligible).
   double weight_bytes = 0;
@@ -132,7 +121,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
       kBigBatch * ((kContext + 1 + kBlock - 1) / kBlock) + kPrefillTokens / kBlock + 16;
   o.persistent = true;
   o.step_watchdog_ms = 120000;  // the 8192-token prefill step
-  auto backend = CudaBackend::create(*config, std::move(weights), o);
+  auto backend = CudaBackend::create(config, std::move(weights), o);
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
     return 1;
@@ -149,7 +138,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
                               {"tensor-cores, tensor-core attention", true, false}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
-  const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config->num_layers * config->kv_size();
+  const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config.num_layers * config.kv_size();
   const double floor_1 = (weight_bytes + kv_bytes_1) / bandwidth;
   std::printf("\nbatch-1 decode, context %d: memory floor %.3f ms (%.3f GB at %.3f TB/s)\n",
               kContext, floor_1 * 1e3, (weight_bytes + kv_bytes_1) * 1e-9, bandwidth * 1e-12);
@@ -173,7 +162,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     auto out = b.execute(make_plan(step_id++, 1, kContext, 0));
     b.set_profile(false);
     if (!out.ok()) return 1;
-    const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
+    const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
     const double host_s = elapsed / kTimedSteps, dev_s = s.span_us * 1e-6;
     std::printf("%-42s %12.3f %12.3f %12.3f %12.3f\n", v.name, host_s * 1e3, floor_1 / host_s,
                 dev_s * 1e3, floor_1 / dev_s);
@@ -195,7 +184,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
         out_dir.empty() ? ""
                         : out_dir + (k == 0 ? "/decode256_cc.trace.json" : "/decode256.trace.json");
     const double span =
-        profiled_step(b, *config, make_plan(step_id++, kBigBatch, kContext, 0),
+        profiled_step(b, config, make_plan(step_id++, kBigBatch, kContext, 0),
                       std::string("decode batch 256, tensor cores, ") + v.name, trace);
     if (span > 0) {
       std::printf("device span %.3f ms, floor/span %.3f, %.0f tok/s on the device\n", span * 1e-3,
@@ -217,7 +206,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
       std::printf("prefill: %s\n", out.status().ToString().c_str());
       return 1;
     }
-    const TraceSummary s = summarize_trace(*config, b.last_step(), b.last_timings());
+    const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
     std::printf("\n== prefill %d tokens, %s: %zu instructions\n%s", kPrefillTokens, v.name,
                 b.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
     if (!out_dir.empty() && &v == &prefill_variants[0]) {

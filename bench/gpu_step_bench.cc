@@ -13,9 +13,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "bench/gpu_bench_start.h"
 #include "engine/cuda_backend.h"
 #include "engine/cuda_trace.h"
 #include "engine/model_config.h"
@@ -131,23 +133,11 @@ int run_overlap(const ModelConfig& config, const ModelWeights& weights, double w
 
 int run(const std::string& config_path, int steps, bool overlap_only,
         const std::vector<int>& overlap_batches) {
-  auto config = load_model_config_file(config_path);
-  if (!config.ok()) {
-    std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
-    return 1;
-  }
-  std::string why;
-  if (!cuda_backend_supported(&why)) {
-    std::fprintf(stderr, "gpu_step_bench: %s\n", why.c_str());
-    return 1;
-  }
-  const absl::StatusOr<double> bandwidth = device_copy_bandwidth(0);
-  if (!bandwidth.ok()) {
-    std::fprintf(stderr, "%s\n", bandwidth.status().ToString().c_str());
-    return 1;
-  }
-  std::printf("device copy bandwidth (1 GiB D2D, read + write): %.3f TB/s\n", *bandwidth * 1e-12);
-  const ModelWeights weights = dummy_weights(*config, DType::kBF16, 1);
+  const std::optional<GpuBenchStart> start = start_gpu_bench("gpu_step_bench", config_path);
+  if (!start) return 1;
+  const ModelConfig& config = start->config;
+  const double bandwidth = start->bandwidth;
+  const ModelWeights weights = dummy_weights(config, DType::kBF16, 1);
   double weight_bytes = 0;
   const auto count = [&](const Tensor& t) { weight_bytes += t.empty() ? 0 : 2.0 * t.numel(); };
   count(weights.embedding);
@@ -157,7 +147,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
   }
   std::printf("model %s: %.2f GB of bf16 weights\n", config_path.c_str(), weight_bytes / 1e9);
   if (overlap_only) {
-    return run_overlap(*config, weights, weight_bytes, *bandwidth, steps, overlap_batches);
+    return run_overlap(config, weights, weight_bytes, bandwidth, steps, overlap_batches);
   }
   std::printf("%-14s %6s %10s %12s %10s %8s\n", "mode", "batch", "step_ms", "tok/s", "floor_ms",
               "floor/x");
@@ -173,7 +163,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
     o.profile = profile;
     o.tensor_cores = tensor_cores;
     o.step_watchdog_ms = 60000;  // the prefill steps are long on CUDA cores
-    auto b = CudaBackend::create(*config, weights, o);
+    auto b = CudaBackend::create(config, weights, o);
     if (!b.ok()) {
       std::fprintf(stderr, "%s\n", b.status().ToString().c_str());
       return 1;
@@ -216,19 +206,19 @@ int run(const std::string& config_path, int steps, bool overlap_only,
         for (auto& r : plan.requests) ++r.first_position;
       }
       if (profile) {
-        print_profile(batch, tensor_cores, *config, **b);
+        print_profile(batch, tensor_cores, config, **b);
         continue;
       }
       const double step_s = elapsed.count() / timed;
       const double kv_bytes =
-          2.0 * 2 * batch * (kContext + steps / 2.0) * config->num_layers * config->kv_size();
-      const double floor_s = (weight_bytes + kv_bytes) / *bandwidth;
+          2.0 * 2 * batch * (kContext + steps / 2.0) * config.num_layers * config.kv_size();
+      const double floor_s = (weight_bytes + kv_bytes) / bandwidth;
       std::printf("%-14s %6d %10.3f %12.0f %10.3f %8.3f\n",
                   tensor_cores ? "persistent-tc" : (persistent ? "persistent" : "per-step"), batch,
                   step_s * 1e3, batch / step_s, floor_s * 1e3, floor_s / step_s);
     }
   }
-  return run_overlap(*config, weights, weight_bytes, *bandwidth, steps, overlap_batches);
+  return run_overlap(config, weights, weight_bytes, bandwidth, steps, overlap_batches);
 }
 
 }  // namespace

@@ -36,13 +36,7 @@ void op_sample(const isa::Instruction& inst, int /*rank*/, const OpContext& ctx)
       logits.insert(logits.end(), row, row + V);  // (vocab)
     }
     const RequestSampling& req = m.requests[m.sample_request[s]];
-    SamplingContext sc;
-    sc.prompt_token_ids = req.prompt_token_ids;
-    sc.output_token_ids = req.output_token_ids;
-    sc.banned_ids = req.banned_token_ids;
-    sc.seed = req.seed;
-    sc.token_index = req.output_token_index;
-    scheduler::SampledToken tok = sample_token(logits, req.params, sc);
+    scheduler::SampledToken tok = sample_token(logits, req.params, sampling_context(req));
     tok.request_id = req.request_id;
     (*ctx.sampled)[s] = std::move(tok);
   }

@@ -356,13 +356,7 @@ absl::Status CudaBackend::finish(InFlight& f) {
           e != cudaSuccess) {
         return failed(e, "reading logits");
       }
-      SamplingContext sc;
-      sc.prompt_token_ids = r.prompt_token_ids;
-      sc.output_token_ids = r.output_token_ids;
-      sc.banned_ids = r.banned_token_ids;
-      sc.seed = r.seed;
-      sc.token_index = r.output_token_index;
-      tok = sample_token(row, r.params, sc);
+      tok = sample_token(row, r.params, sampling_context(r));
     }
     tok.request_id = r.request_id;
   }

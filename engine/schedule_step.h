@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/isa.h"
+#include "engine/sampling.h"
 #include "scheduler/sampling_params.h"
 
 namespace megaserve::engine {
@@ -63,6 +64,17 @@ struct RequestSampling {
   uint64_t seed = 0;
   int32_t output_token_index = 0;  // index in the output of the token drawn this step
 };
+
+// What engine::sample_token needs of `r` besides the logits and the parameters.
+inline SamplingContext sampling_context(const RequestSampling& r) {
+  SamplingContext sc;
+  sc.prompt_token_ids = r.prompt_token_ids;
+  sc.output_token_ids = r.output_token_ids;
+  sc.banned_ids = r.banned_token_ids;
+  sc.seed = r.seed;
+  sc.token_index = r.output_token_index;
+  return sc;
+}
 
 // The step's metadata, identical on every rank (the GPU keeps one copy per device).
 struct StepMetadata {

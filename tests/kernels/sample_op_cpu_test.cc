@@ -105,12 +105,7 @@ void check_rows(int vocab, int rows, uint32_t seed) {
   testing::SampleCheckStats stats;
   for (int s = 0; s < rows; ++s) {
     const RequestSampling& r = meta.requests[s];
-    SamplingContext sc;
-    sc.prompt_token_ids = r.prompt_token_ids;
-    sc.output_token_ids = r.output_token_ids;
-    sc.banned_ids = r.banned_token_ids;
-    sc.seed = r.seed;
-    sc.token_index = r.output_token_index;
+    const SamplingContext sc = sampling_context(r);
     const size_t top = static_cast<size_t>(s) * kTop;
     const scheduler::SampledToken got =
         unpack_sample(up.rows[s], vocab, ids[s], logprobs[s], std::span(top_ids).subspan(top, kTop),
