@@ -22,7 +22,7 @@
 #include "bench/sharegpt_dataset.h"
 #include "bench/sharegpt_runner.h"
 #include "bench/sharegpt_stats.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
 #include "proto/megaserve.grpc.pb.h"

@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "engine/cuda_backend.h"
-#include "engine/model_config.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/model/model_config.h"
 
 namespace megaserve::engine {
 

@@ -28,11 +28,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "engine/bf16.h"
-#include "engine/cpu_backend.h"
-#include "engine/cuda_backend.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/isa/bf16.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "nlohmann/json.hpp"
 
 namespace megaserve::engine {

@@ -7,7 +7,7 @@
 //     the measured bandwidth), for each kernel variant;
 //   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens, each
 //     with the CUDA-core and the tensor-core attention, profiled: per-opcode busy time and
-//     achieved TFLOP/s and TB/s (engine/cuda_trace.h), a per-SM Chrome trace of the first
+//     achieved TFLOP/s and TB/s (engine/cuda/cuda_trace.h), a per-SM Chrome trace of the first
 //     layers, and the prefill's compute floor (its FLOPs
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
 //
@@ -20,10 +20,10 @@
 #include <vector>
 
 #include "bench/gpu_bench_start.h"
-#include "engine/cuda_backend.h"
-#include "engine/cuda_trace.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_trace.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 
 namespace megaserve::engine {
 namespace {
@@ -60,13 +60,12 @@ scheduler::StepPlan make_plan(uint64_t step_id, int batch, int context, int pref
 
 struct Variant {
   const char* name;
-  bool tensor_cores, warp_per_head;
+  bool tensor_cores;
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
 };
 
 void set_variant(CudaBackend& b, const Variant& v) {
   b.set_tensor_cores(v.tensor_cores);
-  b.set_attention_warp_per_head(v.warp_per_head);
   b.set_attention_cuda_cores(v.attention_cuda_cores);
 }
 
@@ -132,10 +131,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
               b.describe().c_str());
 
-  const Variant variants[] = {{"cuda-cores, attention warp/head (v1)", false, true},
-                              {"cuda-cores, attention split over warps", false, false, true},
-                              {"cuda-cores, tensor-core attention", false, false},
-                              {"tensor-cores, tensor-core attention", true, false}};
+  const Variant variants[] = {{"cuda-cores, attention split over warps", false, true},
+                              {"cuda-cores, tensor-core attention", false},
+                              {"tensor-cores, tensor-core attention", true}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
   const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config.num_layers * config.kv_size();
@@ -176,8 +174,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
   std::printf("\ndecode %d requests x context %d: memory floor %.3f ms (%.2f GB)\n", kBigBatch,
               kContext, floor_big * 1e3, (weight_bytes + kv_bytes_big) * 1e-9);
   for (int k = 0; k < 2; ++k) {
-    const Variant v = k == 0 ? Variant{"attention split over warps", true, false, true}
-                             : Variant{"tensor-core attention", true, false};
+    const Variant v = k == 0 ? Variant{"attention split over warps", true, true}
+                             : Variant{"tensor-core attention", true};
     set_variant(b, v);
     (void)b.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
     const std::string trace =
@@ -194,8 +192,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
 
   // One 8192-token prefill step (a single request), projections on tensor cores: with the
   // tensor-core attention (the default, traced), then with the CUDA-core attention.
-  const Variant prefill_variants[] = {
-      variants[3], {"tensor-cores, attention split over warps", true, false, true}};
+  const Variant prefill_variants[] = {variants[2],
+                                      {"tensor-cores, attention split over warps", true, true}};
   for (const Variant& v : prefill_variants) {
     set_variant(b, v);
     const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);

@@ -2,9 +2,9 @@
 // weights (default configs/models/llama-3.2-1b.json), for several batch sizes, persistent and
 // one launch per step. Prints, per row, the mean step time, decode tokens/s, the step's
 // memory floor (weights + KV bytes over the device copy bandwidth measured at the start,
-// engine/cuda_backend.h device_copy_bandwidth) and the ratio to it; then, with device timestamps,
-// where one decode step's time went per opcode. Then the overlap rows: decode steps of batch 1
-// and 256, each timed synchronously (submit then collect: the host builds and uploads while
+// engine/cuda/cuda_backend.h device_copy_bandwidth) and the ratio to it; then, with device
+// timestamps, where one decode step's time went per opcode. Then the overlap rows: decode steps of
+// batch 1 and 256, each timed synchronously (submit then collect: the host builds and uploads while
 // the GPU idles) and overlapped (step N+1 built, uploaded and posted while step N runs, as
 // the engine's overlapped loop does), in alternating rounds, with the host's time inside
 // submit() (build + upload) beside.
@@ -18,10 +18,10 @@
 #include <vector>
 
 #include "bench/gpu_bench_start.h"
-#include "engine/cuda_backend.h"
-#include "engine/cuda_trace.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_trace.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 
 namespace megaserve::engine {
 namespace {
@@ -29,7 +29,7 @@ namespace {
 constexpr int kContext = 128;  // tokens in each request's cache before the timed steps
 constexpr int32_t kBlock = 16;
 
-// One decode step's device time, per opcode (engine/cuda_trace.h).
+// One decode step's device time, per opcode (engine/cuda/cuda_trace.h).
 void print_profile(int batch, bool tensor_cores, const ModelConfig& config, const CudaBackend& b) {
   const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
   std::printf("profile (%s), decode batch %d: %s", tensor_cores ? "tensor cores" : "CUDA cores",

@@ -8,9 +8,9 @@
 #include <ctime>
 #include <string>
 
-#include "engine/cpu_backend.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 
 namespace {
 

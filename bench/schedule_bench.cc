@@ -10,9 +10,9 @@
 #include <sstream>
 #include <string>
 
-#include "engine/model_config.h"
-#include "engine/schedule_builder.h"
-#include "engine/tile_config.h"
+#include "engine/model/model_config.h"
+#include "engine/planner/schedule_builder.h"
+#include "engine/planner/tile_config.h"
 
 namespace {
 

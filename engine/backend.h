@@ -20,7 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "engine/schedule_step.h"
+#include "engine/isa/step.h"
 #include "scheduler/step_plan.h"
 
 namespace megaserve::engine {

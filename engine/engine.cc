@@ -19,31 +19,6 @@
 namespace megaserve::engine {
 namespace {
 
-FinishReason from_scheduler(scheduler::FinishReason reason) {
-  switch (reason) {
-    case scheduler::FinishReason::kStop:
-      return FinishReason::kStop;
-    case scheduler::FinishReason::kLength:
-      return FinishReason::kLength;
-    case scheduler::FinishReason::kAbort:
-      return FinishReason::kAbort;
-  }
-  return FinishReason::kAbort;
-}
-
-scheduler::FinishReason to_scheduler(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kStop:
-      return scheduler::FinishReason::kStop;
-    case FinishReason::kLength:
-      return scheduler::FinishReason::kLength;
-    case FinishReason::kAbort:
-    case FinishReason::kError:
-      return scheduler::FinishReason::kAbort;
-  }
-  return scheduler::FinishReason::kAbort;
-}
-
 class EngineImpl final : public Engine {
  public:
   EngineImpl(std::unique_ptr<Backend> backend, std::unique_ptr<scheduler::Scheduler> scheduler,
@@ -199,7 +174,7 @@ class EngineImpl final : public Engine {
       pending_finishes_.pop_front();
       auto it = outputs_.find(id);
       if (it == outputs_.end()) continue;  // already finished on its own
-      if (!scheduler_->finish(id, to_scheduler(reason)).ok()) continue;
+      if (!scheduler_->finish(id, reason).ok()) continue;
       RequestEvent event;
       event.finished = reason;
       complete(it, std::move(event));
@@ -219,7 +194,7 @@ class EngineImpl final : public Engine {
       RequestEvent event;
       event.tokens = std::move(update.new_tokens);
       event.num_cached_prompt_tokens = update.num_cached_prompt_tokens;
-      if (update.finished) event.finished = from_scheduler(*update.finished);
+      if (update.finished) event.finished = *update.finished;
       if (event.finished) {
         complete(it, std::move(event));
       } else {

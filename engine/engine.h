@@ -5,8 +5,8 @@
 // from any thread apply at the next step boundary. The engine knows nothing of gRPC.
 #pragma once
 
-#include <cstdint>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -17,14 +17,16 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
-#include "engine/model_config.h"
+#include "engine/model/model_config.h"
 #include "scheduler/sampling_params.h"
+#include "scheduler/scheduler.h"
 #include "scheduler/step_plan.h"
 
 namespace megaserve::engine {
 
-enum class FinishReason { kStop, kLength, kAbort, kError };
-const char* finish_reason_name(FinishReason reason);
+// One FinishReason for the scheduler, the engine and the server (scheduler/scheduler.h).
+using scheduler::finish_reason_name;
+using scheduler::FinishReason;
 
 struct GenerateRequest {
   std::vector<int32_t> prompt_token_ids;
@@ -37,7 +39,7 @@ struct GenerateRequest {
 struct RequestEvent {
   std::vector<scheduler::SampledToken> tokens;
   std::optional<FinishReason> finished;
-  std::string error;                   // with FinishReason::kError
+  std::string error;                     // with FinishReason::kError
   int32_t num_cached_prompt_tokens = 0;  // prefix-cache hits, reported with the first event
 };
 

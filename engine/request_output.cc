@@ -4,20 +4,6 @@
 
 namespace megaserve::engine {
 
-const char* finish_reason_name(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kStop:
-      return "stop";
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kAbort:
-      return "abort";
-    case FinishReason::kError:
-      return "error";
-  }
-  return "unknown";
-}
-
 void RequestOutput::set_notify(std::function<void()> notify) {
   std::function<void()> pending_notify;
   {

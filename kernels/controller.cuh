@@ -6,7 +6,7 @@
 // CTA's step early and reports it in HostControl::aborted.
 #pragma once
 
-#include "engine/isa.h"
+#include "engine/isa/isa.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/op_attention.cuh"
 #include "kernels/op_attention_merge.cuh"
@@ -67,8 +67,8 @@ __device__ inline void dispatch(const engine::isa::Instruction& inst, const OpCo
       return LmHeadOp::run(inst, ctx);
     case SampleOp::kOpcode:
       return SampleOp::run(inst, ctx);
-    default:  // kTpReduce (TP > 1 is refused by the host) and invalid opcodes
-      return;
+    default:     // kTpReduce (TP > 1 is refused by the host) or an invalid opcode: a builder bug
+      __trap();  // fails the step loudly (the host sees a device error), never skips silently
   }
 }
 

@@ -80,7 +80,7 @@ __device__ __forceinline__ float warp_inv_rms(const float* x, int n, float eps) 
 }
 
 // RMSNorm of one row by one warp: out[i] = x[i] * inv_rms(x) * weight[i] (weight bf16),
-// the same operation order as engine/cpu_ops.cc's rms_norm.
+// the same operation order as engine/cpu/cpu_ops.cc's rms_norm.
 __device__ __forceinline__ void warp_rms_norm(const float* x, const uint16_t* weight, int n,
                                               float eps, float* out) {
   const int lane = threadIdx.x & 31;

@@ -1,6 +1,6 @@
 // The megakernel's host/device interface: the plain records the host fills in (the model's
 // device pointers, one step's descriptor, the control words of the persistent step ring)
-// and the launch functions. Included by host C++ (engine/cuda_backend.cc) and by the device
+// and the launch functions. Included by host C++ (engine/cuda/cuda_backend.cc) and by the device
 // code; it holds pointers and integers only, so both sides agree on every layout.
 //
 // Step ring protocol [STEP_RING] (persistent mode):
@@ -22,7 +22,7 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-#include "engine/isa.h"
+#include "engine/isa/isa.h"
 
 namespace megaserve::kernels {
 
@@ -45,7 +45,7 @@ inline constexpr int kAttentionWarpStateFloats = kAttentionMaxGroup * (2 + 32 * 
 inline constexpr int kAttentionSmemFloats =
     kAttentionMaxGroup * kMaxHeadDim + kMegakernelWarps * kAttentionWarpStateFloats;
 
-// bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/bf16.h).
+// bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/isa/bf16.h).
 struct DeviceLayer {
   const uint16_t* attn_norm;  // [hidden]
   const uint16_t* ffn_norm;   // [hidden]
@@ -73,15 +73,15 @@ struct DeviceModel {
   const uint16_t* final_norm;  // [hidden]
   const uint16_t* lm_head;     // [vocab, hidden]
   const float* inv_freq;       // [head_dim / 2], llama3 scaling applied
-  // Per layer [num_kv_blocks, kv_heads, block_size, head_dim] (engine/kv_cache_layout.h),
+  // Per layer [num_kv_blocks, kv_heads, block_size, head_dim] (engine/isa/kv_cache_layout.h),
   // layer l at l * cache_layer_elements.
   uint16_t* k_cache;
   uint16_t* v_cache;
   int64_t cache_layer_elements;
 };
 
-// One sampling row's parameters for the sample op (engine/sampling.h, packed by
-// engine/cuda_sampling.cc). Its context lives in DeviceStepDesc::sampling_ids, in three
+// One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by
+// engine/cuda/cuda_sampling.cc). Its context lives in DeviceStepDesc::sampling_ids, in three
 // consecutive ranges: [repeat_begin, count_begin) the distinct prompt and output ids of the
 // repetition penalty; [count_begin, banned_begin) (output id, count) pairs, two words each,
 // for the frequency and presence penalties; [banned_begin, banned_end) the banned ids. Every
@@ -108,9 +108,7 @@ inline constexpr int kMaxTopLogprobs = 20;
 // DeviceStepDesc::flags: per-step choices, so that one resident kernel (and one upload of
 // the weights) can run every variant.
 inline constexpr int32_t kStepTensorCores = 1;  // projections on bf16 tensor cores where K allows
-// kAttention with one warp per (query row, q head) walking all its keys (the first version),
-// instead of each row's keys spread over the CTA's warps. Kept to measure against.
-inline constexpr int32_t kStepAttentionWarpPerHead = 2;
+// (2 was a first attention variant, removed.)
 // kAttention on CUDA cores (each row's keys spread over the warps, op_attention.cuh) instead
 // of bf16 tensor cores (op_attention_mma.cuh, the default where the head dim allows).
 inline constexpr int32_t kStepAttentionCudaCores = 4;
@@ -125,7 +123,7 @@ inline constexpr int32_t kPreviousSampleBase = -2;
 inline constexpr int kProfileWords = 4;
 
 // One step, as the CTAs read it from its slot. Pointers into the slot's upload area
-// (metadata, read-only) and into the workspace (shapes: engine/schedule_step.h, BufferId).
+// (metadata, read-only) and into the workspace (shapes: engine/isa/step.h, BufferId).
 struct DeviceStepDesc {
   int32_t num_queues, num_tokens, num_requests, kv_block_size, kv_split_tokens, num_samples;
   int32_t num_split_rows;
@@ -145,18 +143,18 @@ struct DeviceStepDesc {
   // The previous step's sampled_ids (its slot's outputs, never rewritten by this step's
   // upload); read only for token ids at or below kPreviousSampleBase.
   const int32_t* previous_sampled_ids;
-  float* residual;                 // [num_tokens, hidden]
-  float* q;                        // [num_tokens, q_heads * hd]
-  float* attn_out;                 // [num_tokens, q_heads * hd]
-  float* split_out;                // [num_split_rows, hd]
-  float* split_lse;                // [num_split_rows]
-  float* act;                      // [num_tokens, ffn]
-  float* logits;                   // [num_samples, vocab]
-  int32_t* sampled_ids;            // [num_samples]
-  float* sampled_logprobs;         // [num_samples]
-  float* sampling_scratch;         // [rows with scratch_row >= 0, vocab] penalized logits
-  int32_t* top_ids;                // [num_samples, kMaxTopLogprobs], first `logprobs` of a row
-  float* top_logprobs;             // [num_samples, kMaxTopLogprobs]
+  float* residual;          // [num_tokens, hidden]
+  float* q;                 // [num_tokens, q_heads * hd]
+  float* attn_out;          // [num_tokens, q_heads * hd]
+  float* split_out;         // [num_split_rows, hd]
+  float* split_lse;         // [num_split_rows]
+  float* act;               // [num_tokens, ffn]
+  float* logits;            // [num_samples, vocab]
+  int32_t* sampled_ids;     // [num_samples]
+  float* sampled_logprobs;  // [num_samples]
+  float* sampling_scratch;  // [rows with scratch_row >= 0, vocab] penalized logits
+  int32_t* top_ids;         // [num_samples, kMaxTopLogprobs], first `logprobs` of a row
+  float* top_logprobs;      // [num_samples, kMaxTopLogprobs]
   // Profiling (null unless asked for): kProfileWords per instruction.
   uint64_t* profile;  // [num_instructions, kProfileWords]
 };

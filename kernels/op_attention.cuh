@@ -1,4 +1,4 @@
-// kAttention (engine/cpu_ops_attention.cc): for one kv head, every q head of its group and
+// kAttention (engine/cpu/cpu_ops_attention.cc): for one kv head, every q head of its group and
 // each query row of the tile, softmax(q . k / sqrt(hd)) v over keys [key_begin, key_end) of
 // the request's paged bf16 cache: [0, pos] unsplit, [s*K, min(pos + 1, (s+1)*K)) for split
 // s. Unsplit writes the normalized output to attn_out; split writes it to split_out and its
@@ -6,7 +6,7 @@
 //
 // By default the op runs on bf16 tensor cores (op_attention_mma.cuh) for head dims 64 and
 // 128; other head dims, and steps with kStepAttentionCudaCores, run the CUDA-core version
-// below (kStepAttentionWarpPerHead: the first version, op_attention_per_head.cuh).
+// below.
 //
 // CUDA cores: each query row's keys are spread over the CTA's warps, so that a decode row (one
 // query, hundreds of keys) keeps all 8 warps' loads in flight: warp w takes the chunks of 32 keys
@@ -21,7 +21,6 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/op_attention_mma.cuh"
-#include "kernels/op_attention_per_head.cuh"
 #include "kernels/op_context.cuh"
 
 namespace megaserve::kernels {
@@ -39,9 +38,6 @@ struct AttentionOp {
   static_assert(kWarpStateFloats == kMaxGroup * kHeadStateFloats, "megakernel.h's layout");
 
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
-    if ((ctx.step.flags & kStepAttentionWarpPerHead) != 0) {
-      return AttentionWarpPerHead::run(inst, ctx);
-    }
     if ((ctx.step.flags & kStepAttentionCudaCores) == 0 &&
         AttentionMma::takes(ctx.model, ctx.smem_floats)) {
       return AttentionMma::run(inst, ctx);

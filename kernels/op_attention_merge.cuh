@@ -1,4 +1,4 @@
-// kAttentionMerge (engine/cpu_ops_attention.cc): combines the KV splits of one request's
+// kAttentionMerge (engine/cpu/cpu_ops_attention.cc): combines the KV splits of one request's
 // query rows [query_begin, query_end):
 //   out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s,
 // over the splits s <= position / kv_split_tokens. One warp per (query row, q head).

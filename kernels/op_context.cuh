@@ -2,7 +2,7 @@
 // dynamic shared memory, all already in shared memory (copied by the controller).
 #pragma once
 
-#include "engine/isa.h"
+#include "engine/isa/isa.h"
 #include "kernels/megakernel.h"
 
 namespace megaserve::kernels {

@@ -1,5 +1,5 @@
 // kEmbedding: residual rows [row_begin, row_end) = embedding rows of the step's token ids
-// (engine/cpu_ops_embedding.cc). One rank only: partial slots (TP) are not supported.
+// (engine/cpu/cpu_ops_embedding.cc). One rank only: partial slots (TP) are not supported.
 // An id at or below kPreviousSampleBase is the previous step's sample of row
 // kPreviousSampleBase - id, written by that step's sample op on other SMs: it is complete
 // (the step ring or the launch boundary orders it) and read through L2 (__ldcg), since this

@@ -1,4 +1,4 @@
-// kGateUpSilu (engine/cpu_ops_projection.cc): act[t, c] = SiLU(gate[c] . n) * (up[c] . n),
+// kGateUpSilu (engine/cpu/cpu_ops_projection.cc): act[t, c] = SiLU(gate[c] . n) * (up[c] . n),
 // n = RMSNorm(ffn_norm) of residual row t, for FFN columns [col_begin, col_end).
 #pragma once
 

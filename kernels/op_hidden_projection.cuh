@@ -1,4 +1,4 @@
-// kOProj and kDownProj (engine/cpu_ops_projection.cc): residual[t, c] += dot(W[c, :], in[t, :])
+// kOProj and kDownProj (engine/cpu/cpu_ops_projection.cc): residual[t, c] += dot(W[c, :], in[t, :])
 // for a tile of token rows x hidden columns; W = wo with in = attn_out (K = q_heads * hd), or
 // W = w_down with in = act (K = ffn). One rank only: partial slots (TP) are not supported.
 #pragma once

@@ -1,4 +1,4 @@
-// kLmHead (engine/cpu_ops_lm_head.cc): logits[s, c] = dot(lm_head[c], RMSNorm(final_norm) of
+// kLmHead (engine/cpu/cpu_ops_lm_head.cc): logits[s, c] = dot(lm_head[c], RMSNorm(final_norm) of
 // residual[sample_rows[s]]) for sampling rows [sample_begin, sample_end) and vocabulary
 // columns [col_begin, col_end).
 #pragma once

@@ -1,4 +1,4 @@
-// kQkvRope (engine/cpu_ops_qkv.cc): RMSNorm(attn_norm) of token rows, projection onto the
+// kQkvRope (engine/cpu/cpu_ops_qkv.cc): RMSNorm(attn_norm) of token rows, projection onto the
 // fused heads [head_begin, head_end) (q heads, then k heads, then v heads), + bias (Qwen2),
 // per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
 // position * inv_freq[i]); q heads to the q buffer (fp32), k and v heads into the paged

@@ -1,12 +1,12 @@
 // kSample for a range of sampling rows, one row at a time over the whole CTA, following
-// engine/sampling.h step by step (that file is the specification; sampling.cc the host twin):
+// engine/isa/sampling.h step by step (that file is the specification; sampling.cc the host twin):
 //   cleaning (NaN -> -inf, +inf -> the largest float) and steps 1-3 (repetition penalty over
 //   the distinct prompt and output ids, frequency / presence penalties over the output
 //   counts, banned ids -> -inf) into the row's scratch copy, when the row has any of them;
 //   the all-banned fallback (greedy over the cleaned raw logits), greedy (4);
 //   5-8 as thresholds on the processed logits (op_sample_select.cuh: top-k by count, top-p
 //   by probability mass in 2^-46 fixed point, ties at either cut kept; min-p per token);
-//   9 the Gumbel-max draw with the host's counter-based noise (engine/counter_rng.h) and its
+//   9 the Gumbel-max draw with the host's counter-based noise (engine/isa/counter_rng.h) and its
 //   pruning bound;
 //   the chosen token's logprob and the top-N (best first, lower id on ties) from the log-
 //   softmax of the cleaned raw logits.
@@ -17,7 +17,7 @@
 
 #include <float.h>
 
-#include "engine/counter_rng.h"
+#include "engine/isa/counter_rng.h"
 #include "kernels/op_context.cuh"
 #include "kernels/op_sample_select.cuh"
 
@@ -106,7 +106,7 @@ struct SampleOp {
     }
     const double min_ratio = fmin(fmax(static_cast<double>(sp.min_p), 0.0), 1.0);
 
-    // The draw with the host's pruning (engine/sampling.cc, draw): a token whose key cannot
+    // The draw with the host's pruning (engine/isa/sampling.cc, draw): a token whose key cannot
     // come within ln 2 of the best so far skips its two logarithms. Each thread starts from
     // the largest logit, which every filter keeps.
     constexpr double kLn2 = 0.693147180559945309417232121458176568;

@@ -1,7 +1,7 @@
 // The sample op's CTA-wide building blocks (kernels/op_sample.cuh): reductions, and the
 // threshold selection that stands in for a sort of the vocabulary.
 //
-// Threshold selection. Each filter of engine/sampling.h keeps an upper set of values, so it
+// Threshold selection. Each filter of engine/isa/sampling.h keeps an upper set of values, so it
 // is one threshold: the largest value t such that the weight of the elements >= t reaches a
 // target (top-k: weight 1 each, target k; top-p: probability mass, target top_p of the
 // total; top logprobs: weight 1, target N). select_threshold finds it radix-style on an

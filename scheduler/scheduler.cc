@@ -26,6 +26,8 @@ const char* finish_reason_name(FinishReason reason) {
       return "length";
     case FinishReason::kAbort:
       return "abort";
+    case FinishReason::kError:
+      return "error";
   }
   return "unknown";
 }
@@ -201,6 +203,7 @@ void Scheduler::finish_request(Request* r, FinishReason reason) {
       ++counters_.num_finished_length;
       break;
     case FinishReason::kAbort:
+    case FinishReason::kError:
       ++counters_.num_finished_abort;
       break;
   }

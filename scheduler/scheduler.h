@@ -82,6 +82,7 @@ enum class FinishReason {
   kStop,    // EOS (unless ignore_eos), a stop token id, or a stop string (via finish)
   kLength,  // max_tokens generated, or max_model_len reached
   kAbort,   // finish(id, kAbort): cancelled, deadline passed, shutting down
+  kError,   // finish(id, kError): the engine failed the step it was in (counted as aborted)
 };
 const char* finish_reason_name(FinishReason reason);
 

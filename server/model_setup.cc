@@ -1,21 +1,16 @@
 #include "server/model_setup.h"
 
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "engine/cpu_backend.h"
-#include "engine/demo_model.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/backend_choice.h"
+#include "engine/model/demo_model.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "spdlog/spdlog.h"
-#if MEGASERVE_WITH_CUDA_BACKEND
-#include "engine/cuda_backend.h"
-#endif
 
 namespace megaserve::server {
 namespace {
@@ -85,90 +80,21 @@ absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& sourc
   return engine::load_model_config(files.config_dir);
 }
 
-// Which backend to build, and the sentence the log gives for it.
-struct BackendChoice {
-  bool cuda = false;
-  std::string why;
-};
-
-absl::StatusOr<BackendChoice> choose_backend(const config::EngineConfig& e) {
-  const std::string& asked = e.backend();
-  if (asked == "cpu") return BackendChoice{false, "backend cpu: asked for by the configuration"};
-#if MEGASERVE_WITH_CUDA_BACKEND
-  std::string why_not;
-  const bool supported = engine::cuda_backend_supported(&why_not);
-  if (asked == "cuda") {
-    if (!supported) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("engine.backend \"cuda\": no usable GPU: ", why_not));
-    }
-    return BackendChoice{true, "backend cuda: asked for by the configuration"};
-  }
-  if (supported) return BackendChoice{true, "backend auto: a supported GPU is present"};
-  return BackendChoice{false, absl::StrCat("backend auto: no supported GPU (", why_not,
-                                           "), using the CPU interpreter")};
-#else
-  if (asked == "cuda") {
-    return absl::FailedPreconditionError(
-        "engine.backend \"cuda\": this megaserve was built without the CUDA backend (no CUDA "
-        "toolkit at build time)");
-  }
-  return BackendChoice{false,
-                       "backend auto: built without the CUDA backend, using the CPU interpreter"};
-#endif
-}
-
-absl::StatusOr<std::unique_ptr<engine::Backend>> make_backend(const config::EngineConfig& e,
-                                                              const BackendChoice& choice,
-                                                              const engine::ModelConfig& model,
-                                                              engine::ModelWeights weights) {
-  std::unique_ptr<engine::Backend> backend;
-#if MEGASERVE_WITH_CUDA_BACKEND
-  if (choice.cuda) {
-    if (e.tensor_parallel_size() != 1) {
-      return absl::UnimplementedError(absl::StrCat(
-          "engine.tensor_parallel_size ", e.tensor_parallel_size(),
-          ": the CUDA backend runs one GPU (tensor parallelism is CPU-simulated only)"));
-    }
-    engine::CudaBackendOptions options;
-    options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
-    options.num_kv_blocks = static_cast<int32_t>(e.num_kv_blocks());
-    options.memory_fraction = e.gpu_memory_fraction();
-    options.step_watchdog_ms = static_cast<int>(e.step_watchdog_ms());
-    auto cuda = engine::CudaBackend::create(model, std::move(weights), options);
-    if (!cuda.ok()) return cuda.status();
-    backend = *std::move(cuda);
-  }
-#endif
-  if (!choice.cuda) {
-    engine::CpuBackendOptions options;
-    options.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
-    options.kv_block_size = static_cast<int32_t>(e.kv_block_size());
-    options.num_kv_blocks = e.num_kv_blocks() > 0 ? static_cast<int32_t>(e.num_kv_blocks())
-                                                  : cpu_kv_blocks_for(model, options.kv_block_size,
-                                                                      e.cpu_kv_cache_mib());
-    const unsigned threads =
-        e.cpu_threads() > 0 ? e.cpu_threads() : std::max(1u, std::thread::hardware_concurrency());
-    options.num_sms = static_cast<int>(threads);
-    options.execution.mode =
-        threads > 1 ? engine::ExecutionMode::kThreaded : engine::ExecutionMode::kSequential;
-    options.verify = e.verify_schedules();
-    auto cpu = engine::CpuBackend::create(model, std::move(weights), options);
-    if (!cpu.ok()) return cpu.status();
-    backend = *std::move(cpu);
-  }
-  spdlog::info("{} ({})", choice.why, backend->describe());
-  return backend;
+engine::BackendSettings backend_settings(const config::EngineConfig& e) {
+  engine::BackendSettings s;
+  s.backend = e.backend();
+  s.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
+  s.kv_block_size = static_cast<int32_t>(e.kv_block_size());
+  s.num_kv_blocks = static_cast<int32_t>(e.num_kv_blocks());
+  s.gpu_memory_fraction = e.gpu_memory_fraction();
+  s.step_watchdog_ms = static_cast<int>(e.step_watchdog_ms());
+  s.cpu_kv_cache_mib = e.cpu_kv_cache_mib();
+  s.cpu_threads = e.cpu_threads();
+  s.verify_schedules = e.verify_schedules();
+  return s;
 }
 
 }  // namespace
-
-int32_t cpu_kv_blocks_for(const engine::ModelConfig& model, int32_t kv_block_size, uint32_t mib) {
-  const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
-                                  model.head_dim * kv_block_size * int64_t{sizeof(float)};
-  if (bytes_per_block <= 0) return 0;
-  return static_cast<int32_t>(std::max<int64_t>(1, (int64_t{mib} << 20) / bytes_per_block));
-}
 
 absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   auto files = locate_model(config.model());
@@ -183,11 +109,10 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
                model->num_kv_heads, model->vocab_size, model->max_position_embeddings,
                files->dummy ? ", dummy weights" : "");
   const config::EngineConfig& e = config.engine();
-  auto choice = choose_backend(e);
+  const engine::BackendSettings settings = backend_settings(e);
+  auto choice = engine::choose_backend(settings);
   if (!choice.ok()) return choice.status();
-  // The CPU interpreter computes in fp32; the GPU takes bf16 (converted while loading, so
-  // the host never holds an fp32 copy of a large model).
-  const engine::DType dtype = choice->cuda ? engine::DType::kBF16 : engine::DType::kF32;
+  const engine::DType dtype = engine::weights_dtype(*choice);
   engine::ModelWeights weights;
   if (files->dummy) {
     weights = engine::dummy_weights(*model, dtype, config.model().dummy_seed());
@@ -196,7 +121,7 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
     if (!loaded.ok()) return loaded.status();
     weights = *std::move(loaded);
   }
-  auto backend = make_backend(e, *choice, *model, std::move(weights));
+  auto backend = engine::make_backend(settings, *choice, *model, std::move(weights));
   if (!backend.ok()) return backend.status();
   const std::string backend_description = (*backend)->describe();
   const int32_t num_kv_blocks = (*backend)->num_kv_blocks();
@@ -210,6 +135,8 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   // Overlap pays only where a step runs beside the host (the GPU); the CPU interpreter runs
   // steps inside submit(), so there it would only delay applying outputs.
   options.overlap_scheduling = e.has_overlap_scheduling() ? e.overlap_scheduling() : choice->cuda;
+  // One list of stopping tokens for the scheduler and the output side.
+  engine::resolve_eos_token_ids(*model, (*tokenizer)->eos_id());
   auto engine = engine::Engine::create(*model, *std::move(backend), options);
   if (!engine.ok()) return engine.status();
 
@@ -217,7 +144,6 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   served.engine = *std::move(engine);
   served.tokenizer = *std::move(tokenizer);
   served.eos_token_ids = model->eos_token_ids;
-  if (served.eos_token_ids.empty()) served.eos_token_ids = {served.tokenizer->eos_id()};
   v1::ModelInfo& info = served.info;
   info.set_name(files->name);
   info.set_architecture(model->architecture);

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "engine/engine.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "scheduler/sampling_params.h"
 #include "scheduler/step_plan.h"
 

@@ -8,7 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "proto/megaserve.pb.h"
 #include "scheduler/sampling_params.h"
 

@@ -9,7 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/megaserve.pb.h"
 #include "server/metrics.h"

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "engine/engine.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/megaserve.grpc.pb.h"
 #include "server/metrics.h"

@@ -18,10 +18,10 @@
 #include <thread>
 #include <vector>
 
-#include "engine/cpu_backend.h"
+#include "engine/cpu/cpu_backend.h"
 #include "engine/engine.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
 

@@ -12,9 +12,9 @@
 #include <thread>
 #include <vector>
 
-#include "engine/cpu_backend.h"
-#include "engine/model_config.h"
-#include "engine/weights.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
 

@@ -10,7 +10,7 @@
 // attentions (each row's keys spread over the warps; the first version, one warp per query
 // row and q head). CudaAttentionAwkward adds shapes that the tensor-core attention's tiling
 // finds awkward.
-#include "engine/cuda_backend.h"
+#include "engine/cuda/cuda_backend.h"
 
 #include <algorithm>
 #include <chrono>
@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "engine/cpu_backend.h"
-#include "engine/weights.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/weights.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
 #include "tests/support/safetensors_writer.h"
@@ -37,7 +37,7 @@ struct ModelCase {
   int32_t block_size;
   int kv_split_tokens;  // GPU tiles; the CPU uses its own (smaller) splits
   bool llama3 = false;
-  int attention_query_rows = 0;  // GPU tiles (0: cuda_tile_config's)
+  int attention_query_rows = 0;  // GPU tiles (0: gpu_tile_config's)
 };
 
 // A request of the teacher-forced schedule: its whole token sequence, fed in the given
@@ -83,18 +83,15 @@ class CudaVsCpu : public ::testing::TestWithParam<ModelCase> {};
 
 struct KernelVariant {
   bool tensor_cores = false;  // projections on (bf16) tensor cores
-  bool attention_warp_per_head = false;
   bool attention_cuda_cores = false;
   const char* name() const {
-    if (attention_warp_per_head) return "attention-warp-per-head";
     if (attention_cuda_cores) return "cuda-core-attention";
     return tensor_cores ? "tensor-cores" : "cuda-cores";
   }
 };
-constexpr KernelVariant kVariants[] = {
-    {false, false, false}, {true, false, false}, {false, false, true}, {false, true, false}};
+constexpr KernelVariant kVariants[] = {{false, false}, {true, false}, {false, true}};
 
-// `tiles`: the GPU's tile shapes (default cuda_tile_config(132) with c.kv_split_tokens).
+// `tiles`: the GPU's tile shapes (default gpu_tile_config(132) with c.kv_split_tokens).
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
                 KernelVariant variant, const std::optional<TileConfig>& tiles = std::nullopt) {
   const ModelConfig config = make_config(c);
@@ -127,9 +124,8 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.check_barriers = true;
   gpu_opts.step_watchdog_ms = 60000;  // compute-sanitizer runs these steps far slower
   gpu_opts.tensor_cores = variant.tensor_cores;
-  gpu_opts.attention_warp_per_head = variant.attention_warp_per_head;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
-  TileConfig gpu_tiles = tiles.value_or(cuda_tile_config(132, 0));
+  TileConfig gpu_tiles = tiles.value_or(gpu_tile_config(132));
   gpu_tiles.kv_split_tokens = c.kv_split_tokens;
   if (c.attention_query_rows > 0) gpu_tiles.attention_query_rows = c.attention_query_rows;
   gpu_opts.tiles = gpu_tiles;
@@ -290,7 +286,7 @@ TEST(CudaProjections, AwkwardShapesAgainstCpu) {
       "proj_k200_ffn328", ModelFamily::kQwen2, 200, 5, 1, 64, 328, 1001, 2, 16, 1024};
   const ModelCase unaligned{
       "proj_k196_ffn100", ModelFamily::kLlama, 196, 4, 2, 64, 100, 333, 1, 16, 1024};
-  TileConfig wide = cuda_tile_config(132, 0);
+  TileConfig wide = gpu_tile_config(132);
   wide.balance_columns = false;
   wide.token_rows = 256;
   wide.hidden_cols = 256;

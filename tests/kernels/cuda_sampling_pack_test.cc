@@ -1,4 +1,4 @@
-// engine/cuda_sampling: what the host packs for the device's sample op, checked without a
+// engine/cuda/cuda_sampling: what the host packs for the device's sample op, checked without a
 // GPU. The packed id ranges are applied to logits exactly as kernels/op_sample.cuh applies
 // them (clean, repetition penalty per listed id, frequency / presence per (id, count) pair,
 // banned ids) and must give engine::apply_penalties' result bit for bit, for random
@@ -11,8 +11,8 @@
 #include <random>
 #include <vector>
 
-#include "engine/cuda_sampling.h"
-#include "engine/sampling.h"
+#include "engine/cuda/cuda_sampling.h"
+#include "engine/isa/sampling.h"
 #include "gtest/gtest.h"
 
 namespace megaserve::engine {

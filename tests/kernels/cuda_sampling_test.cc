@@ -20,12 +20,12 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/cuda_backend.h"
-#include "engine/cuda_trace.h"
-#include "engine/isa.h"
-#include "engine/model_config.h"
-#include "engine/sampling.h"
-#include "engine/weights.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_trace.h"
+#include "engine/isa/isa.h"
+#include "engine/isa/sampling.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "gtest/gtest.h"
 #include "kernels/megakernel.h"
 #include "tests/kernels/gpu_test_util.h"

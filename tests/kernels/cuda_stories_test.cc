@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "engine/cuda_backend.h"
-#include "engine/model_config.h"
-#include "engine/sampling.h"
-#include "engine/weights.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/isa/sampling.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
 #include "tests/kernels/sampling_check.h"

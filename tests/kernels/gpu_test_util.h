@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "engine/cuda_backend.h"
+#include "engine/cuda/cuda_backend.h"
 #include "gtest/gtest.h"
 
 namespace megaserve::testing {

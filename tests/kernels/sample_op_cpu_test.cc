@@ -4,7 +4,7 @@
 // exact ties, NaN and +-inf; temperatures 0, tiny and ordinary; top-k 1 to beyond the
 // vocabulary, top-p tiny to 0.99, min-p up to 1, penalties over contexts with repeated ids,
 // banned ids including all of them, top logprobs up to 20; the rows packed by
-// engine/cuda_sampling as the GPU gets them. It checks the op's logic (thresholds, ties,
+// engine/cuda/cuda_sampling as the GPU gets them. It checks the op's logic (thresholds, ties,
 // draws) where no GPU is; the GPU suites check it on the device (cuda_sampling_test).
 // clang-format off
 #include "tests/kernels/cuda_emulation.h"  // first: it defines what the op's CUDA code needs
@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/cuda_sampling.h"
-#include "engine/sampling.h"
+#include "engine/cuda/cuda_sampling.h"
+#include "engine/isa/sampling.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/sampling_check.h"
 

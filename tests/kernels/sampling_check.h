@@ -1,7 +1,7 @@
 // Shared by the gpu suites that compare the device's sample op with engine::sample_token on
 // the very logits the device produced (CudaBackend::logits).
 //
-// Tokens must be equal, except where engine/sampling.h lets a cut go either way: top-p sums
+// Tokens must be equal, except where engine/isa/sampling.h lets a cut go either way: top-p sums
 // its mass with rounding (~3e-7 relative), and min-p compares exp(s) with min_p, so a token
 // at either cut may be kept by one and dropped by the other. A differing device token is
 // accepted only if the host draws it too once top_p or min_p moves by 1e-5 relative (and the
@@ -14,7 +14,7 @@
 #include <span>
 #include <string>
 
-#include "engine/sampling.h"
+#include "engine/isa/sampling.h"
 #include "gtest/gtest.h"
 #include "scheduler/step_plan.h"
 

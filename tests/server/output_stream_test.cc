@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
 

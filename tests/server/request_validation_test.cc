@@ -5,7 +5,7 @@
 #include <memory>
 #include <string>
 
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
 

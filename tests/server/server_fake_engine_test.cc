@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "gtest/gtest.h"
 #include "server/server.h"
 #include "tests/server/fake_engine.h"

@@ -10,7 +10,7 @@
 #include <fstream>
 #include <random>
 
-#include "engine/bf16.h"
+#include "engine/isa/bf16.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 

@@ -1,7 +1,7 @@
 // Writes safetensors files and whole Hugging Face model directories for tests: small
 // Llama/Qwen2/Qwen3 models with random weights, and hand-made (also deliberately broken)
 // files for the loader's error paths. Independent of the loader: it shares only the
-// ModelConfig struct and engine/bf16.h's float_to_bf16.
+// ModelConfig struct and engine/isa/bf16.h's float_to_bf16.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/model_config.h"
+#include "engine/model/model_config.h"
 
 namespace megaserve::testing {
 

@@ -1,0 +1,58 @@
+// kQkvRope: RMSNorm of token rows, q/k/v projection of whole fused heads, bias (Qwen2),
+// per-head RMSNorm (Qwen3), RoPE (rotate-half pairs (i, i + head_dim/2)) on q and k, then q to
+// the q buffer and k/v into the paged cache at each token's position.
+#include <cmath>
+#include <vector>
+
+#include "engine/cpu/cpu_ops.h"
+
+namespace megaserve::engine::cpu {
+
+void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
+  const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+  RankState& st = (*ctx.ranks)[rank];
+  const ModelConfig& cfg = *ctx.config;
+  const StepMetadata& m = *ctx.meta;
+  const LayerView& w = st.weights.layers[inst.layer()];
+  const int H = cfg.hidden_size, hd = cfg.head_dim, half = hd / 2;
+  const int hq = st.shard.q_heads, hkv = st.shard.kv_heads;
+  std::vector<float> normed(H), head(hd);
+  for (int t = a.row_begin; t < a.row_end; ++t) {
+    rms_norm(st.ws.residual.data() + static_cast<int64_t>(t) * H, w.attn_norm, H, cfg.rms_norm_eps,
+             normed.data());  // (H)
+    const int pos = m.positions[t];
+    for (int fh = a.head_begin; fh < a.head_end; ++fh) {
+      const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);  // q, k, v
+      const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+      const WeightView& proj = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+      const WeightView& bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+      for (int d = 0; d < hd; ++d) {
+        head[d] = proj.dot(static_cast<int64_t>(h) * hd + d, normed.data());
+        if (!bias.empty()) head[d] += bias.at(0, static_cast<int64_t>(h) * hd + d);
+      }  // (hd)
+      if (kind < 2) {
+        const WeightView& qk_norm = kind == 0 ? w.q_norm : w.k_norm;
+        if (!qk_norm.empty()) rms_norm(head.data(), qk_norm, hd, cfg.rms_norm_eps, head.data());
+        for (int i = 0; i < half; ++i) {
+          const float angle = static_cast<float>(pos) * (*ctx.inv_freq)[i];
+          const float c = std::cos(angle), s = std::sin(angle);
+          const float x1 = head[i], x2 = head[i + half];
+          head[i] = x1 * c - x2 * s;
+          head[i + half] = x2 * c + x1 * s;
+        }
+      }
+      float* out;
+      if (kind == 0) {
+        out = st.ws.q.data() + (static_cast<int64_t>(t) * hq + h) * hd;
+      } else {
+        const int req = m.token_request[t];
+        const int block = m.block_indices[m.block_indptr[req] + pos / m.kv_block_size];
+        auto& cache = kind == 1 ? st.k_cache[inst.layer()] : st.v_cache[inst.layer()];
+        out = cache.data() + st.kv_layout.offset(block, h, pos % m.kv_block_size);
+      }
+      for (int d = 0; d < hd; ++d) out[d] = head[d];
+    }
+  }
+}
+
+}  // namespace megaserve::engine::cpu

@@ -1,0 +1,340 @@
+#include "engine/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <chrono>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_sampling.h"
+#include "engine/cuda/cuda_state.h"
+#include "engine/isa/sampling.h"
+#include "kernels/device_probe.h"
+#include "kernels/megakernel.h"
+
+namespace megaserve::engine {
+
+using kernels::DeviceStepDesc;
+
+absl::StatusOr<double> device_copy_bandwidth(int device, size_t bytes, int copies) {
+  MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
+  void* buffers[2] = {nullptr, nullptr};
+  cudaEvent_t events[2] = {nullptr, nullptr};
+  const auto release = [&] {
+    for (void* p : buffers) cudaFree(p);
+    for (cudaEvent_t e : events) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+  };
+  const auto check = [&](cudaError_t e, const char* what) -> absl::Status {
+    if (e == cudaSuccess) return absl::OkStatus();
+    release();
+    return cuda_error(e, what);
+  };
+  for (void*& p : buffers) {
+    if (absl::Status s = check(cudaMalloc(&p, bytes), "copy bandwidth buffers"); !s.ok()) return s;
+  }
+  for (cudaEvent_t& e : events) {
+    if (absl::Status s = check(cudaEventCreate(&e), "copy bandwidth events"); !s.ok()) return s;
+  }
+  float ms = 0;
+  absl::Status s = check(cudaMemset(buffers[0], 1, bytes), "copy bandwidth");
+  if (s.ok()) {
+    s = check(cudaMemcpy(buffers[1], buffers[0], bytes, cudaMemcpyDeviceToDevice), "warm-up");
+  }
+  if (s.ok()) s = check(cudaEventRecord(events[0]), "copy bandwidth");
+  for (int i = 0; s.ok() && i < copies; ++i) {
+    s = check(cudaMemcpyAsync(buffers[1], buffers[0], bytes, cudaMemcpyDeviceToDevice),
+              "copy bandwidth");
+  }
+  if (s.ok()) s = check(cudaEventRecord(events[1]), "copy bandwidth");
+  if (s.ok()) s = check(cudaEventSynchronize(events[1]), "copy bandwidth");
+  if (s.ok()) s = check(cudaEventElapsedTime(&ms, events[0], events[1]), "copy bandwidth");
+  if (!s.ok()) return s;  // check() released everything
+  release();
+  if (!(ms > 0)) return absl::InternalError("cuda backend: copy bandwidth: no time elapsed");
+  return 2.0 * static_cast<double>(bytes) * copies / (ms * 1e-3);
+}
+
+bool cuda_backend_supported(std::string* why) {
+  std::string reason;
+  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&reason);
+  for (const kernels::DeviceInfo& d : devices) {
+    if (d.supported()) return true;
+  }
+  if (why != nullptr) {
+    *why = devices.empty() ? absl::StrCat("no CUDA device: ", reason)
+                           : absl::StrCat("no supported GPU (need sm_90, Hopper); device 0 is ",
+                                          devices[0].name, " sm_", devices[0].compute_major,
+                                          devices[0].compute_minor);
+  }
+  return false;
+}
+
+CudaBackend::CudaBackend() = default;
+
+struct CudaBackend::InFlight {
+  uint32_t seq = 0;  // its number in the step ring
+  Step step;
+  SamplingUpload sampling;
+  std::vector<std::vector<int32_t>> outputs;  // add_in_flight_outputs' storage
+  DeviceStepDesc desc{};
+  // Its workspace is read back (host_sampling, profile, barrier check): the next step is not
+  // posted before it is finished.
+  bool reads_workspace = false;
+  std::chrono::steady_clock::time_point posted;
+  std::optional<scheduler::StepOutput> output;  // once finished
+};
+
+CudaBackend::~CudaBackend() {
+  if (state_ != nullptr) {
+    cudaSetDevice(state_->device);
+    // Steps still in flight complete (or the watchdog aborts them) before the kernel stops.
+    for (auto& f : in_flight_) {
+      if (broken_ || !finish(*f).ok()) break;
+    }
+    state_->stop_persistent();
+  }
+}
+
+std::string CudaBackend::describe() const {
+  return absl::StrCat(
+      "cuda megakernel on ", device_name_, " (device ", options_.device, ", ", tiles_.num_sms,
+      " CTAs, ", options_.persistent ? "persistent" : "one launch per step",
+      options_.tensor_cores ? ", tensor cores" : ", CUDA cores", "): ", num_kv_blocks_,
+      " KV blocks of ", options_.kv_block_size, " tokens, bf16 weights and cache");
+}
+
+absl::Status CudaBackend::fail(absl::Status s) {
+  broken_ = true;
+  return s;
+}
+
+absl::StatusOr<std::vector<float>> CudaBackend::logits(int sample) const {
+  const DeviceStepDesc& d = state_->last_desc;
+  if (broken_ || sample < 0 || sample >= d.num_samples) {
+    return absl::OutOfRangeError(absl::StrCat("cuda backend: no sampling row ", sample));
+  }
+  std::vector<float> out(config_.vocab_size);
+  MEGASERVE_CUDA_RETURN(cudaMemcpy(out.data(), d.logits + static_cast<int64_t>(sample) * out.size(),
+                                   out.size() * sizeof(float), cudaMemcpyDeviceToHost),
+                        "reading logits");
+  return out;
+}
+
+absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::StepPlan& plan) {
+  if (!in_flight_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("cuda backend: execute step ", plan.step_id,
+                                                      " with ", in_flight_.size(),
+                                                      " steps in flight (collect them first)"));
+  }
+  if (absl::Status s = submit(plan); !s.ok()) return s;
+  return collect();
+}
+
+absl::Status CudaBackend::submit(const scheduler::StepPlan& plan) {
+  if (broken_) return absl::FailedPreconditionError("cuda backend: an earlier step failed");
+  if (in_flight_.size() >= kMaxStepsInFlight) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda backend: step ", plan.step_id, ": ", in_flight_.size(), " steps already in flight"));
+  }
+  if (plan.kv_block_size != options_.kv_block_size) {
+    return absl::InvalidArgumentError(absl::StrCat("step ", plan.step_id, ": kv_block_size ",
+                                                   plan.kv_block_size, ", backend has ",
+                                                   options_.kv_block_size));
+  }
+  // An input the previous step samples: on the device when that step may still be running
+  // and samples the row there, else from the host once that step is finished.
+  bool needs_host_token = false;
+  for (const auto& r : plan.requests) {
+    for (int32_t id : r.token_ids) {
+      if (id != scheduler::kTokenFromPreviousStep) continue;
+      const auto it = previous_rows_.find(r.request_id);
+      if (it == previous_rows_.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "step ", plan.step_id, " request ", r.request_id,
+            ": input kTokenFromPreviousStep, but the previous step sampled nothing for it"));
+      }
+      needs_host_token |= !it->second.second;
+    }
+  }
+  if (absl::Status s = check_device_sampling(plan); !s.ok()) return s;
+  auto f = std::make_unique<InFlight>();
+  f->step = std::move(spare_step_);  // its buffers keep their capacity from step to step
+  if (absl::Status s = builder_->build_into(plan, num_kv_blocks_, f->step); !s.ok()) return s;
+  Step& step = f->step;
+  const StepMetadata& m = step.meta;
+  const int S = m.num_samples();
+  const WorkspaceShape shape{config_.hidden_size,       config_.q_size(),   config_.head_dim,
+                             config_.intermediate_size, config_.vocab_size, options_.profile};
+  CudaState& st = *state_;
+  // Penalties count the token each request sampled in the step before, which a plan made
+  // while that step ran lacks (add_in_flight_outputs): its row waits for that step.
+  bool needs_previous_outputs = false;
+  for (const RequestSampling& r : m.requests) {
+    const scheduler::SamplingParams& p = r.params;
+    needs_previous_outputs |=
+        static_cast<size_t>(r.output_token_index) == r.output_token_ids.size() + 1 &&
+        (p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f);
+  }
+  // Everything below changes device state: a failure breaks the backend.
+  if (!in_flight_.empty()) {
+    const InFlight& previous = *in_flight_.back();
+    if (previous.reads_workspace || needs_host_token || needs_previous_outputs ||
+        options_.poison_workspace) {
+      for (auto& g : in_flight_) {
+        if (absl::Status s = finish(*g); !s.ok()) return s;
+      }
+    }
+  }
+  bool previous_running = !in_flight_.empty() && !in_flight_.back()->output.has_value();
+  if (!previous_running) add_in_flight_outputs(previous_sampled_, step, f->outputs);
+  f->sampling = pack_sampling(step.meta, config_.vocab_size);
+  if (previous_running && !st.fits(step, shape, f->sampling)) {
+    for (auto& g : in_flight_) {  // a reallocation stops the kernel: nothing may run
+      if (absl::Status s = finish(*g); !s.ok()) return s;
+    }
+    previous_running = false;
+  }
+  for (int32_t t = 0; t < m.num_tokens; ++t) {
+    int32_t& id = step.meta.token_ids[t];
+    if (id != scheduler::kTokenFromPreviousStep) continue;
+    const uint64_t request = m.requests[m.token_request[t]].request_id;
+    id = previous_running ? kernels::kPreviousSampleBase - previous_rows_.at(request).first
+                          : previous_sampled_.at(request);
+  }
+  f->reads_workspace = options_.host_sampling || options_.profile || options_.check_barriers;
+  const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
+                        (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
+  absl::StatusOr<DeviceStepDesc> desc =
+      st.upload_step(step, shape, f->sampling, flags, options_.poison_workspace);
+  if (!desc.ok()) return fail(desc.status());
+  f->desc = *desc;
+  absl::StatusOr<uint32_t> seq = st.post(options_.persistent);
+  if (!seq.ok()) return fail(seq.status());
+  f->seq = *seq;
+  f->posted = std::chrono::steady_clock::now();
+  if (previous_running) ++overlapped_posts_;
+  previous_rows_.clear();
+  for (int s = 0; s < S; ++s) {
+    previous_rows_[m.requests[m.sample_request[s]].request_id] = {s, !options_.host_sampling};
+  }
+  in_flight_.push_back(std::move(f));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<scheduler::StepOutput> CudaBackend::collect() {
+  if (broken_) return absl::FailedPreconditionError("cuda backend: an earlier step failed");
+  if (in_flight_.empty()) return absl::FailedPreconditionError("cuda backend: no step in flight");
+  InFlight& f = *in_flight_.front();
+  if (absl::Status s = finish(f); !s.ok()) return s;
+  scheduler::StepOutput out = *std::move(f.output);
+  spare_step_ = std::move(last_step_);
+  last_step_ = std::move(f.step);
+  in_flight_.pop_front();
+  return out;
+}
+
+absl::Status CudaBackend::finish(InFlight& f) {
+  if (f.output.has_value()) return absl::OkStatus();
+  CudaState& st = *state_;
+  const Step& step = f.step;
+  const StepMetadata& m = step.meta;
+  const RankSchedule& rs = step.ranks[0];
+  const int S = m.num_samples();
+  const int V = config_.vocab_size;
+  const DeviceStepDesc& d = f.desc;
+  // The watchdog counts from when the step could start: its post, or the end of the step
+  // before it (finished first: steps finish in order).
+  const auto watchdog = std::chrono::milliseconds(options_.step_watchdog_ms);
+  const auto deadline = std::max(f.posted, last_finished_) + watchdog;
+  if (absl::Status s = st.wait(f.seq, step.step_id, options_.persistent, deadline, watchdog);
+      !s.ok()) {
+    return fail(s);
+  }
+  last_finished_ = std::chrono::steady_clock::now();
+  st.last_desc = d;
+  last_timings_.clear();
+  const auto failed = [&](cudaError_t e, const char* what) { return fail(cuda_error(e, what)); };
+  if (options_.profile && d.profile != nullptr) {
+    constexpr int kWords = kernels::kProfileWords;
+    std::vector<uint64_t> t(kWords * rs.instructions.size());
+    if (cudaError_t e =
+            cudaMemcpy(t.data(), d.profile, t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost);
+        e != cudaSuccess) {
+      return failed(e, "reading the profile");
+    }
+    last_timings_.resize(rs.instructions.size());
+    for (size_t i = 0; i < rs.instructions.size(); ++i) {
+      last_timings_[i] = {t[kWords * i], t[kWords * i + 1], t[kWords * i + 2],
+                          static_cast<uint32_t>(t[kWords * i + 3])};
+    }
+  }
+
+  // Read back the samples and, when a row asked for them, the top logprobs (the slot's
+  // outputs: a later step running now does not touch them).
+  constexpr int kTop = kernels::kMaxTopLogprobs;
+  const bool any_logprobs = f.sampling.any_logprobs;
+  std::vector<int32_t> ids(S), top_ids(any_logprobs ? S * kTop : 0);
+  std::vector<float> logprobs(S), top_logprobs(top_ids.size());
+  if (S > 0) {
+    const auto read = [&](void* dst, const void* src, size_t bytes) {
+      return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st.copy);
+    };
+    cudaError_t e = read(ids.data(), d.sampled_ids, S * sizeof(int32_t));
+    if (e == cudaSuccess) e = read(logprobs.data(), d.sampled_logprobs, S * sizeof(float));
+    if (e == cudaSuccess && any_logprobs) {
+      e = read(top_ids.data(), d.top_ids, top_ids.size() * sizeof(int32_t));
+      if (e == cudaSuccess) {
+        e = read(top_logprobs.data(), d.top_logprobs, top_logprobs.size() * sizeof(float));
+      }
+    }
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st.copy);
+    if (e != cudaSuccess) return failed(e, "reading samples");
+  }
+  if (options_.check_barriers) {
+    std::vector<uint32_t> values(st.num_barriers);
+    if (cudaError_t e = cudaMemcpy(values.data(), st.barriers, values.size() * sizeof(uint32_t),
+                                   cudaMemcpyDeviceToHost);
+        e != cudaSuccess) {
+      return failed(e, "reading barriers");
+    }
+    for (int b = 0; b < st.num_barriers; ++b) {
+      if (values[b] != rs.barrier_end[b]) {
+        return fail(absl::InternalError(absl::StrCat("cuda backend: step ", step.step_id,
+                                                     ": barrier ", b, " ends at ", values[b],
+                                                     ", expected ", rs.barrier_end[b])));
+      }
+    }
+  }
+  scheduler::StepOutput out;
+  out.step_id = step.step_id;
+  out.sampled.assign(S, scheduler::SampledToken{});
+  std::vector<float> row;
+  for (int s = 0; s < S; ++s) {
+    const RequestSampling& r = m.requests[m.sample_request[s]];
+    scheduler::SampledToken& tok = out.sampled[s];
+    if (!options_.host_sampling) {
+      const size_t top = any_logprobs ? static_cast<size_t>(s) * kTop : 0;
+      const size_t n = any_logprobs ? kTop : 0;
+      tok = unpack_sample(f.sampling.rows[s], V, ids[s], logprobs[s],
+                          std::span(top_ids).subspan(top, n),
+                          std::span(top_logprobs).subspan(top, n));
+    } else {  // test option: the host samples the device's logits (no later step ran)
+      row.resize(V);
+      if (cudaError_t e = cudaMemcpy(row.data(), d.logits + static_cast<int64_t>(s) * V,
+                                     V * sizeof(float), cudaMemcpyDeviceToHost);
+          e != cudaSuccess) {
+        return failed(e, "reading logits");
+      }
+      tok = sample_token(row, r.params, sampling_context(r));
+    }
+    tok.request_id = r.request_id;
+  }
+  previous_sampled_.clear();
+  for (const auto& tok : out.sampled) previous_sampled_[tok.request_id] = tok.token_id;
+  f.output = std::move(out);
+  return absl::OkStatus();
+}
+
+}  // namespace megaserve::engine

@@ -1,0 +1,157 @@
+// CudaBackend: the GPU twin of CpuBackend (engine/cpu/cpu_backend.h). It holds the model's bf16
+// weights, the bf16 paged KV cache, the step workspace and the barriers in device memory;
+// submit() builds the step with the ScheduleBuilder (a GPU TileConfig), uploads its queues
+// and metadata into one of two step slots and posts it to the megakernel
+// (kernels/megakernel.h: persistently through the step ring, or one launch per step) while
+// the previous step may still run; collect() waits for the oldest step and reads back its
+// sampled tokens.
+//
+// Overlap: an input kTokenFromPreviousStep is resolved on the device (the embedding reads
+// the previous step's sampled id) when that step is still running. submit() first waits for
+// the previous step when its workspace must be read (host_sampling, profiling, barrier
+// checks), when a row's penalties need the token that step samples (the plan lacks it),
+// when the workspace is poisoned, or when the step needs bigger buffers (a reallocation
+// stops the persistent kernel).
+//
+// Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
+// the watchdog, or any CUDA error, fails the call that sees it and every later call (never a
+// hang), steps in flight included.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/cuda/cuda_trace.h"
+#include "engine/isa/isa.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weights.h"
+#include "engine/planner/schedule_builder.h"
+#include "engine/planner/tile_config.h"
+
+namespace megaserve::engine {
+
+struct CudaBackendOptions {
+  int device = 0;  // CUDA device ordinal
+  // Tensor parallelism is not implemented on the GPU yet: anything but 1 is refused.
+  int tensor_parallel = 1;
+  int32_t kv_block_size = 16;
+  // 0: as many blocks as fit in memory_fraction of the free memory left after the weights
+  // and a reserve for the workspace.
+  int32_t num_kv_blocks = 0;
+  double memory_fraction = 0.9;
+  // Persistent kernel fed through the step ring (else one launch per step).
+  bool persistent = true;
+  // A step that takes longer fails execute() and breaks the backend.
+  int step_watchdog_ms = 10000;
+  // Tile shapes; default gpu_tile_config(sm count) (engine/planner/tile_config.h). num_sms is
+  // always the number of CTAs (the device's SM count unless num_sms > 0 below).
+  std::optional<TileConfig> tiles;
+  int num_sms = 0;
+  // Tests: fill the workspace with NaN before every step (unwritten reads show up as NaN),
+  // and compare the barriers with the step's barrier_end after it.
+  bool poison_workspace = false;
+  bool check_barriers = false;
+  // Projections on bf16 tensor cores (mma.sync m16n8k16; each fp32 activation as a bf16
+  // hi + lo pair, fp32 accumulation) where the reduction width is a multiple of 8 and a tile
+  // has more than one token row; else, or when false, CUDA cores (fp32 FMA).
+  bool tensor_cores = true;
+  // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
+  // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
+  // always run on CUDA cores).
+  bool attention_cuda_cores = false;
+  // Tests: sample every row on the host (engine::sample_token) from the device's logits read
+  // back, instead of the device's sample op; to compare the two on the same logits.
+  bool host_sampling = false;
+  // Benchmarks: record per-instruction timestamps and SMs on the device
+  // (CudaBackend::last_timings, engine/cuda/cuda_trace.h).
+  bool profile = false;
+};
+
+// Device-to-device copy bandwidth of `device` in bytes per second, read + write counted:
+// `copies` cudaMemcpy of `bytes` between two buffers, timed with events after a warm-up. The
+// memory floor of the benchmarks (bench/gpu_*.cc) is bytes to read over this.
+absl::StatusOr<double> device_copy_bandwidth(int device, size_t bytes = size_t{1} << 30,
+                                             int copies = 10);
+
+// True when a supported (Hopper, sm_90) GPU is visible; else false with the reason in `why`.
+bool cuda_backend_supported(std::string* why);
+
+struct CudaState;  // device allocations, streams, mapped control words (cuda_backend.cc)
+
+class CudaBackend : public Backend {
+ public:
+  // `weights` may be fp32, fp16 or bf16 on the host; they are converted to bf16 and uploaded.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> create(const ModelConfig& config,
+                                                             ModelWeights weights,
+                                                             const CudaBackendOptions& options);
+  ~CudaBackend() override;
+
+  std::string describe() const override;
+  int32_t num_kv_blocks() const override { return num_kv_blocks_; }
+  int32_t kv_block_size() const override { return options_.kv_block_size; }
+  // kTokenFromPreviousStep inputs are the tokens this backend sampled in the previous step,
+  // as in CpuBackend. execute() is submit() then collect(), with no step in flight.
+  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
+  absl::Status submit(const scheduler::StepPlan& plan) override;
+  absl::StatusOr<scheduler::StepOutput> collect() override;
+  int steps_in_flight() const override { return static_cast<int>(in_flight_.size()); }
+  // Submitted steps that were posted while the step before them was still running (for
+  // tests and benchmarks: how often the overlap happened).
+  int64_t overlapped_posts() const { return overlapped_posts_; }
+
+  // For tests and benchmarks: the full-vocabulary logits of sampling row `sample` of the
+  // last collected step (read back from the device; valid while no later step is in
+  // flight), that step, and the builder.
+  absl::StatusOr<std::vector<float>> logits(int sample) const;
+  const Step& last_step() const { return last_step_; }
+  ScheduleBuilder& builder() { return *builder_; }
+  int num_sms() const { return tiles_.num_sms; }
+  // With profile on: per instruction of last_step().ranks[0], its device timestamps.
+  const std::vector<InstructionTiming>& last_timings() const { return last_timings_; }
+  // Per-step choices, applied from the next submit() on (the resident kernel reads them
+  // from each step's descriptor): benchmarks compare variants on one upload of the weights.
+  void set_profile(bool on) { options_.profile = on; }
+  void set_tensor_cores(bool on) { options_.tensor_cores = on; }
+  void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
+  void set_host_sampling(bool on) { options_.host_sampling = on; }
+
+ private:
+  struct InFlight;  // a step posted to the device and not yet collected (cuda_backend.cc)
+
+  CudaBackend();
+  absl::Status fail(absl::Status s);  // marks the backend broken
+  // Waits for `f` (its watchdog counted from when it could start) and reads back its
+  // samples; idempotent. Steps finish in order.
+  absl::Status finish(InFlight& f);
+
+  ModelConfig config_;
+  CudaBackendOptions options_;
+  TileConfig tiles_;
+  int32_t num_kv_blocks_ = 0;
+  std::string device_name_;
+  std::unique_ptr<ScheduleBuilder> builder_;
+  std::unique_ptr<CudaState> state_;
+  std::deque<std::unique_ptr<InFlight>> in_flight_;  // oldest first, kMaxStepsInFlight at most
+  // The last finished step's samples (request id -> token), for inputs resolved on the host.
+  std::unordered_map<uint64_t, int32_t> previous_sampled_;
+  // The last submitted step's sampling rows: request id -> (row, sampled on the device).
+  std::unordered_map<uint64_t, std::pair<int32_t, bool>> previous_rows_;
+  std::chrono::steady_clock::time_point last_finished_;
+  int64_t overlapped_posts_ = 0;
+  Step last_step_;
+  Step spare_step_;  // the one collected before last_step_, rebuilt by the next submit()
+  std::vector<InstructionTiming> last_timings_;
+  bool broken_ = false;
+};
+
+}  // namespace megaserve::engine

@@ -1,0 +1,234 @@
+#include "engine/cuda/cuda_trace.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/isa/op_args.h"
+
+namespace megaserve::engine {
+
+namespace {
+
+using isa::Opcode;
+
+constexpr double kF32 = 4;   // workspace activations
+constexpr double kBf16 = 2;  // weights and KV cache
+constexpr int kMaxOps = static_cast<int>(Opcode::kNumOpcodes);
+
+// Keys query row `t` scores in split `split` (-1: unsplit) with `K` keys per split.
+double attention_keys(const StepMetadata& meta, int t, int split) {
+  const int pos = meta.positions[t];
+  const int key_begin = split < 0 ? 0 : split * meta.kv_split_tokens;
+  const int key_end = split < 0 ? pos + 1 : std::min(pos + 1, (split + 1) * meta.kv_split_tokens);
+  return std::max(0, key_end - key_begin);
+}
+
+}  // namespace
+
+InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& meta,
+                                 const isa::Instruction& inst) {
+  const double H = config.hidden_size, hd = config.head_dim, F = config.intermediate_size;
+  const int group = config.num_heads / config.num_kv_heads;
+  InstructionWork w;
+  switch (inst.opcode()) {
+    case Opcode::kEmbedding: {
+      const auto a = isa::args_of<isa::EmbeddingArgs>(inst);
+      w.bytes = (a.row_end - a.row_begin) * H * (kBf16 + kF32);
+      break;
+    }
+    case Opcode::kQkvRope: {
+      const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+      const double rows = a.row_end - a.row_begin, cols = (a.head_end - a.head_begin) * hd;
+      w.flops = 2 * rows * cols * H;
+      w.bytes = cols * H * kBf16 + rows * (H + cols) * kF32;
+      break;
+    }
+    case Opcode::kAttention: {
+      const auto a = isa::args_of<isa::AttentionArgs>(inst);
+      const bool batch = a.request_end - a.request_begin > 1;
+      for (int i = a.request_begin; i < a.request_end; ++i) {
+        const int row0 = meta.query_start[i];
+        const int n = meta.query_start[i + 1] - row0;
+        const int q0 = batch ? 0 : a.query_begin, q1 = batch ? n : a.query_end;
+        for (int qi = q0; qi < q1; ++qi) {
+          const double keys = attention_keys(meta, row0 + qi, a.split);
+          w.flops += 4 * group * hd * keys;  // q.k and p.v per key, per q head
+          // K and V rows once per row (the group's q heads share them), q in, out written.
+          w.bytes += 2 * keys * hd * kBf16 + 2 * group * hd * kF32;
+        }
+      }
+      break;
+    }
+    case Opcode::kAttentionMerge: {
+      const auto a = isa::args_of<isa::AttentionMergeArgs>(inst);
+      const int row0 = meta.query_start[a.request];
+      const double elems = static_cast<double>(config.num_heads) * hd;
+      for (int qi = a.query_begin; qi < a.query_end; ++qi) {
+        const double splits = meta.positions[row0 + qi] / meta.kv_split_tokens + 1;
+        w.flops += 3 * elems * splits;
+        w.bytes += (splits + 1) * elems * kF32;
+      }
+      break;
+    }
+    case Opcode::kOProj:
+    case Opcode::kDownProj: {
+      const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
+      const double in_cols = inst.opcode() == Opcode::kOProj ? config.q_size() : F;
+      const double rows = a.row_end - a.row_begin, cols = a.col_end - a.col_begin;
+      w.flops = 2 * rows * cols * in_cols;
+      w.bytes = cols * in_cols * kBf16 + rows * (in_cols + 2 * cols) * kF32;
+      break;
+    }
+    case Opcode::kGateUpSilu: {
+      const auto a = isa::args_of<isa::GateUpArgs>(inst);
+      const double rows = a.row_end - a.row_begin, cols = a.col_end - a.col_begin;
+      w.flops = 4 * rows * cols * H;
+      w.bytes = 2 * cols * H * kBf16 + rows * (H + cols) * kF32;
+      break;
+    }
+    case Opcode::kTpReduce: {  // one rank here: its own partial only
+      const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
+      const double elems = static_cast<double>(a.row_end - a.row_begin) * (a.col_end - a.col_begin);
+      w.flops = elems;
+      w.bytes = 3 * elems * kF32;
+      break;
+    }
+    case Opcode::kLmHead: {
+      const auto a = isa::args_of<isa::LmHeadArgs>(inst);
+      const double rows = a.sample_end - a.sample_begin, cols = a.col_end - a.col_begin;
+      w.flops = 2 * rows * cols * H;
+      w.bytes = cols * H * kBf16 + rows * (H + cols) * kF32;
+      break;
+    }
+    case Opcode::kSample: {
+      const auto a = isa::args_of<isa::SampleArgs>(inst);
+      const double rows = a.sample_end - a.sample_begin;
+      w.flops = 10.0 * config.vocab_size * rows;
+      w.bytes = static_cast<double>(config.vocab_size) * kF32 * rows;
+      break;
+    }
+    case Opcode::kInvalid:
+    case Opcode::kNumOpcodes:
+      break;
+  }
+  return w;
+}
+
+TraceSummary summarize_trace(const ModelConfig& config, const Step& step,
+                             std::span<const InstructionTiming> timings) {
+  const RankSchedule& rs = step.ranks[0];
+  TraceSummary s;
+  s.num_ctas = rs.num_queues();
+  OpSummary ops[kMaxOps];
+  uint64_t first = ~uint64_t{0}, last = 0;
+  const size_t n = std::min(timings.size(), rs.instructions.size());
+  for (size_t i = 0; i < n; ++i) {
+    const isa::Instruction& inst = rs.instructions[i];
+    const int op = static_cast<int>(inst.opcode());
+    if (op <= 0 || op >= kMaxOps) continue;
+    const InstructionTiming& t = timings[i];
+    const InstructionWork w = instruction_work(config, step.meta, inst);
+    OpSummary& o = ops[op];
+    o.op = inst.opcode();
+    ++o.count;
+    o.busy_us += (t.end_ns - t.start_ns) * 1e-3;
+    o.wait_us += (t.start_ns - t.fetch_ns) * 1e-3;
+    o.flops += w.flops;
+    o.bytes += w.bytes;
+    s.flops += w.flops;
+    s.bytes += w.bytes;
+    first = std::min(first, t.fetch_ns);
+    last = std::max(last, t.end_ns);
+  }
+  s.span_us = last > first ? (last - first) * 1e-3 : 0;
+  for (const OpSummary& o : ops) {
+    if (o.count > 0) s.ops.push_back(o);
+  }
+  return s;
+}
+
+std::string format_trace_summary(const TraceSummary& s) {
+  std::string out = absl::StrFormat(
+      "span %.1f us over %d CTAs; %.3g GFLOP, %.3g GB in the step\n"
+      "%-16s %7s %12s %12s %10s %10s %12s %10s\n",
+      s.span_us, s.num_ctas, s.flops * 1e-9, s.bytes * 1e-9, "op", "count", "busy_us/CTA",
+      "wait_us/CTA", "us/inst", "GFLOP", "TFLOP/s", "TB/s");
+  const double ctas = std::max(1, s.num_ctas);
+  for (const OpSummary& o : s.ops) {
+    // Over the GPU: the work of every instruction over its summed busy time spread across
+    // the CTAs, i.e. the rate the op would reach if it had the whole GPU for its busy time.
+    const double wall_s = o.busy_us / ctas * 1e-6;
+    absl::StrAppend(&out, absl::StrFormat("%-16s %7d %12.1f %12.1f %10.2f %10.3g %12.3f %10.3f\n",
+                                          isa::opcode_name(o.op), o.count, o.busy_us / ctas,
+                                          o.wait_us / ctas, o.busy_us / o.count, o.flops * 1e-9,
+                                          wall_s > 0 ? o.flops / wall_s * 1e-12 : 0,
+                                          wall_s > 0 ? o.bytes / wall_s * 1e-12 : 0));
+  }
+  return out;
+}
+
+std::string chrome_trace_json(const Step& step, std::span<const InstructionTiming> timings,
+                              int max_layer) {
+  const RankSchedule& rs = step.ranks[0];
+  const size_t n = std::min(timings.size(), rs.instructions.size());
+  uint64_t t0 = ~uint64_t{0};
+  for (size_t i = 0; i < n; ++i) t0 = std::min(t0, timings[i].fetch_ns);
+  std::vector<int> queue_of(n, 0);
+  for (int q = 0; q < rs.num_queues(); ++q) {
+    for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1] && i < static_cast<int>(n); ++i) {
+      queue_of[i] = q;
+    }
+  }
+  std::string out = "{\"traceEvents\":[\n";
+  std::vector<bool> named;
+  bool first = true;
+  const auto event = [&](const std::string& e) {
+    absl::StrAppend(&out, first ? "" : ",\n", e);
+    first = false;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const isa::Instruction& inst = rs.instructions[i];
+    if (inst.layer() > max_layer) continue;
+    const InstructionTiming& t = timings[i];
+    const double fetch = (t.fetch_ns - t0) * 1e-3, start = (t.start_ns - t0) * 1e-3;
+    const double end = (t.end_ns - t0) * 1e-3;
+    if (t.sm >= named.size()) named.resize(t.sm + 1, false);
+    if (!named[t.sm]) {
+      named[t.sm] = true;
+      event(absl::StrFormat(
+          "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":%u,\"args\":{\"name\":\"SM "
+          "%u\"}}",
+          0, t.sm, t.sm));
+    }
+    if (start > fetch) {
+      event(absl::StrFormat(
+          "{\"name\":\"wait\",\"cat\":\"wait\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":0,"
+          "\"tid\":%u}",
+          fetch, start - fetch, t.sm));
+    }
+    event(absl::StrFormat(
+        "{\"name\":\"%s\",\"cat\":\"op\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":0,"
+        "\"tid\":%u,\"args\":{\"layer\":%d,\"queue\":%d,\"index\":%d,\"wait_us\":%.3f,%s}}",
+        isa::opcode_name(inst.opcode()), start, end - start, t.sm, inst.layer(), queue_of[i],
+        static_cast<int>(i), start - fetch, isa::args_json(inst)));
+  }
+  absl::StrAppend(&out, "\n],\"displayTimeUnit\":\"ns\",\"otherData\":{\"step_id\":", step.step_id,
+                  ",\"num_tokens\":", step.meta.num_tokens,
+                  ",\"num_requests\":", step.meta.num_requests, "}}\n");
+  return out;
+}
+
+absl::Status write_chrome_trace(const std::string& path, const Step& step,
+                                std::span<const InstructionTiming> timings, int max_layer) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  if (!f) return absl::NotFoundError(absl::StrCat("chrome trace: cannot open ", path));
+  f << chrome_trace_json(step, timings, max_layer);
+  f.close();
+  if (!f) return absl::DataLossError(absl::StrCat("chrome trace: writing ", path, " failed"));
+  return absl::OkStatus();
+}
+
+}  // namespace megaserve::engine

@@ -1,0 +1,80 @@
+// Where a megakernel step's device time went: the per-instruction timestamps the CTAs record
+// when profiling (CudaBackendOptions::profile, kernels/megakernel.h kProfileWords), turned
+// into a per-SM Chrome-trace timeline (chrome://tracing, Perfetto) and a per-opcode summary
+// of busy time and achieved FLOP/s and bytes/s. Host-only: it needs no GPU, so it is tested
+// on the CPU with hand-made steps.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/isa/isa.h"
+#include "engine/isa/step.h"
+#include "engine/model/model_config.h"
+
+namespace megaserve::engine {
+
+// One instruction's device record, parallel to RankSchedule::instructions.
+struct InstructionTiming {
+  uint64_t fetch_ns = 0;  // %globaltimer when its CTA fetched it
+  uint64_t start_ns = 0;  // ... when its waits were satisfied (the op starts)
+  uint64_t end_ns = 0;    // ... when its op was done (before its signals)
+  uint32_t sm = 0;        // %smid of the SM that ran it
+};
+
+// Arithmetic and memory traffic of one instruction, from its arguments, the model shape and
+// the step's metadata, counted as the builder's cost model counts them (engine/
+// schedule_tiles.cc): 2 FLOPs per multiply-add; bf16 weights and KV (2 bytes), fp32
+// activations (4 bytes) read and written once per tile. Attention counts each query row's
+// keys exactly (causal: a prefill row at position p scores min(p + 1, split end) - split
+// begin keys), where the cost model takes the tile's last row for all.
+struct InstructionWork {
+  double flops = 0;
+  double bytes = 0;
+};
+InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& meta,
+                                 const isa::Instruction& inst);
+
+struct OpSummary {
+  isa::Opcode op = isa::Opcode::kInvalid;
+  int count = 0;
+  double busy_us = 0;  // summed over instructions: waits satisfied -> op done
+  double wait_us = 0;  // summed: fetched -> waits satisfied
+  double flops = 0;
+  double bytes = 0;
+  // Achieved rates while busy, per SM summed over SMs: work / busy time.
+  double tflops_per_s() const { return busy_us > 0 ? flops / busy_us * 1e-6 : 0; }
+  double tbytes_per_s() const { return busy_us > 0 ? bytes / busy_us * 1e-6 : 0; }
+};
+
+struct TraceSummary {
+  double span_us = 0;  // first fetch -> last op done, over every CTA
+  int num_ctas = 0;
+  double flops = 0, bytes = 0;  // the whole step
+  std::vector<OpSummary> ops;   // opcodes that occur, in opcode order
+};
+
+// `timings` is parallel to step.ranks[0].instructions (one rank).
+TraceSummary summarize_trace(const ModelConfig& config, const Step& step,
+                             std::span<const InstructionTiming> timings);
+
+// A table, one line per opcode: count, busy and wait time per CTA, achieved TFLOP/s and TB/s
+// over the whole GPU (summed work / (summed busy time / CTAs)).
+std::string format_trace_summary(const TraceSummary& summary);
+
+// The Chrome trace: {"traceEvents":[...]} with one complete ("ph":"X") event per instruction
+// on thread tid = its SM (timestamps in µs from the step's first fetch), named by opcode,
+// with its layer, queue, arguments and wait time in "args"; plus a "wait" event for each
+// wait that took time, and thread-name metadata ("SM 12"). Instructions of decoder layers
+// past `max_layer` are left out (a large step's full trace is hundreds of MB); ops outside
+// the layers (layer -1) are always in.
+std::string chrome_trace_json(const Step& step, std::span<const InstructionTiming> timings,
+                              int max_layer = INT32_MAX);
+absl::Status write_chrome_trace(const std::string& path, const Step& step,
+                                std::span<const InstructionTiming> timings,
+                                int max_layer = INT32_MAX);
+
+}  // namespace megaserve::engine

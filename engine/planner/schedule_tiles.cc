@@ -1,0 +1,418 @@
+#include "engine/planner/schedule_tiles.h"
+
+#include <algorithm>
+
+namespace megaserve::engine {
+
+namespace {
+
+using isa::Opcode;
+
+constexpr int64_t kF32 = 4;         // workspace element bytes (fp32 activations)
+constexpr double kWeightBytes = 2;  // cost model: bf16 weights and KV on the GPU
+// Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
+constexpr int kColumnGranule = 16;
+
+}  // namespace
+
+Tile& TileMaker::new_tile(std::vector<Tile>& out, Opcode op, int layer, double flops,
+                          double bytes) const {
+  Tile& t = out.emplace_back();
+  t.inst.words[isa::kWordOpcode] = static_cast<int32_t>(op);
+  t.inst.words[isa::kWordLayer] = layer;
+  t.cost = tiles_.overhead_cycles +
+           std::max(flops / tiles_.flops_per_cycle, bytes / tiles_.bytes_per_cycle);
+  return t;
+}
+
+void TileMaker::add(Tile& t, int rank, BufferId buffer, int layer, int64_t row_begin,
+                    int64_t row_end, int64_t byte_begin, int64_t byte_end, bool write) const {
+  if (!record_ || row_begin >= row_end || byte_begin >= byte_end) return;
+  t.accesses.push_back({{rank, buffer, layer, row_begin, row_end, byte_begin, byte_end}, write});
+}
+
+void TileMaker::add_cache(Tile& t, int rank, int layer, int req, int key_begin, int key_end,
+                          int kv_begin, int kv_end, int kv_heads, bool write) const {
+  if (!record_) return;
+  const int bs = meta_.kv_block_size;
+  const int64_t row_bytes = config_.head_dim * kF32;
+  const int32_t* blocks = meta_.block_indices.data() + meta_.block_indptr[req];
+  for (int j = key_begin / bs; j * bs < key_end; ++j) {
+    const int64_t lo = std::max(key_begin, j * bs) - j * bs;
+    const int64_t hi = std::min(key_end, (j + 1) * bs) - j * bs;
+    const int64_t plane = static_cast<int64_t>(blocks[j]) * kv_heads;
+    for (BufferId b : {BufferId::kKCache, BufferId::kVCache}) {
+      add(t, rank, b, layer, plane + kv_begin, plane + kv_end, lo * row_bytes, hi * row_bytes,
+          write);
+    }
+  }
+}
+
+int TileMaker::column_width(int count, int width, int granule, int row_tiles) const {
+  const int64_t sms = tiles_.num_sms;
+  const auto tiles_at = [&](int w) {
+    return static_cast<int64_t>(row_tiles) * ((count + w - 1) / w);
+  };
+  if (!tiles_.balance_columns || tiles_at(width) >= 2 * sms) return width;
+  // Candidates up to the width that makes one round of tiles (it may exceed `width`: a small
+  // step's tiles are short in rows, so wider ones stay cheap).
+  const int64_t one_round = (static_cast<int64_t>(count) * row_tiles + sms - 1) / sms;
+  const int widest =
+      static_cast<int>(std::max<int64_t>(width, (one_round + granule - 1) / granule * granule));
+  int best = width;
+  int64_t best_cols = (tiles_at(width) + sms - 1) / sms * width;  // rounds x width
+  for (int w = widest / granule * granule; w >= granule; w -= granule) {
+    const int64_t cols = (tiles_at(w) + sms - 1) / sms * w;
+    if (cols < best_cols || (cols == best_cols && w > best)) {
+      best = w;
+      best_cols = cols;
+    }
+  }
+  return best;
+}
+
+void TileMaker::embedding(const ModelShard& sh, int slot, std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int64_t row_bytes = config_.hidden_size * kF32;
+  for (int r0 = 0; r0 < T; r0 += tiles_.embedding_rows) {
+    const int r1 = std::min(T, r0 + tiles_.embedding_rows);
+    Tile& t = new_tile(out, Opcode::kEmbedding, -1, 0, 2.0 * (r1 - r0) * row_bytes);
+    isa::EmbeddingArgs a{};
+    a.row_begin = r0;
+    a.row_end = r1;
+    a.partial_slot = slot;
+    isa::set_args(t.inst, a);
+    if (slot < 0) {
+      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, row_bytes, true);
+    } else {
+      add(t, sh.rank, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, 0, row_bytes, true);
+    }
+  }
+}
+
+void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int hd = config_.head_dim;
+  const int H = config_.hidden_size;
+  const int fused = sh.fused_heads();
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles);
+  for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
+    const int r1 = std::min(T, r0 + tiles_.token_rows);
+    for (int h0 = 0; h0 < fused; h0 += heads) {
+      const int h1 = std::min(fused, h0 + heads);
+      const double rows = r1 - r0, cols = (h1 - h0) * hd;
+      Tile& t = new_tile(out, Opcode::kQkvRope, layer, 2.0 * rows * cols * H,
+                         cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      isa::QkvRopeArgs a{};
+      a.row_begin = r0;
+      a.row_end = r1;
+      a.head_begin = h0;
+      a.head_end = h1;
+      isa::set_args(t.inst, a);
+      if (!record_) continue;
+      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+      const int q_end = std::min(h1, sh.q_heads);
+      if (h0 < q_end) {
+        add(t, sh.rank, BufferId::kQ, -1, r0, r1, h0 * hd * kF32, q_end * hd * kF32, true);
+      }
+      // k heads [hq, hq+hkv), v heads [hq+hkv, hq+2hkv): cache planes per token.
+      for (int kind = 0; kind < 2; ++kind) {
+        const int base = sh.q_heads + kind * sh.kv_heads;
+        const int k0 = std::max(h0, base) - base;
+        const int k1 = std::min(h1, base + sh.kv_heads) - base;
+        if (k0 >= k1) continue;
+        const BufferId buf = kind == 0 ? BufferId::kKCache : BufferId::kVCache;
+        for (int row = r0; row < r1; ++row) {
+          const int req = meta_.token_request[row];
+          const int pos = meta_.positions[row];
+          const int bs = meta_.kv_block_size;
+          const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
+          const int64_t slot = pos % bs;
+          add(t, sh.rank, buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
+              slot * hd * kF32, (slot + 1) * hd * kF32, true);
+        }
+      }
+    }
+  }
+}
+
+void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
+  const int hd = config_.head_dim;
+  const int group = sh.q_heads / sh.kv_heads;
+  const int K = tiles_.kv_split_tokens;
+  const int64_t head_bytes = hd * kF32;
+  // Adds one tile over requests [rb, re), rows [qb, qe) of each (all rows when the range
+  // spans several requests), split s (-1 unsplit).
+  const auto make = [&](int kv, int rb, int re, int qb, int qe, int s) {
+    double flops = 0, bytes = 0;
+    for (int i = rb; i < re; ++i) {
+      const int n = meta_.query_start[i + 1] - meta_.query_start[i];
+      const int q0 = re - rb > 1 ? 0 : qb, q1 = re - rb > 1 ? n : qe;
+      const int last_pos = meta_.positions[meta_.query_start[i] + q1 - 1];
+      const int key_begin = s < 0 ? 0 : s * K;
+      const int key_end = s < 0 ? last_pos + 1 : std::min(last_pos + 1, (s + 1) * K);
+      const double keys = key_end - key_begin;
+      flops += 4.0 * group * hd * keys * (q1 - q0);
+      bytes += 2.0 * keys * hd * kWeightBytes + 2.0 * (q1 - q0) * group * head_bytes;
+    }
+    Tile& t = new_tile(out, Opcode::kAttention, layer, flops, bytes);
+    isa::AttentionArgs a{};
+    a.kv_head = kv;
+    a.request_begin = rb;
+    a.request_end = re;
+    a.query_begin = qb;
+    a.query_end = qe;
+    a.split = s;
+    isa::set_args(t.inst, a);
+    if (!record_) return;
+    for (int i = rb; i < re; ++i) {
+      const int n = meta_.query_start[i + 1] - meta_.query_start[i];
+      const int q0 = re - rb > 1 ? 0 : qb, q1 = re - rb > 1 ? n : qe;
+      const int row0 = meta_.query_start[i];
+      const int last_pos = meta_.positions[row0 + q1 - 1];
+      const int key_begin = s < 0 ? 0 : s * K;
+      const int key_end = s < 0 ? last_pos + 1 : std::min(last_pos + 1, (s + 1) * K);
+      add(t, sh.rank, BufferId::kQ, -1, row0 + q0, row0 + q1, kv * group * head_bytes,
+          (kv + 1) * group * head_bytes, false);
+      add_cache(t, sh.rank, layer, i, key_begin, key_end, kv, kv + 1, sh.kv_heads, false);
+      if (s < 0) {
+        add(t, sh.rank, BufferId::kAttnOut, -1, row0 + q0, row0 + q1, kv * group * head_bytes,
+            (kv + 1) * group * head_bytes, true);
+      } else {
+        const int64_t base =
+            meta_.split_row_begin[i] + (static_cast<int64_t>(s) * sh.kv_heads + kv) * n * group;
+        add(t, sh.rank, BufferId::kSplitOut, -1, base + q0 * group, base + q1 * group, 0,
+            head_bytes, true);
+        add(t, sh.rank, BufferId::kSplitLse, -1, base + q0 * group, base + q1 * group, 0, kF32,
+            true);
+      }
+    }
+  };
+  const size_t first_tile = out.size();
+  for (int kv = 0; kv < sh.kv_heads; ++kv) {
+    if (kv > 0 && !record_) {
+      // Every kv head gets the same tiles (requests, rows, split, cost): without regions to
+      // record, kv head 0's are repeated with their kv_head replaced.
+      const size_t per_head = (out.size() - first_tile) / kv;
+      out.reserve(first_tile + per_head * sh.kv_heads);  // no reallocation under the copies
+      for (size_t j = 0; j < per_head; ++j) {
+        Tile& t = out.emplace_back(out[first_tile + j]);
+        isa::AttentionArgs a = isa::args_of<isa::AttentionArgs>(t.inst);
+        a.kv_head = kv;
+        isa::set_args(t.inst, a);
+      }
+      continue;
+    }
+    int group_begin = -1;  // open batch of short unsplit requests
+    const auto flush = [&](int end) {
+      if (group_begin < 0) return;
+      // A batch of one request names its rows; a larger batch covers all rows of each.
+      const int rows = end - group_begin == 1
+                           ? meta_.query_start[group_begin + 1] - meta_.query_start[group_begin]
+                           : 0;
+      make(kv, group_begin, end, 0, rows, -1);
+      group_begin = -1;
+    };
+    for (int i = 0; i < meta_.num_requests; ++i) {
+      const int n = meta_.query_start[i + 1] - meta_.query_start[i];
+      const int splits = meta_.num_splits[i];
+      if (splits == 0 && n <= tiles_.attention_query_rows) {
+        if (group_begin < 0) group_begin = i;
+        if (i + 1 - group_begin >= tiles_.attention_batch_requests) flush(i + 1);
+        continue;
+      }
+      flush(i);
+      for (int qb = 0; qb < n; qb += tiles_.attention_query_rows) {
+        const int qe = std::min(n, qb + tiles_.attention_query_rows);
+        if (splits == 0) {
+          make(kv, i, i + 1, qb, qe, -1);
+          continue;
+        }
+        const int last_pos = meta_.positions[meta_.query_start[i] + qe - 1];
+        for (int s = 0; s * K <= last_pos; ++s) make(kv, i, i + 1, qb, qe, s);
+      }
+    }
+    flush(meta_.num_requests);
+  }
+}
+
+void TileMaker::attention_merge(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
+  const int hd = config_.head_dim;
+  const int group = sh.q_heads / sh.kv_heads;
+  const int K = tiles_.kv_split_tokens;
+  for (int i = 0; i < meta_.num_requests; ++i) {
+    if (meta_.num_splits[i] == 0) continue;
+    const int row0 = meta_.query_start[i];
+    const int n = meta_.query_start[i + 1] - row0;
+    for (int qb = 0; qb < n; qb += tiles_.attention_query_rows) {
+      const int qe = std::min(n, qb + tiles_.attention_query_rows);
+      const int splits_used = meta_.positions[row0 + qe - 1] / K + 1;
+      const double elems = static_cast<double>(qe - qb) * sh.q_heads * hd;
+      Tile& t = new_tile(out, Opcode::kAttentionMerge, layer, 3.0 * elems * splits_used,
+                         (splits_used + 1) * elems * kF32);
+      isa::AttentionMergeArgs a{};
+      a.request = i;
+      a.query_begin = qb;
+      a.query_end = qe;
+      isa::set_args(t.inst, a);
+      if (!record_) continue;
+      for (int s = 0; s < splits_used; ++s) {
+        for (int kv = 0; kv < sh.kv_heads; ++kv) {
+          const int64_t base =
+              meta_.split_row_begin[i] + (static_cast<int64_t>(s) * sh.kv_heads + kv) * n * group;
+          add(t, sh.rank, BufferId::kSplitOut, -1, base + qb * group, base + qe * group, 0,
+              hd * kF32, false);
+          add(t, sh.rank, BufferId::kSplitLse, -1, base + qb * group, base + qe * group, 0, kF32,
+              false);
+        }
+      }
+      add(t, sh.rank, BufferId::kAttnOut, -1, row0 + qb, row0 + qe, 0,
+          static_cast<int64_t>(sh.q_heads) * hd * kF32, true);
+    }
+  }
+}
+
+void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slot, int in_cols,
+                             BufferId input, std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int H = config_.hidden_size;
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int width = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
+  for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
+    const int r1 = std::min(T, r0 + tiles_.token_rows);
+    for (int c0 = 0; c0 < H; c0 += width) {
+      const int c1 = std::min(H, c0 + width);
+      const double rows = r1 - r0, cols = c1 - c0;
+      Tile& t = new_tile(out, op, layer, 2.0 * rows * cols * in_cols,
+                         cols * in_cols * kWeightBytes + rows * (in_cols + 2 * cols) * kF32);
+      isa::HiddenTileArgs a{};
+      a.row_begin = r0;
+      a.row_end = r1;
+      a.col_begin = c0;
+      a.col_end = c1;
+      a.partial_slot = slot;
+      isa::set_args(t.inst, a);
+      add(t, sh.rank, input, -1, r0, r1, 0, static_cast<int64_t>(in_cols) * kF32, false);
+      if (slot < 0) {
+        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, false);
+        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, true);
+      } else {
+        add(t, sh.rank, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, c0 * kF32, c1 * kF32,
+            true);
+      }
+    }
+  }
+}
+
+void TileMaker::o_proj(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const {
+  hidden_tiles(sh, Opcode::kOProj, layer, slot, sh.q_heads * config_.head_dim, BufferId::kAttnOut,
+               out);
+}
+
+void TileMaker::down(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const {
+  hidden_tiles(sh, Opcode::kDownProj, layer, slot, sh.ffn_cols(), BufferId::kAct, out);
+}
+
+void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int H = config_.hidden_size;
+  const int F = sh.ffn_cols();
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int width = column_width(F, tiles_.ffn_cols, kColumnGranule, row_tiles);
+  for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
+    const int r1 = std::min(T, r0 + tiles_.token_rows);
+    for (int c0 = 0; c0 < F; c0 += width) {
+      const int c1 = std::min(F, c0 + width);
+      const double rows = r1 - r0, cols = c1 - c0;
+      Tile& t = new_tile(out, Opcode::kGateUpSilu, layer, 4.0 * rows * cols * H,
+                         2.0 * cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      isa::GateUpArgs a{};
+      a.row_begin = r0;
+      a.row_end = r1;
+      a.col_begin = c0;
+      a.col_end = c1;
+      isa::set_args(t.inst, a);
+      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+      add(t, sh.rank, BufferId::kAct, -1, r0, r1, c0 * kF32, c1 * kF32, true);
+    }
+  }
+}
+
+void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
+                          std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int H = config_.hidden_size;
+  for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
+    const int r1 = std::min(T, r0 + tiles_.token_rows);
+    for (int c0 = 0; c0 < H; c0 += tiles_.hidden_cols) {
+      const int c1 = std::min(H, c0 + tiles_.hidden_cols);
+      const double elems = static_cast<double>(r1 - r0) * (c1 - c0);
+      Tile& t = new_tile(out, Opcode::kTpReduce, layer, elems * tp, elems * (tp + 2) * kF32);
+      isa::HiddenTileArgs a{};
+      a.row_begin = r0;
+      a.row_end = r1;
+      a.col_begin = c0;
+      a.col_end = c1;
+      a.partial_slot = slot;
+      a.assign = assign ? 1 : 0;
+      isa::set_args(t.inst, a);
+      for (int peer = 0; peer < tp; ++peer) {
+        add(t, peer, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, c0 * kF32, c1 * kF32,
+            false);
+      }
+      if (!assign) add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, false);
+      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, true);
+    }
+  }
+}
+
+void TileMaker::lm_head(const ModelShard& sh, std::vector<Tile>& out) const {
+  const int S = meta_.num_samples();
+  const int H = config_.hidden_size;
+  const int V = sh.vocab_cols();
+  const int row_tiles = (S + tiles_.lm_head_samples - 1) / tiles_.lm_head_samples;
+  const int width = column_width(V, tiles_.vocab_cols, kColumnGranule, row_tiles);
+  for (int s0 = 0; s0 < S; s0 += tiles_.lm_head_samples) {
+    const int s1 = std::min(S, s0 + tiles_.lm_head_samples);
+    for (int c0 = 0; c0 < V; c0 += width) {
+      const int c1 = std::min(V, c0 + width);
+      const double rows = s1 - s0, cols = c1 - c0;
+      Tile& t = new_tile(out, Opcode::kLmHead, -1, 2.0 * rows * cols * H,
+                         cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      isa::LmHeadArgs a{};
+      a.sample_begin = s0;
+      a.sample_end = s1;
+      a.col_begin = c0;
+      a.col_end = c1;
+      isa::set_args(t.inst, a);
+      if (!record_) continue;
+      for (int s = s0; s < s1; ++s) {
+        const int row = meta_.sample_rows[s];
+        add(t, sh.rank, BufferId::kResidual, -1, row, row + 1, 0, H * kF32, false);
+      }
+      add(t, sh.rank, BufferId::kLogits, -1, s0, s1, c0 * kF32, c1 * kF32, true);
+    }
+  }
+}
+
+void TileMaker::sample(int tp, std::vector<Tile>& out) const {
+  const int S = meta_.num_samples();
+  for (int s0 = 0; s0 < S; s0 += tiles_.sample_rows) {
+    const int s1 = std::min(S, s0 + tiles_.sample_rows);
+    Tile& t = new_tile(out, Opcode::kSample, -1, 10.0 * config_.vocab_size * (s1 - s0),
+                       static_cast<double>(config_.vocab_size) * kF32 * (s1 - s0));
+    isa::SampleArgs a{};
+    a.sample_begin = s0;
+    a.sample_end = s1;
+    isa::set_args(t.inst, a);
+    if (!record_) continue;
+    for (int peer = 0; peer < tp; ++peer) {
+      const ModelShard psh = shard_of(config_, tp, peer);
+      add(t, peer, BufferId::kLogits, -1, s0, s1, 0, psh.vocab_cols() * kF32, false);
+    }
+    add(t, 0, BufferId::kSampled, -1, s0, s1, 0, 1, true);
+  }
+}
+
+}  // namespace megaserve::engine

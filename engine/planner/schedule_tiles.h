@@ -1,0 +1,64 @@
+// The tiling half of the ScheduleBuilder: for one op of one layer on one rank, the tiles
+// (instructions without waits and signals yet), their estimated cost in cycles, and, when
+// asked, the buffer regions each reads and writes.
+#pragma once
+
+#include <vector>
+
+#include "engine/isa/isa.h"
+#include "engine/isa/step.h"
+#include "engine/model/model_config.h"
+#include "engine/planner/schedule_shard.h"
+#include "engine/planner/tile_config.h"
+
+namespace megaserve::engine {
+
+struct Tile {
+  isa::Instruction inst{};
+  double cost = 0.0;
+  std::vector<Access> accesses;
+};
+
+class TileMaker {
+ public:
+  TileMaker(const ModelConfig& config, const TileConfig& tiles, const StepMetadata& meta,
+            bool record_accesses)
+      : config_(config), tiles_(tiles), meta_(meta), record_(record_accesses) {}
+
+  // `slot` -1: write the residual (one rank); else the TP partial slot.
+  void embedding(const ModelShard& sh, int slot, std::vector<Tile>& out) const;
+  void qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
+  void attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
+  void attention_merge(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
+  void o_proj(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const;
+  void gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
+  void down(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const;
+  void tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
+                 std::vector<Tile>& out) const;
+  void lm_head(const ModelShard& sh, std::vector<Tile>& out) const;
+  void sample(int tp, std::vector<Tile>& out) const;
+
+ private:
+  Tile& new_tile(std::vector<Tile>& out, isa::Opcode op, int layer, double flops,
+                 double bytes) const;
+  void add(Tile& t, int rank, BufferId buffer, int layer, int64_t row_begin, int64_t row_end,
+           int64_t byte_begin, int64_t byte_end, bool write) const;
+  // K and V cache regions of keys [key_begin, key_end) of request `req`, kv heads
+  // [kv_begin, kv_end); one region per block.
+  void add_cache(Tile& t, int rank, int layer, int req, int key_begin, int key_end, int kv_begin,
+                 int kv_end, int kv_heads, bool write) const;
+  // Column tile width for `count` columns (or heads) cut `width` wide over `row_tiles` row
+  // tiles: `width`, or with TileConfig::balance_columns and a stage of fewer than two tiles
+  // per SM, the multiple of `granule` (up to one round of tiles over the SMs) that minimizes
+  // the columns of the busiest SM (rounds of tiles x width; ties to the wider).
+  int column_width(int count, int width, int granule, int row_tiles) const;
+  void hidden_tiles(const ModelShard& sh, isa::Opcode op, int layer, int slot, int in_cols,
+                    BufferId input, std::vector<Tile>& out) const;
+
+  const ModelConfig& config_;
+  const TileConfig& tiles_;
+  const StepMetadata& meta_;
+  bool record_;
+};
+
+}  // namespace megaserve::engine

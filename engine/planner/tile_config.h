@@ -1,0 +1,129 @@
+// Tile shapes and the placement cost model: the knobs the ScheduleBuilder reads to cut a step
+// into instructions and spread them over SMs. Chosen per executor (the CPU interpreter picks
+// small tiles; a GPU picks from its SM count), never per model.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace megaserve::engine {
+
+struct TileConfig {
+  int num_sms = 1;  // queues per rank (CTAs on a GPU, worker threads on the CPU)
+
+  // Matmul tiles: token rows x output columns.
+  int token_rows = 16;       // token rows per projection tile
+  int qkv_heads = 2;         // fused (q, k or v) heads per QKV tile; a tile holds whole heads
+  int hidden_cols = 32;      // hidden columns per O-projection / down / TP-reduce tile
+  int ffn_cols = 32;         // FFN columns per gate/up tile
+  int vocab_cols = 128;      // vocabulary columns per LM-head tile
+  int embedding_rows = 16;   // token rows per embedding tile
+  int lm_head_samples = 64;  // sampling rows per LM-head tile
+  int sample_rows = 8;       // sampling rows per kSample instruction
+
+  // GPU: a projection stage (QKV, O, gate/up, down, LM head) whose tiles would not keep
+  // every SM busy for two rounds gets the column width (multiples of 16 columns, whole heads
+  // for QKV; narrower or, up to one round of tiles, wider) that puts the fewest columns on
+  // the busiest SM. Column splits change no number, only how instructions share the weights.
+  bool balance_columns = false;
+
+  // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
+  // kv_split_tokens keys ([s * kv_split_tokens, (s + 1) * kv_split_tokens)), partials merged
+  // by kAttentionMerge. Split boundaries depend only on positions, so a token's attention
+  // is computed identically whatever else is in the step.
+  int kv_split_tokens = 256;
+  int attention_query_rows = 16;     // query rows per single-request attention tile
+  int attention_batch_requests = 8;  // short requests grouped into one attention tile
+
+  // Cost model: estimated cycles = overhead + max(flops / flops_per_cycle,
+  // bytes / bytes_per_cycle); only the ratios matter for placement.
+  double flops_per_cycle = 1024.0;
+  double bytes_per_cycle = 64.0;
+  double overhead_cycles = 2000.0;
+};
+
+// Every count must be positive (a zero tile size would cut nothing); the error names the field.
+inline absl::Status check_tile_config(const TileConfig& c) {
+  const std::pair<const char*, int> fields[] = {
+      {"num_sms", c.num_sms},
+      {"token_rows", c.token_rows},
+      {"qkv_heads", c.qkv_heads},
+      {"hidden_cols", c.hidden_cols},
+      {"ffn_cols", c.ffn_cols},
+      {"vocab_cols", c.vocab_cols},
+      {"embedding_rows", c.embedding_rows},
+      {"lm_head_samples", c.lm_head_samples},
+      {"sample_rows", c.sample_rows},
+      {"kv_split_tokens", c.kv_split_tokens},
+      {"attention_query_rows", c.attention_query_rows},
+      {"attention_batch_requests", c.attention_batch_requests}};
+  for (const auto& [name, value] : fields) {
+    if (value < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("TileConfig.", name, " = ", value, " < 1"));
+    }
+  }
+  if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0)) {
+    return absl::InvalidArgumentError("TileConfig cost model rates must be positive");
+  }
+  return absl::OkStatus();
+}
+
+// Small tiles so that even stories260K (hidden 64, 5 layers) makes many instructions and the
+// interpreter exercises real cross-SM ordering.
+inline TileConfig cpu_tile_config(int num_sms) {
+  TileConfig c;
+  c.num_sms = num_sms;
+  c.token_rows = 4;
+  c.qkv_heads = 2;
+  c.hidden_cols = 16;
+  c.ffn_cols = 32;
+  c.vocab_cols = 128;
+  c.embedding_rows = 4;
+  c.lm_head_samples = 4;
+  c.sample_rows = 2;
+  c.kv_split_tokens = 32;
+  c.attention_query_rows = 4;
+  c.attention_batch_requests = 2;
+  c.flops_per_cycle = 16.0;
+  c.bytes_per_cycle = 16.0;
+  c.overhead_cycles = 100.0;
+  return c;
+}
+
+// The megakernel's tiles on a Hopper GPU with `num_sms` SMs, used by the CUDA backend and by
+// every test that plans GPU steps (one config: tests never plan tiles the GPU does not run).
+// Projections: a tile's columns are spread over the CTA's 8 warps (tensor cores: blocks of 32
+// weight rows; CUDA cores: a warp per column) and its rows reuse each staged weight chunk, up
+// to 64 at a time. Column tiles are as wide as a prefill wants; a step with fewer tiles than
+// SMs gets narrower ones (balance_columns), so that a decode step's weight stream covers every
+// SM. Every tile fits the smallest Hopper CTA's shared memory; CudaBackend::create checks the
+// model's rows against the device's.
+inline TileConfig gpu_tile_config(int num_sms = 132) {
+  TileConfig c;
+  c.num_sms = num_sms;
+  c.token_rows = 64;
+  c.qkv_heads = 1;
+  c.hidden_cols = 128;
+  c.ffn_cols = 64;
+  c.vocab_cols = 1024;
+  c.embedding_rows = 64;
+  c.lm_head_samples = 64;
+  c.sample_rows = 1;  // one CTA per sampling row
+  // 32 query rows: a GQA-4 tile's 128 M rows fill one tensor-core attention pass (8 m-tiles,
+  // a warp each: no key-slice merge) and its K/V are staged once per 32 query rows, not 16.
+  c.attention_query_rows = 32;
+  c.attention_batch_requests = 8;
+  c.kv_split_tokens = 1024;
+  c.balance_columns = true;
+  // bf16 tensor cores as used (~512 flops per SM-cycle), ~3-4 TB/s over 132 SMs at ~1.8 GHz
+  // (~13 bytes per SM-cycle).
+  c.flops_per_cycle = 512.0;
+  c.bytes_per_cycle = 13.0;
+  c.overhead_cycles = 1000.0;
+  return c;
+}
+
+}  // namespace megaserve::engine

@@ -1,0 +1,103 @@
+// setup_model settles one list of stopping tokens before the engine is built: a model whose
+// config.json names no EOS stops on the tokenizer's EOS (the scheduler and the output side
+// see the same list). The model is made to say EOS at once: every layer's weights are zero,
+// so the final hidden state is the normalized embedding, and the LM head scores only the
+// tokenizer's EOS (id 2 of tok512.model).
+#include "server/model_setup.h"
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "gtest/gtest.h"
+#include "server/config.h"
+#include "tests/support/assets.h"
+#include "tests/support/safetensors_writer.h"
+
+namespace megaserve::server {
+namespace {
+
+namespace fs = std::filesystem;
+using megaserve::testing::f32_tensor;
+using megaserve::testing::TensorRecord;
+
+constexpr char kTokenizer[] = "models/stories260K/tok512.model";
+constexpr int32_t kTokenizerEos = 2;
+
+// A Llama-shaped model that greedily says `eos` after any prompt; config.json has no
+// eos_token_id and there is no generation_config.json.
+fs::path write_eos_model(int32_t eos) {
+  engine::ModelConfig c = megaserve::testing::tiny_model_config(engine::ModelFamily::kLlama);
+  c.vocab_size = 512;  // tok512.model
+  c.eos_token_ids.clear();
+  c.tie_word_embeddings = false;
+  const fs::path dir = megaserve::testing::make_test_dir("eos_model");
+  megaserve::testing::write_file(dir / "config.json", megaserve::testing::hf_config_json(c));
+  const int64_t h = c.hidden_size, q = int64_t{c.num_heads} * c.head_dim;
+  const int64_t kv = int64_t{c.num_kv_heads} * c.head_dim, ffn = c.intermediate_size;
+  auto zeros = [](std::string name, int64_t rows, int64_t cols) {
+    return f32_tensor(std::move(name), {rows, cols}, std::vector<float>(rows * cols, 0.0f));
+  };
+  auto ones = [](std::string name, int64_t n) {
+    return f32_tensor(std::move(name), {n}, std::vector<float>(n, 1.0f));
+  };
+  std::vector<TensorRecord> t;
+  t.push_back(f32_tensor("model.embed_tokens.weight", {c.vocab_size, h},
+                         std::vector<float>(c.vocab_size * h, 0.5f)));
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    t.push_back(ones(p + "input_layernorm.weight", h));
+    t.push_back(zeros(p + "self_attn.q_proj.weight", q, h));
+    t.push_back(zeros(p + "self_attn.k_proj.weight", kv, h));
+    t.push_back(zeros(p + "self_attn.v_proj.weight", kv, h));
+    t.push_back(zeros(p + "self_attn.o_proj.weight", h, q));
+    t.push_back(ones(p + "post_attention_layernorm.weight", h));
+    t.push_back(zeros(p + "mlp.gate_proj.weight", ffn, h));
+    t.push_back(zeros(p + "mlp.up_proj.weight", ffn, h));
+    t.push_back(zeros(p + "mlp.down_proj.weight", h, ffn));
+  }
+  t.push_back(ones("model.norm.weight", h));
+  std::vector<float> head(c.vocab_size * h, 0.0f);
+  for (int64_t i = 0; i < h; ++i) head[eos * h + i] = 1.0f;
+  t.push_back(f32_tensor("lm_head.weight", {c.vocab_size, h}, head));
+  megaserve::testing::write_safetensors(dir / "model.safetensors", t);
+  fs::copy_file(megaserve::testing::assets_dir() / kTokenizer, dir / "tokenizer.model");
+  return dir;
+}
+
+TEST(ModelSetupTest, StopsOnTheTokenizerEosWhenConfigNamesNone) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  config::ServerConfig config = default_server_config();
+  config.mutable_model()->set_path(write_eos_model(kTokenizerEos).string());
+  config.mutable_engine()->set_backend("cpu");
+  config.mutable_engine()->set_cpu_threads(1);
+  config.mutable_engine()->set_num_kv_blocks(16);
+  auto model = setup_model(config);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(model->eos_token_ids, std::vector<int32_t>{kTokenizerEos});
+  ASSERT_EQ(model->info.eos_token_ids_size(), 1);
+  EXPECT_EQ(model->info.eos_token_ids(0), kTokenizerEos);
+
+  engine::GenerateRequest request;
+  request.prompt_token_ids = {1, 403, 407};
+  request.sampling.temperature = 0.0f;
+  request.sampling.max_tokens = 8;
+  auto output = model->engine->submit(request);
+  ASSERT_TRUE(output.ok()) << output.status();
+  std::vector<int32_t> tokens;
+  std::optional<engine::FinishReason> finished;
+  while (!finished) {
+    for (engine::RequestEvent& e : (*output)->wait()) {
+      for (const auto& tok : e.tokens) tokens.push_back(tok.token_id);
+      if (e.finished) finished = e.finished;
+    }
+  }
+  // One EOS, then stop: not eight EOS tokens ending at the length limit.
+  EXPECT_EQ(tokens, std::vector<int32_t>{kTokenizerEos});
+  EXPECT_EQ(*finished, engine::FinishReason::kStop);
+  model->engine->drain(true);
+}
+
+}  // namespace
+}  // namespace megaserve::server
