@@ -180,18 +180,7 @@ int run(int argc, char** argv) {
   result["summary"] = to_json(summary);
   result["usage_prompt_tokens"] = usage_prompt;
   result["usage_completion_tokens"] = usage_completion;
-  nlohmann::json input_lens = nlohmann::json::array(), output_lens = nlohmann::json::array(),
-                 ttfts = nlohmann::json::array(), errors = nlohmann::json::array();
-  for (const RequestResult& r : run.results) {
-    input_lens.push_back(r.prompt_len);
-    output_lens.push_back(r.output_tokens);
-    ttfts.push_back(r.ttft);
-    errors.push_back(r.error);
-  }
-  result["input_lens"] = input_lens;
-  result["output_lens"] = output_lens;
-  result["ttfts"] = ttfts;
-  result["errors"] = errors;
+  result.update(per_request_json(run.results));
 
   if (const double peak = absl::GetFlag(FLAGS_peak_tflops); peak > 0) {
     const ModelShape shape{info.hidden_size(), info.intermediate_size(), info.num_layers(),

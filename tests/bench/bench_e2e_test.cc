@@ -119,6 +119,27 @@ TEST(BenchE2eTest, ShareGptSampleCompletesAndTokenCountsMatchTheServer) {
   EXPECT_EQ(metrics.at("megaserve_requests_total{status=\"OK\"}"), 7);
   EXPECT_EQ(metrics.at("megaserve_prompt_tokens_total"), input + input_lens[0].get<int>());
   EXPECT_EQ(metrics.at("megaserve_generation_tokens_total"), output + output_lens[0].get<int>());
+  // The per-request timeline (seconds from the run's start) that scripts/bench-plot.py draws:
+  // sent, then one time per token, ordered, the first at sent + TTFT, all within the run.
+  const double duration = summary["duration_s"].get<double>();
+  const auto& arrivals = result["arrival_times"];
+  const auto& first_tokens = result["first_token_times"];
+  const auto& token_times = result["token_times"];
+  ASSERT_EQ(arrivals.size(), 6u);
+  ASSERT_EQ(first_tokens.size(), 6u);
+  ASSERT_EQ(token_times.size(), 6u);
+  ASSERT_EQ(result["itls"].size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    const double sent = arrivals[i].get<double>();
+    EXPECT_GE(sent, 0);
+    EXPECT_NEAR(first_tokens[i].get<double>(), sent + result["ttfts"][i].get<double>(), 1e-6);
+    ASSERT_EQ(token_times[i].size(), output_lens[i].get<size_t>()) << "request " << i;
+    EXPECT_DOUBLE_EQ(token_times[i].front().get<double>(), first_tokens[i].get<double>());
+    for (size_t t = 1; t < token_times[i].size(); ++t) {
+      EXPECT_LE(token_times[i][t - 1].get<double>(), token_times[i][t].get<double>());
+    }
+    EXPECT_LE(token_times[i].back().get<double>(), duration + 1e-6);
+  }
   std::filesystem::remove_all(dir);
 }
 
