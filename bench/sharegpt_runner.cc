@@ -146,6 +146,7 @@ RunResult run_benchmark(v1::Megaserve::Stub* stub, const std::vector<BenchReques
   if (options.progress) draw_progress(0, 0, total);
 
   const Clock::time_point start = Clock::now();
+  run.start = start;
   for (int i = 0; i < total; ++i) {
     std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
                                               std::chrono::duration<double>(arrivals[i])));

@@ -6,10 +6,10 @@
 Six panels: token throughput over time; the CDFs of TTFT, TPOT, ITL and end-to-end latency;
 and running/waiting requests over time. That last panel shows the server's own gauges
 (megaserve_requests_running / _waiting) when the result holds `metrics_samples`
-([{"time": s, "running": n, "waiting": n}], seconds from the run's start). megaserve-bench
-does not scrape the server's metrics today, so for its results the panel shows the client's
-view instead (requests in flight, and those still waiting for their first token) and says so
-in its title.
+([{"time": s, "running": n, "waiting": n}], seconds from the run's start), which
+megaserve-bench records when given --metrics_address=HOST:9090; without them the panel shows
+the client's view instead (requests in flight, and those still waiting for their first
+token) and says so in its title.
 
 Needs matplotlib (scripts/install-deps installs it). --panels_json writes each panel's title
 and pixel box (x0, y0, x1, y1 from the image's top left), which tests/bench use.
@@ -95,7 +95,7 @@ def draw_throughput(ax, result, ok, end_s):
     ax.set_xlim(0, edges[-1])
     ax.set_ylim(bottom=0)
     right.set_ylim(bottom=0)
-    ax.legend(handles=[out_line, prompt_line], loc="upper right")
+    ax.legend(handles=[out_line, prompt_line], loc="best", framealpha=0.9)
 
 
 def draw_requests(ax, result, ok, end_s):
