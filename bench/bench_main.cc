@@ -2,7 +2,9 @@
 //   megaserve-bench --server=localhost:50051 --dataset=ShareGPT_V3_unfiltered_cleaned_split.json
 //                   [--num-prompts=1000] [--request-rate=inf] [--burstiness=1]
 //                   [--max-concurrency=N] [--result-json=out.json] [--peak-tflops=798]
+//                   [--metrics-address=localhost:9090]
 // Flags may be spelled with dashes or underscores.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -19,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/metrics_sampler.h"
 #include "bench/sharegpt_dataset.h"
 #include "bench/sharegpt_runner.h"
 #include "bench/sharegpt_stats.h"
@@ -45,6 +48,10 @@ ABSL_FLAG(int, max_total_len, 2048, "drop pairs whose prompt + reply have more t
 ABSL_FLAG(int, sharegpt_output_len, 0, "if > 0, every request generates this many tokens");
 ABSL_FLAG(std::string, result_json, "", "write the configuration and results here");
 ABSL_FLAG(double, peak_tflops, 0, "the GPU's measured dense bf16 TFLOP/s: print the floor");
+ABSL_FLAG(std::string, metrics_address, "",
+          "the server's metrics endpoint (host:port): scrape its running/waiting requests "
+          "during the run into the result JSON's metrics_samples");
+ABSL_FLAG(int, metrics_interval_ms, 100, "time between two scrapes of --metrics_address");
 ABSL_FLAG(bool, warmup, true, "send one request before the timed run");
 ABSL_FLAG(bool, progress, true, "show a progress bar on stderr");
 
@@ -144,7 +151,21 @@ int run(int argc, char** argv) {
   options.progress = absl::GetFlag(FLAGS_progress);
   if (!(options.burstiness > 0)) return fail("--burstiness must be > 0");
   if (!(options.request_rate > 0)) return fail("--request_rate must be > 0");
+  std::unique_ptr<MetricsSampler> sampler;
+  if (const std::string address = absl::GetFlag(FLAGS_metrics_address); !address.empty()) {
+    if (absl::GetFlag(FLAGS_metrics_interval_ms) <= 0) return fail("--metrics_interval_ms <= 0");
+    sampler = std::make_unique<MetricsSampler>(
+        address, std::chrono::milliseconds(absl::GetFlag(FLAGS_metrics_interval_ms)));
+  }
   RunResult run = run_benchmark(stub.get(), *requests, options);
+  std::vector<MetricsSample> samples;
+  if (sampler != nullptr) {
+    samples = sampler->stop();
+    if (sampler->failed_scrapes() > 0) {
+      std::cerr << "megaserve-bench: " << sampler->failed_scrapes() << " scrapes of http://"
+                << absl::GetFlag(FLAGS_metrics_address) << "/metrics failed\n";
+    }
+  }
   const BenchmarkSummary summary = summarize(run.results, run.duration_s);
   std::cout << format_summary(summary);
 
@@ -172,7 +193,8 @@ int run(int argc, char** argv) {
       {"max_prompt_len", sample.max_prompt_len},
       {"max_total_len", sample.max_total_len},
       {"sharegpt_output_len", absl::GetFlag(FLAGS_sharegpt_output_len)},
-      {"peak_tflops", absl::GetFlag(FLAGS_peak_tflops)}};
+      {"peak_tflops", absl::GetFlag(FLAGS_peak_tflops)},
+      {"metrics_address", absl::GetFlag(FLAGS_metrics_address)}};
   result["model"] = {{"name", info.name()},
                      {"architecture", info.architecture()},
                      {"backend", info.backend()},
@@ -180,18 +202,8 @@ int run(int argc, char** argv) {
   result["summary"] = to_json(summary);
   result["usage_prompt_tokens"] = usage_prompt;
   result["usage_completion_tokens"] = usage_completion;
-  nlohmann::json input_lens = nlohmann::json::array(), output_lens = nlohmann::json::array(),
-                 ttfts = nlohmann::json::array(), errors = nlohmann::json::array();
-  for (const RequestResult& r : run.results) {
-    input_lens.push_back(r.prompt_len);
-    output_lens.push_back(r.output_tokens);
-    ttfts.push_back(r.ttft);
-    errors.push_back(r.error);
-  }
-  result["input_lens"] = input_lens;
-  result["output_lens"] = output_lens;
-  result["ttfts"] = ttfts;
-  result["errors"] = errors;
+  result.update(per_request_json(run.results));
+  if (sampler != nullptr) result["metrics_samples"] = to_json(samples, run.start);
 
   if (const double peak = absl::GetFlag(FLAGS_peak_tflops); peak > 0) {
     const ModelShape shape{info.hidden_size(), info.intermediate_size(), info.num_layers(),

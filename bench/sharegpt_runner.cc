@@ -26,14 +26,20 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
 // `result` is complete, and the call deletes itself.
 class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  StreamCall(const BenchRequest& request, RequestResult* result, std::function<void()> on_done)
-      : request_(make_generate_request(request)), result_(result), on_done_(std::move(on_done)) {
+  // Times in `result` count from `run_start`.
+  StreamCall(const BenchRequest& request, RequestResult* result, Clock::time_point run_start,
+             std::function<void()> on_done)
+      : request_(make_generate_request(request)),
+        result_(result),
+        on_done_(std::move(on_done)),
+        run_start_(run_start) {
     result_->prompt_len = request.prompt_len;
   }
 
   void start(v1::Megaserve::Stub* stub) {
     sent_ = Clock::now();
     last_ = sent_;
+    result_->send_time = seconds_between(run_start_, sent_);
     stub->async()->Generate(&context_, &request_, this);
     StartRead(&response_);
     StartCall();
@@ -50,6 +56,8 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
       }
       last_ = now;
       result_->output_tokens += response_.token_ids_size();
+      result_->token_times.insert(result_->token_times.end(), response_.token_ids_size(),
+                                  seconds_between(run_start_, now));
     }
     if (response_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
       finish_reason_ = response_.finish_reason();
@@ -81,6 +89,7 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
   v1::GenerateResponse response_;
   RequestResult* result_;
   std::function<void()> on_done_;
+  Clock::time_point run_start_;
   Clock::time_point sent_;
   Clock::time_point last_;
   v1::FinishReason finish_reason_ = v1::FINISH_REASON_UNSPECIFIED;
@@ -137,6 +146,7 @@ RunResult run_benchmark(v1::Megaserve::Stub* stub, const std::vector<BenchReques
   if (options.progress) draw_progress(0, 0, total);
 
   const Clock::time_point start = Clock::now();
+  run.start = start;
   for (int i = 0; i < total; ++i) {
     std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
                                               std::chrono::duration<double>(arrivals[i])));
@@ -149,7 +159,7 @@ RunResult run_benchmark(v1::Megaserve::Stub* stub, const std::vector<BenchReques
     }
     RequestResult* result = &run.results[i];
     const bool show = options.progress;
-    auto* call = new StreamCall(requests[i], result, [progress, result, show, total] {
+    auto* call = new StreamCall(requests[i], result, start, [progress, result, show, total] {
       std::lock_guard<std::mutex> lock(progress->mu);
       --progress->in_flight;
       ++progress->done;

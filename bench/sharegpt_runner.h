@@ -2,6 +2,7 @@
 // stream, so a thousand concurrent streams need no thousand threads) and times each one.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -30,8 +31,9 @@ v1::GenerateRequest make_generate_request(const BenchRequest& request);
 RequestResult run_one(v1::Megaserve::Stub* stub, const BenchRequest& request);
 
 struct RunResult {
-  std::vector<RequestResult> results;  // in the order of `requests`
-  double duration_s = 0;               // first send to last completion
+  std::vector<RequestResult> results;           // in the order of `requests`
+  double duration_s = 0;                        // first send to last completion
+  std::chrono::steady_clock::time_point start;  // the run's start, time 0 of its timeline
 };
 
 RunResult run_benchmark(v1::Megaserve::Stub* stub, const std::vector<BenchRequest>& requests,

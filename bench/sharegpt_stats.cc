@@ -103,6 +103,31 @@ nlohmann::json to_json(const BenchmarkSummary& s) {
           {"e2e_latency_ms", to_json(s.e2e_ms)}};
 }
 
+nlohmann::json per_request_json(const std::vector<RequestResult>& results) {
+  nlohmann::json input_lens = nlohmann::json::array(), output_lens = nlohmann::json::array(),
+                 errors = nlohmann::json::array(), ttfts = nlohmann::json::array(),
+                 itls = nlohmann::json::array(), arrival_times = nlohmann::json::array(),
+                 first_token_times = nlohmann::json::array(), token_times = nlohmann::json::array();
+  for (const RequestResult& r : results) {
+    input_lens.push_back(r.prompt_len);
+    output_lens.push_back(r.output_tokens);
+    errors.push_back(r.error);
+    ttfts.push_back(r.ttft);
+    itls.push_back(r.itl);
+    arrival_times.push_back(r.send_time);
+    first_token_times.push_back(r.token_times.empty() ? -1.0 : r.token_times.front());
+    token_times.push_back(r.token_times);
+  }
+  return {{"input_lens", input_lens},
+          {"output_lens", output_lens},
+          {"errors", errors},
+          {"ttfts", ttfts},
+          {"itls", itls},
+          {"arrival_times", arrival_times},
+          {"first_token_times", first_token_times},
+          {"token_times", token_times}};
+}
+
 namespace {
 
 void line(std::string* out, const std::string& label, double value, int decimals = 2) {

@@ -23,6 +23,11 @@ struct RequestResult {
   double ttft = 0;          // seconds
   double latency = 0;       // seconds, send to last message
   std::vector<double> itl;  // seconds between consecutive messages after the first
+  // Timeline, in seconds from the start of the run: when the request was sent, and when each
+  // streamed token arrived (one entry per token id, so a message of k tokens gives k equal
+  // entries; token_times.size() == output_tokens and token_times[0] = send_time + ttft).
+  double send_time = 0;
+  std::vector<double> token_times;
 };
 
 // The p-th percentile (p in [0, 100]) of `values`, linear between closest ranks; 0 for an
@@ -74,6 +79,13 @@ double request_flops(const ModelShape& shape, int64_t prompt_len, int64_t output
 
 nlohmann::json to_json(const Distribution& d);
 nlohmann::json to_json(const BenchmarkSummary& s);
+
+// The per-request part of the result JSON: arrays with one entry per request, in the run's
+// order (failed requests included, with their error): input_lens, output_lens, errors;
+// ttfts and itls (seconds; itls a list per request); and the timeline, in seconds from the
+// start of the run: arrival_times (sent), first_token_times (-1 without a token) and
+// token_times (a list per request, one entry per token). scripts/bench-plot.py reads these.
+nlohmann::json per_request_json(const std::vector<RequestResult>& results);
 
 // The peers' result table, as printed on stdout.
 std::string format_summary(const BenchmarkSummary& s);

@@ -2,6 +2,7 @@
 // ShareGPT sample. The server runs a small Llama shape with dummy weights and the Llama-2
 // tokenizer, so the token counts can be checked against the sample's own Llama-2 length
 // table (sharegpt_sample_50conv.llama2_lens.csv), and against the server's usage and metrics.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -70,7 +71,9 @@ TEST(BenchE2eTest, ShareGptSampleCompletesAndTokenCountsMatchTheServer) {
       {MEGASERVE_BENCH_BINARY, absl::StrCat("--server=127.0.0.1:", (*server)->grpc_port()),
        absl::StrCat("--dataset=", (megaserve::testing::assets_dir() / kDataset).string()),
        "--num-prompts=6", "--max-prompt-len=1200", "--max-total-len=4096", "--request-rate=inf",
-       "--progress=false", "--peak-tflops=100", absl::StrCat("--result-json=", result_file)},
+       "--progress=false", "--peak-tflops=100", absl::StrCat("--result-json=", result_file),
+       absl::StrCat("--metrics-address=127.0.0.1:", (*server)->metrics_port()),
+       "--metrics-interval-ms=20"},
       (dir / "bench.log").string());
   ASSERT_EQ(bench.wait(std::chrono::seconds(120)), 0) << bench.log();
   const std::string log = bench.log();
@@ -119,6 +122,43 @@ TEST(BenchE2eTest, ShareGptSampleCompletesAndTokenCountsMatchTheServer) {
   EXPECT_EQ(metrics.at("megaserve_requests_total{status=\"OK\"}"), 7);
   EXPECT_EQ(metrics.at("megaserve_prompt_tokens_total"), input + input_lens[0].get<int>());
   EXPECT_EQ(metrics.at("megaserve_generation_tokens_total"), output + output_lens[0].get<int>());
+  // The per-request timeline (seconds from the run's start) that scripts/bench-plot.py draws:
+  // sent, then one time per token, ordered, the first at sent + TTFT, all within the run.
+  const double duration = summary["duration_s"].get<double>();
+  const auto& arrivals = result["arrival_times"];
+  const auto& first_tokens = result["first_token_times"];
+  const auto& token_times = result["token_times"];
+  ASSERT_EQ(arrivals.size(), 6u);
+  ASSERT_EQ(first_tokens.size(), 6u);
+  ASSERT_EQ(token_times.size(), 6u);
+  ASSERT_EQ(result["itls"].size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    const double sent = arrivals[i].get<double>();
+    EXPECT_GE(sent, 0);
+    EXPECT_NEAR(first_tokens[i].get<double>(), sent + result["ttfts"][i].get<double>(), 1e-6);
+    ASSERT_EQ(token_times[i].size(), output_lens[i].get<size_t>()) << "request " << i;
+    EXPECT_DOUBLE_EQ(token_times[i].front().get<double>(), first_tokens[i].get<double>());
+    for (size_t t = 1; t < token_times[i].size(); ++t) {
+      EXPECT_LE(token_times[i][t - 1].get<double>(), token_times[i][t].get<double>());
+    }
+    EXPECT_LE(token_times[i].back().get<double>(), duration + 1e-6);
+  }
+  // The server's running/waiting gauges, scraped every 20 ms through the run: ordered
+  // samples, and the six requests seen in the server at some point.
+  const auto& samples = result["metrics_samples"];
+  ASSERT_GE(samples.size(), 2u) << result.dump();
+  double most_in_server = 0;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    EXPECT_GE(samples[i]["running"].get<double>(), 0);
+    EXPECT_GE(samples[i]["waiting"].get<double>(), 0);
+    EXPECT_LE(samples[i]["running"].get<double>() + samples[i]["waiting"].get<double>(), 6);
+    most_in_server = std::max(
+        most_in_server, samples[i]["running"].get<double>() + samples[i]["waiting"].get<double>());
+    if (i > 0) {
+      EXPECT_GT(samples[i]["time"].get<double>(), samples[i - 1]["time"].get<double>());
+    }
+  }
+  EXPECT_GE(most_in_server, 1);
   std::filesystem::remove_all(dir);
 }
 

@@ -65,6 +65,30 @@ TEST(Summarize, UsesThePeersDefinitions) {
   EXPECT_EQ(to_json(s)["tpot_ms"]["mean"].get<double>(), s.tpot_ms.mean);
 }
 
+TEST(PerRequestJson, HoldsEveryRequestsTimelineInRunOrder) {
+  RequestResult a;  // sent at 0.5 s; three tokens in two messages
+  a.success = true;
+  a.prompt_len = 10;
+  a.output_tokens = 3;
+  a.ttft = 0.25;
+  a.itl = {0.5};
+  a.send_time = 0.5;
+  a.token_times = {0.75, 1.25, 1.25};
+  RequestResult b;  // failed before its first token
+  b.error = "status 14: unavailable";
+  b.prompt_len = 7;
+  b.send_time = 1.0;
+  const nlohmann::json j = per_request_json({a, b});
+  EXPECT_EQ(j["input_lens"], nlohmann::json({10, 7}));
+  EXPECT_EQ(j["output_lens"], nlohmann::json({3, 0}));
+  EXPECT_EQ(j["errors"], nlohmann::json({"", "status 14: unavailable"}));
+  EXPECT_EQ(j["ttfts"], nlohmann::json({0.25, 0.0}));
+  EXPECT_EQ(j["itls"], nlohmann::json::parse("[[0.5], []]"));
+  EXPECT_EQ(j["arrival_times"], nlohmann::json({0.5, 1.0}));
+  EXPECT_EQ(j["first_token_times"], nlohmann::json({0.75, -1.0}));
+  EXPECT_EQ(j["token_times"], nlohmann::json::parse("[[0.75, 1.25, 1.25], []]"));
+}
+
 TEST(RequestFlops, MatchesAStraightLineCount) {
   const ModelShape m{/*hidden=*/64,  /*intermediate=*/172, /*layers=*/5, /*heads=*/8,
                      /*kv_heads=*/4, /*head_dim=*/8,       /*vocab=*/512};
