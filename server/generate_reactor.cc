@@ -8,6 +8,7 @@
 // matched, the client went away). Its hook holds a shared ReactorLink, never the reactor
 // itself; OnDone cuts the link, and when a pump() is running at that moment the reactor is
 // deleted by that pump() when it returns (`busy` counts them), never under its feet.
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -18,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/output_stream.h"
 #include "server/service.h"
+#include "server/status_code_name.h"
 #include "spdlog/spdlog.h"
 
 namespace megaserve::server {
@@ -27,29 +29,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
-}
-
-const char* status_code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK:
-      return "OK";
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-      return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION:
-      return "FAILED_PRECONDITION";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::INTERNAL:
-      return "INTERNAL";
-    default:
-      return "OTHER";
-  }
 }
 
 v1::FinishReason to_proto(engine::FinishReason reason) {
@@ -90,11 +69,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
  private:
   void reject(const absl::Status& status);
   void record_metrics();
+  // "DEADLINE_EXCEEDED" or "CANCELLED" for a call that ended early, see the definition.
+  const char* cancel_status_name() const;
 
   ServingContext* const context_;
   grpc::CallbackServerContext* const call_;
   const std::string client_request_id_;
   const Clock::time_point received_ = Clock::now();
+  const std::chrono::system_clock::time_point received_wall_ = std::chrono::system_clock::now();
   std::shared_ptr<ReactorLink> link_ = std::make_shared<ReactorLink>();
 
   std::mutex mu_;
@@ -176,6 +158,20 @@ void GenerateReactor::reject(const absl::Status& status) {
   }
   spdlog::debug("Generate {} rejected: {}", client_request_id_, status.ToString());
   Finish(grpc_status);
+}
+
+const char* GenerateReactor::cancel_status_name() const {
+  // A client whose deadline passes cancels the call itself, and the server sees that as an
+  // ordinary cancel, a little before its own copy of the deadline: that copy starts when the
+  // request arrives (one network latency late), and grpc-timeout is rounded up (by at most
+  // about 1%). So a cancel this close to the deadline is the deadline: 50 ms of latency plus
+  // 2% of the timeout, but never more than half of it.
+  const auto deadline = call_->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return "CANCELLED";
+  const auto timeout = deadline - received_wall_;
+  const auto slack = std::min<std::chrono::system_clock::duration>(
+      std::chrono::milliseconds(50) + timeout / 50, timeout / 2);
+  return deadline - std::chrono::system_clock::now() <= slack ? "DEADLINE_EXCEEDED" : "CANCELLED";
 }
 
 void GenerateReactor::pump() {
@@ -267,7 +263,7 @@ void GenerateReactor::OnWriteDone(bool ok) {
       // The stream broke (client gone); OnCancel normally says so too.
       if (finish_called_) return;
       finish_called_ = true;
-      final_status_ = "CANCELLED";
+      final_status_ = cancel_status_name();
     }
   }
   if (!ok) {
@@ -280,12 +276,10 @@ void GenerateReactor::OnWriteDone(bool ok) {
 void GenerateReactor::OnCancel() {
   bool finish_now = false;
   bool abort_engine = false;
-  const bool deadline_passed = call_->deadline() <= std::chrono::system_clock::now();
+  const char* status = cancel_status_name();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!finish_called_) {
-      final_status_ = deadline_passed ? "DEADLINE_EXCEEDED" : "CANCELLED";
-    }
+    if (!finish_called_) final_status_ = status;
     finish_now = !finish_called_ && !write_in_flight_;
     if (finish_now) finish_called_ = true;
     abort_engine = !engine_done_;

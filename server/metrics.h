@@ -73,11 +73,12 @@ class Metrics {
 };
 
 // Serves GET /metrics (and / for a pointer to it) on `address` ("host:port"; port 0 picks a
-// free one).
+// free one). The socket does not set SO_REUSEPORT: a second server on the same port must
+// fail to start, not share (and split) the scrapes.
 class MetricsHttpServer {
  public:
-  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(
-      const std::string& address, Metrics* metrics);
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(const std::string& address,
+                                                                  Metrics* metrics);
   ~MetricsHttpServer();
   int port() const { return port_; }
   void stop();
@@ -92,9 +93,5 @@ class MetricsHttpServer {
   bool stopping_ = false;
   int port_ = 0;
 };
-
-// Splits "host:port" (the host may be "[::1]"); InvalidArgument naming `field` otherwise.
-absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
-                                                            const std::string& field);
 
 }  // namespace megaserve::server

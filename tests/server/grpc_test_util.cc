@@ -68,14 +68,15 @@ std::map<std::string, double> scrape_metrics(int port) {
   return values;
 }
 
-grpc::health::v1::HealthCheckResponse::ServingStatus health(int port) {
+grpc::health::v1::HealthCheckResponse::ServingStatus health(int port, const std::string& service) {
   auto stub = grpc::health::v1::Health::NewStub(
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
-  const grpc::Status status =
-      stub->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+  const grpc::Status status = stub->Check(&context, request, &response);
   if (!status.ok()) return grpc::health::v1::HealthCheckResponse::UNKNOWN;
   return response.status();
 }

@@ -32,8 +32,10 @@ std::unique_ptr<v1::Megaserve::Stub> connect(int port);
 // (ADD_FAILURE) on a line that is not valid Prometheus text.
 std::map<std::string, double> scrape_metrics(int port);
 
-// grpc.health.v1.Health/Check("") on 127.0.0.1:`port`.
-grpc::health::v1::HealthCheckResponse::ServingStatus health(int port);
+// grpc.health.v1.Health/Check(`service`) on 127.0.0.1:`port`; UNKNOWN when the call fails
+// (NOT_FOUND for a service the server does not know).
+grpc::health::v1::HealthCheckResponse::ServingStatus health(int port,
+                                                            const std::string& service = "");
 
 // The service names grpc.reflection.v1alpha.ServerReflection lists (list_services), and
 // whether it can return the file that defines `symbol` (file_containing_symbol).

@@ -1,0 +1,229 @@
+// The server's listeners, health and drain controls over real loopback gRPC with the fake
+// engine (tests/server/fake_engine.h): defects of issue 18 that an outside client found.
+#include <chrono>
+#include <future>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/tokenizer.h"
+#include "gtest/gtest.h"
+#include "server/server.h"
+#include "tests/server/fake_engine.h"
+#include "tests/server/grpc_test_util.h"
+#include "tests/support/assets.h"
+
+namespace megaserve::server {
+namespace {
+
+using megaserve::testing::FakeEngine;
+using megaserve::testing::FakeEngineOptions;
+using megaserve::testing::StreamResult;
+using HealthStatus = grpc::health::v1::HealthCheckResponse;
+
+constexpr char kTokenizer[] = "models/stories260K/tok512.model";
+
+struct Started {
+  std::unique_ptr<Server> server;
+  FakeEngine* engine = nullptr;
+};
+
+absl::StatusOr<Started> start(const std::string& grpc_address, const std::string& metrics_address,
+                              FakeEngineOptions options = {}) {
+  auto tokenizer = engine::Tokenizer::load(megaserve::testing::assets_dir() / kTokenizer);
+  if (!tokenizer.ok()) return tokenizer.status();
+  Started out;
+  auto engine = std::make_unique<FakeEngine>(options);
+  out.engine = engine.get();
+  ServedModel model;
+  model.engine = std::move(engine);
+  model.tokenizer = *std::move(tokenizer);
+  model.info.set_name("fake");
+  model.info.set_vocab_size(512);
+  model.info.set_max_model_len(256);
+  model.eos_token_ids = {2};
+  ServerOptions server_options;
+  server_options.grpc_address = grpc_address;
+  server_options.metrics_address = metrics_address;
+  auto server = Server::start(server_options, std::move(model));
+  if (!server.ok()) return server.status();
+  out.server = *std::move(server);
+  return out;
+}
+
+v1::GenerateRequest long_request(int max_tokens) {
+  v1::GenerateRequest request;
+  request.set_text("Once upon a time");
+  request.mutable_params()->set_max_tokens(max_tokens);
+  return request;
+}
+
+// Scrapes until `key` appears (OnDone, which records, may trail the client) or 2 s pass.
+std::map<std::string, double> scrape_until(int port, const std::string& key) {
+  std::map<std::string, double> metrics;
+  for (int i = 0; i < 2000; ++i) {
+    metrics = megaserve::testing::scrape_metrics(port);
+    if (metrics.count(key)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return metrics;
+}
+
+class ServerEndpointsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { MEGASERVE_REQUIRE_ASSET(kTokenizer); }
+};
+
+// Both listeners set SO_REUSEPORT: a second server started and took half the traffic.
+TEST_F(ServerEndpointsTest, SecondServerOnTheSamePortFailsWithAddressInUse) {
+  auto first = start("127.0.0.1:0", "127.0.0.1:0");
+  ASSERT_TRUE(first.ok()) << first.status();
+  const int grpc_port = first->server->grpc_port();
+  const int metrics_port = first->server->metrics_port();
+
+  auto second = start(absl::StrCat("127.0.0.1:", grpc_port), "127.0.0.1:0");
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(second.status().message().find(absl::StrCat("grpc_address 127.0.0.1:", grpc_port,
+                                                        ": cannot listen: Address "
+                                                        "already in use")),
+            std::string::npos)
+      << second.status().message();
+
+  second = start("127.0.0.1:0", absl::StrCat("127.0.0.1:", metrics_port));
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.status().message().find(absl::StrCat("metrics_address 127.0.0.1:", metrics_port,
+                                                        ": cannot listen: Address already in use")),
+            std::string::npos)
+      << second.status().message();
+
+  // The first server still has all of its traffic.
+  auto stub = megaserve::testing::connect(grpc_port);
+  EXPECT_TRUE(megaserve::testing::generate(*stub, long_request(3)).status.ok());
+  EXPECT_EQ(
+      scrape_until(
+          metrics_port,
+          "megaserve_requests_total{status=\"OK\"}")["megaserve_requests_total{status=\"OK\"}"],
+      1);
+}
+
+TEST_F(ServerEndpointsTest, PortOutOfRangeIsRefusedNotWrapped) {
+  auto server = start("127.0.0.1:99999", "");
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(server.status().message().find("grpc_address must be host:port"), std::string::npos)
+      << server.status().message();
+  server = start("127.0.0.1:0", "127.0.0.1:65536");
+  ASSERT_FALSE(server.ok());
+  EXPECT_NE(server.status().message().find("metrics_address"), std::string::npos);
+}
+
+TEST_F(ServerEndpointsTest, HealthAnswersForTheServiceNameToo) {
+  FakeEngineOptions options;
+  options.step_interval = std::chrono::milliseconds(5);
+  auto started = start("127.0.0.1:0", "", options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Server& server = *started->server;
+  EXPECT_EQ(server.metrics_port(), 0);  // metrics off
+  EXPECT_EQ(megaserve::testing::health(server.grpc_port(), "megaserve.v1.Megaserve"),
+            HealthStatus::SERVING);
+  EXPECT_EQ(megaserve::testing::health(server.grpc_port(), "no.such.Service"),
+            HealthStatus::UNKNOWN);  // NOT_FOUND
+  // A running stream keeps the drain (and the gRPC server) going while health is asked.
+  auto stub = megaserve::testing::connect(server.grpc_port());
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, long_request(250));  // 1.25 s of steps
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  std::thread drain([&] { server.drain_and_stop(std::chrono::seconds(10)); });
+  HealthStatus::ServingStatus status = HealthStatus::SERVING;
+  for (int i = 0; i < 1000 && status == HealthStatus::SERVING; ++i) {
+    status = megaserve::testing::health(server.grpc_port(), "megaserve.v1.Megaserve");
+  }
+  EXPECT_EQ(status, HealthStatus::NOT_SERVING);
+  EXPECT_EQ(megaserve::testing::health(server.grpc_port()), HealthStatus::NOT_SERVING);
+  while (reader->Read(&response)) {
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  drain.join();
+}
+
+// A passed client deadline was counted as CANCELLED: the client cancels the call itself
+// when its deadline passes, before the server's copy of the deadline does.
+TEST_F(ServerEndpointsTest, DeadlinesAreCountedAsDeadlineExceeded) {
+  FakeEngineOptions options;
+  options.step_interval = std::chrono::milliseconds(5);
+  auto started = start("127.0.0.1:0", "127.0.0.1:0", options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Server& server = *started->server;
+  auto stub = megaserve::testing::connect(server.grpc_port());
+  constexpr int kCalls = 4;
+  for (int i = 0; i < kCalls; ++i) {
+    // Waiting (paused engine) and streaming: both end by the deadline.
+    started->engine->set_paused(i % 2 == 0);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+    const StreamResult r = megaserve::testing::generate(*stub, long_request(250), &context);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  started->engine->set_paused(false);
+  const std::string deadline = "megaserve_requests_total{status=\"DEADLINE_EXCEEDED\"}";
+  const std::string cancelled = "megaserve_requests_total{status=\"CANCELLED\"}";
+  std::map<std::string, double> metrics;
+  for (int i = 0; i < 2000; ++i) {
+    metrics = megaserve::testing::scrape_metrics(server.metrics_port());
+    const double ended = (metrics.count(deadline) ? metrics.at(deadline) : 0) +
+                         (metrics.count(cancelled) ? metrics.at(cancelled) : 0);
+    if (ended == kCalls) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(metrics[deadline], kCalls);
+  EXPECT_EQ(metrics.count(cancelled), 0u);
+
+  // A cancel well before the deadline is still a cancel.
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto reader = stub->Generate(&context, long_request(250));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  metrics = scrape_until(server.metrics_port(), "megaserve_requests_total{status=\"CANCELLED\"}");
+  EXPECT_EQ(metrics["megaserve_requests_total{status=\"CANCELLED\"}"], 1);
+}
+
+// A second SIGTERM (main.cc) ends the grace period: what still runs is aborted at once.
+TEST_F(ServerEndpointsTest, EndingTheGracePeriodAbortsTheDrainAtOnce) {
+  FakeEngineOptions options;
+  options.step_interval = std::chrono::milliseconds(5);
+  auto started = start("127.0.0.1:0", "", options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Server& server = *started->server;
+  auto stub = megaserve::testing::connect(server.grpc_port());
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, long_request(250));  // 1.25 s of steps
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  const auto begin = std::chrono::steady_clock::now();
+  auto drain =
+      std::async(std::launch::async, [&] { server.drain_and_stop(std::chrono::seconds(60)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  server.end_grace_period();
+  v1::FinishReason reason = v1::FINISH_REASON_UNSPECIFIED;
+  while (reader->Read(&response)) {
+    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      reason = response.finish_reason();
+    }
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(reason, v1::FINISH_REASON_ABORT);
+  ASSERT_EQ(drain.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_LT(std::chrono::steady_clock::now() - begin, std::chrono::seconds(5));
+}
+
+}  // namespace
+}  // namespace megaserve::server
