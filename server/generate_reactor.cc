@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/output_stream.h"
+#include "server/raw_messages.h"
 #include "server/service.h"
 #include "server/status_code_name.h"
 #include "spdlog/spdlog.h"
@@ -54,10 +55,10 @@ struct ReactorLink {
   bool done = false;  // OnDone ran
 };
 
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                  const v1::GenerateRequest& request);
+                  const v1::GenerateRequest& request, const absl::Status& parsed);
 
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
@@ -86,9 +87,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   Clock::time_point admitted_;
   std::optional<Clock::time_point> first_token_;
   std::optional<Clock::time_point> last_token_;
-  v1::GenerateResponse pending_;    // accumulates while a write is in flight
-  bool pending_final_ = false;      // pending_ is the last message
-  v1::GenerateResponse in_flight_;  // the message gRPC is writing; untouched until done
+  v1::GenerateResponse pending_;  // accumulates while a write is in flight
+  bool pending_final_ = false;    // pending_ is the last message
+  grpc::ByteBuffer in_flight_;    // the message gRPC is writing (serialized); untouched until done
   bool write_in_flight_ = false;
   bool finish_called_ = false;
   bool engine_done_ = false;  // the engine finished it, or was told to
@@ -100,10 +101,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 };
 
 GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                                 const v1::GenerateRequest& request)
+                                 const v1::GenerateRequest& request, const absl::Status& parsed)
     : context_(context), call_(call), client_request_id_(request.request_id()) {
   context_->active_streams.fetch_add(1);
   link_->reactor = this;
+  if (!parsed.ok()) {
+    reject(parsed);
+    return;
+  }
   if (context_->draining.load()) {
     reject(absl::UnavailableError("the server is draining (shutting down); retry elsewhere"));
     return;
@@ -228,7 +233,7 @@ void GenerateReactor::pump() {
     }
     const bool has_content = pending_.token_ids_size() > 0 || !pending_.text().empty();
     if (action == Action::kNone && !write_in_flight_ && (has_content || pending_final_)) {
-      in_flight_ = std::move(pending_);
+      in_flight_ = serialize_response(pending_);
       pending_.Clear();
       pending_.set_request_id(client_request_id_);
       write_in_flight_ = true;
@@ -340,10 +345,11 @@ void GenerateReactor::OnDone() {
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* new_generate_reactor(
-    ServingContext* context, grpc::CallbackServerContext* call,
-    const v1::GenerateRequest& request) {
-  return new GenerateReactor(context, call, request);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* new_generate_reactor(ServingContext* context,
+                                                                 grpc::CallbackServerContext* call,
+                                                                 const v1::GenerateRequest& request,
+                                                                 const absl::Status& parsed) {
+  return new GenerateReactor(context, call, request, parsed);
 }
 
 }  // namespace megaserve::server

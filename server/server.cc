@@ -7,6 +7,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "server/listen_address.h"
+#include "server/raw_messages.h"
 #include "spdlog/spdlog.h"
 
 namespace megaserve::server {
@@ -52,6 +53,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
     server->metrics_http_ = *std::move(http);
   }
 
+  route_protobuf_log_to_spdlog();  // before any request is parsed
   server->service_ = std::make_unique<MegaserveService>(&context);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

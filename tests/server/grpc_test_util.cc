@@ -81,6 +81,29 @@ grpc::health::v1::HealthCheckResponse::ServingStatus health(int port, const std:
   return response.status();
 }
 
+grpc::Status raw_call(int port, const std::string& method, const std::string& bytes) {
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
+  const std::string path = absl::StrCat("/megaserve.v1.Megaserve/", method);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  if (method != "Generate") {
+    grpc::internal::RpcMethod rpc(path.c_str(), grpc::internal::RpcMethod::NORMAL_RPC, channel);
+    return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+        channel.get(), rpc, &context, request, &response);
+  }
+  grpc::internal::RpcMethod rpc(path.c_str(), grpc::internal::RpcMethod::SERVER_STREAMING, channel);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel.get(), rpc, &context,
+                                                                    request));
+  while (reader->Read(&response)) {
+  }
+  return reader->Finish();
+}
+
 namespace {
 
 // One request/response exchange on the reflection stream, as raw protobuf bytes (the

@@ -225,5 +225,55 @@ TEST_F(ServerEndpointsTest, EndingTheGracePeriodAbortsTheDrainAtOnce) {
   EXPECT_LT(std::chrono::steady_clock::now() - begin, std::chrono::seconds(5));
 }
 
+// Issue 18 item 8: bytes gRPC could not parse got UNIMPLEMENTED with empty details, and the
+// server logged protobuf's complaint as an unprefixed "[libprotobuf ERROR ...]" line.
+TEST_F(ServerEndpointsTest, UnparsableRequestsGetInvalidArgumentSayingWhy) {
+  auto started = start("127.0.0.1:0", "127.0.0.1:0");
+  ASSERT_TRUE(started.ok()) << started.status();
+  const int port = started->server->grpc_port();
+  // A length-delimited field whose bytes are not UTF-8, for a proto3 string field.
+  const auto string_field = [](const google::protobuf::Descriptor* type, const char* name) {
+    const int number = type->FindFieldByName(name)->number();
+    return absl::StrCat(std::string(1, static_cast<char>(number << 3 | 2)), "\x02\xc3\x28");
+  };
+  ::testing::internal::CaptureStderr();
+  grpc::Status status = megaserve::testing::raw_call(port, "Generate", "\xff\xff\xff\xff");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("the request is not a valid megaserve.v1.GenerateRequest"),
+            std::string::npos)
+      << status.error_message();
+  status = megaserve::testing::raw_call(port, "Generate",
+                                        string_field(v1::GenerateRequest::descriptor(), "text"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find(
+                "String field 'megaserve.v1.GenerateRequest.text' contains invalid UTF-8"),
+            std::string::npos)
+      << status.error_message();
+  status = megaserve::testing::raw_call(port, "Tokenize",
+                                        string_field(v1::TokenizeRequest::descriptor(), "text"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("megaserve.v1.TokenizeRequest.text"), std::string::npos)
+      << status.error_message();
+  status = megaserve::testing::raw_call(port, "Detokenize", "\x0a\xff");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  status = megaserve::testing::raw_call(port, "GetModelInfo", "\x0a\x05" "ab");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(logged.find("libprotobuf"), std::string::npos) << logged;
+
+  // Well-formed bytes still work, on the raw path and the typed one.
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("Once upon a time");
+  EXPECT_TRUE(megaserve::testing::raw_call(port, "Tokenize", tokenize.SerializeAsString()).ok());
+  auto stub = megaserve::testing::connect(port);
+  const StreamResult r = megaserve::testing::generate(*stub, long_request(3));
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.token_ids.size(), 3u);
+  // The rejected Generate calls count as INVALID_ARGUMENT.
+  const auto metrics = scrape_until(started->server->metrics_port(),
+                                    "megaserve_requests_total{status=\"INVALID_ARGUMENT\"}");
+  EXPECT_EQ(metrics.at("megaserve_requests_total{status=\"INVALID_ARGUMENT\"}"), 2);
+}
+
 }  // namespace
 }  // namespace megaserve::server
