@@ -145,6 +145,14 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
   server->http_->Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("megaserve: metrics at /metrics\n", "text/plain");
   });
+  // httplib gives each connection a worker until it closes, and by default waits 5 s for a
+  // request's next bytes or a kept-alive connection's next request: 8 idle connections took
+  // every worker and starved the scrapes. Short waits, and more workers than idle clients
+  // plausibly hold (each is a sleeping thread).
+  server->http_->new_task_queue = [] { return new httplib::ThreadPool(kMetricsHttpWorkers); };
+  server->http_->set_read_timeout(1, 0);
+  server->http_->set_write_timeout(1, 0);
+  server->http_->set_keep_alive_timeout(1);
   // httplib's default also sets SO_REUSEPORT, which lets a second server bind the port.
   server->http_->set_socket_options([](int sock) {
     const int yes = 1;

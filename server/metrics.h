@@ -77,6 +77,10 @@ class Metrics {
 // fail to start, not share (and split) the scrapes.
 class MetricsHttpServer {
  public:
+  // Connections served at once; an idle or half-sent one holds a worker for at most ~1 s of
+  // silence.
+  static constexpr int kMetricsHttpWorkers = 64;
+
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(const std::string& address,
                                                                   Metrics* metrics);
   ~MetricsHttpServer();
