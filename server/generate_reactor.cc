@@ -168,9 +168,9 @@ void GenerateReactor::reject(const absl::Status& status) {
 const char* GenerateReactor::cancel_status_name() const {
   // A client whose deadline passes cancels the call itself, and the server sees that as an
   // ordinary cancel, a little before its own copy of the deadline: that copy starts when the
-  // request arrives (one network latency late), and grpc-timeout is rounded up (by at most
-  // about 1%). So a cancel this close to the deadline is the deadline: 50 ms of latency plus
-  // 2% of the timeout, but never more than half of it.
+  // request arrives (one network latency late), and the grpc-timeout header rounds the
+  // timeout up. So a cancel this close to the deadline is the deadline: 50 ms of latency
+  // plus 2% of the timeout, but never more than half of it.
   const auto deadline = call_->deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return "CANCELLED";
   const auto timeout = deadline - received_wall_;

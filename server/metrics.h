@@ -1,7 +1,7 @@
 // Prometheus metrics of the server, rendered in the text exposition format (version 0.0.4)
 // and served over HTTP on their own port. Request-level numbers are recorded by the
 // Generate reactors when a call ends; engine-level gauges are read from Engine::stats() at
-// scrape time; the step-time histogram is fed by a sampler thread (see MetricsHttpServer).
+// scrape time; the step-time histogram is fed by the engine's step observer.
 #pragma once
 
 #include <cstdint>
