@@ -71,9 +71,11 @@ class KvBlockPool {
   int32_t num_cached_free_blocks() const { return num_cached_free_; }
   int32_t num_used_blocks() const { return num_blocks() - num_free_blocks(); }
   int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
-  // Blocks needed to hold `num_positions` positions.
+  // Blocks needed to hold `num_positions` positions. Rounds up in 64 bits: near INT32_MAX
+  // positions the 32-bit sum wraps negative (and such a request looked as if it fit).
   int32_t blocks_for(int32_t num_positions) const {
-    return (num_positions + config_.block_size - 1) / config_.block_size;
+    return static_cast<int32_t>((int64_t{num_positions} + config_.block_size - 1) /
+                                config_.block_size);
   }
 
   // The longest run of cached full blocks holding tokens[0, k * block_size), k maximal. Only

@@ -66,10 +66,10 @@ absl::Status Scheduler::add_request(RequestSpec spec) {
     ++counters_.num_rejected_invalid;
     return absl::InvalidArgumentError(absl::StrCat("request ", spec.request_id, ": ", parts...));
   };
-  const int32_t prompt_len = static_cast<int32_t>(spec.prompt_token_ids.size());
+  const int64_t prompt_len = static_cast<int64_t>(spec.prompt_token_ids.size());
   const SamplingParams& sp = spec.sampling;
   if (prompt_len == 0) return invalid("prompt is empty");
-  for (int32_t i = 0; i < prompt_len; ++i) {
+  for (int64_t i = 0; i < prompt_len; ++i) {
     if (spec.prompt_token_ids[i] < 0) {
       return invalid("prompt token ", i, " has negative id ", spec.prompt_token_ids[i]);
     }
@@ -83,9 +83,12 @@ absl::Status Scheduler::add_request(RequestSpec spec) {
     return invalid("prompt of ", prompt_len, " tokens leaves no room to generate within ",
                    "max_model_len ", config_.max_model_len);
   }
-  const int32_t max_length = static_cast<int32_t>(
-      std::min<int64_t>(int64_t{prompt_len} + sp.max_tokens, config_.max_model_len));
-  const int32_t blocks_needed = pool_.blocks_for(max_length - 1);
+  // In 64 bits: prompt_len + max_tokens may pass INT32_MAX (max_model_len may be near it).
+  const int32_t max_length =
+      static_cast<int32_t>(std::min<int64_t>(prompt_len + sp.max_tokens, config_.max_model_len));
+  const int64_t blocks_needed = pool_.blocks_for(max_length - 1);
+  // A request that cannot fit alone would fill the cache, be preempted and wait at the head
+  // of the queue forever, holding back everyone behind it: reject it now.
   if (blocks_needed > pool_.num_blocks()) {
     return invalid("prompt of ", prompt_len, " tokens with max_tokens ", sp.max_tokens, " needs ",
                    blocks_needed, " KV blocks, more than the whole cache (", pool_.num_blocks(),
@@ -108,7 +111,7 @@ absl::Status Scheduler::add_request(RequestSpec spec) {
   r->seed = spec.seed;
   r->prefix_cache_key = spec.prefix_cache_key;
   r->sampling = std::move(spec.sampling);
-  r->num_prompt_tokens = prompt_len;
+  r->num_prompt_tokens = static_cast<int32_t>(prompt_len);  // < max_model_len
   r->max_length = max_length;
   r->token_ids.reserve(max_length);
   r->token_ids = std::move(spec.prompt_token_ids);

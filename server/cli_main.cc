@@ -24,6 +24,7 @@
 #include "proto/health.grpc.pb.h"
 #include "proto/megaserve.grpc.pb.h"
 #include "server/flag_spelling.h"
+#include "server/status_code_name.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "the megaserve gRPC address");
 ABSL_FLAG(bool, json, false, "print each streamed message as one JSON line");
@@ -64,7 +65,8 @@ void set_deadline(grpc::ClientContext* context) {
 }
 
 int report(const grpc::Status& status) {
-  std::cerr << "megaserve-cli: " << status.error_code() << " " << status.error_message() << "\n";
+  std::cerr << "megaserve-cli: " << megaserve::server::status_code_name(status.error_code()) << ": "
+            << status.error_message() << "\n";
   return 1;
 }
 

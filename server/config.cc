@@ -1,12 +1,14 @@
 #include "server/config.h"
 
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "server/listen_address.h"
 
 namespace megaserve::server {
 namespace {
@@ -71,8 +73,19 @@ absl::Status validate_server_config(const config::ServerConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("model.load_format must be \"auto\" or \"dummy\", got \"", format, "\""));
   }
+  // Metrics may be off (empty address); gRPC is the server, so it may not.
   if (c.endpoints().grpc_address().empty()) {
-    return absl::InvalidArgumentError("endpoints.grpc_address is empty");
+    return absl::InvalidArgumentError(
+        "endpoints.grpc_address is empty: the server needs a gRPC address (host:port)");
+  }
+  if (auto a = parse_listen_address(c.endpoints().grpc_address(), "endpoints.grpc_address");
+      !a.ok()) {
+    return a.status();
+  }
+  if (const std::string& metrics = c.endpoints().metrics_address(); !metrics.empty()) {
+    if (auto a = parse_listen_address(metrics, "endpoints.metrics_address"); !a.ok()) {
+      return a.status();
+    }
   }
   const config::EngineConfig& e = c.engine();
   if (e.backend() != "auto" && e.backend() != "cpu" && e.backend() != "cuda") {
@@ -93,6 +106,12 @@ absl::Status validate_server_config(const config::ServerConfig& c) {
   }
   if (e.max_waiting_requests() < 1) {
     return absl::InvalidArgumentError("engine.max_waiting_requests must be >= 1");
+  }
+  // Token counts are 32-bit below; the model's own limit is checked when it is loaded.
+  if (e.max_model_len() > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat("engine.max_model_len must be at most ",
+                                                   std::numeric_limits<int32_t>::max(), ", got ",
+                                                   e.max_model_len()));
   }
   if (!(e.gpu_memory_fraction() > 0.0f && e.gpu_memory_fraction() <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -3,56 +3,136 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/marshalling.h"
+#include "absl/strings/str_cat.h"
+#include "server/config.h"
 
-ABSL_FLAG(std::optional<std::string>, model, std::nullopt,
+namespace megaserve::server {
+
+// A flag that overrides one config field, and only when given: its default holds no value.
+// An empty value given ("--metrics_address=") is a value, unlike with std::optional flags,
+// where Abseil reads it as unset. `shown` is what --help prints as the default: the
+// default config's value, not the flag's empty one.
+template <typename T>
+struct FlagOverride {
+  std::optional<T> value;
+  std::string shown;
+};
+
+template <typename T>
+bool AbslParseFlag(absl::string_view text, FlagOverride<T>* flag, std::string* error) {
+  // A yes/no flag may also say "auto": the config decides (what --help shows as the default
+  // of --overlap_scheduling, whose config default depends on the backend; Abseil checks
+  // that every shown default parses).
+  if constexpr (std::is_same_v<T, bool>) {
+    if (text == "auto") {
+      flag->value.reset();
+      return true;
+    }
+  }
+  T value;
+  if (!absl::ParseFlag(text, &value, error)) return false;
+  flag->value = std::move(value);
+  return true;
+}
+
+template <typename T>
+std::string AbslUnparseFlag(const FlagOverride<T>& flag) {
+  return flag.value ? absl::UnparseFlag(*flag.value) : flag.shown;
+}
+
+namespace {
+
+const config::ServerConfig& defaults() {
+  static const config::ServerConfig* config = new config::ServerConfig(default_server_config());
+  return *config;
+}
+const config::ModelSource& model_defaults() { return defaults().model(); }
+const config::EngineConfig& engine_defaults() { return defaults().engine(); }
+
+FlagOverride<std::string> shown_text(const std::string& value) {
+  return {std::nullopt, absl::StrCat("\"", value, "\"")};
+}
+template <typename T>
+FlagOverride<T> shown_value(T value) {
+  return {std::nullopt, absl::UnparseFlag(value)};
+}
+
+}  // namespace
+}  // namespace megaserve::server
+
+using StringOverride = megaserve::server::FlagOverride<std::string>;
+using UintOverride = megaserve::server::FlagOverride<uint32_t>;
+using FloatOverride = megaserve::server::FlagOverride<float>;
+using BoolOverride = megaserve::server::FlagOverride<bool>;
+using megaserve::server::engine_defaults;
+using megaserve::server::model_defaults;
+using megaserve::server::shown_text;
+using megaserve::server::shown_value;
+
+ABSL_FLAG(StringOverride, model, shown_text(model_defaults().path()),
           "Hugging Face model directory to serve (config.json, *.safetensors, "
-          "tokenizer.model); unset: the built-in demo model");
-ABSL_FLAG(std::optional<std::string>, load_format, std::nullopt,
+          "tokenizer.model); empty: the built-in demo model");
+ABSL_FLAG(StringOverride, load_format, shown_text(model_defaults().load_format()),
           "\"auto\" (read the safetensors) or \"dummy\" (seeded random weights)");
-ABSL_FLAG(std::optional<std::string>, model_config_file, std::nullopt,
+ABSL_FLAG(StringOverride, model_config_file, shown_text(model_defaults().config_file()),
           "with --load_format=dummy: a config.json to take the model shape from");
-ABSL_FLAG(std::optional<std::string>, tokenizer, std::nullopt,
+ABSL_FLAG(StringOverride, tokenizer, shown_text(model_defaults().tokenizer_file()),
           "a tokenizer.model to use instead of the model directory's");
-ABSL_FLAG(std::optional<std::string>, served_model_name, std::nullopt,
-          "the name GetModelInfo reports (default: the directory name)");
-ABSL_FLAG(std::optional<std::string>, grpc_address, std::nullopt, "gRPC listen address, host:port");
-ABSL_FLAG(std::optional<std::string>, metrics_address, std::nullopt,
+ABSL_FLAG(StringOverride, served_model_name, shown_text(model_defaults().served_name()),
+          "the name GetModelInfo reports (empty: the directory name)");
+ABSL_FLAG(StringOverride, grpc_address,
+          shown_text(megaserve::server::defaults().endpoints().grpc_address()),
+          "gRPC listen address, host:port (port 0: any free port)");
+ABSL_FLAG(StringOverride, metrics_address,
+          shown_text(megaserve::server::defaults().endpoints().metrics_address()),
           "Prometheus metrics listen address, host:port; empty turns metrics off");
-ABSL_FLAG(std::optional<std::string>, backend, std::nullopt, "auto, cpu or cuda");
-ABSL_FLAG(std::optional<uint32_t>, tensor_parallel_size, std::nullopt, "GPUs per model");
-ABSL_FLAG(std::optional<uint32_t>, kv_block_size, std::nullopt,
+ABSL_FLAG(StringOverride, backend, shown_text(engine_defaults().backend()), "auto, cpu or cuda");
+ABSL_FLAG(UintOverride, tensor_parallel_size, shown_value(engine_defaults().tensor_parallel_size()),
+          "GPUs per model");
+ABSL_FLAG(UintOverride, kv_block_size, shown_value(engine_defaults().kv_block_size()),
           "tokens per KV cache block, a power of two in [16, 128]");
-ABSL_FLAG(std::optional<uint32_t>, num_kv_blocks, std::nullopt,
+ABSL_FLAG(UintOverride, num_kv_blocks, shown_value(engine_defaults().num_kv_blocks()),
           "KV cache blocks; 0 derives them from memory");
-ABSL_FLAG(std::optional<uint32_t>, cpu_kv_cache_mib, std::nullopt,
+ABSL_FLAG(UintOverride, cpu_kv_cache_mib, shown_value(engine_defaults().cpu_kv_cache_mib()),
           "CPU backend: KV cache size in MiB when num_kv_blocks is 0");
-ABSL_FLAG(std::optional<float>, gpu_memory_fraction, std::nullopt,
+ABSL_FLAG(FloatOverride, gpu_memory_fraction, shown_value(engine_defaults().gpu_memory_fraction()),
           "CUDA backend: share of GPU memory to use");
-ABSL_FLAG(std::optional<uint32_t>, max_num_seqs, std::nullopt, "requests per step at most");
-ABSL_FLAG(std::optional<uint32_t>, max_num_batched_tokens, std::nullopt, "tokens per step at most");
-ABSL_FLAG(std::optional<uint32_t>, max_waiting_requests, std::nullopt,
+ABSL_FLAG(UintOverride, max_num_seqs, shown_value(engine_defaults().max_num_seqs()),
+          "requests per step at most");
+ABSL_FLAG(UintOverride, max_num_batched_tokens,
+          shown_value(engine_defaults().max_num_batched_tokens()), "tokens per step at most");
+ABSL_FLAG(UintOverride, max_waiting_requests, shown_value(engine_defaults().max_waiting_requests()),
           "waiting queue length; beyond it requests get RESOURCE_EXHAUSTED");
-ABSL_FLAG(std::optional<uint32_t>, max_model_len, std::nullopt,
-          "longest prompt + output; 0: the model's max_position_embeddings");
-ABSL_FLAG(std::optional<uint32_t>, cpu_threads, std::nullopt,
+ABSL_FLAG(UintOverride, max_model_len, shown_value(engine_defaults().max_model_len()),
+          "longest prompt + output, at most the model's max_position_embeddings; 0: that");
+ABSL_FLAG(UintOverride, cpu_threads, shown_value(engine_defaults().cpu_threads()),
           "CPU backend threads (virtual SMs); 0: all hardware threads");
-ABSL_FLAG(std::optional<bool>, enable_prefix_caching, std::nullopt,
+ABSL_FLAG(BoolOverride, enable_prefix_caching,
+          shown_value(engine_defaults().enable_prefix_caching()),
           "reuse KV blocks of identical prompt prefixes");
-ABSL_FLAG(std::optional<bool>, overlap_scheduling, std::nullopt,
-          "plan and upload step N+1 while step N runs (default: on with the CUDA backend)");
-ABSL_FLAG(std::optional<uint32_t>, drain_grace_seconds, std::nullopt,
-          "on SIGTERM, how long running requests may finish before they are aborted");
-ABSL_FLAG(std::optional<std::string>, log_level, std::nullopt, "trace, debug, info, warn or error");
-ABSL_FLAG(std::optional<std::string>, log_pattern, std::nullopt, "spdlog pattern");
+ABSL_FLAG(BoolOverride, overlap_scheduling, (BoolOverride{std::nullopt, "auto"}),
+          "plan and upload step N+1 while step N runs (auto: on with the CUDA backend)");
+ABSL_FLAG(UintOverride, drain_grace_seconds,
+          shown_value(megaserve::server::defaults().drain_grace_seconds()),
+          "on SIGTERM, how long running requests may finish before they are aborted (a second "
+          "SIGTERM aborts them at once)");
+ABSL_FLAG(StringOverride, log_level, shown_text(megaserve::server::defaults().logging().level()),
+          "trace, debug, info, warn or error");
+ABSL_FLAG(StringOverride, log_pattern,
+          shown_text(megaserve::server::defaults().logging().pattern()),
+          "spdlog pattern (empty: spdlog's own)");
 
 namespace megaserve::server {
 namespace {
 
 template <typename T, typename Setter>
-void override_field(const absl::Flag<std::optional<T>>& flag, Setter set) {
-  if (const std::optional<T> value = absl::GetFlag(flag)) set(*value);
+void override_field(const absl::Flag<FlagOverride<T>>& flag, Setter set) {
+  if (const std::optional<T> value = absl::GetFlag(flag).value) set(*value);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 // matched, the client went away). Its hook holds a shared ReactorLink, never the reactor
 // itself; OnDone cuts the link, and when a pump() is running at that moment the reactor is
 // deleted by that pump() when it returns (`busy` counts them), never under its feet.
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -17,7 +18,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/output_stream.h"
+#include "server/raw_messages.h"
 #include "server/service.h"
+#include "server/status_code_name.h"
 #include "spdlog/spdlog.h"
 
 namespace megaserve::server {
@@ -27,29 +30,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
-}
-
-const char* status_code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK:
-      return "OK";
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-      return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION:
-      return "FAILED_PRECONDITION";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::INTERNAL:
-      return "INTERNAL";
-    default:
-      return "OTHER";
-  }
 }
 
 v1::FinishReason to_proto(engine::FinishReason reason) {
@@ -75,10 +55,10 @@ struct ReactorLink {
   bool done = false;  // OnDone ran
 };
 
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                  const v1::GenerateRequest& request);
+                  const v1::GenerateRequest& request, const absl::Status& parsed);
 
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
@@ -90,11 +70,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
  private:
   void reject(const absl::Status& status);
   void record_metrics();
+  // "DEADLINE_EXCEEDED" or "CANCELLED" for a call that ended early, see the definition.
+  const char* cancel_status_name() const;
 
   ServingContext* const context_;
   grpc::CallbackServerContext* const call_;
   const std::string client_request_id_;
   const Clock::time_point received_ = Clock::now();
+  const std::chrono::system_clock::time_point received_wall_ = std::chrono::system_clock::now();
   std::shared_ptr<ReactorLink> link_ = std::make_shared<ReactorLink>();
 
   std::mutex mu_;
@@ -104,9 +87,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   Clock::time_point admitted_;
   std::optional<Clock::time_point> first_token_;
   std::optional<Clock::time_point> last_token_;
-  v1::GenerateResponse pending_;    // accumulates while a write is in flight
-  bool pending_final_ = false;      // pending_ is the last message
-  v1::GenerateResponse in_flight_;  // the message gRPC is writing; untouched until done
+  v1::GenerateResponse pending_;  // accumulates while a write is in flight
+  bool pending_final_ = false;    // pending_ is the last message
+  grpc::ByteBuffer in_flight_;    // the message gRPC is writing (serialized); untouched until done
   bool write_in_flight_ = false;
   bool finish_called_ = false;
   bool engine_done_ = false;  // the engine finished it, or was told to
@@ -118,10 +101,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 };
 
 GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                                 const v1::GenerateRequest& request)
+                                 const v1::GenerateRequest& request, const absl::Status& parsed)
     : context_(context), call_(call), client_request_id_(request.request_id()) {
   context_->active_streams.fetch_add(1);
   link_->reactor = this;
+  if (!parsed.ok()) {
+    reject(parsed);
+    return;
+  }
   if (context_->draining.load()) {
     reject(absl::UnavailableError("the server is draining (shutting down); retry elsewhere"));
     return;
@@ -178,6 +165,20 @@ void GenerateReactor::reject(const absl::Status& status) {
   Finish(grpc_status);
 }
 
+const char* GenerateReactor::cancel_status_name() const {
+  // A client whose deadline passes cancels the call itself, and the server sees that as an
+  // ordinary cancel, a little before its own copy of the deadline: that copy starts when the
+  // request arrives (one network latency late), and the grpc-timeout header rounds the
+  // timeout up. So a cancel this close to the deadline is the deadline: 50 ms of latency
+  // plus 2% of the timeout, but never more than half of it.
+  const auto deadline = call_->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return "CANCELLED";
+  const auto timeout = deadline - received_wall_;
+  const auto slack = std::min<std::chrono::system_clock::duration>(
+      std::chrono::milliseconds(50) + timeout / 50, timeout / 2);
+  return deadline - std::chrono::system_clock::now() <= slack ? "DEADLINE_EXCEEDED" : "CANCELLED";
+}
+
 void GenerateReactor::pump() {
   enum class Action { kNone, kWrite, kWriteAndFinish, kFinishError };
   Action action = Action::kNone;
@@ -232,7 +233,7 @@ void GenerateReactor::pump() {
     }
     const bool has_content = pending_.token_ids_size() > 0 || !pending_.text().empty();
     if (action == Action::kNone && !write_in_flight_ && (has_content || pending_final_)) {
-      in_flight_ = std::move(pending_);
+      in_flight_ = serialize_response(pending_);
       pending_.Clear();
       pending_.set_request_id(client_request_id_);
       write_in_flight_ = true;
@@ -267,7 +268,7 @@ void GenerateReactor::OnWriteDone(bool ok) {
       // The stream broke (client gone); OnCancel normally says so too.
       if (finish_called_) return;
       finish_called_ = true;
-      final_status_ = "CANCELLED";
+      final_status_ = cancel_status_name();
     }
   }
   if (!ok) {
@@ -280,12 +281,10 @@ void GenerateReactor::OnWriteDone(bool ok) {
 void GenerateReactor::OnCancel() {
   bool finish_now = false;
   bool abort_engine = false;
-  const bool deadline_passed = call_->deadline() <= std::chrono::system_clock::now();
+  const char* status = cancel_status_name();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!finish_called_) {
-      final_status_ = deadline_passed ? "DEADLINE_EXCEEDED" : "CANCELLED";
-    }
+    if (!finish_called_) final_status_ = status;
     finish_now = !finish_called_ && !write_in_flight_;
     if (finish_now) finish_called_ = true;
     abort_engine = !engine_done_;
@@ -346,10 +345,11 @@ void GenerateReactor::OnDone() {
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* new_generate_reactor(
-    ServingContext* context, grpc::CallbackServerContext* call,
-    const v1::GenerateRequest& request) {
-  return new GenerateReactor(context, call, request);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* new_generate_reactor(ServingContext* context,
+                                                                 grpc::CallbackServerContext* call,
+                                                                 const v1::GenerateRequest& request,
+                                                                 const absl::Status& parsed) {
+  return new GenerateReactor(context, call, request, parsed);
 }
 
 }  // namespace megaserve::server

@@ -1,12 +1,14 @@
 // megaserve: the inference server. Configuration comes from --config (a ServerConfig in
 // protobuf text format, e.g. configs/default.textproto) with flags overriding single fields;
 // `megaserve --help` lists them. SIGTERM or SIGINT drains (see Server::drain_and_stop) and
-// exits 0; an engine that turns unhealthy (a failed step) exits 1 so a supervisor restarts it.
+// exits 0, a second one during the drain aborts what still runs at once; an engine that turns
+// unhealthy (a failed step) exits 1 so a supervisor restarts it.
 #include <signal.h>
 
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <future>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -26,6 +28,8 @@ ABSL_FLAG(std::string, config, "",
 
 namespace megaserve::server {
 namespace {
+
+const char* signal_name(int signal) { return signal == SIGTERM ? "SIGTERM" : "SIGINT"; }
 
 int serve(int argc, char** argv) {
   // Every thread started from here on inherits the blocked signals; main alone takes them.
@@ -89,9 +93,22 @@ int serve(int argc, char** argv) {
   while (true) {
     const int signal = sigtimedwait(&signals, nullptr, &poll);
     if (signal == SIGTERM || signal == SIGINT) {
-      spdlog::info("{}: draining (grace period {} s)", signal == SIGTERM ? "SIGTERM" : "SIGINT",
-                   config.drain_grace_seconds());
-      (*server)->drain_and_stop(grace);
+      spdlog::info("{}: draining (grace period {} s; send it again to abort now)",
+                   signal_name(signal), config.drain_grace_seconds());
+      Server* running = server->get();
+      auto drained =
+          std::async(std::launch::async, [running, grace] { running->drain_and_stop(grace); });
+      // An operator who signals again does not want to wait out the grace period.
+      bool cut_short = false;
+      while (drained.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+        const int again = sigtimedwait(&signals, nullptr, &poll);
+        if ((again == SIGTERM || again == SIGINT) && !cut_short) {
+          spdlog::warn("{} again: aborting running requests now", signal_name(again));
+          running->end_grace_period();
+          cut_short = true;
+        }
+      }
+      drained.get();
       spdlog::info("stopped");
       return 0;
     }

@@ -1,12 +1,14 @@
 #include "server/metrics.h"
 
+#include <sys/socket.h>
+
 #include <chrono>
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "httplib.h"
+#include "server/listen_address.h"
 
 namespace megaserve::server {
 namespace {
@@ -130,25 +132,9 @@ std::string Metrics::render() const {
   return out;
 }
 
-absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
-                                                            const std::string& field) {
-  const size_t colon = address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, " must be host:port, got \"", address, "\""));
-  }
-  std::string host = address.substr(0, colon);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  return std::make_pair(host, port);
-}
-
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
     const std::string& address, Metrics* metrics) {
-  auto host_port = split_host_port(address, "metrics_address");
+  auto host_port = parse_listen_address(address, "metrics_address");
   if (!host_port.ok()) return host_port.status();
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
   server->metrics_ = metrics;
@@ -159,15 +145,30 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
   server->http_->Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("megaserve: metrics at /metrics\n", "text/plain");
   });
-  const auto& [host, port] = *host_port;
+  // httplib gives each connection a worker until it closes, and by default waits 5 s for a
+  // request's next bytes or a kept-alive connection's next request: 8 idle connections took
+  // every worker and starved the scrapes. Short waits, and more workers than idle clients
+  // plausibly hold (each is a sleeping thread).
+  server->http_->new_task_queue = [] { return new httplib::ThreadPool(kMetricsHttpWorkers); };
+  server->http_->set_read_timeout(1, 0);
+  server->http_->set_write_timeout(1, 0);
+  server->http_->set_keep_alive_timeout(1);
+  // httplib's default also sets SO_REUSEPORT, which lets a second server bind the port.
+  server->http_->set_socket_options([](int sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
+  const std::string& host = host_port->host;
+  const int port = host_port->port;
   if (port == 0) {
     server->port_ = server->http_->bind_to_any_port(host);
   } else {
     server->port_ = server->http_->bind_to_port(host, port) ? port : -1;
   }
   if (server->port_ <= 0) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics_address ", address, ": cannot listen (port in use?)"));
+    const std::string why = why_cannot_listen(*host_port);
+    return absl::UnavailableError(absl::StrCat(
+        "metrics_address ", address, ": cannot listen: ", why.empty() ? "bind failed" : why));
   }
   server->http_thread_ = std::thread([s = server.get()] { s->http_->listen_after_bind(); });
   // httplib's stop() does nothing before listening began; wait for it so that stop()

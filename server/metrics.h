@@ -1,7 +1,7 @@
 // Prometheus metrics of the server, rendered in the text exposition format (version 0.0.4)
 // and served over HTTP on their own port. Request-level numbers are recorded by the
 // Generate reactors when a call ends; engine-level gauges are read from Engine::stats() at
-// scrape time; the step-time histogram is fed by a sampler thread (see MetricsHttpServer).
+// scrape time; the step-time histogram is fed by the engine's step observer.
 #pragma once
 
 #include <cstdint>
@@ -73,11 +73,16 @@ class Metrics {
 };
 
 // Serves GET /metrics (and / for a pointer to it) on `address` ("host:port"; port 0 picks a
-// free one).
+// free one). The socket does not set SO_REUSEPORT: a second server on the same port must
+// fail to start, not share (and split) the scrapes.
 class MetricsHttpServer {
  public:
-  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(
-      const std::string& address, Metrics* metrics);
+  // Connections served at once; an idle or half-sent one holds a worker for at most ~1 s of
+  // silence.
+  static constexpr int kMetricsHttpWorkers = 64;
+
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(const std::string& address,
+                                                                  Metrics* metrics);
   ~MetricsHttpServer();
   int port() const { return port_; }
   void stop();
@@ -92,9 +97,5 @@ class MetricsHttpServer {
   bool stopping_ = false;
   int port_ = 0;
 };
-
-// Splits "host:port" (the host may be "[::1]"); InvalidArgument naming `field` otherwise.
-absl::StatusOr<std::pair<std::string, int>> split_host_port(const std::string& address,
-                                                            const std::string& field);
 
 }  // namespace megaserve::server

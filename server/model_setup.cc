@@ -109,6 +109,14 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
                model->num_kv_heads, model->vocab_size, model->max_position_embeddings,
                files->dummy ? ", dummy weights" : "");
   const config::EngineConfig& e = config.engine();
+  // As vLLM does: positions past max_position_embeddings were never trained (and a context
+  // the model cannot use only lets requests ask for more KV than makes sense).
+  if (e.max_model_len() > static_cast<uint32_t>(model->max_position_embeddings)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine.max_model_len ", e.max_model_len(), " exceeds the model's ",
+        "max_position_embeddings ", model->max_position_embeddings, " (", files->name,
+        "); leave it 0 to use ", model->max_position_embeddings, " or give a smaller value"));
+  }
   const engine::BackendSettings settings = backend_settings(e);
   auto choice = engine::choose_backend(settings);
   if (!choice.ok()) return choice.status();

@@ -98,7 +98,7 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(const v1::SamplingP
     if (p.max_tokens() > room) {
       return absl::InvalidArgumentError(
           absl::StrCat("prompt has ", prompt_tokens, " tokens and max_tokens is ", p.max_tokens(),
-                       ": ", prompt_tokens + p.max_tokens(),
+                       ": ", int64_t{prompt_tokens} + p.max_tokens(),  // past INT32_MAX
                        " tokens exceed the model's context of ", limits.max_model_len, " tokens"));
     }
     out.max_tokens = p.max_tokens();

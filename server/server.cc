@@ -6,6 +6,8 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/listen_address.h"
+#include "server/raw_messages.h"
 #include "spdlog/spdlog.h"
 
 namespace megaserve::server {
@@ -27,6 +29,8 @@ bool wait_until(Done done, Clock::time_point deadline) {
 
 absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& options,
                                                       ServedModel model) {
+  auto grpc_address = parse_listen_address(options.grpc_address, "grpc_address");
+  if (!grpc_address.ok()) return grpc_address.status();
   std::unique_ptr<Server> server(new Server());
   server->model_ = std::move(model);
   engine::Engine* engine = server->model_.engine.get();
@@ -49,19 +53,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
     server->metrics_http_ = *std::move(http);
   }
 
+  route_protobuf_log_to_spdlog();  // before any request is parsed
   server->service_ = std::make_unique<MegaserveService>(&context);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // gRPC sets SO_REUSEPORT by default: a second server on the port would start and take
+  // half the connections. Without it, binding fails and we say why.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(),
                            &server->grpc_port_);
   builder.RegisterService(server->service_.get());
   server->grpc_server_ = builder.BuildAndStart();
   if (server->grpc_server_ == nullptr || server->grpc_port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("grpc_address ", options.grpc_address,
-                                               ": cannot listen (bad address or port in use)"));
+    const std::string why = why_cannot_listen(*grpc_address);
+    return absl::UnavailableError(
+        absl::StrCat("grpc_address ", options.grpc_address,
+                     ": cannot listen: ", why.empty() ? "bind failed" : why));
   }
-  server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  // Probes may name the service (Envoy, Kubernetes gRPC probes with `service`): "" and
+  // megaserve.v1.Megaserve report the same status.
+  grpc::HealthCheckServiceInterface* health = server->grpc_server_->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus(v1::Megaserve::service_full_name(), true);
   return server;
 }
 
@@ -69,15 +83,22 @@ void Server::drain_and_stop(std::chrono::milliseconds grace) {
   if (stopped_ || grpc_server_ == nullptr) return;
   stopped_ = true;
   context_.draining.store(true);
-  grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService();
+  health->SetServingStatus(false);
+  health->SetServingStatus(v1::Megaserve::service_full_name(), false);
   engine::Engine& engine = *model_.engine;
   const auto idle = [&engine] {
     const engine::EngineStats stats = engine.stats();
     return stats.waiting == 0 && stats.running == 0;
   };
-  const bool finished_in_time = wait_until(idle, Clock::now() + grace);
+  const bool finished_in_time =
+      wait_until([&] { return idle() || grace_ended_.load(); }, Clock::now() + grace) && idle();
   if (finished_in_time) {
     spdlog::info("drain: every request finished within the grace period");
+  } else if (grace_ended_.load()) {
+    const engine::EngineStats stats = engine.stats();
+    spdlog::warn("drain: grace period ended early, aborting {} running and {} waiting requests",
+                 stats.running, stats.waiting);
   } else {
     const engine::EngineStats stats = engine.stats();
     spdlog::warn("drain: grace period over, aborting {} running and {} waiting requests",
@@ -93,6 +114,8 @@ void Server::drain_and_stop(std::chrono::milliseconds grace) {
   grpc_server_->Wait();
   if (metrics_http_) metrics_http_->stop();
 }
+
+void Server::end_grace_period() { grace_ended_.store(true); }
 
 Server::~Server() {
   drain_and_stop(std::chrono::milliseconds(0));

@@ -2,6 +2,7 @@
 // and the Prometheus endpoint around one engine, plus the drain sequence SIGTERM runs.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -44,6 +45,9 @@ class Server {
   // running requests may finish within `grace`, after which the engine aborts the rest;
   // then the gRPC and metrics servers stop. Idempotent.
   void drain_and_stop(std::chrono::milliseconds grace);
+  // Cuts a drain's grace period short (a second SIGTERM): drain_and_stop aborts what still
+  // runs at once. Safe from any thread, before or during drain_and_stop.
+  void end_grace_period();
 
  private:
   Server() = default;
@@ -56,6 +60,7 @@ class Server {
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
   bool stopped_ = false;
+  std::atomic<bool> grace_ended_{false};
 };
 
 }  // namespace megaserve::server

@@ -1,10 +1,34 @@
 #include "server/service.h"
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/raw_messages.h"
 
 namespace megaserve::server {
+namespace {
+
+// A unary call on raw bytes: parse the request, run `handle(request, &response)`, send the
+// response's bytes.
+template <typename Request, typename Response, typename Handle>
+grpc::ServerUnaryReactor* unary(grpc::CallbackServerContext* call, const grpc::ByteBuffer* in,
+                                grpc::ByteBuffer* out, Handle handle) {
+  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
+  Request request;
+  if (absl::Status parsed = parse_request(*in, &request); !parsed.ok()) {
+    reactor->Finish(to_grpc_status(parsed));
+    return reactor;
+  }
+  Response response;
+  const grpc::Status status = handle(request, &response);
+  if (status.ok()) *out = serialize_response(response);
+  reactor->Finish(status);
+  return reactor;
+}
+
+}  // namespace
 
 grpc::Status to_grpc_status(const absl::Status& status) {
   // absl::StatusCode and grpc::StatusCode share their numbering (both follow
@@ -12,47 +36,48 @@ grpc::Status to_grpc_status(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* MegaserveService::Generate(
-    grpc::CallbackServerContext* call, const v1::GenerateRequest* request) {
-  return new_generate_reactor(context_, call, *request);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* MegaserveService::Generate(
+    grpc::CallbackServerContext* call, const grpc::ByteBuffer* request) {
+  v1::GenerateRequest parsed_request;
+  const absl::Status parsed = parse_request(*request, &parsed_request);
+  return new_generate_reactor(context_, call, parsed_request, parsed);
 }
 
 grpc::ServerUnaryReactor* MegaserveService::GetModelInfo(grpc::CallbackServerContext* call,
-                                                         const v1::GetModelInfoRequest*,
-                                                         v1::ModelInfo* response) {
-  *response = context_->model_info;
-  const engine::EngineStats stats = context_->engine->stats();
-  if (stats.kv_blocks_total > 0) response->set_num_kv_blocks(stats.kv_blocks_total);
-  auto* reactor = call->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+                                                         const grpc::ByteBuffer* request,
+                                                         grpc::ByteBuffer* response) {
+  return unary<v1::GetModelInfoRequest, v1::ModelInfo>(
+      call, request, response, [this](const v1::GetModelInfoRequest&, v1::ModelInfo* info) {
+        *info = context_->model_info;
+        const engine::EngineStats stats = context_->engine->stats();
+        if (stats.kv_blocks_total > 0) info->set_num_kv_blocks(stats.kv_blocks_total);
+        return grpc::Status::OK;
+      });
 }
 
 grpc::ServerUnaryReactor* MegaserveService::Tokenize(grpc::CallbackServerContext* call,
-                                                     const v1::TokenizeRequest* request,
-                                                     v1::TokenizeResponse* response) {
-  const bool add_bos = request->has_add_bos() ? request->add_bos() : true;
-  for (int32_t id : context_->tokenizer->encode(request->text(), add_bos)) {
-    response->add_token_ids(id);
-  }
-  auto* reactor = call->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+                                                     const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* response) {
+  return unary<v1::TokenizeRequest, v1::TokenizeResponse>(
+      call, request, response, [this](const v1::TokenizeRequest& in, v1::TokenizeResponse* out) {
+        const bool add_bos = in.has_add_bos() ? in.add_bos() : true;
+        for (int32_t id : context_->tokenizer->encode(in.text(), add_bos)) out->add_token_ids(id);
+        return grpc::Status::OK;
+      });
 }
 
 grpc::ServerUnaryReactor* MegaserveService::Detokenize(grpc::CallbackServerContext* call,
-                                                       const v1::DetokenizeRequest* request,
-                                                       v1::DetokenizeResponse* response) {
-  auto* reactor = call->DefaultReactor();
-  const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
-  auto text = context_->tokenizer->decode(ids);
-  if (!text.ok()) {
-    reactor->Finish(to_grpc_status(text.status()));
-    return reactor;
-  }
-  response->set_text(*std::move(text));
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* response) {
+  return unary<v1::DetokenizeRequest, v1::DetokenizeResponse>(
+      call, request, response,
+      [this](const v1::DetokenizeRequest& in, v1::DetokenizeResponse* out) {
+        const std::vector<int32_t> ids(in.token_ids().begin(), in.token_ids().end());
+        auto text = context_->tokenizer->decode(ids);
+        if (!text.ok()) return to_grpc_status(text.status());
+        out->set_text(*std::move(text));
+        return grpc::Status::OK;
+      });
 }
 
 }  // namespace megaserve::server

@@ -32,28 +32,38 @@ struct ServingContext {
 
 grpc::Status to_grpc_status(const absl::Status& status);
 
-class MegaserveService final : public v1::Megaserve::CallbackService {
+// Every method takes and returns raw bytes and parses them itself (server/raw_messages.h):
+// a request gRPC could not parse would otherwise get UNIMPLEMENTED with no details.
+using RawMegaserveService = v1::Megaserve::WithRawCallbackMethod_Generate<
+    v1::Megaserve::WithRawCallbackMethod_GetModelInfo<v1::Megaserve::WithRawCallbackMethod_Tokenize<
+        v1::Megaserve::WithRawCallbackMethod_Detokenize<v1::Megaserve::Service>>>>;
+
+class MegaserveService final : public RawMegaserveService {
  public:
   explicit MegaserveService(ServingContext* context) : context_(context) {}
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* call, const v1::GenerateRequest* request) override;
+  // Responses: serialized v1::GenerateResponse.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* call,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* call,
-                                         const v1::GetModelInfoRequest* request,
-                                         v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* call,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* call,
-                                       const v1::DetokenizeRequest* request,
-                                       v1::DetokenizeResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
 
  private:
   ServingContext* context_;
 };
 
-// Defined in generate_reactor.cc.
-grpc::ServerWriteReactor<v1::GenerateResponse>* new_generate_reactor(
-    ServingContext* context, grpc::CallbackServerContext* call, const v1::GenerateRequest& request);
+// Defined in generate_reactor.cc. A request that did not parse (`parsed` not OK) is
+// rejected with that status, and counted in the metrics like any other rejection.
+grpc::ServerWriteReactor<grpc::ByteBuffer>* new_generate_reactor(ServingContext* context,
+                                                                 grpc::CallbackServerContext* call,
+                                                                 const v1::GenerateRequest& request,
+                                                                 const absl::Status& parsed);
 
 }  // namespace megaserve::server

@@ -1,5 +1,6 @@
 #include "scheduler/kv_block_pool.h"
 
+#include <limits>
 #include <numeric>
 
 #include "gmock/gmock.h"
@@ -65,6 +66,19 @@ TEST(KvBlockPoolTest, AllocateGrowsTablesAndFreeReturnsEverything) {
   pool.free(b);
   EXPECT_EQ(pool.num_free_blocks(), 4);
   expect_consistent(pool, {});
+}
+
+TEST(KvBlockPoolTest, BlocksForRoundsUpWithoutWrapping) {
+  KvBlockPool pool = make_pool(4);
+  EXPECT_EQ(pool.blocks_for(0), 0);
+  EXPECT_EQ(pool.blocks_for(16), 1);
+  EXPECT_EQ(pool.blocks_for(17), 2);
+  // (2^31 - 1 + 15) wraps in 32 bits; the answer is 2^27.
+  EXPECT_EQ(pool.blocks_for(std::numeric_limits<int32_t>::max()), 134217728);
+  BlockTable t;
+  EXPECT_FALSE(pool.allocate(t, std::numeric_limits<int32_t>::max()));
+  EXPECT_EQ(t.num_blocks(), 0);
+  EXPECT_EQ(pool.num_free_blocks(), 4);
 }
 
 TEST(KvBlockPoolTest, MatchesLongestCachedPrefixOfFullBlocks) {

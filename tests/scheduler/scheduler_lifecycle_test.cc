@@ -1,4 +1,5 @@
 // Stop conditions, admission, finish/abort, update() validation and overlapped scheduling.
+#include <limits>
 #include <map>
 
 #include "gmock/gmock.h"
@@ -160,6 +161,35 @@ TEST(SchedulerAdmissionTest, RejectsWithReasons) {
   EXPECT_EQ(stats.num_rejected_invalid, 8);
   EXPECT_EQ(stats.num_rejected_queue_full, 1);
   EXPECT_EQ(stats.num_waiting, 4);
+}
+
+// Issue 18: with max_model_len near INT32_MAX, prompt + max_tokens - 1 positions rounded up
+// to blocks wrapped a 32-bit sum negative, so a request far larger than the cache was
+// admitted, filled it, was preempted and then held the head of the queue forever.
+TEST(SchedulerAdmissionTest, HugeRequestsAreRejectedIn64BitsAndDoNotBlockOthers) {
+  SchedulerConfig c = base_config();
+  c.max_model_len = std::numeric_limits<int32_t>::max();
+  auto s = make_scheduler(c);
+  const int32_t huge = std::numeric_limits<int32_t>::max() - 4;
+  absl::Status st = s->add_request(spec(1, tokens(4, 10), huge));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  // ceil((2^31 - 2) / 16) = 2^27 blocks, printed as computed.
+  EXPECT_THAT(st.message(), HasSubstr("max_tokens 2147483643 needs 134217728 KV blocks, more "
+                                      "than the whole cache (32 blocks of 16 tokens)"));
+  EXPECT_EQ(s->add_request(spec(2, tokens(4, 10), std::numeric_limits<int32_t>::max())).code(),
+            absl::StatusCode::kInvalidArgument);
+  // What fits still runs, to the end.
+  ASSERT_TRUE(s->add_request(spec(3, tokens(4, 10), 20)).ok());
+  int generated = 0;
+  for (int step = 0; step < 100 && s->has_unfinished_requests(); ++step) {
+    for (const RequestUpdate& u : apply(*s, output_for(plan(*s), position_token))) {
+      generated += static_cast<int>(u.new_tokens.size());
+    }
+  }
+  EXPECT_EQ(generated, 20);
+  EXPECT_FALSE(s->has_unfinished_requests());
+  EXPECT_EQ(s->stats().num_kv_blocks_used, 0);
+  EXPECT_EQ(s->stats().num_preemptions, 0);
 }
 
 TEST(SchedulerConfigTest, RejectsBadConfigs) {

@@ -110,7 +110,10 @@ TEST_F(CliTest, ErrorsExitNonZeroWithTheStatus) {
   std::string out;
   EXPECT_EQ(cli({"--temperature=-1", "hi"}, &out), 1);
   EXPECT_NE(out.find("temperature"), std::string::npos) << out;
+  // Status codes by name, not number (issue 18).
+  EXPECT_NE(out.find("megaserve-cli: INVALID_ARGUMENT: temperature"), std::string::npos) << out;
   EXPECT_EQ(cli({"--server=127.0.0.1:1", "--health"}, &out), 1);  // nothing listens there
+  EXPECT_NE(out.find("megaserve-cli: UNAVAILABLE: "), std::string::npos) << out;
 }
 
 }  // namespace

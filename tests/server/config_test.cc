@@ -62,6 +62,16 @@ TEST(ServerConfig, ShippedDefaultConfigLoads) {
   EXPECT_EQ(c->engine().kv_block_size(), 16u);
 }
 
+TEST(ServerConfig, EndpointsAcceptPortsZeroToMaxAndMetricsOff) {
+  config::ServerConfig c = default_server_config();
+  for (const char* address : {"127.0.0.1:0", "[::1]:65535", "localhost:1", "0.0.0.0:50051"}) {
+    c.mutable_endpoints()->set_grpc_address(address);
+    EXPECT_TRUE(validate_server_config(c).ok()) << address;
+  }
+  c.mutable_endpoints()->set_metrics_address("");  // metrics off
+  EXPECT_TRUE(validate_server_config(c).ok());
+}
+
 TEST(ServerConfig, ValidationNamesTheField) {
   const auto expect_bad = [](auto mutate, const std::string& field) {
     config::ServerConfig c = default_server_config();
@@ -84,6 +94,21 @@ TEST(ServerConfig, ValidationNamesTheField) {
              "engine.max_num_seqs");
   expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->clear_grpc_address(); },
              "endpoints.grpc_address");
+  // Issue 18: gRPC wrapped port 99999 to 34463 and bound it.
+  expect_bad(
+      [](config::ServerConfig* c) { c->mutable_endpoints()->set_grpc_address("127.0.0.1:99999"); },
+      "endpoints.grpc_address must be host:port with a port in [0, 65535]");
+  expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->set_grpc_address("[::1]:-1"); },
+             "endpoints.grpc_address");
+  expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->set_grpc_address("50051"); },
+             "endpoints.grpc_address");
+  expect_bad(
+      [](config::ServerConfig* c) { c->mutable_endpoints()->set_metrics_address("0.0.0.0:70000"); },
+      "endpoints.metrics_address");
+  expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->set_grpc_address(""); },
+             "the server needs a gRPC address");
+  expect_bad([](config::ServerConfig* c) { c->mutable_engine()->set_max_model_len(1u << 31); },
+             "engine.max_model_len must be at most 2147483647, got 2147483648");
 }
 
 }  // namespace

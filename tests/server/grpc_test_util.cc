@@ -68,16 +68,40 @@ std::map<std::string, double> scrape_metrics(int port) {
   return values;
 }
 
-grpc::health::v1::HealthCheckResponse::ServingStatus health(int port) {
+grpc::health::v1::HealthCheckResponse::ServingStatus health(int port, const std::string& service) {
   auto stub = grpc::health::v1::Health::NewStub(
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
-  const grpc::Status status =
-      stub->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+  const grpc::Status status = stub->Check(&context, request, &response);
   if (!status.ok()) return grpc::health::v1::HealthCheckResponse::UNKNOWN;
   return response.status();
+}
+
+grpc::Status raw_call(int port, const std::string& method, const std::string& bytes) {
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
+  const std::string path = absl::StrCat("/megaserve.v1.Megaserve/", method);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  if (method != "Generate") {
+    grpc::internal::RpcMethod rpc(path.c_str(), grpc::internal::RpcMethod::NORMAL_RPC, channel);
+    return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+        channel.get(), rpc, &context, request, &response);
+  }
+  grpc::internal::RpcMethod rpc(path.c_str(), grpc::internal::RpcMethod::SERVER_STREAMING, channel);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel.get(), rpc, &context,
+                                                                    request));
+  while (reader->Read(&response)) {
+  }
+  return reader->Finish();
 }
 
 namespace {

@@ -32,8 +32,14 @@ std::unique_ptr<v1::Megaserve::Stub> connect(int port);
 // (ADD_FAILURE) on a line that is not valid Prometheus text.
 std::map<std::string, double> scrape_metrics(int port);
 
-// grpc.health.v1.Health/Check("") on 127.0.0.1:`port`.
-grpc::health::v1::HealthCheckResponse::ServingStatus health(int port);
+// grpc.health.v1.Health/Check(`service`) on 127.0.0.1:`port`; UNKNOWN when the call fails
+// (NOT_FOUND for a service the server does not know).
+grpc::health::v1::HealthCheckResponse::ServingStatus health(int port,
+                                                            const std::string& service = "");
+
+// Calls /megaserve.v1.Megaserve/`method` with `bytes` as the request, as they are (a client
+// that sends what it likes); reads a Generate stream to its end. The call's final status.
+grpc::Status raw_call(int port, const std::string& method, const std::string& bytes);
 
 // The service names grpc.reflection.v1alpha.ServerReflection lists (list_services), and
 // whether it can return the file that defines `symbol` (file_containing_symbol).

@@ -191,5 +191,18 @@ TEST_F(RequestValidationTest, TooLongGivesBothLengths) {
   EXPECT_EQ(out->sampling.max_tokens, 14);
 }
 
+// Issue 18: prompt + max_tokens past INT32_MAX printed a wrapped, negative sum.
+TEST_F(RequestValidationTest, TooLongPrintsTheSumWithoutWrapping) {
+  const RequestLimits limits{/*vocab_size=*/512, /*max_model_len=*/2147483647};
+  v1::GenerateRequest request = ids_request({1, 5, 6, 7});
+  request.mutable_params()->set_max_tokens(2147483647);
+  auto out = to_engine_request(request, *tokenizer_, limits);
+  ASSERT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(out.status().message().find(": 2147483651 tokens exceed the model's context of "
+                                        "2147483647 tokens"),
+            std::string::npos)
+      << out.status().message();
+}
+
 }  // namespace
 }  // namespace megaserve::server

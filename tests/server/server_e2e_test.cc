@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 #include "server/config.h"
@@ -300,6 +301,26 @@ TEST_F(ServerE2eTest, MetricsMatchTheRequests) {
   EXPECT_GT(delta("megaserve_engine_steps_total"), 0);
   EXPECT_EQ(get(after, "megaserve_kv_blocks_total"), 512);
   EXPECT_GT(get(after, "megaserve_prefix_cache_queries_total"), 0);
+}
+
+// Issue 18: a max_model_len past the model's positions was accepted (and reported by
+// GetModelInfo); up to 2^31 - 1 it let single requests ask for more KV than exists.
+TEST(ServerE2eConfigTest, MaxModelLenBeyondTheModelIsRefused) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  for (uint32_t len : {513u, 2147483647u}) {
+    config::ServerConfig config = default_server_config();
+    config.mutable_model()->set_path(megaserve::testing::assets_dir() / "models/stories260K-hf");
+    config.mutable_engine()->set_backend("cpu");
+    config.mutable_engine()->set_max_model_len(len);
+    ASSERT_TRUE(validate_server_config(config).ok());
+    const auto model = setup_model(config);
+    ASSERT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument) << len;
+    EXPECT_NE(model.status().message().find(absl::StrCat("engine.max_model_len ", len,
+                                                         " exceeds the model's "
+                                                         "max_position_embeddings 512")),
+              std::string::npos)
+        << model.status().message();
+  }
 }
 
 TEST(ServerE2eQueueTest, FullQueueGetsResourceExhausted) {

@@ -1,10 +1,13 @@
 // The real `megaserve` binary as a subprocess: SIGTERM turns health NOT_SERVING, new
 // requests get UNAVAILABLE, running requests finish within the grace period (or are
-// aborted when it is over), and the process exits 0.
+// aborted when it is over, or at a second SIGTERM), and the process exits 0. Also what the
+// binary's flags refuse at start, and --help.
 #include <signal.h>
 
 #include <chrono>
+#include <filesystem>
 #include <future>
+#include <optional>
 #include <regex>
 #include <string>
 #include <vector>
@@ -30,19 +33,24 @@ class SigtermTest : public ::testing::Test {
   void SetUp() override { MEGASERVE_REQUIRE_ASSET(kModel); }
 
   // Starts megaserve and returns its gRPC port (0 on failure).
-  int start(const std::string& grace_seconds) {
+  int start(const std::string& grace_seconds, const std::vector<std::string>& extra_flags = {}) {
     const std::string log =
         (std::filesystem::path(::testing::TempDir()) /
          absl::StrCat("megaserve_sigterm_", getpid(), "_", grace_seconds, ".log"))
             .string();
-    server_ = std::make_unique<Subprocess>(
-        std::vector<std::string>{
-            MEGASERVE_BINARY, "--config=" MEGASERVE_SOURCE_DIR "/configs/default.textproto",
-            absl::StrCat("--model=",
-                         (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
-            "--grpc_address=127.0.0.1:0", "--metrics_address=", "--backend=cpu", "--cpu_threads=1",
-            "--num_kv_blocks=1024", absl::StrCat("--drain_grace_seconds=", grace_seconds)},
-        log);
+    std::vector<std::string> argv = {
+        MEGASERVE_BINARY,
+        "--config=" MEGASERVE_SOURCE_DIR "/configs/default.textproto",
+        absl::StrCat("--model=",
+                     (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
+        "--grpc_address=127.0.0.1:0",
+        "--metrics_address=",
+        "--backend=cpu",
+        "--cpu_threads=1",
+        "--num_kv_blocks=1024",
+        absl::StrCat("--drain_grace_seconds=", grace_seconds)};
+    argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    server_ = std::make_unique<Subprocess>(argv, log);
     const auto port = server_->wait_for_log(std::regex(R"(serving gRPC on \S+ \(port (\d+)\))"),
                                             std::chrono::seconds(30));
     int value = 0;
@@ -106,6 +114,8 @@ TEST_F(SigtermTest, DrainsRunningRequestsThenExitsZero) {
   }
   EXPECT_EQ(server_->wait(std::chrono::seconds(20)), 0) << server_->log();
   EXPECT_NE(server_->log().find("SIGTERM: draining"), std::string::npos);
+  // "--metrics_address=" (empty) turned metrics off (issue 18: it was read as unset).
+  EXPECT_NE(server_->log().find(", metrics off"), std::string::npos) << server_->log();
 }
 
 TEST_F(SigtermTest, AbortsWhatOutlivesTheGracePeriodThenExitsZero) {
@@ -141,6 +151,78 @@ TEST_F(SigtermTest, AbortsWhatOutlivesTheGracePeriodThenExitsZero) {
   }
   EXPECT_GT(aborted, 0);
   EXPECT_EQ(server_->wait(std::chrono::seconds(20)), 0) << server_->log();
+}
+
+// Issue 18: a second SIGTERM during the drain waited out the whole grace period.
+TEST_F(SigtermTest, SecondSigtermAbortsTheDrainAtOnce) {
+  const int port = start("600", {"--max_num_seqs=1"});  // one at a time: long to drain
+  ASSERT_GT(port, 0);
+  auto stub = megaserve::testing::connect(port);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  v1::GenerateResponse response;
+  for (int i = 0; i < 8; ++i) {  // one runs, seven wait
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(stub->Generate(contexts.back().get(), long_request()));
+  }
+  ASSERT_TRUE(readers.front()->Read(&response));
+  server_->signal(SIGTERM);
+  // Signals do not queue: the second must come after the first was taken.
+  ASSERT_TRUE(server_->wait_for_log(std::regex("(SIGTERM): draining"), std::chrono::seconds(10)));
+  server_->signal(SIGTERM);
+  const auto signalled = std::chrono::steady_clock::now();
+  for (auto& reader : readers) {
+    while (reader->Read(&response)) {
+    }
+    reader->Finish();
+  }
+  EXPECT_EQ(server_->wait(std::chrono::seconds(20)), 0) << server_->log();
+  EXPECT_LT(std::chrono::steady_clock::now() - signalled, std::chrono::seconds(20));
+  EXPECT_NE(server_->log().find("SIGTERM again: aborting running requests now"), std::string::npos)
+      << server_->log();
+}
+
+// Runs megaserve with `flags` (and the test model, CPU backend) until it exits; its code.
+int run_to_exit(const std::vector<std::string>& flags, std::string* log) {
+  static int runs = 0;
+  std::vector<std::string> argv = {
+      MEGASERVE_BINARY,
+      absl::StrCat("--model=",
+                   (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
+      "--backend=cpu",
+      "--cpu_threads=1",
+      "--num_kv_blocks=64",
+      "--metrics_address="};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  Subprocess process(argv, (std::filesystem::path(::testing::TempDir()) /
+                            absl::StrCat("megaserve_flags_", getpid(), "_", ++runs, ".log"))
+                               .string());
+  const std::optional<int> code = process.wait(std::chrono::seconds(30));
+  *log = process.log();
+  return code.value_or(-1000);
+}
+
+// Issue 18: these started anyway (an empty gRPC address as 0.0.0.0:50051, port 99999 as
+// 34463, a context the model was never trained for).
+TEST_F(SigtermTest, BadEndpointsAndContextLengthFailAtStart) {
+  std::string log;
+  EXPECT_EQ(run_to_exit({"--grpc_address="}, &log), 2);
+  EXPECT_NE(log.find("endpoints.grpc_address is empty"), std::string::npos) << log;
+  EXPECT_EQ(run_to_exit({"--grpc-address=127.0.0.1:99999"}, &log), 2);
+  EXPECT_NE(log.find("port in [0, 65535]"), std::string::npos) << log;
+  EXPECT_EQ(run_to_exit({"--grpc_address=127.0.0.1:0", "--max_model_len=513"}, &log), 1);
+  EXPECT_NE(log.find("engine.max_model_len 513 exceeds the model's max_position_embeddings 512"),
+            std::string::npos)
+      << log;
+}
+
+// Issue 18: every server flag showed "default: ;".
+TEST_F(SigtermTest, HelpShowsTheDefaults) {
+  std::string log;
+  run_to_exit({"--help"}, &log);
+  EXPECT_EQ(log.find("default: ;"), std::string::npos) << log;
+  EXPECT_NE(log.find("default: \"0.0.0.0:50051\";"), std::string::npos) << log;
+  EXPECT_NE(log.find("default: 30;"), std::string::npos) << log;
 }
 
 }  // namespace
