@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "gtest/gtest.h"
 #include "server/server.h"
 #include "tests/server/fake_engine.h"
