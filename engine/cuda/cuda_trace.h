@@ -14,6 +14,7 @@
 #include "engine/isa/isa.h"
 #include "engine/isa/step.h"
 #include "engine/model/model_config.h"
+#include "engine/planner/op_cost.h"
 
 namespace megaserve::engine {
 
@@ -24,19 +25,6 @@ struct InstructionTiming {
   uint64_t end_ns = 0;    // ... when its op was done (before its signals)
   uint32_t sm = 0;        // %smid of the SM that ran it
 };
-
-// Arithmetic and memory traffic of one instruction, from its arguments, the model shape and
-// the step's metadata, counted as the builder's cost model counts them (engine/
-// schedule_tiles.cc): 2 FLOPs per multiply-add; bf16 weights and KV (2 bytes), fp32
-// activations (4 bytes) read and written once per tile. Attention counts each query row's
-// keys exactly (causal: a prefill row at position p scores min(p + 1, split end) - split
-// begin keys), where the cost model takes the tile's last row for all.
-struct InstructionWork {
-  double flops = 0;
-  double bytes = 0;
-};
-InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& meta,
-                                 const isa::Instruction& inst);
 
 struct OpSummary {
   isa::Opcode op = isa::Opcode::kInvalid;

@@ -8,20 +8,18 @@ namespace {
 
 using isa::Opcode;
 
-constexpr int64_t kF32 = 4;         // workspace element bytes (fp32 activations)
-constexpr double kWeightBytes = 2;  // cost model: bf16 weights and KV on the GPU
+constexpr int64_t kF32 = 4;  // workspace element bytes (fp32 activations)
 // Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
 constexpr int kColumnGranule = 16;
 
 }  // namespace
 
-Tile& TileMaker::new_tile(std::vector<Tile>& out, Opcode op, int layer, double flops,
-                          double bytes) const {
+Tile& TileMaker::new_tile(std::vector<Tile>& out, Opcode op, int layer,
+                          const InstructionWork& work) const {
   Tile& t = out.emplace_back();
   t.inst.words[isa::kWordOpcode] = static_cast<int32_t>(op);
   t.inst.words[isa::kWordLayer] = layer;
-  t.cost = tiles_.overhead_cycles +
-           std::max(flops / tiles_.flops_per_cycle, bytes / tiles_.bytes_per_cycle);
+  t.cost = estimated_cycles(tiles_, work);
   return t;
 }
 
@@ -76,7 +74,8 @@ void TileMaker::embedding(const ModelShard& sh, int slot, std::vector<Tile>& out
   const int64_t row_bytes = config_.hidden_size * kF32;
   for (int r0 = 0; r0 < T; r0 += tiles_.embedding_rows) {
     const int r1 = std::min(T, r0 + tiles_.embedding_rows);
-    Tile& t = new_tile(out, Opcode::kEmbedding, -1, 0, 2.0 * (r1 - r0) * row_bytes);
+    Tile& t =
+        new_tile(out, Opcode::kEmbedding, -1, op_cost::embedding(r1 - r0, config_.hidden_size));
     isa::EmbeddingArgs a{};
     a.row_begin = r0;
     a.row_end = r1;
@@ -102,8 +101,7 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
     for (int h0 = 0; h0 < fused; h0 += heads) {
       const int h1 = std::min(fused, h0 + heads);
       const double rows = r1 - r0, cols = (h1 - h0) * hd;
-      Tile& t = new_tile(out, Opcode::kQkvRope, layer, 2.0 * rows * cols * H,
-                         cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      Tile& t = new_tile(out, Opcode::kQkvRope, layer, op_cost::projection(rows, cols, H));
       isa::QkvRopeArgs a{};
       a.row_begin = r0;
       a.row_end = r1;
@@ -145,18 +143,17 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
   // Adds one tile over requests [rb, re), rows [qb, qe) of each (all rows when the range
   // spans several requests), split s (-1 unsplit).
   const auto make = [&](int kv, int rb, int re, int qb, int qe, int s) {
-    double flops = 0, bytes = 0;
+    InstructionWork work;
     for (int i = rb; i < re; ++i) {
       const int n = meta_.query_start[i + 1] - meta_.query_start[i];
       const int q0 = re - rb > 1 ? 0 : qb, q1 = re - rb > 1 ? n : qe;
       const int last_pos = meta_.positions[meta_.query_start[i] + q1 - 1];
       const int key_begin = s < 0 ? 0 : s * K;
       const int key_end = s < 0 ? last_pos + 1 : std::min(last_pos + 1, (s + 1) * K);
-      const double keys = key_end - key_begin;
-      flops += 4.0 * group * hd * keys * (q1 - q0);
-      bytes += 2.0 * keys * hd * kWeightBytes + 2.0 * (q1 - q0) * group * head_bytes;
+      const InstructionWork row = op_cost::attention_row(key_end - key_begin, group, hd);
+      work += {row.flops * (q1 - q0), row.bytes * (q1 - q0)};
     }
-    Tile& t = new_tile(out, Opcode::kAttention, layer, flops, bytes);
+    Tile& t = new_tile(out, Opcode::kAttention, layer, work);
     isa::AttentionArgs a{};
     a.kv_head = kv;
     a.request_begin = rb;
@@ -249,8 +246,9 @@ void TileMaker::attention_merge(const ModelShard& sh, int layer, std::vector<Til
       const int qe = std::min(n, qb + tiles_.attention_query_rows);
       const int splits_used = meta_.positions[row0 + qe - 1] / K + 1;
       const double elems = static_cast<double>(qe - qb) * sh.q_heads * hd;
-      Tile& t = new_tile(out, Opcode::kAttentionMerge, layer, 3.0 * elems * splits_used,
-                         (splits_used + 1) * elems * kF32);
+      const InstructionWork row = op_cost::merge_row(splits_used, elems / (qe - qb));
+      Tile& t = new_tile(out, Opcode::kAttentionMerge, layer,
+                         {row.flops * (qe - qb), row.bytes * (qe - qb)});
       isa::AttentionMergeArgs a{};
       a.request = i;
       a.query_begin = qb;
@@ -284,8 +282,8 @@ void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slo
     for (int c0 = 0; c0 < H; c0 += width) {
       const int c1 = std::min(H, c0 + width);
       const double rows = r1 - r0, cols = c1 - c0;
-      Tile& t = new_tile(out, op, layer, 2.0 * rows * cols * in_cols,
-                         cols * in_cols * kWeightBytes + rows * (in_cols + 2 * cols) * kF32);
+      Tile& t =
+          new_tile(out, op, layer, op_cost::projection(rows, cols, in_cols, /*residual_add=*/true));
       isa::HiddenTileArgs a{};
       a.row_begin = r0;
       a.row_end = r1;
@@ -325,8 +323,7 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
     for (int c0 = 0; c0 < F; c0 += width) {
       const int c1 = std::min(F, c0 + width);
       const double rows = r1 - r0, cols = c1 - c0;
-      Tile& t = new_tile(out, Opcode::kGateUpSilu, layer, 4.0 * rows * cols * H,
-                         2.0 * cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      Tile& t = new_tile(out, Opcode::kGateUpSilu, layer, op_cost::gate_up(rows, cols, H));
       isa::GateUpArgs a{};
       a.row_begin = r0;
       a.row_end = r1;
@@ -348,7 +345,7 @@ void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, i
     for (int c0 = 0; c0 < H; c0 += tiles_.hidden_cols) {
       const int c1 = std::min(H, c0 + tiles_.hidden_cols);
       const double elems = static_cast<double>(r1 - r0) * (c1 - c0);
-      Tile& t = new_tile(out, Opcode::kTpReduce, layer, elems * tp, elems * (tp + 2) * kF32);
+      Tile& t = new_tile(out, Opcode::kTpReduce, layer, op_cost::tp_reduce(elems, tp));
       isa::HiddenTileArgs a{};
       a.row_begin = r0;
       a.row_end = r1;
@@ -378,8 +375,7 @@ void TileMaker::lm_head(const ModelShard& sh, std::vector<Tile>& out) const {
     for (int c0 = 0; c0 < V; c0 += width) {
       const int c1 = std::min(V, c0 + width);
       const double rows = s1 - s0, cols = c1 - c0;
-      Tile& t = new_tile(out, Opcode::kLmHead, -1, 2.0 * rows * cols * H,
-                         cols * H * kWeightBytes + rows * (H + cols) * kF32);
+      Tile& t = new_tile(out, Opcode::kLmHead, -1, op_cost::projection(rows, cols, H));
       isa::LmHeadArgs a{};
       a.sample_begin = s0;
       a.sample_end = s1;
@@ -400,8 +396,7 @@ void TileMaker::sample(int tp, std::vector<Tile>& out) const {
   const int S = meta_.num_samples();
   for (int s0 = 0; s0 < S; s0 += tiles_.sample_rows) {
     const int s1 = std::min(S, s0 + tiles_.sample_rows);
-    Tile& t = new_tile(out, Opcode::kSample, -1, 10.0 * config_.vocab_size * (s1 - s0),
-                       static_cast<double>(config_.vocab_size) * kF32 * (s1 - s0));
+    Tile& t = new_tile(out, Opcode::kSample, -1, op_cost::sample(s1 - s0, config_.vocab_size));
     isa::SampleArgs a{};
     a.sample_begin = s0;
     a.sample_end = s1;

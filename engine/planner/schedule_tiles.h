@@ -8,6 +8,7 @@
 #include "engine/isa/isa.h"
 #include "engine/isa/step.h"
 #include "engine/model/model_config.h"
+#include "engine/planner/op_cost.h"
 #include "engine/planner/schedule_shard.h"
 #include "engine/planner/tile_config.h"
 
@@ -39,8 +40,8 @@ class TileMaker {
   void sample(int tp, std::vector<Tile>& out) const;
 
  private:
-  Tile& new_tile(std::vector<Tile>& out, isa::Opcode op, int layer, double flops,
-                 double bytes) const;
+  Tile& new_tile(std::vector<Tile>& out, isa::Opcode op, int layer,
+                 const InstructionWork& work) const;
   void add(Tile& t, int rank, BufferId buffer, int layer, int64_t row_begin, int64_t row_end,
            int64_t byte_begin, int64_t byte_end, bool write) const;
   // K and V cache regions of keys [key_begin, key_end) of request `req`, kv heads
