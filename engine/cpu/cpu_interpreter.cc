@@ -193,6 +193,39 @@ bool CpuInterpreter::ready(const Step& /*step*/, int rank, const isa::Instructio
   return true;
 }
 
+// Records rank 0's instruction timings when ExecutionOptions::timings is set; sm = the queue
+// (virtual SM) that holds the instruction. Each index is written by the one thread that runs
+// it, so the threaded mode needs no lock.
+class CpuInterpreter::TimingRecorder {
+ public:
+  TimingRecorder(const Step& step, std::vector<InstructionTiming>* out) : out_(out) {
+    if (out_ == nullptr) return;
+    const RankSchedule& rs = step.ranks[0];
+    out_->assign(rs.instructions.size(), InstructionTiming{});
+    for (int q = 0; q < rs.num_queues(); ++q) {
+      for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1]; ++i) {
+        (*out_)[i].sm = static_cast<uint32_t>(q);
+      }
+    }
+  }
+  bool on() const { return out_ != nullptr; }
+  static uint64_t now() {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::steady_clock::now().time_since_epoch())
+                                     .count());
+  }
+  void record(int rank, int32_t index, uint64_t fetch, uint64_t start, uint64_t end) {
+    if (out_ == nullptr || rank != 0) return;
+    InstructionTiming& t = (*out_)[index];
+    t.fetch_ns = fetch;
+    t.start_ns = start;
+    t.end_ns = end;
+  }
+
+ private:
+  std::vector<InstructionTiming>* out_;
+};
+
 void CpuInterpreter::signal(const isa::Instruction& inst) {
   for (int s = 0; s < inst.num_signals(); ++s) {
     const int target = inst.signal_rank(s);
@@ -204,7 +237,8 @@ void CpuInterpreter::signal(const isa::Instruction& inst) {
   }
 }
 
-absl::Status CpuInterpreter::run_sequential(const Step& step, const cpu::OpContext& ctx) {
+absl::Status CpuInterpreter::run_sequential(const Step& step, const cpu::OpContext& ctx,
+                                            TimingRecorder& timer) {
   for (const InstructionRef ref : step.global_order) {
     const isa::Instruction& inst = step.ranks[ref.rank].instructions[ref.index];
     if (!ready(step, ref.rank, inst)) {
@@ -212,7 +246,9 @@ absl::Status CpuInterpreter::run_sequential(const Step& step, const cpu::OpConte
                                               describe_instruction(step, ref),
                                               " is not ready in global order"));
     }
+    const uint64_t start = timer.on() ? TimingRecorder::now() : 0;
     cpu::execute(inst, ref.rank, ctx);
+    if (timer.on()) timer.record(ref.rank, ref.index, start, start, TimingRecorder::now());
     signal(inst);
   }
   return absl::OkStatus();
@@ -232,7 +268,7 @@ std::vector<CpuInterpreter::QueueRange> CpuInterpreter::non_empty_queues(const S
 }
 
 absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext& ctx,
-                                          uint64_t seed) {
+                                          uint64_t seed, TimingRecorder& timer) {
   std::vector<QueueRange> queues = non_empty_queues(step);  // begin: the next instruction
   std::mt19937_64 rng(seed ^ (step.step_id * 0x9e3779b97f4a7c15ull));
   std::vector<int> ready_queues;
@@ -251,7 +287,9 @@ absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext
     const int pick = ready_queues[rng() % ready_queues.size()];
     QueueRange& q = queues[pick];
     const isa::Instruction& inst = step.ranks[q.rank].instructions[q.begin];
+    const uint64_t start = timer.on() ? TimingRecorder::now() : 0;
     cpu::execute(inst, q.rank, ctx);
+    if (timer.on()) timer.record(q.rank, q.begin, start, start, TimingRecorder::now());
     signal(inst);
     if (++q.begin == q.end) queues.erase(queues.begin() + pick);
   }
@@ -259,7 +297,7 @@ absl::Status CpuInterpreter::run_shuffled(const Step& step, const cpu::OpContext
 }
 
 absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext& ctx,
-                                          double timeout) {
+                                          double timeout, TimingRecorder& timer) {
   const std::vector<QueueRange> queues = non_empty_queues(step);
   std::atomic<bool> failed{false};
   std::string error;
@@ -271,6 +309,7 @@ absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext
     const RankSchedule& rs = step.ranks[q.rank];
     for (int32_t i = q.begin; i < q.end; ++i) {
       const isa::Instruction& inst = rs.instructions[i];
+      const uint64_t fetch = timer.on() ? TimingRecorder::now() : 0;
       while (!ready(step, q.rank, inst)) {  // acquire loads pair with signal()'s release adds
         if (failed.load(std::memory_order_relaxed)) return;
         if (std::chrono::steady_clock::now() > deadline) {
@@ -281,7 +320,9 @@ absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext
         }
         std::this_thread::yield();
       }
+      const uint64_t start = timer.on() ? TimingRecorder::now() : 0;
       cpu::execute(inst, q.rank, ctx);
+      if (timer.on()) timer.record(q.rank, i, fetch, start, TimingRecorder::now());
       signal(inst);
     }
   });
@@ -303,16 +344,17 @@ absl::Status CpuInterpreter::run(const Step& step, const ExecutionOptions& optio
   ctx.meta = &step.meta;
   ctx.ranks = &ranks_;
   ctx.sampled = sampled;
+  TimingRecorder timer(step, options.timings);
   absl::Status s;
   switch (options.mode) {
     case ExecutionMode::kSequential:
-      s = run_sequential(step, ctx);
+      s = run_sequential(step, ctx, timer);
       break;
     case ExecutionMode::kShuffled:
-      s = run_shuffled(step, ctx, options.seed);
+      s = run_shuffled(step, ctx, options.seed, timer);
       break;
     case ExecutionMode::kThreaded:
-      s = run_threaded(step, ctx, options.wait_timeout_seconds);
+      s = run_threaded(step, ctx, options.wait_timeout_seconds, timer);
       break;
   }
   if (!s.ok()) return s;

@@ -40,6 +40,9 @@ struct ExecutionOptions {
   bool poison_workspace = false;
   // kThreaded: a wait that spins longer than this fails the step instead of hanging.
   double wait_timeout_seconds = 30.0;
+  // When set: one record per instruction of rank 0 (parallel to its instructions), steady
+  // clock nanoseconds, sm = the queue (virtual SM) that ran it. For the step timeline.
+  std::vector<InstructionTiming>* timings = nullptr;
 };
 
 class CpuInterpreter {
@@ -70,15 +73,18 @@ class CpuInterpreter {
   CpuInterpreter() = default;
   absl::Status check_step(const Step& step) const;
   void prepare_workspaces(const Step& step, bool poison);
-  absl::Status run_sequential(const Step& step, const cpu::OpContext& ctx);
+  class TimingRecorder;  // ExecutionOptions::timings (cpu_interpreter.cc)
+  absl::Status run_sequential(const Step& step, const cpu::OpContext& ctx, TimingRecorder& timer);
   // Instructions [begin, end) of one rank's queue.
   struct QueueRange {
     int rank;
     int32_t begin, end;
   };
   std::vector<QueueRange> non_empty_queues(const Step& step) const;
-  absl::Status run_shuffled(const Step& step, const cpu::OpContext& ctx, uint64_t seed);
-  absl::Status run_threaded(const Step& step, const cpu::OpContext& ctx, double timeout);
+  absl::Status run_shuffled(const Step& step, const cpu::OpContext& ctx, uint64_t seed,
+                            TimingRecorder& timer);
+  absl::Status run_threaded(const Step& step, const cpu::OpContext& ctx, double timeout,
+                            TimingRecorder& timer);
   bool ready(const Step& step, int rank, const isa::Instruction& inst) const;
   void signal(const isa::Instruction& inst);
 

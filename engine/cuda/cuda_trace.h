@@ -18,13 +18,8 @@
 
 namespace megaserve::engine {
 
-// One instruction's device record, parallel to RankSchedule::instructions.
-struct InstructionTiming {
-  uint64_t fetch_ns = 0;  // %globaltimer when its CTA fetched it
-  uint64_t start_ns = 0;  // ... when its waits were satisfied (the op starts)
-  uint64_t end_ns = 0;    // ... when its op was done (before its signals)
-  uint32_t sm = 0;        // %smid of the SM that ran it
-};
+// InstructionTiming (one instruction's fetch, start and end, and its SM) is in
+// engine/isa/step.h: the CPU interpreter records it too.
 
 struct OpSummary {
   isa::Opcode op = isa::Opcode::kInvalid;

@@ -137,6 +137,17 @@ struct Step {
   bool accesses_recorded = false;
 };
 
+// When one instruction of a step ran, parallel to RankSchedule::instructions: recorded by
+// the megakernel's CTAs when profiling (%globaltimer, %smid; kernels/megakernel.h
+// kProfileWords) and by the CPU interpreter when asked (steady clock, virtual SM = queue).
+// engine/cuda/cuda_trace.h turns them into a Chrome trace and a per-op summary.
+struct InstructionTiming {
+  uint64_t fetch_ns = 0;  // when its SM fetched it
+  uint64_t start_ns = 0;  // ... when its waits were satisfied (the op starts)
+  uint64_t end_ns = 0;    // ... when its op was done (before its signals)
+  uint32_t sm = 0;        // the SM (GPU) or virtual SM (CPU queue) that ran it
+};
+
 // "kAttention layer 3 (kv_head 1, requests [0,2), query [0,1), split -1) rank 0 sm 2 #17"
 std::string describe_instruction(const Step& step, InstructionRef ref);
 
