@@ -173,16 +173,18 @@ def import_torch_transformers():
 def build_model(torch, transformers, config_dict, device, dtype, attn_implementation):
     """A model of the config's shape with random weights, created on `device` directly (an
     8B model initialized on the CPU first would take minutes)."""
+    import tempfile
     from transformers import AutoConfig, AutoModelForCausalLM
-    config_dict = dict(config_dict)
-    model_type = config_dict.pop("model_type")
-    for key in ("transformers_version", "torch_dtype", "dtype", "architectures"):
-        config_dict.pop(key, None)
-    try:
-        config = AutoConfig.for_model(model_type, **config_dict)
-    except (KeyError, ValueError) as e:
-        raise UsageError(f"transformers {transformers.__version__} has no config for "
-                         f"model_type {model_type!r} ({e})")
+    # Through a config.json on disk, as a checkpoint's: from_pretrained maps the older field
+    # names that such files carry (rope_scaling, torch_dtype) to the running version's.
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_dict, f)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (KeyError, ValueError, OSError) as e:
+            raise UsageError(f"transformers {transformers.__version__} cannot build a config "
+                             f"for model_type {config_dict.get('model_type')!r} ({e})")
     kwargs = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -212,9 +214,10 @@ def run_peer(args, requests, config_dict):
         f"transformers {transformers.__version__}, torch {torch.__version__}")
 
     max_out = max(out for _, out in requests)
-    # EOS disabled (-1) and greedy: every request runs to its own max_new_tokens.
+    # Greedy, and no EOS (each request below passes eos_token_id=-1, which disables it): every
+    # request runs to its own max_new_tokens, as megaserve's ignore_eos requests do.
     generation_config = GenerationConfig(max_new_tokens=max_out, do_sample=False,
-                                         eos_token_id=-1, pad_token_id=0)
+                                         eos_token_id=None, pad_token_id=0)
     init_kwargs = {"generation_config": generation_config}
     cb_options = parse_cb_options(args.cb)
     if cb_options:
