@@ -401,5 +401,101 @@ TEST(EngineOverlap, SynchronousBackendDefaultSubmitAndCollect) {
   EXPECT_EQ(runner.steps_in_flight(), 0);
 }
 
+// A row whose penalties need the token still in flight: the runner collects the previous
+// step first (outputs still come out in submission order), adds the token to the row's
+// outputs and feeds the token itself instead of a reference; the draw equals a run where
+// the plan already had it. Without penalties the step goes in as a reference.
+TEST(EngineOverlap, StepRunnerCollectsTheStepInFlightForPenalties) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  auto config = load_model_config(model_dir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::vector<int32_t> prompt = {1};
+  const auto make_plan = [&](uint64_t step_id, std::span<const int32_t> outputs, bool forwarded) {
+    scheduler::StepPlan plan;
+    plan.step_id = step_id;
+    plan.kv_block_size = 16;
+    scheduler::StepRequest r;
+    r.request_id = 9;
+    r.first_position = static_cast<int32_t>(step_id) - 1;
+    r.token_ids = {step_id == 1 ? 1
+                   : forwarded  ? scheduler::kTokenFromPreviousStep
+                                : outputs.back()};
+    r.block_table = {0};
+    r.sample = true;
+    r.sampling.temperature = 0.8f;
+    r.sampling.repetition_penalty = 1.5f;
+    r.sampling.frequency_penalty = 0.5f;
+    r.prompt_token_ids = prompt;
+    r.output_token_ids = outputs;
+    r.output_token_index = static_cast<int32_t>(step_id) - 1;
+    r.seed = 17;
+    plan.requests.push_back(r);
+    return plan;
+  };
+  // Serial: every plan knows the outputs so far.
+  std::vector<int32_t> serial;
+  {
+    auto backend = make_cpu_backend();
+    StepRunner runner(*config, *backend);
+    for (uint64_t step = 1; step <= 6; ++step) {
+      auto out = runner.execute(make_plan(step, serial, false));
+      ASSERT_TRUE(out.ok()) << out.status();
+      serial.push_back(out->sampled[0].token_id);
+    }
+  }
+  // Overlapped: step N+1 is submitted before step N is collected, its outputs lack N's token.
+  auto backend = make_cpu_backend();
+  StepRunner runner(*config, *backend);
+  std::vector<int32_t> overlapped;
+  std::deque<scheduler::StepPlan> plans;  // alive until collected (their spans)
+  std::deque<std::vector<int32_t>> known;
+  for (uint64_t step = 1; step <= 6; ++step) {
+    known.push_back(overlapped);
+    plans.push_back(make_plan(step, known.back(), step > 1));
+    ASSERT_TRUE(runner.submit(plans.back()).ok()) << step;
+    if (step > 1) {
+      EXPECT_EQ(backend->steps_in_flight(), 1) << "step " << step - 1 << " collected early";
+      EXPECT_EQ(runner.steps_in_flight(), 2);
+      auto out = runner.collect();
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_EQ(out->step_id, step - 1);
+      overlapped.push_back(out->sampled[0].token_id);
+    }
+  }
+  auto last = runner.collect();
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->step_id, 6u);
+  EXPECT_EQ(runner.last_step().meta.token_ids[0], overlapped.back());  // the token itself
+  overlapped.push_back(last->sampled[0].token_id);
+  EXPECT_EQ(overlapped, serial);
+}
+
+// A step the backend refuses after it was built never runs: the runner rewinds the
+// builder's barrier totals, so the next step still runs (the interpreter checks them).
+TEST(EngineOverlap, StepRunnerRewindsARefusedStep) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  auto config = load_model_config(model_dir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto log = std::make_shared<DeferredLog>();
+  DeferringBackend backend(make_cpu_backend(), log);
+  backend.fail_at_submit(1);
+  StepRunner runner(*config, backend);
+  scheduler::StepPlan plan;
+  plan.step_id = 1;
+  plan.kv_block_size = 16;
+  scheduler::StepRequest r;
+  r.request_id = 1;
+  r.token_ids = {1};
+  r.block_table = {0};
+  r.sample = true;
+  r.sampling.temperature = 0.0f;
+  plan.requests.push_back(r);
+  EXPECT_EQ(runner.submit(plan).code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(runner.steps_in_flight(), 0);
+  auto out = runner.execute(plan);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->sampled[0].token_id, oracle_ids(1)[0]);
+}
+
 }  // namespace
 }  // namespace megaserve::engine
