@@ -85,16 +85,20 @@ absl::Status StepRunner::submit(const scheduler::StepPlan& plan) {
       }
     }
   }
-  // Penalties count the token each request sampled in the step before, which a plan made
-  // while that step ran lacks: that step is collected first.
-  if (!previous_known_ && needs_in_flight_outputs(plan)) {
-    if (absl::Status s = collect_early(); !s.ok()) return s;
-  }
   Slot& slot = free_slot();
   slot.output.reset();
   saved_totals_ = builder_.barrier_totals();
   Step& step = slot.step;  // reused: its buffers keep their capacity from step to step
   if (absl::Status s = builder_.build_into(plan, target_.num_kv_blocks, step); !s.ok()) return s;
+  // Penalties count the token each request sampled in the step before, which a plan made
+  // while that step ran lacks: that step is collected now (after the build, which thus still
+  // overlaps it, as the CUDA backend's wait for it used to).
+  if (!previous_known_ && needs_in_flight_outputs(plan)) {
+    if (absl::Status s = collect_early(); !s.ok()) {
+      builder_.rewind_barrier_totals(saved_totals_);
+      return s;
+    }
+  }
   StepMetadata& m = step.meta;
   for (int32_t t = 0; t < m.num_tokens; ++t) {
     int32_t& id = m.token_ids[t];
