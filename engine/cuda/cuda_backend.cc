@@ -177,7 +177,7 @@ absl::Status CudaBackend::submit(const Step& step) {
                              config_.intermediate_size, config_.vocab_size, options_.profile};
   CudaState& st = *state_;
   // (Penalties that need the token the previous step samples: the StepRunner collected that
-  // step before building this one, so it is not in flight here.)
+  // step before submitting this one, so it is not in flight here.)
   // Everything below changes device state: a failure breaks the backend.
   if (!in_flight_.empty()) {
     const InFlight& previous = *in_flight_.back();

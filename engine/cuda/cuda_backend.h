@@ -12,7 +12,7 @@
 // when its workspace must be read (host_sampling, profiling, barrier checks), when the
 // workspace is poisoned, or when the step needs bigger buffers (a reallocation stops the
 // persistent kernel), and then resolves references on the host. (When a row's penalties need
-// the token the previous step samples, the StepRunner collects that step before building.)
+// the token the previous step samples, the StepRunner collects that step before submitting.)
 //
 // Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
 // the watchdog, or any CUDA error, fails the call that sees it and every later call (never a
