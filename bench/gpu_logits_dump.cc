@@ -33,6 +33,7 @@
 #include "engine/isa/bf16.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "nlohmann/json.hpp"
 
 namespace megaserve::engine {
@@ -303,7 +304,10 @@ std::vector<Request> make_requests(int vocab) {
 using LogitsFn = std::function<absl::StatusOr<std::vector<float>>(int sample)>;
 
 // Runs the schedule on `backend`; returns {"requests": [...], "events": [...]}.
-absl::StatusOr<json> run_schedule(Backend& backend, const LogitsFn& logits, int vocab) {
+absl::StatusOr<json> run_schedule(const ModelConfig& config, Backend& backend,
+                                  const LogitsFn& logits) {
+  const int vocab = config.vocab_size;
+  StepRunner runner(config, backend);
   std::vector<Request> reqs = make_requests(vocab);
   std::vector<int32_t> free_blocks;
   for (int32_t b = backend.num_kv_blocks() - 1; b >= 0; --b) free_blocks.push_back(b);
@@ -338,7 +342,7 @@ absl::StatusOr<json> run_schedule(Backend& backend, const LogitsFn& logits, int 
       plan.requests.push_back(std::move(sr));
     }
     if (plan.requests.empty()) break;
-    absl::StatusOr<scheduler::StepOutput> out = backend.execute(plan);
+    absl::StatusOr<scheduler::StepOutput> out = runner.execute(plan);
     if (!out.ok()) return out.status();
     if (out->sampled.size() != in_plan.size()) {
       return absl::InternalError(absl::StrCat("step ", step, ": ", out->sampled.size(),
@@ -375,10 +379,9 @@ absl::StatusOr<json> run_variant(const std::string& backend_name, bool tensor_co
     auto b = CpuBackend::create(config, weights, o);
     if (!b.ok()) return b.status();
     CpuBackend& cpu = **b;
-    return run_schedule(
-        cpu,
-        [&](int s) -> absl::StatusOr<std::vector<float>> { return cpu.interpreter().logits(s); },
-        config.vocab_size);
+    return run_schedule(config, cpu, [&](int s) -> absl::StatusOr<std::vector<float>> {
+      return cpu.interpreter().logits(s);
+    });
   }
   CudaBackendOptions o;
   o.kv_block_size = kBlockSize;
@@ -389,8 +392,7 @@ absl::StatusOr<json> run_variant(const std::string& backend_name, bool tensor_co
   if (!b.ok()) return b.status();
   CudaBackend& gpu = **b;
   std::printf("  %s\n", gpu.describe().c_str());
-  return run_schedule(
-      gpu, [&](int s) { return gpu.logits(s); }, config.vocab_size);
+  return run_schedule(config, gpu, [&](int s) { return gpu.logits(s); });
 }
 
 int run(const fs::path& out_dir, const std::string& backend_name, bool write_only) {

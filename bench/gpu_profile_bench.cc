@@ -24,6 +24,7 @@
 #include "engine/cuda/cuda_trace.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 
 namespace megaserve::engine {
 namespace {
@@ -70,11 +71,12 @@ void set_variant(CudaBackend& b, const Variant& v) {
 }
 
 // Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
-double profiled_step(CudaBackend& b, const ModelConfig& config, const scheduler::StepPlan& plan,
-                     const std::string& label, const std::string& trace_path) {
+double profiled_step(CudaBackend& b, StepRunner& runner, const ModelConfig& config,
+                     const scheduler::StepPlan& plan, const std::string& label,
+                     const std::string& trace_path) {
   b.set_profile(true);
   const auto t0 = std::chrono::steady_clock::now();
-  auto out = b.execute(plan);
+  auto out = runner.execute(plan);
   const double host_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   b.set_profile(false);
@@ -82,12 +84,13 @@ double profiled_step(CudaBackend& b, const ModelConfig& config, const scheduler:
     std::printf("%s: %s\n", label.c_str(), out.status().ToString().c_str());
     return 0;
   }
-  const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+  const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
   std::printf("== %s: %zu instructions, execute() %.2f ms\n%s", label.c_str(),
-              b.last_step().ranks[0].instructions.size(), host_ms, format_trace_summary(s).c_str());
+              runner.last_step().ranks[0].instructions.size(), host_ms,
+              format_trace_summary(s).c_str());
   if (!trace_path.empty()) {
     absl::Status w =
-        write_chrome_trace(trace_path, b.last_step(), b.last_timings(), kTraceLayers - 1);
+        write_chrome_trace(trace_path, runner.last_step(), b.last_timings(), kTraceLayers - 1);
     std::printf("trace (layers < %d): %s %s\n", kTraceLayers, trace_path.c_str(),
                 w.ok() ? "written" : w.ToString().c_str());
   }
@@ -126,6 +129,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     return 1;
   }
   CudaBackend& b = **backend;
+  StepRunner runner(config, b);
   std::printf("model %s: %.3f GB read per decode step (weights); set up in %.1f s\nbackend: %s\n",
               config_path.c_str(), weight_bytes * 1e-9,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
@@ -149,7 +153,7 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     for (int s = 0; s < kTimedSteps + 2 && ok; ++s) {
       const scheduler::StepPlan plan = make_plan(step_id++, 1, kContext, 0);
       const auto t0 = std::chrono::steady_clock::now();
-      auto out = b.execute(plan);
+      auto out = runner.execute(plan);
       if (s >= 2)
         elapsed += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       ok = out.ok();
@@ -157,10 +161,10 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     }
     if (!ok) return 1;
     b.set_profile(true);
-    auto out = b.execute(make_plan(step_id++, 1, kContext, 0));
+    auto out = runner.execute(make_plan(step_id++, 1, kContext, 0));
     b.set_profile(false);
     if (!out.ok()) return 1;
-    const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+    const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
     const double host_s = elapsed / kTimedSteps, dev_s = s.span_us * 1e-6;
     std::printf("%-42s %12.3f %12.3f %12.3f %12.3f\n", v.name, host_s * 1e3, floor_1 / host_s,
                 dev_s * 1e3, floor_1 / dev_s);
@@ -177,12 +181,12 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     const Variant v = k == 0 ? Variant{"attention split over warps", true, true}
                              : Variant{"tensor-core attention", true};
     set_variant(b, v);
-    (void)b.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
+    (void)runner.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
     const std::string trace =
         out_dir.empty() ? ""
                         : out_dir + (k == 0 ? "/decode256_cc.trace.json" : "/decode256.trace.json");
     const double span =
-        profiled_step(b, config, make_plan(step_id++, kBigBatch, kContext, 0),
+        profiled_step(b, runner, config, make_plan(step_id++, kBigBatch, kContext, 0),
                       std::string("decode batch 256, tensor cores, ") + v.name, trace);
     if (span > 0) {
       std::printf("device span %.3f ms, floor/span %.3f, %.0f tok/s on the device\n", span * 1e-3,
@@ -198,18 +202,18 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     set_variant(b, v);
     const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);
     b.set_profile(true);
-    auto out = b.execute(prefill);
+    auto out = runner.execute(prefill);
     b.set_profile(false);
     if (!out.ok()) {
       std::printf("prefill: %s\n", out.status().ToString().c_str());
       return 1;
     }
-    const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+    const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
     std::printf("\n== prefill %d tokens, %s: %zu instructions\n%s", kPrefillTokens, v.name,
-                b.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
+                runner.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
     if (!out_dir.empty() && &v == &prefill_variants[0]) {
       const std::string path = out_dir + "/prefill8k.trace.json";
-      absl::Status w = write_chrome_trace(path, b.last_step(), b.last_timings(), 0);
+      absl::Status w = write_chrome_trace(path, runner.last_step(), b.last_timings(), 0);
       std::printf("trace (layer 0): %s %s\n", path.c_str(),
                   w.ok() ? "written" : w.ToString().c_str());
     }

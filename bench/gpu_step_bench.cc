@@ -22,6 +22,7 @@
 #include "engine/cuda/cuda_trace.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 
 namespace megaserve::engine {
 namespace {
@@ -30,8 +31,9 @@ constexpr int kContext = 128;  // tokens in each request's cache before the time
 constexpr int32_t kBlock = 16;
 
 // One decode step's device time, per opcode (engine/cuda/cuda_trace.h).
-void print_profile(int batch, bool tensor_cores, const ModelConfig& config, const CudaBackend& b) {
-  const TraceSummary s = summarize_trace(config, b.last_step(), b.last_timings());
+void print_profile(int batch, bool tensor_cores, const ModelConfig& config, const CudaBackend& b,
+                   const StepRunner& runner) {
+  const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
   std::printf("profile (%s), decode batch %d: %s", tensor_cores ? "tensor cores" : "CUDA cores",
               batch, format_trace_summary(s).c_str());
 }
@@ -43,8 +45,8 @@ struct Timed {
 
 // `steps` decode steps of every request of `plan` (the first step's inputs as given, then
 // kTokenFromPreviousStep), one in flight while the next is submitted when `overlap`.
-absl::StatusOr<Timed> time_decode(CudaBackend& b, scheduler::StepPlan& plan, uint64_t& step_id,
-                                  int steps, bool overlap) {
+absl::StatusOr<Timed> time_decode(CudaBackend& b, StepRunner& runner, scheduler::StepPlan& plan,
+                                  uint64_t& step_id, int steps, bool overlap) {
   Timed t;
   const int64_t overlapped_before = b.overlapped_posts();
   std::chrono::duration<double> submitting{};
@@ -52,17 +54,17 @@ absl::StatusOr<Timed> time_decode(CudaBackend& b, scheduler::StepPlan& plan, uin
   for (int s = 0; s < steps; ++s) {
     plan.step_id = step_id++;
     const auto s0 = std::chrono::steady_clock::now();
-    if (absl::Status st = b.submit(plan); !st.ok()) return st;
+    if (absl::Status st = runner.submit(plan); !st.ok()) return st;
     submitting += std::chrono::steady_clock::now() - s0;
     for (auto& r : plan.requests) {
       ++r.first_position;
       r.token_ids = {scheduler::kTokenFromPreviousStep};
     }
     if (overlap && s == 0) continue;
-    if (auto out = b.collect(); !out.ok()) return out.status();
+    if (auto out = runner.collect(); !out.ok()) return out.status();
   }
   if (overlap) {
-    if (auto out = b.collect(); !out.ok()) return out.status();
+    if (auto out = runner.collect(); !out.ok()) return out.status();
   }
   t.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
   t.submit_s = submitting.count() / steps;
@@ -100,15 +102,16 @@ int run_overlap(const ModelConfig& config, const ModelWeights& weights, double w
       r.sampling.temperature = 0.0f;
       plan.requests.push_back(r);
     }
+    StepRunner runner(config, **b);
     uint64_t step_id = 1;
-    if (auto w = time_decode(**b, plan, step_id, 3, false); !w.ok()) {  // warm-up
+    if (auto w = time_decode(**b, runner, plan, step_id, 3, false); !w.ok()) {  // warm-up
       std::fprintf(stderr, "%s\n", w.status().ToString().c_str());
       return 1;
     }
     Timed sum[2];
     for (int round = 0; round < kRounds; ++round) {
       for (int overlap = 0; overlap < 2; ++overlap) {
-        auto t = time_decode(**b, plan, step_id, steps, overlap == 1);
+        auto t = time_decode(**b, runner, plan, step_id, steps, overlap == 1);
         if (!t.ok()) {
           std::fprintf(stderr, "%s\n", t.status().ToString().c_str());
           return 1;
@@ -169,6 +172,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
       return 1;
     }
     if (mode == 0) std::printf("backend: %s\n", (*b)->describe().c_str());
+    StepRunner runner(config, **b);
     uint64_t step_id = 0;
     for (int batch : {1, 8, 32}) {
       const int per_req = (kContext + steps + kBlock) / kBlock;
@@ -184,7 +188,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
         plan.requests.push_back(r);
       }
       plan.step_id = step_id++;
-      if (auto out = (*b)->execute(plan); !out.ok()) {  // prefill
+      if (auto out = runner.execute(plan); !out.ok()) {  // prefill
         std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
         return 1;
       }
@@ -197,7 +201,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
       for (int s = 0; s < timed; ++s) {
         plan.step_id = step_id++;
         const auto t0 = std::chrono::steady_clock::now();
-        auto out = (*b)->execute(plan);
+        auto out = runner.execute(plan);
         elapsed += std::chrono::steady_clock::now() - t0;
         if (!out.ok()) {
           std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
@@ -206,7 +210,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
         for (auto& r : plan.requests) ++r.first_position;
       }
       if (profile) {
-        print_profile(batch, tensor_cores, config, **b);
+        print_profile(batch, tensor_cores, config, **b, runner);
         continue;
       }
       const double step_s = elapsed.count() / timed;

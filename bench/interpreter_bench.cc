@@ -11,6 +11,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 
 namespace {
 
@@ -21,9 +22,9 @@ struct Rate {
   double cpu = 0;   // tokens per second of this process's CPU time (all threads)
 };
 
-Rate decode_tokens_per_second(engine::CpuBackend& backend, int batch, int steps) {
+Rate decode_tokens_per_second(engine::StepRunner& runner, int batch, int steps) {
   scheduler::StepPlan plan;
-  plan.kv_block_size = backend.kv_block_size();
+  plan.kv_block_size = runner.target().kv_block_size;
   for (int i = 0; i < batch; ++i) {
     scheduler::StepRequest r;
     r.request_id = i;
@@ -33,7 +34,7 @@ Rate decode_tokens_per_second(engine::CpuBackend& backend, int batch, int steps)
     r.sampling.temperature = 0.0f;
     plan.requests.push_back(r);
   }
-  if (!backend.execute(plan).ok()) return {};  // prefill BOS
+  if (!runner.execute(plan).ok()) return {};  // prefill BOS
   const auto start = std::chrono::steady_clock::now();
   const std::clock_t cpu_start = std::clock();
   for (int s = 1; s <= steps; ++s) {
@@ -42,7 +43,7 @@ Rate decode_tokens_per_second(engine::CpuBackend& backend, int batch, int steps)
       r.first_position = s;
       r.token_ids = {scheduler::kTokenFromPreviousStep};
     }
-    auto out = backend.execute(plan);
+    auto out = runner.execute(plan);
     if (!out.ok()) {
       std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
       return {};
@@ -92,7 +93,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
         return 1;
       }
-      const Rate rate = decode_tokens_per_second(**backend, batch, 200);
+      engine::StepRunner runner(*config, **backend);
+      const Rate rate = decode_tokens_per_second(runner, batch, 200);
       std::printf("%-26s %8d %14.0f %18.0f\n", m.name, batch, rate.wall, rate.cpu);
     }
   }

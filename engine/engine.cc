@@ -1,6 +1,6 @@
-// The engine loop (engine/engine.h). One thread owns the scheduler between steps; the
-// backend's submit() and collect() run without the lock held, so submit() and finish() never
-// wait for a step.
+// The engine loop (engine/engine.h). One thread owns the scheduler between steps; the step
+// runner's submit() (build and submit) and collect() run without the lock held, so submit()
+// and finish() never wait for a step.
 #include "engine/engine.h"
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/step_runner.h"
 #include "scheduler/scheduler.h"
 #include "spdlog/spdlog.h"
 
@@ -21,9 +22,10 @@ namespace {
 
 class EngineImpl final : public Engine {
  public:
-  EngineImpl(std::unique_ptr<Backend> backend, std::unique_ptr<scheduler::Scheduler> scheduler,
-             const EngineOptions& options)
+  EngineImpl(const ModelConfig& model, std::unique_ptr<Backend> backend,
+             std::unique_ptr<scheduler::Scheduler> scheduler, const EngineOptions& options)
       : backend_(std::move(backend)),
+        runner_(std::make_unique<StepRunner>(model, *backend_)),
         scheduler_(std::move(scheduler)),
         options_(options),
         seeds_(std::random_device{}()) {
@@ -124,13 +126,13 @@ class EngineImpl final : public Engine {
         apply_finishes();
       }
       // With a step in flight, step N+1 is planned before step N's output is applied; the
-      // backend feeds N's sampled tokens into N+1 itself (kTokenFromPreviousStep), and the
+      // step runner feeds N's sampled tokens into N+1 (kTokenFromPreviousStep), and the
       // scheduler discards N+1's work for requests that N finishes.
       const scheduler::StepPlan plan = scheduler_->schedule();
       if (!plan.requests.empty()) {
         lock.unlock();
         const auto start = std::chrono::steady_clock::now();
-        const absl::Status submitted = backend_->submit(plan);
+        const absl::Status submitted = runner_->submit(plan);
         lock.lock();
         if (!submitted.ok()) {
           in_flight.clear();  // the backend is left failed or refused the step: nothing to apply
@@ -147,7 +149,7 @@ class EngineImpl final : public Engine {
         continue;
       }
       lock.unlock();
-      absl::StatusOr<scheduler::StepOutput> output = backend_->collect();
+      absl::StatusOr<scheduler::StepOutput> output = runner_->collect();
       const auto now = std::chrono::steady_clock::now();
       lock.lock();
       // The step's own time: from its submission, or from the previous step's collection
@@ -229,6 +231,7 @@ class EngineImpl final : public Engine {
   }
 
   const std::unique_ptr<Backend> backend_;
+  const std::unique_ptr<StepRunner> runner_;  // builds and submits steps to backend_
   const std::unique_ptr<scheduler::Scheduler> scheduler_;
   const EngineOptions options_;
 
@@ -272,7 +275,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::create(const ModelConfig& model,
                config.max_num_seqs, config.max_num_batched_tokens,
                options.overlap_scheduling ? ", overlapped scheduling" : "");
   return std::unique_ptr<Engine>(
-      new EngineImpl(std::move(backend), *std::move(scheduler), options));
+      new EngineImpl(model, std::move(backend), *std::move(scheduler), options));
 }
 
 }  // namespace megaserve::engine

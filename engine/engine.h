@@ -1,8 +1,9 @@
-// The engine: one thread that owns the loop Schedule -> Submit -> Collect -> Update over a
-// scheduler and a backend (with overlap_scheduling, step N+1 is scheduled and submitted
-// while step N runs). Requests come in through a thread-safe intake (submit); each
-// request's output leaves through its own RequestOutput queue, keyed by request id. Aborts
-// from any thread apply at the next step boundary. The engine knows nothing of gRPC.
+// The engine: one thread that owns the loop Schedule -> Build -> Submit -> Collect -> Update
+// over a scheduler, a StepRunner (engine/step_runner.h: the builder) and a backend (with
+// overlap_scheduling, step N+1 is scheduled, built and submitted while step N runs).
+// Requests come in through a thread-safe intake (submit); each request's output leaves
+// through its own RequestOutput queue, keyed by request id. Aborts from any thread apply at
+// the next step boundary. The engine knows nothing of gRPC.
 #pragma once
 
 #include <condition_variable>
@@ -71,7 +72,7 @@ struct EngineOptions {
   int32_t max_model_len = 0;  // 0: the model's max_position_embeddings
   bool enable_prefix_caching = true;
   // Keep one step in flight: plan and submit step N+1 before collecting and applying step
-  // N (the backend forwards N's sampled tokens into N+1). Same tokens as without.
+  // N (the step runner forwards N's sampled tokens into N+1). Same tokens as without.
   bool overlap_scheduling = false;
 };
 

@@ -113,11 +113,6 @@ inline constexpr int32_t kStepTensorCores = 1;  // projections on bf16 tensor co
 // of bf16 tensor cores (op_attention_mma.cuh, the default where the head dim allows).
 inline constexpr int32_t kStepAttentionCudaCores = 4;
 
-// Token ids of a step's input at or below kPreviousSampleBase are not ids but the sampled id
-// of row kPreviousSampleBase - id of the step run just before (DeviceStepDesc::
-// previous_sampled_ids): the host posts step N+1 before it knows N's samples.
-inline constexpr int32_t kPreviousSampleBase = -2;
-
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.
 inline constexpr int kProfileWords = 4;
@@ -130,7 +125,7 @@ struct DeviceStepDesc {
   int32_t flags;  // kStep* bits
   const engine::isa::Instruction* instructions;
   const int32_t* queue_begin;  // [num_queues + 1]
-  const int32_t* token_ids;    // [num_tokens]; kPreviousSampleBase - row: see there
+  const int32_t* token_ids;    // [num_tokens]; references to previous_sampled_ids [PREVIOUS_SAMPLE]
   const int32_t* positions;
   const int32_t* token_request;
   const int32_t* query_start;   // [num_requests + 1]
@@ -141,7 +136,8 @@ struct DeviceStepDesc {
   const DeviceSampling* sampling;  // [num_samples]
   const int32_t* sampling_ids;     // the rows' id ranges (DeviceSampling)
   // The previous step's sampled_ids (its slot's outputs, never rewritten by this step's
-  // upload); read only for token ids at or below kPreviousSampleBase.
+  // upload); read only for token ids that are references (engine/isa/isa.h,
+  // [PREVIOUS_SAMPLE]).
   const int32_t* previous_sampled_ids;
   float* residual;          // [num_tokens, hidden]
   float* q;                 // [num_tokens, q_heads * hd]

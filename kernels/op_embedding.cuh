@@ -1,7 +1,7 @@
 // kEmbedding: residual rows [row_begin, row_end) = embedding rows of the step's token ids
 // (engine/cpu/cpu_ops_embedding.cc). One rank only: partial slots (TP) are not supported.
-// An id at or below kPreviousSampleBase is the previous step's sample of row
-// kPreviousSampleBase - id, written by that step's sample op on other SMs: it is complete
+// An id that is a reference (engine::isa::is_previous_sample_ref, [PREVIOUS_SAMPLE]) is the
+// previous step's sample of its row, written by that step's sample op on other SMs: it is complete
 // (the step ring or the launch boundary orders it) and read through L2 (__ldcg), since this
 // SM's L1 may still hold the value from two steps ago.
 #pragma once
@@ -22,8 +22,9 @@ struct EmbeddingOp {
       const int t = a.row_begin + static_cast<int>(i / H);
       const int c = static_cast<int>(i % H);
       int64_t id = ctx.step.token_ids[t];
-      if (id <= kPreviousSampleBase) {
-        id = __ldcg(ctx.step.previous_sampled_ids + (kPreviousSampleBase - id));
+      if (engine::isa::is_previous_sample_ref(static_cast<int32_t>(id))) {
+        id = __ldcg(ctx.step.previous_sampled_ids +
+                    engine::isa::previous_sample_row(static_cast<int32_t>(id)));
       }
       ctx.step.residual[static_cast<int64_t>(t) * H + c] =
           weight_at(ctx.model.embedding, id * H + c);  // (H) per row

@@ -11,8 +11,10 @@
 
 namespace megaserve::scheduler {
 
-// Input id placeholder under overlapped scheduling: the token is the one the device samples
-// for this request in the previous step, written straight into device memory.
+// Input id placeholder under overlapped scheduling: the token is the one sampled for this
+// request in the previous step, not known when the plan is made. The engine's StepRunner
+// resolves it (engine/step_runner.h): the token itself, or a reference to that step's
+// sampling row that the GPU reads straight from device memory.
 inline constexpr int32_t kTokenFromPreviousStep = -1;
 
 struct StepRequest {

@@ -3,7 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "engine/planner/schedule_verifier.h"
+#include "engine/planner/schedule_builder.h"
 
 namespace megaserve::engine {
 
@@ -22,11 +22,9 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::create(const ModelConfig
   tiles.num_sms = options.num_sms;
   if (absl::Status s = check_tile_config(tiles); !s.ok()) return s;
   b->options_.tiles = tiles;
-  b->builder_ = std::make_unique<ScheduleBuilder>(
-      config, tiles, options.tensor_parallel, ScheduleOptions{.record_accesses = options.verify});
   absl::StatusOr<std::unique_ptr<CpuInterpreter>> in =
       CpuInterpreter::create(config, b->weights_, options.tensor_parallel, options.num_kv_blocks,
-                             options.kv_block_size, b->builder_->num_barriers());
+                             options.kv_block_size, schedule_num_barriers(config));
   if (!in.ok()) return in.status();
   b->interpreter_ = std::move(*in);
   return b;
@@ -39,51 +37,28 @@ std::string CpuBackend::describe() const {
                       dtype_name(weights_.embedding.dtype));
 }
 
-absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const scheduler::StepPlan& plan) {
+ScheduleTarget CpuBackend::schedule_target() const {
+  return ScheduleTarget{.tiles = options_.tiles,
+                        .tensor_parallel = options_.tensor_parallel,
+                        .num_kv_blocks = options_.num_kv_blocks,
+                        .kv_block_size = options_.kv_block_size,
+                        .verify = options_.verify};
+}
+
+absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const Step& step) {
   if (broken_) {
     return absl::FailedPreconditionError("cpu backend: an earlier step failed mid-run");
   }
-  if (plan.kv_block_size != options_.kv_block_size) {
-    return absl::InvalidArgumentError(absl::StrCat("step ", plan.step_id, ": kv_block_size ",
-                                                   plan.kv_block_size, ", backend has ",
-                                                   options_.kv_block_size));
-  }
-  // Inputs sampled by the previous step (the GPU's sample op writes them in place); checked
-  // before building, since a built step must run.
-  for (const auto& r : plan.requests) {
-    for (int32_t id : r.token_ids) {
-      if (id == scheduler::kTokenFromPreviousStep && !previous_sampled_.contains(r.request_id)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "step ", plan.step_id, " request ", r.request_id,
-            ": input kTokenFromPreviousStep, but the previous step sampled nothing for it"));
-      }
-    }
-  }
-  Step* step = &last_step_;  // reused: its buffers keep their capacity from step to step
-  if (absl::Status s = builder_->build_into(plan, options_.num_kv_blocks, *step); !s.ok()) {
-    return s;
-  }
-  for (int32_t t = 0; t < step->meta.num_tokens; ++t) {
-    int32_t& id = step->meta.token_ids[t];
-    if (id != scheduler::kTokenFromPreviousStep) continue;
-    id = previous_sampled_.at(step->meta.requests[step->meta.token_request[t]].request_id);
-  }
-  add_in_flight_outputs(previous_sampled_, *step, in_flight_outputs_);
-  if (options_.verify) {
-    if (absl::Status s = verify_step(*step); !s.ok()) {
-      broken_ = true;
-      return s;
-    }
-  }
   std::vector<scheduler::SampledToken> sampled;
-  if (absl::Status s = interpreter_->run(*step, options_.execution, &sampled); !s.ok()) {
+  if (absl::Status s = interpreter_->run(step, options_.execution, &sampled, last_sampled_);
+      !s.ok()) {
     broken_ = true;
     return s;
   }
-  previous_sampled_.clear();
-  for (const auto& tok : sampled) previous_sampled_[tok.request_id] = tok.token_id;
+  last_sampled_.clear();
+  for (const auto& tok : sampled) last_sampled_.push_back(tok.token_id);
   scheduler::StepOutput out;
-  out.step_id = plan.step_id;
+  out.step_id = step.step_id;
   out.sampled = std::move(sampled);
   return out;
 }

@@ -1,12 +1,12 @@
 // CpuBackend: the Backend (engine/backend.h) that runs steps on the CPU interpreter. It
-// holds the weights, the ScheduleBuilder and the interpreter (with its KV cache); execute()
-// builds the step, optionally verifies it statically, runs it and returns the samples.
+// holds the weights and the interpreter (with its KV cache); execute() runs a built step
+// and returns the samples. The steps come from the engine's StepRunner, built for
+// schedule_target() (the tile config, and the static verifier when `verify`).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -14,7 +14,6 @@
 #include "engine/cpu/cpu_interpreter.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
-#include "engine/planner/schedule_builder.h"
 #include "engine/planner/tile_config.h"
 
 namespace megaserve::engine {
@@ -28,7 +27,8 @@ struct CpuBackendOptions {
   int32_t num_kv_blocks = 256;
   int32_t kv_block_size = 16;
   ExecutionOptions execution;
-  // Record regions and run the static verifier on every step (a failure fails the step).
+  // Record regions and run the static verifier on every step (the StepRunner does, before
+  // submitting; a failure fails the step).
   bool verify = false;
 };
 
@@ -43,16 +43,14 @@ class CpuBackend : public Backend {
   std::string describe() const override;
   int32_t num_kv_blocks() const override { return options_.num_kv_blocks; }
   int32_t kv_block_size() const override { return options_.kv_block_size; }
-  // kTokenFromPreviousStep inputs are the token this backend sampled for the same request in
-  // the previous step (an error if it sampled none). A failed run leaves the barriers and
-  // cache in an unknown state: every later call fails.
-  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
+  ScheduleTarget schedule_target() const override;
+  // References to the previous step's sampling rows are the tokens this backend's last run
+  // sampled. A failed run leaves the barriers and cache in an unknown state: every later
+  // call fails.
+  absl::StatusOr<scheduler::StepOutput> execute(const Step& step) override;
 
   // For tests and benchmarks.
   CpuInterpreter& interpreter() { return *interpreter_; }
-  ScheduleBuilder& builder() { return *builder_; }
-  // The step built by the last execute() (valid after a successful one).
-  const Step& last_step() const { return last_step_; }
   void set_execution(const ExecutionOptions& execution) { options_.execution = execution; }
 
  private:
@@ -61,11 +59,8 @@ class CpuBackend : public Backend {
   ModelConfig config_;
   ModelWeights weights_;
   CpuBackendOptions options_;
-  std::unique_ptr<ScheduleBuilder> builder_;
   std::unique_ptr<CpuInterpreter> interpreter_;
-  std::unordered_map<uint64_t, int32_t> previous_sampled_;  // request id -> token
-  std::vector<std::vector<int32_t>> in_flight_outputs_;     // add_in_flight_outputs
-  Step last_step_;
+  std::vector<int32_t> last_sampled_;  // the last run's sampled ids, in row order
   bool broken_ = false;
 };
 

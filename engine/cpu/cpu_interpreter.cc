@@ -122,7 +122,7 @@ absl::Status CpuInterpreter::check_step(const Step& step) const {
     return absl::InvalidArgumentError(absl::StrCat("step ", step.step_id, ": kv_block_size ",
                                                    m.kv_block_size, " != ", kv_block_size_));
   }
-  for (int32_t id : m.token_ids) {
+  for (int32_t id : token_ids_) {
     if (id < 0 || id >= config_.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("step ", step.step_id, ": token id ", id,
                                                      " unresolved or outside the vocabulary"));
@@ -333,8 +333,26 @@ absl::Status CpuInterpreter::run_threaded(const Step& step, const cpu::OpContext
   return absl::OkStatus();
 }
 
+absl::Status CpuInterpreter::resolve_token_ids(const Step& step,
+                                               std::span<const int32_t> previous_samples) {
+  token_ids_.assign(step.meta.token_ids.begin(), step.meta.token_ids.end());
+  for (int32_t& id : token_ids_) {
+    if (!isa::is_previous_sample_ref(id)) continue;
+    const int32_t row = isa::previous_sample_row(id);
+    if (row >= static_cast<int32_t>(previous_samples.size())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step ", step.step_id, ": input refers to sampling row ", row,
+                       " of the previous step, which sampled ", previous_samples.size(), " rows"));
+    }
+    id = previous_samples[row];
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuInterpreter::run(const Step& step, const ExecutionOptions& options,
-                                 std::vector<scheduler::SampledToken>* sampled) {
+                                 std::vector<scheduler::SampledToken>* sampled,
+                                 std::span<const int32_t> previous_samples) {
+  if (absl::Status s = resolve_token_ids(step, previous_samples); !s.ok()) return s;
   if (absl::Status s = check_step(step); !s.ok()) return s;
   prepare_workspaces(step, options.poison_workspace);
   sampled->assign(step.meta.num_samples(), scheduler::SampledToken{});
@@ -342,6 +360,7 @@ absl::Status CpuInterpreter::run(const Step& step, const ExecutionOptions& optio
   ctx.config = &config_;
   ctx.inv_freq = &inv_freq_;
   ctx.meta = &step.meta;
+  ctx.token_ids = &token_ids_;
   ctx.ranks = &ranks_;
   ctx.sampled = sampled;
   TimingRecorder timer(step, options.timings);

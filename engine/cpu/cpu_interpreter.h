@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -57,8 +58,12 @@ class CpuInterpreter {
 
   // Runs every instruction of `step`; on success `sampled` holds one token per sampling row.
   // The barriers must read the step's barrier_begin values (steps run in build order).
+  // Input ids that are references to the previous step's sampling rows
+  // (isa::previous_sample_ref, [PREVIOUS_SAMPLE]) read `previous_samples` (that step's
+  // sampled ids in row order), as the megakernel's embedding reads them on the device.
   absl::Status run(const Step& step, const ExecutionOptions& options,
-                   std::vector<scheduler::SampledToken>* sampled);
+                   std::vector<scheduler::SampledToken>* sampled,
+                   std::span<const int32_t> previous_samples = {});
 
   // The full-vocabulary logits of sampling row `sample` of the last step (rank order).
   std::vector<float> logits(int sample) const;
@@ -71,7 +76,10 @@ class CpuInterpreter {
 
  private:
   CpuInterpreter() = default;
+  // Checks `step`, its input ids as resolved into token_ids_ included.
   absl::Status check_step(const Step& step) const;
+  // Fills token_ids_: the step's input ids with references resolved.
+  absl::Status resolve_token_ids(const Step& step, std::span<const int32_t> previous_samples);
   void prepare_workspaces(const Step& step, bool poison);
   class TimingRecorder;  // ExecutionOptions::timings (cpu_interpreter.cc)
   absl::Status run_sequential(const Step& step, const cpu::OpContext& ctx, TimingRecorder& timer);
@@ -96,6 +104,7 @@ class CpuInterpreter {
   std::vector<cpu::RankState> ranks_;
   std::vector<std::unique_ptr<std::atomic<uint32_t>[]>> barriers_;  // [rank][barrier]
   std::unique_ptr<cpu::WorkerPool> pool_;                           // kThreaded, made on use
+  std::vector<int32_t> token_ids_;  // [num_tokens] the running step's input ids, resolved
 };
 
 }  // namespace megaserve::engine

@@ -82,6 +82,7 @@ struct OpContext {
   const ModelConfig* config = nullptr;
   const std::vector<float>* inv_freq = nullptr;  // [head_dim / 2]
   const StepMetadata* meta = nullptr;
+  const std::vector<int32_t>* token_ids = nullptr;  // [num_tokens] meta's, references resolved
   std::vector<RankState>* ranks = nullptr;  // every rank: peers are read for TP exchanges
   std::vector<scheduler::SampledToken>* sampled = nullptr;  // [num_samples], rank 0's
 };

@@ -14,7 +14,7 @@ void op_embedding(const isa::Instruction& inst, int rank, const OpContext& ctx) 
     float* out = a.partial_slot < 0
                      ? st.ws.residual.data() + static_cast<int64_t>(t) * H
                      : st.ws.partial.data() + (static_cast<int64_t>(a.partial_slot) * T + t) * H;
-    const int id = ctx.meta->token_ids[t] - st.shard.vocab_begin;  // local vocabulary row
+    const int id = (*ctx.token_ids)[t] - st.shard.vocab_begin;  // local vocabulary row
     if (id < 0 || id >= st.shard.vocab_cols()) {
       std::fill(out, out + H, 0.0f);  // another rank's slice holds this id
       continue;

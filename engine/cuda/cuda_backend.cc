@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <optional>
+#include <span>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_sampling.h"
 #include "engine/cuda/cuda_state.h"
+#include "engine/isa/isa.h"
 #include "engine/isa/sampling.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
@@ -75,9 +77,8 @@ CudaBackend::CudaBackend() = default;
 
 struct CudaBackend::InFlight {
   uint32_t seq = 0;  // its number in the step ring
-  Step step;
+  const Step* step = nullptr;  // the submitter's, alive until collected (Backend::submit)
   SamplingUpload sampling;
-  std::vector<std::vector<int32_t>> outputs;  // add_in_flight_outputs' storage
   DeviceStepDesc desc{};
   // Its workspace is read back (host_sampling, profile, barrier check): the next step is not
   // posted before it is finished.
@@ -122,92 +123,91 @@ absl::StatusOr<std::vector<float>> CudaBackend::logits(int sample) const {
   return out;
 }
 
-absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const scheduler::StepPlan& plan) {
+ScheduleTarget CudaBackend::schedule_target() const {
+  return ScheduleTarget{.tiles = tiles_,
+                        .tensor_parallel = 1,
+                        .num_kv_blocks = num_kv_blocks_,
+                        .kv_block_size = options_.kv_block_size};
+}
+
+absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const Step& step) {
   if (!in_flight_.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat("cuda backend: execute step ", plan.step_id,
+    return absl::FailedPreconditionError(absl::StrCat("cuda backend: execute step ", step.step_id,
                                                       " with ", in_flight_.size(),
                                                       " steps in flight (collect them first)"));
   }
-  if (absl::Status s = submit(plan); !s.ok()) return s;
+  if (absl::Status s = submit(step); !s.ok()) return s;
   return collect();
 }
 
-absl::Status CudaBackend::submit(const scheduler::StepPlan& plan) {
+absl::Status CudaBackend::submit(const Step& step) {
   if (broken_) return absl::FailedPreconditionError("cuda backend: an earlier step failed");
   if (in_flight_.size() >= kMaxStepsInFlight) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "cuda backend: step ", plan.step_id, ": ", in_flight_.size(), " steps already in flight"));
+        "cuda backend: step ", step.step_id, ": ", in_flight_.size(), " steps already in flight"));
   }
-  if (plan.kv_block_size != options_.kv_block_size) {
-    return absl::InvalidArgumentError(absl::StrCat("step ", plan.step_id, ": kv_block_size ",
-                                                   plan.kv_block_size, ", backend has ",
-                                                   options_.kv_block_size));
-  }
-  // An input the previous step samples: on the device when that step may still be running
-  // and samples the row there, else from the host once that step is finished.
-  bool needs_host_token = false;
-  for (const auto& r : plan.requests) {
-    for (int32_t id : r.token_ids) {
-      if (id != scheduler::kTokenFromPreviousStep) continue;
-      const auto it = previous_rows_.find(r.request_id);
-      if (it == previous_rows_.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "step ", plan.step_id, " request ", r.request_id,
-            ": input kTokenFromPreviousStep, but the previous step sampled nothing for it"));
-      }
-      needs_host_token |= !it->second.second;
-    }
-  }
-  if (absl::Status s = check_device_sampling(plan); !s.ok()) return s;
-  auto f = std::make_unique<InFlight>();
-  f->step = std::move(spare_step_);  // its buffers keep their capacity from step to step
-  if (absl::Status s = builder_->build_into(plan, num_kv_blocks_, f->step); !s.ok()) return s;
-  Step& step = f->step;
   const StepMetadata& m = step.meta;
+  if (step.tp != 1 || static_cast<int>(step.ranks.size()) != 1 || step.num_sms != tiles_.num_sms ||
+      m.kv_block_size != options_.kv_block_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend: step ", step.step_id, " is built for tp ", step.tp, ", ", step.num_sms,
+        " SMs, kv_block_size ", m.kv_block_size, "; the backend has tp 1, ", tiles_.num_sms,
+        " SMs, kv_block_size ", options_.kv_block_size));
+  }
+  // References to the previous step's sampling rows [PREVIOUS_SAMPLE]: resolved on the device
+  // when that step may still be running and samples the row there, else on the host once
+  // that step is finished.
+  bool has_references = false;
+  for (int32_t id : m.token_ids) {
+    if (!isa::is_previous_sample_ref(id)) continue;
+    if (isa::previous_sample_row(id) >= previous_num_samples_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda backend: step ", step.step_id, ": input refers to sampling row ",
+                       isa::previous_sample_row(id), " of the previous step, which sampled ",
+                       previous_num_samples_, " rows"));
+    }
+    has_references = true;
+  }
+  const bool needs_host_token = has_references && !previous_device_sampled_;
+  if (absl::Status s = check_device_sampling(step); !s.ok()) return s;
+  auto f = std::make_unique<InFlight>();
+  f->step = &step;
   const int S = m.num_samples();
   const WorkspaceShape shape{config_.hidden_size,       config_.q_size(),   config_.head_dim,
                              config_.intermediate_size, config_.vocab_size, options_.profile};
   CudaState& st = *state_;
-  // Penalties count the token each request sampled in the step before, which a plan made
-  // while that step ran lacks (add_in_flight_outputs): its row waits for that step.
-  bool needs_previous_outputs = false;
-  for (const RequestSampling& r : m.requests) {
-    const scheduler::SamplingParams& p = r.params;
-    needs_previous_outputs |=
-        static_cast<size_t>(r.output_token_index) == r.output_token_ids.size() + 1 &&
-        (p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f);
-  }
+  // (Penalties that need the token the previous step samples: the StepRunner collected that
+  // step before submitting this one, so it is not in flight here.)
   // Everything below changes device state: a failure breaks the backend.
   if (!in_flight_.empty()) {
     const InFlight& previous = *in_flight_.back();
-    if (previous.reads_workspace || needs_host_token || needs_previous_outputs ||
-        options_.poison_workspace) {
+    if (previous.reads_workspace || needs_host_token || options_.poison_workspace) {
       for (auto& g : in_flight_) {
         if (absl::Status s = finish(*g); !s.ok()) return s;
       }
     }
   }
   bool previous_running = !in_flight_.empty() && !in_flight_.back()->output.has_value();
-  if (!previous_running) add_in_flight_outputs(previous_sampled_, step, f->outputs);
-  f->sampling = pack_sampling(step.meta, config_.vocab_size);
+  f->sampling = pack_sampling(m, config_.vocab_size);
   if (previous_running && !st.fits(step, shape, f->sampling)) {
     for (auto& g : in_flight_) {  // a reallocation stops the kernel: nothing may run
       if (absl::Status s = finish(*g); !s.ok()) return s;
     }
     previous_running = false;
   }
-  for (int32_t t = 0; t < m.num_tokens; ++t) {
-    int32_t& id = step.meta.token_ids[t];
-    if (id != scheduler::kTokenFromPreviousStep) continue;
-    const uint64_t request = m.requests[m.token_request[t]].request_id;
-    id = previous_running ? kernels::kPreviousSampleBase - previous_rows_.at(request).first
-                          : previous_sampled_.at(request);
+  std::span<const int32_t> token_ids = m.token_ids;
+  if (has_references && !previous_running) {  // the previous step is finished: host values
+    resolved_token_ids_.assign(m.token_ids.begin(), m.token_ids.end());
+    for (int32_t& id : resolved_token_ids_) {
+      if (isa::is_previous_sample_ref(id)) id = previous_sampled_ids_[isa::previous_sample_row(id)];
+    }
+    token_ids = resolved_token_ids_;
   }
   f->reads_workspace = options_.host_sampling || options_.profile || options_.check_barriers;
   const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
                         (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =
-      st.upload_step(step, shape, f->sampling, flags, options_.poison_workspace);
+      st.upload_step(step, token_ids, shape, f->sampling, flags, options_.poison_workspace);
   if (!desc.ok()) return fail(desc.status());
   f->desc = *desc;
   absl::StatusOr<uint32_t> seq = st.post(options_.persistent);
@@ -215,10 +215,8 @@ absl::Status CudaBackend::submit(const scheduler::StepPlan& plan) {
   f->seq = *seq;
   f->posted = std::chrono::steady_clock::now();
   if (previous_running) ++overlapped_posts_;
-  previous_rows_.clear();
-  for (int s = 0; s < S; ++s) {
-    previous_rows_[m.requests[m.sample_request[s]].request_id] = {s, !options_.host_sampling};
-  }
+  previous_num_samples_ = S;
+  previous_device_sampled_ = !options_.host_sampling;
   in_flight_.push_back(std::move(f));
   return absl::OkStatus();
 }
@@ -229,8 +227,6 @@ absl::StatusOr<scheduler::StepOutput> CudaBackend::collect() {
   InFlight& f = *in_flight_.front();
   if (absl::Status s = finish(f); !s.ok()) return s;
   scheduler::StepOutput out = *std::move(f.output);
-  spare_step_ = std::move(last_step_);
-  last_step_ = std::move(f.step);
   in_flight_.pop_front();
   return out;
 }
@@ -238,7 +234,7 @@ absl::StatusOr<scheduler::StepOutput> CudaBackend::collect() {
 absl::Status CudaBackend::finish(InFlight& f) {
   if (f.output.has_value()) return absl::OkStatus();
   CudaState& st = *state_;
-  const Step& step = f.step;
+  const Step& step = *f.step;
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
   const int S = m.num_samples();
@@ -331,8 +327,8 @@ absl::Status CudaBackend::finish(InFlight& f) {
     }
     tok.request_id = r.request_id;
   }
-  previous_sampled_.clear();
-  for (const auto& tok : out.sampled) previous_sampled_[tok.request_id] = tok.token_id;
+  previous_sampled_ids_.clear();
+  for (const auto& tok : out.sampled) previous_sampled_ids_.push_back(tok.token_id);
   f.output = std::move(out);
   return absl::OkStatus();
 }

@@ -1,17 +1,18 @@
 // CudaBackend: the GPU twin of CpuBackend (engine/cpu/cpu_backend.h). It holds the model's bf16
 // weights, the bf16 paged KV cache, the step workspace and the barriers in device memory;
-// submit() builds the step with the ScheduleBuilder (a GPU TileConfig), uploads its queues
-// and metadata into one of two step slots and posts it to the megakernel
-// (kernels/megakernel.h: persistently through the step ring, or one launch per step) while
-// the previous step may still run; collect() waits for the oldest step and reads back its
-// sampled tokens.
+// submit() uploads a built step's queues and metadata (built by the engine's StepRunner for
+// schedule_target(), a GPU TileConfig) into one of two step slots and posts it to the
+// megakernel (kernels/megakernel.h: persistently through the step ring, or one launch per
+// step) while the previous step may still run; collect() waits for the oldest step and reads
+// back its sampled tokens.
 //
-// Overlap: an input kTokenFromPreviousStep is resolved on the device (the embedding reads
-// the previous step's sampled id) when that step is still running. submit() first waits for
-// the previous step when its workspace must be read (host_sampling, profiling, barrier
-// checks), when a row's penalties need the token that step samples (the plan lacks it),
-// when the workspace is poisoned, or when the step needs bigger buffers (a reallocation
-// stops the persistent kernel).
+// Overlap: an input that refers to the previous step's sampling row (isa::previous_sample_ref,
+// [PREVIOUS_SAMPLE]) is resolved on the device (the embedding reads the previous step's
+// sampled id) when that step is still running. submit() first waits for the previous step
+// when its workspace must be read (host_sampling, profiling, barrier checks), when the
+// workspace is poisoned, or when the step needs bigger buffers (a reallocation stops the
+// persistent kernel), and then resolves references on the host. (When a row's penalties need
+// the token the previous step samples, the StepRunner collects that step before submitting.)
 //
 // Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
 // the watchdog, or any CUDA error, fails the call that sees it and every later call (never a
@@ -25,8 +26,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,7 +34,6 @@
 #include "engine/isa/isa.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
-#include "engine/planner/schedule_builder.h"
 #include "engine/planner/tile_config.h"
 
 namespace megaserve::engine {
@@ -99,10 +97,10 @@ class CudaBackend : public Backend {
   std::string describe() const override;
   int32_t num_kv_blocks() const override { return num_kv_blocks_; }
   int32_t kv_block_size() const override { return options_.kv_block_size; }
-  // kTokenFromPreviousStep inputs are the tokens this backend sampled in the previous step,
-  // as in CpuBackend. execute() is submit() then collect(), with no step in flight.
-  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override;
-  absl::Status submit(const scheduler::StepPlan& plan) override;
+  ScheduleTarget schedule_target() const override;
+  // execute() is submit() then collect(), with no step in flight.
+  absl::StatusOr<scheduler::StepOutput> execute(const Step& step) override;
+  absl::Status submit(const Step& step) override;
   absl::StatusOr<scheduler::StepOutput> collect() override;
   int steps_in_flight() const override { return static_cast<int>(in_flight_.size()); }
   // Submitted steps that were posted while the step before them was still running (for
@@ -111,12 +109,11 @@ class CudaBackend : public Backend {
 
   // For tests and benchmarks: the full-vocabulary logits of sampling row `sample` of the
   // last collected step (read back from the device; valid while no later step is in
-  // flight), that step, and the builder.
+  // flight).
   absl::StatusOr<std::vector<float>> logits(int sample) const;
-  const Step& last_step() const { return last_step_; }
-  ScheduleBuilder& builder() { return *builder_; }
   int num_sms() const { return tiles_.num_sms; }
-  // With profile on: per instruction of last_step().ranks[0], its device timestamps.
+  // With profile on: per instruction of the last finished step's ranks[0] (the StepRunner's
+  // last_step() once collected), its device timestamps.
   const std::vector<InstructionTiming>& last_timings() const { return last_timings_; }
   // Per-step choices, applied from the next submit() on (the resident kernel reads them
   // from each step's descriptor): benchmarks compare variants on one upload of the weights.
@@ -139,17 +136,17 @@ class CudaBackend : public Backend {
   TileConfig tiles_;
   int32_t num_kv_blocks_ = 0;
   std::string device_name_;
-  std::unique_ptr<ScheduleBuilder> builder_;
   std::unique_ptr<CudaState> state_;
   std::deque<std::unique_ptr<InFlight>> in_flight_;  // oldest first, kMaxStepsInFlight at most
-  // The last finished step's samples (request id -> token), for inputs resolved on the host.
-  std::unordered_map<uint64_t, int32_t> previous_sampled_;
-  // The last submitted step's sampling rows: request id -> (row, sampled on the device).
-  std::unordered_map<uint64_t, std::pair<int32_t, bool>> previous_rows_;
+  // The last finished step's sampled ids in row order, for references resolved on the host.
+  std::vector<int32_t> previous_sampled_ids_;
+  // The last submitted step: its sampling rows, and whether the device sampled them (else
+  // the host did, and the device has no ids to read for references).
+  int32_t previous_num_samples_ = 0;
+  bool previous_device_sampled_ = true;
+  std::vector<int32_t> resolved_token_ids_;  // a step's input ids, references resolved
   std::chrono::steady_clock::time_point last_finished_;
   int64_t overlapped_posts_ = 0;
-  Step last_step_;
-  Step spare_step_;  // the one collected before last_step_, rebuilt by the next submit()
   std::vector<InstructionTiming> last_timings_;
   bool broken_ = false;
 };

@@ -10,6 +10,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_state.h"
 #include "engine/isa/bf16.h"
+#include "engine/planner/schedule_builder.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
 
@@ -212,8 +213,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     *cache = static_cast<uint16_t*>(p);
   }
 
-  b->builder_ = std::make_unique<ScheduleBuilder>(config, b->tiles_, 1);
-  if (absl::Status s = st->init(b->builder_->num_barriers()); !s.ok()) return s;
+  if (absl::Status s = st->init(schedule_num_barriers(config)); !s.ok()) return s;
   MEGASERVE_CUDA_RETURN(cudaDeviceSynchronize(), "initialization");
   b->state_ = std::move(st);
   return b;

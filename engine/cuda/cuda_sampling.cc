@@ -6,11 +6,13 @@
 
 namespace megaserve::engine {
 
-absl::Status check_device_sampling(const scheduler::StepPlan& plan) {
-  for (const scheduler::StepRequest& r : plan.requests) {
-    if (r.sample && r.sampling.logprobs > kernels::kMaxTopLogprobs) {
+absl::Status check_device_sampling(const Step& step) {
+  const StepMetadata& m = step.meta;
+  for (int32_t s = 0; s < m.num_samples(); ++s) {
+    const RequestSampling& r = m.requests[m.sample_request[s]];
+    if (r.params.logprobs > kernels::kMaxTopLogprobs) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "step ", plan.step_id, " request ", r.request_id, ": logprobs ", r.sampling.logprobs,
+          "step ", step.step_id, " request ", r.request_id, ": logprobs ", r.params.logprobs,
           " exceeds the ", kernels::kMaxTopLogprobs, " top logprobs the cuda backend reports"));
     }
   }

@@ -29,7 +29,7 @@ struct SamplingUpload {
 
 // The device reports at most kernels::kMaxTopLogprobs top logprobs per row (the server's
 // limit): a sampling request asking for more is refused, naming it.
-absl::Status check_device_sampling(const scheduler::StepPlan& plan);
+absl::Status check_device_sampling(const Step& step);
 
 SamplingUpload pack_sampling(const StepMetadata& meta, int32_t vocab_size);
 

@@ -54,7 +54,8 @@ struct Array {
 };
 constexpr int kNumArrays = 12;
 
-std::array<Array, kNumArrays> slot_arrays(const Step& step, const SamplingUpload& sampling) {
+std::array<Array, kNumArrays> slot_arrays(const Step& step, std::span<const int32_t> token_ids,
+                                          const SamplingUpload& sampling) {
   const StepMetadata& m = step.meta;
   const RankSchedule& rs = step.ranks[0];
   const auto ints = [](const std::vector<int32_t>& v) {
@@ -62,7 +63,7 @@ std::array<Array, kNumArrays> slot_arrays(const Step& step, const SamplingUpload
   };
   return {Array{rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)},
           ints(rs.queue_begin),
-          ints(m.token_ids),
+          Array{token_ids.data(), token_ids.size() * sizeof(int32_t)},
           ints(m.positions),
           ints(m.token_request),
           ints(m.query_start),
@@ -228,7 +229,7 @@ std::pair<size_t, size_t> CudaState::step_bytes(const Step& step, const Workspac
                                                 const SamplingUpload& sampling) const {
   size_t offsets[kNumArrays];
   return {workspace_layout(step, ws, sampling).bytes,
-          slot_offsets(slot_arrays(step, sampling), offsets)};
+          slot_offsets(slot_arrays(step, step.meta.token_ids, sampling), offsets)};
 }
 
 bool CudaState::fits(const Step& step, const WorkspaceShape& ws,
@@ -239,7 +240,9 @@ bool CudaState::fits(const Step& step, const WorkspaceShape& ws,
          sl.output_capacity >= step.meta.num_samples();
 }
 
-absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const WorkspaceShape& ws,
+absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
+                                                      std::span<const int32_t> token_ids,
+                                                      const WorkspaceShape& ws,
                                                       const SamplingUpload& sampling, int32_t flags,
                                                       bool poison) {
   MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
@@ -248,7 +251,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step, const Wo
   const WorkspaceLayout wl = workspace_layout(step, ws, sampling);
   if (absl::Status s = ensure_workspace(wl.bytes); !s.ok()) return s;
 
-  const std::array<Array, kNumArrays> arrays = slot_arrays(step, sampling);
+  const std::array<Array, kNumArrays> arrays = slot_arrays(step, token_ids, sampling);
   size_t offsets[kNumArrays];
   const size_t bytes = slot_offsets(arrays, offsets);
   const int slot = static_cast<int>((seq + 1) & 1);  // the kernel reads slot seq % 2

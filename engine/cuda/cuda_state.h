@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -59,7 +60,8 @@ struct CudaState {
   // Step slots [STEP_RING]: pinned staging and device copies; the descriptor at offset 0.
   // `outputs` is apart from the upload: the step's sampled ids, logprobs, top ids and top
   // logprobs, which the host reads back and the next step's embedding may read
-  // (kernels::kPreviousSampleBase) while the step after that is uploaded into this slot.
+  // (references, engine/isa/isa.h [PREVIOUS_SAMPLE]) while the step after that is uploaded
+  // into this slot.
   struct Slot {
     uint8_t* staging = nullptr;
     uint8_t* device = nullptr;
@@ -99,12 +101,15 @@ struct CudaState {
   bool fits(const Step& step, const WorkspaceShape& shape, const SamplingUpload& sampling) const;
 
   // Carves the workspace for `step`, packs its queues and metadata into the next slot
-  // ((seq + 1) % 2) with `sampling` (its rows and their ids), the step's kernels::kStep*
+  // ((seq + 1) % 2) with `token_ids` as its input ids (the step's, or those with references
+  // resolved on the host), `sampling` (its rows and their ids), the step's kernels::kStep*
   // `flags` and the previous step's sampled ids, and uploads them (poisoning the workspace
   // with NaN first when asked), waiting at most kUploadTimeout. Reallocating or poisoning
   // needs no step running: the caller waits first unless fits() and !poison. Returns the
   // descriptor the kernel will read.
-  absl::StatusOr<kernels::DeviceStepDesc> upload_step(const Step& step, const WorkspaceShape& shape,
+  absl::StatusOr<kernels::DeviceStepDesc> upload_step(const Step& step,
+                                                      std::span<const int32_t> token_ids,
+                                                      const WorkspaceShape& shape,
                                                       const SamplingUpload& sampling, int32_t flags,
                                                       bool poison);
 

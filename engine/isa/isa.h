@@ -148,6 +148,29 @@ MEGASERVE_ISA_HD constexpr bool barrier_reached(uint32_t value, uint32_t target)
   return static_cast<int32_t>(value - target) >= 0;
 }
 
+// Input token references [PREVIOUS_SAMPLE]. A Step's token id at or below
+// kPreviousSampleBase is not an id but the token that sampling row
+// kPreviousSampleBase - id of the step submitted just before it draws: the engine's
+// StepRunner (engine/step_runner.h) submits step N+1 before it knows N's samples. The
+// executor resolves it: the megakernel's embedding reads that step's sampled ids on the
+// device (kernels/op_embedding.cuh), the CPU interpreter and a CUDA backend that waited for
+// step N take them from N's output. -1 (scheduler::kTokenFromPreviousStep, the scheduler's
+// placeholder) never reaches an executor.
+inline constexpr int32_t kPreviousSampleBase = -2;
+
+MEGASERVE_ISA_HD constexpr int32_t previous_sample_ref(int32_t sample_row) {
+  return kPreviousSampleBase - sample_row;
+}
+MEGASERVE_ISA_HD constexpr bool is_previous_sample_ref(int32_t id) {
+  return id <= kPreviousSampleBase;
+}
+MEGASERVE_ISA_HD constexpr int32_t previous_sample_row(int32_t ref) {
+  return kPreviousSampleBase - ref;
+}
+static_assert(previous_sample_row(previous_sample_ref(7)) == 7 &&
+                  is_previous_sample_ref(previous_sample_ref(0)) && !is_previous_sample_ref(-1),
+              "row 0 must not collide with the scheduler's placeholder -1");
+
 // ---- Argument views: one struct per op, each exactly kNumArgWords int32 wide, copied out
 // of / into the argument words. Rows are token rows of the step (0..num_tokens); requests
 // are indices into the step's request metadata; columns are per-rank (local) indices.

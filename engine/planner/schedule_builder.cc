@@ -127,11 +127,15 @@ void make_metadata(const scheduler::StepPlan& plan, const TileConfig& tiles,
 
 }  // namespace
 
+int schedule_num_barriers(const ModelConfig& config) {
+  return 4 + kLayerStages * config.num_layers;
+}
+
 ScheduleBuilder::ScheduleBuilder(const ModelConfig& config, const TileConfig& tiles, int tp,
                                  ScheduleOptions options)
     : config_(config), tiles_(tiles), tp_(tp), options_(options) {
   for (int r = 0; r < tp; ++r) shards_.push_back(shard_of(config, tp, r));
-  num_barriers_ = 4 + kLayerStages * config.num_layers;
+  num_barriers_ = schedule_num_barriers(config);
   totals_.assign(tp, std::vector<uint32_t>(num_barriers_, 0));
   scratch_ = std::make_unique<BuildScratch>();
   valid_ = check_tensor_parallel(config, tp);

@@ -5,7 +5,8 @@
 // back-to-back steps never need a reset.
 //
 // Every Step it builds must be executed, completely and in build order, on the barriers it
-// was built for: the targets of step N+1 assume step N's increments.
+// was built for: the targets of step N+1 assume step N's increments (or be given back with
+// rewind_barrier_totals before the next build).
 #pragma once
 
 #include <cstdint>
@@ -53,6 +54,9 @@ class ScheduleBuilder {
   // Declares that every barrier currently reads `value` (a fresh executor whose counters
   // start elsewhere than 0, e.g. to test wrap-around).
   void set_barrier_origin(uint32_t value);
+  // Rewinds the running totals to `totals`, read from barrier_totals() before the last
+  // build, when that step will never run (its executor refused it).
+  void rewind_barrier_totals(const std::vector<std::vector<uint32_t>>& totals) { totals_ = totals; }
 
  private:
   ModelConfig config_;
@@ -65,6 +69,9 @@ class ScheduleBuilder {
   std::unique_ptr<BuildScratch> scratch_;
   absl::Status valid_;  // check_tensor_parallel and check_tile_config
 };
+
+// The barriers a ScheduleBuilder for `config` uses per rank (what an executor allocates).
+int schedule_num_barriers(const ModelConfig& config);
 
 // The deadlock invariant (DESIGN.md §4): `global_order` lists every instruction once, each
 // queue is a subsequence of it, and every wait's target is reached by the signals of

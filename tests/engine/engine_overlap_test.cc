@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "engine/engine.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
 
@@ -63,9 +65,10 @@ struct DeferredLog {
   std::vector<uint64_t> collected_ids;
 };
 
-// submit() only queues a copy of the plan (its spans stay valid until the engine applies
-// that step); collect() runs the oldest on the CPU backend, after an optional delay, and can
-// be told to fail at a given collect or submit while another step is in flight.
+// submit() only queues the step (the step runner keeps it alive until it is collected);
+// collect() runs the oldest on the CPU backend, after an optional delay, and can be told to
+// fail at a given collect or submit while another step is in flight (a submit failure
+// happens once).
 class DeferringBackend final : public Backend {
  public:
   DeferringBackend(std::unique_ptr<CpuBackend> inner, std::shared_ptr<DeferredLog> log)
@@ -74,24 +77,26 @@ class DeferringBackend final : public Backend {
   std::string describe() const override { return "deferring " + inner_->describe(); }
   int32_t num_kv_blocks() const override { return inner_->num_kv_blocks(); }
   int32_t kv_block_size() const override { return inner_->kv_block_size(); }
-  absl::StatusOr<scheduler::StepOutput> execute(const scheduler::StepPlan& plan) override {
-    return inner_->execute(plan);
+  ScheduleTarget schedule_target() const override { return inner_->schedule_target(); }
+  absl::StatusOr<scheduler::StepOutput> execute(const Step& step) override {
+    return inner_->execute(step);
   }
-  absl::Status submit(const scheduler::StepPlan& plan) override {
+  absl::Status submit(const Step& step) override {
     std::lock_guard<std::mutex> lock(log_->mu);
     if (pending_.size() >= kMaxStepsInFlight) {
       return absl::FailedPreconditionError("deferring backend: too many steps in flight");
     }
     if (fail_submit_ > 0 && log_->submitted + 1 == fail_submit_) {
+      fail_submit_ = 0;
       return absl::InternalError("deferring backend: injected submit failure");
     }
-    pending_.push_back(plan);
+    pending_.push_back(&step);
     ++log_->submitted;
     log_->max_in_flight = std::max(log_->max_in_flight, static_cast<int>(pending_.size()));
     return absl::OkStatus();
   }
   absl::StatusOr<scheduler::StepOutput> collect() override {
-    scheduler::StepPlan plan;
+    const Step* step = nullptr;
     {
       std::lock_guard<std::mutex> lock(log_->mu);
       if (pending_.empty()) return absl::FailedPreconditionError("nothing in flight");
@@ -99,13 +104,13 @@ class DeferringBackend final : public Backend {
         EXPECT_EQ(pending_.size(), 2u) << "the failing step should have a successor in flight";
         return absl::InternalError("deferring backend: injected device failure");
       }
-      plan = std::move(pending_.front());
+      step = pending_.front();
       pending_.pop_front();
       ++log_->collected;
-      log_->collected_ids.push_back(plan.step_id);
+      log_->collected_ids.push_back(step->step_id);
     }
     if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
-    return inner_->execute(plan);
+    return inner_->execute(*step);
   }
   int steps_in_flight() const override { return static_cast<int>(pending_.size()); }
 
@@ -116,7 +121,7 @@ class DeferringBackend final : public Backend {
  private:
   std::unique_ptr<CpuBackend> inner_;
   std::shared_ptr<DeferredLog> log_;
-  std::deque<scheduler::StepPlan> pending_;
+  std::deque<const Step*> pending_;
   std::chrono::milliseconds delay_{0};
   int64_t fail_collect_ = 0;
   int64_t fail_submit_ = 0;
@@ -241,9 +246,13 @@ std::vector<GenerateRequest> mixed_requests(int n) {
   return requests;
 }
 
+// The step runner collects the step in flight before it submits one whose penalties need
+// that step's token, so while a request with penalties decodes no second step is in flight;
+// a long greedy request outlives them, and its steps overlap.
 TEST(EngineOverlap, DeferredStepsApplyInOrderWithTheSynchronousTokens) {
   MEGASERVE_REQUIRE_ASSET(kModel);
-  const std::vector<GenerateRequest> requests = mixed_requests(20);
+  std::vector<GenerateRequest> requests = mixed_requests(20);
+  requests.push_back(greedy({1}, 80));
   Deferred serial = make_deferred(false, {}, 48);
   const std::vector<Result> want = run_all(*serial.engine, requests);
   Deferred overlapped = make_deferred(true, {}, 48);
@@ -344,11 +353,17 @@ TEST(EngineOverlap, FailureWithAStepInFlightFailsEveryRequest) {
 }
 
 // Backend's synchronous default: submit runs the step, collect hands outputs out in order,
-// and neither goes past kMaxStepsInFlight or collects what was not submitted.
+// and neither goes past kMaxStepsInFlight or collects what was not submitted. The second
+// step's input is a reference to the first step's sampling row (the runner does not know
+// that output yet), which the CPU backend resolves from its last run.
 TEST(EngineOverlap, SynchronousBackendDefaultSubmitAndCollect) {
   MEGASERVE_REQUIRE_ASSET(kModel);
+  auto config = load_model_config(model_dir());
+  ASSERT_TRUE(config.ok()) << config.status();
   auto backend = make_cpu_backend();
   EXPECT_EQ(backend->collect().status().code(), absl::StatusCode::kFailedPrecondition);
+  StepRunner runner(*config, *backend);
+  EXPECT_EQ(runner.collect().status().code(), absl::StatusCode::kFailedPrecondition);
   scheduler::StepPlan plan;
   plan.kv_block_size = 16;
   scheduler::StepRequest r;
@@ -359,23 +374,127 @@ TEST(EngineOverlap, SynchronousBackendDefaultSubmitAndCollect) {
   r.sampling.temperature = 0.0f;
   plan.requests.push_back(r);
   plan.step_id = 1;
-  ASSERT_TRUE(backend->submit(plan).ok());
+  ASSERT_TRUE(runner.submit(plan).ok());
   plan.step_id = 2;
   plan.requests[0].first_position = 1;
   plan.requests[0].token_ids = {scheduler::kTokenFromPreviousStep};
-  ASSERT_TRUE(backend->submit(plan).ok());
+  ASSERT_TRUE(runner.submit(plan).ok());
   EXPECT_EQ(backend->steps_in_flight(), 2);
+  EXPECT_EQ(runner.steps_in_flight(), 2);
   plan.step_id = 3;
-  EXPECT_EQ(backend->submit(plan).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(runner.submit(plan).code(), absl::StatusCode::kFailedPrecondition);
+  Step extra;
+  extra.step_id = 3;
+  EXPECT_EQ(backend->submit(extra).code(), absl::StatusCode::kFailedPrecondition);
   const std::vector<int32_t> want = oracle_ids(2);
   for (uint64_t step = 1; step <= 2; ++step) {
-    auto out = backend->collect();
+    auto out = runner.collect();
     ASSERT_TRUE(out.ok()) << out.status();
     EXPECT_EQ(out->step_id, step);
     ASSERT_EQ(out->sampled.size(), 1u);
     EXPECT_EQ(out->sampled[0].token_id, want[step - 1]);
+    if (step == 2) {
+      EXPECT_EQ(runner.last_step().meta.token_ids[0], isa::previous_sample_ref(0));
+    }
   }
   EXPECT_EQ(backend->steps_in_flight(), 0);
+  EXPECT_EQ(runner.steps_in_flight(), 0);
+}
+
+// A row whose penalties need the token still in flight: the runner collects the previous
+// step first (outputs still come out in submission order), adds the token to the row's
+// outputs and feeds the token itself instead of a reference; the draw equals a run where
+// the plan already had it. Without penalties the step goes in as a reference.
+TEST(EngineOverlap, StepRunnerCollectsTheStepInFlightForPenalties) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  auto config = load_model_config(model_dir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::vector<int32_t> prompt = {1};
+  const auto make_plan = [&](uint64_t step_id, std::span<const int32_t> outputs, bool forwarded) {
+    scheduler::StepPlan plan;
+    plan.step_id = step_id;
+    plan.kv_block_size = 16;
+    scheduler::StepRequest r;
+    r.request_id = 9;
+    r.first_position = static_cast<int32_t>(step_id) - 1;
+    r.token_ids = {step_id == 1 ? 1
+                   : forwarded  ? scheduler::kTokenFromPreviousStep
+                                : outputs.back()};
+    r.block_table = {0};
+    r.sample = true;
+    r.sampling.temperature = 0.8f;
+    r.sampling.repetition_penalty = 1.5f;
+    r.sampling.frequency_penalty = 0.5f;
+    r.prompt_token_ids = prompt;
+    r.output_token_ids = outputs;
+    r.output_token_index = static_cast<int32_t>(step_id) - 1;
+    r.seed = 17;
+    plan.requests.push_back(r);
+    return plan;
+  };
+  // Serial: every plan knows the outputs so far.
+  std::vector<int32_t> serial;
+  {
+    auto backend = make_cpu_backend();
+    StepRunner runner(*config, *backend);
+    for (uint64_t step = 1; step <= 6; ++step) {
+      auto out = runner.execute(make_plan(step, serial, false));
+      ASSERT_TRUE(out.ok()) << out.status();
+      serial.push_back(out->sampled[0].token_id);
+    }
+  }
+  // Overlapped: step N+1 is submitted before step N is collected, its outputs lack N's token.
+  auto backend = make_cpu_backend();
+  StepRunner runner(*config, *backend);
+  std::vector<int32_t> overlapped;
+  std::deque<scheduler::StepPlan> plans;  // alive until collected (their spans)
+  std::deque<std::vector<int32_t>> known;
+  for (uint64_t step = 1; step <= 6; ++step) {
+    known.push_back(overlapped);
+    plans.push_back(make_plan(step, known.back(), step > 1));
+    ASSERT_TRUE(runner.submit(plans.back()).ok()) << step;
+    if (step > 1) {
+      EXPECT_EQ(backend->steps_in_flight(), 1) << "step " << step - 1 << " collected early";
+      EXPECT_EQ(runner.steps_in_flight(), 2);
+      auto out = runner.collect();
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_EQ(out->step_id, step - 1);
+      overlapped.push_back(out->sampled[0].token_id);
+    }
+  }
+  auto last = runner.collect();
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->step_id, 6u);
+  EXPECT_EQ(runner.last_step().meta.token_ids[0], overlapped.back());  // the token itself
+  overlapped.push_back(last->sampled[0].token_id);
+  EXPECT_EQ(overlapped, serial);
+}
+
+// A step the backend refuses after it was built never runs: the runner rewinds the
+// builder's barrier totals, so the next step still runs (the interpreter checks them).
+TEST(EngineOverlap, StepRunnerRewindsARefusedStep) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  auto config = load_model_config(model_dir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto log = std::make_shared<DeferredLog>();
+  DeferringBackend backend(make_cpu_backend(), log);
+  backend.fail_at_submit(1);
+  StepRunner runner(*config, backend);
+  scheduler::StepPlan plan;
+  plan.step_id = 1;
+  plan.kv_block_size = 16;
+  scheduler::StepRequest r;
+  r.request_id = 1;
+  r.token_ids = {1};
+  r.block_table = {0};
+  r.sample = true;
+  r.sampling.temperature = 0.0f;
+  plan.requests.push_back(r);
+  EXPECT_EQ(runner.submit(plan).code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(runner.steps_in_flight(), 0);
+  auto out = runner.execute(plan);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->sampled[0].token_id, oracle_ids(1)[0]);
 }
 
 }  // namespace

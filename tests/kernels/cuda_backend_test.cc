@@ -23,6 +23,7 @@
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
 #include "tests/support/safetensors_writer.h"
@@ -115,6 +116,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   cpu_opts.execution.mode = ExecutionMode::kThreaded;
   auto cpu = CpuBackend::create(config, *weights, cpu_opts);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
+  StepRunner cpu_runner(config, **cpu);
 
   CudaBackendOptions gpu_opts;
   gpu_opts.kv_block_size = c.block_size;
@@ -131,6 +133,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.tiles = gpu_tiles;
   auto gpu = CudaBackend::create(config, *weights, gpu_opts);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
+  StepRunner gpu_runner(config, **gpu);
 
   // Blocks handed out from the top, in a scrambled order, as a real pool would.
   std::vector<int32_t> free_blocks;
@@ -165,9 +168,9 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
       plan.requests.push_back(std::move(sr));
     }
     if (plan.requests.empty()) break;
-    auto want = (*cpu)->execute(plan);
+    auto want = cpu_runner.execute(plan);
     ASSERT_TRUE(want.ok()) << want.status();
-    auto got = (*gpu)->execute(plan);
+    auto got = gpu_runner.execute(plan);
     ASSERT_TRUE(got.ok()) << "step " << step << ": " << got.status();
     ASSERT_EQ(got->sampled.size(), want->sampled.size());
     for (size_t s = 0; s < want->sampled.size(); ++s) {
@@ -345,7 +348,8 @@ TEST(CudaBackendWatchdog, StuckStepFailsInsteadOfHanging) {
     o.step_watchdog_ms = 300;
     auto b = CudaBackend::create(config, *weights, o);
     ASSERT_TRUE(b.ok()) << b.status();
-    (*b)->builder().set_barrier_origin(1u << 20);
+    StepRunner runner(config, **b);
+    runner.builder().set_barrier_origin(1u << 20);
     scheduler::StepPlan plan;
     plan.kv_block_size = 16;
     scheduler::StepRequest r;
@@ -355,13 +359,13 @@ TEST(CudaBackendWatchdog, StuckStepFailsInsteadOfHanging) {
     r.sample = true;
     plan.requests.push_back(r);
     const auto t0 = std::chrono::steady_clock::now();
-    auto out = (*b)->execute(plan);
+    auto out = runner.execute(plan);
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ASSERT_FALSE(out.ok());
     EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
     EXPECT_LT(seconds, 5.0) << (persistent ? "persistent" : "per-step");
-    auto again = (*b)->execute(plan);
+    auto again = runner.execute(plan);
     ASSERT_FALSE(again.ok());
     EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition) << again.status();
   }
@@ -386,6 +390,7 @@ TEST(CudaBackendErrors, BadPlansAreRefusedAndTheBackendStaysUsable) {
   o.num_kv_blocks = 4;
   auto b = CudaBackend::create(config, *weights, o);
   ASSERT_TRUE(b.ok()) << b.status();
+  StepRunner runner(config, **b);
   std::string why;
   ASSERT_TRUE(cuda_backend_supported(&why));
   EXPECT_NE((*b)->describe().find("cuda megakernel on "), std::string::npos);
@@ -400,18 +405,18 @@ TEST(CudaBackendErrors, BadPlansAreRefusedAndTheBackendStaysUsable) {
   r.sample = true;
   r.sampling.temperature = 0.0f;
   plan.requests.push_back(r);
-  auto out = (*b)->execute(plan);
+  auto out = runner.execute(plan);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
   plan.requests[0].token_ids = {3};
   plan.requests[0].block_table = {7};  // outside the 4 blocks
-  out = (*b)->execute(plan);
+  out = runner.execute(plan);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
   plan.kv_block_size = 32;
-  out = (*b)->execute(plan);
+  out = runner.execute(plan);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
   plan.kv_block_size = 16;
   plan.requests[0].block_table = {1};
-  out = (*b)->execute(plan);  // and a good plan still runs
+  out = runner.execute(plan);  // and a good plan still runs
   ASSERT_TRUE(out.ok()) << out.status();
   ASSERT_EQ(out->sampled.size(), 1u);
   EXPECT_GE(out->sampled[0].token_id, 0);
@@ -440,6 +445,7 @@ TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
   o.profile = true;
   auto b = CudaBackend::create(config, *weights, o);
   ASSERT_TRUE(b.ok()) << b.status();
+  StepRunner runner(config, **b);
   scheduler::StepPlan plan;
   plan.kv_block_size = 16;
   for (int i = 0; i < 2; ++i) {
@@ -451,9 +457,9 @@ TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
     r.sampling.temperature = 0.0f;
     plan.requests.push_back(r);
   }
-  auto out = (*b)->execute(plan);
+  auto out = runner.execute(plan);
   ASSERT_TRUE(out.ok()) << out.status();
-  const RankSchedule& rs = (*b)->last_step().ranks[0];
+  const RankSchedule& rs = runner.last_step().ranks[0];
   const std::vector<InstructionTiming>& t = (*b)->last_timings();
   ASSERT_EQ(t.size(), rs.instructions.size());
   std::vector<uint32_t> sm_of_queue;
@@ -472,7 +478,7 @@ TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
       }
     }
   }
-  const TraceSummary s = summarize_trace(config, (*b)->last_step(), t);
+  const TraceSummary s = summarize_trace(config, runner.last_step(), t);
   int count = 0;
   for (const OpSummary& op : s.ops) count += op.count;
   EXPECT_EQ(count, static_cast<int>(rs.instructions.size()));
@@ -485,7 +491,7 @@ TEST(CudaBackendProfile, TimingsCoverTheStepOnePerQueueSm) {
     r.first_position = 5;
     r.token_ids = {6};
   }
-  out = (*b)->execute(plan);
+  out = runner.execute(plan);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_TRUE((*b)->last_timings().empty());
 }

@@ -1,10 +1,11 @@
-// The CUDA backend with a step in flight (CudaBackend::submit/collect): step N+1 is uploaded
-// and posted while step N runs, and its kTokenFromPreviousStep inputs are read on the device
-// from N's samples. Over thousands of stories260K steps with changing batches (arrivals,
-// chunked prefills, departures; greedy, seeded temperature draws, top-k with a repetition
-// penalty, banned ids for the first tokens), the overlapped backend must give exactly the
-// tokens of the synchronous one (execute per step), persistent and one launch per step. A
-// stuck step with another in flight must fail within the watchdog, never hang.
+// The CUDA backend with a step in flight (CudaBackend::submit/collect, driven by a
+// StepRunner): step N+1 is uploaded and posted while step N runs, and its
+// kTokenFromPreviousStep inputs are read on the device from N's samples. Over thousands of
+// stories260K steps with changing batches (arrivals, chunked prefills, departures; greedy, seeded
+// temperature draws, top-k with a repetition penalty, banned ids for the first tokens), the
+// overlapped backend must give exactly the tokens of the synchronous one (execute per step),
+// persistent and one launch per step. A stuck step with another in flight must fail within the
+// watchdog, never hang.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +19,7 @@
 #include "engine/engine.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
 #include "tests/support/assets.h"
@@ -173,10 +175,10 @@ std::unique_ptr<CudaBackend> make_backend(const Model& m, int32_t num_blocks, bo
 
 using Tokens = std::vector<std::vector<scheduler::SampledToken>>;  // per step
 
-Tokens run_synchronous(CudaBackend& b, const Workload& w) {
+Tokens run_synchronous(StepRunner& runner, const Workload& w) {
   Tokens out;
   for (const auto& plan : w.plans) {
-    auto o = b.execute(plan);
+    auto o = runner.execute(plan);
     EXPECT_TRUE(o.ok()) << "step " << plan.step_id << ": " << o.status();
     if (!o.ok()) break;
     out.push_back(std::move(o->sampled));
@@ -185,22 +187,23 @@ Tokens run_synchronous(CudaBackend& b, const Workload& w) {
 }
 
 // One step in flight while the next is submitted, as the engine's overlapped loop does.
-Tokens run_overlapped(CudaBackend& b, const Workload& w) {
+Tokens run_overlapped(CudaBackend& b, StepRunner& runner, const Workload& w) {
   Tokens out;
   for (size_t i = 0; i <= w.plans.size(); ++i) {
     if (i < w.plans.size()) {
-      const absl::Status s = b.submit(w.plans[i]);
+      const absl::Status s = runner.submit(w.plans[i]);
       EXPECT_TRUE(s.ok()) << "step " << w.plans[i].step_id << ": " << s;
       if (!s.ok()) break;
     }
     if (i == 0) continue;
-    auto o = b.collect();
+    auto o = runner.collect();
     EXPECT_TRUE(o.ok()) << "collect " << i << ": " << o.status();
     if (!o.ok()) break;
     EXPECT_EQ(o->step_id, w.plans[i - 1].step_id);
     out.push_back(std::move(o->sampled));
   }
   EXPECT_EQ(b.steps_in_flight(), 0);
+  EXPECT_EQ(runner.steps_in_flight(), 0);
   return out;
 }
 
@@ -223,15 +226,17 @@ void compare_overlapped(int steps, bool check_posts) {
   {
     auto sync = make_backend(m, w.num_blocks, true);
     ASSERT_NE(sync, nullptr);
-    want = run_synchronous(*sync, w);
+    StepRunner sync_runner(m.config, *sync);
+    want = run_synchronous(sync_runner, w);
     EXPECT_EQ(sync->overlapped_posts(), 0);
   }
   ASSERT_EQ(want.size(), w.plans.size());
   for (bool persistent : {true, false}) {
     auto b = make_backend(m, w.num_blocks, persistent);
     ASSERT_NE(b, nullptr);
+    StepRunner runner(m.config, *b);
     const auto t0 = std::chrono::steady_clock::now();
-    const Tokens got = run_overlapped(*b, w);
+    const Tokens got = run_overlapped(*b, runner, w);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ASSERT_EQ(got.size(), want.size()) << (persistent ? "persistent" : "per-step");
     int64_t mismatches = 0;
@@ -292,6 +297,7 @@ TEST(CudaOverlap, WatchdogWithAStepInFlight) {
       o.step_watchdog_ms = 300;
       auto b = CudaBackend::create(m.config, m.weights, o);
       ASSERT_TRUE(b.ok()) << b.status();
+      StepRunner runner(m.config, **b);
       scheduler::StepPlan plan;
       plan.kv_block_size = kBlock;
       scheduler::StepRequest r;
@@ -305,33 +311,33 @@ TEST(CudaOverlap, WatchdogWithAStepInFlight) {
       // posted without waiting (a reallocation would wait for the stuck step at submit).
       for (int i = 0; i < 2; ++i) {
         plan.step_id = i + 1;
-        auto out = (*b)->execute(plan);
+        auto out = runner.execute(plan);
         ASSERT_TRUE(out.ok()) << what << ": " << out.status();
         plan.requests[0].first_position += plan.requests[0].num_tokens();
         plan.requests[0].token_ids = {scheduler::kTokenFromPreviousStep};
       }
       const auto t0 = std::chrono::steady_clock::now();
-      if (stuck_first) (*b)->builder().set_barrier_origin(1u << 20);
+      if (stuck_first) runner.builder().set_barrier_origin(1u << 20);
       plan.step_id = 3;
-      ASSERT_TRUE((*b)->submit(plan).ok()) << what;
+      ASSERT_TRUE(runner.submit(plan).ok()) << what;
       plan.step_id = 4;
       plan.requests[0].first_position += 1;
-      if (!stuck_first) (*b)->builder().set_barrier_origin(1u << 20);
-      ASSERT_TRUE((*b)->submit(plan).ok()) << what;
+      if (!stuck_first) runner.builder().set_barrier_origin(1u << 20);
+      ASSERT_TRUE(runner.submit(plan).ok()) << what;
       EXPECT_EQ((*b)->steps_in_flight(), 2);
       EXPECT_EQ((*b)->overlapped_posts(), 1) << what;  // the second was posted at once
-      auto first = (*b)->collect();
+      auto first = runner.collect();
       absl::Status failure = first.status();
       if (!stuck_first) {
         ASSERT_TRUE(first.ok()) << what << ": " << first.status();
-        failure = (*b)->collect().status();
+        failure = runner.collect().status();
       }
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       EXPECT_EQ(failure.code(), absl::StatusCode::kDeadlineExceeded) << what << ": " << failure;
       EXPECT_LT(seconds, 5.0) << what;
-      EXPECT_EQ((*b)->collect().status().code(), absl::StatusCode::kFailedPrecondition) << what;
-      EXPECT_EQ((*b)->submit(plan).code(), absl::StatusCode::kFailedPrecondition) << what;
+      EXPECT_EQ(runner.collect().status().code(), absl::StatusCode::kFailedPrecondition) << what;
+      EXPECT_EQ(runner.submit(plan).code(), absl::StatusCode::kFailedPrecondition) << what;
     }
   }
 }

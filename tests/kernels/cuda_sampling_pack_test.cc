@@ -148,19 +148,22 @@ TEST(CudaSamplingPack, UnpackKeepsTheRequestedTopLogprobs) {
 }
 
 TEST(CudaSamplingPack, MoreTopLogprobsThanTheDeviceReportsAreRefused) {
-  scheduler::StepPlan plan;
-  scheduler::StepRequest r;
+  Step step;  // one request with one sampling row
+  RequestSampling r;
   r.request_id = 5;
-  r.sample = true;
-  r.sampling.logprobs = kernels::kMaxTopLogprobs;
-  plan.requests.push_back(r);
-  EXPECT_TRUE(check_device_sampling(plan).ok());
-  plan.requests[0].sampling.logprobs = kernels::kMaxTopLogprobs + 1;
-  const absl::Status s = check_device_sampling(plan);
+  r.params.logprobs = kernels::kMaxTopLogprobs;
+  step.meta.requests.push_back(r);
+  step.meta.num_requests = 1;
+  step.meta.sample_rows = {0};
+  step.meta.sample_request = {0};
+  EXPECT_TRUE(check_device_sampling(step).ok());
+  step.meta.requests[0].params.logprobs = kernels::kMaxTopLogprobs + 1;
+  const absl::Status s = check_device_sampling(step);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("request 5"), std::string::npos) << s;
-  plan.requests[0].sample = false;  // only sampling rows are read
-  EXPECT_TRUE(check_device_sampling(plan).ok());
+  step.meta.sample_rows.clear();  // only sampling rows are read
+  step.meta.sample_request.clear();
+  EXPECT_TRUE(check_device_sampling(step).ok());
 }
 
 }  // namespace

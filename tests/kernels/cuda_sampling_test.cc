@@ -26,6 +26,7 @@
 #include "engine/isa/sampling.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "kernels/megakernel.h"
 #include "tests/kernels/gpu_test_util.h"
@@ -192,8 +193,8 @@ Case make_case(int k, std::mt19937& rng, const std::vector<int32_t>& best, int v
 
 // The sample op's device time in the last step (profile on): the mean and the largest
 // kSample instruction (one row each), in microseconds.
-std::pair<double, double> sample_op_us(const CudaBackend& b) {
-  const std::vector<isa::Instruction>& insts = b.last_step().ranks[0].instructions;
+std::pair<double, double> sample_op_us(const CudaBackend& b, const StepRunner& runner) {
+  const std::vector<isa::Instruction>& insts = runner.last_step().ranks[0].instructions;
   double sum = 0, worst = 0;
   int n = 0;
   for (size_t i = 0; i < insts.size() && i < b.last_timings().size(); ++i) {
@@ -234,6 +235,7 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
   auto b = CudaBackend::create(config, std::move(weights), o);
   ASSERT_TRUE(b.ok()) << b.status();
   CudaBackend& backend = **b;
+  StepRunner runner(config, backend);
 
   std::mt19937 rng(1000 + vc.vocab);
   testing::SampleCheckStats stats;
@@ -259,9 +261,9 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
       plan.requests.push_back(std::move(r));
     }
     plan.step_id = step_id++;
-    auto probe = backend.execute(plan);
+    auto probe = runner.execute(plan);
     ASSERT_TRUE(probe.ok()) << probe.status();
-    const auto [greedy_mean, greedy_max] = sample_op_us(backend);
+    const auto [greedy_mean, greedy_max] = sample_op_us(backend, runner);
     std::vector<Case> cases;
     for (int i = 0; i < rows; ++i) {
       auto logits = backend.logits(i);
@@ -277,9 +279,9 @@ TEST_P(CudaSampling, DeviceMatchesHostSampler) {
       r.output_token_index = c.token_index;
     }
     plan.step_id = step_id++;
-    auto out = backend.execute(plan);
+    auto out = runner.execute(plan);
     ASSERT_TRUE(out.ok()) << out.status();
-    const auto [cases_mean, cases_max] = sample_op_us(backend);
+    const auto [cases_mean, cases_max] = sample_op_us(backend, runner);
     greedy_us += greedy_mean;
     greedy_worst = std::max(greedy_worst, greedy_max);
     cases_us += cases_mean;
@@ -328,6 +330,7 @@ TEST(CudaSamplingLimits, TooManyTopLogprobsIsRefused) {
   o.num_kv_blocks = 4;
   auto b = CudaBackend::create(config, dummy_weights(config, DType::kF32, 5), o);
   ASSERT_TRUE(b.ok()) << b.status();
+  StepRunner runner(config, **b);
   scheduler::StepPlan plan;
   scheduler::StepRequest r;
   r.request_id = 9;
@@ -336,10 +339,10 @@ TEST(CudaSamplingLimits, TooManyTopLogprobsIsRefused) {
   r.sample = true;
   r.sampling.logprobs = kernels::kMaxTopLogprobs + 1;
   plan.requests.push_back(r);
-  auto refused = (*b)->execute(plan);
+  auto refused = runner.execute(plan);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
   plan.requests[0].sampling.logprobs = kernels::kMaxTopLogprobs;
-  auto out = (*b)->execute(plan);
+  auto out = runner.execute(plan);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(out->sampled[0].top_logprobs.size(), size_t{kernels::kMaxTopLogprobs});
 }

@@ -15,6 +15,7 @@
 #include "engine/isa/sampling.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
 #include "tests/kernels/sampling_check.h"
@@ -81,6 +82,7 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
     const bool persistent = mode > 0;
     auto b = make_backend(s, persistent, mode == 2);
     ASSERT_NE(b, nullptr);
+    StepRunner runner(s.config, *b);
     std::vector<int32_t> blocks;
     int32_t token = 1;  // BOS
     int matched = 0;
@@ -92,7 +94,7 @@ TEST(CudaStories, GreedyFromBosMatchesOracle) {
       plan.kv_block_size = 16;
       plan.requests.push_back(
           decode_request(7, pos == 0 ? token : scheduler::kTokenFromPreviousStep, pos, blocks));
-      auto out = b->execute(plan);
+      auto out = runner.execute(plan);
       ASSERT_TRUE(out.ok()) << out.status();
       ASSERT_EQ(out->sampled.size(), 1u);
       token = out->sampled[0].token_id;
@@ -119,6 +121,7 @@ TEST(CudaStories, ShortPrefillThenDecodeBothLaunchModes) {
   for (bool persistent : {false, true}) {
     auto b = make_backend(s, persistent);
     ASSERT_NE(b, nullptr);
+    StepRunner runner(s.config, *b);
     scheduler::StepRequest r = decode_request(3, 1, 0, {0, 1});
     r.token_ids = {1};  // BOS
     r.token_ids.insert(r.token_ids.end(), s.oracle.begin(), s.oracle.begin() + kPrompt - 1);
@@ -127,7 +130,7 @@ TEST(CudaStories, ShortPrefillThenDecodeBothLaunchModes) {
     plan.requests.push_back(r);
     for (int k = 0; k <= kDecodes; ++k) {
       plan.step_id = k;
-      auto out = b->execute(plan);
+      auto out = runner.execute(plan);
       ASSERT_TRUE(out.ok()) << out.status();
       ASSERT_EQ(out->sampled.size(), 1u);
       const int pos = kPrompt - 1 + k;  // position of the token this step sampled after
@@ -145,6 +148,7 @@ TEST(CudaStories, TeacherForcedArgmaxAgreement) {
   const Stories s = load_stories();
   auto b = make_backend(s, true);
   ASSERT_NE(b, nullptr);
+  StepRunner runner(s.config, *b);
   std::vector<int32_t> blocks;
   int agree = 0;
   for (int pos = 0; pos < 200; ++pos) {
@@ -153,7 +157,7 @@ TEST(CudaStories, TeacherForcedArgmaxAgreement) {
     plan.step_id = pos;
     plan.kv_block_size = 16;
     plan.requests.push_back(decode_request(3, pos == 0 ? 1 : s.oracle[pos - 1], pos, blocks));
-    auto out = b->execute(plan);
+    auto out = runner.execute(plan);
     ASSERT_TRUE(out.ok()) << out.status();
     agree += out->sampled[0].token_id == s.oracle[pos];
   }
@@ -171,6 +175,7 @@ TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
   const Stories s = load_stories();
   auto b = make_backend(s, true);
   ASSERT_NE(b, nullptr);
+  StepRunner runner(s.config, *b);
   testing::SampleCheckStats stats;
   for (int round = 0; round < 4; ++round) {
     scheduler::StepPlan plan;
@@ -207,7 +212,7 @@ TEST(CudaStories, DeviceSamplingMatchesHostSampler) {
       }
       plan.requests.push_back(r);
     }
-    auto out = b->execute(plan);
+    auto out = runner.execute(plan);
     ASSERT_TRUE(out.ok()) << out.status();
     ASSERT_EQ(out->sampled.size(), 48u);
     for (int i = 0; i < 48; ++i) {
@@ -235,7 +240,7 @@ struct GeneratedToken {
   std::vector<std::pair<int32_t, float>> top;
 };
 
-std::vector<std::vector<GeneratedToken>> generate_with_filters(CudaBackend& b, int tokens) {
+std::vector<std::vector<GeneratedToken>> generate_with_filters(StepRunner& runner, int tokens) {
   std::vector<scheduler::SamplingParams> params(8);
   params[0].temperature = 0.8f, params[0].top_k = 40;
   params[1].top_p = 0.9f;
@@ -280,7 +285,7 @@ std::vector<std::vector<GeneratedToken>> generate_with_filters(CudaBackend& b, i
       if (i == 5 && k < 10) r.banned_token_ids = {2, 13, 2};  // EOS and a stop id, min_tokens
       plan.requests.push_back(std::move(r));
     }
-    auto out = b.execute(plan);
+    auto out = runner.execute(plan);
     EXPECT_TRUE(out.ok()) << out.status();
     if (!out.ok()) return result;
     for (int i = 0; i < n; ++i) {
@@ -298,10 +303,11 @@ TEST(CudaStories, DeviceSamplingMatchesHostSamplingEndToEnd) {
   const Stories s = load_stories();
   auto b = make_backend(s, true);
   ASSERT_NE(b, nullptr);
+  StepRunner runner(s.config, *b);
   constexpr int kTokens = 56;  // with the 3-token prompt, within 4 blocks of 16
-  const auto device = generate_with_filters(*b, kTokens);
+  const auto device = generate_with_filters(runner, kTokens);
   b->set_host_sampling(true);
-  const auto host = generate_with_filters(*b, kTokens);
+  const auto host = generate_with_filters(runner, kTokens);
   ASSERT_EQ(device.size(), host.size());
   int tops = 0;
   for (size_t i = 0; i < host.size(); ++i) {
@@ -330,7 +336,7 @@ TEST(CudaStories, DeviceSamplingMatchesHostSamplingEndToEnd) {
 
 // Runs `waves` waves of 4 concurrent seeded requests, each generating up to `tokens` tokens
 // from a one-token prompt (about `waves * tokens` steps); returns every sampled token.
-std::vector<int32_t> generate(CudaBackend& b, int waves, int tokens) {
+std::vector<int32_t> generate(StepRunner& runner, int waves, int tokens) {
   std::vector<int32_t> all;
   uint64_t step = 0;
   for (int w = 0; w < waves; ++w) {
@@ -348,7 +354,7 @@ std::vector<int32_t> generate(CudaBackend& b, int waves, int tokens) {
         r.output_token_index = pos;
         plan.requests.push_back(r);
       }
-      auto out = b.execute(plan);
+      auto out = runner.execute(plan);
       EXPECT_TRUE(out.ok()) << out.status();
       if (!out.ok()) return all;
       for (const auto& t : out->sampled) all.push_back(t.token_id);
@@ -367,12 +373,14 @@ TEST(CudaStories, PersistentStepsMatchPerStepLaunches) {
   {
     auto persistent = make_backend(s, true);
     ASSERT_NE(persistent, nullptr);
-    a = generate(*persistent, 8, 256);  // 2048 steps
+    StepRunner runner(s.config, *persistent);
+    a = generate(runner, 8, 256);  // 2048 steps
   }
   {
     auto per_step = make_backend(s, false);
     ASSERT_NE(per_step, nullptr);
-    c = generate(*per_step, 8, 256);
+    StepRunner runner(s.config, *per_step);
+    c = generate(runner, 8, 256);
   }
   ASSERT_EQ(a.size(), 8u * 256 * 4);
   EXPECT_EQ(a, c);

@@ -8,6 +8,7 @@
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cpu/cpu_test_driver.h"
 #include "tests/support/safetensors_writer.h"
@@ -51,9 +52,10 @@ RunResult run_requests(const ModelConfig& config, const ModelWeights& weights, i
   auto backend = CpuBackend::create(config, weights, options);
   EXPECT_TRUE(backend.ok()) << backend.status();
   if (!backend.ok()) return {};
-  (*backend)->builder().set_barrier_origin(barrier_origin);
+  StepRunner runner(config, **backend);
+  runner.builder().set_barrier_origin(barrier_origin);
   (*backend)->interpreter().set_barriers(barrier_origin);
-  GreedyDriver driver(**backend, options.num_kv_blocks);
+  GreedyDriver driver(runner, options.num_kv_blocks);
   for (auto& r : arrivals(config.vocab_size, count)) driver.add(r);
   const absl::Status s = driver.run();
   EXPECT_TRUE(s.ok()) << s;

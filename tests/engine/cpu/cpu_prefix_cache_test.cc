@@ -6,6 +6,7 @@
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/support/safetensors_writer.h"
 
@@ -48,6 +49,8 @@ TEST(CpuPrefixCacheTest, SharedPrefixBlocksGiveTheSameLogitsAsRecomputing) {
     auto shared = CpuBackend::create(config, *weights, options);
     auto fresh = CpuBackend::create(config, *weights, options);
     ASSERT_TRUE(shared.ok() && fresh.ok());
+    StepRunner shared_runner(config, **shared);
+    StepRunner fresh_runner(config, **fresh);
 
     // Step 0: A prefills prefix + tail into blocks 0, 1, 2.
     std::vector<int32_t> a_tokens = prefix;
@@ -55,14 +58,14 @@ TEST(CpuPrefixCacheTest, SharedPrefixBlocksGiveTheSameLogitsAsRecomputing) {
     scheduler::StepPlan plan0;
     plan0.kv_block_size = 8;
     plan0.requests.push_back(request(1, a_tokens, 0, {0, 1, 2}, true));
-    ASSERT_TRUE((*shared)->execute(plan0).ok());
+    ASSERT_TRUE(shared_runner.execute(plan0).ok());
     // Step 1: A decodes (writing block 2) while B starts at position 16 on A's blocks 0, 1.
     scheduler::StepPlan plan1;
     plan1.step_id = 1;
     plan1.kv_block_size = 8;
     plan1.requests.push_back(request(1, {scheduler::kTokenFromPreviousStep}, 19, {0, 1, 2}, true));
     plan1.requests.push_back(request(2, suffix, 16, {0, 1, 5}, true));
-    auto out = (*shared)->execute(plan1);
+    auto out = shared_runner.execute(plan1);
     ASSERT_TRUE(out.ok()) << out.status();
     const std::vector<float> with_prefix = (*shared)->interpreter().logits(1);
 
@@ -72,7 +75,7 @@ TEST(CpuPrefixCacheTest, SharedPrefixBlocksGiveTheSameLogitsAsRecomputing) {
     scheduler::StepPlan alone;
     alone.kv_block_size = 8;
     alone.requests.push_back(request(2, b_tokens, 0, {7, 3, 11}, true));
-    auto out_alone = (*fresh)->execute(alone);
+    auto out_alone = fresh_runner.execute(alone);
     ASSERT_TRUE(out_alone.ok()) << out_alone.status();
     EXPECT_EQ(with_prefix, (*fresh)->interpreter().logits(0)) << "tp " << tp;
     EXPECT_EQ(out->sampled[1].token_id, out_alone->sampled[0].token_id);

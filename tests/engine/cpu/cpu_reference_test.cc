@@ -10,6 +10,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/isa/bf16.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/support/safetensors_writer.h"
 
@@ -222,6 +223,7 @@ TEST_P(CpuReferenceTest, LogitsMatchStraightLineForward) {
   options.verify = true;
   auto backend = CpuBackend::create(*loaded_config, *weights, options);
   ASSERT_TRUE(backend.ok()) << backend.status();
+  StepRunner runner(*loaded_config, **backend);
   int pos = 0;
   for (uint64_t step = 0; pos < static_cast<int>(tokens.size()); ++step) {
     const int n = pos < 41 ? std::min(7, 41 - pos) : 1;
@@ -236,7 +238,7 @@ TEST_P(CpuReferenceTest, LogitsMatchStraightLineForward) {
     r.sample = true;
     r.sampling.temperature = 0.0f;
     plan.requests.push_back(r);
-    auto out = (*backend)->execute(plan);
+    auto out = runner.execute(plan);
     ASSERT_TRUE(out.ok()) << out.status();
     pos += n;
     const std::vector<float> got = (*backend)->interpreter().logits(0);

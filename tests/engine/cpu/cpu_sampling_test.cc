@@ -8,6 +8,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/isa/sampling.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/safetensors_writer.h"
@@ -43,6 +44,7 @@ class CpuSamplingTest : public ::testing::Test {
   // sampled token and checks each against sample_token() on the interpreter's logits.
   std::vector<scheduler::SampledToken> generate(CpuBackend& b) {
     std::vector<scheduler::SampledToken> all;
+    StepRunner runner(config_, b);
     std::vector<std::vector<int32_t>> prompts = {{3, 9, 27}, {5}, {7, 7, 7, 7, 7}};
     std::vector<std::vector<int32_t>> outputs(3);
     for (int step = 0; step < 12; ++step) {
@@ -72,7 +74,7 @@ class CpuSamplingTest : public ::testing::Test {
         if (i == 1 && outputs[i].size() < 4) r.banned_token_ids = {0, 1, 2};  // min_tokens
         plan.requests.push_back(r);
       }
-      auto out = b.execute(plan);
+      auto out = runner.execute(plan);
       EXPECT_TRUE(out.ok()) << out.status();
       if (!out.ok()) return all;
       EXPECT_EQ(out->sampled.size(), 3u);
@@ -145,12 +147,13 @@ TEST_F(CpuSamplingTest, TokenFromPreviousStepNeedsAPreviousSample) {
   r.token_ids = {scheduler::kTokenFromPreviousStep};
   r.block_table = {0};
   plan.requests.push_back(r);
-  auto out = b->execute(plan);
+  StepRunner runner(config_, *b);
+  auto out = runner.execute(plan);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(out.status().message()), ::testing::HasSubstr("request 77"));
   // Nothing ran, so the backend is still usable.
   plan.requests[0].token_ids = {4};
-  EXPECT_TRUE(b->execute(plan).ok());
+  EXPECT_TRUE(runner.execute(plan).ok());
 }
 
 }  // namespace

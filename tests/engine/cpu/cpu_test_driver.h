@@ -1,6 +1,7 @@
-// A tiny test-only engine loop over a Backend: greedy requests with a prompt, prefilled in
-// chunks of a fixed size, joining at chosen steps, with a free-list block allocator. Decode
-// inputs are kTokenFromPreviousStep, so the backend's own last-sampled tokens feed back.
+// A tiny test-only engine loop over a StepRunner (engine/step_runner.h) and its Backend:
+// greedy requests with a prompt, prefilled in chunks of a fixed size, joining at chosen
+// steps, with a free-list block allocator. Decode inputs are kTokenFromPreviousStep, so the
+// last-sampled tokens feed back.
 // Deliberately independent of scheduler/ (only StepPlan).
 #pragma once
 
@@ -10,7 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "engine/backend.h"
+#include "engine/step_runner.h"
 #include "scheduler/step_plan.h"
 
 namespace megaserve::testing {
@@ -32,8 +33,8 @@ struct DriverRequest {
 
 class GreedyDriver {
  public:
-  GreedyDriver(engine::Backend& backend, int32_t num_blocks)
-      : backend_(backend), block_size_(backend.kv_block_size()) {
+  GreedyDriver(engine::StepRunner& runner, int32_t num_blocks)
+      : runner_(runner), block_size_(runner.target().kv_block_size) {
     for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);
   }
 
@@ -83,7 +84,7 @@ class GreedyDriver {
     }
     ++step_;
     if (plan.requests.empty()) return absl::OkStatus();
-    absl::StatusOr<scheduler::StepOutput> out = backend_.execute(plan);
+    absl::StatusOr<scheduler::StepOutput> out = runner_.execute(plan);
     if (!out.ok()) return out.status();
     size_t next_sample = 0;
     for (size_t i = 0; i < in_plan.size(); ++i) {
@@ -105,7 +106,7 @@ class GreedyDriver {
   }
 
  private:
-  engine::Backend& backend_;
+  engine::StepRunner& runner_;
   int32_t block_size_;
   std::vector<int32_t> free_;
   std::vector<DriverRequest> requests_;

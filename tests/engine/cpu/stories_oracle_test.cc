@@ -10,6 +10,7 @@
 #include "engine/model/model_config.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/weights.h"
+#include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cpu/cpu_test_driver.h"
 #include "tests/support/assets.h"
@@ -115,6 +116,7 @@ TEST_P(StoriesOracleTest, GreedyMatchesLlama2cOracles) {
   options.verify = c.mode == ExecutionMode::kShuffled && c.num_sms > 1;
   auto backend = CpuBackend::create(f.config, f.weights, options);
   ASSERT_TRUE(backend.ok()) << backend.status();
+  StepRunner runner(f.config, **backend);
 
   const std::vector<int32_t> onceupon = f.tokenizer->encode("Once upon a time", true);
   ASSERT_EQ(onceupon, (std::vector<int32_t>{1, 403, 407, 261, 378}));
@@ -130,13 +132,13 @@ TEST_P(StoriesOracleTest, GreedyMatchesLlama2cOracles) {
   if (c.mixed) {
     requests[1].start_step = 3;  // joins while request 11 decodes
     requests[2].start_step = 4;  // prefills next to 22's prefill chunks and 11's decodes
-    GreedyDriver driver(**backend, options.num_kv_blocks);
+    GreedyDriver driver(runner, options.num_kv_blocks);
     for (auto& r : requests) driver.add(r);
     ASSERT_TRUE(driver.run().ok());
     done = driver.requests();
   } else {
     for (auto& r : requests) {
-      GreedyDriver driver(**backend, options.num_kv_blocks);
+      GreedyDriver driver(runner, options.num_kv_blocks);
       driver.add(r);
       absl::Status s = driver.run();
       ASSERT_TRUE(s.ok()) << s;
@@ -174,7 +176,8 @@ TEST(StoriesGpuTilesTest, GpuTileConfigRunsOnTheInterpreter) {
     options.verify = true;
     auto backend = CpuBackend::create(f.config, f.weights, options);
     ASSERT_TRUE(backend.ok()) << backend.status();
-    GreedyDriver driver(**backend, options.num_kv_blocks);
+    StepRunner runner(f.config, **backend);
+    GreedyDriver driver(runner, options.num_kv_blocks);
     driver.add({.id = 1, .prompt = {kBos}, .max_new_tokens = 200});
     driver.add({.id = 2,
                 .prompt = f.tokenizer->encode("Zoo", true),
