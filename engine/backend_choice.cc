@@ -95,6 +95,16 @@ int32_t cpu_kv_blocks_for(const ModelConfig& model, int32_t kv_block_size, uint3
   return static_cast<int32_t>(std::max<int64_t>(1, (int64_t{mib} << 20) / bytes_per_block));
 }
 
+int64_t cpu_kv_cache_bytes(const ModelConfig& model, const BackendSettings& settings) {
+  const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
+                                  model.head_dim * settings.kv_block_size * int64_t{sizeof(float)};
+  const int64_t blocks =
+      settings.num_kv_blocks > 0
+          ? settings.num_kv_blocks
+          : cpu_kv_blocks_for(model, settings.kv_block_size, settings.cpu_kv_cache_mib);
+  return blocks * bytes_per_block;
+}
+
 void resolve_eos_token_ids(ModelConfig& model, int32_t tokenizer_eos_id) {
   if (model.eos_token_ids.empty() && tokenizer_eos_id >= 0) {
     model.eos_token_ids = {tokenizer_eos_id};

@@ -48,6 +48,10 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& set
 // KV blocks that fit in `mib` MiB of fp32 K and V for every layer (the CPU backend's cache).
 int32_t cpu_kv_blocks_for(const ModelConfig& model, int32_t kv_block_size, uint32_t mib);
 
+// The bytes of the CPU backend's KV cache under `settings` (num_kv_blocks, or what
+// cpu_kv_cache_mib holds), in 64 bits; what make_backend allocates for it.
+int64_t cpu_kv_cache_bytes(const ModelConfig& model, const BackendSettings& settings);
+
 // The one list of stopping tokens: config.json's (or generation_config.json's) EOS ids, or,
 // when the model names none, the tokenizer's EOS. Call before Engine::create, and give the
 // same list to the output side, so that the scheduler stops on every EOS the text hides.

@@ -7,7 +7,14 @@
 // Lifetime [reactor-link]: the engine may push events after the call ended (a stop string
 // matched, the client went away). Its hook holds a shared ReactorLink, never the reactor
 // itself; OnDone cuts the link, and when a pump() is running at that moment the reactor is
-// deleted by that pump() when it returns (`busy` counts them), never under its feet.
+// deleted by that pump() when it returns (`busy` counts them), never under its feet. The
+// tokenizer pool's job that admits a text prompt reaches the reactor the same way.
+//
+// A text prompt is checked by its byte length on the gRPC thread (cheap: one that can never
+// fit is refused at once) and tokenized and submitted by the tokenizer pool, so that a long
+// prompt never holds up gRPC's threads, which every other call waits on. A client may cancel
+// while the job is queued or running: admit() then submits nothing, or aborts what it
+// submitted.
 #include <algorithm>
 #include <chrono>
 #include <memory>
@@ -51,14 +58,19 @@ class GenerateReactor;
 struct ReactorLink {
   std::mutex mu;
   GenerateReactor* reactor = nullptr;
-  int busy = 0;       // pump() calls from the engine hook in progress
+  int busy = 0;       // calls from the engine hook or the tokenizer pool in progress
   bool done = false;  // OnDone ran
 };
+
+// Runs `fn(reactor)` from a thread of the engine or the tokenizer pool, unless the call is
+// done; the reactor is deleted here if OnDone ran meanwhile [reactor-link].
+template <typename Fn>
+void with_reactor(const std::shared_ptr<ReactorLink>& link, Fn fn);
 
 class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                  const v1::GenerateRequest& request, const absl::Status& parsed);
+                  v1::GenerateRequest request, const absl::Status& parsed);
 
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
@@ -66,6 +78,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
 
   // Takes the queued engine events and starts the next write when none is in flight.
   void pump();
+  // Tokenizes (or checks) the prompt and submits it to the engine; nothing when the call
+  // already ended.
+  void admit(const v1::GenerateRequest& request);
 
  private:
   void reject(const absl::Status& status);
@@ -101,7 +116,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
 };
 
 GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerContext* call,
-                                 const v1::GenerateRequest& request, const absl::Status& parsed)
+                                 v1::GenerateRequest request, const absl::Status& parsed)
     : context_(context), call_(call), client_request_id_(request.request_id()) {
   context_->active_streams.fetch_add(1);
   link_->reactor = this;
@@ -113,50 +128,89 @@ GenerateReactor::GenerateReactor(ServingContext* context, grpc::CallbackServerCo
     reject(absl::UnavailableError("the server is draining (shutting down); retry elsewhere"));
     return;
   }
+  if (absl::Status size = check_text_size(request, *context_->tokenizer, context_->limits);
+      !size.ok()) {
+    reject(size);
+    return;
+  }
+  if (request.input_case() != v1::GenerateRequest::kText || context_->tokenizer_pool == nullptr) {
+    admit(request);  // token ids are checked in one pass, no tokenizing
+    return;
+  }
+  const size_t text_bytes = request.text().size();
+  const bool queued =
+      context_->tokenizer_pool->post(text_bytes, [link = link_, request = std::move(request)] {
+        with_reactor(link, [&request](GenerateReactor* reactor) { reactor->admit(request); });
+      });
+  if (!queued) {
+    reject(absl::ResourceExhaustedError("the tokenizer's queue is full; retry later"));
+  }
+}
+
+void GenerateReactor::admit(const v1::GenerateRequest& request) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finish_called_) return;  // cancelled while queued
+  }
   auto engine_request = to_engine_request(request, *context_->tokenizer, context_->limits);
   if (!engine_request.ok()) {
     reject(engine_request.status());
     return;
   }
-  prompt_tokens_ = static_cast<int>(engine_request->prompt_token_ids.size());
+  const int prompt_tokens = static_cast<int>(engine_request->prompt_token_ids.size());
   const scheduler::SamplingParams sampling = engine_request->sampling;
   auto output = context_->engine->submit(*std::move(engine_request));
   if (!output.ok()) {
     reject(output.status());
     return;
   }
+  bool cancelled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    prompt_tokens_ = prompt_tokens;
     admitted_ = Clock::now();
     stream_ = std::make_unique<OutputStream>(
         *context_->tokenizer, sampling, context_->eos_token_ids, request.params().has_logprobs());
     output_ = *std::move(output);
     pending_.set_request_id(client_request_id_);
+    // OnCancel ran while the prompt was tokenized or submitted: it could not tell the
+    // engine, which had no such request yet.
+    cancelled = finish_called_;
+    if (cancelled) engine_done_ = true;
   }
-  output_->set_notify([link = link_] {
-    GenerateReactor* reactor = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(link->mu);
-      if (link->done || link->reactor == nullptr) return;
-      reactor = link->reactor;
-      ++link->busy;
-    }
-    reactor->pump();
-    bool delete_reactor = false;
-    {
-      std::lock_guard<std::mutex> lock(link->mu);
-      delete_reactor = --link->busy == 0 && link->done;
-      if (delete_reactor) link->reactor = nullptr;
-    }
-    if (delete_reactor) delete reactor;
-  });
+  if (cancelled) {
+    context_->engine->finish(output_->request_id(), engine::FinishReason::kAbort);
+    return;
+  }
+  output_->set_notify(
+      [link = link_] { with_reactor(link, [](GenerateReactor* reactor) { reactor->pump(); }); });
   pump();  // events pushed before the hook was set
+}
+
+template <typename Fn>
+void with_reactor(const std::shared_ptr<ReactorLink>& link, Fn fn) {
+  GenerateReactor* reactor = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(link->mu);
+    if (link->done || link->reactor == nullptr) return;
+    reactor = link->reactor;
+    ++link->busy;
+  }
+  fn(reactor);
+  bool delete_reactor = false;
+  {
+    std::lock_guard<std::mutex> lock(link->mu);
+    delete_reactor = --link->busy == 0 && link->done;
+    if (delete_reactor) link->reactor = nullptr;
+  }
+  if (delete_reactor) delete reactor;
 }
 
 void GenerateReactor::reject(const absl::Status& status) {
   const grpc::Status grpc_status = to_grpc_status(status);
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (finish_called_) return;  // OnCancel finished the call first
     final_status_ = status_code_name(grpc_status.error_code());
     finish_called_ = true;
     engine_done_ = true;
@@ -281,17 +335,20 @@ void GenerateReactor::OnWriteDone(bool ok) {
 void GenerateReactor::OnCancel() {
   bool finish_now = false;
   bool abort_engine = false;
+  uint64_t request_id = 0;
   const char* status = cancel_status_name();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!finish_called_) final_status_ = status;
     finish_now = !finish_called_ && !write_in_flight_;
     if (finish_now) finish_called_ = true;
-    abort_engine = !engine_done_;
-    engine_done_ = true;
+    // Not admitted yet (the prompt is with the tokenizer pool): admit() sees finish_called_.
+    abort_engine = !engine_done_ && output_ != nullptr;
+    if (abort_engine) request_id = output_->request_id();
+    if (output_ != nullptr) engine_done_ = true;
   }
   // Frees the request's KV blocks at the next step boundary.
-  if (abort_engine) context_->engine->finish(output_->request_id(), engine::FinishReason::kAbort);
+  if (abort_engine) context_->engine->finish(request_id, engine::FinishReason::kAbort);
   if (finish_now) {
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client or its deadline"));
   }
@@ -347,9 +404,9 @@ void GenerateReactor::OnDone() {
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* new_generate_reactor(ServingContext* context,
                                                                  grpc::CallbackServerContext* call,
-                                                                 const v1::GenerateRequest& request,
+                                                                 v1::GenerateRequest request,
                                                                  const absl::Status& parsed) {
-  return new GenerateReactor(context, call, request, parsed);
+  return new GenerateReactor(context, call, std::move(request), parsed);
 }
 
 }  // namespace megaserve::server

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <ctime>
 #include <future>
+#include <new>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -69,7 +70,15 @@ int serve(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(config.logging().level()));
   if (!config.logging().pattern().empty()) spdlog::set_pattern(config.logging().pattern());
 
-  auto model = setup_model(config);
+  absl::StatusOr<ServedModel> model;
+  try {
+    model = setup_model(config);
+  } catch (const std::bad_alloc&) {
+    // setup_model checks the large allocations against the memory available; this is the
+    // rest (a limit reached on the way), still an error with a message, not SIGABRT.
+    model = absl::ResourceExhaustedError(
+        "out of memory while loading the model (std::bad_alloc); see the sizes above");
+  }
   if (!model.ok()) {
     spdlog::error("model: {}", model.status().ToString());
     return 1;

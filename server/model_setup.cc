@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend_choice.h"
 #include "engine/model/demo_model.h"
+#include "engine/model/host_memory.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
 #include "spdlog/spdlog.h"
@@ -121,6 +122,19 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   auto choice = engine::choose_backend(settings);
   if (!choice.ok()) return choice.status();
   const engine::DType dtype = engine::weights_dtype(*choice);
+  // Weights (dummy or loaded, converted to `dtype`) are held in host memory, on the GPU's way
+  // too; the CPU backend adds its KV cache. Refuse what cannot fit before allocating it.
+  const int64_t weight_bytes = model->num_parameters() * engine::dtype_size(dtype);
+  const int64_t kv_bytes = choice->cuda ? 0 : engine::cpu_kv_cache_bytes(*model, settings);
+  if (absl::Status memory = engine::check_host_memory(
+          absl::StrCat(
+              "model ", files->name, ": ", files->dummy ? "dummy " : "", "weights (",
+              model->num_parameters(), " parameters in ", engine::dtype_name(dtype), ")",
+              kv_bytes > 0 ? absl::StrCat(" and the CPU KV cache (", kv_bytes, " bytes)") : ""),
+          weight_bytes + kv_bytes);
+      !memory.ok()) {
+    return memory;
+  }
   engine::ModelWeights weights;
   if (files->dummy) {
     weights = engine::dummy_weights(*model, dtype, config.model().dummy_seed());

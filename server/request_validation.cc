@@ -133,9 +133,35 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(const v1::SamplingP
   return out;
 }
 
+int64_t max_prompt_text_bytes(int max_model_len, int64_t max_input_bytes_per_token) {
+  if (max_input_bytes_per_token <= 0 || max_model_len <= 0) return 0;
+  return std::max<int64_t>(int64_t{max_model_len} - 1, 0) * max_input_bytes_per_token;
+}
+
+absl::Status check_text_size(const v1::GenerateRequest& request, const engine::Tokenizer& tokenizer,
+                             const RequestLimits& limits) {
+  if (request.input_case() != v1::GenerateRequest::kText || limits.max_text_bytes <= 0) {
+    return absl::OkStatus();
+  }
+  const auto bytes = static_cast<int64_t>(request.text().size());
+  if (bytes <= limits.max_text_bytes) return absl::OkStatus();
+  const int64_t countable = tokenizer.countable_bytes(request.text());
+  if (countable <= limits.max_text_bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "text is ", bytes, " bytes",
+      countable < bytes ? absl::StrCat(" (", countable,
+                                       " not counting the spaces the tokenizer "
+                                       "folds)")
+                        : "",
+      "; at most ", limits.max_text_bytes, " bytes can fit the model's context of ",
+      limits.max_model_len, " tokens (no token of this tokenizer stands for more than ",
+      limits.max_text_bytes / std::max(limits.max_model_len - 1, 1), " bytes)"));
+}
+
 absl::StatusOr<engine::GenerateRequest> to_engine_request(const v1::GenerateRequest& request,
                                                           const engine::Tokenizer& tokenizer,
                                                           const RequestLimits& limits) {
+  if (absl::Status size = check_text_size(request, tokenizer, limits); !size.ok()) return size;
   engine::GenerateRequest out;
   switch (request.input_case()) {
     case v1::GenerateRequest::kText:

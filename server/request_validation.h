@@ -24,7 +24,22 @@ inline constexpr int kDefaultMaxTokens = 16;
 struct RequestLimits {
   int vocab_size = 0;
   int max_model_len = 0;  // prompt + max_tokens must fit
+  // A text prompt longer than this many bytes can never fit max_model_len and is refused
+  // without being tokenized (see max_prompt_text_bytes); 0: no such bound.
+  int64_t max_text_bytes = 0;
 };
+
+// The longest text, in bytes, whose prompt can fit `max_model_len`: a prompt may have at
+// most max_model_len - 1 tokens (one position is left to generate) and a token stands for at
+// most `max_input_bytes_per_token` bytes (Tokenizer::max_input_bytes_per_token()), so a
+// longer text has too many tokens whatever they are. 0 (no bound) when the tokenizer gives
+// none. In 64 bits: 2^31 positions times a long piece overflows 32.
+int64_t max_prompt_text_bytes(int max_model_len, int64_t max_input_bytes_per_token);
+
+// The byte-length check of a text prompt alone, before tokenizing (one pass over the bytes,
+// Tokenizer::countable_bytes): InvalidArgument naming `text`, its size and the bound.
+absl::Status check_text_size(const v1::GenerateRequest& request, const engine::Tokenizer& tokenizer,
+                             const RequestLimits& limits);
 
 // Checks `params` and fills the engine's SamplingParams. `prompt_tokens` is needed for the
 // context-length check and for the default max_tokens (16, or what still fits).
@@ -32,7 +47,8 @@ absl::StatusOr<scheduler::SamplingParams> to_sampling_params(const v1::SamplingP
                                                              int prompt_tokens,
                                                              const RequestLimits& limits);
 
-// Tokenizes or checks the prompt, then the sampling parameters.
+// Checks the text's size (check_text_size), tokenizes or checks the prompt, then the
+// sampling parameters.
 absl::StatusOr<engine::GenerateRequest> to_engine_request(const v1::GenerateRequest& request,
                                                           const engine::Tokenizer& tokenizer,
                                                           const RequestLimits& limits);

@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <memory>
 #include <thread>
 #include <utility>
 
@@ -40,6 +41,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
   context.model_info = server->model_.info;
   context.limits.vocab_size = server->model_.info.vocab_size();
   context.limits.max_model_len = server->model_.info.max_model_len();
+  if (context.tokenizer != nullptr) {
+    context.limits.max_text_bytes = max_prompt_text_bytes(
+        context.limits.max_model_len, context.tokenizer->max_input_bytes_per_token());
+  }
+  server->tokenizer_pool_ = std::make_unique<TokenizerPool>();
+  context.tokenizer_pool = server->tokenizer_pool_.get();
   context.eos_token_ids = server->model_.eos_token_ids;
 
   auto stats = [engine] { return engine->stats(); };

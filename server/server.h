@@ -15,6 +15,7 @@
 #include "proto/megaserve.pb.h"
 #include "server/metrics.h"
 #include "server/service.h"
+#include "server/tokenizer_pool.h"
 
 namespace megaserve::server {
 
@@ -54,6 +55,8 @@ class Server {
 
   ServedModel model_;
   ServingContext context_;
+  // Outlives the gRPC server: its jobs finish calls that Shutdown waits for.
+  std::unique_ptr<TokenizerPool> tokenizer_pool_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<MegaserveService> service_;

@@ -1,5 +1,6 @@
 #include "server/service.h"
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,7 +41,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* MegaserveService::Generate(
     grpc::CallbackServerContext* call, const grpc::ByteBuffer* request) {
   v1::GenerateRequest parsed_request;
   const absl::Status parsed = parse_request(*request, &parsed_request);
-  return new_generate_reactor(context_, call, parsed_request, parsed);
+  return new_generate_reactor(context_, call, std::move(parsed_request), parsed);
 }
 
 grpc::ServerUnaryReactor* MegaserveService::GetModelInfo(grpc::CallbackServerContext* call,
@@ -58,12 +59,27 @@ grpc::ServerUnaryReactor* MegaserveService::GetModelInfo(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* MegaserveService::Tokenize(grpc::CallbackServerContext* call,
                                                      const grpc::ByteBuffer* request,
                                                      grpc::ByteBuffer* response) {
-  return unary<v1::TokenizeRequest, v1::TokenizeResponse>(
-      call, request, response, [this](const v1::TokenizeRequest& in, v1::TokenizeResponse* out) {
-        const bool add_bos = in.has_add_bos() ? in.add_bos() : true;
-        for (int32_t id : context_->tokenizer->encode(in.text(), add_bos)) out->add_token_ids(id);
-        return grpc::Status::OK;
-      });
+  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
+  auto in = std::make_shared<v1::TokenizeRequest>();
+  if (absl::Status parsed = parse_request(*request, in.get()); !parsed.ok()) {
+    reactor->Finish(to_grpc_status(parsed));
+    return reactor;
+  }
+  // `response` lives until Finish, which the job calls.
+  auto tokenize = [tokenizer = context_->tokenizer, in, reactor, response] {
+    v1::TokenizeResponse out;
+    const bool add_bos = in->has_add_bos() ? in->add_bos() : true;
+    for (int32_t id : tokenizer->encode(in->text(), add_bos)) out.add_token_ids(id);
+    *response = serialize_response(out);
+    reactor->Finish(grpc::Status::OK);
+  };
+  if (context_->tokenizer_pool == nullptr) {
+    tokenize();
+  } else if (!context_->tokenizer_pool->post(in->text().size(), tokenize)) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                 "the tokenizer's queue is full; retry later"));
+  }
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* MegaserveService::Detokenize(grpc::CallbackServerContext* call,

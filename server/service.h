@@ -13,6 +13,7 @@
 #include "proto/megaserve.grpc.pb.h"
 #include "server/metrics.h"
 #include "server/request_validation.h"
+#include "server/tokenizer_pool.h"
 
 namespace megaserve::server {
 
@@ -20,6 +21,8 @@ namespace megaserve::server {
 struct ServingContext {
   engine::Engine* engine = nullptr;
   const engine::Tokenizer* tokenizer = nullptr;
+  // Generate's text prompts and Tokenize run here, off gRPC's threads; null: inline.
+  TokenizerPool* tokenizer_pool = nullptr;
   Metrics* metrics = nullptr;
   v1::ModelInfo model_info;
   RequestLimits limits;
@@ -63,7 +66,7 @@ class MegaserveService final : public RawMegaserveService {
 // rejected with that status, and counted in the metrics like any other rejection.
 grpc::ServerWriteReactor<grpc::ByteBuffer>* new_generate_reactor(ServingContext* context,
                                                                  grpc::CallbackServerContext* call,
-                                                                 const v1::GenerateRequest& request,
+                                                                 v1::GenerateRequest request,
                                                                  const absl::Status& parsed);
 
 }  // namespace megaserve::server

@@ -51,6 +51,11 @@ class Fields {
   }
 
   absl::Status read_int(const char* key, int min_value, int* out) const {
+    return read_int(key, min_value, INT_MAX, out);
+  }
+
+  // An integer in [min_value, max_value].
+  absl::Status read_int(const char* key, int min_value, int max_value, int* out) const {
     const json* value = get(key);
     if (value == nullptr) return absl::OkStatus();
     double number = 0;
@@ -64,19 +69,23 @@ class Fields {
     } else {
       return error(key, "must be an integer", *value);
     }
-    if (number < min_value || number > INT_MAX) {
-      return error(key, absl::StrCat("must be an integer >= ", min_value), *value);
+    if (number < min_value || number > max_value) {
+      return error(key,
+                   max_value == INT_MAX
+                       ? absl::StrCat("must be an integer >= ", min_value)
+                       : absl::StrCat("must be an integer in [", min_value, ", ", max_value, "]"),
+                   *value);
     }
     *out = static_cast<int>(number);
     return absl::OkStatus();
   }
 
-  absl::Status require_int(const char* key, int min_value, int* out) const {
+  absl::Status require_int(const char* key, int min_value, int max_value, int* out) const {
     if (get(key) == nullptr) {
       return absl::InvalidArgumentError(
           absl::StrCat(source_, ": required field '", key, "' is missing"));
     }
-    return read_int(key, min_value, out);
+    return read_int(key, min_value, max_value, out);
   }
 
   // A positive finite number.
@@ -291,26 +300,39 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
   }
   MEGASERVE_RETURN_IF_ERROR(check_supported(fields, config));
 
-  MEGASERVE_RETURN_IF_ERROR(fields.require_int("hidden_size", 1, &config.hidden_size));
-  MEGASERVE_RETURN_IF_ERROR(fields.require_int("intermediate_size", 1, &config.intermediate_size));
-  MEGASERVE_RETURN_IF_ERROR(fields.require_int("num_hidden_layers", 1, &config.num_layers));
-  MEGASERVE_RETURN_IF_ERROR(fields.require_int("num_attention_heads", 1, &config.num_heads));
-  MEGASERVE_RETURN_IF_ERROR(fields.require_int("vocab_size", 1, &config.vocab_size));
+  // Bounds far above any model of these families (Llama-3.1-405B: hidden 16384, FFN 53248,
+  // 126 layers, 128 heads, vocab 128256), low enough that every size derived from them fits
+  // comfortably in 64 bits and a typo is an error here instead of a bad_alloc later.
+  MEGASERVE_RETURN_IF_ERROR(
+      fields.require_int("hidden_size", 1, kMaxHiddenSize, &config.hidden_size));
+  MEGASERVE_RETURN_IF_ERROR(
+      fields.require_int("intermediate_size", 1, kMaxIntermediateSize, &config.intermediate_size));
+  MEGASERVE_RETURN_IF_ERROR(
+      fields.require_int("num_hidden_layers", 1, kMaxLayers, &config.num_layers));
+  MEGASERVE_RETURN_IF_ERROR(
+      fields.require_int("num_attention_heads", 1, kMaxHeads, &config.num_heads));
+  MEGASERVE_RETURN_IF_ERROR(fields.require_int("vocab_size", 1, kMaxVocabSize, &config.vocab_size));
   config.num_kv_heads = config.num_heads;  // Llama 1/2 checkpoints may omit it: plain MHA
-  MEGASERVE_RETURN_IF_ERROR(fields.read_int("num_key_value_heads", 1, &config.num_kv_heads));
+  MEGASERVE_RETURN_IF_ERROR(
+      fields.read_int("num_key_value_heads", 1, kMaxHeads, &config.num_kv_heads));
   if (config.num_heads % config.num_kv_heads != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": num_attention_heads (", config.num_heads,
                      ") is not a multiple of num_key_value_heads (", config.num_kv_heads, ")"));
   }
   if (fields.get("head_dim") != nullptr) {
-    MEGASERVE_RETURN_IF_ERROR(fields.read_int("head_dim", 1, &config.head_dim));
+    MEGASERVE_RETURN_IF_ERROR(fields.read_int("head_dim", 1, kMaxHeadDim, &config.head_dim));
   } else if (config.hidden_size % config.num_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": hidden_size (", config.hidden_size,
                                                    ") is not a multiple of num_attention_heads (",
                                                    config.num_heads, ") and no head_dim is given"));
   } else {
     config.head_dim = config.hidden_size / config.num_heads;
+    if (config.head_dim > kMaxHeadDim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": head_dim (hidden_size / num_attention_heads) ", config.head_dim,
+                       " exceeds ", kMaxHeadDim));
+    }
   }
   if (config.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(
@@ -320,8 +342,8 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
   // Hugging Face's defaults for fields a config may leave out.
   config.max_position_embeddings = config.family == ModelFamily::kLlama ? 2048 : 32768;
   config.rms_norm_eps = 1e-6f;
-  MEGASERVE_RETURN_IF_ERROR(
-      fields.read_int("max_position_embeddings", 1, &config.max_position_embeddings));
+  MEGASERVE_RETURN_IF_ERROR(fields.read_int("max_position_embeddings", 1, kMaxPositions,
+                                            &config.max_position_embeddings));
   MEGASERVE_RETURN_IF_ERROR(fields.read_positive("rms_norm_eps", &config.rms_norm_eps));
   MEGASERVE_RETURN_IF_ERROR(fields.read_positive("rope_theta", &config.rope_theta));
   if (const json* parameters = fields.get("rope_parameters"); parameters != nullptr) {
@@ -371,6 +393,18 @@ absl::StatusOr<ModelConfig> load_model_config(const std::filesystem::path& model
     MEGASERVE_RETURN_IF_ERROR(apply_generation_config(*text, generation_file.string(), &*config));
   }
   return config;
+}
+
+int64_t ModelConfig::num_parameters() const {
+  const int64_t hidden = hidden_size, q = q_size(), kv = kv_size();
+  int64_t per_layer = 2 * hidden                         // attention and FFN norms
+                      + hidden * (q + 2 * kv)            // wq, wk, wv
+                      + q * hidden                       // wo
+                      + 3 * hidden * intermediate_size;  // gate, up, down
+  if (qkv_bias) per_layer += q + 2 * kv;
+  if (qk_norm) per_layer += 2 * int64_t{head_dim};
+  const int64_t embedding = int64_t{vocab_size} * hidden;
+  return embedding * (tie_word_embeddings ? 1 : 2) + num_layers * per_layer + hidden;
 }
 
 std::vector<float> rope_inv_freq(const ModelConfig& config) {

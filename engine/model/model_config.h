@@ -28,6 +28,15 @@ struct RopeScaling {
   int original_max_position_embeddings = 8192;
 };
 
+// The largest value parse_model_config accepts for each size field (see model_config.cc).
+inline constexpr int kMaxHiddenSize = 1 << 16;
+inline constexpr int kMaxIntermediateSize = 1 << 18;
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxHeads = 1024;
+inline constexpr int kMaxHeadDim = 1024;
+inline constexpr int kMaxVocabSize = 1 << 22;
+inline constexpr int kMaxPositions = 1 << 26;
+
 struct ModelConfig {
   std::string architecture;  // e.g. "LlamaForCausalLM"
   ModelFamily family = ModelFamily::kLlama;
@@ -51,11 +60,14 @@ struct ModelConfig {
 
   int q_size() const { return num_heads * head_dim; }
   int kv_size() const { return num_kv_heads * head_dim; }
+  // Weights, biases and norms; below 2^50 within the bounds above.
+  int64_t num_parameters() const;
 };
 
-// Parses config.json text. `source` names the file in error messages. A feature megaserve
-// does not support (an unknown architecture, a RoPE scaling type, sliding window, MoE...)
-// gives InvalidArgument naming it.
+// Parses config.json text. `source` names the file in error messages; so does an error for
+// a size out of range (each has a sane upper bound, kMax*), which names the field and value.
+// A feature megaserve does not support (an unknown architecture, a RoPE scaling type, sliding
+// window, MoE...) gives InvalidArgument naming it.
 absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text,
                                                const std::string& source);
 

@@ -2,6 +2,8 @@
 // sentencepiece_processor.h (see tokenizer.h for why).
 #include "engine/model/tokenizer.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -30,6 +32,8 @@ struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor processor;
   // byte_of_id[id] = HH for a byte-fallback piece <0xHH>, -1 otherwise.
   std::vector<int16_t> byte_of_id;
+  int64_t max_input_bytes_per_token = 0;  // see tokenizer.h; 0: unbounded
+  bool folds_spaces = false;              // NormalizerSpec.remove_extra_whitespaces
 };
 
 namespace {
@@ -53,6 +57,75 @@ int parse_byte_piece(const std::string& piece) {
     value = value * 16 + digit;
   }
   return value;
+}
+
+// The NormalizerSpec fields that decide whether normalization can shrink a text, with
+// sentencepiece_model.proto's defaults (Debian ships no generated header for it, so the
+// few fields are read from the serialized ModelProto by hand).
+struct NormalizerFacts {
+  std::string name;                      // NormalizerSpec.name = 1
+  bool has_charsmap = false;             // precompiled_charsmap = 2, non-empty
+  bool remove_extra_whitespaces = true;  // = 4 [default = true]
+  bool has_rule_tsv = false;             // normalization_rule_tsv = 6, non-empty
+};
+
+bool read_varint(std::string_view* in, uint64_t* value) {
+  *value = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (in->empty()) return false;
+    const auto byte = static_cast<uint8_t>(in->front());
+    in->remove_prefix(1);
+    *value |= uint64_t{byte & 0x7fu} << shift;
+    if ((byte & 0x80) == 0) return true;
+  }
+  return false;
+}
+
+// Reads one field's key and value; `bytes` is set for length-delimited fields.
+bool read_field(std::string_view* in, uint64_t* number, uint64_t* varint, std::string_view* bytes) {
+  uint64_t key = 0;
+  if (!read_varint(in, &key)) return false;
+  *number = key >> 3;
+  *bytes = {};
+  switch (key & 7) {
+    case 0:
+      return read_varint(in, varint);
+    case 1:
+    case 5: {
+      const size_t size = (key & 7) == 1 ? 8 : 4;
+      if (in->size() < size) return false;
+      in->remove_prefix(size);
+      return true;
+    }
+    case 2: {
+      uint64_t size = 0;
+      if (!read_varint(in, &size) || size > in->size()) return false;
+      *bytes = in->substr(0, size);
+      in->remove_prefix(size);
+      return true;
+    }
+    default:
+      return false;  // groups are not used by sentencepiece_model.proto
+  }
+}
+
+// Merges every ModelProto.normalizer_spec (field 3) into `facts`, as protobuf would.
+bool read_normalizer_facts(std::string_view model_proto, NormalizerFacts* facts) {
+  while (!model_proto.empty()) {
+    uint64_t number = 0, varint = 0;
+    std::string_view spec;
+    if (!read_field(&model_proto, &number, &varint, &spec)) return false;
+    if (number != 3) continue;
+    while (!spec.empty()) {
+      std::string_view bytes;
+      if (!read_field(&spec, &number, &varint, &bytes)) return false;
+      if (number == 1) facts->name = std::string(bytes);
+      if (number == 2) facts->has_charsmap = !bytes.empty();
+      if (number == 4) facts->remove_extra_whitespaces = varint != 0;
+      if (number == 6) facts->has_rule_tsv = !bytes.empty();
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -84,11 +157,27 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
         absl::StrCat("sentencepiece model ", model_file.string(), " has no pieces"));
   }
   impl->byte_of_id.assign(size, -1);
+  int byte_pieces = 0;
+  int64_t max_piece_bytes = 0;
   for (int id = 0; id < size; ++id) {
+    const std::string piece = impl->processor.IdToPiece(id);
     if (impl->processor.IsByte(id)) {
-      impl->byte_of_id[id] = static_cast<int16_t>(parse_byte_piece(impl->processor.IdToPiece(id)));
+      impl->byte_of_id[id] = static_cast<int16_t>(parse_byte_piece(piece));
+      byte_pieces += impl->byte_of_id[id] >= 0;
     }
+    // Control and unused pieces are never matched in text; counting them only loosens the
+    // bound. <unk> is counted as its spelling, which is right only with byte fallback.
+    max_piece_bytes = std::max<int64_t>(max_piece_bytes, static_cast<int64_t>(piece.size()));
   }
+  NormalizerFacts normalizer;
+  const bool parsed = read_normalizer_facts(impl->processor.serialized_model_proto(), &normalizer);
+  // With the identity rule sentencepiece's normalizer copies each character (an invalid
+  // byte becomes U+FFFD); remove_extra_whitespaces then drops leading, trailing and repeated
+  // spaces, which countable_bytes() leaves out.
+  const bool identity = parsed && normalizer.name == "identity" && !normalizer.has_charsmap &&
+                        !normalizer.has_rule_tsv;
+  impl->folds_spaces = !parsed || normalizer.remove_extra_whitespaces;
+  if (identity && byte_pieces == 256) impl->max_input_bytes_per_token = max_piece_bytes;
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
@@ -135,6 +224,13 @@ int32_t Tokenizer::piece_id(std::string_view piece) const {
   // PieceToId answers unk_id for an unknown piece; only the unk piece itself maps there.
   if (id == unk_id() && impl_->processor.IdToPiece(id) != piece) return -1;
   return id;
+}
+
+int64_t Tokenizer::max_input_bytes_per_token() const { return impl_->max_input_bytes_per_token; }
+
+int64_t Tokenizer::countable_bytes(std::string_view text) const {
+  if (!impl_->folds_spaces) return static_cast<int64_t>(text.size());
+  return static_cast<int64_t>(text.size() - std::count(text.begin(), text.end(), ' '));
 }
 
 int Tokenizer::byte_value(int32_t id) const {

@@ -40,6 +40,19 @@ class Tokenizer {
   int32_t piece_id(std::string_view piece) const;
   // For a byte-fallback piece <0xHH>: the byte HH (0..255); -1 for every other id.
   int byte_value(int32_t id) const;
+  // The most bytes of input text that one token can stand for, or 0 when nothing bounds it:
+  // encode(text, false) has at least ceil(countable_bytes(text) / max_input_bytes_per_token())
+  // tokens, so a server can refuse a prompt that can never fit its context before tokenizing
+  // it. It is the longest piece in bytes: pieces spell normalized text, and an identity
+  // normalizer shrinks no character (a space becomes "▁", 3 bytes; an invalid byte U+FFFD;
+  // a dummy prefix adds one), while byte-fallback pieces cover 1 byte each. 0 with a
+  // normalization rule other than identity (NFKC may drop characters) or without byte
+  // fallback (one unknown token may cover a run of characters). Computed once at load.
+  int64_t max_input_bytes_per_token() const;
+  // The bytes of `text` that survive normalization, at least: all of them, or, when the
+  // normalizer folds whitespace (remove_extra_whitespaces, e.g. stories260K's), all but the
+  // spaces (U+0020), which it may drop by the million. One pass over the bytes.
+  int64_t countable_bytes(std::string_view text) const;
 
  private:
   struct Impl;

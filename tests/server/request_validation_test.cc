@@ -1,6 +1,7 @@
 #include "server/request_validation.h"
 
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -202,6 +203,30 @@ TEST_F(RequestValidationTest, TooLongPrintsTheSumWithoutWrapping) {
                                         "2147483647 tokens"),
             std::string::npos)
       << out.status().message();
+}
+
+// Issue 18 item 4: the byte bound is computed in 64 bits and refuses text before tokenizing.
+TEST(MaxPromptTextBytesTest, SixtyFourBitsAndNoBoundWithoutATokenBound) {
+  EXPECT_EQ(max_prompt_text_bytes(256, 10), 2550);
+  EXPECT_EQ(max_prompt_text_bytes(INT32_MAX, 48), int64_t{INT32_MAX - 1} * 48);
+  EXPECT_EQ(max_prompt_text_bytes(256, 0), 0);
+}
+
+TEST_F(RequestValidationTest, TextLongerThanTheByteBoundIsRefusedNamingBothSizes) {
+  RequestLimits limits = kLimits;
+  limits.max_text_bytes = 1000;
+  v1::GenerateRequest request;
+  request.set_text(std::string(1001, 'x'));
+  const absl::Status status = check_text_size(request, *tokenizer_, limits);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("text is 1001 bytes"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("at most 1000 bytes"), std::string::npos) << status;
+  EXPECT_EQ(to_engine_request(request, *tokenizer_, limits).status(), status);
+  // Spaces that stories260K's normalizer folds away do not count.
+  request.set_text("a" + std::string(5000, ' ') + "b");
+  EXPECT_TRUE(check_text_size(request, *tokenizer_, limits).ok());
+  request.set_text(std::string(1000, 'x'));
+  EXPECT_TRUE(check_text_size(request, *tokenizer_, limits).ok());
 }
 
 }  // namespace

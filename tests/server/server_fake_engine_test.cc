@@ -28,7 +28,7 @@ class ServerFakeEngineTest : public ::testing::Test {
  protected:
   void SetUp() override { MEGASERVE_REQUIRE_ASSET(kTokenizer); }
 
-  void start(FakeEngineOptions options = {}) {
+  void start(FakeEngineOptions options = {}, int max_model_len = 256) {
     auto tokenizer = engine::Tokenizer::load(megaserve::testing::assets_dir() / kTokenizer);
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
     tokenizer_ = tokenizer->get();
@@ -39,7 +39,7 @@ class ServerFakeEngineTest : public ::testing::Test {
     model.tokenizer = *std::move(tokenizer);
     model.info.set_name("fake");
     model.info.set_vocab_size(512);
-    model.info.set_max_model_len(256);
+    model.info.set_max_model_len(max_model_len);
     model.eos_token_ids = {2};
     ServerOptions server_options;
     server_options.grpc_address = "127.0.0.1:0";
@@ -205,6 +205,72 @@ TEST_F(ServerFakeEngineTest, InvalidFieldsGetInvalidArgumentAndOthersAreUndistur
   EXPECT_EQ(r.last.finish_reason(), v1::FINISH_REASON_LENGTH);
   // The server still serves.
   EXPECT_TRUE(megaserve::testing::generate(*stub_, text_request("Hello", 3)).status.ok());
+}
+
+// Issue 18 item 4: a 3.5 MB text prompt was tokenized in full on a gRPC thread before the
+// length check. Text longer than max_model_len tokens of the longest piece can never fit: it
+// is refused by its byte length, at once, with INVALID_ARGUMENT naming the field and sizes.
+TEST_F(ServerFakeEngineTest, HugeTextPromptIsRefusedByItsByteLengthInMilliseconds) {
+  start();
+  const int64_t per_token = tokenizer_->max_input_bytes_per_token();
+  ASSERT_GT(per_token, 0);
+  const std::string huge(3500 * 1000, 'x');
+  const std::string limit = std::to_string(255 * per_token);
+  for (int i = 0; i < 4; ++i) {
+    const auto begin = std::chrono::steady_clock::now();
+    const StreamResult r = megaserve::testing::generate(*stub_, text_request(huge, 4));
+    const auto took = std::chrono::steady_clock::now() - begin;
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    const std::string& message = r.status.error_message();
+    EXPECT_NE(message.find("text is 3500000 bytes"), std::string::npos) << message;
+    EXPECT_NE(message.find("at most " + limit + " bytes"), std::string::npos) << message;
+    EXPECT_NE(message.find("256 tokens"), std::string::npos) << message;
+    // Sending 3.5 MB over loopback takes a few ms; tokenizing it took seconds.
+    EXPECT_LT(took, std::chrono::milliseconds(300));
+  }
+  // Just under the bound is tokenized and refused by its token count instead.
+  const StreamResult near =
+      megaserve::testing::generate(*stub_, text_request(std::string(255 * per_token, 'x'), 4));
+  EXPECT_EQ(near.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(near.status.error_message().find("tokens"), std::string::npos);
+  EXPECT_TRUE(megaserve::testing::generate(*stub_, text_request("Hello", 3)).status.ok());
+}
+
+// And a long prompt that may fit (a large max_model_len) is tokenized off gRPC's threads, on
+// a lane of its own: short requests meanwhile are served as if the server were idle.
+TEST_F(ServerFakeEngineTest, LongPromptsBeingTokenizedDoNotHoldUpOtherRequests) {
+  start({}, 1 << 24);
+  std::string long_text;
+  while (long_text.size() < 1500 * 1000) long_text += "Once upon a time there was a little dog. ";
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::future<StreamResult>> long_calls;
+  for (int i = 0; i < 4; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    contexts.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    grpc::ClientContext* context = contexts.back().get();
+    long_calls.push_back(std::async(std::launch::async, [&, context] {
+      auto stub = megaserve::testing::connect(server_->grpc_port());
+      return megaserve::testing::generate(*stub, text_request(long_text, 1), context);
+    }));
+  }
+  // Let the long prompts arrive and start tokenizing.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int i = 0; i < 5; ++i) {
+    const auto begin = std::chrono::steady_clock::now();
+    const StreamResult r = megaserve::testing::generate(*stub_, text_request("Hello there", 2));
+    const auto took = std::chrono::steady_clock::now() - begin;
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_LT(took, std::chrono::milliseconds(250)) << "short request " << i;
+    v1::TokenizeRequest tokenize;
+    tokenize.set_text("Hello there");
+    v1::TokenizeResponse tokens;
+    grpc::ClientContext context;
+    EXPECT_TRUE(stub_->Tokenize(&context, tokenize, &tokens).ok());
+  }
+  for (auto& call : long_calls) {
+    const StreamResult r = call.get();
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  }
 }
 
 TEST_F(ServerFakeEngineTest, FullQueueGetsResourceExhausted) {

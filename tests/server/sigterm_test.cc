@@ -5,7 +5,9 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <optional>
 #include <regex>
@@ -183,16 +185,20 @@ TEST_F(SigtermTest, SecondSigtermAbortsTheDrainAtOnce) {
 }
 
 // Runs megaserve with `flags` (and the test model, CPU backend) until it exits; its code.
-int run_to_exit(const std::vector<std::string>& flags, std::string* log) {
+// With `address_space_kb`, under `ulimit -v` of that many KiB.
+int run_to_exit(const std::vector<std::string>& flags, std::string* log,
+                int64_t address_space_kb = 0) {
   static int runs = 0;
-  std::vector<std::string> argv = {
-      MEGASERVE_BINARY,
-      absl::StrCat("--model=",
-                   (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
-      "--backend=cpu",
-      "--cpu_threads=1",
-      "--num_kv_blocks=64",
-      "--metrics_address="};
+  std::vector<std::string> argv;
+  if (address_space_kb > 0) {
+    argv = {"/bin/sh", "-c",
+            absl::StrCat("ulimit -v ", address_space_kb, " && exec \"$0\" \"$@\"")};
+  }
+  argv.insert(argv.end(),
+              {MEGASERVE_BINARY,
+               absl::StrCat("--model=",
+                            (megaserve::testing::assets_dir() / "models/stories260K-hf").string()),
+               "--backend=cpu", "--cpu_threads=1", "--num_kv_blocks=64", "--metrics_address="});
   argv.insert(argv.end(), flags.begin(), flags.end());
   Subprocess process(argv, (std::filesystem::path(::testing::TempDir()) /
                             absl::StrCat("megaserve_flags_", getpid(), "_", ++runs, ".log"))
@@ -214,6 +220,34 @@ TEST_F(SigtermTest, BadEndpointsAndContextLengthFailAtStart) {
   EXPECT_NE(log.find("engine.max_model_len 513 exceeds the model's max_position_embeddings 512"),
             std::string::npos)
       << log;
+}
+
+// Issue 18 item 6: both ended in std::bad_alloc and SIGABRT.
+TEST_F(SigtermTest, ImpossibleSizesFailAtStartWithAMessage) {
+  const std::filesystem::path config = std::filesystem::path(::testing::TempDir()) /
+                                       absl::StrCat("megaserve_huge_layers_", getpid(), ".json");
+  std::ofstream(config) << R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 172, "num_hidden_layers": 2147483647, "num_attention_heads": 8,
+    "vocab_size": 512, "max_position_embeddings": 512})";
+  std::string log;
+  EXPECT_EQ(
+      run_to_exit({"--load_format=dummy", absl::StrCat("--model_config_file=", config.string())},
+                  &log),
+      1);
+  EXPECT_NE(log.find("field 'num_hidden_layers' must be an integer in [1, 1024], got 2147483647"),
+            std::string::npos)
+      << log;
+  std::filesystem::remove(config);
+
+  // Llama-3.1-8B's shape, fp32 on the CPU: 32 GB of weights under a 3 GB address space.
+  const std::string llama_8b =
+      (std::filesystem::path(MEGASERVE_SOURCE_DIR) / "configs/models/llama-3.1-8b.json").string();
+  EXPECT_EQ(
+      run_to_exit({"--load_format=dummy", "--model_config_file=" + llama_8b}, &log, 3'000'000), 1);
+  const std::regex needs(R"(dummy weights \(8030261248 parameters in F32\) and the CPU KV cache )"
+                         R"(\(\d+ bytes\): needs \d+ bytes \([0-9.]+ GiB\), \d+ available)");
+  EXPECT_TRUE(std::regex_search(log, needs)) << log;
+  EXPECT_NE(log.find("RLIMIT_AS"), std::string::npos) << log;
 }
 
 // Issue 18: every server flag showed "default: ;".

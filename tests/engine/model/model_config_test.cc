@@ -408,5 +408,44 @@ TEST(RopeInvFreqTest, Llama3ScalingInEachRegime) {
   }
 }
 
+// Issue 18 item 6: num_hidden_layers 2147483647 was accepted and ended in std::bad_alloc.
+TEST(ModelConfigTest, SizesOutOfRangeAreRefusedNamingFieldAndValue) {
+  const auto with = [](const std::string& field, const std::string& value) {
+    std::string json = R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+      "intermediate_size": 172, "num_hidden_layers": 5, "num_attention_heads": 8,
+      "vocab_size": 512})";
+    const size_t at = json.find("\"" + field + "\"");
+    if (at == std::string::npos)
+      return json.substr(0, json.size() - 1) + ", \"" + field + "\": " + value + "}";
+    const size_t begin = json.find(':', at) + 2;
+    const size_t end = json.find_first_of(",}", begin);
+    return json.substr(0, begin) + value + json.substr(end);
+  };
+  expect_refused(with("num_hidden_layers", "2147483647"),
+                 {"'num_hidden_layers'", "[1, 1024]", "2147483647"});
+  expect_refused(with("hidden_size", "1000000"), {"'hidden_size'", "1000000"});
+  expect_refused(with("intermediate_size", "4000000000"), {"'intermediate_size'", "4000000000"});
+  expect_refused(with("num_attention_heads", "0"), {"'num_attention_heads'", "0"});
+  expect_refused(with("vocab_size", "-5"), {"'vocab_size'", "-5"});
+  expect_refused(with("num_key_value_heads", "2048"), {"'num_key_value_heads'", "2048"});
+  expect_refused(with("head_dim", "4096"), {"'head_dim'", "4096"});
+  expect_refused(with("max_position_embeddings", "2147483647"),
+                 {"'max_position_embeddings'", "2147483647"});
+  // The largest accepted shape still counts its parameters in 64 bits.
+  auto largest = parse_model_config(
+      R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 65536, "intermediate_size": 262144,
+          "num_hidden_layers": 1024, "num_attention_heads": 1024, "head_dim": 1024,
+          "vocab_size": 4194304})",
+      "c.json");
+  ASSERT_TRUE(largest.ok()) << largest.status();
+  EXPECT_GT(largest->num_parameters(), 0);
+}
+
+TEST(ModelConfigTest, NumParametersOfLlama31_8B) {
+  auto config = load_model_config_file(kModelsDir / "llama-3.1-8b.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->num_parameters(), 8'030'261'248);
+}
+
 }  // namespace
 }  // namespace megaserve::engine

@@ -582,5 +582,92 @@ TEST(DemoModelDirTest, InstalledTreeIsFoundRelativeToTheBinary) {
   EXPECT_EQ(found, demo.string());
 }
 
+// max_input_bytes_per_token() bounds the (countable) bytes one token covers, so that a
+// server can refuse an over-long prompt by its byte length: it must hold for every text,
+// including the ones that pack the most bytes into a token (runs of the longest piece, long
+// space runs, which stories260K's normalizer folds, invalid bytes, which become U+FFFD).
+void expect_bytes_per_token_bound(const Tokenizer& tok, const std::string& name) {
+  const int64_t bound = tok.max_input_bytes_per_token();
+  ASSERT_GT(bound, 0) << name;
+  int64_t longest = 0;
+  std::string longest_piece;
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) {
+    if (static_cast<int64_t>(tok.piece(id).size()) > longest) {
+      longest = static_cast<int64_t>(tok.piece(id).size());
+      longest_piece = tok.piece(id);
+    }
+  }
+  EXPECT_EQ(bound, longest) << name;
+  std::mt19937 rng(7);
+  std::vector<std::string> texts = {std::string(5000, ' '), std::string(5000, 'e'),
+                                    std::string(3000, '\n'), "   a    b     c      "};
+  std::string runs;
+  for (int i = 0; i < 200; ++i) runs += longest_piece;
+  texts.push_back(runs);
+  for (int i = 0; i < 300; ++i) {
+    texts.push_back(random_valid_utf8(rng, 200));
+    texts.push_back(random_bytes(rng, 200));
+  }
+  for (const std::string& text : texts) {
+    const int64_t tokens = static_cast<int64_t>(tok.encode(text, false).size());
+    ASSERT_LE(tok.countable_bytes(text), tokens * bound)
+        << name << ": " << text.size() << " bytes in " << tokens << " tokens";
+  }
+}
+
+TEST(TokenizerTest, MaxInputBytesPerTokenBoundsEveryText) {
+  MEGASERVE_REQUIRE_ASSET(kTok512);
+  auto tok512 = load_or_die(testing::assets_dir() / kTok512);
+  ASSERT_NE(tok512, nullptr);
+  expect_bytes_per_token_bound(*tok512, "tok512");
+  auto demo = load_or_die(std::filesystem::path(MEGASERVE_DEMO_BUILD_DIR) / "tokenizer.model");
+  ASSERT_NE(demo, nullptr);
+  expect_bytes_per_token_bound(*demo, "demo");
+  if (std::filesystem::exists(testing::assets_dir() / kLlama2)) {
+    auto llama2 = load_or_die(testing::assets_dir() / kLlama2);
+    ASSERT_NE(llama2, nullptr);
+    expect_bytes_per_token_bound(*llama2, "llama2");
+  }
+}
+
+TEST(TokenizerTest, CountableBytesLeaveOutTheSpacesANormalizerFolds) {
+  MEGASERVE_REQUIRE_ASSET(kTok512);
+  auto tok512 = load_or_die(testing::assets_dir() / kTok512);
+  ASSERT_NE(tok512, nullptr);
+  // stories260K's tokenizer.model keeps sentencepiece's default remove_extra_whitespaces:
+  // 10,000 spaces between two letters fold into one.
+  const std::string spaced = "a" + std::string(10000, ' ') + "b";
+  EXPECT_EQ(tok512->encode(spaced, false).size(), 2u);
+  EXPECT_EQ(tok512->countable_bytes(spaced), 2);
+  auto demo = load_or_die(std::filesystem::path(MEGASERVE_DEMO_BUILD_DIR) / "tokenizer.model");
+  ASSERT_NE(demo, nullptr);
+  EXPECT_EQ(demo->countable_bytes(spaced), 10002);  // trained with spaces kept
+}
+
+// NFKC may drop characters, and without byte fallback one unknown token may cover a run of
+// characters: no bound then.
+TEST(TokenizerTest, MaxInputBytesPerTokenIsZeroWhenNothingBoundsIt) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("megaserve_unbounded_tok_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string docs = split(MEGASERVE_DEMO_DOCS, ',').front();
+  const std::string train = "'" + std::string(MEGASERVE_SPM_TRAIN) +
+                            "' --model_type=bpe --vocab_size=600 --minloglevel=2 --input='" + docs +
+                            "' --model_prefix='" + dir.string();
+  const std::string nfkc = train + "/nfkc' --byte_fallback=true > /dev/null 2>&1";
+  const std::string no_fallback = train +
+                                  "/plain' --normalization_rule_name=identity"
+                                  " --remove_extra_whitespaces=false > /dev/null 2>&1";
+  const int nfkc_status = std::system(nfkc.c_str());
+  const int plain_status = std::system(no_fallback.c_str());
+  auto nfkc_tok = nfkc_status == 0 ? load_or_die(dir / "nfkc.model") : nullptr;
+  auto plain_tok = plain_status == 0 ? load_or_die(dir / "plain.model") : nullptr;
+  std::filesystem::remove_all(dir);
+  ASSERT_NE(nfkc_tok, nullptr) << nfkc;
+  ASSERT_NE(plain_tok, nullptr) << no_fallback;
+  EXPECT_EQ(nfkc_tok->max_input_bytes_per_token(), 0);
+  EXPECT_EQ(plain_tok->max_input_bytes_per_token(), 0);
+}
+
 }  // namespace
 }  // namespace megaserve::engine
