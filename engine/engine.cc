@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/engine_options.h"
 #include "engine/step_runner.h"
 #include "scheduler/scheduler.h"
 #include "spdlog/spdlog.h"
@@ -258,6 +259,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::create(const ModelConfig& model,
                                                        std::unique_ptr<Backend> backend,
                                                        const EngineOptions& options) {
   if (!backend) return absl::InvalidArgumentError("Engine::create: no backend");
+  if (absl::Status s = check_engine_options(model, options); !s.ok()) return s;
   scheduler::SchedulerConfig config;
   config.kv_block_size = backend->kv_block_size();
   config.num_kv_blocks = backend->num_kv_blocks();
