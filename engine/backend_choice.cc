@@ -70,10 +70,7 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& set
     CpuBackendOptions options;
     options.tensor_parallel = settings.tensor_parallel;
     options.kv_block_size = settings.kv_block_size;
-    options.num_kv_blocks =
-        settings.num_kv_blocks > 0
-            ? settings.num_kv_blocks
-            : cpu_kv_blocks_for(model, options.kv_block_size, settings.cpu_kv_cache_mib);
+    options.num_kv_blocks = cpu_num_kv_blocks(model, settings);
     const unsigned threads = settings.cpu_threads > 0
                                  ? settings.cpu_threads
                                  : std::max(1u, std::thread::hardware_concurrency());
@@ -88,21 +85,31 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& set
   return backend;
 }
 
+namespace {
+
+// fp32 K and V of one block for every layer.
+int64_t cpu_kv_block_bytes(const ModelConfig& model, int32_t kv_block_size) {
+  return int64_t{2} * model.num_layers * model.num_kv_heads * model.head_dim * kv_block_size *
+         int64_t{sizeof(float)};
+}
+
+}  // namespace
+
+int32_t cpu_num_kv_blocks(const ModelConfig& model, const BackendSettings& settings) {
+  return settings.num_kv_blocks > 0
+             ? settings.num_kv_blocks
+             : cpu_kv_blocks_for(model, settings.kv_block_size, settings.cpu_kv_cache_mib);
+}
+
 int32_t cpu_kv_blocks_for(const ModelConfig& model, int32_t kv_block_size, uint32_t mib) {
-  const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
-                                  model.head_dim * kv_block_size * int64_t{sizeof(float)};
+  const int64_t bytes_per_block = cpu_kv_block_bytes(model, kv_block_size);
   if (bytes_per_block <= 0) return 0;
   return static_cast<int32_t>(std::max<int64_t>(1, (int64_t{mib} << 20) / bytes_per_block));
 }
 
 int64_t cpu_kv_cache_bytes(const ModelConfig& model, const BackendSettings& settings) {
-  const int64_t bytes_per_block = int64_t{2} * model.num_layers * model.num_kv_heads *
-                                  model.head_dim * settings.kv_block_size * int64_t{sizeof(float)};
-  const int64_t blocks =
-      settings.num_kv_blocks > 0
-          ? settings.num_kv_blocks
-          : cpu_kv_blocks_for(model, settings.kv_block_size, settings.cpu_kv_cache_mib);
-  return blocks * bytes_per_block;
+  return int64_t{cpu_num_kv_blocks(model, settings)} *
+         cpu_kv_block_bytes(model, settings.kv_block_size);
 }
 
 void resolve_eos_token_ids(ModelConfig& model, int32_t tokenizer_eos_id) {

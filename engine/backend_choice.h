@@ -45,6 +45,9 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& set
                                                       const ModelConfig& model,
                                                       ModelWeights weights);
 
+// The CPU backend's KV blocks: settings.num_kv_blocks, or as many as cpu_kv_cache_mib holds.
+int32_t cpu_num_kv_blocks(const ModelConfig& model, const BackendSettings& settings);
+
 // KV blocks that fit in `mib` MiB of fp32 K and V for every layer (the CPU backend's cache).
 int32_t cpu_kv_blocks_for(const ModelConfig& model, int32_t kv_block_size, uint32_t mib);
 

@@ -19,7 +19,8 @@ struct InstructionWork {
     flops += o.flops;
     bytes += o.bytes;
     return *this;
-  }
+  }  // The work of `n` such instructions or rows.
+  InstructionWork operator*(double n) const { return {flops * n, bytes * n}; }
 };
 
 namespace op_cost {

@@ -150,8 +150,7 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
       const int last_pos = meta_.positions[meta_.query_start[i] + q1 - 1];
       const int key_begin = s < 0 ? 0 : s * K;
       const int key_end = s < 0 ? last_pos + 1 : std::min(last_pos + 1, (s + 1) * K);
-      const InstructionWork row = op_cost::attention_row(key_end - key_begin, group, hd);
-      work += {row.flops * (q1 - q0), row.bytes * (q1 - q0)};
+      work += op_cost::attention_row(key_end - key_begin, group, hd) * (q1 - q0);
     }
     Tile& t = new_tile(out, Opcode::kAttention, layer, work);
     isa::AttentionArgs a{};
@@ -245,10 +244,9 @@ void TileMaker::attention_merge(const ModelShard& sh, int layer, std::vector<Til
     for (int qb = 0; qb < n; qb += tiles_.attention_query_rows) {
       const int qe = std::min(n, qb + tiles_.attention_query_rows);
       const int splits_used = meta_.positions[row0 + qe - 1] / K + 1;
-      const double elems = static_cast<double>(qe - qb) * sh.q_heads * hd;
-      const InstructionWork row = op_cost::merge_row(splits_used, elems / (qe - qb));
+      const double row_elems = static_cast<double>(sh.q_heads) * hd;
       Tile& t = new_tile(out, Opcode::kAttentionMerge, layer,
-                         {row.flops * (qe - qb), row.bytes * (qe - qb)});
+                         op_cost::merge_row(splits_used, row_elems) * (qe - qb));
       isa::AttentionMergeArgs a{};
       a.request = i;
       a.query_begin = qb;
