@@ -363,6 +363,7 @@ absl::Status CpuInterpreter::run(const Step& step, const ExecutionOptions& optio
   ctx.token_ids = &token_ids_;
   ctx.ranks = &ranks_;
   ctx.sampled = sampled;
+  ctx.round_activations_bf16 = options.round_activations_bf16;
   TimingRecorder timer(step, options.timings);
   absl::Status s;
   switch (options.mode) {

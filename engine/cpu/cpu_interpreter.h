@@ -1,7 +1,8 @@
 // The CPU interpreter: executes a Step's instruction queues exactly as the megakernel will,
-// in fp32, for `tp` simulated tensor-parallel ranks in one process. Each rank has its own
-// weights view, paged KV cache, workspace and barriers; TP exchanges read peers' buffers as
-// GPUs read peer memory. Barriers persist across steps and are never reset.
+// in fp32 (or rounding activations to bf16 where the GPU does: round_activations_bf16), for
+// `tp` simulated tensor-parallel ranks in one process. Each rank has its own weights view,
+// paged KV cache, workspace and barriers; TP exchanges read peers' buffers as GPUs read peer
+// memory. Barriers persist across steps and are never reset.
 #pragma once
 
 #include <atomic>
@@ -41,6 +42,12 @@ struct ExecutionOptions {
   bool poison_workspace = false;
   // kThreaded: a wait that spins longer than this fails the step instead of hanging.
   double wait_timeout_seconds = 30.0;
+  // Round activations to bf16 (round to nearest even) where the GPU megakernel stores them
+  // as bf16, so that the interpreter is the GPU's tight numerical reference (DESIGN.md §5,
+  // accuracy standard): the normalized row that kQkvRope, kGateUpSilu and kLmHead project,
+  // and the input rows of kOProj (attn_out) and kDownProj (act), each element rounded before
+  // the fp32 dot products. The residual, attention, RoPE and sampling stay fp32.
+  bool round_activations_bf16 = false;
   // When set: one record per instruction of rank 0 (parallel to its instructions), steady
   // clock nanoseconds, sm = the queue (virtual SM) that ran it. For the step timeline.
   std::vector<InstructionTiming>* timings = nullptr;

@@ -103,6 +103,10 @@ void rms_norm(const float* x, const WeightView& weight, int n, float eps, float*
   for (int i = 0; i < n; ++i) out[i] = x[i] * inv * weight.at(0, i);
 }
 
+void round_to_bf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
+}
+
 void execute(const isa::Instruction& inst, int rank, const OpContext& ctx) {
   using isa::Opcode;
   switch (inst.opcode()) {

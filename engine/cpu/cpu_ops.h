@@ -1,6 +1,7 @@
 // The CPU interpreter's ops: one function per opcode, each executing exactly one instruction
-// (one tile) in fp32 on one simulated rank. They read and write only the regions the
-// ScheduleBuilder records for that instruction; ordering is the caller's business.
+// (one tile) in fp32 (optionally rounding the projections' inputs to bf16) on one simulated
+// rank. They read and write only the regions the ScheduleBuilder records for that
+// instruction; ordering is the caller's business.
 #pragma once
 
 #include <cstdint>
@@ -83,8 +84,11 @@ struct OpContext {
   const std::vector<float>* inv_freq = nullptr;  // [head_dim / 2]
   const StepMetadata* meta = nullptr;
   const std::vector<int32_t>* token_ids = nullptr;  // [num_tokens] meta's, references resolved
-  std::vector<RankState>* ranks = nullptr;  // every rank: peers are read for TP exchanges
+  std::vector<RankState>* ranks = nullptr;          // every rank: peers are read for TP exchanges
   std::vector<scheduler::SampledToken>* sampled = nullptr;  // [num_samples], rank 0's
+  // ExecutionOptions::round_activations_bf16: the projections' input rows go through
+  // round_to_bf16 first.
+  bool round_activations_bf16 = false;
 };
 
 // Runs one instruction on `rank`.
@@ -103,5 +107,8 @@ void op_sample(const isa::Instruction& inst, int rank, const OpContext& ctx);
 
 // out[i] = x[i] * inv_rms(x) * weight[i], the sum of squares accumulated in fp32 in order.
 void rms_norm(const float* x, const WeightView& weight, int n, float eps, float* out);
+
+// x[i] = x[i] rounded to the nearest bf16 (ties to even), as the GPU stores activations.
+void round_to_bf16(float* x, int64_t n);
 
 }  // namespace megaserve::engine::cpu

@@ -4,6 +4,7 @@
 //   kGateUpSilu: act[t, c] = SiLU(gate[c] . n) * (up[c] . n), n = RMSNorm(residual[t]).
 //   kTpReduce: residual[t, c] (+)= sum over ranks r = 0, 1, ... of partial_r[t, c]; the fixed
 //     rank order makes every rank's residual bit-identical.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -21,8 +22,14 @@ void op_hidden_projection(const isa::Instruction& inst, int rank, const OpContex
   const WeightView& proj = o_proj ? w.wo : w.w_down;                      // [H, in] strided
   const std::vector<float>& input = o_proj ? st.ws.attn_out : st.ws.act;  // [T, in]
   const int64_t in_cols = proj.cols;
+  std::vector<float> rounded(ctx.round_activations_bf16 ? in_cols : 0);  // (in)
   for (int t = a.row_begin; t < a.row_end; ++t) {
     const float* x = input.data() + t * in_cols;
+    if (ctx.round_activations_bf16) {
+      std::copy(x, x + in_cols, rounded.begin());
+      round_to_bf16(rounded.data(), in_cols);
+      x = rounded.data();
+    }
     for (int c = a.col_begin; c < a.col_end; ++c) {
       const float y = proj.dot(c, x);
       if (a.partial_slot < 0) {
@@ -44,6 +51,7 @@ void op_gate_up_silu(const isa::Instruction& inst, int rank, const OpContext& ct
   for (int t = a.row_begin; t < a.row_end; ++t) {
     rms_norm(st.ws.residual.data() + static_cast<int64_t>(t) * H, w.ffn_norm, H,
              ctx.config->rms_norm_eps, normed.data());  // (H)
+    if (ctx.round_activations_bf16) round_to_bf16(normed.data(), H);
     for (int c = a.col_begin; c < a.col_end; ++c) {
       const float g = w.w_gate.dot(c, normed.data());
       const float u = w.w_up.dot(c, normed.data());
