@@ -202,6 +202,41 @@ TEST(GgufFileTest, EveryTruncationFailsCleanly) {
   }
 }
 
+// Every byte before the data section overwritten with a few awkward values: the reader
+// either accepts the file (a changed name or value) or refuses it with a message naming the
+// file, and never reads outside it (the ASAN twin of this suite checks that).
+TEST(GgufFileTest, CorruptedHeaderBytesFailCleanly) {
+  std::vector<GgufKv> kvs = small_kvs();
+  kvs.push_back(t::kv_string_array("tokens", {"a", "bc"}));
+  kvs.push_back(t::kv_array("nested", t::kGgufArray, 1,
+                            le_bytes<uint32_t>(t::kGgufUint8) + le_bytes<uint64_t>(1) + "x"));
+  const std::string bytes = gguf_bytes(kvs, small_tensors());
+  absl::StatusOr<std::unique_ptr<GgufFile>> original =
+      GgufFile::open(write_gguf("ok.gguf", kvs, small_tensors()));
+  ASSERT_TRUE(original.ok()) << original.status();
+  const uint64_t header_end = (*original)->data_offset();
+  const std::filesystem::path path = make_test_dir("corrupt") / "corrupt.gguf";
+  int refused = 0;
+  for (uint64_t i = 0; i < header_end; ++i) {
+    for (uint8_t value : {0x00, 0x01, 0x7f, 0x80, 0xff}) {
+      if (static_cast<uint8_t>(bytes[i]) == value) continue;
+      std::string corrupt = bytes;
+      corrupt[i] = static_cast<char>(value);
+      write_file(path, corrupt);
+      absl::StatusOr<std::unique_ptr<GgufFile>> file = GgufFile::open(path);
+      if (file.ok()) {
+        for (const GgufTensor& tensor : (*file)->tensors()) {
+          ASSERT_LE((*file)->data_offset() + tensor.offset + tensor.num_bytes, corrupt.size());
+        }
+        continue;
+      }
+      ++refused;
+      ASSERT_THAT(msg(file.status()), HasSubstr(path.string())) << "byte " << i;
+    }
+  }
+  EXPECT_GT(refused, 0);
+}
+
 TEST(GgufFileTest, TruncationMessagesSayWhatWasCut) {
   const std::string bytes = gguf_bytes(small_kvs(), small_tensors());
   const std::filesystem::path dir = make_test_dir("truncated");
