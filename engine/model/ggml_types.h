@@ -1,7 +1,10 @@
 // ggml's tensor types as GGUF files store them: each type's numeric id, its block layout
 // (elements per block, bytes per block), and dequantization of the types megaserve loads
-// (F32, F16, BF16, Q8_0, Q4_0, Q4_1), value for value as ggml and the `gguf` Python
-// package compute them: fp32 arithmetic, one multiply and (Q4_1) one add, never fused.
+// (F32, F16, BF16, Q8_0, Q4_0, Q4_1), value for value as ggml's reference C code is written
+// and the `gguf` Python package (numpy) computes it: fp32 arithmetic, one rounded multiply
+// and (Q4_1) one rounded add. (A ggml built with FMA contraction may fuse Q4_1's multiply
+// and add and so differ in the last fp32 bit; the gguf package, the reference the tests
+// compare with, never does.)
 #pragma once
 
 #include <cstdint>
