@@ -46,7 +46,8 @@ struct ExecutionOptions {
   // as bf16, so that the interpreter is the GPU's tight numerical reference (DESIGN.md §5,
   // accuracy standard): the normalized row that kQkvRope, kGateUpSilu and kLmHead project,
   // and the input rows of kOProj (attn_out) and kDownProj (act), each element rounded before
-  // the fp32 dot products. The residual, attention, RoPE and sampling stay fp32.
+  // the fp32 dot products; and the keys and values written to the KV cache. The residual, q,
+  // attention arithmetic, RoPE and sampling stay fp32.
   bool round_activations_bf16 = false;
   // When set: one record per instruction of rank 0 (parallel to its instructions), steady
   // clock nanoseconds, sm = the queue (virtual SM) that ran it. For the step timeline.

@@ -52,6 +52,8 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
         out = cache.data() + st.kv_layout.offset(block, h, pos % m.kv_block_size);
       }
       for (int d = 0; d < hd; ++d) out[d] = head[d];
+      // The GPU's KV cache is bf16 (DESIGN §5).
+      if (kind != 0 && ctx.round_activations_bf16) round_to_bf16(out, hd);
     }
   }
 }
