@@ -1,0 +1,52 @@
+#include "engine/model/chat_template.h"
+
+#include "engine/model/jinja_ast.h"
+#include "engine/model/jinja_value.h"
+
+namespace megaserve::engine {
+
+absl::StatusOr<ChatTemplate> ChatTemplate::parse(std::string_view source, std::string_view name) {
+  auto program = jinja::parse_template(source, name);
+  if (!program.ok()) return program.status();
+  return ChatTemplate(*std::move(program));
+}
+
+const std::string& ChatTemplate::name() const { return program_->name; }
+
+absl::StatusOr<std::string> ChatTemplate::render(const ChatTemplateInputs& inputs) const {
+  using jinja::Value;
+  jinja::List messages;
+  auto add = [&](const std::string& role, const std::string& content) {
+    jinja::Dict message;
+    message.set("role", Value::string(role));
+    message.set("content", Value::string(content));
+    messages.push_back(Value::dict(std::move(message)));
+  };
+  if (inputs.default_system_prompt &&
+      (inputs.messages.empty() || inputs.messages[0].role != "system")) {
+    add("system", *inputs.default_system_prompt);
+  }
+  for (const ChatMessage& m : inputs.messages) add(m.role, m.content);
+
+  // transformers: render(messages=..., tools=None, documents=None, add_generation_prompt=...,
+  // **special_tokens_map, **kwargs).
+  jinja::Dict variables;
+  variables.set("messages", Value::list(std::move(messages)));
+  variables.set("tools", Value::none());
+  variables.set("documents", Value::none());
+  variables.set("add_generation_prompt", Value::boolean(inputs.add_generation_prompt));
+  if (inputs.bos_token) variables.set("bos_token", Value::string(*inputs.bos_token));
+  if (inputs.eos_token) variables.set("eos_token", Value::string(*inputs.eos_token));
+  for (const auto& [key, value] : inputs.extra) {
+    if (const bool* b = std::get_if<bool>(&value)) {
+      variables.set(key, Value::boolean(*b));
+    } else if (const int64_t* i = std::get_if<int64_t>(&value)) {
+      variables.set(key, Value::integer(*i));
+    } else {
+      variables.set(key, Value::string(std::get<std::string>(value)));
+    }
+  }
+  return jinja::render_template(*program_, variables);
+}
+
+}  // namespace megaserve::engine
