@@ -275,7 +275,14 @@ Value get_attr(const Value& obj, const std::string& name) {
       raise_undefined(obj);
     case Value::Kind::kString:
       if (is_string_method(name)) return Value::callable(name, obj);
-      break;
+      [[fallthrough]];
+    case Value::Kind::kList:
+    case Value::Kind::kInt:
+    case Value::Kind::kFloat:
+    case Value::Kind::kBool:
+      // Python objects have attributes this subset does not model (int.real, list.index):
+      // refused rather than read as undefined.
+      raise(absl::StrCat("unsupported attribute '", name, "' of a ", obj.type_name(), " value"));
     case Value::Kind::kDict:
       if (is_dict_method(name)) return Value::callable(name, obj);
       [[fallthrough]];

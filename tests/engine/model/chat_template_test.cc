@@ -168,6 +168,8 @@ TEST(JinjaTest, RenderErrorsNameTheTemplateAndLine) {
               HasSubstr("cannot assign attribute on non-namespace object"));
   EXPECT_THAT(render_error("{{ 'é' | upper }}"), HasSubstr("non-ASCII text is not supported"));
   EXPECT_THAT(render_error("{{ '%s' % 1 }}"), HasSubstr("string formatting"));
+  EXPECT_THAT(render_error("{{ 1.real }}"), HasSubstr("unsupported attribute 'real' of a int"));
+  EXPECT_THAT(render_error("{{ 'a'.zz }}"), HasSubstr("unsupported attribute 'zz' of a str"));
 }
 
 std::string read_template(const std::string& name) {

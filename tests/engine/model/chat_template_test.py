@@ -102,6 +102,114 @@ def generate_cases(rng, template):
     return cases
 
 
+# Small templates of the subset's pieces, rendered with SNIPPET_VARIABLES by both.
+SNIPPET_VARIABLES = {
+    "s": "abcdef", "u": "héllo 日本 🙂", "ws": "\u00a0\t x y \u3000\n", "items": ["x", "y", "z"],
+    "nums": [3, 1, 2], "n": 7, "f": 2.5, "d": {"b": 2, "a": 1, "nested": {"k": [1, "2", None]}},
+    "nothing": None, "yes": True, "empty": "", "msgs": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>r</think>ok"}],
+}
+SNIPPETS = [
+    "{{ s[1:] }}|{{ s[:-1] }}|{{ s[::-1] }}|{{ s[::2] }}|{{ s[-2:] }}|{{ s[4:2] }}|{{ s[10:] }}",
+    "{{ u[1] }}|{{ u[::-1] }}|{{ u | length }}|{{ u[-1] }}|{{ u[2:7] }}",
+    "{{ items[1:] }}{{ items[:-1] | length }}{{ items[::-1] }}{{ nums[-1] }}{{ items[7] }}",
+    "{{ 7 // 2 }} {{ -7 // 2 }} {{ -7 % 3 }} {{ 7 % -3 }} {{ 7 / 2 }} {{ 1 / 3 }} {{ 2 ** 10 }}",
+    "{{ f * 2 }} {{ f + 1 }} {{ f // 1 }} {{ f % 1 }} {{ 1e20 }} {{ 1e-7 }} {{ 123456789.0 * 1e8 }}",
+    "{{ 0.1 + 0.2 }} {{ 1.0 }} {{ -0.0 }} {{ 1e16 }} {{ 1.5e-4 }} {{ 2 ** -1 }} {{ 10 ** 15 * 1.0 }}",
+    "{{ 'a' ~ 1 ~ none ~ yes ~ nope }} {{ 'ab' * 3 }} {{ [1] + [2, 3] }} {{ -n + +n }}",
+    "{{ [1, 'a', none, true, 1.5, {'k': 'v'}, (1,), (1, 2), []] }}",
+    "{{ \"it's\" }} {{ ['it\\'s', 'say \"x\"', 'both \\' \"', 'tab\\t', '\\n'] }}",
+    "{{ d }} {{ d.nested }} {{ u | list }} {{ ws | list }}",
+    "{{ 1 < 2 < 3 }} {{ 3 > 2 > 2 }} {{ 'b' >= 'a' }} {{ 1 == 1.0 }} {{ 1 == true }} {{ [1] == [1] }}",
+    "{{ 'y' in items }} {{ 'cd' in s }} {{ 'a' in d }} {{ 'q' not in s }} {{ 2 in nums }} {{ 'k' in nope }}",
+    "{{ nope or 'fb' }} {{ s and 'last' }} {{ '' or 0 }} {{ not nope }} {{ none or empty or 'z' }}",
+    "{{ 'yes' if n > 5 else 'no' }}|{{ 'x' if false }}|{{ 'a' if 0 else 'b' if 1 else 'c' }}",
+    "{{ d.a }}{{ d['b'] }}{{ d.zz }}{{ msgs[0].role }}{{ msgs[1]['content'] }}{{ d.nested.k[1] }}",
+    "{{ ws | trim }}|{{ ws.strip() }}|{{ ws.lstrip() }}|{{ ws.rstrip() }}|{{ '--a--' | trim('-') }}",
+    "{{ 'xxaxx'.lstrip('x') }}|{{ 'xxaxx'.rstrip('x') }}|{{ 'xyaxy'.strip('yx') }}",
+    "{{ ' a  b\\n c '.split() }} {{ 'a,b,,c'.split(',') }} {{ 'a,b,c'.split(',', 1) }}",
+    "{{ msgs[1].content.split('</think>')[-1].lstrip('\\n') }}|{{ msgs[1].content.split('</think>')[0] }}",
+    "{{ s.startswith('ab') }} {{ s.startswith(('x', 'a')) }} {{ s.endswith('ef') }} {{ s.endswith('e') }}",
+    "{{ s.upper() }} {{ 'AbC'.lower() }} {{ 'hello world'.title() }} {{ 'hELLO'.capitalize() }}",
+    "{{ s.replace('c', 'CC') }} {{ 'aaa'.replace('a', 'b', 2) }} {{ s.find('d') }} {{ u.find('日') }} {{ 'aXaXa'.count('a') }}",
+    "{{ d.get('a') }} {{ d.get('zz') }} {{ d.get('zz', 'dflt') }} {{ d.keys() | list }} {{ d.values() | list }} {{ d.items() | list }}",
+    "{{ items | length }} {{ d | length }} {{ s | count }} {{ nope | length }} {{ empty | length }}",
+    "{{ s | upper }} {{ 'ABC' | lower }} {{ 'ab cd' | title }} {{ 'aBC' | capitalize }} {{ n | string }}",
+    "{{ items | join }} {{ items | join(', ') }} {{ nums | join('-') }} {{ msgs | join(',', attribute='role') }}",
+    "{{ nope | default('dv') }} {{ empty | default('dv') }} {{ empty | default('dv', true) }} {{ nothing | d('x') }}",
+    "{{ items | first }} {{ items | last }} {{ s | first }} {{ s | last }} {{ [] | first }}|",
+    "{{ s | replace('b', 'B') }} {{ 'aaa' | replace('a', 'b', 1) }} {{ n | replace('7', 'seven') }}",
+    "{% for k, v in d | items %}{{ k }}={{ v }};{% endfor %}{% for k in d %}{{ k }}{% endfor %}",
+    "{{ items | reject('equalto', 'y') | list }} {{ items | select('in', 'xz') | list }} {{ nums | select('odd') | list }}",
+    "{{ msgs | selectattr('role', 'equalto', 'user') | list | length }} {{ msgs | rejectattr('role', 'eq', 'user') | map(attribute='role') | list }}",
+    "{{ nums | select('gt', 1) | list }} {{ [0, 1, '', 'a', none] | select | list }} {{ [0, 1, ''] | reject | list }}",
+    "{{ '42' | int }} {{ '4.7' | int }} {{ 'x' | int }} {{ 4.7 | int }} {{ '2.5' | float }} {{ -3 | abs }}",
+    "{{ d | tojson }} {{ d | tojson(indent=2) }} {{ u | tojson }} {{ u | tojson(ensure_ascii=true) }}",
+    "{{ d | tojson(sort_keys=true) }} {{ items | tojson(separators=(',', ':')) }} {{ [] | tojson(indent=4) }} {{ {} | tojson }}",
+    "{{ [1.0, 2.5e20, none, true, 'a\\tb\\u0001\\\\'] | tojson }} {{ d.nested | tojson(indent=0) }}",
+    "{{ nope is defined }} {{ s is string }} {{ d is mapping }} {{ n is number }} {{ nothing is none }}",
+    "{{ false is false }} {{ 0 is false }} {{ yes is true }} {{ items is iterable }} {{ n is not string }}",
+    "{{ 'x' is sequence }} {{ d is sequence }} {{ n is sequence }} {{ yes is boolean }} {{ yes is number }}",
+    "{{ n is integer }} {{ f is float }} {{ n is odd }} {{ n is even }} {{ 9 is divisibleby 3 }} {{ 9 is divisibleby(2) }}",
+    "{{ 'abc' is lower }} {{ 'ABC' is upper }} {{ n is eq 7 }} {{ n is ne 7 }} {{ n is lt 9 }} {{ 'y' is in items }}",
+    "{{ nope is undefined }} {{ nothing is sameas none }} {{ yes is sameas true }} {{ d.zz is defined }}",
+    "{% for x in items %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.revindex }}{{ loop.revindex0 }}{{ loop.previtem }}{{ loop.nextitem }};{% endfor %}",
+    "{% for x in items if x != 'y' %}{{ x }}{{ loop.index }}/{{ loop.length }}{% else %}E{% endfor %}{% for x in [] %}{% else %}empty{% endfor %}",
+    "{% for x in items %}{% if x == 'y' %}{% continue %}{% endif %}{{ x }}{% if x == 'z' %}{% break %}{% endif %}{% endfor %}",
+    "{% for a in [1, 2] %}{% for b in 'xy' %}{{ a }}{{ b }}{{ loop.index }}{% endfor %}{{ loop.index }}{% endfor %}",
+    "{% for c in u %}[{{ c }}]{% endfor %}{% for k, v in [[1, 2], (3, 4)] %}{{ k + v }}{% endfor %}",
+    "{% if n < 5 %}a{% elif n < 10 %}b{% else %}c{% endif %}{% if nope %}x{% elif empty %}y{% endif %}",
+    "{% set x = 0 %}{% set ns = namespace(t=0, found=false) %}{% for i in [1, 2] %}{{ x }}{% set x = x + i %}{{ x }}{% set ns.t = ns.t + i %}{% endfor %}{{ x }}{{ ns.t }}{{ ns.found }}",
+    "{% for i in [0, 1, 2] %}{% if i == 0 %}{% set y = 'a' %}{% endif %}[{{ y }}]{% endfor %}[{{ y }}]",
+    "{% set a, b = [1, 2] %}{{ b }}{{ a }}{% set c %}in {{ s }}{% endset %}[{{ c }}]{% set t = 1, 2 %}{{ t }}",
+    "{% set msgs2 = msgs[1:] %}{{ msgs2 | length }}{% set s = s ~ '!' %}{{ s }}",
+    "  {% if 1 %}\n  a\n  {% endif %}\nb {{ 'x' }}  {% if 1 %}c{% endif %}\n",
+    "a  \n  {{- 'b' -}}  \n c {#- x #}\n d {# y -#}\n\n e",
+    "{# comment #}\n  {#- c2 -#}  x{%+ if 1 %}y{% endif +%}\nz\n\n",
+    "  {%+ if 1 %}a{% endif %}  \n  {%- if 1 %}b{% endif -%}  \n\t{% if 1 %}\n\tc\n\t{% endif %}\n",
+    "x\r\ny\r\n{% if 1 %}\r\nz{% endif %}\r\n",
+    "{{ 'line\\nnext' }}|{{ '\\x41\\u00e9\\U0001F642\\101\\q' }}|{{ 'a' 'b' \"c\" }}",
+    "{%- for m in msgs -%}\n  {{- m.role }}: {{ m.content | trim }}\n{% endfor -%}\nend",
+    "{{ range(3) | list }} {{ range(1, 7, 2) | list }} {{ range(5, 0, -2) | list }}",
+    "{{ raise_exception('boom') }}",
+    "{{ nope.attr }}",
+    "{{ 'a' + 1 }}",
+    "{{ nope + 'x' }}",
+    "{{ 1 // 0 }}",
+    "{{ nope | tojson }}",
+    "{{ d.nested.zz.deeper }}",
+    "{{ nums < 'a' }}",
+    "{% set v = 1 %}{% set v.a = 2 %}",
+    "{% for a, b in items %}{% endfor %}",
+    "{{ n[0] }}|{{ nothing.x }}|{{ nothing['x'] }}|{{ d.nested.k[2] }}",
+    "{{ 'abc'.split('') }}",
+]
+
+
+def compare_snippets(env, tool, work):
+    spec = {"variables": SNIPPET_VARIABLES, "snippets": SNIPPETS}
+    path = os.path.join(work, "snippets.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    run = subprocess.run([tool, "--snippets", path], capture_output=True, text=True)
+    if run.returncode != 0:
+        print(f"FAIL snippets: chat_template_tool exited {run.returncode}: {run.stderr}")
+        return len(SNIPPETS), 0
+    ours = json.loads(run.stdout)
+    failures = 0
+    for snippet, got in zip(SNIPPETS, ours):
+        try:
+            want, want_ok = env.from_string(snippet).render(**SNIPPET_VARIABLES), True
+        except Exception as error:
+            want, want_ok = f"{type(error).__name__}: {error}", False
+        if want_ok != got["ok"] or (want_ok and want != got["text"]):
+            failures += 1
+            print(f"MISMATCH snippet {snippet!r}\n  jinja2:    {want!r}\n"
+                  f"  megaserve: {got.get('text', got.get('error'))!r}")
+    print(f"snippets: {len(SNIPPETS) - failures}/{len(SNIPPETS)} identical")
+    return failures, len(SNIPPETS)
+
+
 def main():
     tool, templates_dir, work = sys.argv[1:4]
     try:
@@ -151,6 +259,9 @@ def main():
               f"({errors} failing in both)" if mismatches == 0 else
               f"{name}: {mismatches} of {len(cases)} differ")
         failures += mismatches
+    snippet_failures, snippet_total = compare_snippets(env, tool, work)
+    failures += snippet_failures
+    total += snippet_total
     print(f"{total - failures} passed, {failures} failed")
     sys.exit(1 if failures else 0)
 
