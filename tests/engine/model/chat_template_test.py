@@ -210,6 +210,33 @@ def compare_snippets(env, tool, work):
     return failures, len(SNIPPETS)
 
 
+def check_smollm2_gguf(templates_dir):
+    """smollm2.jinja is the template inside SmolLM2's GGUF, where scripts/install-deps puts
+    it; skipped here (not failed) without the file or the gguf package: the GGUF tests own
+    that requirement. Returns the number of failures."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    models = os.environ.get("MEGASERVE_MODELS_DIR") or os.path.join(cache, "megaserve", "models")
+    path = os.environ.get("MEGASERVE_SMOLLM2_GGUF") or os.path.join(
+        models, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        print("smollm2.jinja vs the GGUF: not checked (no gguf package)")
+        return 0
+    if not os.path.exists(path):
+        print(f"smollm2.jinja vs the GGUF: not checked ({path} missing)")
+        return 0
+    field = GGUFReader(path).fields["tokenizer.chat_template"]
+    in_gguf = bytes(field.parts[field.data[0]]).decode("utf-8")
+    with open(os.path.join(templates_dir, "smollm2.jinja"), encoding="utf-8") as f:
+        ours = f.read()
+    if in_gguf != ours:
+        print(f"FAIL: smollm2.jinja differs from tokenizer.chat_template in {path}")
+        return 1
+    print("smollm2.jinja: identical to tokenizer.chat_template in the GGUF")
+    return 0
+
+
 def main():
     tool, templates_dir, work = sys.argv[1:4]
     try:
@@ -259,6 +286,7 @@ def main():
               f"({errors} failing in both)" if mismatches == 0 else
               f"{name}: {mismatches} of {len(cases)} differ")
         failures += mismatches
+    failures += check_smollm2_gguf(templates_dir)
     snippet_failures, snippet_total = compare_snippets(env, tool, work)
     failures += snippet_failures
     total += snippet_total
