@@ -1,7 +1,13 @@
 #include "engine/model/chat_template.h"
 
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/gguf.h"
 #include "engine/model/jinja_ast.h"
 #include "engine/model/jinja_value.h"
+#include "nlohmann/json.hpp"
 
 namespace megaserve::engine {
 
@@ -9,6 +15,45 @@ absl::StatusOr<ChatTemplate> ChatTemplate::parse(std::string_view source, std::s
   auto program = jinja::parse_template(source, name);
   if (!program.ok()) return program.status();
   return ChatTemplate(*std::move(program));
+}
+
+absl::StatusOr<ChatTemplate> ChatTemplate::from_gguf(const GgufFile& file) {
+  const std::string key = "tokenizer.chat_template";
+  if (file.find_metadata(key) == nullptr) {
+    return absl::NotFoundError(absl::StrCat(file.path().string(), " has no ", key));
+  }
+  auto source = file.get_string(key);
+  if (!source.ok()) return source.status();
+  return parse(*source, absl::StrCat(file.path().string(), ":", key));
+}
+
+absl::StatusOr<ChatTemplate> ChatTemplate::from_tokenizer_config(
+    const std::filesystem::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path.string()));
+  std::stringstream text;
+  text << file.rdbuf();
+  const nlohmann::json config = nlohmann::json::parse(text.str(), nullptr, false);
+  if (config.is_discarded() || !config.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), " is not a JSON object"));
+  }
+  const auto it = config.find("chat_template");
+  if (it == config.end() || it->is_null()) {
+    return absl::NotFoundError(absl::StrCat(path.string(), " has no chat_template"));
+  }
+  if (it->is_string()) return parse(it->get<std::string>(), path.string());
+  if (it->is_array()) {  // [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    for (const auto& entry : *it) {
+      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+          entry["template"].is_string()) {
+        return parse(entry["template"].get<std::string>(), path.string() + ":default");
+      }
+    }
+    return absl::NotFoundError(
+        absl::StrCat(path.string(), ": chat_template has no entry named \"default\""));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(path.string(), ": chat_template is neither a string nor a list"));
 }
 
 const std::string& ChatTemplate::name() const { return program_->name; }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,6 +19,7 @@
 
 namespace megaserve::engine {
 
+class GgufFile;
 namespace jinja {
 struct Program;
 }
@@ -46,6 +48,11 @@ class ChatTemplate {
  public:
   // Parses `source`; `name` (a file or model name) is quoted in every error.
   static absl::StatusOr<ChatTemplate> parse(std::string_view source, std::string_view name);
+  // The template of a model, parsed: the metadata key tokenizer.chat_template of a GGUF
+  // file, or `chat_template` of a tokenizer_config.json (a string, or transformers' list of
+  // {"name", "template"} from which "default" is taken). NotFound when the model has none.
+  static absl::StatusOr<ChatTemplate> from_gguf(const GgufFile& file);
+  static absl::StatusOr<ChatTemplate> from_tokenizer_config(const std::filesystem::path& path);
 
   // Renders the prompt. As in transformers, `tools` and `documents` are None and the Jinja
   // globals raise_exception() and strftime_now() exist. A template's raise_exception(msg),

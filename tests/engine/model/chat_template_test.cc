@@ -4,13 +4,16 @@
 // render errors, and the real templates of tests/data/chat_templates parsing.
 #include "engine/model/chat_template.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 
+#include "engine/model/gguf.h"
 #include "engine/model/jinja_ast.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/gguf_writer.h"
 
 namespace megaserve::engine {
 namespace {
@@ -218,6 +221,64 @@ TEST(ChatTemplateTest, RealTemplatesRender) {
   auto empty = qwen25->render(inputs);
   ASSERT_FALSE(empty.ok());
   EXPECT_THAT(empty.status().message(), HasSubstr("'list object' has no element 0"));
+}
+
+std::filesystem::path write_file(const std::string& name, const std::string& bytes) {
+  const auto path = std::filesystem::path(::testing::TempDir()) / name;
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+TEST(ChatTemplateTest, FromTokenizerConfig) {
+  ChatTemplateInputs inputs;
+  inputs.messages = {{"user", "Hi"}};
+  auto plain = ChatTemplate::from_tokenizer_config(write_file(
+      "plain.json", R"({"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in )"
+                    R"(messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"})"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  inputs.bos_token = "<s>";
+  EXPECT_EQ(*plain->render(inputs), "<s>[user]Hi");
+  auto listed = ChatTemplate::from_tokenizer_config(
+      write_file("list.json", R"({"chat_template": [{"name": "tool_use", "template": "T"},)"
+                              R"( {"name": "default", "template": "D{{ messages | length }}"}]})"));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(*listed->render(inputs), "D1");
+
+  auto none = ChatTemplate::from_tokenizer_config(write_file("none.json", R"({"x": 1})"));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(none.status().message(), HasSubstr("none.json has no chat_template"));
+  auto bad = ChatTemplate::from_tokenizer_config(write_file("bad.json", "{"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("bad.json is not a JSON object"));
+  auto refused = ChatTemplate::from_tokenizer_config(
+      write_file("macro.json", R"({"chat_template": "a\n{% macro m() %}{% endmacro %}"})"));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("macro.json' line 2: unsupported statement "
+                                                    "'macro'"));
+}
+
+TEST(ChatTemplateTest, FromGguf) {
+  using namespace megaserve::testing;
+  auto with = GgufFile::open(write_file(
+      "with.gguf",
+      gguf_bytes({kv_string("tokenizer.chat_template", read_template("smollm2.jinja"))}, {})));
+  ASSERT_TRUE(with.ok()) << with.status();
+  auto parsed = ChatTemplate::from_gguf(**with);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ChatTemplateInputs inputs;
+  inputs.messages = {{"system", "S"}, {"user", "U"}};
+  EXPECT_EQ(*parsed->render(inputs),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+
+  auto without = GgufFile::open(write_file("without.gguf", gguf_bytes({}, {})));
+  ASSERT_TRUE(without.ok()) << without.status();
+  EXPECT_EQ(ChatTemplate::from_gguf(**without).status().code(), absl::StatusCode::kNotFound);
+  auto refused = GgufFile::open(
+      write_file("refused.gguf",
+                 gguf_bytes({kv_string("tokenizer.chat_template", "{{ x | wordcount }}")}, {})));
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_THAT(ChatTemplate::from_gguf(**refused).status().message(),
+              HasSubstr("refused.gguf:tokenizer.chat_template' line 1: unsupported filter "
+                        "'wordcount'"));
 }
 
 }  // namespace
