@@ -114,54 +114,92 @@ SNIPPETS = [
     "{{ u[1] }}|{{ u[::-1] }}|{{ u | length }}|{{ u[-1] }}|{{ u[2:7] }}",
     "{{ items[1:] }}{{ items[:-1] | length }}{{ items[::-1] }}{{ nums[-1] }}{{ items[7] }}",
     "{{ 7 // 2 }} {{ -7 // 2 }} {{ -7 % 3 }} {{ 7 % -3 }} {{ 7 / 2 }} {{ 1 / 3 }} {{ 2 ** 10 }}",
-    "{{ f * 2 }} {{ f + 1 }} {{ f // 1 }} {{ f % 1 }} {{ 1e20 }} {{ 1e-7 }} {{ 123456789.0 * 1e8 }}",
-    "{{ 0.1 + 0.2 }} {{ 1.0 }} {{ -0.0 }} {{ 1e16 }} {{ 1.5e-4 }} {{ 2 ** -1 }} {{ 10 ** 15 * 1.0 }}",
+    "{{ f * 2 }} {{ f + 1 }} {{ f // 1 }} {{ f % 1 }} {{ 1e20 }} {{ 1e-7 }} {{ 123456789.0 * "
+    "1e8 }}",
+    "{{ 0.1 + 0.2 }} {{ 1.0 }} {{ -0.0 }} {{ 1e16 }} {{ 1.5e-4 }} {{ 2 ** -1 }} {{ 10 ** 15 * "
+    "1.0 }}",
     "{{ 'a' ~ 1 ~ none ~ yes ~ nope }} {{ 'ab' * 3 }} {{ [1] + [2, 3] }} {{ -n + +n }}",
     "{{ [1, 'a', none, true, 1.5, {'k': 'v'}, (1,), (1, 2), []] }}",
     "{{ \"it's\" }} {{ ['it\\'s', 'say \"x\"', 'both \\' \"', 'tab\\t', '\\n'] }}",
     "{{ d }} {{ d.nested }} {{ u | list }} {{ ws | list }}",
-    "{{ 1 < 2 < 3 }} {{ 3 > 2 > 2 }} {{ 'b' >= 'a' }} {{ 1 == 1.0 }} {{ 1 == true }} {{ [1] == [1] }}",
-    "{{ 'y' in items }} {{ 'cd' in s }} {{ 'a' in d }} {{ 'q' not in s }} {{ 2 in nums }} {{ 'k' in nope }}",
+    "{{ 1 < 2 < 3 }} {{ 3 > 2 > 2 }} {{ 'b' >= 'a' }} {{ 1 == 1.0 }} {{ 1 == true }} {{ [1] == "
+    "[1] }}",
+    "{{ 'y' in items }} {{ 'cd' in s }} {{ 'a' in d }} {{ 'q' not in s }} {{ 2 in nums }} {{ "
+    "'k' in nope }}",
     "{{ nope or 'fb' }} {{ s and 'last' }} {{ '' or 0 }} {{ not nope }} {{ none or empty or 'z' }}",
     "{{ 'yes' if n > 5 else 'no' }}|{{ 'x' if false }}|{{ 'a' if 0 else 'b' if 1 else 'c' }}",
     "{{ d.a }}{{ d['b'] }}{{ d.zz }}{{ msgs[0].role }}{{ msgs[1]['content'] }}{{ d.nested.k[1] }}",
-    "{{ ws | trim }}|{{ ws.strip() }}|{{ ws.lstrip() }}|{{ ws.rstrip() }}|{{ '--a--' | trim('-') }}",
+    "{{ ws | trim }}|{{ ws.strip() }}|{{ ws.lstrip() }}|{{ ws.rstrip() }}|{{ '--a--' | "
+    "trim('-') }}",
     "{{ 'xxaxx'.lstrip('x') }}|{{ 'xxaxx'.rstrip('x') }}|{{ 'xyaxy'.strip('yx') }}",
     "{{ ' a  b\\n c '.split() }} {{ 'a,b,,c'.split(',') }} {{ 'a,b,c'.split(',', 1) }}",
-    "{{ msgs[1].content.split('</think>')[-1].lstrip('\\n') }}|{{ msgs[1].content.split('</think>')[0] }}",
-    "{{ s.startswith('ab') }} {{ s.startswith(('x', 'a')) }} {{ s.endswith('ef') }} {{ s.endswith('e') }}",
+    "{{ msgs[1].content.split('</think>')[-1].lstrip('\\n') }}|{{ "
+    "msgs[1].content.split('</think>')[0] }}",
+    "{{ s.startswith('ab') }} {{ s.startswith(('x', 'a')) }} {{ s.endswith('ef') }} {{ "
+    "s.endswith('e') }}",
     "{{ s.upper() }} {{ 'AbC'.lower() }} {{ 'hello world'.title() }} {{ 'hELLO'.capitalize() }}",
-    "{{ s.replace('c', 'CC') }} {{ 'aaa'.replace('a', 'b', 2) }} {{ s.find('d') }} {{ u.find('日') }} {{ 'aXaXa'.count('a') }}",
-    "{{ d.get('a') }} {{ d.get('zz') }} {{ d.get('zz', 'dflt') }} {{ d.keys() | list }} {{ d.values() | list }} {{ d.items() | list }}",
-    "{{ items | length }} {{ d | length }} {{ s | count }} {{ nope | length }} {{ empty | length }}",
-    "{{ s | upper }} {{ 'ABC' | lower }} {{ 'ab cd' | title }} {{ 'aBC' | capitalize }} {{ n | string }}",
-    "{{ items | join }} {{ items | join(', ') }} {{ nums | join('-') }} {{ msgs | join(',', attribute='role') }}",
-    "{{ nope | default('dv') }} {{ empty | default('dv') }} {{ empty | default('dv', true) }} {{ nothing | d('x') }}",
+    "{{ s.replace('c', 'CC') }} {{ 'aaa'.replace('a', 'b', 2) }} {{ s.find('d') }} {{ "
+    "u.find('日') }} {{ 'aXaXa'.count('a') }}",
+    "{{ d.get('a') }} {{ d.get('zz') }} {{ d.get('zz', 'dflt') }} {{ d.keys() | list }} {{ "
+    "d.values() | list }} {{ d.items() | list }}",
+    "{{ items | length }} {{ d | length }} {{ s | count }} {{ nope | length }} {{ empty | "
+    "length }}",
+    "{{ s | upper }} {{ 'ABC' | lower }} {{ 'ab cd' | title }} {{ 'aBC' | capitalize }} {{ n | "
+    "string }}",
+    "{{ items | join }} {{ items | join(', ') }} {{ nums | join('-') }} {{ msgs | join(',', "
+    "attribute='role') }}",
+    "{{ nope | default('dv') }} {{ empty | default('dv') }} {{ empty | default('dv', true) }} "
+    "{{ nothing | d('x') }}",
     "{{ items | first }} {{ items | last }} {{ s | first }} {{ s | last }} {{ [] | first }}|",
-    "{{ s | replace('b', 'B') }} {{ 'aaa' | replace('a', 'b', 1) }} {{ n | replace('7', 'seven') }}",
+    "{{ s | replace('b', 'B') }} {{ 'aaa' | replace('a', 'b', 1) }} {{ n | replace('7', "
+    "'seven') }}",
     "{% for k, v in d | items %}{{ k }}={{ v }};{% endfor %}{% for k in d %}{{ k }}{% endfor %}",
-    "{{ items | reject('equalto', 'y') | list }} {{ items | select('in', 'xz') | list }} {{ nums | select('odd') | list }}",
-    "{{ msgs | selectattr('role', 'equalto', 'user') | list | length }} {{ msgs | rejectattr('role', 'eq', 'user') | map(attribute='role') | list }}",
-    "{{ nums | select('gt', 1) | list }} {{ [0, 1, '', 'a', none] | select | list }} {{ [0, 1, ''] | reject | list }}",
-    "{{ '42' | int }} {{ '4.7' | int }} {{ 'x' | int }} {{ 4.7 | int }} {{ '2.5' | float }} {{ -3 | abs }}",
-    "{{ d | tojson }} {{ d | tojson(indent=2) }} {{ u | tojson }} {{ u | tojson(ensure_ascii=true) }}",
-    "{{ d | tojson(sort_keys=true) }} {{ items | tojson(separators=(',', ':')) }} {{ [] | tojson(indent=4) }} {{ {} | tojson }}",
-    "{{ [1.0, 2.5e20, none, true, 'a\\tb\\u0001\\\\'] | tojson }} {{ d.nested | tojson(indent=0) }}",
-    "{{ nope is defined }} {{ s is string }} {{ d is mapping }} {{ n is number }} {{ nothing is none }}",
-    "{{ false is false }} {{ 0 is false }} {{ yes is true }} {{ items is iterable }} {{ n is not string }}",
-    "{{ 'x' is sequence }} {{ d is sequence }} {{ n is sequence }} {{ yes is boolean }} {{ yes is number }}",
-    "{{ n is integer }} {{ f is float }} {{ n is odd }} {{ n is even }} {{ 9 is divisibleby 3 }} {{ 9 is divisibleby(2) }}",
-    "{{ 'abc' is lower }} {{ 'ABC' is upper }} {{ n is eq 7 }} {{ n is ne 7 }} {{ n is lt 9 }} {{ 'y' is in items }}",
-    "{{ nope is undefined }} {{ nothing is sameas none }} {{ yes is sameas true }} {{ d.zz is defined }}",
-    "{% for x in items %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.revindex }}{{ loop.revindex0 }}{{ loop.previtem }}{{ loop.nextitem }};{% endfor %}",
-    "{% for x in items if x != 'y' %}{{ x }}{{ loop.index }}/{{ loop.length }}{% else %}E{% endfor %}{% for x in [] %}{% else %}empty{% endfor %}",
-    "{% for x in items %}{% if x == 'y' %}{% continue %}{% endif %}{{ x }}{% if x == 'z' %}{% break %}{% endif %}{% endfor %}",
-    "{% for a in [1, 2] %}{% for b in 'xy' %}{{ a }}{{ b }}{{ loop.index }}{% endfor %}{{ loop.index }}{% endfor %}",
-    "{% for c in u %}[{{ c }}]{% endfor %}{% for k, v in [[1, 2], (3, 4)] %}{{ k + v }}{% endfor %}",
-    "{% if n < 5 %}a{% elif n < 10 %}b{% else %}c{% endif %}{% if nope %}x{% elif empty %}y{% endif %}",
-    "{% set x = 0 %}{% set ns = namespace(t=0, found=false) %}{% for i in [1, 2] %}{{ x }}{% set x = x + i %}{{ x }}{% set ns.t = ns.t + i %}{% endfor %}{{ x }}{{ ns.t }}{{ ns.found }}",
-    "{% for i in [0, 1, 2] %}{% if i == 0 %}{% set y = 'a' %}{% endif %}[{{ y }}]{% endfor %}[{{ y }}]",
-    "{% set a, b = [1, 2] %}{{ b }}{{ a }}{% set c %}in {{ s }}{% endset %}[{{ c }}]{% set t = 1, 2 %}{{ t }}",
+    "{{ items | reject('equalto', 'y') | list }} {{ items | select('in', 'xz') | list }} {{ "
+    "nums | select('odd') | list }}",
+    "{{ msgs | selectattr('role', 'equalto', 'user') | list | length }} {{ msgs | "
+    "rejectattr('role', 'eq', 'user') | map(attribute='role') | list }}",
+    "{{ nums | select('gt', 1) | list }} {{ [0, 1, '', 'a', none] | select | list }} {{ [0, 1, "
+    "''] | reject | list }}",
+    "{{ '42' | int }} {{ '4.7' | int }} {{ 'x' | int }} {{ 4.7 | int }} {{ '2.5' | float }} {{ "
+    "-3 | abs }}",
+    "{{ d | tojson }} {{ d | tojson(indent=2) }} {{ u | tojson }} {{ u | "
+    "tojson(ensure_ascii=true) }}",
+    "{{ d | tojson(sort_keys=true) }} {{ items | tojson(separators=(',', ':')) }} {{ [] | "
+    "tojson(indent=4) }} {{ {} | tojson }}",
+    "{{ [1.0, 2.5e20, none, true, 'a\\tb\\u0001\\\\'] | tojson }} {{ d.nested | "
+    "tojson(indent=0) }}",
+    "{{ nope is defined }} {{ s is string }} {{ d is mapping }} {{ n is number }} {{ nothing is "
+    "none }}",
+    "{{ false is false }} {{ 0 is false }} {{ yes is true }} {{ items is iterable }} {{ n is "
+    "not string }}",
+    "{{ 'x' is sequence }} {{ d is sequence }} {{ n is sequence }} {{ yes is boolean }} {{ yes "
+    "is number }}",
+    "{{ n is integer }} {{ f is float }} {{ n is odd }} {{ n is even }} {{ 9 is divisibleby 3 "
+    "}} {{ 9 is divisibleby(2) }}",
+    "{{ 'abc' is lower }} {{ 'ABC' is upper }} {{ n is eq 7 }} {{ n is ne 7 }} {{ n is lt 9 }} "
+    "{{ 'y' is in items }}",
+    "{{ nope is undefined }} {{ nothing is sameas none }} {{ yes is sameas true }} {{ d.zz is "
+    "defined }}",
+    "{% for x in items %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ "
+    "loop.length }}{{ loop.revindex }}{{ loop.revindex0 }}{{ loop.previtem }}{{ loop.nextitem "
+    "}};{% endfor %}",
+    "{% for x in items if x != 'y' %}{{ x }}{{ loop.index }}/{{ loop.length }}{% else %}E{% "
+    "endfor %}{% for x in [] %}{% else %}empty{% endfor %}",
+    "{% for x in items %}{% if x == 'y' %}{% continue %}{% endif %}{{ x }}{% if x == 'z' %}{% "
+    "break %}{% endif %}{% endfor %}",
+    "{% for a in [1, 2] %}{% for b in 'xy' %}{{ a }}{{ b }}{{ loop.index }}{% endfor %}{{ "
+    "loop.index }}{% endfor %}",
+    "{% for c in u %}[{{ c }}]{% endfor %}{% for k, v in [[1, 2], (3, 4)] %}{{ k + v }}{% "
+    "endfor %}",
+    "{% if n < 5 %}a{% elif n < 10 %}b{% else %}c{% endif %}{% if nope %}x{% elif empty %}y{% "
+    "endif %}",
+    "{% set x = 0 %}{% set ns = namespace(t=0, found=false) %}{% for i in [1, 2] %}{{ x }}{% "
+    "set x = x + i %}{{ x }}{% set ns.t = ns.t + i %}{% endfor %}{{ x }}{{ ns.t }}{{ ns.found "
+    "}}",
+    "{% for i in [0, 1, 2] %}{% if i == 0 %}{% set y = 'a' %}{% endif %}[{{ y }}]{% endfor "
+    "%}[{{ y }}]",
+    "{% set a, b = [1, 2] %}{{ b }}{{ a }}{% set c %}in {{ s }}{% endset %}[{{ c }}]{% set t = "
+    "1, 2 %}{{ t }}",
     "{% set msgs2 = msgs[1:] %}{{ msgs2 | length }}{% set s = s ~ '!' %}{{ s }}",
     "  {% if 1 %}\n  a\n  {% endif %}\nb {{ 'x' }}  {% if 1 %}c{% endif %}\n",
     "a  \n  {{- 'b' -}}  \n c {#- x #}\n d {# y -#}\n\n e",
