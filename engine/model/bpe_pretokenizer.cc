@@ -110,15 +110,12 @@ RegexSplitter::~RegexSplitter() { pcre2_code_free(static_cast<pcre2_code*>(code_
 
 void RegexSplitter::split(std::string_view text, std::vector<std::string_view>* pieces) const {
   auto* code = static_cast<pcre2_code*>(code_);
-  // Per thread: match data sized for this pattern's groups, and a JIT stack large enough for
-  // long whitespace runs (the default 32 KiB is not).
-  thread_local std::unique_ptr<pcre2_match_data, MatchDataDeleter> data;
-  thread_local const void* data_code = nullptr;
+  // Per thread: match data for the whole match only (the patterns' groups are not read; a
+  // match with more groups still reports its bounds), and a JIT stack large enough for long
+  // whitespace runs (the default 32 KiB is not).
+  thread_local std::unique_ptr<pcre2_match_data, MatchDataDeleter> data(
+      pcre2_match_data_create(1, nullptr));
   thread_local std::unique_ptr<pcre2_jit_stack, JitStackDeleter> jit_stack;
-  if (data == nullptr || data_code != code) {
-    data.reset(pcre2_match_data_create_from_pattern(code, nullptr));
-    data_code = code;
-  }
   pcre2_match_context* context = nullptr;
   thread_local std::unique_ptr<pcre2_match_context, void (*)(pcre2_match_context*)> jit_context(
       nullptr, pcre2_match_context_free);

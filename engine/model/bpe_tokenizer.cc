@@ -214,7 +214,15 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::create(BpeTokenizerS
   tokenizer->bos_id_ = spec.bos_id;
   tokenizer->eos_id_ = spec.eos_id;
   tokenizer->add_bos_ = spec.add_bos;
-  tokenizer->max_input_bytes_per_token_ = spec.nfc ? 0 : max_bytes;
+  // A byte without a token is dropped from the ids, so then nothing bounds the bytes per
+  // token. Only bytes of well-formed UTF-8 reach BPE (C0, C1, F5..FF never do; SmolLM2's
+  // vocabulary lacks them).
+  bool every_byte = true;
+  for (int b = 0; b < 256; ++b) {
+    const bool in_utf8 = b != 0xC0 && b != 0xC1 && b < 0xF5;
+    every_byte &= !in_utf8 || tokenizer->impl_->byte_token[b] >= 0;
+  }
+  tokenizer->max_input_bytes_per_token_ = spec.nfc || !every_byte ? 0 : max_bytes;
   return tokenizer;
 }
 

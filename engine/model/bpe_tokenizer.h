@@ -77,7 +77,8 @@ class BpeTokenizer final : public Tokenizer {
   std::string_view token_bytes(int32_t id) const override;
   // The longest token in bytes: every piece BPE sees is text the input spelled (an invalid
   // byte run becomes U+FFFD, 3 bytes, from at most 3 input bytes), so one token covers at
-  // most that many input bytes. 0 with NFC, which may shrink text.
+  // most that many input bytes. 0 with NFC, which may shrink text, and when a byte has no
+  // token (it is dropped, as tokenizers drops it).
   int64_t max_input_bytes_per_token() const override { return max_input_bytes_per_token_; }
   int64_t countable_bytes(std::string_view text) const override {
     return static_cast<int64_t>(text.size());

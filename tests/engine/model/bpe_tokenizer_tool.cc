@@ -3,7 +3,8 @@
 // CORPUS: records of a little-endian uint32 length and that many bytes (any bytes).
 // OUT: one line per record: the ids of encode(text, add_bos=true), space-separated, a tab,
 // and decode(ids) in hex. Exit 1 when IncrementalDetokenizer's deltas, pushed one id at a
-// time, do not join to decode(ids) or a delta ends inside a UTF-8 character.
+// time, do not join to decode(ids) or a delta ends inside a UTF-8 character, or when a
+// record has fewer tokens than max_input_bytes_per_token() promises.
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -28,7 +29,7 @@ int main(int argc, char** argv) {
   std::ifstream in(argv[2], std::ios::binary);
   const std::string corpus((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   std::ofstream out(argv[3]);
-  size_t at = 0, records = 0, detok_failures = 0;
+  size_t at = 0, records = 0, detok_failures = 0, bound_failures = 0;
   static constexpr char kHex[] = "0123456789abcdef";
   while (at + 4 <= corpus.size()) {
     uint32_t size = 0;
@@ -59,6 +60,8 @@ int main(int argc, char** argv) {
     out << '\n';
     ++records;
   }
-  std::cerr << records << " records, " << detok_failures << " incremental-decode failures\n";
-  return detok_failures == 0 ? 0 : 1;
+  std::cerr << records << " records, " << detok_failures << " incremental-decode failures, "
+            << bound_failures << " under max_input_bytes_per_token "
+            << (*tokenizer)->max_input_bytes_per_token() << "\n";
+  return detok_failures == 0 && bound_failures == 0 ? 0 : 1;
 }
