@@ -10,10 +10,16 @@
 //    decoded while it ends that way (at most three byte pieces are held).
 // Any other piece's text depends only on the piece, so decode(a + b) = decode(a) + decode'(b)
 // once decode(a) is non-empty, which is what makes the window exact.
+//
+// Byte-level tokenizers (byte_level()) are simpler: decode() is the lossy UTF-8 reading of
+// the tokens' bytes joined, with no position-dependent rule, so push() keeps the bytes not
+// emitted yet and emits all but an incomplete character at their end (utf8.h says why the
+// lossy reading of what comes before it is final).
 #include <string>
 #include <vector>
 
 #include "engine/model/tokenizer.h"
+#include "engine/model/utf8.h"
 
 namespace megaserve::engine {
 
@@ -62,7 +68,20 @@ bool IncrementalDetokenizer::ends_in_incomplete_char() const {
   return false;
 }
 
+std::string IncrementalDetokenizer::push_bytes(int32_t id) {
+  if (id < 0 || id >= tokenizer_.vocab_size()) {
+    pending_bytes_.append("\xEF\xBF\xBD");  // U+FFFD, as the class comment promises
+  } else {
+    pending_bytes_.append(tokenizer_.token_bytes(id));
+  }
+  const size_t final_bytes = pending_bytes_.size() - utf8_incomplete_tail(pending_bytes_);
+  std::string delta = utf8_lossy(std::string_view(pending_bytes_).substr(0, final_bytes));
+  pending_bytes_.erase(0, final_bytes);
+  return delta;
+}
+
 std::string IncrementalDetokenizer::push(int32_t id) {
+  if (tokenizer_.byte_level()) return push_bytes(id);
   if (id < 0 || id >= tokenizer_.vocab_size()) id = replacement_id_;
   window_.push_back(id);
   if (ends_in_incomplete_char()) return "";
@@ -86,6 +105,11 @@ std::string IncrementalDetokenizer::push(int32_t id) {
 }
 
 std::string IncrementalDetokenizer::flush() {
+  if (tokenizer_.byte_level()) {
+    std::string rest = utf8_lossy(pending_bytes_);
+    pending_bytes_.clear();
+    return rest;
+  }
   const std::string text = decode_window(0, window_.size());
   std::string rest = text.size() > context_text_size_ ? text.substr(context_text_size_) : "";
   window_.clear();

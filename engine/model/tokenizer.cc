@@ -28,15 +28,28 @@
 
 namespace megaserve::engine {
 
-struct Tokenizer::Impl {
+namespace {
+
+class SentencePieceTokenizer final : public Tokenizer {
+ public:
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
+  absl::StatusOr<std::string> decode(const std::vector<int32_t>& ids) const override;
+  int vocab_size() const override { return processor.GetPieceSize(); }
+  int32_t bos_id() const override { return processor.bos_id(); }
+  int32_t eos_id() const override { return processor.eos_id(); }
+  int32_t unk_id() const override { return processor.unk_id(); }
+  std::string piece(int32_t id) const override;
+  int32_t piece_id(std::string_view piece) const override;
+  int byte_value(int32_t id) const override;
+  int64_t max_input_bytes_per_token() const override { return max_input_bytes_per_token_; }
+  int64_t countable_bytes(std::string_view text) const override;
+
   sentencepiece::SentencePieceProcessor processor;
   // byte_of_id[id] = HH for a byte-fallback piece <0xHH>, -1 otherwise.
   std::vector<int16_t> byte_of_id;
-  int64_t max_input_bytes_per_token = 0;  // see tokenizer.h; 0: unbounded
-  bool folds_spaces = false;              // NormalizerSpec.remove_extra_whitespaces
+  int64_t max_input_bytes_per_token_ = 0;  // see tokenizer.h; 0: unbounded
+  bool folds_spaces = false;               // NormalizerSpec.remove_extra_whitespaces
 };
-
-namespace {
 
 // Parses "<0xHH>", the spelling sentencepiece gives byte-fallback pieces.
 int parse_byte_piece(const std::string& piece) {
@@ -130,7 +143,6 @@ bool read_normalizer_facts(std::string_view model_proto, NormalizerFacts* facts)
 
 }  // namespace
 
-Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
@@ -144,7 +156,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
     return absl::InvalidArgumentError(
         absl::StrCat("sentencepiece model ", model_file.string(), " is not a regular file"));
   }
-  auto impl = std::make_unique<Impl>();
+  auto impl = std::make_unique<SentencePieceTokenizer>();
   const sentencepiece::util::Status status =
       impl->processor.Load(std::string_view(model_file.native()));
   if (!status.ok()) {
@@ -177,14 +189,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::load(
   const bool identity = parsed && normalizer.name == "identity" && !normalizer.has_charsmap &&
                         !normalizer.has_rule_tsv;
   impl->folds_spaces = !parsed || normalizer.remove_extra_whitespaces;
-  if (identity && byte_pieces == 256) impl->max_input_bytes_per_token = max_piece_bytes;
-  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
+  if (identity && byte_pieces == 256) impl->max_input_bytes_per_token_ = max_piece_bytes;
+  return std::unique_ptr<Tokenizer>(std::move(impl));
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) const {
+std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool add_bos) const {
   std::vector<int> pieces;
   // Encode fails only on an unloaded processor, which load() rules out.
-  impl_->processor.Encode(text, &pieces).IgnoreError();
+  processor.Encode(text, &pieces).IgnoreError();
   std::vector<int32_t> ids;
   ids.reserve(pieces.size() + 1);
   if (add_bos && bos_id() >= 0) ids.push_back(bos_id());
@@ -192,7 +204,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
   return ids;
 }
 
-absl::StatusOr<std::string> Tokenizer::decode(const std::vector<int32_t>& ids) const {
+absl::StatusOr<std::string> SentencePieceTokenizer::decode(const std::vector<int32_t>& ids) const {
   const int size = vocab_size();
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= size) {
@@ -202,40 +214,33 @@ absl::StatusOr<std::string> Tokenizer::decode(const std::vector<int32_t>& ids) c
   }
   const std::vector<int> pieces(ids.begin(), ids.end());
   std::string text;
-  const sentencepiece::util::Status status = impl_->processor.Decode(pieces, &text);
+  const sentencepiece::util::Status status = processor.Decode(pieces, &text);
   if (!status.ok()) {
     return absl::InternalError(absl::StrCat("sentencepiece decode failed: ", status.ToString()));
   }
   return text;
 }
 
-int Tokenizer::vocab_size() const { return impl_->processor.GetPieceSize(); }
-int32_t Tokenizer::bos_id() const { return impl_->processor.bos_id(); }
-int32_t Tokenizer::eos_id() const { return impl_->processor.eos_id(); }
-int32_t Tokenizer::unk_id() const { return impl_->processor.unk_id(); }
-
-std::string Tokenizer::piece(int32_t id) const {
+std::string SentencePieceTokenizer::piece(int32_t id) const {
   if (id < 0 || id >= vocab_size()) return "";
-  return impl_->processor.IdToPiece(id);
+  return processor.IdToPiece(id);
 }
 
-int32_t Tokenizer::piece_id(std::string_view piece) const {
-  const int id = impl_->processor.PieceToId(piece);
+int32_t SentencePieceTokenizer::piece_id(std::string_view piece) const {
+  const int id = processor.PieceToId(piece);
   // PieceToId answers unk_id for an unknown piece; only the unk piece itself maps there.
-  if (id == unk_id() && impl_->processor.IdToPiece(id) != piece) return -1;
+  if (id == unk_id() && processor.IdToPiece(id) != piece) return -1;
   return id;
 }
 
-int64_t Tokenizer::max_input_bytes_per_token() const { return impl_->max_input_bytes_per_token; }
-
-int64_t Tokenizer::countable_bytes(std::string_view text) const {
-  if (!impl_->folds_spaces) return static_cast<int64_t>(text.size());
+int64_t SentencePieceTokenizer::countable_bytes(std::string_view text) const {
+  if (!folds_spaces) return static_cast<int64_t>(text.size());
   return static_cast<int64_t>(text.size() - std::count(text.begin(), text.end(), ' '));
 }
 
-int Tokenizer::byte_value(int32_t id) const {
-  if (id < 0 || id >= static_cast<int32_t>(impl_->byte_of_id.size())) return -1;
-  return impl_->byte_of_id[id];
+int SentencePieceTokenizer::byte_value(int32_t id) const {
+  if (id < 0 || id >= static_cast<int32_t>(byte_of_id.size())) return -1;
+  return byte_of_id[id];
 }
 
 }  // namespace megaserve::engine
