@@ -6,7 +6,7 @@
 //     and on the device (profiled span), against the memory floor (weights + KV bytes over
 //     the measured bandwidth), for each kernel variant;
 //   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens, each
-//     with the CUDA-core and the tensor-core attention, profiled: per-opcode busy time and
+//     with the projections on wgmma and on mma.sync, profiled: per-opcode busy time and
 //     achieved TFLOP/s and TB/s (engine/cuda/cuda_trace.h), a per-SM Chrome trace of the first
 //     layers, and the prefill's compute floor (its FLOPs
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
@@ -63,11 +63,13 @@ struct Variant {
   const char* name;
   bool tensor_cores;
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
+  bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
 };
 
 void set_variant(CudaBackend& b, const Variant& v) {
   b.set_tensor_cores(v.tensor_cores);
   b.set_attention_cuda_cores(v.attention_cuda_cores);
+  b.set_wgmma(v.wgmma);
 }
 
 // Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
@@ -135,9 +137,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
               b.describe().c_str());
 
-  const Variant variants[] = {{"cuda-cores, attention split over warps", false, true},
-                              {"cuda-cores, tensor-core attention", false},
-                              {"tensor-cores, tensor-core attention", true}};
+  const Variant variants[] = {{"cuda-cores, tensor-core attention", false},
+                              {"mma.sync, tensor-core attention", true, false, false},
+                              {"wgmma, tensor-core attention", true}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
   const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config.num_layers * config.kv_size();
@@ -171,33 +173,30 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     std::printf("%s", format_trace_summary(s).c_str());
   }
 
-  // Decode at batch kBigBatch, projections on tensor cores: CUDA-core and tensor-core
-  // attention.
+  // Decode at batch kBigBatch, tensor-core attention: projections on mma.sync and on wgmma.
   const double kv_bytes_big = kBigBatch * kv_bytes_1;
   const double floor_big = (weight_bytes + kv_bytes_big) / bandwidth;
   std::printf("\ndecode %d requests x context %d: memory floor %.3f ms (%.2f GB)\n", kBigBatch,
               kContext, floor_big * 1e3, (weight_bytes + kv_bytes_big) * 1e-9);
   for (int k = 0; k < 2; ++k) {
-    const Variant v = k == 0 ? Variant{"attention split over warps", true, true}
-                             : Variant{"tensor-core attention", true};
+    const Variant v = variants[1 + k];
     set_variant(b, v);
     (void)runner.execute(make_plan(step_id++, kBigBatch, kContext, 0));  // warm-up
-    const std::string trace =
-        out_dir.empty() ? ""
-                        : out_dir + (k == 0 ? "/decode256_cc.trace.json" : "/decode256.trace.json");
+    const std::string trace = out_dir.empty() ? ""
+                                              : out_dir + (k == 0 ? "/decode256_mma.trace.json"
+                                                                  : "/decode256.trace.json");
     const double span =
         profiled_step(b, runner, config, make_plan(step_id++, kBigBatch, kContext, 0),
-                      std::string("decode batch 256, tensor cores, ") + v.name, trace);
+                      std::string("decode batch 256, ") + v.name, trace);
     if (span > 0) {
       std::printf("device span %.3f ms, floor/span %.3f, %.0f tok/s on the device\n", span * 1e-3,
                   floor_big / (span * 1e-6), kBigBatch / (span * 1e-6));
     }
   }
 
-  // One 8192-token prefill step (a single request), projections on tensor cores: with the
-  // tensor-core attention (the default, traced), then with the CUDA-core attention.
-  const Variant prefill_variants[] = {variants[2],
-                                      {"tensor-cores, attention split over warps", true, true}};
+  // One 8192-token prefill step (a single request), tensor-core attention: projections on
+  // wgmma (the default, traced), then on mma.sync.
+  const Variant prefill_variants[] = {variants[2], variants[1]};
   for (const Variant& v : prefill_variants) {
     set_variant(b, v);
     const scheduler::StepPlan prefill = make_plan(step_id++, 1, 0, kPrefillTokens);

@@ -1,6 +1,9 @@
 // The megakernel: one CTA per SM, each interpreting its queue of the step (controller.cuh),
 // in two launch modes sharing that code: one launch per step, and a persistent kernel fed
 // through the step ring [STEP_RING] (megakernel.h).
+// A wgmma pipeline barrier that never completes (a TMA fault) traps after ~10 s instead of
+// hanging the persistent kernel.
+#define MEGASERVE_MBAR_TIMEOUT_CYCLES 20000000000LL
 #include "kernels/controller.cuh"
 #include "kernels/megakernel.h"
 
@@ -11,6 +14,7 @@ __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
   if (threadIdx.x == 0) {
     cs.model = p.model;
     cs.stop = 0;
+    wgmma_pipe_init(WgmmaPipe{cs.tma_full, &cs.tma_consumed});
   }
 }
 

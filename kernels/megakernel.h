@@ -19,6 +19,7 @@
 // stuck step ends the kernel instead of hanging it.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (the type only)
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
@@ -44,6 +45,17 @@ inline constexpr int kAttentionMaxGroup = 4;
 inline constexpr int kAttentionWarpStateFloats = kAttentionMaxGroup * (2 + 32 * 8);
 inline constexpr int kAttentionSmemFloats =
     kAttentionMaxGroup * kMaxHeadDim + kMegakernelWarps * kAttentionWarpStateFloats;
+
+// The projection core on wgmma (kernels/tile_wgmma.cuh) streams weights with the TMA unit in
+// boxes of 64 k x kWgmmaGroupRows rows, through kWgmmaStages stages of 256 weight rows, and
+// needs kWgmmaCoreBytes of shared memory beside what the op keeps (else the op falls back to
+// the mma.sync core).
+inline constexpr int kWgmmaGroupRows = 16;
+inline constexpr int kWgmmaStages = 4;
+inline constexpr int kWgmmaCoreBytes = kWgmmaStages * 32 * 1024 + 3 * 8 * 1024 + 1024 + 1024;
+
+// A layer's weight matrices by their index in DeviceModel::weight_maps.
+enum WeightMatrix : int32_t { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerMatrices };
 
 // bf16 tensors are uint16 bit patterns (round-to-nearest-even, engine/isa/bf16.h).
 struct DeviceLayer {
@@ -78,6 +90,10 @@ struct DeviceModel {
   uint16_t* k_cache;
   uint16_t* v_cache;
   int64_t cache_layer_elements;
+  // TMA descriptors of the weights ([rows, K] bf16, box 64 k x kWgmmaGroupRows rows, 128-byte
+  // swizzle): layer l's matrix m at l * kLayerMatrices + m, the LM head after the layers. Null
+  // when the matrices' K do not allow TMA (K % 8 != 0); the projections then use mma.sync.
+  const CUtensorMap* weight_maps;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by
@@ -112,6 +128,9 @@ inline constexpr int32_t kStepTensorCores = 1;  // projections on bf16 tensor co
 // kAttention on CUDA cores (each row's keys spread over the warps, op_attention.cuh) instead
 // of bf16 tensor cores (op_attention_mma.cuh, the default where the head dim allows).
 inline constexpr int32_t kStepAttentionCudaCores = 4;
+// With kStepTensorCores: projections on wgmma with TMA-fed weights (kernels/tile_wgmma.cuh)
+// where the weights have TMA descriptors, instead of mma.sync.
+inline constexpr int32_t kStepWgmma = 8;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

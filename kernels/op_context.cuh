@@ -7,11 +7,19 @@
 
 namespace megaserve::kernels {
 
+// The wgmma core's pipeline state in static shared memory (controller.cuh, CtaState;
+// kernels/tile_wgmma.cuh [WGMMA_PIPE]).
+struct WgmmaPipe {
+  uint64_t* full;      // [kWgmmaStages]
+  uint32_t* consumed;  // k-blocks consumed so far by this CTA: stage and phase of the next
+};
+
 struct OpContext {
   const DeviceModel& model;
   const DeviceStepDesc& step;
   float* smem;          // dynamic shared memory, free for the op between __syncthreads
   int32_t smem_floats;  // its size in floats
+  WgmmaPipe pipe;       // the wgmma core's barriers (static shared memory)
 };
 
 }  // namespace megaserve::kernels

@@ -26,9 +26,15 @@ struct GateUpSiluOp {
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
       project<2>(
           st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm},
-          reinterpret_cast<char*>(core), core_bytes, row,
+          reinterpret_cast<char*>(core), core_bytes, ctx.pipe, row,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
+          },
+          [&](int m, int c) {
+            if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
+            return WeightGroup{
+                md.weight_maps + inst.layer() * kLayerMatrices + (m == 0 ? kWGate : kWUp),
+                a.col_begin + c};
           },
           [&](int c, int r, const float* v) {
             const float g = v[0], u = v[1];

@@ -26,9 +26,15 @@ struct HiddenProjectionOp {
     project<1>(
         st.flags,
         ProjectionInput{a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr, nullptr},
-        reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4,
+        reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, ctx.pipe,
         [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
         [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
+        [&](int, int c) {
+          if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
+          return WeightGroup{
+              md.weight_maps + inst.layer() * kLayerMatrices + (o_proj ? kWo : kWDown),
+              a.col_begin + c};
+        },
         [&](int c, int r, const float* v) {
           st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
         });

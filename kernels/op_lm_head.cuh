@@ -28,8 +28,12 @@ struct LmHeadOp {
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
       project<1>(
           st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
-          reinterpret_cast<char*>(core), core_bytes, row,
+          reinterpret_cast<char*>(core), core_bytes, ctx.pipe, row,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
+          [&](int, int c) {
+            if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
+            return WeightGroup{md.weight_maps + md.num_layers * kLayerMatrices, a.col_begin + c};
+          },
           [&](int c, int r, const float* v) {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];
           });

@@ -40,12 +40,23 @@ struct QkvRopeOp {
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
       project<1>(
           st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm}, reinterpret_cast<char*>(core),
-          core_bytes, [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },
+          core_bytes, ctx.pipe,
+          [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },
           [&](int, int c) {
             const int fh = a.head_begin + c / hd;
             const int kind = kind_of(fh);
             const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
             return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
+          },
+          [&](int, int c) {
+            // A group of 16 rows stays inside one head when hd is a multiple of 16.
+            if (md.weight_maps == nullptr || hd % kWgmmaGroupRows != 0) {
+              return WeightGroup{nullptr, 0};
+            }
+            const int fh = a.head_begin + c / hd;
+            const int kind = kind_of(fh);
+            return WeightGroup{md.weight_maps + inst.layer() * kLayerMatrices + kind,
+                               head_of(fh, kind) * hd + c % hd};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       // One warp per (row, head): bias, q/k norm, RoPE, store.

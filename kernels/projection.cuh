@@ -13,6 +13,7 @@
 #include "kernels/device_utils.cuh"
 #include "kernels/tile_matvec.cuh"
 #include "kernels/tile_mma.cuh"
+#include "kernels/tile_wgmma.cuh"
 
 namespace megaserve::kernels {
 
@@ -69,11 +70,19 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
 // product of weight row row_of(m, c) with x[r] (ProjectionInput). `smem` (16-byte aligned,
 // `smem_bytes`, at least kProjectionMinSmemBytes and K floats) belongs to the projection;
 // the caller synchronizes before (row_scale written); the projection ends with
-// __syncthreads.
-template <int kMats, typename SrcRow, typename RowOf, typename Emit>
+// __syncthreads. group_of(m, c) (WeightGroup) names the TMA map and row of weight rows
+// [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the
+// mma.sync core takes the tensor-core steps).
+template <int kMats, typename SrcRow, typename RowOf, typename GroupOf, typename Emit>
 __device__ void project(int32_t step_flags, const ProjectionInput& in, char* smem, int smem_bytes,
-                        SrcRow src_row, RowOf row_of, Emit emit) {
+                        WgmmaPipe pipe, SrcRow src_row, RowOf row_of, GroupOf group_of, Emit emit) {
   if (in.nrows <= 0) return;
+  constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
+  if ((step_flags & kWgmmaFlags) == kWgmmaFlags && smem_bytes >= kWgmmaCoreBytes && in.K % 8 == 0 &&
+      (reinterpret_cast<uintptr_t>(src_row(0)) & 15) == 0 && group_of(0, 0).map != nullptr) {
+    tile_wgmma<kMats>(in, smem, pipe, src_row, group_of, emit);
+    return;
+  }
   if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
       mma_can_take<kMats>(in, src_row, row_of)) {
     if (in.nrows <= kMmaDecodeRows) {

@@ -76,7 +76,7 @@ bool cuda_backend_supported(std::string* why) {
 CudaBackend::CudaBackend() = default;
 
 struct CudaBackend::InFlight {
-  uint32_t seq = 0;  // its number in the step ring
+  uint32_t seq = 0;            // its number in the step ring
   const Step* step = nullptr;  // the submitter's, alive until collected (Backend::submit)
   SamplingUpload sampling;
   DeviceStepDesc desc{};
@@ -99,11 +99,14 @@ CudaBackend::~CudaBackend() {
 }
 
 std::string CudaBackend::describe() const {
-  return absl::StrCat(
-      "cuda megakernel on ", device_name_, " (device ", options_.device, ", ", tiles_.num_sms,
-      " CTAs, ", options_.persistent ? "persistent" : "one launch per step",
-      options_.tensor_cores ? ", tensor cores" : ", CUDA cores", "): ", num_kv_blocks_,
-      " KV blocks of ", options_.kv_block_size, " tokens, bf16 weights and cache");
+  return absl::StrCat("cuda megakernel on ", device_name_, " (device ", options_.device, ", ",
+                      tiles_.num_sms, " CTAs, ",
+                      options_.persistent ? "persistent" : "one launch per step",
+                      !options_.tensor_cores ? ", CUDA cores"
+                      : options_.wgmma       ? ", wgmma tensor cores"
+                                             : ", mma.sync tensor cores",
+                      "): ", num_kv_blocks_, " KV blocks of ", options_.kv_block_size,
+                      " tokens, bf16 weights and cache");
 }
 
 absl::Status CudaBackend::fail(absl::Status s) {
@@ -205,6 +208,7 @@ absl::Status CudaBackend::submit(const Step& step) {
   }
   f->reads_workspace = options_.host_sampling || options_.profile || options_.check_barriers;
   const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
+                        (options_.wgmma ? kernels::kStepWgmma : 0) |
                         (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =
       st.upload_step(step, token_ids, shape, f->sampling, flags, options_.poison_workspace);

@@ -59,10 +59,15 @@ struct CudaBackendOptions {
   // and compare the barriers with the step's barrier_end after it.
   bool poison_workspace = false;
   bool check_barriers = false;
-  // Projections on bf16 tensor cores (mma.sync m16n8k16; each fp32 activation as a bf16
-  // hi + lo pair, fp32 accumulation) where the reduction width is a multiple of 8 and a tile
-  // has more than one token row; else, or when false, CUDA cores (fp32 FMA).
+  // Projections on bf16 tensor cores where the reduction width is a multiple of 8: with
+  // `wgmma`, Hopper's wgmma with TMA-fed weights and bf16 activations (kernels/tile_wgmma.cuh,
+  // every tile); without, mma.sync m16n8k16 with each fp32 activation as a bf16 hi + lo pair
+  // (tiles of more than one token row). Accumulation is fp32. When false, CUDA cores (fp32
+  // FMA).
   bool tensor_cores = true;
+  // Off by default until its second version (kernels/tile_wgmma.cuh) is measured on a GPU:
+  // see bench/RESULTS.md.
+  bool wgmma = false;
   // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
   // always run on CUDA cores).
@@ -119,6 +124,7 @@ class CudaBackend : public Backend {
   // from each step's descriptor): benchmarks compare variants on one upload of the weights.
   void set_profile(bool on) { options_.profile = on; }
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
+  void set_wgmma(bool on) { options_.wgmma = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }
 

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_state.h"
+#include "engine/cuda/cuda_weight_maps.h"
 #include "engine/isa/bf16.h"
 #include "engine/planner/schedule_builder.h"
 #include "kernels/device_probe.h"
@@ -178,6 +179,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   absl::StatusOr<kernels::DeviceLayer*> dl = st->upload(layers.data(), layers.size(), "layers");
   if (!dl.ok()) return dl.status();
   m.layers = *dl;
+  absl::StatusOr<std::vector<CUtensorMap>> maps = encode_weight_maps(m, layers);
+  if (!maps.ok()) return maps.status();
+  m.weight_maps = nullptr;
+  if (!maps->empty()) {
+    absl::StatusOr<CUtensorMap*> dm = st->upload(maps->data(), maps->size(), "weight maps");
+    if (!dm.ok()) return dm.status();
+    m.weight_maps = *dm;
+  }
   const std::vector<float> inv_freq = rope_inv_freq(config);
   absl::StatusOr<float*> inv = st->upload(inv_freq.data(), inv_freq.size(), "inv_freq");
   if (!inv.ok()) return inv.status();

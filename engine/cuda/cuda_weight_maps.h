@@ -1,0 +1,21 @@
+// TMA descriptors of the weights, for the megakernel's wgmma projections
+// (kernels/tile_wgmma.cuh, DeviceModel::weight_maps).
+#pragma once
+
+#include <cuda.h>
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/megakernel.h"
+
+namespace megaserve::engine {
+
+// One map per weight matrix of `layers` (host copies of the device records, in
+// kernels::WeightMatrix order per layer), then the LM head's, for the model's shape in `m`.
+// Empty when a matrix's K is not a multiple of 8 (TMA needs 16-byte row strides): the
+// projections then run on mma.sync. An error when the driver cannot encode a map.
+absl::StatusOr<std::vector<CUtensorMap>> encode_weight_maps(
+    const kernels::DeviceModel& m, const std::vector<kernels::DeviceLayer>& layers);
+
+}  // namespace megaserve::engine

@@ -1,0 +1,227 @@
+// The projection core on Hopper's wgmma (sm_90a), the default tensor-core path where the weights
+// have TMA descriptors: a tile of up to 64 token rows x up to 256 weight rows per pass, K in
+// blocks of 64.
+//
+// Operands of wgmma m64nNk16 (fp32 accumulation in registers):
+//   A (64 x 16)  token rows: the activations (fp32 in the workspace) times row_scale and norm,
+//                rounded to bf16 once (the accuracy standard, DESIGN §5: bf16 activations,
+//                fp32 accumulation; the CPU's bf16-rounding mode rounds at the same point).
+//                Every thread loads its share of the next k-block into registers while the
+//                current one multiplies, then writes it as bf16 into one of three A buffers
+//                in the 128-byte-swizzled K-major layout that wgmma reads.
+//   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
+//                kWgmmaGroupRows rows x 64 k (2 KB, one box) into a stage; a pass's rows are up
+//                to 16 groups (256 rows), each from one weight matrix (the op's map_of).
+// Warpgroup w multiplies weight rows [128 w, 128 w + 128) of the pass (m64n128k16, 64
+// accumulator registers per thread), whether the pass uses them or not: rows past the pass's
+// groups are stale and only feed outputs that are not emitted. A branch around the wgmmas would
+// make ptxas serialize them (C7520), so a narrow pass pays for 256 rows of tensor work (tiles of
+// 256 weight rows avoid it: 256 hidden columns, 128 FFN columns, two heads of 128).
+//
+// The core is a function of its own (__noinline__): the megakernel is one 255-register function
+// that spills, and inlined here its spill reloads landed in this loop (local memory is an L2
+// round trip, shared memory taking nearly all of L1); a call also keeps the megakernel's other
+// calls (division and math slow paths) from making ptxas serialize the wgmmas (C7510).
+//
+// Pipeline [WGMMA_PIPE]: kWgmmaStages stages of weights, each with a "full" mbarrier in the
+// CTA's static shared memory (count 1: thread 0's arrive_expect_tx, then the TMA bytes). One
+// CTA-wide barrier per k-block replaces "empty" barriers: every thread passes it only after its
+// warpgroup retired the wgmmas of the previous k-block (wgmma.wait_group 1), so after it the
+// issuing lanes may refill that k-block's stage, and the A buffer written next (read two k-blocks
+// ago) is free. Every pass drains its stages, so the barriers' phases carry over from pass to pass
+// and from instruction to instruction through one count of k-blocks consumed (tma_count).
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
+#include "kernels/megakernel.h"
+#include "kernels/op_context.cuh"
+#include "kernels/tile_mma.cuh"
+
+namespace megaserve::kernels {
+
+// Where a group of kWgmmaGroupRows weight rows comes from: rows [row, row + 16) of `map`.
+struct WeightGroup {
+  const CUtensorMap* map;
+  int32_t row;
+};
+
+inline constexpr int kWgmmaBlockK = 64;    // one 128-byte swizzled row
+inline constexpr int kWgmmaPassRows = 64;  // token rows: wgmma M
+inline constexpr int kWgmmaPassB = 256;    // weight rows per pass
+inline constexpr int kWgmmaGroups = kWgmmaPassB / kWgmmaGroupRows;
+inline constexpr int kWgmmaStageBytes = kWgmmaPassB * 128;  // 32 KB
+inline constexpr int kWgmmaABytes = kWgmmaPassRows * 128;   // 8 KB
+inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;       // floats per staged output row
+static_assert(kWgmmaStageBytes * kWgmmaStages + 3 * kWgmmaABytes + 1024 + 1024 <= kWgmmaCoreBytes);
+// The epilogue's staged outputs overlay the stages.
+static_assert(kWgmmaPassRows * kWgmmaDStride * 4 <= kWgmmaStageBytes * kWgmmaStages);
+
+// Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
+__device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
+  for (int s = 0; s < kWgmmaStages; ++s) hopper::mbarrier_init(&pipe.full[s], 1);
+  *pipe.consumed = 0;
+  hopper::fence_barrier_init();
+}
+
+// For every column c < in.ncols and token row r < in.nrows:
+//   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
+// where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
+// W_m[c .. c + 16). `smem` (`smem_bytes` >= kWgmmaCoreBytes) is the core's own; the caller has
+// synchronized before (row_scale written); the core ends with __syncthreads. Needs K % 8 == 0
+// and 16-byte-aligned activation rows.
+template <int kMats, typename SrcRow, typename GroupOf, typename Emit>
+__device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, WgmmaPipe pipe,
+                                        SrcRow src_row, GroupOf group_of, Emit emit) {
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int K = in.K;
+  const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
+  char* const base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem) + 1023) & ~1023);
+  char* const stages = base;                                    // [kWgmmaStages][32 KB]
+  char* const abuf = stages + kWgmmaStages * kWgmmaStageBytes;  // [3][8 KB]
+  const float** x_rows = reinterpret_cast<const float**>(abuf + 3 * kWgmmaABytes);  // [64]
+  float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);               // [64]
+  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);   // [16]
+  float* const dstage = reinterpret_cast<float*>(stages);  // [64][kWgmmaDStride] epilogue
+
+  const int cstride_max = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;
+  for (int r0 = 0; r0 < in.nrows; r0 += kWgmmaPassRows) {
+    const int nr = min(kWgmmaPassRows, in.nrows - r0);
+    for (int c0 = 0; c0 < in.ncols; c0 += cstride_max) {
+      const int nc = min(cstride_max, in.ncols - c0);
+      const int cgroups = (nc + kWgmmaGroupRows - 1) / kWgmmaGroupRows;  // per matrix
+      const int cstride = cgroups * kWgmmaGroupRows;
+      const int ngroups = kMats * cgroups;
+      for (int n = tid; n < kWgmmaPassRows; n += blockDim.x) {
+        x_rows[n] = n < nr ? src_row(r0 + n) : nullptr;
+        x_scale[n] = (n < nr && in.row_scale != nullptr) ? in.row_scale[r0 + n] : 1.0f;
+      }
+      if (tid < ngroups) {
+        groups[tid] = group_of(tid / cgroups, c0 + (tid % cgroups) * kWgmmaGroupRows);
+      }
+      // Earlier generic accesses of this memory (the previous pass's epilogue, other ops) are
+      // ordered before the TMA writes and wgmma reads that follow.
+      hopper::fence_proxy_async_shared();
+      __syncthreads();
+      const uint32_t done = *pipe.consumed;
+      const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
+
+      // K-block j's weight groups into stage (done + j) % kWgmmaStages: thread 0 arms the
+      // barrier, lane 0 of warp w copies groups w, w + 8 (so no warp issues all 16 copies; a
+      // copy that lands before the arming only drives the transaction count negative, and the
+      // phase cannot complete before thread 0's arrival).
+      const auto issue = [&](int j) {
+        const uint32_t s = (done + j) % kWgmmaStages;
+        uint64_t* bar = &pipe.full[s];
+        if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+        if ((tid & 31) != 0) return;
+        char* dst = stages + s * kWgmmaStageBytes;
+        for (int g = tid >> 5; g < ngroups; g += kMegakernelWarps) {
+          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                              groups[g].row);
+        }
+      };
+      // This thread's share of k-block j's A: 4 quads (row, 4 k) of the 64 x 64 block.
+      float4 xa[4];
+      uint2 na[4];
+      const auto load_a = [&](int j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int q = tid + i * kMegakernelThreads, row = q >> 4,
+                    k = j * kWgmmaBlockK + (q & 15) * 4;
+          xa[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+          na[i] = make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
+          if (row < nr && k < K) {
+            xa[i] = *reinterpret_cast<const float4*>(x_rows[row] + k);
+            if (in.norm != nullptr) na[i] = __ldg(reinterpret_cast<const uint2*>(in.norm + k));
+          }
+        }
+      };
+      const auto store_a = [&](int buf) {
+        char* dst = abuf + buf * kWgmmaABytes;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int q = tid + i * kMegakernelThreads, row = q >> 4, c4 = q & 15;
+          const float sc = x_scale[row];
+          const float2 w0 = unpack_bf16x2(na[i].x), w1 = unpack_bf16x2(na[i].y);
+          uint2 v;
+          v.x = pack_bf16x2(xa[i].x * sc * w0.x, xa[i].y * sc * w0.y);
+          v.y = pack_bf16x2(xa[i].z * sc * w1.x, xa[i].w * sc * w1.y);
+          *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
+                                    (c4 & 1) * 8) = v;
+        }
+      };
+
+      for (int j = 0; j < kWgmmaStages - 1 && j < nk; ++j) issue(j);
+      load_a(0);
+      store_a(0);
+      hopper::fence_proxy_async_shared();
+      __syncthreads();
+
+      float acc[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      hopper::wgmma_fence_operands(acc);
+      const uint32_t a_base = smem_addr(abuf), b_base = smem_addr(stages);
+      for (int j = 0; j < nk; ++j) {
+        if (j + 1 < nk) load_a(j + 1);
+        const uint32_t s = (done + j) % kWgmmaStages;
+        hopper::mbarrier_wait_parity(&pipe.full[s], ((done + j) / kWgmmaStages) & 1);
+        hopper::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
+          const uint64_t da =
+              hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kWgmmaABytes + koff);
+          const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes +
+                                                             wg * (kWgmmaStageBytes / 2) + koff);
+          hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+        }
+        hopper::wgmma_commit_group();
+        if (j + 1 < nk) {
+          store_a((j + 1) % 3);
+          hopper::fence_proxy_async_shared();
+        }
+        hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
+        __syncthreads();
+        if (j + kWgmmaStages - 1 < nk) issue(j + kWgmmaStages - 1);
+      }
+      hopper::wgmma_wait<0>();
+      hopper::wgmma_fence_operands(acc);
+      __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
+
+      // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block
+      // b, registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
+      // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4).
+      {
+        const int w4 = (tid >> 5) & 3, lane = tid & 31;
+        const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
+        float* d = dstage + wg * (kWgmmaPassB / 2);
+#pragma unroll
+        for (int b = 0; b < 16; ++b) {
+          *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
+              make_float2(acc[4 * b], acc[4 * b + 1]);
+          *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
+              make_float2(acc[4 * b + 2], acc[4 * b + 3]);
+        }
+      }
+      __syncthreads();
+      for (int i = tid; i < nr * nc; i += blockDim.x) {
+        const int r = i / nc, c = i % nc;  // consecutive threads: consecutive columns
+        float v[kMats];
+#pragma unroll
+        for (int m = 0; m < kMats; ++m) {
+          const int a = r * kWgmmaDStride + m * cstride + c;
+          v[m] = dstage[a];
+        }
+        emit(c0 + c, r0 + r, v);
+      }
+      if (tid == 0) *pipe.consumed = done + nk;
+      __syncthreads();  // emitted values visible; memory and tables free for the next pass
+    }
+  }
+}
+
+}  // namespace megaserve::kernels
