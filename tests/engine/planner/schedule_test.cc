@@ -432,8 +432,9 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   TileConfig fixed = tiles;
   fixed.balance_columns = false;
   const Step plain = build(fixed, 1);
-  EXPECT_EQ(column_tiles(plain, Opcode::kOProj, 4096, 1).count, 32);
-  EXPECT_EQ(column_tiles(plain, Opcode::kGateUpSilu, 14336, 1).count, 224);
+  // The config's own widths.
+  EXPECT_EQ(column_tiles(plain, Opcode::kOProj, 4096, 1).count, 4096 / tiles.hidden_cols);
+  EXPECT_EQ(column_tiles(plain, Opcode::kGateUpSilu, 14336, 1).count, 14336 / tiles.ffn_cols);
   EXPECT_EQ(column_tiles(plain, Opcode::kLmHead, 128256, 1).count, 126);
   EXPECT_FALSE(cpu_tile_config(132).balance_columns);
 
