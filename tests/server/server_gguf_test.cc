@@ -172,6 +172,61 @@ TEST(ServerGgufTest, ChatWithoutATemplateIsFailedPrecondition) {
   EXPECT_TRUE(megaserve::testing::generate(*stub, request).status.ok());
 }
 
+// The completion's text is what its tokens add after the prompt (DESIGN.md §9): the full
+// decode of prompt + completion ids is the prompt's decode followed by the streamed text,
+// the first token's leading space included.
+void expect_completion_extends_prompt(v1::Megaserve::Stub& stub, const std::string& prompt,
+                                      bool expect_leading_space) {
+  v1::GenerateRequest request;
+  request.set_text(prompt);
+  request.mutable_params()->set_temperature(0.0f);
+  request.mutable_params()->set_max_tokens(8);
+  const megaserve::testing::StreamResult r = megaserve::testing::generate(stub, request);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_FALSE(r.text.empty());
+  if (expect_leading_space) EXPECT_EQ(r.text[0], ' ') << r.text;
+  grpc::ClientContext tokenize_context;
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text(prompt);
+  v1::TokenizeResponse prompt_ids;
+  ASSERT_TRUE(stub.Tokenize(&tokenize_context, tokenize, &prompt_ids).ok());
+  const auto detokenize = [&stub](const std::vector<int32_t>& ids) {
+    grpc::ClientContext context;
+    v1::DetokenizeRequest in;
+    for (int32_t id : ids) in.add_token_ids(id);
+    v1::DetokenizeResponse out;
+    EXPECT_TRUE(stub.Detokenize(&context, in, &out).ok());
+    return out.text();
+  };
+  std::vector<int32_t> all(prompt_ids.token_ids().begin(), prompt_ids.token_ids().end());
+  const std::string prompt_text = detokenize(all);
+  // The last id may be EOS, whose text is hidden (and empty in a decode).
+  all.insert(all.end(), r.token_ids.begin(), r.token_ids.end());
+  EXPECT_EQ(prompt_text + r.text, detokenize(all));
+}
+
+TEST(ServerGgufTest, CompletionKeepsItsLeadingSpaceWithSentencepiece) {
+  MEGASERVE_REQUIRE_ASSET("models/stories260K-hf/config.json");
+  config::ServerConfig config =
+      cpu_config(megaserve::testing::assets_dir() / "models/stories260K-hf");
+  config.mutable_engine()->set_cpu_threads(1);
+  config.mutable_engine()->set_max_model_len(0);
+  std::unique_ptr<Server> server = start(config);
+  ASSERT_NE(server, nullptr);
+  auto stub = megaserve::testing::connect(server->grpc_port());
+  expect_completion_extends_prompt(*stub, "Once upon a time, there was a", true);
+  expect_completion_extends_prompt(*stub, "Once upon a time", false);  // "," follows
+}
+
+TEST(ServerGgufTest, CompletionKeepsItsLeadingSpaceWithByteLevelBpe) {
+  REQUIRE_SMOLLM2();
+  std::unique_ptr<Server> server = start(cpu_config(smollm2_path()));
+  ASSERT_NE(server, nullptr);
+  auto stub = megaserve::testing::connect(server->grpc_port());
+  // Greedy SmolLM2 continues with " Paris." (seen through megaserve-cli).
+  expect_completion_extends_prompt(*stub, "The capital of France is", true);
+}
+
 TEST(ServerGgufTest, ChatWithNoMessagesIsInvalidArgument) {
   REQUIRE_SMOLLM2();
   std::unique_ptr<Server> server = start(cpu_config(smollm2_path()));
