@@ -1,6 +1,8 @@
 // megaserve-cli: a command-line client for a megaserve server.
 //   megaserve-cli "Once upon a time" --max_tokens=64 --temperature=0   stream the text
 //   echo "prompt" | megaserve-cli --json                              print every chunk as JSON
+//   megaserve-cli --chat "What is the capital of France?"            one user message, through
+//                                                                     the model's chat template
 //   megaserve-cli --info | --tokenize "text" | --health
 // --health exits 0 when the server reports SERVING, 1 otherwise (for container health checks).
 #include <unistd.h>
@@ -9,6 +11,7 @@
 #include <cstdint>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -29,6 +32,9 @@
 ABSL_FLAG(std::string, server, "localhost:50051", "the megaserve gRPC address");
 ABSL_FLAG(bool, json, false, "print each streamed message as one JSON line");
 ABSL_FLAG(bool, info, false, "print the model information and exit");
+ABSL_FLAG(bool, chat, false,
+          "send the prompt as one user message through the Chat RPC (the model's chat "
+          "template); --add_bos does not apply");
 ABSL_FLAG(bool, tokenize, false, "print the prompt's token ids and exit");
 ABSL_FLAG(bool, health, false, "check grpc.health.v1; exit 0 when SERVING");
 ABSL_FLAG(double, timeout_seconds, 0, "deadline of the call; 0 is none");
@@ -87,7 +93,7 @@ int run(int argc, char** argv) {
   usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
   absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(
-      "[PROMPT...] [--max_tokens=N --temperature=T ...] | --info | --tokenize "
+      "[--chat] [PROMPT...] [--max_tokens=N --temperature=T ...] | --info | --tokenize "
       "PROMPT | --health");
   FlagSpelling spelling(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(spelling.argc(), spelling.argv());
@@ -172,7 +178,18 @@ int run(int argc, char** argv) {
 
   grpc::ClientContext context;
   set_deadline(&context);
-  auto reader = stub->Generate(&context, request);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
+  if (absl::GetFlag(FLAGS_chat)) {
+    v1::ChatRequest chat;
+    v1::ChatMessage* message = chat.add_messages();
+    message->set_role("user");
+    message->set_content(prompt);
+    *chat.mutable_params() = request.params();
+    chat.set_request_id(request.request_id());
+    reader = stub->Chat(&context, chat);
+  } else {
+    reader = stub->Generate(&context, request);
+  }
   v1::GenerateResponse response;
   const bool json = absl::GetFlag(FLAGS_json);
   v1::GenerateResponse last;

@@ -76,7 +76,7 @@ using megaserve::server::shown_value;
 
 ABSL_FLAG(StringOverride, model, shown_text(model_defaults().path()),
           "Hugging Face model directory to serve (config.json, *.safetensors, "
-          "tokenizer.model); empty: the built-in demo model");
+          "tokenizer.model), or a llama GGUF file; empty: the built-in demo model");
 ABSL_FLAG(StringOverride, load_format, shown_text(model_defaults().load_format()),
           "\"auto\" (read the safetensors) or \"dummy\" (seeded random weights)");
 ABSL_FLAG(StringOverride, model_config_file, shown_text(model_defaults().config_file()),

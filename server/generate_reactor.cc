@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/output_stream.h"
@@ -158,6 +159,12 @@ void GenerateReactor::admit(const v1::GenerateRequest& request) {
     return;
   }
   const int prompt_tokens = static_cast<int>(engine_request->prompt_token_ids.size());
+  // The prompt's last ids, the detokenizer's context (the request moves into the engine).
+  const std::vector<int32_t>& prompt_ids = engine_request->prompt_token_ids;
+  const std::vector<int32_t> prompt_tail(
+      prompt_ids.end() -
+          std::min(prompt_ids.size(), engine::IncrementalDetokenizer::kPromptContextIds),
+      prompt_ids.end());
   const scheduler::SamplingParams sampling = engine_request->sampling;
   auto output = context_->engine->submit(*std::move(engine_request));
   if (!output.ok()) {
@@ -171,6 +178,7 @@ void GenerateReactor::admit(const v1::GenerateRequest& request) {
     admitted_ = Clock::now();
     stream_ = std::make_unique<OutputStream>(
         *context_->tokenizer, sampling, context_->eos_token_ids, request.params().has_logprobs());
+    stream_->set_prompt(prompt_tail);
     output_ = *std::move(output);
     pending_.set_request_id(client_request_id_);
     // OnCancel ran while the prompt was tokenized or submitted: it could not tell the

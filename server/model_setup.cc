@@ -2,12 +2,18 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
+#include <string_view>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/backend_choice.h"
+#include "engine/model/chat_template.h"
 #include "engine/model/demo_model.h"
+#include "engine/model/gguf.h"
+#include "engine/model/gguf_model.h"
 #include "engine/model/host_memory.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
@@ -22,9 +28,23 @@ struct ModelFiles {
   fs::path config_dir;   // holds config.json (and generation_config.json)
   fs::path weights_dir;  // holds the safetensors; empty with dummy weights
   fs::path tokenizer_file;
+  // A single .gguf file holding config, weights, tokenizer and chat template; config_dir and
+  // weights_dir are then empty.
+  fs::path gguf_file;
   std::string name;
   bool dummy = false;
 };
+
+// True for a regular file that starts with the GGUF magic, or any path named *.gguf (so
+// that a missing or unreadable one gets GGUF's error naming it, not config.json's).
+bool is_gguf(const fs::path& path) {
+  if (path.extension() == ".gguf") return true;
+  std::error_code error;
+  if (!fs::is_regular_file(path, error)) return false;
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
+}
 
 absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
   ModelFiles files;
@@ -45,6 +65,15 @@ absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
     files.tokenizer_file = demo / "tokenizer.model";
     files.name = "megaserve-demo";
     files.dummy = true;
+  } else if (is_gguf(source.path())) {
+    if (!source.config_file().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.config_file cannot be combined with a GGUF model (", source.path(),
+                       "): the GGUF file holds its config"));
+    }
+    files.gguf_file = source.path();
+    files.tokenizer_file = files.gguf_file;
+    files.name = files.gguf_file.stem().string();
   } else {
     const fs::path dir = source.path();
     if (!source.config_file().empty()) {
@@ -67,7 +96,9 @@ absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
 }
 
 absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& source,
-                                                const ModelFiles& files) {
+                                                const ModelFiles& files,
+                                                const engine::GgufFile* gguf) {
+  if (gguf != nullptr) return engine::gguf_model_config(*gguf);
   if (!source.config_file().empty()) {
     std::ifstream in(source.config_file());
     if (!in) {
@@ -79,6 +110,33 @@ absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& sourc
     return engine::parse_model_config(text.str(), source.config_file());
   }
   return engine::load_model_config(files.config_dir);
+}
+
+// The model's chat template, or null when it has none. A GGUF file's template must parse
+// (an error names the file); a directory's tokenizer_config.json template is optional, and
+// one that does not parse only costs Chat, with a warning, so that a directory served
+// before chat existed is served still.
+absl::StatusOr<std::shared_ptr<const engine::ChatTemplate>> load_chat_template(
+    const ModelFiles& files, const engine::GgufFile* gguf) {
+  absl::StatusOr<engine::ChatTemplate> parsed = absl::NotFoundError("");
+  if (gguf != nullptr) {
+    parsed = engine::ChatTemplate::from_gguf(*gguf);
+    if (!parsed.ok() && !absl::IsNotFound(parsed.status())) return parsed.status();
+  } else if (!files.config_dir.empty()) {
+    const fs::path tokenizer_config = files.config_dir / "tokenizer_config.json";
+    std::error_code error;
+    if (fs::exists(tokenizer_config, error)) {
+      parsed = engine::ChatTemplate::from_tokenizer_config(tokenizer_config);
+      if (!parsed.ok() && !absl::IsNotFound(parsed.status())) {
+        spdlog::warn("no Chat for this model: {}", parsed.status().ToString());
+      }
+    }
+  }
+  if (!parsed.ok()) {
+    spdlog::info("model {}: no chat template, the Chat RPC is refused", files.name);
+    return std::shared_ptr<const engine::ChatTemplate>();
+  }
+  return std::make_shared<const engine::ChatTemplate>(*std::move(parsed));
 }
 
 engine::BackendSettings backend_settings(const config::EngineConfig& e) {
@@ -100,10 +158,18 @@ engine::BackendSettings backend_settings(const config::EngineConfig& e) {
 absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   auto files = locate_model(config.model());
   if (!files.ok()) return files.status();
-  auto model = read_config(config.model(), *files);
+  std::unique_ptr<engine::GgufFile> gguf;
+  if (!files->gguf_file.empty()) {
+    auto opened = engine::GgufFile::open(files->gguf_file);
+    if (!opened.ok()) return opened.status();
+    gguf = *std::move(opened);
+  }
+  auto model = read_config(config.model(), *files, gguf.get());
   if (!model.ok()) return model.status();
-  auto tokenizer = engine::Tokenizer::load(files->tokenizer_file);
+  auto tokenizer = engine::load_tokenizer(files->tokenizer_file);
   if (!tokenizer.ok()) return tokenizer.status();
+  auto chat_template = load_chat_template(*files, gguf.get());
+  if (!chat_template.ok()) return chat_template.status();
 
   spdlog::info("model {}: {} layers, hidden {}, {} heads ({} KV), vocab {}, context {}{}",
                files->name, model->num_layers, model->hidden_size, model->num_heads,
@@ -139,7 +205,8 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   if (files->dummy) {
     weights = engine::dummy_weights(*model, dtype, config.model().dummy_seed());
   } else {
-    auto loaded = engine::load_weights(files->weights_dir, *model, dtype);
+    auto loaded = gguf != nullptr ? engine::load_gguf_weights(*gguf, *model, dtype)
+                                  : engine::load_weights(files->weights_dir, *model, dtype);
     if (!loaded.ok()) return loaded.status();
     weights = *std::move(loaded);
   }
@@ -166,6 +233,13 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   served.engine = *std::move(engine);
   served.tokenizer = *std::move(tokenizer);
   served.eos_token_ids = model->eos_token_ids;
+  served.chat_template = *std::move(chat_template);
+  if (served.tokenizer->bos_id() >= 0) {
+    served.bos_token = served.tokenizer->piece(served.tokenizer->bos_id());
+  }
+  if (served.tokenizer->eos_id() >= 0) {
+    served.eos_token = served.tokenizer->piece(served.tokenizer->eos_id());
+  }
   v1::ModelInfo& info = served.info;
   info.set_name(files->name);
   info.set_architecture(model->architecture);

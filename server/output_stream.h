@@ -38,6 +38,13 @@ class OutputStream {
   OutputStream(const engine::Tokenizer& tokenizer, const scheduler::SamplingParams& params,
                std::vector<int32_t> eos_token_ids, bool report_logprobs);
 
+  // The request's prompt, as context for detokenizing (call before the first add): the
+  // text is then what the generated tokens add after the prompt (DESIGN.md §9), keeping,
+  // with sentencepiece, the first token's leading space.
+  void set_prompt(const std::vector<int32_t>& prompt_token_ids) {
+    detokenizer_.set_prompt_context(prompt_token_ids);
+  }
+
   // Appends the effect of `event` to `delta`.
   void add(const engine::RequestEvent& event, StreamDelta* delta);
 

@@ -48,6 +48,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
   server->tokenizer_pool_ = std::make_unique<TokenizerPool>();
   context.tokenizer_pool = server->tokenizer_pool_.get();
   context.eos_token_ids = server->model_.eos_token_ids;
+  context.chat_template = server->model_.chat_template;
+  context.bos_token = server->model_.bos_token;
+  context.eos_token = server->model_.eos_token;
 
   auto stats = [engine] { return engine->stats(); };
   server->metrics_ = std::make_unique<Metrics>(stats);

@@ -5,11 +5,13 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
+#include "engine/model/chat_template.h"
 #include "engine/model/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/megaserve.pb.h"
@@ -25,6 +27,11 @@ struct ServedModel {
   std::unique_ptr<engine::Tokenizer> tokenizer;
   v1::ModelInfo info;  // max_model_len and vocab_size also bound requests
   std::vector<int32_t> eos_token_ids;
+  // The model's chat template (null when it has none: Chat is then refused) and the
+  // special tokens' text that templates see as bos_token / eos_token.
+  std::shared_ptr<const engine::ChatTemplate> chat_template;
+  std::optional<std::string> bos_token;
+  std::optional<std::string> eos_token;
 };
 
 struct ServerOptions {

@@ -44,6 +44,57 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* MegaserveService::Generate(
   return new_generate_reactor(context_, call, std::move(parsed_request), parsed);
 }
 
+absl::StatusOr<v1::GenerateRequest> chat_to_generate_request(const ServingContext& context,
+                                                             const v1::ChatRequest& request) {
+  if (context.chat_template == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model ", context.model_info.name(),
+                     " has no chat template (GGUF tokenizer.chat_template or tokenizer_config.json "
+                     "chat_template); use Generate with a text prompt"));
+  }
+  if (request.messages().empty()) {
+    return absl::InvalidArgumentError("messages: at least one message is required");
+  }
+  engine::ChatTemplateInputs inputs;
+  for (const v1::ChatMessage& m : request.messages()) {
+    inputs.messages.push_back({m.role(), m.content()});
+  }
+  inputs.add_generation_prompt = true;
+  inputs.bos_token = context.bos_token;
+  inputs.eos_token = context.eos_token;
+  auto prompt = context.chat_template->render(inputs);
+  if (!prompt.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("messages: the chat template refused them: ", prompt.status().message()));
+  }
+  v1::GenerateRequest out;
+  out.set_text(*std::move(prompt));
+  // The template writes the special tokens the model needs, as transformers'
+  // apply_chat_template(tokenize=True) does, which adds none.
+  out.set_add_bos(false);
+  *out.mutable_params() = request.params();
+  out.set_request_id(request.request_id());
+  out.set_priority(request.priority());
+  return out;
+}
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* MegaserveService::Chat(
+    grpc::CallbackServerContext* call, const grpc::ByteBuffer* request) {
+  v1::ChatRequest chat;
+  absl::Status status = parse_request(*request, &chat);
+  v1::GenerateRequest generate;
+  if (status.ok()) {
+    auto rendered = chat_to_generate_request(*context_, chat);
+    if (rendered.ok()) {
+      generate = *std::move(rendered);
+    } else {
+      status = rendered.status();
+      generate.set_request_id(chat.request_id());
+    }
+  }
+  return new_generate_reactor(context_, call, std::move(generate), status);
+}
+
 grpc::ServerUnaryReactor* MegaserveService::GetModelInfo(grpc::CallbackServerContext* call,
                                                          const grpc::ByteBuffer* request,
                                                          grpc::ByteBuffer* response) {

@@ -15,6 +15,7 @@
 // the tokens' bytes joined, with no position-dependent rule, so push() keeps the bytes not
 // emitted yet and emits all but an incomplete character at their end (utf8.h says why the
 // lossy reading of what comes before it is final).
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,28 @@ std::string IncrementalDetokenizer::push(int32_t id) {
   }
   context_size_ = window_.size();
   return delta;
+}
+
+void IncrementalDetokenizer::set_prompt_context(const std::vector<int32_t>& prompt_ids) {
+  if (tokenizer_.byte_level()) return;
+  window_.clear();
+  context_size_ = 0;
+  context_text_size_ = 0;
+  const size_t n = std::min(prompt_ids.size(), kPromptContextIds);
+  for (size_t i = prompt_ids.size() - n; i < prompt_ids.size(); ++i) {
+    const int32_t id = prompt_ids[i];
+    window_.push_back(id < 0 || id >= tokenizer_.vocab_size() ? replacement_id_ : id);
+  }
+  // A prompt ending in the first bytes of a character: those byte pieces cannot be context
+  // (their text is not final); the character's completion then decodes as U+FFFDs.
+  while (!window_.empty() && ends_in_incomplete_char()) window_.pop_back();
+  const std::string text = decode_window(0, window_.size());
+  if (text.empty()) {  // e.g. only BOS: nothing to anchor the leading-space rule on
+    window_.clear();
+    return;
+  }
+  context_size_ = window_.size();
+  context_text_size_ = text.size();
 }
 
 std::string IncrementalDetokenizer::flush() {

@@ -86,6 +86,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem:
 class IncrementalDetokenizer {
  public:
   explicit IncrementalDetokenizer(const Tokenizer& tokenizer);
+  // Makes the deltas the text that the pushed ids add after `prompt_ids` (call before the
+  // first push): sentencepiece then keeps the leading space of the first generated piece,
+  // which decode() of the generated ids alone drops, so that prompt text + deltas = the
+  // full text. Only the prompt's last ids are kept (up to kPromptContextIds, fewer when
+  // they end inside a UTF-8 character). Byte-level tokenizers have no position-dependent
+  // rule, so for them it does nothing.
+  void set_prompt_context(const std::vector<int32_t>& prompt_ids);
+  static constexpr size_t kPromptContextIds = 4;
   // Appends one id and returns the text that became final (often "", e.g. for BOS/EOS).
   std::string push(int32_t id);
   // Ends the stream: returns the text still held back (an incomplete UTF-8 tail, decoded as

@@ -116,5 +116,14 @@ TEST_F(CliTest, ErrorsExitNonZeroWithTheStatus) {
   EXPECT_NE(out.find("megaserve-cli: UNAVAILABLE: "), std::string::npos) << out;
 }
 
+// --chat goes through the Chat RPC: stories260K has no chat template, so the server's
+// FAILED_PRECONDITION comes back by name (SmolLM2's answer is in server_gguf_test).
+TEST_F(CliTest, ChatOnAModelWithoutATemplateExitsWithTheStatus) {
+  std::string out;
+  EXPECT_EQ(cli({"--chat", "Hello there"}, &out), 1);
+  EXPECT_NE(out.find("megaserve-cli: FAILED_PRECONDITION: "), std::string::npos) << out;
+  EXPECT_NE(out.find("no chat template"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace megaserve::server

@@ -67,6 +67,15 @@ class ServerFakeEngineTest : public ::testing::Test {
     return ids;
   }
 
+  // The text `ids` add after `prompt` (with BOS), as the server streams it (DESIGN.md §9):
+  // the first generated piece keeps its leading space, unlike decode(ids) alone.
+  std::string completion_text(const std::string& prompt, const std::vector<int32_t>& ids) {
+    std::vector<int32_t> all = tokenizer_->encode(prompt, true);
+    const std::string prompt_text = *tokenizer_->decode(all);
+    all.insert(all.end(), ids.begin(), ids.end());
+    return tokenizer_->decode(all)->substr(prompt_text.size());
+  }
+
   // Waits (up to 5 s) until the engine has no request and no KV block in use.
   void expect_engine_idle() {
     for (int i = 0; i < 5000; ++i) {
@@ -94,7 +103,8 @@ TEST_F(ServerFakeEngineTest, StreamsTokensTextUsageAndTimings) {
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   const std::vector<int32_t> expected = expected_ids(prompt, 10);
   EXPECT_EQ(r.token_ids, expected);
-  EXPECT_EQ(r.text, *tokenizer_->decode(expected));
+  EXPECT_EQ(r.text, completion_text(prompt, expected));
+  EXPECT_EQ(r.text[0], ' ');  // "▁Once" after "time"
   EXPECT_EQ(r.last.finish_reason(), v1::FINISH_REASON_LENGTH);
   EXPECT_EQ(r.last.usage().prompt_tokens(), 5);  // BOS + 4
   EXPECT_EQ(r.last.usage().completion_tokens(), 10);
@@ -141,7 +151,7 @@ TEST_F(ServerFakeEngineTest, StopStringEndsTheStreamAndStopsTheEngine) {
   request.mutable_params()->add_stop("on the");
   const StreamResult r = megaserve::testing::generate(*stub_, request);
   ASSERT_TRUE(r.status.ok());
-  const std::string full = *tokenizer_->decode(expected_ids(prompt, 20));
+  const std::string full = completion_text(prompt, expected_ids(prompt, 20));
   EXPECT_EQ(r.text, full.substr(0, full.find("on the")));
   EXPECT_EQ(r.last.finish_reason(), v1::FINISH_REASON_STOP);
   EXPECT_LT(r.last.usage().completion_tokens(), 20);
@@ -161,7 +171,7 @@ TEST_F(ServerFakeEngineTest, EosFinishesWithStop) {
   const StreamResult r = megaserve::testing::generate(*stub_, text_request("Hi", 50));
   ASSERT_TRUE(r.status.ok());
   EXPECT_EQ(r.token_ids, (std::vector<int32_t>{403, 407, 2}));
-  EXPECT_EQ(r.text, *tokenizer_->decode({403, 407}));
+  EXPECT_EQ(r.text, completion_text("Hi", {403, 407}));
   EXPECT_EQ(r.last.finish_reason(), v1::FINISH_REASON_STOP);
 }
 
@@ -361,7 +371,7 @@ TEST_F(ServerFakeEngineTest, ConcurrentStreamsEachGetTheirOwnOutput) {
     ASSERT_TRUE(r.status.ok()) << i;
     const std::vector<int32_t> expected = expected_ids(prompts[i], 20 + i);
     EXPECT_EQ(r.token_ids, expected) << i;
-    EXPECT_EQ(r.text, *tokenizer_->decode(expected)) << i;
+    EXPECT_EQ(r.text, completion_text(prompts[i], expected)) << i;
   }
   expect_engine_idle();
 }

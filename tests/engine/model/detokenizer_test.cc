@@ -104,6 +104,41 @@ TEST(DetokenizerTest, LeadingSpacesAreKeptAfterTheFirstPiece) {
   EXPECT_EQ(with_eos, (std::vector<std::string>{"Once", "", " upon", "", " a", ""}));
 }
 
+// With the prompt as context, the deltas are what the completion adds after the prompt's
+// text: decode(prompt) + deltas == decode(prompt + completion) at every split of a text,
+// the first generated piece's leading space included (DESIGN.md §9).
+TEST(DetokenizerTest, PromptContextKeepsTheCompletionsLeadingSpace) {
+  for (const char* file : {kTok512, kLlama2}) {
+    SCOPED_TRACE(file);
+    if (!std::filesystem::exists(testing::assets_dir() / file)) continue;
+    auto tok = load_or_die(testing::assets_dir() / file);
+    ASSERT_NE(tok, nullptr);
+    const std::vector<int32_t> prompt = tok->encode("Tom and Sue went to the", true);
+    const std::vector<int32_t> park = tok->encode("park. They played", false);  // "▁park" ...
+    IncrementalDetokenizer detokenizer(*tok);
+    detokenizer.set_prompt_context(prompt);
+    std::string text;
+    for (int32_t id : park) text += detokenizer.push(id);
+    text += detokenizer.flush();
+    EXPECT_EQ(text.substr(0, 6), " park.") << text;
+    // Every split point of one encoded text, multilingual for the byte-fallback pieces.
+    const std::vector<int32_t> ids = tok->encode(
+        "Once upon a time, a fox \xC3\xA9t\xC3\xA9 saw \xE6\x97\xA5\xE6\x9C\xAC.", true);
+    const std::string full = *tok->decode(ids);
+    for (size_t split = 1; split < ids.size(); ++split) {
+      const std::vector<int32_t> head(ids.begin(), ids.begin() + split);
+      const std::string head_text = *tok->decode(head);
+      if (head_text.find(kReplacement) != std::string::npos) continue;  // split inside a char
+      IncrementalDetokenizer d(*tok);
+      d.set_prompt_context(head);
+      std::string tail;
+      for (size_t i = split; i < ids.size(); ++i) tail += d.push(ids[i]);
+      tail += d.flush();
+      EXPECT_EQ(head_text + tail, full) << "split " << split;
+    }
+  }
+}
+
 // Every oracle id sequence and every oracle text's encoding, token by token.
 TEST(DetokenizerTest, OracleSequencesStreamToTheFullDecode) {
   MEGASERVE_REQUIRE_ASSET(kTok512);
