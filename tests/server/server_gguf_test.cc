@@ -184,7 +184,9 @@ void expect_completion_extends_prompt(v1::Megaserve::Stub& stub, const std::stri
   const megaserve::testing::StreamResult r = megaserve::testing::generate(stub, request);
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   ASSERT_FALSE(r.text.empty());
-  if (expect_leading_space) EXPECT_EQ(r.text[0], ' ') << r.text;
+  if (expect_leading_space) {
+    EXPECT_EQ(r.text[0], ' ') << r.text;
+  }
   grpc::ClientContext tokenize_context;
   v1::TokenizeRequest tokenize;
   tokenize.set_text(prompt);
