@@ -83,7 +83,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
   char* const abuf = stages + kWgmmaStages * kWgmmaStageBytes;  // [3][8 KB]
   const float** x_rows = reinterpret_cast<const float**>(abuf + 3 * kWgmmaABytes);  // [64]
   float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);               // [64]
-  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);   // [16]
+  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);  // [kWgmmaGroups]
   float* const dstage = reinterpret_cast<float*>(stages);  // [64][kWgmmaDStride] epilogue
 
   const int cstride_max = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;

@@ -1,12 +1,8 @@
 #include "engine/model/gguf.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -15,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/mapped_file.h"
 
 namespace megaserve::engine {
 namespace {
@@ -266,29 +263,9 @@ uint64_t GgufTensor::row_bytes() const {
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::filesystem::path& path) {
   std::unique_ptr<GgufFile> file(new GgufFile());
   file->path_ = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-    std::string message = absl::StrCat(path.string(), ": cannot open: ", std::strerror(err));
-    return err == ENOENT ? absl::NotFoundError(message) : absl::PermissionDeniedError(message);
+  if (absl::Status status = map_file(path, &file->mapping_, &file->size_); !status.ok()) {
+    return status;
   }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a regular file"));
-  }
-  file->size_ = static_cast<size_t>(st.st_size);
-  if (file->size_ > 0) {
-    void* mapping = ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (mapping == MAP_FAILED) {
-      int err = errno;
-      ::close(fd);
-      return absl::InternalError(
-          absl::StrCat(path.string(), ": mmap failed: ", std::strerror(err)));
-    }
-    file->mapping_ = mapping;
-  }
-  ::close(fd);  // the mapping keeps the file alive
   if (absl::Status status = file->parse(); !status.ok()) return status;
   return file;
 }
