@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <memory>
@@ -63,6 +64,17 @@ struct DeferredLog {
   int64_t submitted = 0;
   int64_t collected = 0;
   std::vector<uint64_t> collected_ids;
+  // While set, collect() waits: the test can queue every request before any step completes.
+  bool hold_collects = false;
+  std::condition_variable released;
+
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      hold_collects = false;
+    }
+    released.notify_all();
+  }
 };
 
 // submit() only queues the step (the step runner keeps it alive until it is collected);
@@ -98,7 +110,8 @@ class DeferringBackend final : public Backend {
   absl::StatusOr<scheduler::StepOutput> collect() override {
     const Step* step = nullptr;
     {
-      std::lock_guard<std::mutex> lock(log_->mu);
+      std::unique_lock<std::mutex> lock(log_->mu);
+      log_->released.wait(lock, [&] { return !log_->hold_collects; });
       if (pending_.empty()) return absl::FailedPreconditionError("nothing in flight");
       if (fail_collect_ > 0 && log_->collected + 1 == fail_collect_) {
         EXPECT_EQ(pending_.size(), 2u) << "the failing step should have a successor in flight";
@@ -117,6 +130,10 @@ class DeferringBackend final : public Backend {
   void set_delay(std::chrono::milliseconds d) { delay_ = d; }
   void fail_at_collect(int64_t n) { fail_collect_ = n; }
   void fail_at_submit(int64_t n) { fail_submit_ = n; }
+  void hold_collects() {
+    std::lock_guard<std::mutex> lock(log_->mu);
+    log_->hold_collects = true;
+  }
 
  private:
   std::unique_ptr<CpuBackend> inner_;
@@ -128,6 +145,13 @@ class DeferringBackend final : public Backend {
 };
 
 struct Deferred {
+  Deferred() = default;
+  Deferred(Deferred&&) = default;
+  // A test that stops early must not leave the engine's loop waiting in a held collect().
+  ~Deferred() {
+    if (log) log->release();
+  }
+
   std::unique_ptr<Engine> engine;
   std::shared_ptr<DeferredLog> log;
 };
@@ -329,6 +353,7 @@ TEST(EngineOverlap, FailureWithAStepInFlightFailsEveryRequest) {
   MEGASERVE_REQUIRE_ASSET(kModel);
   for (bool at_collect : {true, false}) {
     Deferred d = make_deferred(true, [&](DeferringBackend& b) {
+      b.hold_collects();  // every request is queued before the failure can come
       if (at_collect) {
         b.fail_at_collect(6);
       } else {
@@ -341,6 +366,7 @@ TEST(EngineOverlap, FailureWithAStepInFlightFailsEveryRequest) {
       ASSERT_TRUE(o.ok()) << o.status();
       outputs.push_back(*o);
     }
+    d.log->release();
     for (auto& o : outputs) {
       const Result r = collect_result(*o);
       EXPECT_EQ(r.reason, FinishReason::kError) << (at_collect ? "collect" : "submit");
