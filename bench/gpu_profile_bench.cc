@@ -12,6 +12,8 @@
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
 //
 //   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
+// MEGASERVE_PROFILE_TILES="qkv_heads,hidden_cols,ffn_cols" replaces those three of
+// gpu_tile_config, to compare tile shapes before changing the default.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "bench/gpu_bench_start.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_trace.h"
@@ -65,6 +69,26 @@ struct Variant {
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
   bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
 };
+
+// The tile shape from MEGASERVE_PROFILE_TILES, if set; nullopt (with a message) if malformed.
+std::optional<TileConfig> tiles_from_env(bool* malformed) {
+  *malformed = false;
+  const char* text = std::getenv("MEGASERVE_PROFILE_TILES");
+  if (text == nullptr || *text == '\0') return std::nullopt;
+  const std::vector<std::string> parts = absl::StrSplit(text, ',');
+  int values[3];
+  if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &values[0]) ||
+      !absl::SimpleAtoi(parts[1], &values[1]) || !absl::SimpleAtoi(parts[2], &values[2])) {
+    std::fprintf(stderr, "MEGASERVE_PROFILE_TILES=%s: want qkv_heads,hidden_cols,ffn_cols\n", text);
+    *malformed = true;
+    return std::nullopt;
+  }
+  TileConfig c = gpu_tile_config();
+  c.qkv_heads = values[0];
+  c.hidden_cols = values[1];
+  c.ffn_cols = values[2];
+  return c;
+}
 
 void set_variant(CudaBackend& b, const Variant& v) {
   b.set_tensor_cores(v.tensor_cores);
@@ -125,6 +149,13 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
       kBigBatch * ((kContext + 1 + kBlock - 1) / kBlock) + kPrefillTokens / kBlock + 16;
   o.persistent = true;
   o.step_watchdog_ms = 120000;  // the 8192-token prefill step
+  bool malformed = false;
+  o.tiles = tiles_from_env(&malformed);
+  if (malformed) return 1;
+  if (o.tiles) {
+    std::printf("tiles from MEGASERVE_PROFILE_TILES: qkv_heads %d, hidden_cols %d, ffn_cols %d\n",
+                o.tiles->qkv_heads, o.tiles->hidden_cols, o.tiles->ffn_cols);
+  }
   auto backend = CudaBackend::create(config, std::move(weights), o);
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
