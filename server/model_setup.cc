@@ -112,26 +112,25 @@ absl::StatusOr<engine::ModelConfig> read_config(const config::ModelSource& sourc
   return engine::load_model_config(files.config_dir);
 }
 
-// The model's chat template, or null when it has none. A GGUF file's template must parse
-// (an error names the file); a directory's tokenizer_config.json template is optional, and
-// one that does not parse only costs Chat, with a warning, so that a directory served
-// before chat existed is served still.
+// The model's chat template, or null when it has none: a GGUF file's tokenizer.chat_template;
+// in a directory, chat_template.jinja (how transformers saves it now), else tokenizer_config.json's
+// chat_template. A template that is there must parse: an error names the file and the problem.
 absl::StatusOr<std::shared_ptr<const engine::ChatTemplate>> load_chat_template(
     const ModelFiles& files, const engine::GgufFile* gguf) {
   absl::StatusOr<engine::ChatTemplate> parsed = absl::NotFoundError("");
   if (gguf != nullptr) {
     parsed = engine::ChatTemplate::from_gguf(*gguf);
-    if (!parsed.ok() && !absl::IsNotFound(parsed.status())) return parsed.status();
   } else if (!files.config_dir.empty()) {
+    const fs::path jinja = files.config_dir / "chat_template.jinja";
     const fs::path tokenizer_config = files.config_dir / "tokenizer_config.json";
     std::error_code error;
-    if (fs::exists(tokenizer_config, error)) {
+    if (fs::exists(jinja, error)) {
+      parsed = engine::ChatTemplate::from_file(jinja);
+    } else if (fs::exists(tokenizer_config, error)) {
       parsed = engine::ChatTemplate::from_tokenizer_config(tokenizer_config);
-      if (!parsed.ok() && !absl::IsNotFound(parsed.status())) {
-        spdlog::warn("no Chat for this model: {}", parsed.status().ToString());
-      }
     }
   }
+  if (!parsed.ok() && !absl::IsNotFound(parsed.status())) return parsed.status();
   if (!parsed.ok()) {
     spdlog::info("model {}: no chat template, the Chat RPC is refused", files.name);
     return std::shared_ptr<const engine::ChatTemplate>();

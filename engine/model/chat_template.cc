@@ -56,6 +56,14 @@ absl::StatusOr<ChatTemplate> ChatTemplate::from_tokenizer_config(
       absl::StrCat(path.string(), ": chat_template is neither a string nor a list"));
 }
 
+absl::StatusOr<ChatTemplate> ChatTemplate::from_file(const std::filesystem::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::InvalidArgumentError(absl::StrCat("cannot open ", path.string()));
+  std::stringstream text;
+  text << file.rdbuf();
+  return parse(text.str(), path.string());
+}
+
 const std::string& ChatTemplate::name() const { return program_->name; }
 
 absl::StatusOr<std::string> ChatTemplate::render(const ChatTemplateInputs& inputs) const {

@@ -53,6 +53,8 @@ class ChatTemplate {
   // {"name", "template"} from which "default" is taken). NotFound when the model has none.
   static absl::StatusOr<ChatTemplate> from_gguf(const GgufFile& file);
   static absl::StatusOr<ChatTemplate> from_tokenizer_config(const std::filesystem::path& path);
+  // A template file of its own (chat_template.jinja beside a model's tokenizer_config.json).
+  static absl::StatusOr<ChatTemplate> from_file(const std::filesystem::path& path);
 
   // Renders the prompt. As in transformers, `tools` and `documents` are None and the Jinja
   // globals raise_exception() and strftime_now() exist. A template's raise_exception(msg),

@@ -99,5 +99,79 @@ TEST(ModelSetupTest, StopsOnTheTokenizerEosWhenConfigNamesNone) {
   model->engine->drain(true);
 }
 
+// A directory's chat template is part of the model: chat_template.jinja (preferred) or
+// tokenizer_config.json's chat_template. One the Jinja subset cannot parse fails the load with
+// the file and the problem named, rather than leaving a model whose Chat always fails.
+config::ServerConfig eos_model_config(const fs::path& dir) {
+  config::ServerConfig config = default_server_config();
+  config.mutable_model()->set_path(dir.string());
+  config.mutable_engine()->set_backend("cpu");
+  config.mutable_engine()->set_cpu_threads(1);
+  config.mutable_engine()->set_num_kv_blocks(16);
+  return config;
+}
+
+TEST(ModelSetupTest, UnsupportedTemplateInTokenizerConfigFailsTheLoad) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  const fs::path dir = write_eos_model(kTokenizerEos);
+  megaserve::testing::write_file(dir / "tokenizer_config.json",
+                                 R"({"chat_template": "{% macro m() %}x{% endmacro %}{{ m() }}"})");
+  auto model = setup_model(eos_model_config(dir));
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument) << model.status();
+  EXPECT_NE(model.status().message().find("tokenizer_config.json"), std::string::npos)
+      << model.status();
+  EXPECT_NE(model.status().message().find("unsupported statement 'macro'"), std::string::npos)
+      << model.status();
+}
+
+TEST(ModelSetupTest, MalformedTokenizerConfigFailsTheLoad) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  const fs::path dir = write_eos_model(kTokenizerEos);
+  megaserve::testing::write_file(dir / "tokenizer_config.json", "{\"chat_template\": ");
+  auto model = setup_model(eos_model_config(dir));
+  ASSERT_FALSE(model.ok());
+  EXPECT_NE(model.status().message().find("tokenizer_config.json is not a JSON object"),
+            std::string::npos)
+      << model.status();
+}
+
+TEST(ModelSetupTest, ChatTemplateJinjaIsPreferredAndRendered) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  const fs::path dir = write_eos_model(kTokenizerEos);
+  megaserve::testing::write_file(dir / "tokenizer_config.json",
+                                 R"({"chat_template": "from tokenizer_config"})");
+  megaserve::testing::write_file(
+      dir / "chat_template.jinja",
+      "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}{% endfor %}"
+      "{% if add_generation_prompt %}<assistant>{% endif %}");
+  auto model = setup_model(eos_model_config(dir));
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_NE(model->chat_template, nullptr);
+  engine::ChatTemplateInputs inputs;
+  inputs.messages = {{"user", " hi "}};
+  inputs.add_generation_prompt = true;
+  auto text = model->chat_template->render(inputs);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "<user>hi<assistant>");
+  model->engine->drain(true);
+
+  megaserve::testing::write_file(dir / "chat_template.jinja", "{% for m in messages %}");
+  auto broken = setup_model(eos_model_config(dir));
+  ASSERT_FALSE(broken.ok());
+  EXPECT_NE(broken.status().message().find("chat_template.jinja"), std::string::npos)
+      << broken.status();
+}
+
+TEST(ModelSetupTest, DirectoryWithoutATemplateServesWithoutChat) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  const fs::path dir = write_eos_model(kTokenizerEos);
+  megaserve::testing::write_file(dir / "tokenizer_config.json", R"({"bos_token": "<s>"})");
+  auto model = setup_model(eos_model_config(dir));
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(model->chat_template, nullptr);
+  model->engine->drain(true);
+}
+
 }  // namespace
 }  // namespace megaserve::server
