@@ -1,6 +1,7 @@
 #include "engine/model/gguf_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <set>
 #include <string>
@@ -93,6 +94,36 @@ absl::Status unsupported(const GgufFile& file, const std::string& what) {
       absl::StrCat(file.path().string(), ": unsupported by megaserve: ", what));
 }
 
+// llama.cpp's converter writes Llama 3.1's RoPE scaling as this tensor: one divisor per
+// rotary pair.
+constexpr char kRopeFreqs[] = "rope_freqs.weight";
+
+absl::Status read_rope_freqs(const GgufFile& file, const GgufTensor& tensor, int head_dim,
+                             RopeScaling* scaling) {
+  const std::string where = absl::StrCat(file.path().string(), ": tensor '", tensor.name, "'");
+  if (tensor.dims.size() != 1 || tensor.numel() != head_dim / 2) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " has shape ",
+                                                   shape_string(tensor.shape()), ", expected [",
+                                                   head_dim / 2, "] (head_dim / 2)"));
+  }
+  if (!ggml_can_dequantize(tensor.type)) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " has type ", ggml_type_name(tensor.type),
+                                                   ", which megaserve does not read"));
+  }
+  std::vector<float> factors(head_dim / 2);
+  MEGASERVE_RETURN_IF_ERROR(
+      dequantize_to_f32(tensor.type, tensor.data, tensor.numel(), factors.data()));
+  for (size_t i = 0; i < factors.size(); ++i) {
+    if (!std::isfinite(factors[i]) || !(factors[i] > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": factor ", i, " is ", factors[i],
+                                                     "; each must be finite and positive"));
+    }
+  }
+  scaling->type = RopeScalingType::kFactors;
+  scaling->freq_factors = std::move(factors);
+  return absl::OkStatus();
+}
+
 // Copies `source` into `target` row by row, dequantizing; `qk_rows` puts llama.cpp's q/k
 // rows back in Hugging Face order. Shapes and the type were checked by the caller.
 absl::Status convert(const GgufTensor& source, bool qk_rows, int64_t head_dim, Tensor* target) {
@@ -162,9 +193,6 @@ absl::StatusOr<ModelConfig> gguf_model_config(const GgufFile& file) {
       return unsupported(file, absl::StrCat("RoPE scaling type '", *scaling, "'"));
     }
   }
-  if (file.find_tensor("rope_freqs.weight") != nullptr) {
-    return unsupported(file, "rope_freqs.weight (per-frequency RoPE factors, as Llama 3.1's)");
-  }
 
   MEGASERVE_RETURN_IF_ERROR(
       read_int(file, "llama.embedding_length", 1, kMaxHiddenSize, true, &config.hidden_size));
@@ -223,6 +251,9 @@ absl::StatusOr<ModelConfig> gguf_model_config(const GgufFile& file) {
       read_positive_float(file, "llama.attention.layer_norm_rms_epsilon", &config.rms_norm_eps));
   config.rope_theta = 10000.0f;
   MEGASERVE_RETURN_IF_ERROR(read_positive_float(file, "llama.rope.freq_base", &config.rope_theta));
+  if (const GgufTensor* freqs = file.find_tensor(kRopeFreqs); freqs != nullptr) {
+    MEGASERVE_RETURN_IF_ERROR(read_rope_freqs(file, *freqs, config.head_dim, &config.rope_scaling));
+  }
 
   // The vocabulary: the tokenizer's token list decides; then the explicit key; then the
   // embedding's rows.
@@ -314,6 +345,7 @@ absl::StatusOr<ModelWeights> load_gguf_weights(const GgufFile& file, const Model
   }
   for (const GgufTensor& tensor : file.tensors()) {
     if (used.count(tensor.name) > 0) continue;
+    if (tensor.name == kRopeFreqs) continue;  // read into the config
     if (config.tie_word_embeddings && tensor.name == "output.weight") {
       spdlog::warn("{}: ignoring output.weight, the config ties the embeddings", source);
       continue;

@@ -28,8 +28,9 @@ namespace megaserve::engine {
 //   tie_word_embeddings     when the file has no output.weight
 //   bos / eos ids           tokenizer.ggml.bos_token_id, eos_token_id (and eot_token_id)
 // What megaserve cannot run is refused by name: another architecture, experts (Mixtral is
-// `llama` in GGUF), RoPE scaling, partial rotary (rope.dimension_count != head_dim),
-// rope_freqs.weight (Llama 3.1's scaled frequencies). Errors name the file and the key.
+// `llama` in GGUF), RoPE scaling types, partial rotary (rope.dimension_count != head_dim).
+// rope_freqs.weight (Llama 3.1's scaling, as llama.cpp's converter writes it) becomes
+// RopeScaling::kFactors. Errors name the file and the key.
 absl::StatusOr<ModelConfig> gguf_model_config(const GgufFile& file);
 
 // Every tensor of `config`, dequantized from its GGUF type (F32, F16, BF16, Q8_0, Q4_0 or

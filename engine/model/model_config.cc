@@ -428,6 +428,8 @@ std::vector<float> rope_inv_freq(const ModelConfig& config) {
                               (scaling.high_freq_factor - scaling.low_freq_factor);
         freq = (1 - smooth) * freq / scaling.factor + smooth * freq;
       }
+    } else if (scaling.type == RopeScalingType::kFactors) {
+      freq /= scaling.freq_factors[i];
     }
     inv_freq[i] = static_cast<float>(freq);
   }

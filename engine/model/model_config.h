@@ -18,7 +18,10 @@ enum class ModelFamily {
   kQwen3,  // Qwen3 dense: RMSNorm on each q and k head before RoPE
 };
 
-enum class RopeScalingType { kNone, kLlama3 };
+// kLlama3: transformers' "llama3" rope_scaling (its four parameters below). kFactors: one
+// divisor per rotary pair, as llama.cpp's converter stores Llama 3.1's scaling in a GGUF
+// (the tensor rope_freqs.weight): inv_freq[i] = theta^(-2i/head_dim) / freq_factors[i].
+enum class RopeScalingType { kNone, kLlama3, kFactors };
 
 struct RopeScaling {
   RopeScalingType type = RopeScalingType::kNone;
@@ -26,6 +29,7 @@ struct RopeScaling {
   float low_freq_factor = 1.0f;
   float high_freq_factor = 4.0f;
   int original_max_position_embeddings = 8192;
+  std::vector<float> freq_factors;  // kFactors: head_dim / 2 of them, each finite and > 0
 };
 
 // The largest value parse_model_config accepts for each size field (see model_config.cc).
@@ -83,7 +87,7 @@ absl::StatusOr<ModelConfig> load_model_config_file(const std::filesystem::path& 
 absl::Status apply_generation_config(const std::string& json_text, const std::string& source,
                                      ModelConfig* config);
 
-// The RoPE inverse frequency of each rotary pair i in [0, head_dim/2), llama3 scaling applied:
+// The RoPE inverse frequency of each rotary pair i in [0, head_dim/2), scaling applied:
 // theta^(-2i/head_dim), computed in double and rounded once to float.
 std::vector<float> rope_inv_freq(const ModelConfig& config);
 

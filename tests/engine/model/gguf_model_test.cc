@@ -500,6 +500,42 @@ TEST(GgufQkOrderTest, Stories260KFromLlama2cEqualsTheHuggingFaceExport) {
   }
 }
 
+// Llama 3.1 in GGUF: llama.cpp's converter turns transformers' llama3 rope_scaling into
+// rope_freqs.weight, the divisor of each rotary pair's frequency. Read as such, the
+// frequencies equal those the llama3 parameters give (to float rounding), and the model loads
+// with the tensor in it.
+TEST(GgufModelTest, RopeFreqsAreTheLlama3ScaledFrequencies) {
+  ModelConfig llama3 = tiny_llama();
+  llama3.rope_scaling.type = RopeScalingType::kLlama3;
+  llama3.rope_scaling.factor = 8.0f;
+  llama3.rope_scaling.low_freq_factor = 1.0f;
+  llama3.rope_scaling.high_freq_factor = 4.0f;
+  llama3.rope_scaling.original_max_position_embeddings = 8192;
+  const std::vector<float> want = rope_inv_freq(llama3);
+  const std::vector<float> plain = rope_inv_freq(tiny_llama());
+  std::vector<float> factors(want.size());
+  int scaled = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    factors[i] = static_cast<float>(static_cast<double>(plain[i]) / want[i]);
+    scaled += factors[i] > 1.001f ? 1 : 0;
+  }
+  ASSERT_GE(scaled, 2) << "the test's head_dim and theta should reach the scaled bands";
+  ASSERT_LT(scaled, static_cast<int>(factors.size()));
+
+  LlamaGguf g = make_llama_gguf(tiny_llama(), true, 11);
+  g.tensors.push_back(t::gguf_f32("rope_freqs.weight", {8}, factors));
+  const std::filesystem::path path = g.write("rope_freqs.gguf");
+  absl::StatusOr<GgufModel> model = load_gguf_model(path, DType::kBF16);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(model->config.rope_scaling.type, RopeScalingType::kFactors);
+  EXPECT_EQ(model->config.rope_scaling.freq_factors, factors);
+  const std::vector<float> got = rope_inv_freq(model->config);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_NEAR(got[i], want[i], 1e-6 * want[i]) << "pair " << i;
+  }
+}
+
 // ---- Bad files ----
 
 void expect_config_error(LlamaGguf g, const std::string& name, const std::string& problem) {
@@ -526,8 +562,14 @@ TEST(GgufModelTest, RefusesWhatItCannotRun) {
   g.kvs.push_back(t::kv_string("llama.rope.scaling.type", "linear"));
   expect_config_error(g, "scaling.gguf", "RoPE scaling type 'linear'");
   g = base;
-  g.tensors.push_back(t::gguf_f32("rope_freqs.weight", {8}, std::vector<float>(8, 1.0f)));
-  expect_config_error(g, "rope_freqs.gguf", "rope_freqs.weight");
+  g.tensors.push_back(t::gguf_f32("rope_freqs.weight", {3}, std::vector<float>(3, 1.0f)));
+  expect_config_error(g, "rope_freqs_shape.gguf",
+                      "tensor 'rope_freqs.weight' has shape [3], expected [8] (head_dim / 2)");
+  g = base;
+  std::vector<float> zero_factor(8, 1.0f);
+  zero_factor[5] = 0.0f;
+  g.tensors.push_back(t::gguf_f32("rope_freqs.weight", {8}, zero_factor));
+  expect_config_error(g, "rope_freqs_zero.gguf", "factor 5 is 0; each must be finite and positive");
   g = base;
   g.erase_kv("llama.rope.dimension_count");
   g.kvs.push_back(t::kv_u32("llama.rope.dimension_count", 8));
