@@ -14,6 +14,8 @@ conversations), so the server's tokenizer and chat template are part of what is 
 Tokens must be equal; at the first difference the reference's logits must show a near-tie
 between the two tokens (then the rest of that continuation is not compared).
 Usage: smollm2_greedy_test.py MEGASERVE MEGASERVE_CLI
+The backend is the CPU interpreter unless MEGASERVE_BACKEND names another (cuda, on a GPU host:
+the same reference, within the accuracy standard's near-ties).
 Exit 77 (skipped) when the model file, numpy, gguf, jinja2 or transformers is missing, unless
 CI=true (scripts/install-deps installs them; then it fails).
 """
@@ -30,7 +32,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "engine", "model"))
 from gguf_smollm2_test import find_model, skip, to_bf16_bits  # noqa: E402
 
 MAX_TOKENS = 20
-NEAR_TIE = 0.05  # logits: a smaller gap between the two tokens is a tie for fp32 round-off
+BACKEND = os.environ.get("MEGASERVE_BACKEND", "cpu")
+# A smaller gap between the reference logits of the two tokens is a tie: fp32 round-off on the
+# CPU; on a GPU, bf16 activations (DESIGN §5) move logits by a few tenths.
+NEAR_TIE = 0.05 if BACKEND == "cpu" else 0.5
+MAX_TIES = 1 if BACKEND == "cpu" else 2
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, there was a little robot who",
@@ -144,7 +150,8 @@ def start_server(binary, model):
     log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"smollm2_greedy_{os.getpid()}.log")
     log = open(log_path, "w+")
     server = subprocess.Popen(
-        [binary, f"--model={model}", "--backend=cpu", "--cpu_threads=2",
+        [binary, f"--model={model}", f"--backend={BACKEND}",
+         "--cpu_threads=2",
          "--grpc_address=127.0.0.1:0", "--metrics_address=", "--max_num_seqs=8"],
         stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -233,8 +240,8 @@ def main():
     finally:
         server.terminate()
         server.wait(timeout=60)
-    if ties > 1:
-        print(f"FAIL: {ties} near-ties in {len(cases)} continuations (at most 1 expected)")
+    if ties > MAX_TIES:
+        print(f"FAIL: {ties} near-ties in {len(cases)} continuations (at most {MAX_TIES} expected)")
         failures += 1
     print("PASS" if not failures else f"{failures} failures")
     sys.exit(1 if failures else 0)
