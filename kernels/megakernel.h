@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "engine/isa/isa.h"
+#include "engine/isa/kv_cache_layout.h"
 
 namespace megaserve::kernels {
 

@@ -68,6 +68,7 @@ struct AttentionOp {
     const DeviceStepDesc& st = ctx.step;
     const int hd = md.head_dim, hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
     const int K = st.kv_split_tokens, bs = st.kv_block_size;
+    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = bs, .head_dim = hd};
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = st.query_start[i] + qi;
     const int pos = st.positions[t];
@@ -103,8 +104,7 @@ struct AttentionOp {
       const int j = j0 + lane;
       const bool valid = j < key_end;
       // Element offset of key j's (block, kv head, slot) row.
-      const int64_t kv_row =
-          valid ? ((static_cast<int64_t>(blocks[j / bs]) * hkv + a.kv_head) * bs + j % bs) * hd : 0;
+      const int64_t kv_row = valid ? kv.offset(blocks[j / bs], a.kv_head, j % bs) : 0;
       float s[kMaxGroup];
 #pragma unroll
       for (int g = 0; g < kMaxGroup; ++g) s[g] = 0.0f;

@@ -76,6 +76,7 @@ struct AttentionMmaPass {
     const DeviceStepDesc& st = ctx.step;
     const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
     const int K = st.kv_split_tokens, bs = st.kv_block_size;
+    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = bs, .head_dim = HD};
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g8 = lane >> 2, t4 = lane & 3;  // mma fragment row group and column pair
     const int row0 = st.query_start[i];
@@ -139,10 +140,7 @@ struct AttentionMmaPass {
       for (int row = threadIdx.x / kChunks; row < T; row += kRowStep) {
         const int j = key_begin + s * T + row;
         const bool valid = j < pass_end;
-        const int64_t off =
-            valid ? ((static_cast<int64_t>(blocks[j / bs]) * hkv + a.kv_head) * bs + j % bs) * HD +
-                        chunk * 8
-                  : 0;
+        const int64_t off = valid ? kv.offset(blocks[j / bs], a.kv_head, j % bs) + chunk * 8 : 0;
         const uint32_t dst = swizzled<HD>(row, chunk) * 2;
         cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
         cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
@@ -290,7 +288,7 @@ struct AttentionMmaPass {
       }
     }
     cp_async_wait(0);  // only empty groups can be pending here
-    __syncthreads();     // every warp is done with the stage buffers
+    __syncthreads();   // every warp is done with the stage buffers
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);

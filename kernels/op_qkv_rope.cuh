@@ -91,11 +91,12 @@ struct QkvRopeOp {
           for (int d = lane; d < hd; d += 32) out[d] = head[d];
         } else {
           const int req = st.token_request[t];
-          const int bs = st.kv_block_size;
-          const int64_t block = st.block_indices[st.block_indptr[req] + pos / bs];
+          const engine::KvCacheLayout kv{
+              .kv_heads = hkv, .block_size = st.kv_block_size, .head_dim = hd};
+          const int32_t block = st.block_indices[st.block_indptr[req] + pos / kv.block_size];
           uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) +
                             inst.layer() * md.cache_layer_elements +
-                            ((block * hkv + h) * bs + pos % bs) * hd;
+                            kv.offset(block, h, pos % kv.block_size);
           for (int d = lane; d < hd; d += 32) cache[d] = float_to_bf16_bits(head[d]);
         }
       }

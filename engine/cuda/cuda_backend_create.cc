@@ -212,7 +212,11 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   b->num_kv_blocks_ = static_cast<int32_t>(blocks);
   m.num_kv_blocks = b->num_kv_blocks_;
   m.kv_block_size = options.kv_block_size;
-  m.cache_layer_elements = block_elems_per_layer * blocks;
+  const KvCacheLayout kv{.num_blocks = static_cast<int32_t>(blocks),
+                         .kv_heads = config.num_kv_heads,
+                         .block_size = options.kv_block_size,
+                         .head_dim = hd};
+  m.cache_layer_elements = kv.elements_per_layer();  // the layout the kernels index with
   for (uint16_t** cache : {&m.k_cache, &m.v_cache}) {
     void* p = nullptr;
     const size_t bytes = sizeof(uint16_t) * m.cache_layer_elements * config.num_layers;
