@@ -29,6 +29,7 @@
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
 #include "engine/step_runner.h"
+#include "engine/step_trace.h"
 
 namespace megaserve::engine {
 namespace {
@@ -116,7 +117,8 @@ double profiled_step(CudaBackend& b, StepRunner& runner, const ModelConfig& conf
               format_trace_summary(s).c_str());
   if (!trace_path.empty()) {
     absl::Status w =
-        write_chrome_trace(trace_path, runner.last_step(), b.last_timings(), kTraceLayers - 1);
+        write_chrome_trace(trace_path, step_timeline(runner.last_step(), b.last_timings()),
+                           {.max_layer = kTraceLayers - 1, .backend = b.describe()});
     std::printf("trace (layers < %d): %s %s\n", kTraceLayers, trace_path.c_str(),
                 w.ok() ? "written" : w.ToString().c_str());
   }
@@ -243,7 +245,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
                 runner.last_step().ranks[0].instructions.size(), format_trace_summary(s).c_str());
     if (!out_dir.empty() && &v == &prefill_variants[0]) {
       const std::string path = out_dir + "/prefill8k.trace.json";
-      absl::Status w = write_chrome_trace(path, runner.last_step(), b.last_timings(), 0);
+      absl::Status w = write_chrome_trace(path, step_timeline(runner.last_step(), b.last_timings()),
+                                          {.max_layer = 0, .backend = b.describe()});
       std::printf("trace (layer 0): %s %s\n", path.c_str(),
                   w.ok() ? "written" : w.ToString().c_str());
     }

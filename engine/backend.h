@@ -20,6 +20,7 @@
 #include <deque>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -86,8 +87,34 @@ class Backend {
   }
   virtual int steps_in_flight() const { return static_cast<int>(ready_.size()); }
 
+  // Step timelines (engine/step_trace.h). With `on`, every step submitted from now on records
+  // when each instruction of rank 0 ran (parallel to step.ranks[0].instructions); with off,
+  // steps submitted later record nothing. Recording never changes what a step computes.
+  // False when the backend cannot record (then nothing changes).
+  virtual bool record_timings(bool on) { return !on; }
+  // The records of step `step_id` once it is collected, handed over once; empty when it
+  // recorded none. Only the last kKeptTimings recorded steps are kept.
+  std::vector<InstructionTiming> take_timings(uint64_t step_id) {
+    for (auto it = timings_.begin(); it != timings_.end(); ++it) {
+      if (it->first != step_id) continue;
+      std::vector<InstructionTiming> out = std::move(it->second);
+      timings_.erase(it);
+      return out;
+    }
+    return {};
+  }
+
+ protected:
+  static constexpr size_t kKeptTimings = kMaxStepsInFlight + 1;
+  // A backend that records keeps a finished step's records here for take_timings().
+  void keep_timings(uint64_t step_id, std::vector<InstructionTiming> timings) {
+    if (timings_.size() >= kKeptTimings) timings_.pop_front();
+    timings_.emplace_back(step_id, std::move(timings));
+  }
+
  private:
   std::deque<scheduler::StepOutput> ready_;  // synchronous default: outputs not collected yet
+  std::deque<std::pair<uint64_t, std::vector<InstructionTiming>>> timings_;  // oldest first
 };
 
 }  // namespace megaserve::engine

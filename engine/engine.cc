@@ -24,11 +24,14 @@ namespace {
 class EngineImpl final : public Engine {
  public:
   EngineImpl(const ModelConfig& model, std::unique_ptr<Backend> backend,
-             std::unique_ptr<scheduler::Scheduler> scheduler, const EngineOptions& options)
+             std::unique_ptr<scheduler::Scheduler> scheduler, const EngineOptions& options,
+             std::unique_ptr<StepCapture> capture)
       : backend_(std::move(backend)),
         runner_(std::make_unique<StepRunner>(model, *backend_)),
         scheduler_(std::move(scheduler)),
         options_(options),
+        capture_(std::move(capture)),
+        traces_to_start_(capture_ != nullptr ? capture_->steps() : 0),
         seeds_(std::random_device{}()) {
     thread_ = std::thread([this] { loop(); });
   }
@@ -132,8 +135,10 @@ class EngineImpl final : public Engine {
       const scheduler::StepPlan plan = scheduler_->schedule();
       if (!plan.requests.empty()) {
         lock.unlock();
+        const bool traced = start_recording();
         const auto start = std::chrono::steady_clock::now();
         const absl::Status submitted = runner_->submit(plan);
+        if (submitted.ok() && traced) --traces_to_start_;
         lock.lock();
         if (!submitted.ok()) {
           in_flight.clear();  // the backend is left failed or refused the step: nothing to apply
@@ -152,6 +157,7 @@ class EngineImpl final : public Engine {
       lock.unlock();
       absl::StatusOr<scheduler::StepOutput> output = runner_->collect();
       const auto now = std::chrono::steady_clock::now();
+      if (output.ok()) capture(output->step_id);
       lock.lock();
       // The step's own time: from its submission, or from the previous step's collection
       // when it was queued behind that one.
@@ -168,6 +174,31 @@ class EngineImpl final : public Engine {
       }
       apply_output(*output);
     }
+  }
+
+  // Engine thread, before a step is submitted: whether that step records its timeline
+  // (the first capture_->steps() steps that run do), the backend told so when it changes.
+  bool start_recording() {
+    const bool record = traces_to_start_ > 0;
+    if (record != recording_) {
+      recording_ = record;
+      if (!backend_->record_timings(record) && record) {
+        spdlog::warn("trace: backend {} cannot record step timelines; no traces",
+                     backend_->describe());
+        traces_to_start_ = 0;
+        recording_ = false;
+        return false;
+      }
+    }
+    return record;
+  }
+
+  // Engine thread, right after a step is collected (runner_->last_step() is that step): hands
+  // its timeline, when it recorded one, to the capture.
+  void capture(uint64_t step_id) {
+    if (capture_ == nullptr) return;
+    std::vector<InstructionTiming> timings = backend_->take_timings(step_id);
+    if (!timings.empty()) capture_->add(runner_->last_step(), std::move(timings));
   }
 
   // Caller holds mu_.
@@ -235,6 +266,11 @@ class EngineImpl final : public Engine {
   const std::unique_ptr<StepRunner> runner_;  // builds and submits steps to backend_
   const std::unique_ptr<scheduler::Scheduler> scheduler_;
   const EngineOptions options_;
+  // Step traces (EngineOptions::trace), null when off; the fields below belong to the engine
+  // thread: steps still to record from their submission on, and whether the backend records.
+  const std::unique_ptr<StepCapture> capture_;
+  int32_t traces_to_start_ = 0;
+  bool recording_ = false;
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
@@ -273,11 +309,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::create(const ModelConfig& model,
   absl::StatusOr<std::unique_ptr<scheduler::Scheduler>> scheduler =
       scheduler::Scheduler::create(config);
   if (!scheduler.ok()) return scheduler.status();
+  std::unique_ptr<StepCapture> capture;
+  if (options.trace.steps > 0) {
+    absl::StatusOr<std::unique_ptr<StepCapture>> made =
+        StepCapture::create(options.trace, backend->describe());
+    if (!made.ok()) return made.status();
+    capture = *std::move(made);
+  }
   spdlog::info("engine: {}; max {} seqs, {} tokens per step{}", backend->describe(),
                config.max_num_seqs, config.max_num_batched_tokens,
                options.overlap_scheduling ? ", overlapped scheduling" : "");
-  return std::unique_ptr<Engine>(
-      new EngineImpl(model, std::move(backend), *std::move(scheduler), options));
+  return std::unique_ptr<Engine>(new EngineImpl(model, std::move(backend), *std::move(scheduler),
+                                                options, std::move(capture)));
 }
 
 }  // namespace megaserve::engine

@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
 #include "engine/model/model_config.h"
+#include "engine/step_capture.h"
 #include "scheduler/sampling_params.h"
 #include "scheduler/scheduler.h"
 #include "scheduler/step_plan.h"
@@ -74,6 +75,9 @@ struct EngineOptions {
   // Keep one step in flight: plan and submit step N+1 before collecting and applying step
   // N (the step runner forwards N's sampled tokens into N+1). Same tokens as without.
   bool overlap_scheduling = false;
+  // Capture the timelines of the first trace.steps steps that run into trace.dir
+  // (engine/step_capture.h); off by default. Same tokens as without.
+  TraceOptions trace;
 };
 
 struct EngineStats {

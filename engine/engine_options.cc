@@ -28,7 +28,7 @@ absl::Status check_engine_options(const ModelConfig& model, const EngineOptions&
           absl::StrCat(count.name, " must be >= 1, got ", count.value));
     }
   }
-  return absl::OkStatus();
+  return check_trace_options(options.trace);
 }
 
 }  // namespace megaserve::engine

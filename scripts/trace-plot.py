@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Draws a megaserve step timeline (a Chrome trace JSON written by engine/cuda/cuda_trace's
+"""Draws a megaserve step timeline (a Chrome trace JSON written by engine/step_trace's
 chrome_trace_json: the CUDA backend's per-SM device timestamps, or the CPU interpreter's
 per-virtual-SM timeline) as a PNG: one row per SM, one coloured bar per instruction (colour =
 opcode, legend on the right), its wait before it shaded grey.
 
-    trace-plot.py TRACE.json [-o OUT.png] [--width PIXELS]
+    trace-plot.py TRACE.json [TRACE.json ...] [-o OUT.png] [--width PIXELS]
 
-The same JSON opens in chrome://tracing or https://ui.perfetto.dev (Open trace file).
+Each TRACE.json becomes TRACE.png (-o: only with one trace). The server's step capture
+(--trace_steps, docs/tracing.md) runs it over the traces it writes. The same JSON opens in
+chrome://tracing or https://ui.perfetto.dev (Open trace file).
 """
 
 import argparse
+import collections
 import json
+import os
 import sys
 
 import matplotlib
@@ -47,12 +51,11 @@ def draw(ops, waits, info, out, width_px=1800):
     for e in waits:
         ax.broken_barh([(e["ts"], e["dur"])], (row[e["tid"]] - 0.4, 0.8), color=WAIT_COLOUR,
                        linewidth=0)
-    for name in names:
-        bars = [e for e in ops if e["name"] == name]
-        for tid in lanes:
-            spans = [(e["ts"], max(e["dur"], 1e-3)) for e in bars if e["tid"] == tid]
-            if spans:
-                ax.broken_barh(spans, (row[tid] - 0.4, 0.8), color=colour[name], linewidth=0)
+    spans = collections.defaultdict(list)  # (name, tid) -> bars, one pass over the events
+    for e in ops:
+        spans[(e["name"], e["tid"])].append((e["ts"], max(e["dur"], 1e-3)))
+    for (name, tid), bars in spans.items():
+        ax.broken_barh(bars, (row[tid] - 0.4, 0.8), color=colour[name], linewidth=0)
     ax.set_ylim(-0.6, len(lanes) - 0.4)
     ax.invert_yaxis()
     step = max(1, len(lanes) // 32)
@@ -70,25 +73,34 @@ def draw(ops, waits, info, out, width_px=1800):
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
               frameon=False)
     fig.tight_layout()
-    fig.savefig(out, dpi=dpi)
+    # Written beside and renamed into place: a reader never sees half a PNG.
+    part = out + ".part"
+    fig.savefig(part, dpi=dpi, format="png")
     plt.close(fig)
+    os.replace(part, out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("trace")
-    p.add_argument("-o", "--out", default=None, help="PNG path (default: TRACE with .png)")
+    p.add_argument("traces", nargs="+", metavar="TRACE")
+    p.add_argument("-o", "--out", default=None,
+                   help="PNG path, with one trace (default: TRACE with .png)")
     p.add_argument("--width", type=int, default=1800, help="image width in pixels")
     a = p.parse_args(argv)
-    out = a.out or (a.trace[:-5] if a.trace.endswith(".json") else a.trace) + ".png"
-    try:
-        ops, waits, info = load_events(a.trace)
-    except (OSError, ValueError) as e:
-        print(f"trace-plot: {e}", file=sys.stderr)
-        return 1
-    draw(ops, waits, info, out, a.width)
-    print(f"trace-plot: {len(ops)} instructions -> {out}")
-    return 0
+    if a.out and len(a.traces) > 1:
+        p.error("-o takes one trace")
+    failed = 0
+    for trace in a.traces:
+        out = a.out or (trace[:-5] if trace.endswith(".json") else trace) + ".png"
+        try:
+            ops, waits, info = load_events(trace)
+        except (OSError, ValueError) as e:
+            print(f"trace-plot: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        draw(ops, waits, info, out, a.width)
+        print(f"trace-plot: {len(ops)} instructions -> {out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

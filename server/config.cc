@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/step_capture.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "server/listen_address.h"
@@ -21,6 +22,26 @@ class ParseErrors : public google::protobuf::io::ErrorCollector {
   }
   std::vector<std::string> errors;
 };
+
+// The step capture's range, and its folder made and proven writable now, before the model
+// loads, rather than when the first trace is written.
+absl::Status validate_trace(const config::EngineConfig& e) {
+  if (e.trace_steps() > static_cast<uint32_t>(engine::kMaxTraceSteps)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.trace_steps must be at most ", engine::kMaxTraceSteps, ", got ",
+                     e.trace_steps(), " (each captured step writes a trace file and a PNG)"));
+  }
+  if (e.trace_steps() == 0) return absl::OkStatus();
+  if (e.trace_dir().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.trace_steps ", e.trace_steps(),
+                     " needs engine.trace_dir (--trace_dir=DIR), the folder to write traces to"));
+  }
+  if (absl::Status s = engine::prepare_trace_dir(e.trace_dir()); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("engine.", s.message()));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -44,6 +65,7 @@ config::ServerConfig default_server_config() {
   e->set_cpu_threads(0);
   e->set_enable_prefix_caching(true);
   e->set_step_watchdog_ms(60000);
+  e->set_trace_steps(0);
   c.mutable_logging()->set_level("info");
   c.set_drain_grace_seconds(30);
   return c;
@@ -117,6 +139,7 @@ absl::Status validate_server_config(const config::ServerConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat(
         "engine.gpu_memory_fraction must be in (0, 1], got ", e.gpu_memory_fraction()));
   }
+  if (absl::Status s = validate_trace(e); !s.ok()) return s;
   const std::string& level = c.logging().level();
   if (level != "trace" && level != "debug" && level != "info" && level != "warn" &&
       level != "error") {

@@ -117,6 +117,11 @@ ABSL_FLAG(BoolOverride, enable_prefix_caching,
           "reuse KV blocks of identical prompt prefixes");
 ABSL_FLAG(BoolOverride, overlap_scheduling, (BoolOverride{std::nullopt, "auto"}),
           "plan and upload step N+1 while step N runs (auto: on with the CUDA backend)");
+ABSL_FLAG(UintOverride, trace_steps, shown_value(engine_defaults().trace_steps()),
+          "capture the per-SM timelines of the first N steps that run (at most 64; 0: off) "
+          "into --trace_dir as Chrome traces and PNGs (docs/tracing.md)");
+ABSL_FLAG(StringOverride, trace_dir, shown_text(engine_defaults().trace_dir()),
+          "with --trace_steps: the folder the traces are written to (made when missing)");
 ABSL_FLAG(UintOverride, drain_grace_seconds,
           shown_value(megaserve::server::defaults().drain_grace_seconds()),
           "on SIGTERM, how long running requests may finish before they are aborted (a second "
@@ -163,6 +168,8 @@ void apply_flag_overrides(config::ServerConfig* c) {
   override_field(FLAGS_cpu_threads, [e](uint32_t v) { e->set_cpu_threads(v); });
   override_field(FLAGS_enable_prefix_caching, [e](bool v) { e->set_enable_prefix_caching(v); });
   override_field(FLAGS_overlap_scheduling, [e](bool v) { e->set_overlap_scheduling(v); });
+  override_field(FLAGS_trace_steps, [e](uint32_t v) { e->set_trace_steps(v); });
+  override_field(FLAGS_trace_dir, [e](const std::string& v) { e->set_trace_dir(v); });
   override_field(FLAGS_drain_grace_seconds, [c](uint32_t v) { c->set_drain_grace_seconds(v); });
   override_field(FLAGS_log_level,
                  [c](const std::string& v) { c->mutable_logging()->set_level(v); });

@@ -17,6 +17,7 @@
 #include "engine/model/host_memory.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
+#include "engine/step_capture.h"
 #include "spdlog/spdlog.h"
 
 namespace megaserve::server {
@@ -223,6 +224,9 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   // Overlap pays only where a step runs beside the host (the GPU); the CPU interpreter runs
   // steps inside submit(), so there it would only delay applying outputs.
   options.overlap_scheduling = e.has_overlap_scheduling() ? e.overlap_scheduling() : choice->cuda;
+  options.trace.steps = static_cast<int32_t>(e.trace_steps());
+  options.trace.dir = e.trace_dir();
+  if (options.trace.steps > 0) options.trace.plot_script = engine::find_trace_plot_script();
   // One list of stopping tokens for the scheduler and the output side.
   engine::resolve_eos_token_ids(*model, (*tokenizer)->eos_id());
   auto engine = engine::Engine::create(*model, *std::move(backend), options);

@@ -50,11 +50,14 @@ absl::StatusOr<scheduler::StepOutput> CpuBackend::execute(const Step& step) {
     return absl::FailedPreconditionError("cpu backend: an earlier step failed mid-run");
   }
   std::vector<scheduler::SampledToken> sampled;
-  if (absl::Status s = interpreter_->run(step, options_.execution, &sampled, last_sampled_);
-      !s.ok()) {
+  ExecutionOptions execution = options_.execution;
+  std::vector<InstructionTiming> timings;
+  if (record_timings_) execution.timings = &timings;
+  if (absl::Status s = interpreter_->run(step, execution, &sampled, last_sampled_); !s.ok()) {
     broken_ = true;
     return s;
   }
+  if (record_timings_) keep_timings(step.step_id, std::move(timings));
   last_sampled_.clear();
   for (const auto& tok : sampled) last_sampled_.push_back(tok.token_id);
   scheduler::StepOutput out;

@@ -48,6 +48,12 @@ class CpuBackend : public Backend {
   // sampled. A failed run leaves the barriers and cache in an unknown state: every later
   // call fails.
   absl::StatusOr<scheduler::StepOutput> execute(const Step& step) override;
+  // The interpreter's per-instruction timeline (ExecutionOptions::timings): steady clock,
+  // lane = the queue (virtual SM) that ran the instruction.
+  bool record_timings(bool on) override {
+    record_timings_ = on;
+    return true;
+  }
 
   // For tests and benchmarks.
   CpuInterpreter& interpreter() { return *interpreter_; }
@@ -61,6 +67,7 @@ class CpuBackend : public Backend {
   CpuBackendOptions options_;
   std::unique_ptr<CpuInterpreter> interpreter_;
   std::vector<int32_t> last_sampled_;  // the last run's sampled ids, in row order
+  bool record_timings_ = false;
   bool broken_ = false;
 };
 

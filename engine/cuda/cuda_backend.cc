@@ -256,7 +256,9 @@ absl::Status CudaBackend::finish(InFlight& f) {
   st.last_desc = d;
   last_timings_.clear();
   const auto failed = [&](cudaError_t e, const char* what) { return fail(cuda_error(e, what)); };
-  if (options_.profile && d.profile != nullptr) {
+  // The step's own choice (its descriptor has a profile region when it was submitted with
+  // profile on): profiling may have been turned off since.
+  if (d.profile != nullptr) {
     constexpr int kWords = kernels::kProfileWords;
     std::vector<uint64_t> t(kWords * rs.instructions.size());
     if (cudaError_t e =
@@ -269,6 +271,7 @@ absl::Status CudaBackend::finish(InFlight& f) {
       last_timings_[i] = {t[kWords * i], t[kWords * i + 1], t[kWords * i + 2],
                           static_cast<uint32_t>(t[kWords * i + 3])};
     }
+    keep_timings(step.step_id, last_timings_);
   }
 
   // Read back the samples and, when a row asked for them, the top logprobs (the slot's

@@ -123,6 +123,12 @@ class CudaBackend : public Backend {
   // Per-step choices, applied from the next submit() on (the resident kernel reads them
   // from each step's descriptor): benchmarks compare variants on one upload of the weights.
   void set_profile(bool on) { options_.profile = on; }
+  // Backend::record_timings: the profile above; each profiled step's timestamps are also kept
+  // for take_timings() once it is finished.
+  bool record_timings(bool on) override {
+    options_.profile = on;
+    return true;
+  }
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
   void set_wgmma(bool on) { options_.wgmma = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }

@@ -1,12 +1,9 @@
 #include "engine/cuda/cuda_trace.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "engine/isa/op_args.h"
 
 namespace megaserve::engine {
 
@@ -69,67 +66,6 @@ std::string format_trace_summary(const TraceSummary& s) {
                                           wall_s > 0 ? o.bytes / wall_s * 1e-12 : 0));
   }
   return out;
-}
-
-std::string chrome_trace_json(const Step& step, std::span<const InstructionTiming> timings,
-                              int max_layer) {
-  const RankSchedule& rs = step.ranks[0];
-  const size_t n = std::min(timings.size(), rs.instructions.size());
-  uint64_t t0 = ~uint64_t{0};
-  for (size_t i = 0; i < n; ++i) t0 = std::min(t0, timings[i].fetch_ns);
-  std::vector<int> queue_of(n, 0);
-  for (int q = 0; q < rs.num_queues(); ++q) {
-    for (int32_t i = rs.queue_begin[q]; i < rs.queue_begin[q + 1] && i < static_cast<int>(n); ++i) {
-      queue_of[i] = q;
-    }
-  }
-  std::string out = "{\"traceEvents\":[\n";
-  std::vector<bool> named;
-  bool first = true;
-  const auto event = [&](const std::string& e) {
-    absl::StrAppend(&out, first ? "" : ",\n", e);
-    first = false;
-  };
-  for (size_t i = 0; i < n; ++i) {
-    const isa::Instruction& inst = rs.instructions[i];
-    if (inst.layer() > max_layer) continue;
-    const InstructionTiming& t = timings[i];
-    const double fetch = (t.fetch_ns - t0) * 1e-3, start = (t.start_ns - t0) * 1e-3;
-    const double end = (t.end_ns - t0) * 1e-3;
-    if (t.sm >= named.size()) named.resize(t.sm + 1, false);
-    if (!named[t.sm]) {
-      named[t.sm] = true;
-      event(absl::StrFormat(
-          "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":%u,\"args\":{\"name\":\"SM "
-          "%u\"}}",
-          0, t.sm, t.sm));
-    }
-    if (start > fetch) {
-      event(absl::StrFormat(
-          "{\"name\":\"wait\",\"cat\":\"wait\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":0,"
-          "\"tid\":%u}",
-          fetch, start - fetch, t.sm));
-    }
-    event(absl::StrFormat(
-        "{\"name\":\"%s\",\"cat\":\"op\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":0,"
-        "\"tid\":%u,\"args\":{\"layer\":%d,\"queue\":%d,\"index\":%d,\"wait_us\":%.3f,%s}}",
-        isa::opcode_name(inst.opcode()), start, end - start, t.sm, inst.layer(), queue_of[i],
-        static_cast<int>(i), start - fetch, isa::args_json(inst)));
-  }
-  absl::StrAppend(&out, "\n],\"displayTimeUnit\":\"ns\",\"otherData\":{\"step_id\":", step.step_id,
-                  ",\"num_tokens\":", step.meta.num_tokens,
-                  ",\"num_requests\":", step.meta.num_requests, "}}\n");
-  return out;
-}
-
-absl::Status write_chrome_trace(const std::string& path, const Step& step,
-                                std::span<const InstructionTiming> timings, int max_layer) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  if (!f) return absl::NotFoundError(absl::StrCat("chrome trace: cannot open ", path));
-  f << chrome_trace_json(step, timings, max_layer);
-  f.close();
-  if (!f) return absl::DataLossError(absl::StrCat("chrome trace: writing ", path, " failed"));
-  return absl::OkStatus();
 }
 
 }  // namespace megaserve::engine

@@ -1,8 +1,8 @@
 // Where a megakernel step's device time went: the per-instruction timestamps the CTAs record
 // when profiling (CudaBackendOptions::profile, kernels/megakernel.h kProfileWords), turned
-// into a per-SM Chrome-trace timeline (chrome://tracing, Perfetto) and a per-opcode summary
-// of busy time and achieved FLOP/s and bytes/s. Host-only: it needs no GPU, so it is tested
-// on the CPU with hand-made steps.
+// into a per-opcode summary of busy time and achieved FLOP/s and bytes/s (the per-SM Chrome
+// trace of the same timestamps: engine/step_trace.h). Host-only: it needs no GPU, so it is
+// tested on the CPU with hand-made steps.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/status/status.h"
 #include "engine/isa/isa.h"
 #include "engine/isa/step.h"
 #include "engine/model/model_config.h"
@@ -47,17 +46,5 @@ TraceSummary summarize_trace(const ModelConfig& config, const Step& step,
 // A table, one line per opcode: count, busy and wait time per CTA, achieved TFLOP/s and TB/s
 // over the whole GPU (summed work / (summed busy time / CTAs)).
 std::string format_trace_summary(const TraceSummary& summary);
-
-// The Chrome trace: {"traceEvents":[...]} with one complete ("ph":"X") event per instruction
-// on thread tid = its SM (timestamps in µs from the step's first fetch), named by opcode,
-// with its layer, queue, arguments and wait time in "args"; plus a "wait" event for each
-// wait that took time, and thread-name metadata ("SM 12"). Instructions of decoder layers
-// past `max_layer` are left out (a large step's full trace is hundreds of MB); ops outside
-// the layers (layer -1) are always in.
-std::string chrome_trace_json(const Step& step, std::span<const InstructionTiming> timings,
-                              int max_layer = INT32_MAX);
-absl::Status write_chrome_trace(const std::string& path, const Step& step,
-                                std::span<const InstructionTiming> timings,
-                                int max_layer = INT32_MAX);
 
 }  // namespace megaserve::engine

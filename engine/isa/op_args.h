@@ -1,6 +1,6 @@
 // Each opcode's arguments as named fields, written once from the typed *Args views of isa.h:
-// the step printer (describe_instruction) and the Chrome trace writer (engine/cuda/
-// cuda_trace.cc) both format these, so an op's arguments read the same everywhere.
+// the step printer (describe_instruction) and the Chrome trace writer (engine/step_trace.cc)
+// both format these, so an op's arguments read the same everywhere.
 #pragma once
 
 #include <string>

@@ -140,7 +140,8 @@ struct Step {
 // When one instruction of a step ran, parallel to RankSchedule::instructions: recorded by
 // the megakernel's CTAs when profiling (%globaltimer, %smid; kernels/megakernel.h
 // kProfileWords) and by the CPU interpreter when asked (steady clock, virtual SM = queue).
-// engine/cuda/cuda_trace.h turns them into a Chrome trace and a per-op summary.
+// engine/step_trace.h turns them into a Chrome trace, engine/cuda/cuda_trace.h into a per-op
+// summary; Backend::record_timings (engine/backend.h) asks a backend for them.
 struct InstructionTiming {
   uint64_t fetch_ns = 0;  // when its SM fetched it
   uint64_t start_ns = 0;  // ... when its waits were satisfied (the op starts)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """scripts/trace-plot.py draws a step timeline (Chrome trace JSON as chrome_trace_json writes
 it) into a PNG: the requested width, one row per SM lane with coloured pixels where that lane
-ran instructions, grey where it waited; a file that is not a trace is refused.
+ran instructions, grey where it waited; several traces in one run each get their PNG (as the
+server's step capture runs it); a file that is not a trace is refused.
 
     trace_plot_test.py SCRIPT WORKDIR
 """
@@ -72,6 +73,27 @@ class TracePlotTest(unittest.TestCase):
         self.assertGreaterEqual(len(bands), len(lanes), f"bands {bands}")
         grey = (abs(rgb - 200 / 255).max(axis=2) < 0.02).sum()
         self.assertGreater(grey, 100, "waits are not shaded")
+
+    def test_several_traces_each_get_their_png(self):
+        paths = []
+        for step, lanes in ((4, [0, 1]), (5, [0, 1, 2])):
+            path = os.path.join(WORKDIR, f"step-{step:06d}.trace.json")
+            with open(path, "w") as f:
+                json.dump(trace(lanes, per_lane=4), f)
+            paths.append(path)
+        r = run(*paths, "--width", "900")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for path in paths:
+            png = path[:-5] + ".png"
+            img = matplotlib.image.imread(png)
+            self.assertEqual(img.shape[:2], (400, 900), png)  # few lanes: the minimum height
+            rgb = img[..., :3]
+            self.assertGreater(((rgb.max(axis=2) - rgb.min(axis=2)) > 0.15).sum(), 1000,
+                               f"{png} has no coloured bars")
+            self.assertFalse(os.path.exists(png + ".part"))
+        r = run(*paths, "-o", os.path.join(WORKDIR, "one.png"))
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("-o takes one trace", r.stderr)
 
     def test_a_file_that_is_not_a_trace_is_refused(self):
         path = os.path.join(WORKDIR, "not_a_trace.json")

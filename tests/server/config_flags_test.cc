@@ -81,6 +81,23 @@ TEST(ConfigFlagsTest, NumbersMustParse) {
   EXPECT_FALSE(absl::FindCommandLineFlag("max_model_len")->ParseFrom("-1", &error));
 }
 
+TEST(ConfigFlagsTest, TraceFlagsSetTheEngineFields) {
+  absl::FlagSaver saver;
+  set_flag("trace_steps", "8");
+  set_flag("trace_dir", "/tmp/megaserve-traces");
+  const config::ServerConfig config = with_flags();
+  EXPECT_EQ(config.engine().trace_steps(), 8u);
+  EXPECT_EQ(config.engine().trace_dir(), "/tmp/megaserve-traces");
+  std::string error;
+  EXPECT_FALSE(absl::FindCommandLineFlag("trace_steps")->ParseFrom("-1", &error));
+  set_flag("trace_steps", "100");
+  const absl::Status status = validate_server_config(with_flags());
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("engine.trace_steps must be at most 64, got 100"),
+            std::string::npos)
+      << status.message();
+}
+
 // Issue 18: --help printed "default: ;" for every flag.
 TEST(ConfigFlagsTest, HelpShowsTheDefaultConfigValues) {
   const auto shown = [](const std::string& name) {
@@ -97,6 +114,8 @@ TEST(ConfigFlagsTest, HelpShowsTheDefaultConfigValues) {
   EXPECT_EQ(shown("drain_grace_seconds"), "30");
   EXPECT_EQ(shown("model"), "\"\"");
   EXPECT_EQ(shown("overlap_scheduling"), "auto");
+  EXPECT_EQ(shown("trace_steps"), "0");
+  EXPECT_EQ(shown("trace_dir"), "\"\"");
   // Every shown default parses back (Abseil aborts at startup otherwise).
   for (const char* name : {"grpc_address", "kv_block_size", "gpu_memory_fraction",
                            "enable_prefix_caching", "overlap_scheduling", "model"}) {

@@ -111,5 +111,34 @@ TEST(ServerConfig, ValidationNamesTheField) {
              "engine.max_model_len must be at most 2147483647, got 2147483648");
 }
 
+TEST(ServerConfig, TraceStepsAreBoundedAndNeedAWritableFolder) {
+  config::ServerConfig c = default_server_config();
+  EXPECT_EQ(c.engine().trace_steps(), 0u);
+  c.mutable_engine()->set_trace_dir("/proc/no/such/folder");  // unused while trace_steps is 0
+  EXPECT_TRUE(validate_server_config(c).ok());
+  const auto expect_error = [&](const std::string& part) {
+    const absl::Status s = validate_server_config(c);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << part;
+    EXPECT_NE(s.message().find(part), std::string::npos) << s.message();
+  };
+  c.mutable_engine()->set_trace_steps(65);
+  expect_error("engine.trace_steps must be at most 64");
+  c.mutable_engine()->set_trace_steps(4);
+  c.mutable_engine()->clear_trace_dir();
+  expect_error("engine.trace_steps 4 needs engine.trace_dir (--trace_dir=DIR)");
+  // Nothing can be made under a regular file, not even by root.
+  const auto file = write_temp("trace_dir_parent", "x");
+  c.mutable_engine()->set_trace_dir((file / "traces").string());
+  expect_error("engine.trace_dir \"" + (file / "traces").string() + "\": cannot create it");
+  // A folder that is missing is made.
+  const auto dir = std::filesystem::path(::testing::TempDir()) / "config_trace" / "dir";
+  std::filesystem::remove_all(dir);
+  c.mutable_engine()->set_trace_dir(dir.string());
+  EXPECT_TRUE(validate_server_config(c).ok());
+  EXPECT_TRUE(std::filesystem::is_directory(dir));
+  c.mutable_engine()->set_trace_steps(64);
+  EXPECT_TRUE(validate_server_config(c).ok());
+}
+
 }  // namespace
 }  // namespace megaserve::server

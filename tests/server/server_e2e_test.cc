@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
@@ -320,6 +321,48 @@ TEST(ServerE2eConfigTest, MaxModelLenBeyondTheModelIsRefused) {
                                                          "max_position_embeddings 512")),
               std::string::npos)
         << model.status().message();
+  }
+}
+
+// --trace_steps/--trace_dir: the server captures its first steps that run as Chrome traces,
+// one lane per virtual SM, and draws each as a PNG (scripts/trace-plot.py from the source
+// tree, python3 with matplotlib from scripts/install-deps); the tokens are the oracle's.
+TEST(ServerE2eTraceTest, CapturesTheFirstStepsAsTracesAndPngs) {
+  MEGASERVE_REQUIRE_ASSET(kModel);
+  const auto dir = std::filesystem::path(::testing::TempDir()) / "server_e2e_trace";
+  std::filesystem::remove_all(dir);
+  auto server = start_server([&](config::ServerConfig* c) {
+    c->mutable_engine()->set_cpu_threads(2);
+    c->mutable_engine()->set_trace_steps(2);
+    c->mutable_engine()->set_trace_dir(dir.string());
+  });
+  ASSERT_NE(server, nullptr);
+  auto stub = megaserve::testing::connect(server->grpc_port());
+  const std::string prompt = "Once upon a time";
+  const StreamResult r = megaserve::testing::generate(*stub, greedy(prompt, 8));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const std::string oracle = megaserve::testing::read_file(
+      megaserve::testing::assets_dir() / "models/stories260K/oracle/onceupon_t0_n64.txt");
+  EXPECT_EQ(oracle.substr(prompt.size(), r.text.size()), r.text);
+
+  const auto count = [&](const std::string& suffix) {
+    int n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      n += absl::EndsWith(e.path().filename().string(), suffix) ? 1 : 0;
+    }
+    return n;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (count(".trace.png") < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(count(".trace.json"), 2);
+  EXPECT_EQ(count(".trace.png"), 2) << megaserve::testing::read_file(dir / "trace-plot.log");
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (!absl::EndsWith(e.path().filename().string(), ".trace.json")) continue;
+    const std::string trace = megaserve::testing::read_file(e.path());
+    EXPECT_NE(trace.find("\"backend\":\"cpu interpreter"), std::string::npos) << e.path();
+    EXPECT_NE(trace.find("\"args\":{\"name\":\"SM 1\"}"), std::string::npos) << e.path();
   }
 }
 

@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "engine/cpu/cpu_interpreter.h"
-#include "engine/cuda/cuda_trace.h"
 #include "engine/model/weights.h"
 #include "engine/planner/schedule_builder.h"
+#include "engine/step_trace.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/safetensors_writer.h"
@@ -81,7 +81,8 @@ TEST_P(CpuTimelineTest, OneRecordPerInstructionOnItsQueuesLane) {
   EXPECT_GT(lanes.size(), 1u);
 
   // The Chrome trace: one op event per instruction, one named lane per virtual SM.
-  const nlohmann::json trace = nlohmann::json::parse(chrome_trace_json(*step, timings));
+  const nlohmann::json trace =
+      nlohmann::json::parse(chrome_trace_json(step_timeline(*step, timings)));
   std::map<int, int> ops_per_lane;
   std::set<int> named;
   for (const auto& e : trace["traceEvents"]) {

@@ -2,8 +2,9 @@
 // splits, mixed prefill and decode) with hand-made timings. The work counted per instruction
 // must add up to the straight-line formulas of DESIGN.md §10 (2 FLOPs per weight per token
 // for the projections, 4 x heads x head_dim per (query, key) pair with causal masking, the
-// LM head per sampled row); the summary must add up the timings; the Chrome trace must parse
-// as JSON with one event per instruction on its SM's thread.
+// LM head per sampled row); the summary must add up the timings; the Chrome trace of the same
+// timings (engine/step_trace.h) must parse as JSON with one event per instruction on its SM's
+// thread.
 #include "engine/cuda/cuda_trace.h"
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 
 #include "engine/planner/schedule_builder.h"
 #include "engine/planner/tile_config.h"
+#include "engine/step_trace.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/safetensors_writer.h"
@@ -174,7 +176,7 @@ TEST(CudaTrace, ChromeTraceIsOneEventPerInstructionOnItsSm) {
   const Step step = build_step(c, {{30, 1, true}, {0, 9, true}}, 1024);
   const RankSchedule& rs = step.ranks[0];
   const std::vector<InstructionTiming> t = fake_timings(step);
-  const nlohmann::json j = nlohmann::json::parse(chrome_trace_json(step, t));
+  const nlohmann::json j = nlohmann::json::parse(chrome_trace_json(step_timeline(step, t)));
   ASSERT_TRUE(j.contains("traceEvents"));
   int ops = 0, waits = 0, names = 0;
   for (const auto& e : j["traceEvents"]) {
@@ -214,7 +216,8 @@ TEST(CudaTrace, ChromeTraceIsOneEventPerInstructionOnItsSm) {
   int want = 0;
   for (const isa::Instruction& inst : rs.instructions) want += inst.layer() <= 0 ? 1 : 0;
   ASSERT_LT(want, static_cast<int>(rs.instructions.size()));
-  const nlohmann::json cut = nlohmann::json::parse(chrome_trace_json(step, t, 0));
+  const nlohmann::json cut =
+      nlohmann::json::parse(chrome_trace_json(step_timeline(step, t), {.max_layer = 0}));
   int kept = 0;
   for (const auto& e : cut["traceEvents"]) {
     if (e["ph"] == "X" && e["cat"] == "op") {
