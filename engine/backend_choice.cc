@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/planner/schedule_shard.h"
 #include "spdlog/spdlog.h"
 #if MEGASERVE_WITH_CUDA_BACKEND
 #include "engine/cuda/cuda_backend.h"
@@ -44,18 +45,28 @@ DType weights_dtype(const BackendChoice& choice) {
   return choice.cuda ? DType::kBF16 : DType::kF32;
 }
 
+absl::Status check_backend_settings(const BackendSettings& settings, const BackendChoice& choice,
+                                    const ModelConfig& model) {
+  if (choice.cuda && settings.tensor_parallel != 1) {
+    return absl::UnimplementedError(
+        absl::StrCat("engine.tensor_parallel_size ", settings.tensor_parallel,
+                     ": the CUDA backend runs one GPU (tensor parallelism is CPU-simulated only)"));
+  }
+  if (absl::Status s = check_tensor_parallel(model, settings.tensor_parallel); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.tensor_parallel_size: ", s.message(), " of this model"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& settings,
                                                       const BackendChoice& choice,
                                                       const ModelConfig& model,
                                                       ModelWeights weights) {
+  if (absl::Status s = check_backend_settings(settings, choice, model); !s.ok()) return s;
   std::unique_ptr<Backend> backend;
 #if MEGASERVE_WITH_CUDA_BACKEND
   if (choice.cuda) {
-    if (settings.tensor_parallel != 1) {
-      return absl::UnimplementedError(absl::StrCat(
-          "engine.tensor_parallel_size ", settings.tensor_parallel,
-          ": the CUDA backend runs one GPU (tensor parallelism is CPU-simulated only)"));
-    }
     CudaBackendOptions options;
     options.kv_block_size = settings.kv_block_size;
     options.num_kv_blocks = settings.num_kv_blocks;

@@ -39,6 +39,12 @@ absl::StatusOr<BackendChoice> choose_backend(const BackendSettings& settings);
 // large model).
 DType weights_dtype(const BackendChoice& choice);
 
+// What make_backend would refuse for `settings` on `model` whatever the weights (a
+// tensor-parallel degree the backend cannot run or that does not divide the model's heads),
+// found before any weight is loaded.
+absl::Status check_backend_settings(const BackendSettings& settings, const BackendChoice& choice,
+                                    const ModelConfig& model);
+
 // Builds the chosen backend over `weights` and logs the choice with its description.
 absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& settings,
                                                       const BackendChoice& choice,

@@ -187,6 +187,9 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   const engine::BackendSettings settings = backend_settings(e);
   auto choice = engine::choose_backend(settings);
   if (!choice.ok()) return choice.status();
+  if (absl::Status s = engine::check_backend_settings(settings, *choice, *model); !s.ok()) {
+    return s;
+  }
   const engine::DType dtype = engine::weights_dtype(*choice);
   // Weights (dummy or loaded, converted to `dtype`) are held in host memory, on the GPU's way
   // too; the CPU backend adds its KV cache. Refuse what cannot fit before allocating it.

@@ -163,6 +163,29 @@ TEST(ModelSetupTest, ChatTemplateJinjaIsPreferredAndRendered) {
       << broken.status();
 }
 
+// A tensor-parallel degree that does not divide the heads fails before any weight is read:
+// the weights file here is garbage, and the error is about the degree, not the file.
+TEST(ModelSetupTest, TensorParallelMistakeFailsBeforeTheWeightsLoad) {
+  MEGASERVE_REQUIRE_ASSET(kTokenizer);
+  const fs::path dir = write_eos_model(kTokenizerEos);
+  megaserve::testing::write_file(dir / "model.safetensors", "not a safetensors file");
+  config::ServerConfig config = eos_model_config(dir);
+  config.mutable_engine()->set_tensor_parallel_size(3);  // 4 heads, 2 KV heads
+  auto model = setup_model(config);
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument) << model.status();
+  EXPECT_NE(model.status().message().find("engine.tensor_parallel_size: tensor_parallel 3 does "
+                                          "not divide num_heads 4 and num_kv_heads 2"),
+            std::string::npos)
+      << model.status();
+  // The same garbage with a degree that divides the heads is a weights error, as it should be.
+  config.mutable_engine()->set_tensor_parallel_size(2);
+  auto weights_error = setup_model(config);
+  ASSERT_FALSE(weights_error.ok());
+  EXPECT_NE(weights_error.status().message().find("model.safetensors"), std::string::npos)
+      << weights_error.status();
+}
+
 TEST(ModelSetupTest, DirectoryWithoutATemplateServesWithoutChat) {
   MEGASERVE_REQUIRE_ASSET(kTokenizer);
   const fs::path dir = write_eos_model(kTokenizerEos);
