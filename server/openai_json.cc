@@ -112,7 +112,7 @@ void read_sampling(FieldReader& r, v1::SamplingParameters* p) {
   if (auto v = r.number("top_p")) p->set_top_p(static_cast<float>(*v));
   if (auto v = r.number("presence_penalty")) p->set_presence_penalty(static_cast<float>(*v));
   if (auto v = r.number("frequency_penalty")) p->set_frequency_penalty(static_cast<float>(*v));
-  if (auto v = r.integer("max_tokens", std::numeric_limits<int32_t>::min(), kInt32Max)) {
+  if (auto v = r.integer("max_tokens", 1, kInt32Max)) {
     p->set_max_tokens(static_cast<int32_t>(*v));
   }
   // OpenAI's seed is any 64-bit integer; the engine's is unsigned: the same bits.
@@ -149,12 +149,12 @@ void read_sampling(FieldReader& r, v1::SamplingParameters* p) {
     refuse_if(r, !bias->is_object() || !bias->empty(), "logit_bias", "");
   }
   // megaserve's own sampling fields, as the gRPC API has them.
-  if (auto v = r.integer("top_k", std::numeric_limits<int32_t>::min(), kInt32Max)) {
+  if (auto v = r.integer("top_k", 0, kInt32Max)) {
     p->set_top_k(static_cast<int32_t>(*v));
   }
   if (auto v = r.number("min_p")) p->set_min_p(static_cast<float>(*v));
   if (auto v = r.number("repetition_penalty")) p->set_repetition_penalty(static_cast<float>(*v));
-  if (auto v = r.integer("min_tokens", std::numeric_limits<int32_t>::min(), kInt32Max)) {
+  if (auto v = r.integer("min_tokens", 0, kInt32Max)) {
     p->set_min_tokens(static_cast<int32_t>(*v));
   }
   if (auto v = r.boolean("ignore_eos")) p->set_ignore_eos(*v);
@@ -374,7 +374,7 @@ absl::StatusOr<OpenAiRequest> parse_chat_request(std::string_view body) {
   v1::SamplingParameters* params = out.chat.mutable_params();
   read_sampling(r, params);
   // The newer name of max_tokens for chat.
-  if (auto v = r.integer("max_completion_tokens", std::numeric_limits<int32_t>::min(), kInt32Max)) {
+  if (auto v = r.integer("max_completion_tokens", 1, kInt32Max)) {
     params->set_max_tokens(static_cast<int32_t>(*v));
   }
   read_stream(r, &out);

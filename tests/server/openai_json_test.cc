@@ -132,6 +132,8 @@ TEST(OpenAiJsonTest, UnsupportedOrMistypedFieldsAreRefusedByName) {
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "temperature": "hot"})"), "temperature");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "max_tokens": 1.5})"), "max_tokens");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "max_tokens": 99999999999})"), "max_tokens");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "max_tokens": 0})"), "max_tokens");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "top_k": -1})"), "top_k");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "stop": [1]})"), "stop");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "stop": 1})"), "stop");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "seed": "7"})"), "seed");
