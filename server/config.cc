@@ -109,6 +109,11 @@ absl::Status validate_server_config(const config::ServerConfig& c) {
       return a.status();
     }
   }
+  if (const std::string& http = c.endpoints().http_address(); !http.empty()) {
+    if (auto a = parse_listen_address(http, "endpoints.http_address"); !a.ok()) {
+      return a.status();
+    }
+  }
   const config::EngineConfig& e = c.engine();
   if (e.backend() != "auto" && e.backend() != "cpu" && e.backend() != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat(

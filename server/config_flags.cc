@@ -91,6 +91,10 @@ ABSL_FLAG(StringOverride, grpc_address,
 ABSL_FLAG(StringOverride, metrics_address,
           shown_text(megaserve::server::defaults().endpoints().metrics_address()),
           "Prometheus metrics listen address, host:port; empty turns metrics off");
+ABSL_FLAG(StringOverride, http_address,
+          shown_text(megaserve::server::defaults().endpoints().http_address()),
+          "OpenAI-compatible HTTP API listen address (/v1/completions, /v1/chat/completions, "
+          "/v1/models), host:port; empty (the default) turns it off");
 ABSL_FLAG(StringOverride, backend, shown_text(engine_defaults().backend()), "auto, cpu or cuda");
 ABSL_FLAG(UintOverride, tensor_parallel_size, shown_value(engine_defaults().tensor_parallel_size()),
           "GPUs per model");
@@ -154,6 +158,8 @@ void apply_flag_overrides(config::ServerConfig* c) {
                  [c](const std::string& v) { c->mutable_endpoints()->set_grpc_address(v); });
   override_field(FLAGS_metrics_address,
                  [c](const std::string& v) { c->mutable_endpoints()->set_metrics_address(v); });
+  override_field(FLAGS_http_address,
+                 [c](const std::string& v) { c->mutable_endpoints()->set_http_address(v); });
   override_field(FLAGS_backend, [e](const std::string& v) { e->set_backend(v); });
   override_field(FLAGS_tensor_parallel_size, [e](uint32_t v) { e->set_tensor_parallel_size(v); });
   override_field(FLAGS_kv_block_size, [e](uint32_t v) { e->set_kv_block_size(v); });

@@ -86,6 +86,7 @@ int serve(int argc, char** argv) {
   ServerOptions options;
   options.grpc_address = config.endpoints().grpc_address();
   options.metrics_address = config.endpoints().metrics_address();
+  options.http_address = config.endpoints().http_address();
   auto server = Server::start(options, *std::move(model));
   if (!server.ok()) {
     spdlog::error("{}", server.status().ToString());
@@ -96,6 +97,10 @@ int serve(int argc, char** argv) {
                    ? ", metrics off"
                    : fmt::format(", Prometheus metrics on http://{}/metrics (port {})",
                                  options.metrics_address, (*server)->metrics_port()));
+  if (!options.http_address.empty()) {
+    spdlog::info("serving the OpenAI-compatible HTTP API on http://{}/v1 (port {})",
+                 options.http_address, (*server)->http_port());
+  }
 
   const auto grace = std::chrono::seconds(config.drain_grace_seconds());
   const timespec poll{0, 100'000'000};  // check the engine's health every 100 ms

@@ -1,14 +1,10 @@
 #include "server/metrics.h"
 
-#include <sys/socket.h>
-
-#include <chrono>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "httplib.h"
-#include "server/listen_address.h"
 
 namespace megaserve::server {
 namespace {
@@ -92,8 +88,10 @@ std::string Metrics::render() const {
   std::string out;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    render_labeled_counter("megaserve_requests_total", "Generate calls by final gRPC status.",
-                           "status", requests_by_status_, &out);
+    render_labeled_counter(
+        "megaserve_requests_total",
+        "Generate and Chat calls (gRPC and HTTP) by final status, as gRPC names it.", "status",
+        requests_by_status_, &out);
     render_labeled_counter("megaserve_requests_finished_total",
                            "Generate streams that ran, by finish reason.", "reason",
                            requests_by_finish_reason_, &out);
@@ -134,61 +132,26 @@ std::string Metrics::render() const {
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::start(
     const std::string& address, Metrics* metrics) {
-  auto host_port = parse_listen_address(address, "metrics_address");
-  if (!host_port.ok()) return host_port.status();
-  std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
-  server->metrics_ = metrics;
-  server->http_ = std::make_unique<httplib::Server>();
-  server->http_->Get("/metrics", [metrics](const httplib::Request&, httplib::Response& res) {
+  auto http = std::make_unique<httplib::Server>();
+  http->Get("/metrics", [metrics](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics->render(), "text/plain; version=0.0.4; charset=utf-8");
   });
-  server->http_->Get("/", [](const httplib::Request&, httplib::Response& res) {
+  http->Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("megaserve: metrics at /metrics\n", "text/plain");
   });
   // httplib gives each connection a worker until it closes, and by default waits 5 s for a
   // request's next bytes or a kept-alive connection's next request: 8 idle connections took
   // every worker and starved the scrapes. Short waits, and more workers than idle clients
   // plausibly hold (each is a sleeping thread).
-  server->http_->new_task_queue = [] { return new httplib::ThreadPool(kMetricsHttpWorkers); };
-  server->http_->set_read_timeout(1, 0);
-  server->http_->set_write_timeout(1, 0);
-  server->http_->set_keep_alive_timeout(1);
-  // httplib's default also sets SO_REUSEPORT, which lets a second server bind the port.
-  server->http_->set_socket_options([](int sock) {
-    const int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-  });
-  const std::string& host = host_port->host;
-  const int port = host_port->port;
-  if (port == 0) {
-    server->port_ = server->http_->bind_to_any_port(host);
-  } else {
-    server->port_ = server->http_->bind_to_port(host, port) ? port : -1;
-  }
-  if (server->port_ <= 0) {
-    const std::string why = why_cannot_listen(*host_port);
-    return absl::UnavailableError(absl::StrCat(
-        "metrics_address ", address, ": cannot listen: ", why.empty() ? "bind failed" : why));
-  }
-  server->http_thread_ = std::thread([s = server.get()] { s->http_->listen_after_bind(); });
-  // httplib's stop() does nothing before listening began; wait for it so that stop()
-  // always ends the listener.
-  for (int i = 0; i < 2000 && !server->http_->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  http->new_task_queue = [] { return new httplib::ThreadPool(kMetricsHttpWorkers); };
+  http->set_read_timeout(1, 0);
+  http->set_write_timeout(1, 0);
+  http->set_keep_alive_timeout(1);
+  auto listener = HttpListener::start(std::move(http), address, "metrics_address");
+  if (!listener.ok()) return listener.status();
+  std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
+  server->listener_ = *std::move(listener);
   return server;
 }
-
-void MetricsHttpServer::stop() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return;
-    stopping_ = true;
-  }
-  http_->stop();
-  if (http_thread_.joinable()) http_thread_.join();
-}
-
-MetricsHttpServer::~MetricsHttpServer() { stop(); }
 
 }  // namespace megaserve::server

@@ -11,15 +11,11 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
-
-namespace httplib {
-class Server;
-}
+#include "server/http_listener.h"
 
 namespace megaserve::server {
 
@@ -73,8 +69,7 @@ class Metrics {
 };
 
 // Serves GET /metrics (and / for a pointer to it) on `address` ("host:port"; port 0 picks a
-// free one). The socket does not set SO_REUSEPORT: a second server on the same port must
-// fail to start, not share (and split) the scrapes.
+// free one).
 class MetricsHttpServer {
  public:
   // Connections served at once; an idle or half-sent one holds a worker for at most ~1 s of
@@ -83,19 +78,13 @@ class MetricsHttpServer {
 
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> start(const std::string& address,
                                                                   Metrics* metrics);
-  ~MetricsHttpServer();
-  int port() const { return port_; }
-  void stop();
+  int port() const { return listener_->port(); }
+  void stop() { listener_->stop(); }
 
  private:
   MetricsHttpServer() = default;
 
-  Metrics* metrics_ = nullptr;
-  std::unique_ptr<httplib::Server> http_;
-  std::thread http_thread_;
-  std::mutex mu_;
-  bool stopping_ = false;
-  int port_ = 0;
+  std::unique_ptr<HttpListener> listener_;
 };
 
 }  // namespace megaserve::server

@@ -86,6 +86,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::start(const ServerOptions& optio
   grpc::HealthCheckServiceInterface* health = server->grpc_server_->GetHealthCheckService();
   health->SetServingStatus(true);
   health->SetServingStatus(v1::Megaserve::service_full_name(), true);
+  if (!options.http_address.empty()) {
+    auto http = HttpApiServer::start(options.http_address, &server->context_);
+    if (!http.ok()) return http.status();
+    server->http_api_ = *std::move(http);
+  }
   return server;
 }
 
@@ -122,6 +127,7 @@ void Server::drain_and_stop(std::chrono::milliseconds grace) {
   }
   grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
   grpc_server_->Wait();
+  if (http_api_) http_api_->stop();
   if (metrics_http_) metrics_http_->stop();
 }
 

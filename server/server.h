@@ -1,5 +1,6 @@
-// The running server: the gRPC service (with the standard health service and reflection)
-// and the Prometheus endpoint around one engine, plus the drain sequence SIGTERM runs.
+// The running server: the gRPC service (with the standard health service and reflection),
+// the OpenAI-compatible HTTP API when asked for, and the Prometheus endpoint around one
+// engine, plus the drain sequence SIGTERM runs.
 #pragma once
 
 #include <atomic>
@@ -15,6 +16,7 @@
 #include "engine/model/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/megaserve.pb.h"
+#include "server/http_api.h"
 #include "server/metrics.h"
 #include "server/service.h"
 #include "server/tokenizer_pool.h"
@@ -37,6 +39,7 @@ struct ServedModel {
 struct ServerOptions {
   std::string grpc_address = "127.0.0.1:0";  // port 0 picks a free port
   std::string metrics_address;               // empty: no metrics endpoint
+  std::string http_address;                  // empty: no OpenAI-compatible HTTP API
 };
 
 class Server {
@@ -47,11 +50,12 @@ class Server {
 
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
+  int http_port() const { return http_api_ ? http_api_->port() : 0; }
   engine::Engine& engine() { return *model_.engine; }
 
-  // The SIGTERM sequence: health turns NOT_SERVING and new Generate calls get UNAVAILABLE;
-  // running requests may finish within `grace`, after which the engine aborts the rest;
-  // then the gRPC and metrics servers stop. Idempotent.
+  // The SIGTERM sequence: health turns NOT_SERVING and new Generate calls (and HTTP
+  // requests) get UNAVAILABLE (503); running requests may finish within `grace`, after which
+  // the engine aborts the rest; then the gRPC, HTTP and metrics servers stop. Idempotent.
   void drain_and_stop(std::chrono::milliseconds grace);
   // Cuts a drain's grace period short (a second SIGTERM): drain_and_stop aborts what still
   // runs at once. Safe from any thread, before or during drain_and_stop.
@@ -68,6 +72,7 @@ class Server {
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<MegaserveService> service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<HttpApiServer> http_api_;  // goes before context_, which it uses
   int grpc_port_ = 0;
   bool stopped_ = false;
   std::atomic<bool> grace_ended_{false};

@@ -41,6 +41,15 @@ TEST(ConfigFlagsTest, GivenFlagsOverrideTheirFields) {
   EXPECT_EQ(config.engine().max_model_len(), 256u);
   EXPECT_FALSE(config.engine().enable_prefix_caching());
   EXPECT_EQ(config.endpoints().metrics_address(), "0.0.0.0:9090");
+  EXPECT_EQ(config.endpoints().http_address(), "");  // the HTTP API is off by default
+}
+
+TEST(ConfigFlagsTest, HttpAddressTurnsTheHttpApiOn) {
+  absl::FlagSaver saver;
+  set_flag("http_address", "127.0.0.1:8000");
+  const config::ServerConfig config = with_flags();
+  EXPECT_EQ(config.endpoints().http_address(), "127.0.0.1:8000");
+  EXPECT_TRUE(validate_server_config(config).ok());
 }
 
 // Issue 18: an empty value was read as "unset", so the config's 0.0.0.0:9090 applied.
@@ -106,6 +115,7 @@ TEST(ConfigFlagsTest, HelpShowsTheDefaultConfigValues) {
   };
   EXPECT_EQ(shown("grpc_address"), "\"0.0.0.0:50051\"");
   EXPECT_EQ(shown("metrics_address"), "\"0.0.0.0:9090\"");
+  EXPECT_EQ(shown("http_address"), "\"\"");
   EXPECT_EQ(shown("backend"), "\"auto\"");
   EXPECT_EQ(shown("kv_block_size"), "16");
   EXPECT_EQ(shown("max_num_seqs"), "64");

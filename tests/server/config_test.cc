@@ -105,6 +105,8 @@ TEST(ServerConfig, ValidationNamesTheField) {
   expect_bad(
       [](config::ServerConfig* c) { c->mutable_endpoints()->set_metrics_address("0.0.0.0:70000"); },
       "endpoints.metrics_address");
+  expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->set_http_address("8000"); },
+             "endpoints.http_address");
   expect_bad([](config::ServerConfig* c) { c->mutable_endpoints()->set_grpc_address(""); },
              "the server needs a gRPC address");
   expect_bad([](config::ServerConfig* c) { c->mutable_engine()->set_max_model_len(1u << 31); },

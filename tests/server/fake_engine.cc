@@ -85,6 +85,27 @@ std::vector<std::pair<uint64_t, engine::FinishReason>> FakeEngine::finish_calls(
   return finish_calls_;
 }
 
+bool FakeEngine::healthy() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !failed_;
+}
+
+void FakeEngine::fail_all(const std::string& error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  failed_ = true;
+  while (!requests_.empty()) {
+    engine::RequestEvent event;
+    event.finished = engine::FinishReason::kError;
+    event.error = error;
+    requests_.begin()->second.output->push(std::move(event));
+    const uint64_t id = requests_.begin()->first;
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
+    running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
+    requests_.erase(requests_.begin());
+  }
+  cv_.notify_all();
+}
+
 int64_t FakeEngine::submitted() const {
   std::lock_guard<std::mutex> lock(mu_);
   return submitted_;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -42,11 +43,13 @@ class FakeEngine final : public engine::Engine {
   void finish(uint64_t request_id, engine::FinishReason reason) override;
   engine::EngineStats stats() const override;
   void drain(bool abort_all) override;
-  bool healthy() const override { return true; }
+  bool healthy() const override;
   void set_step_observer(std::function<void(double seconds)> observer) override;
 
   // While paused, no step runs: requests stay waiting or running where they are.
   void set_paused(bool paused);
+  // A failed step: every request finishes with kError and `error`, and healthy() turns false.
+  void fail_all(const std::string& error);
   // Every finish() call seen, in order.
   std::vector<std::pair<uint64_t, engine::FinishReason>> finish_calls() const;
   int64_t submitted() const;
@@ -76,6 +79,7 @@ class FakeEngine final : public engine::Engine {
   int64_t steps_ = 0;
   std::function<void(double seconds)> step_observer_;
   bool paused_ = false;
+  bool failed_ = false;
   bool draining_ = false;
   bool stopping_ = false;
   std::thread thread_;
