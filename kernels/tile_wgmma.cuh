@@ -20,8 +20,11 @@
 //
 // The core is a function of its own (__noinline__): the megakernel is one 255-register function
 // that spills, and inlined here its spill reloads landed in this loop (local memory is an L2
-// round trip, shared memory taking nearly all of L1); a call also keeps the megakernel's other
-// calls (division and math slow paths) from making ptxas serialize the wgmmas (C7510).
+// round trip, shared memory taking nearly all of L1). The price: ptxas serializes wgmmas that
+// are not in the entry function itself (C7510, each HGMMA waited for; seen on a 30-line kernel
+// too), while calls elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlines
+// this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block
+// (bench/RESULTS.md); which is faster is for the GPU to say.
 //
 // Pipeline [WGMMA_PIPE]: kWgmmaStages stages of weights, each with a "full" mbarrier in the
 // CTA's static shared memory (count 1: thread 0's arrive_expect_tx, then the TMA bytes). One
