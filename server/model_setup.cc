@@ -60,7 +60,8 @@ absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
     spdlog::warn(
         "No model given: serving the built-in DEMO model from {} (a small Llama shape with "
         "random weights; its output is gibberish). To serve a real model, pass "
-        "--model=/path/to/hf-model-dir (config.json, *.safetensors, tokenizer.model).",
+        "--model=/path/to/hf-model-dir (config.json, *.safetensors, tokenizer.model or "
+        "tokenizer.json) or --model=/path/to/model.gguf.",
         demo.string());
     files.config_dir = demo;
     files.tokenizer_file = demo / "tokenizer.model";
@@ -83,7 +84,13 @@ absl::StatusOr<ModelFiles> locate_model(const config::ModelSource& source) {
       files.config_dir = dir;
     }
     files.weights_dir = dir;
+    // sentencepiece's tokenizer.model where there is one (Llama-2 ships both), else Hugging
+    // Face's tokenizer.json (Llama-3.x, Qwen2/2.5/3, SmolLM2 ship only that).
     files.tokenizer_file = dir / "tokenizer.model";
+    std::error_code error;
+    if (!fs::exists(files.tokenizer_file, error) && fs::exists(dir / "tokenizer.json", error)) {
+      files.tokenizer_file = dir / "tokenizer.json";
+    }
     files.name = (dir.empty() ? files.config_dir : dir).lexically_normal().filename().string();
     if (files.name.empty()) files.name = dir.lexically_normal().parent_path().filename().string();
     if (!files.dummy && dir.empty()) {

@@ -5,11 +5,13 @@
 // tokenizer's EOS (id 2 of tok512.model).
 #include "server/model_setup.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/model/tokenizer.h"
 #include "gtest/gtest.h"
 #include "server/config.h"
 #include "tests/support/assets.h"
@@ -184,6 +186,86 @@ TEST(ModelSetupTest, TensorParallelMistakeFailsBeforeTheWeightsLoad) {
   ASSERT_FALSE(weights_error.ok());
   EXPECT_NE(weights_error.status().message().find("model.safetensors"), std::string::npos)
       << weights_error.status();
+}
+
+// A Hugging Face directory of the Llama-3.x kind: tokenizer.json (no tokenizer.model),
+// tokenizer_config.json and chat_template.jinja; Llama-3.2's real tokenizer files
+// (scripts/install-deps unpacks them) and template, a tiny Llama shape with its vocabulary and
+// dummy weights.
+fs::path llama32_tokenizer_dir() {
+  if (const char* dir = std::getenv("MEGASERVE_TOKENIZERS_DIR"); dir && *dir) {
+    return fs::path(dir) / "llama-3.2";
+  }
+  if (const char* cache = std::getenv("XDG_CACHE_HOME"); cache && *cache) {
+    return fs::path(cache) / "megaserve/tokenizers/llama-3.2";
+  }
+  const char* home = std::getenv("HOME");
+  return fs::path(home != nullptr ? home : "") / ".cache/megaserve/tokenizers/llama-3.2";
+}
+
+TEST(ModelSetupTest, DirectoryWithOnlyTokenizerJsonServesWithItsTemplate) {
+  const fs::path source = llama32_tokenizer_dir();
+  if (!fs::exists(source / "tokenizer.json")) {
+    if (megaserve::testing::running_in_ci()) {
+      FAIL() << "missing " << source << " (scripts/install-deps fetches it)";
+    }
+    GTEST_SKIP() << source << " not present (scripts/install-deps fetches it)";
+  }
+  engine::ModelConfig c = megaserve::testing::tiny_model_config(engine::ModelFamily::kLlama);
+  c.vocab_size = 128256;
+  c.bos_token_id = 128000;
+  c.eos_token_ids = {128009};
+  const fs::path dir = megaserve::testing::make_test_dir("llama32_json");
+  megaserve::testing::write_file(dir / "config.json", megaserve::testing::hf_config_json(c));
+  fs::copy_file(source / "tokenizer.json", dir / "tokenizer.json",
+                fs::copy_options::overwrite_existing);
+  fs::copy_file(source / "tokenizer_config.json", dir / "tokenizer_config.json",
+                fs::copy_options::overwrite_existing);
+  // That tokenizer_config.json has no template; Meta's Llama-3.2 template as its own file.
+  fs::copy_file(fs::path(MEGASERVE_SOURCE_DIR) / "tests/data/chat_templates/llama3.2.jinja",
+                dir / "chat_template.jinja", fs::copy_options::overwrite_existing);
+  config::ServerConfig config = eos_model_config(dir);
+  config.mutable_model()->set_load_format("dummy");
+  auto model = setup_model(config);
+  ASSERT_TRUE(model.ok()) << model.status();
+
+  // The directory's tokenizer is tokenizer.json: the same ids as loading that file directly.
+  auto direct = engine::load_tokenizer(source / "tokenizer.json");
+  ASSERT_TRUE(direct.ok()) << direct.status();
+  const std::string text = "Hello, world! Tokenizers differ on text like this.";
+  EXPECT_EQ(model->tokenizer->encode(text, true), (*direct)->encode(text, true));
+  EXPECT_EQ(model->tokenizer->encode(text, true).front(), 128000);  // the post-processor's BOS
+
+  ASSERT_NE(model->chat_template, nullptr);
+  engine::ChatTemplateInputs inputs;
+  inputs.messages = {{"user", "Hi"}};
+  inputs.add_generation_prompt = true;
+  inputs.bos_token = model->bos_token;
+  inputs.eos_token = model->eos_token;
+  auto prompt = model->chat_template->render(inputs);
+  ASSERT_TRUE(prompt.ok()) << prompt.status();
+  EXPECT_NE(prompt->find("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"),
+            std::string::npos)
+      << *prompt;
+  EXPECT_TRUE(prompt->ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n")) << *prompt;
+
+  // And it generates: the engine runs on the tokenizer's ids.
+  engine::GenerateRequest request;
+  request.prompt_token_ids = model->tokenizer->encode("Hello", true);
+  request.sampling.temperature = 0.0f;
+  request.sampling.max_tokens = 3;
+  request.sampling.ignore_eos = true;
+  auto output = model->engine->submit(request);
+  ASSERT_TRUE(output.ok()) << output.status();
+  int tokens = 0;
+  for (bool done = false; !done;) {
+    for (engine::RequestEvent& e : (*output)->wait()) {
+      tokens += static_cast<int>(e.tokens.size());
+      done = done || e.finished.has_value();
+    }
+  }
+  EXPECT_EQ(tokens, 3);
+  model->engine->drain(true);
 }
 
 TEST(ModelSetupTest, DirectoryWithoutATemplateServesWithoutChat) {
