@@ -82,7 +82,7 @@ ABSL_FLAG(StringOverride, load_format, shown_text(model_defaults().load_format()
 ABSL_FLAG(StringOverride, model_config_file, shown_text(model_defaults().config_file()),
           "with --load_format=dummy: a config.json to take the model shape from");
 ABSL_FLAG(StringOverride, tokenizer, shown_text(model_defaults().tokenizer_file()),
-          "a tokenizer.model to use instead of the model directory's");
+          "a tokenizer.model or tokenizer.json to use instead of the model's own");
 ABSL_FLAG(StringOverride, served_model_name, shown_text(model_defaults().served_name()),
           "the name GetModelInfo reports (empty: the directory name)");
 ABSL_FLAG(StringOverride, grpc_address,
