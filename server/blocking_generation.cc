@@ -66,7 +66,7 @@ absl::StatusOr<std::unique_ptr<BlockingGeneration>> BlockingGeneration::start(
   generation->prompt_token_ids_ = engine_request->prompt_token_ids;
   generation->stream_ =
       std::make_unique<OutputStream>(*context->tokenizer, engine_request->sampling,
-                                     context->eos_token_ids, /*report_logprobs=*/false);
+                                     context->eos_token_ids, request.params().has_logprobs());
   // The detokenizer's context: the prompt's last ids (DESIGN.md §9).
   const std::vector<int32_t>& ids = generation->prompt_token_ids_;
   generation->stream_->set_prompt(std::vector<int32_t>(

@@ -10,15 +10,29 @@
 // (the drain's grace period over) after the 200 went out: a stream gets an error event; a
 // whole response is cut off without its last chunk, which clients report as a broken
 // connection (and may retry), never as a success.
+//
+// Logprobs in a stream [logprobs alignment]: a chunk carries the logprobs of the tokens whose
+// text it completes. Output text lags the tokens (a UTF-8 character split over tokens, text
+// that could begin a stop string), so a token's logprobs wait until the text delivered so far
+// covers the token strings up to and including it (counted in bytes). Tokens whose text is
+// never delivered (the token that stopped generation, those cut with a stop string, or text
+// the detokenizer renders otherwise) go out with the finish reason's chunk, so that a stream
+// carries every generated token's logprobs once, in order, as the gRPC Generate stream does.
 #include "server/http_api.h"
 
 #include <chrono>
+#include <cstdint>
 #include <ctime>
+#include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "engine/model/tokenizer.h"
 #include "httplib.h"
 #include "server/blocking_generation.h"
 #include "server/openai_json.h"
@@ -47,7 +61,70 @@ struct ResponseState {
   std::string echo;  // the prompt's text, sent before the completion (completions' echo)
   bool started = false;
   std::string text;  // a whole response's text so far
+  // Logprobs (when asked for): the tokens not yet sent (a whole response: all of them), the
+  // bytes of generated text and of sent tokens' strings so far, and the next token's
+  // text_offset (completions). See [logprobs alignment].
+  const engine::Tokenizer* tokenizer = nullptr;
+  bool logprobs = false;
+  std::vector<TokenLogprobs> unsent_logprobs;
+  size_t text_bytes = 0;
+  size_t sent_token_bytes = 0;
+  int64_t text_offset = 0;
 };
+
+// A token's text as OpenAI's token strings show it: the detokenized bytes of the token alone
+// (sentencepiece's "▁" a space, a byte-fallback piece its byte, a byte-level token its bytes),
+// and for a control token (BOS, EOS, "<|im_end|>"), which decodes to nothing, its piece.
+std::string token_bytes(const engine::Tokenizer& tokenizer, int32_t id) {
+  if (tokenizer.byte_level()) {
+    const std::string_view bytes = tokenizer.token_bytes(id);
+    return bytes.empty() ? tokenizer.piece(id) : std::string(bytes);
+  }
+  if (const int byte = tokenizer.byte_value(id); byte >= 0) {
+    return std::string(1, static_cast<char>(byte));
+  }
+  std::string piece = tokenizer.piece(id);
+  const bool maybe_control = piece.size() > 2 && piece.front() == '<' && piece.back() == '>';
+  if (maybe_control && tokenizer.decode({id}).value_or("").empty()) return piece;
+  return absl::StrReplaceAll(piece, {{"\xE2\x96\x81", " "}});  // U+2581, sentencepiece's space
+}
+
+void add_logprobs(ResponseState& s, const StreamDelta& delta) {
+  if (!s.logprobs) return;
+  for (const scheduler::SampledToken& sampled : delta.logprobs) {
+    TokenLogprobs token;
+    token.bytes = token_bytes(*s.tokenizer, sampled.token_id);
+    token.logprob = sampled.logprob;
+    for (const auto& [id, logprob] : sampled.top_logprobs) {
+      token.top.push_back({token_bytes(*s.tokenizer, id), logprob});
+    }
+    s.unsent_logprobs.push_back(std::move(token));
+  }
+  s.text_bytes += delta.text.size();
+}
+
+// The unsent tokens whose text has been delivered, or with `all` every unsent one, as the
+// logprobs of the next chunk (null when not asked for). Advances text_offset past them.
+std::optional<LogprobsChunk> take_logprobs(ResponseState& s, bool all) {
+  if (!s.logprobs) return std::nullopt;
+  LogprobsChunk chunk;
+  chunk.text_offset = s.text_offset;
+  size_t n = 0;
+  while (n < s.unsent_logprobs.size() &&
+         (all || s.sent_token_bytes + s.unsent_logprobs[n].bytes.size() <= s.text_bytes)) {
+    s.sent_token_bytes += s.unsent_logprobs[n].bytes.size();
+    s.text_offset += openai_text_length(s.unsent_logprobs[n].bytes);
+    ++n;
+  }
+  chunk.tokens.assign(std::make_move_iterator(s.unsent_logprobs.begin()),
+                      std::make_move_iterator(s.unsent_logprobs.begin() + n));
+  s.unsent_logprobs.erase(s.unsent_logprobs.begin(), s.unsent_logprobs.begin() + n);
+  return chunk;
+}
+
+const LogprobsChunk* or_null(const std::optional<LogprobsChunk>& logprobs) {
+  return logprobs ? &*logprobs : nullptr;
+}
 
 UsageCounts usage_of(const BlockingGeneration& generation) {
   UsageCounts usage;
@@ -87,16 +164,21 @@ bool stream_step(ResponseState& s, httplib::DataSink& sink) {
   }
   const StreamDelta delta = s.generation->next(kPollInterval);
   if (!sink.is_writable()) return false;  // the client went away
+  add_logprobs(s, delta);
   std::string out;
   if (!delta.text.empty()) {
-    out = s.chat ? chat_chunk(h, false, delta.text, std::nullopt, s.include_usage)
-                 : completion_chunk(h, delta.text, std::nullopt, s.include_usage);
+    const std::optional<LogprobsChunk> logprobs = take_logprobs(s, /*all=*/false);
+    out = s.chat
+              ? chat_chunk(h, false, delta.text, std::nullopt, s.include_usage, or_null(logprobs))
+              : completion_chunk(h, delta.text, std::nullopt, s.include_usage, or_null(logprobs));
   }
   if (delta.finished) {
     if (ended_normally(delta)) {
       const std::string_view reason = engine::finish_reason_name(*delta.finished);
-      out += s.chat ? chat_chunk(h, false, std::nullopt, reason, s.include_usage)
-                    : completion_chunk(h, "", reason, s.include_usage);
+      std::optional<LogprobsChunk> rest = take_logprobs(s, /*all=*/true);
+      if (rest && rest->tokens.empty()) rest.reset();
+      out += s.chat ? chat_chunk(h, false, std::nullopt, reason, s.include_usage, or_null(rest))
+                    : completion_chunk(h, "", reason, s.include_usage, or_null(rest));
       if (s.include_usage) out += usage_chunk(h, s.chat, usage_of(*s.generation));
     } else {
       out += error_event(ended_early(delta));
@@ -113,6 +195,7 @@ bool whole_step(ResponseState& s, httplib::DataSink& sink) {
   const StreamDelta delta = s.generation->next(kPollInterval);
   if (!sink.is_writable()) return false;  // the client went away
   s.text += delta.text;
+  add_logprobs(s, delta);
   if (!delta.finished) return true;
   if (!ended_normally(delta)) {
     spdlog::warn("HTTP {} cut off after its 200: {}", s.header.id, ended_early(delta).ToString());
@@ -120,8 +203,10 @@ bool whole_step(ResponseState& s, httplib::DataSink& sink) {
   }
   const std::string_view reason = engine::finish_reason_name(*delta.finished);
   const UsageCounts usage = usage_of(*s.generation);
-  const std::string body = s.chat ? chat_response(s.header, s.text, reason, usage)
-                                  : completion_response(s.header, s.echo + s.text, reason, usage);
+  const std::optional<LogprobsChunk> logprobs = take_logprobs(s, /*all=*/true);
+  const std::string body =
+      s.chat ? chat_response(s.header, s.text, reason, usage, or_null(logprobs))
+             : completion_response(s.header, s.echo + s.text, reason, usage, or_null(logprobs));
   if (!write(sink, body)) return false;
   sink.done();
   return true;
@@ -189,10 +274,14 @@ class HttpApi {
     if (!request->model.empty() && request->model != name()) return unknown_model(request->model);
     state->stream = request->stream;
     state->include_usage = request->include_usage;
+    state->tokenizer = context_->tokenizer;
     if (!state->chat) {
+      state->logprobs = request->generate.params().has_logprobs();
       if (request->echo) state->echo = prompt_text(request->generate);
+      state->text_offset = openai_text_length(state->echo);
       return std::move(request->generate);
     }
+    state->logprobs = request->chat.params().has_logprobs();
     if (context_->chat_template == nullptr) {
       return openai_error(
           absl::StatusCode::kInvalidArgument,

@@ -1,6 +1,7 @@
 #include "server/openai_json.h"
 
 #include <algorithm>
+#include <cmath>
 #include <iterator>
 #include <limits>
 #include <random>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
+#include "server/request_validation.h"
 
 namespace megaserve::server {
 namespace {
@@ -295,6 +297,103 @@ void read_messages(FieldReader& r, v1::ChatRequest* out) {
   }
 }
 
+// The length of the valid UTF-8 sequence at the start of `s`, or 0 when it starts with a
+// byte that begins none (overlong forms and surrogates count as invalid, as in JSON).
+size_t utf8_sequence_length(std::string_view s) {
+  const auto byte = [&s](size_t i) { return static_cast<unsigned char>(s[i]); };
+  const unsigned char b0 = byte(0);
+  if (b0 < 0x80) return 1;
+  size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xBF;  // the allowed range of the second byte
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    n = 2;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    n = 3;
+    if (b0 == 0xE0) lo = 0xA0;
+    if (b0 == 0xED) hi = 0x9F;
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    n = 4;
+    if (b0 == 0xF0) lo = 0x90;
+    if (b0 == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (s.size() < n || byte(1) < lo || byte(1) > hi) return 0;
+  for (size_t i = 2; i < n; ++i) {
+    if (byte(i) < 0x80 || byte(i) > 0xBF) return 0;
+  }
+  return n;
+}
+
+// A token's string: its bytes with each byte outside valid UTF-8 as U+FFFD.
+std::string token_string(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size());
+  while (!bytes.empty()) {
+    const size_t n = utf8_sequence_length(bytes);
+    out += n == 0 ? std::string_view("\xEF\xBF\xBD") : bytes.substr(0, n);
+    bytes.remove_prefix(std::max<size_t>(n, 1));
+  }
+  return out;
+}
+
+// JSON has no infinity: a logprob of -inf (a token the sampler could never pick) is reported
+// as OpenAI does, -9999.
+Json logprob_json(float logprob) {
+  return std::isfinite(logprob) ? static_cast<double>(logprob) : -9999.0;
+}
+
+// choices[0].logprobs of a completion: parallel lists; each position's top_logprobs is an
+// object {token string: logprob} of the alternatives plus the chosen token (OpenAI: "up to
+// logprobs + 1 elements"). Two alternatives with the same string keep the better one.
+Json completion_logprobs_json(const LogprobsChunk* logprobs) {
+  if (logprobs == nullptr) return nullptr;
+  Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
+       text_offset = Json::array();
+  int64_t offset = logprobs->text_offset;
+  for (const TokenLogprobs& token : logprobs->tokens) {
+    std::string text = token_string(token.bytes);
+    Json top = Json::object();
+    for (const TokenAlternative& alternative : token.top) {
+      top.emplace(token_string(alternative.bytes), logprob_json(alternative.logprob));
+    }
+    top.emplace(text, logprob_json(token.logprob));
+    text_offset.push_back(offset);
+    offset += openai_text_length(token.bytes);
+    tokens.push_back(std::move(text));
+    token_logprobs.push_back(logprob_json(token.logprob));
+    top_logprobs.push_back(std::move(top));
+  }
+  return {{"tokens", std::move(tokens)},
+          {"token_logprobs", std::move(token_logprobs)},
+          {"top_logprobs", std::move(top_logprobs)},
+          {"text_offset", std::move(text_offset)}};
+}
+
+Json chat_token_json(std::string_view bytes, float logprob) {
+  Json byte_values = Json::array();
+  for (const char c : bytes) byte_values.push_back(static_cast<unsigned char>(c));
+  return {{"token", token_string(bytes)},
+          {"logprob", logprob_json(logprob)},
+          {"bytes", std::move(byte_values)}};
+}
+
+// choices[0].logprobs of a chat completion: {"content": [one entry per token]}.
+Json chat_logprobs_json(const LogprobsChunk* logprobs) {
+  if (logprobs == nullptr) return nullptr;
+  Json content = Json::array();
+  for (const TokenLogprobs& token : logprobs->tokens) {
+    Json entry = chat_token_json(token.bytes, token.logprob);
+    Json top = Json::array();
+    for (const TokenAlternative& alternative : token.top) {
+      top.push_back(chat_token_json(alternative.bytes, alternative.logprob));
+    }
+    entry["top_logprobs"] = std::move(top);
+    content.push_back(std::move(entry));
+  }
+  return {{"content", std::move(content)}};
+}
+
 Json usage_json(const UsageCounts& usage) {
   return {{"prompt_tokens", usage.prompt_tokens},
           {"completion_tokens", usage.completion_tokens},
@@ -355,10 +454,18 @@ absl::StatusOr<OpenAiRequest> parse_completion_request(std::string_view body) {
   read_sampling(r, out.generate.mutable_params());
   read_stream(r, &out);
   out.echo = r.boolean("echo").value_or(false);
+  // OpenAI's limit for completions is 5 alternatives (chat's is 20).
+  if (auto v = r.integer("logprobs", 0, 5)) {
+    out.generate.mutable_params()->set_logprobs(static_cast<int32_t>(*v));
+    if (out.echo) {
+      r.fail("logprobs",
+             "logprobs with echo is not supported: the engine does not compute the prompt's "
+             "logprobs");
+    }
+  }
   if (const Json* best_of = r.value("best_of"); best_of != nullptr && *best_of != 1) {
     r.fail("best_of", absl::StrCat("only best_of = 1 is supported, got ", best_of->dump()));
   }
-  refuse_if(r, r.value("logprobs") != nullptr, "logprobs", "");
   if (auto suffix = r.string("suffix")) refuse_if(r, !suffix->empty(), "suffix", "");
   if (!r.status().ok()) return r.status();
   return out;
@@ -378,9 +485,12 @@ absl::StatusOr<OpenAiRequest> parse_chat_request(std::string_view body) {
     params->set_max_tokens(static_cast<int32_t>(*v));
   }
   read_stream(r, &out);
-  refuse_if(r, r.boolean("logprobs").value_or(false), "logprobs", "");
-  if (auto top = r.integer("top_logprobs", 0, kInt32Max)) {
-    refuse_if(r, *top > 0, "top_logprobs", "");
+  const bool logprobs = r.boolean("logprobs").value_or(false);
+  if (auto top = r.integer("top_logprobs", 0, kMaxLogprobs)) {
+    if (!logprobs) r.fail("top_logprobs", "top_logprobs requires \"logprobs\": true");
+    params->set_logprobs(static_cast<int32_t>(*top));
+  } else if (logprobs) {
+    params->set_logprobs(0);  // the chosen tokens' logprobs, no alternatives
   }
   if (const Json* tools = r.value("tools")) {
     refuse_if(r, !tools->is_array() || !tools->empty(), "tools", " (no tool calling)");
@@ -471,35 +581,47 @@ std::string new_response_id(std::string_view prefix) {
                          static_cast<uint32_t>(random()));
 }
 
+int64_t openai_text_length(std::string_view bytes) {
+  int64_t length = 0;
+  while (!bytes.empty()) {
+    bytes.remove_prefix(std::max<size_t>(utf8_sequence_length(bytes), 1));
+    ++length;
+  }
+  return length;
+}
+
 std::string completion_response(const ResponseHeader& header, std::string_view text,
-                                std::string_view finish_reason, const UsageCounts& usage) {
+                                std::string_view finish_reason, const UsageCounts& usage,
+                                const LogprobsChunk* logprobs) {
   Json json = response_json(header, "text_completion");
   json["choices"] = Json::array({{{"index", 0},
                                   {"text", std::string(text)},
-                                  {"logprobs", nullptr},
+                                  {"logprobs", completion_logprobs_json(logprobs)},
                                   {"finish_reason", std::string(finish_reason)}}});
   json["usage"] = usage_json(usage);
   return dump(json);
 }
 
 std::string chat_response(const ResponseHeader& header, std::string_view content,
-                          std::string_view finish_reason, const UsageCounts& usage) {
+                          std::string_view finish_reason, const UsageCounts& usage,
+                          const LogprobsChunk* logprobs) {
   Json json = response_json(header, "chat.completion");
   json["choices"] =
       Json::array({{{"index", 0},
                     {"message", {{"role", "assistant"}, {"content", std::string(content)}}},
-                    {"logprobs", nullptr},
+                    {"logprobs", chat_logprobs_json(logprobs)},
                     {"finish_reason", std::string(finish_reason)}}});
   json["usage"] = usage_json(usage);
   return dump(json);
 }
 
 std::string completion_chunk(const ResponseHeader& header, std::string_view text,
-                             std::optional<std::string_view> finish_reason, bool include_usage) {
+                             std::optional<std::string_view> finish_reason, bool include_usage,
+                             const LogprobsChunk* logprobs) {
   Json json = response_json(header, "text_completion");
   json["choices"] = Json::array({{{"index", 0},
                                   {"text", std::string(text)},
-                                  {"logprobs", nullptr},
+                                  {"logprobs", completion_logprobs_json(logprobs)},
                                   {"finish_reason", optional_string(finish_reason)}}});
   if (include_usage) json["usage"] = nullptr;
   return sse(json);
@@ -507,14 +629,15 @@ std::string completion_chunk(const ResponseHeader& header, std::string_view text
 
 std::string chat_chunk(const ResponseHeader& header, bool with_role,
                        std::optional<std::string_view> content,
-                       std::optional<std::string_view> finish_reason, bool include_usage) {
+                       std::optional<std::string_view> finish_reason, bool include_usage,
+                       const LogprobsChunk* logprobs) {
   Json delta = Json::object();
   if (with_role) delta["role"] = "assistant";
   if (content) delta["content"] = std::string(*content);
   Json json = response_json(header, "chat.completion.chunk");
   json["choices"] = Json::array({{{"index", 0},
                                   {"delta", std::move(delta)},
-                                  {"logprobs", nullptr},
+                                  {"logprobs", chat_logprobs_json(logprobs)},
                                   {"finish_reason", optional_string(finish_reason)}}});
   if (include_usage) json["usage"] = nullptr;
   return sse(json);

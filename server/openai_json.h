@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -31,9 +32,11 @@ struct OpenAiRequest {
 
 // Parse and check a request body. Errors are InvalidArgument naming the field (see
 // openai_error_param). Fields megaserve cannot honour are refused rather than ignored: n,
-// best_of other than 1, logprobs, suffix, logit_bias, tools, a response_format other than
-// text. Beyond OpenAI's fields the engine's own are accepted: top_k, min_p,
-// repetition_penalty, min_tokens, ignore_eos, stop_token_ids.
+// best_of other than 1, suffix, logit_bias, tools, a response_format other than text, and
+// logprobs with echo (the engine computes no prompt logprobs). Logprobs become the gRPC
+// request's params.logprobs (top-N): completions' `logprobs` (0..5), chat's `logprobs: true`
+// with `top_logprobs` (0..20, only with logprobs true). Beyond OpenAI's fields the engine's
+// own are accepted: top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids.
 absl::StatusOr<OpenAiRequest> parse_completion_request(std::string_view body);
 absl::StatusOr<OpenAiRequest> parse_chat_request(std::string_view body);
 
@@ -67,23 +70,52 @@ struct UsageCounts {
   int cached_prompt_tokens = 0;
 };
 
+// One generated token's logprobs as the OpenAI API reports them. A token is given as its
+// bytes: one may hold part of a UTF-8 character, whose token string then shows U+FFFD while
+// chat's "bytes" keeps the exact bytes.
+struct TokenAlternative {
+  std::string bytes;
+  float logprob = 0.0f;
+};
+struct TokenLogprobs {
+  std::string bytes;
+  float logprob = 0.0f;
+  std::vector<TokenAlternative> top;  // best first
+};
+// The logprobs of the tokens one response or chunk carries. Completions' text_offset: the
+// first token's offset in the choice's text (the echoed prompt included), then each token's
+// string length after the one before, counted in Unicode characters (what a client indexes
+// the text by), as vLLM does.
+struct LogprobsChunk {
+  std::vector<TokenLogprobs> tokens;
+  int64_t text_offset = 0;
+};
+// The characters a client reads in `bytes` (each byte that is not part of valid UTF-8 counts
+// as one U+FFFD): how far a token, or echoed text, moves text_offset.
+int64_t openai_text_length(std::string_view bytes);
+
 // A fresh response id: `prefix` and 24 random hex digits.
 std::string new_response_id(std::string_view prefix);
 
-// Whole (non-streamed) responses. `finish_reason`: "stop" or "length".
+// Whole (non-streamed) responses. `finish_reason`: "stop" or "length". `logprobs`: null
+// ("logprobs": null) unless the request asked for them.
 std::string completion_response(const ResponseHeader& header, std::string_view text,
-                                std::string_view finish_reason, const UsageCounts& usage);
+                                std::string_view finish_reason, const UsageCounts& usage,
+                                const LogprobsChunk* logprobs = nullptr);
 std::string chat_response(const ResponseHeader& header, std::string_view content,
-                          std::string_view finish_reason, const UsageCounts& usage);
+                          std::string_view finish_reason, const UsageCounts& usage,
+                          const LogprobsChunk* logprobs = nullptr);
 
 // Server-sent events, each "data: {json}\n\n". With include_usage every chunk carries
 // "usage": null and usage_chunk, after the chunk with the finish reason, the counts.
 std::string completion_chunk(const ResponseHeader& header, std::string_view text,
-                             std::optional<std::string_view> finish_reason, bool include_usage);
+                             std::optional<std::string_view> finish_reason, bool include_usage,
+                             const LogprobsChunk* logprobs = nullptr);
 // A chat chunk's delta: the role (first chunk) and/or content; neither on the last one.
 std::string chat_chunk(const ResponseHeader& header, bool with_role,
                        std::optional<std::string_view> content,
-                       std::optional<std::string_view> finish_reason, bool include_usage);
+                       std::optional<std::string_view> finish_reason, bool include_usage,
+                       const LogprobsChunk* logprobs = nullptr);
 std::string usage_chunk(const ResponseHeader& header, bool chat, const UsageCounts& usage);
 // An error in the middle of a stream, after the 200 went out: {"error": {...}} as one event.
 std::string error_event(const absl::Status& status);

@@ -3,6 +3,7 @@
 // responses, a client's disconnect aborting its request, a full queue (429), a draining
 // server (503, and an aborted stream's error event), a failed engine (500 in the stream,
 // then 503), stop strings reaching the engine, and concurrent streams.
+#include <algorithm>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -169,6 +170,77 @@ TEST_F(HttpApiTest, WholeAndStreamedCompletionsCarryTheFakesText) {
   const Json& last_choice = streamed.events[streamed.events.size() - 2]["choices"][0];
   EXPECT_EQ(last_choice["finish_reason"], "length");
   EXPECT_EQ(streamed.events.back()["usage"]["completion_tokens"], 10);
+  expect_engine_idle();
+}
+
+// The fake's logprobs: -0.5 * (i % 4) for output token i; alternatives ids 100, 101, ... at
+// logprobs 0, -1, ...
+TEST_F(HttpApiTest, WholeCompletionWithLogprobs) {
+  start();
+  const auto [status, whole] =
+      post("/v1/completions",
+           R"({"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "logprobs": 2})");
+  ASSERT_EQ(status, 200) << whole.dump();
+  const std::string text = whole["choices"][0]["text"];
+  const Json& l = whole["choices"][0]["logprobs"];
+  ASSERT_EQ(l["tokens"].size(), 10u) << l.dump();
+  std::string joined;
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_EQ(l["text_offset"][i], joined.size());  // stories260K's pieces are ASCII
+    joined += l["tokens"][i].get<std::string>();
+    EXPECT_EQ(l["token_logprobs"][i], -0.5 * (i % 4));
+    const Json& top = l["top_logprobs"][i];
+    std::vector<double> values;
+    for (const auto& [token, logprob] : top.items()) values.push_back(logprob);
+    EXPECT_EQ(top.size(), 3u) << top.dump();  // two alternatives and the chosen token
+    EXPECT_NE(std::find(values.begin(), values.end(), 0.0), values.end()) << top.dump();
+    EXPECT_NE(std::find(values.begin(), values.end(), -1.0), values.end()) << top.dump();
+    EXPECT_EQ(top[l["tokens"][i].get<std::string>()], -0.5 * (i % 4));
+  }
+  EXPECT_EQ(joined, text);  // the detokenized pieces, leading spaces included
+}
+
+TEST_F(HttpApiTest, StreamedLogprobsFollowTheTextThatBecameFinal) {
+  start();
+  // The fake repeats the prompt: the text stops before the second "cat", whose token's
+  // logprobs come with the finish reason's chunk (its text is never sent).
+  const Events streamed = stream("/v1/completions",
+                                 R"({"prompt": "Once upon a time there was a cat", "stop": ["cat"],
+                 "max_tokens": 50, "ignore_eos": true, "logprobs": 1, "stream": true,
+                 "stream_options": {"include_usage": true}})");
+  ASSERT_EQ(streamed.status, 200);
+  ASSERT_TRUE(streamed.done);
+  ASSERT_GE(streamed.events.size(), 3u);
+  std::string text, tokens;
+  size_t count = 0;
+  for (size_t e = 0; e + 1 < streamed.events.size(); ++e) {
+    const Json& choice = streamed.events[e]["choices"][0];
+    text += choice["text"].get<std::string>();
+    if (choice["logprobs"].is_null()) {
+      EXPECT_EQ(e + 2, streamed.events.size());  // only the finish chunk may carry none
+      continue;
+    }
+    const Json& l = choice["logprobs"];
+    ASSERT_EQ(l["tokens"].size(), l["token_logprobs"].size());
+    for (size_t i = 0; i < l["tokens"].size(); ++i) {
+      EXPECT_EQ(l["text_offset"][i], tokens.size());
+      tokens += l["tokens"][i].get<std::string>();
+      EXPECT_EQ(l["token_logprobs"][i], -0.5 * (count++ % 4));
+      EXPECT_EQ(l["top_logprobs"][i].size(), 2u);
+    }
+    if (choice["finish_reason"].is_null()) {
+      // A chunk's tokens never run ahead of the text sent so far.
+      EXPECT_EQ(text.substr(0, tokens.size()), tokens) << e;
+    }
+  }
+  const std::string unstopped = completion_text("Once upon a time there was a cat", 50);
+  EXPECT_EQ(text, unstopped.substr(0, unstopped.find("cat")));
+  // Every token's logprobs came, those of the tokens that spell "cat" too.
+  EXPECT_GT(tokens.size(), text.size());
+  EXPECT_EQ(tokens.substr(0, text.size()), text);
+  EXPECT_EQ(tokens.find("cat"), text.size()) << tokens;
+  EXPECT_EQ(streamed.events[streamed.events.size() - 2]["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(streamed.events.back()["usage"]["completion_tokens"], count);
   expect_engine_idle();
 }
 

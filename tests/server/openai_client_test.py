@@ -3,13 +3,15 @@
 the real `megaserve` binary on the CPU backend:
   - stories260K-hf: completions, whole and streamed, equal the gRPC Generate stream that
     megaserve-cli reads for the same greedy request (text, token counts, finish reason);
-    token-id prompts, stop strings, echo, usage in the last chunk, the model list; errors
+    token-id prompts, stop strings, echo, usage in the last chunk, logprobs (equal to gRPC's),
+    the model list; errors
     raise the client's exception classes (BadRequestError, NotFoundError) and bad JSON gets
     a 400 without disturbing a stream running beside it; chat on a model without a chat
     template is a clear 400;
-  - SmolLM2-135M-Instruct (GGUF, with a chat template): chat completions, whole and streamed,
-    equal the gRPC Chat stream; a client that closes its stream, or gives up on a whole
-    response, leaves no running request and no KV block in use (the server's metrics).
+  - SmolLM2-135M-Instruct (GGUF, with a chat template): chat completions, whole and
+    streamed, equal the gRPC Chat stream (logprobs too); a client that closes its stream, or
+    gives up on a whole response, leaves no running request and no KV block in use (the
+    server's metrics).
 Usage: openai_client_test.py MEGASERVE MEGASERVE_CLI ASSETS_DIR WORK_DIR
 Exit 77 (skipped) when the openai module, the stories260K-hf assets or the SmolLM2 file is
 missing, unless CI=true (scripts/install-deps installs them; then it fails).
@@ -100,6 +102,7 @@ class Server:
         messages = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
         return {"text": "".join(m.get("text", "") for m in messages),
                 "token_ids": [i for m in messages for i in m.get("token_ids", [])],
+                "logprobs": [lp for m in messages for lp in m.get("logprobs", [])],
                 "last": messages[-1]}
 
     def raw(self, method, path, body=None):
@@ -199,6 +202,40 @@ class StoriesTest(unittest.TestCase):
         self.assertTrue(all(c.usage is None and c.choices for c in plain))
         self.assertEqual("".join(c.choices[0].text for c in plain), reference["text"])
 
+    def test_completion_logprobs_equal_grpc_logprobs(self):
+        reference = self.server.grpc("--temperature=0", "--max_tokens=30", "--logprobs=3",
+                                     "Once upon a time")
+        expected = reference["logprobs"]
+        self.assertEqual(len(expected), 30)
+        c = self.client.completions.create(model=self.model, prompt="Once upon a time",
+                                           max_tokens=30, temperature=0, logprobs=3)
+        lp = c.choices[0].logprobs
+        self.assertEqual("".join(lp.tokens), c.choices[0].text)
+        self.assertEqual(lp.text_offset,
+                         [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))])
+        self.assertEqual(len(lp.token_logprobs), 30)
+        for i, (got, want) in enumerate(zip(lp.token_logprobs, expected)):
+            self.assertAlmostEqual(got, want["logprob"], places=5, msg=i)
+            alternatives = [t["logprob"] for t in want["top"]]
+            self.assertEqual(len(alternatives), 3)
+            # Greedy: the chosen token is the best alternative.
+            self.assertAlmostEqual(got, max(alternatives), places=5, msg=i)
+            top = lp.top_logprobs[i]
+            self.assertEqual(top[lp.tokens[i]], got)
+            self.assertEqual(len(top), 3, top)  # the chosen token is among the 3
+            for a, b in zip(sorted(top.values(), reverse=True), alternatives):
+                self.assertAlmostEqual(a, b, places=5, msg=i)
+        # Streamed: the same logprobs, spread over the chunks.
+        chunks = list(self.client.completions.create(
+            model=self.model, prompt="Once upon a time", max_tokens=30, temperature=0,
+            logprobs=3, stream=True))
+        streamed = [x for c in chunks if c.choices[0].logprobs
+                    for x in c.choices[0].logprobs.token_logprobs]
+        self.assertEqual(streamed, lp.token_logprobs)
+        offsets = [x for c in chunks if c.choices[0].logprobs
+                   for x in c.choices[0].logprobs.text_offset]
+        self.assertEqual(offsets, lp.text_offset)
+
     def test_token_id_prompt_equals_the_text_prompt(self):
         by_text = self.client.completions.create(model=self.model, prompt="Once upon a time",
                                                  max_tokens=30, temperature=0)
@@ -234,7 +271,8 @@ class StoriesTest(unittest.TestCase):
             (dict(prompt="Zoo", n=2), "n"),
             (dict(prompt="Zoo", max_tokens=5000), "max_tokens"),
             (dict(prompt="Zoo", temperature=-1), "temperature"),
-            (dict(prompt="Zoo", logprobs=2), "logprobs"),
+            (dict(prompt="Zoo", logprobs=6), "logprobs"),
+            (dict(prompt="Zoo", logprobs=2, echo=True), "logprobs"),
             (dict(prompt=["a", "b"]), "prompt"),
             (dict(prompt=[1, 600]), "prompt"),
             (dict(prompt=""), "prompt"),
@@ -324,6 +362,41 @@ class SmolLM2Test(unittest.TestCase):
         self.assertEqual(c.choices[0].finish_reason, FINISH[reference["last"]["finish_reason"]])
         self.assertEqual(c.usage.prompt_tokens, reference["last"]["usage"]["prompt_tokens"])
         self.assertEqual(c.usage.completion_tokens, len(reference["token_ids"]))
+
+    def test_chat_logprobs_equal_grpc_logprobs(self):
+        reference = self.server.grpc("--temperature=0", "--max_tokens=16", "--logprobs=5",
+                                     "--chat", self.QUESTION)
+        expected = reference["logprobs"]
+        messages = [{"role": "user", "content": self.QUESTION}]
+        c = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                max_tokens=16, temperature=0, logprobs=True,
+                                                top_logprobs=5)
+        content = c.choices[0].logprobs.content
+        self.assertEqual(len(content), len(expected))
+        self.assertEqual(len(content), c.usage.completion_tokens)
+        # The tokens' bytes spell the text (then the token that stopped it, if one did).
+        spelled = b"".join(bytes(t.bytes) for t in content)
+        self.assertTrue(spelled.startswith(c.choices[0].message.content.encode()), spelled)
+        for i, (got, want) in enumerate(zip(content, expected)):
+            self.assertAlmostEqual(got.logprob, want["logprob"], places=5, msg=i)
+            if all(b < 0x80 for b in got.bytes):
+                self.assertEqual(got.token, bytes(got.bytes).decode())
+            self.assertEqual(len(got.top_logprobs), 5)
+            for a, b in zip(got.top_logprobs, want["top"]):
+                self.assertAlmostEqual(a.logprob, b["logprob"], places=5, msg=i)
+            self.assertAlmostEqual(got.logprob, got.top_logprobs[0].logprob, places=5, msg=i)
+            self.assertEqual(got.token, got.top_logprobs[0].token)
+        chunks = list(self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=16, temperature=0, logprobs=True,
+            top_logprobs=5, stream=True))
+        streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                    for t in ch.choices[0].logprobs.content]
+        self.assertEqual([(t.token, t.logprob) for t in streamed],
+                         [(t.token, t.logprob) for t in content])
+        with self.assertRaises(openai.BadRequestError) as raised:
+            self.client.chat.completions.create(model=self.model, messages=messages,
+                                                max_tokens=4, top_logprobs=2)
+        self.assertEqual(raised.exception.body["param"], "top_logprobs")
 
     def test_streamed_chat_with_a_system_message(self):
         messages = [{"role": "system", "content": "You answer in one word."},

@@ -3,6 +3,7 @@
 // HTTP statuses, and the responses and stream chunks as OpenAI's clients read them.
 #include "server/openai_json.h"
 
+#include <limits>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -126,7 +127,7 @@ TEST(OpenAiJsonTest, UnsupportedOrMistypedFieldsAreRefusedByName) {
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "n": 2})"), "n");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "n": "1"})"), "n");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "best_of": 3})"), "best_of");
-  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": 2})"), "logprobs");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": 6})"), "logprobs");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "suffix": "end"})"), "suffix");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "logit_bias": {"5": 100}})"), "logit_bias");
   EXPECT_EQ(refused_completion(R"({"prompt": "x", "temperature": "hot"})"), "temperature");
@@ -144,6 +145,50 @@ TEST(OpenAiJsonTest, UnsupportedOrMistypedFieldsAreRefusedByName) {
   auto r = parse_completion_request(R"({"prompt": "x", "n": 3})");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().message(), "only n = 1 is supported, got 3");
+}
+
+TEST(OpenAiJsonTest, CompletionLogprobsAreTheTopNOfTheGrpcRequest) {
+  for (int n : {0, 1, 5}) {
+    auto r = parse_completion_request(R"({"prompt": "x", "logprobs": )" + std::to_string(n) + "}");
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_TRUE(r->generate.params().has_logprobs());
+    EXPECT_EQ(r->generate.params().logprobs(), n);
+  }
+  auto off = parse_completion_request(R"({"prompt": "x", "logprobs": null})");
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE(off->generate.params().has_logprobs());
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": -1})"), "logprobs");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": 6})"), "logprobs");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": true})"), "logprobs");
+  EXPECT_EQ(refused_completion(R"({"prompt": "x", "logprobs": 2.5})"), "logprobs");
+  // The prompt's logprobs are not computed: echo with logprobs is refused, not half-answered.
+  auto status = parse_completion_request(R"({"prompt": "x", "echo": true, "logprobs": 0})");
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(param_of(status.status()), "logprobs");
+  EXPECT_NE(status.status().message().find("echo"), std::string::npos);
+  EXPECT_TRUE(parse_completion_request(R"({"prompt": "x", "echo": true, "logprobs": null})").ok());
+}
+
+TEST(OpenAiJsonTest, ChatLogprobsAndTopLogprobs) {
+  const std::string user = R"({"messages": [{"role": "user", "content": "hi"}])";
+  auto plain = parse_chat_request(user + R"(, "logprobs": true})");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_TRUE(plain->chat.params().has_logprobs());
+  EXPECT_EQ(plain->chat.params().logprobs(), 0);
+  for (int n : {0, 7, 20}) {
+    auto r = parse_chat_request(user + R"(, "logprobs": true, "top_logprobs": )" +
+                                std::to_string(n) + "}");
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->chat.params().logprobs(), n);
+  }
+  auto off = parse_chat_request(user + R"(, "logprobs": false, "top_logprobs": null})");
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE(off->chat.params().has_logprobs());
+  EXPECT_EQ(refused_chat(user + R"(, "top_logprobs": 3})"), "top_logprobs");
+  EXPECT_EQ(refused_chat(user + R"(, "logprobs": false, "top_logprobs": 0})"), "top_logprobs");
+  EXPECT_EQ(refused_chat(user + R"(, "logprobs": true, "top_logprobs": 21})"), "top_logprobs");
+  EXPECT_EQ(refused_chat(user + R"(, "logprobs": true, "top_logprobs": -1})"), "top_logprobs");
+  EXPECT_EQ(refused_chat(user + R"(, "logprobs": 1})"), "logprobs");
 }
 
 TEST(OpenAiJsonTest, StreamOptions) {
@@ -208,8 +253,6 @@ TEST(OpenAiJsonTest, ChatRefusals) {
             "messages[1].content");
   const std::string user = R"("messages": [{"role": "user", "content": "hi"}])";
   EXPECT_EQ(refused_chat("{" + user + R"(, "n": 2})"), "n");
-  EXPECT_EQ(refused_chat("{" + user + R"(, "logprobs": true})"), "logprobs");
-  EXPECT_EQ(refused_chat("{" + user + R"(, "top_logprobs": 3})"), "top_logprobs");
   EXPECT_EQ(refused_chat("{" + user + R"(, "tools": [{"type": "function"}]})"), "tools");
   EXPECT_EQ(refused_chat("{" + user + R"(, "response_format": {"type": "json_object"}})"),
             "response_format");
@@ -327,6 +370,78 @@ TEST(OpenAiJsonTest, StreamChunks) {
 TEST(OpenAiJsonTest, TextThatIsNotUtf8BecomesReplacementCharacters) {
   const Json chunk = event_json(completion_chunk(kHeader, "a\xe2\x82", std::nullopt, false));
   EXPECT_EQ(chunk["choices"][0]["text"], "a\xef\xbf\xbd");
+}
+
+// Tokens " the" (best), " a" and "\xe2\x82" (the start of "€", cut by a byte-level token).
+LogprobsChunk sample_logprobs(int64_t text_offset) {
+  LogprobsChunk chunk;
+  chunk.text_offset = text_offset;
+  chunk.tokens.push_back({" the", -0.25f, {{" the", -0.25f}, {" a", -1.5f}}});
+  chunk.tokens.push_back({"\xe2\x82", -2.0f, {{" once", -1.0f}, {"\xe2\x82", -2.0f}}});
+  chunk.tokens.push_back({"\xac\xc3\xa9", -3.0f, {}});  // the end of "€", then "é"
+  return chunk;
+}
+
+TEST(OpenAiJsonTest, CompletionLogprobs) {
+  const LogprobsChunk logprobs = sample_logprobs(4);
+  const Json whole =
+      Json::parse(completion_response(kHeader, "x", "length", UsageCounts{}, &logprobs));
+  const Json& l = whole["choices"][0]["logprobs"];
+  EXPECT_EQ(l["tokens"], Json({" the", "\xef\xbf\xbd\xef\xbf\xbd", "\xef\xbf\xbd\xc3\xa9"}));
+  EXPECT_EQ(l["token_logprobs"], Json({-0.25, -2.0, -3.0}));
+  // Characters as the client reads them: a U+FFFD per stray byte.
+  EXPECT_EQ(l["text_offset"], Json({4, 8, 10}));
+  ASSERT_EQ(l["top_logprobs"].size(), 3u);
+  EXPECT_EQ(l["top_logprobs"][0], Json({{" the", -0.25}, {" a", -1.5}}));
+  // The chosen token is in its position's object even when not among the alternatives.
+  EXPECT_EQ(l["top_logprobs"][1], Json({{" once", -1.0}, {"\xef\xbf\xbd\xef\xbf\xbd", -2.0}}));
+  EXPECT_EQ(l["top_logprobs"][2], Json({{"\xef\xbf\xbd\xc3\xa9", -3.0}}));
+  EXPECT_TRUE(Json::parse(completion_response(kHeader, "x", "length",
+                                              UsageCounts{}))["choices"][0]["logprobs"]
+                  .is_null());
+  const Json chunk = event_json(completion_chunk(kHeader, " the", std::nullopt, false, &logprobs));
+  EXPECT_EQ(chunk["choices"][0]["logprobs"]["token_logprobs"].size(), 3u);
+  const LogprobsChunk empty;
+  const Json none = event_json(completion_chunk(kHeader, "", "stop", false, &empty));
+  EXPECT_TRUE(none["choices"][0]["logprobs"]["tokens"].empty());
+}
+
+TEST(OpenAiJsonTest, ChatLogprobs) {
+  const LogprobsChunk logprobs = sample_logprobs(0);
+  const Json whole = Json::parse(chat_response(kHeader, "x", "stop", UsageCounts{}, &logprobs));
+  const Json& content = whole["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 3u);
+  EXPECT_EQ(content[0]["token"], " the");
+  EXPECT_EQ(content[0]["logprob"], -0.25);
+  EXPECT_EQ(content[0]["bytes"], Json({32, 116, 104, 101}));
+  ASSERT_EQ(content[0]["top_logprobs"].size(), 2u);
+  EXPECT_EQ(content[0]["top_logprobs"][1],
+            Json({{"token", " a"}, {"logprob", -1.5}, {"bytes", {32, 97}}}));
+  // A token that splits a character: the string shows U+FFFD, the bytes are exact.
+  EXPECT_EQ(content[1]["token"], "\xef\xbf\xbd\xef\xbf\xbd");
+  EXPECT_EQ(content[1]["bytes"], Json({0xe2, 0x82}));
+  EXPECT_EQ(content[2]["bytes"], Json({0xac, 0xc3, 0xa9}));
+  EXPECT_TRUE(content[2]["top_logprobs"].empty());
+  const Json chunk = event_json(chat_chunk(kHeader, false, "x", std::nullopt, false, &logprobs));
+  EXPECT_EQ(chunk["choices"][0]["logprobs"]["content"].size(), 3u);
+  EXPECT_TRUE(
+      event_json(chat_chunk(kHeader, false, "x", std::nullopt, false))["choices"][0]["logprobs"]
+          .is_null());
+  LogprobsChunk infinite;
+  infinite.tokens.push_back({"a", -std::numeric_limits<float>::infinity(), {}});
+  EXPECT_EQ(
+      Json::parse(chat_response(kHeader, "a", "stop", UsageCounts{},
+                                &infinite))["choices"][0]["logprobs"]["content"][0]["logprob"],
+      -9999.0);
+}
+
+TEST(OpenAiJsonTest, TextLengthCountsCharacters) {
+  EXPECT_EQ(openai_text_length(""), 0);
+  EXPECT_EQ(openai_text_length("abc"), 3);
+  EXPECT_EQ(openai_text_length("\xe2\x82\xac\xc3\xa9"), 2);  // "€é"
+  EXPECT_EQ(openai_text_length("\xe2\x82"), 2);              // two stray bytes
+  EXPECT_EQ(openai_text_length("\xf0\x9f\x98\x80!"), 2);     // an emoji and "!"
+  EXPECT_EQ(openai_text_length("\xed\xa0\x80"), 3);          // a surrogate is not UTF-8
 }
 
 TEST(OpenAiJsonTest, ModelsAndIds) {
