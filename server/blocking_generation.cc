@@ -11,11 +11,6 @@
 namespace megaserve::server {
 namespace {
 
-double seconds_between(std::chrono::steady_clock::time_point from,
-                       std::chrono::steady_clock::time_point to) {
-  return std::chrono::duration<double>(to - from).count();
-}
-
 const char* status_name(const absl::Status& status) {
   // absl::StatusCode and grpc::StatusCode share their numbering.
   return status_code_name(static_cast<grpc::StatusCode>(status.code()));
@@ -120,16 +115,7 @@ void BlockingGeneration::record_metrics() {
   if (final_status_ == "OK") record.finish_reason = finish_reason_;
   record.prompt_tokens = static_cast<int64_t>(prompt_token_ids_.size());
   record.completion_tokens = stream_->completion_tokens();
-  if (first_token_) {
-    record.time_to_first_token = seconds_between(received_, *first_token_);
-    if (record.completion_tokens > 1) {
-      record.time_per_output_token =
-          seconds_between(*first_token_, *last_token_) / (record.completion_tokens - 1);
-    }
-  }
-  if (final_status_ == "OK") {
-    record.e2e_latency = seconds_between(received_, last_token_.value_or(Clock::now()));
-  }
+  set_latencies(record, received_, first_token_, last_token_);
   context_->metrics->record(record);
 }
 

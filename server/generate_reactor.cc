@@ -370,16 +370,7 @@ void GenerateReactor::record_metrics() {
     record.prompt_tokens = prompt_tokens_;
     record.completion_tokens = stream_->completion_tokens();
   }
-  if (first_token_) {
-    record.time_to_first_token = seconds_between(received_, *first_token_);
-    if (record.completion_tokens > 1) {
-      record.time_per_output_token =
-          seconds_between(*first_token_, *last_token_) / (record.completion_tokens - 1);
-    }
-  }
-  if (final_status_ == "OK") {
-    record.e2e_latency = seconds_between(received_, last_token_.value_or(Clock::now()));
-  }
+  set_latencies(record, received_, first_token_, last_token_);
   context_->metrics->record(record);
 }
 

@@ -69,6 +69,24 @@ Metrics::Metrics(std::function<engine::EngineStats()> engine_stats)
       step_({0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
              1.0}) {}
 
+void set_latencies(RequestRecord& record, std::chrono::steady_clock::time_point received,
+                   std::optional<std::chrono::steady_clock::time_point> first_token,
+                   std::optional<std::chrono::steady_clock::time_point> last_token) {
+  const auto seconds = [](auto from, auto to) {
+    return std::chrono::duration<double>(to - from).count();
+  };
+  if (first_token) {
+    record.time_to_first_token = seconds(received, *first_token);
+    if (record.completion_tokens > 1) {
+      record.time_per_output_token =
+          seconds(*first_token, *last_token) / (record.completion_tokens - 1);
+    }
+  }
+  if (record.status == "OK") {
+    record.e2e_latency = seconds(received, last_token.value_or(std::chrono::steady_clock::now()));
+  }
+}
+
 void Metrics::record(const RequestRecord& record) {
   {
     std::lock_guard<std::mutex> lock(mu_);

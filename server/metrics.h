@@ -4,6 +4,7 @@
 // scrape time; the step-time histogram is fed by the engine's step observer.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -45,6 +46,12 @@ struct RequestRecord {
   std::optional<double> time_per_output_token;  // (last - first token) / (tokens - 1)
   std::optional<double> e2e_latency;
 };
+
+// Sets `record`'s latencies (its status and completion_tokens set first) from when the request
+// arrived and when its first and last tokens were ready; end-to-end latency only for "OK".
+void set_latencies(RequestRecord& record, std::chrono::steady_clock::time_point received,
+                   std::optional<std::chrono::steady_clock::time_point> first_token,
+                   std::optional<std::chrono::steady_clock::time_point> last_token);
 
 class Metrics {
  public:

@@ -193,4 +193,17 @@ void FakeEngine::step() {
   }
 }
 
+server::ServedModel fake_served_model(std::unique_ptr<FakeEngine> engine,
+                                      std::unique_ptr<engine::Tokenizer> tokenizer,
+                                      int max_model_len) {
+  server::ServedModel model;
+  model.engine = std::move(engine);
+  model.tokenizer = std::move(tokenizer);
+  model.info.set_name("fake");
+  model.info.set_vocab_size(512);
+  model.info.set_max_model_len(max_model_len);
+  model.eos_token_ids = {2};
+  return model;
+}
+
 }  // namespace megaserve::testing

@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/model/tokenizer.h"
+#include "server/server.h"
 
 namespace megaserve::testing {
 
@@ -84,5 +86,11 @@ class FakeEngine final : public engine::Engine {
   bool stopping_ = false;
   std::thread thread_;
 };
+
+// The model a server over `engine` serves, for the stories260K tokenizer the fake tests use:
+// named "fake", vocabulary 512, EOS 2, at most `max_model_len` tokens.
+server::ServedModel fake_served_model(std::unique_ptr<FakeEngine> engine,
+                                      std::unique_ptr<engine::Tokenizer> tokenizer,
+                                      int max_model_len);
 
 }  // namespace megaserve::testing

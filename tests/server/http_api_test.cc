@@ -47,14 +47,9 @@ class HttpApiTest : public ::testing::Test {
     tokenizer_ = tokenizer->get();
     auto engine = std::make_unique<FakeEngine>(options);
     engine_ = engine.get();
-    ServedModel model;
-    model.engine = std::move(engine);
-    model.tokenizer = *std::move(tokenizer);
-    model.info.set_name("fake");
-    model.info.set_vocab_size(512);
-    model.info.set_max_model_len(512);
+    ServedModel model =
+        megaserve::testing::fake_served_model(std::move(engine), *std::move(tokenizer), 512);
     model.info.set_kv_block_size(16);
-    model.eos_token_ids = {2};
     ServerOptions server_options;
     server_options.grpc_address = "127.0.0.1:0";
     server_options.http_address = "127.0.0.1:0";

@@ -43,13 +43,8 @@ absl::StatusOr<Started> start(const std::string& grpc_address, const std::string
   Started out;
   auto engine = std::make_unique<FakeEngine>(options);
   out.engine = engine.get();
-  ServedModel model;
-  model.engine = std::move(engine);
-  model.tokenizer = *std::move(tokenizer);
-  model.info.set_name("fake");
-  model.info.set_vocab_size(512);
-  model.info.set_max_model_len(256);
-  model.eos_token_ids = {2};
+  ServedModel model =
+      megaserve::testing::fake_served_model(std::move(engine), *std::move(tokenizer), 256);
   ServerOptions server_options;
   server_options.grpc_address = grpc_address;
   server_options.metrics_address = metrics_address;

@@ -34,13 +34,8 @@ class ServerFakeEngineTest : public ::testing::Test {
     tokenizer_ = tokenizer->get();
     auto engine = std::make_unique<FakeEngine>(options);
     engine_ = engine.get();
-    ServedModel model;
-    model.engine = std::move(engine);
-    model.tokenizer = *std::move(tokenizer);
-    model.info.set_name("fake");
-    model.info.set_vocab_size(512);
-    model.info.set_max_model_len(max_model_len);
-    model.eos_token_ids = {2};
+    ServedModel model = megaserve::testing::fake_served_model(std::move(engine),
+                                                              *std::move(tokenizer), max_model_len);
     ServerOptions server_options;
     server_options.grpc_address = "127.0.0.1:0";
     server_options.metrics_address = "127.0.0.1:0";

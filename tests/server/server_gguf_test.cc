@@ -71,6 +71,15 @@ std::unique_ptr<Server> start(const config::ServerConfig& config) {
   return server.ok() ? *std::move(server) : nullptr;
 }
 
+// stories260K-hf (sentencepiece, no chat template) on one CPU thread, its own context length.
+std::unique_ptr<Server> start_stories() {
+  config::ServerConfig config =
+      cpu_config(megaserve::testing::assets_dir() / "models/stories260K-hf");
+  config.mutable_engine()->set_cpu_threads(1);
+  config.mutable_engine()->set_max_model_len(0);
+  return start(config);
+}
+
 struct ChatResult {
   grpc::Status status;
   std::string text;
@@ -154,11 +163,7 @@ TEST(ServerGgufTest, TruncatedGgufFailsNamingTheFile) {
 
 TEST(ServerGgufTest, ChatWithoutATemplateIsFailedPrecondition) {
   MEGASERVE_REQUIRE_ASSET("models/stories260K-hf/config.json");
-  config::ServerConfig config =
-      cpu_config(megaserve::testing::assets_dir() / "models/stories260K-hf");
-  config.mutable_engine()->set_cpu_threads(1);
-  config.mutable_engine()->set_max_model_len(0);
-  std::unique_ptr<Server> server = start(config);
+  std::unique_ptr<Server> server = start_stories();
   ASSERT_NE(server, nullptr);
   auto stub = megaserve::testing::connect(server->grpc_port());
   const ChatResult result = chat(*stub, "Hello", 4);
@@ -209,11 +214,7 @@ void expect_completion_extends_prompt(v1::Megaserve::Stub& stub, const std::stri
 
 TEST(ServerGgufTest, CompletionKeepsItsLeadingSpaceWithSentencepiece) {
   MEGASERVE_REQUIRE_ASSET("models/stories260K-hf/config.json");
-  config::ServerConfig config =
-      cpu_config(megaserve::testing::assets_dir() / "models/stories260K-hf");
-  config.mutable_engine()->set_cpu_threads(1);
-  config.mutable_engine()->set_max_model_len(0);
-  std::unique_ptr<Server> server = start(config);
+  std::unique_ptr<Server> server = start_stories();
   ASSERT_NE(server, nullptr);
   auto stub = megaserve::testing::connect(server->grpc_port());
   expect_completion_extends_prompt(*stub, "Once upon a time, there was a", true);

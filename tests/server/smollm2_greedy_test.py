@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "engine", "model"))
 
-from gguf_smollm2_test import find_model, skip, to_bf16_bits  # noqa: E402
+from gguf_smollm2_test import dequantized, find_model, skip, to_bf16_bits  # noqa: E402
 
 MAX_TOKENS = 20
 BACKEND = os.environ.get("MEGASERVE_BACKEND", "cpu")
@@ -54,15 +54,12 @@ class Reference:
     """SmolLM2 (llama architecture) in numpy, fp32, from the GGUF as llama.cpp lays it out."""
 
     def __init__(self, np, reader):
-        from gguf.quants import dequantize
         self.np = np
         field = lambda key: reader.fields[key].contents()
         tensors = {t.name: t for t in reader.tensors}
 
         def weight(name):
-            t = tensors[name]
-            values = dequantize(t.data, t.tensor_type)
-            values = values.reshape(list(reversed([int(d) for d in t.shape])))
+            values = dequantized(tensors[name])
             bits = to_bf16_bits(np, values).astype(np.uint32) << 16
             return bits.view(np.float32).reshape(values.shape)
 

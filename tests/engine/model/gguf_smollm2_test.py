@@ -58,6 +58,13 @@ def to_bf16_bits(np, values):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def dequantized(tensor):
+    """A GGUF tensor as gguf's own dequantizer gives it, in row-major (Hugging Face) shape."""
+    from gguf.quants import dequantize
+    values = dequantize(tensor.data, tensor.tensor_type)
+    return values.reshape(list(reversed([int(d) for d in tensor.shape])))
+
+
 def reverse_permute(w, n_head, n_kv_head=None):
     """transformers' GGUF loader (TensorProcessor for llama): llama.cpp's q/k rows back to
     Hugging Face's order."""
@@ -73,7 +80,7 @@ def main():
     try:
         import numpy as np
         import gguf
-        from gguf.quants import dequantize
+        import gguf.quants  # noqa: F401 (dequantized() uses it)
     except ImportError as error:
         skip(f"numpy or the PyPI package gguf is not importable ({error})", required_in_ci=True)
     model = find_model()
@@ -123,9 +130,7 @@ def main():
     print(f"config: {json.dumps(config)}")
 
     def reference(name):
-        t = tensors[name]
-        values = dequantize(t.data, t.tensor_type)
-        return values.reshape(list(reversed([int(d) for d in t.shape])))
+        return dequantized(tensors[name])
 
     def compare(label, ours_path, expected_bits):
         ours = np.fromfile(ours_path, dtype=np.uint16)
