@@ -48,12 +48,15 @@ inline constexpr int kAttentionSmemFloats =
     kAttentionMaxGroup * kMaxHeadDim + kMegakernelWarps * kAttentionWarpStateFloats;
 
 // The projection core on wgmma (kernels/tile_wgmma.cuh) streams weights with the TMA unit in
-// boxes of 64 k x kWgmmaGroupRows rows, through kWgmmaStages stages of 256 weight rows, and
-// needs kWgmmaCoreBytes of shared memory beside what the op keeps (else the op falls back to
-// the mma.sync core).
+// boxes of 64 k x kWgmmaGroupRows rows, through kWgmmaStages stages of 256 weight rows, and the
+// fp32 activations with cp.async through kWgmmaARing slots of 64 rows x 64 k; it needs
+// kWgmmaCoreBytes of shared memory beside what the op keeps (else the op falls back to the
+// mma.sync core).
 inline constexpr int kWgmmaGroupRows = 16;
-inline constexpr int kWgmmaStages = 4;
-inline constexpr int kWgmmaCoreBytes = kWgmmaStages * 32 * 1024 + 3 * 8 * 1024 + 1024 + 1024;
+inline constexpr int kWgmmaStages = 3;
+inline constexpr int kWgmmaARing = 2;
+inline constexpr int kWgmmaCoreBytes =
+    kWgmmaStages * 32 * 1024 + 3 * 8 * 1024 + kWgmmaARing * 16 * 1024 + 1024 + 1024;
 
 // A layer's weight matrices by their index in DeviceModel::weight_maps.
 enum WeightMatrix : int32_t { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerMatrices };

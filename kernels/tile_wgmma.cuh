@@ -6,9 +6,12 @@
 //   A (64 x 16)  token rows: the activations (fp32 in the workspace) times row_scale and norm,
 //                rounded to bf16 once (the accuracy standard, DESIGN §5: bf16 activations,
 //                fp32 accumulation; the CPU's bf16-rounding mode rounds at the same point).
-//                Every thread loads its share of the next k-block into registers while the
-//                current one multiplies, then writes it as bf16 into one of three A buffers
-//                in the 128-byte-swizzled K-major layout that wgmma reads.
+//                Every thread copies its share of a k-block (4 quads of 4 floats) with cp.async
+//                into a ring of kWgmmaARing fp32 slots, issued kWgmmaARing - 1 k-blocks before
+//                the k-block before its own is multiplied, so the L2 round trip is hidden behind
+//                a whole k-block of work; then converts it into one of three A buffers in the
+//                128-byte-swizzled K-major layout that wgmma reads. Each thread reads back only
+//                what it copied, so the ring needs no barrier of its own.
 //   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
 //                kWgmmaGroupRows rows x 64 k (2 KB, one box) into a stage; a pass's rows are up
 //                to 16 groups (256 rows), each from one weight matrix (the op's map_of).
@@ -58,7 +61,11 @@ inline constexpr int kWgmmaGroups = kWgmmaPassB / kWgmmaGroupRows;
 inline constexpr int kWgmmaStageBytes = kWgmmaPassB * 128;  // 32 KB
 inline constexpr int kWgmmaABytes = kWgmmaPassRows * 128;   // 8 KB
 inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;       // floats per staged output row
-static_assert(kWgmmaStageBytes * kWgmmaStages + 3 * kWgmmaABytes + 1024 + 1024 <= kWgmmaCoreBytes);
+inline constexpr int kWgmmaRingBytes = kWgmmaPassRows * kWgmmaBlockK * 4;  // 16 KB of fp32 A
+static_assert(kWgmmaStageBytes * kWgmmaStages + 3 * kWgmmaABytes + kWgmmaARing * kWgmmaRingBytes +
+                  1024 + 1024 <=
+              kWgmmaCoreBytes);
+static_assert(kWgmmaARing == 2, "the cp.async waits below count two slots");
 // The epilogue's staged outputs overlay the stages.
 static_assert(kWgmmaPassRows * kWgmmaDStride * 4 <= kWgmmaStageBytes * kWgmmaStages);
 
@@ -81,11 +88,15 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
   const int tid = threadIdx.x, wg = tid >> 7;
   const int K = in.K;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
-  char* const base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem) + 1023) & ~1023);
+  // `smem` is shared memory: said so, and kept a pointer (no integer round trip), so that its
+  // accesses compile to LDS / STS rather than generic loads and stores.
+  __builtin_assume(__isShared(smem));
+  char* const base = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
   char* const stages = base;                                    // [kWgmmaStages][32 KB]
   char* const abuf = stages + kWgmmaStages * kWgmmaStageBytes;  // [3][8 KB]
-  const float** x_rows = reinterpret_cast<const float**>(abuf + 3 * kWgmmaABytes);  // [64]
-  float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);               // [64]
+  char* const ring = abuf + 3 * kWgmmaABytes;                   // [kWgmmaARing][16 KB]
+  const float** x_rows = reinterpret_cast<const float**>(ring + kWgmmaARing * kWgmmaRingBytes);
+  float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);              // [64]
   WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);  // [kWgmmaGroups]
   float* const dstage = reinterpret_cast<float*>(stages);  // [64][kWgmmaDStride] epilogue
 
@@ -126,40 +137,50 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
                               groups[g].row);
         }
       };
-      // This thread's share of k-block j's A: 4 quads (row, 4 k) of the 64 x 64 block.
-      float4 xa[4];
-      uint2 na[4];
-      const auto load_a = [&](int j) {
+      // This thread's share of k-block j's A: 4 quads (row, 4 k) of the 64 x 64 block, all at
+      // the same k (so one norm quad), quad i at ring offset (tid + 256 i) * 16 bytes.
+      const int kq = (tid & 15) * 4;
+      const auto fetch_a = [&](int j) {
+        if (j < nk) {
+          char* slot = ring + (j % kWgmmaARing) * kWgmmaRingBytes;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int q = tid + i * kMegakernelThreads, row = q >> 4,
-                    k = j * kWgmmaBlockK + (q & 15) * 4;
-          xa[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-          na[i] = make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
-          if (row < nr && k < K) {
-            xa[i] = *reinterpret_cast<const float4*>(x_rows[row] + k);
-            if (in.norm != nullptr) na[i] = __ldg(reinterpret_cast<const uint2*>(in.norm + k));
+          for (int i = 0; i < 4; ++i) {
+            const int q = tid + i * kMegakernelThreads, row = q >> 4, k = j * kWgmmaBlockK + kq;
+            const bool ok = row < nr && k < K;
+            cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
           }
         }
+        cp_async_commit();  // one group per k-block, empty past the end, so the waits count
       };
-      const auto store_a = [&](int buf) {
-        char* dst = abuf + buf * kWgmmaABytes;
+      const auto load_norm = [&](int j) {
+        const int k = j * kWgmmaBlockK + kq;
+        return (in.norm != nullptr && j < nk && k < K)
+                   ? __ldg(reinterpret_cast<const uint2*>(in.norm + k))
+                   : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
+      };
+      const auto store_a = [&](int j, uint2 nw) {
+        const char* slot = ring + (j % kWgmmaARing) * kWgmmaRingBytes;
+        char* dst = abuf + (j % 3) * kWgmmaABytes;
+        const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int q = tid + i * kMegakernelThreads, row = q >> 4, c4 = q & 15;
+          const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
           const float sc = x_scale[row];
-          const float2 w0 = unpack_bf16x2(na[i].x), w1 = unpack_bf16x2(na[i].y);
           uint2 v;
-          v.x = pack_bf16x2(xa[i].x * sc * w0.x, xa[i].y * sc * w0.y);
-          v.y = pack_bf16x2(xa[i].z * sc * w1.x, xa[i].w * sc * w1.y);
+          v.x = pack_bf16x2(x.x * sc * w0.x, x.y * sc * w0.y);
+          v.y = pack_bf16x2(x.z * sc * w1.x, x.w * sc * w1.y);
           *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
                                     (c4 & 1) * 8) = v;
         }
       };
 
       for (int j = 0; j < kWgmmaStages - 1 && j < nk; ++j) issue(j);
-      load_a(0);
-      store_a(0);
+      fetch_a(0);
+      fetch_a(1);
+      uint2 norm_next = load_norm(1);
+      cp_async_wait(1);  // k-block 0's quads landed
+      store_a(0, load_norm(0));
       hopper::fence_proxy_async_shared();
       __syncthreads();
 
@@ -169,7 +190,8 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
       hopper::wgmma_fence_operands(acc);
       const uint32_t a_base = smem_addr(abuf), b_base = smem_addr(stages);
       for (int j = 0; j < nk; ++j) {
-        if (j + 1 < nk) load_a(j + 1);
+        const uint2 norm_now = norm_next;
+        norm_next = load_norm(j + 2);
         const uint32_t s = (done + j) % kWgmmaStages;
         hopper::mbarrier_wait_parity(&pipe.full[s], ((done + j) / kWgmmaStages) & 1);
         hopper::wgmma_fence();
@@ -184,13 +206,16 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
         }
         hopper::wgmma_commit_group();
         if (j + 1 < nk) {
-          store_a((j + 1) % 3);
+          cp_async_wait(0);  // k-block j + 1's quads (fetched one k-block ago) landed
+          store_a(j + 1, norm_now);
           hopper::fence_proxy_async_shared();
         }
         hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
         __syncthreads();
         if (j + kWgmmaStages - 1 < nk) issue(j + kWgmmaStages - 1);
+        fetch_a(j + 2);  // into the slot k-block j left (converted one k-block ago)
       }
+      cp_async_wait(0);
       hopper::wgmma_wait<0>();
       hopper::wgmma_fence_operands(acc);
       __syncthreads();  // every wgmma of both warpgroups retired: the stages are free

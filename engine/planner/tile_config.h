@@ -105,9 +105,13 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   TileConfig c;
   c.num_sms = num_sms;
   c.token_rows = 64;
-  c.qkv_heads = 1;
-  c.hidden_cols = 128;
-  c.ffn_cols = 64;
+  // Wide enough that a wgmma pass uses all of its 256 weight rows (kernels/tile_wgmma.cuh):
+  // two heads of 128, 256 hidden columns, 128 FFN columns (gate and up: 256 rows). On an H100
+  // these took a wgmma prefill of 8192 tokens from 1,775 to 1,168 ms and mma.sync's from
+  // 3,476 to 3,214 ms (bench/RESULTS.md).
+  c.qkv_heads = 2;
+  c.hidden_cols = 256;
+  c.ffn_cols = 128;
   c.vocab_cols = 1024;
   c.embedding_rows = 64;
   c.lm_head_samples = 64;
