@@ -3,9 +3,10 @@
 // blocks of 64.
 //
 // Operands of wgmma m64nNk16 (fp32 accumulation in registers):
-//   A (64 x 16)  token rows: the activations (fp32 in the workspace) times row_scale and norm,
-//                rounded to bf16 once (the accuracy standard, DESIGN §5: bf16 activations,
-//                fp32 accumulation; the CPU's bf16-rounding mode rounds at the same point).
+//   A (64 x 16)  token rows: the activations (fp32 in the workspace) times row_scale, rounded
+//                to bf16, times norm, rounded again: transformers' bf16 RMSNorm (the accuracy
+//                standard, DESIGN §5: bf16 activations, fp32 accumulation; the CPU's
+//                bf16-rounding mode rounds at the same points, engine/cpu normed_input).
 //                Every thread copies its share of a k-block (4 quads of 4 floats) with cp.async
 //                into a ring of kWgmmaARing fp32 slots, issued kWgmmaARing - 1 k-blocks before
 //                the k-block before its own is multiplied, so the L2 round trip is hidden behind
@@ -168,8 +169,10 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
           const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
           const float sc = x_scale[row];
           uint2 v;
-          v.x = pack_bf16x2(x.x * sc * w0.x, x.y * sc * w0.y);
-          v.y = pack_bf16x2(x.z * sc * w1.x, x.w * sc * w1.y);
+          const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
+          const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
+          v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
+          v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
           *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
                                     (c4 & 1) * 8) = v;
         }

@@ -103,6 +103,22 @@ void rms_norm(const float* x, const WeightView& weight, int n, float eps, float*
   for (int i = 0; i < n; ++i) out[i] = x[i] * inv * weight.at(0, i);
 }
 
+void normed_input(const OpContext& ctx, const float* x, const WeightView& weight, int n,
+                  float* out) {
+  if (!ctx.round_activations_bf16) {
+    rms_norm(x, weight, n, ctx.config->rms_norm_eps, out);
+    return;
+  }
+  // As transformers' bf16 RMSNorm: x * inv rounded to bf16, times the weight, rounded again.
+  float ss = 0.0f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + ctx.config->rms_norm_eps);
+  for (int i = 0; i < n; ++i) {
+    out[i] =
+        bf16_to_float(float_to_bf16(bf16_to_float(float_to_bf16(x[i] * inv)) * weight.at(0, i)));
+  }
+}
+
 void round_to_bf16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
 }

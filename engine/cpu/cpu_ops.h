@@ -107,6 +107,10 @@ void op_sample(const isa::Instruction& inst, int rank, const OpContext& ctx);
 
 // out[i] = x[i] * inv_rms(x) * weight[i], the sum of squares accumulated in fp32 in order.
 void rms_norm(const float* x, const WeightView& weight, int n, float eps, float* out);
+// A projection's normalized input row: rms_norm, or with ctx.round_activations_bf16 the peers'
+// bf16 RMSNorm, bf16(bf16(x * inv_rms) * weight), as the GPU's wgmma core stages it.
+void normed_input(const OpContext& ctx, const float* x, const WeightView& weight, int n,
+                  float* out);
 
 // x[i] = x[i] rounded to the nearest bf16 (ties to even), as the GPU stores activations.
 void round_to_bf16(float* x, int64_t n);

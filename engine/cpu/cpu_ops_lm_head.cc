@@ -16,9 +16,8 @@ void op_lm_head(const isa::Instruction& inst, int rank, const OpContext& ctx) {
   std::vector<float> normed(H);
   for (int s = a.sample_begin; s < a.sample_end; ++s) {
     const int row = ctx.meta->sample_rows[s];
-    rms_norm(st.ws.residual.data() + static_cast<int64_t>(row) * H, st.weights.final_norm, H,
-             ctx.config->rms_norm_eps, normed.data());  // (H)
-    if (ctx.round_activations_bf16) round_to_bf16(normed.data(), H);
+    normed_input(ctx, st.ws.residual.data() + static_cast<int64_t>(row) * H, st.weights.final_norm,
+                 H, normed.data());  // (H)
     for (int c = a.col_begin; c < a.col_end; ++c) {
       st.ws.logits[static_cast<int64_t>(s) * V + c] = st.weights.lm_head.dot(c, normed.data());
     }

@@ -49,9 +49,8 @@ void op_gate_up_silu(const isa::Instruction& inst, int rank, const OpContext& ct
   const LayerView& w = st.weights.layers[inst.layer()];
   std::vector<float> normed(H);
   for (int t = a.row_begin; t < a.row_end; ++t) {
-    rms_norm(st.ws.residual.data() + static_cast<int64_t>(t) * H, w.ffn_norm, H,
-             ctx.config->rms_norm_eps, normed.data());  // (H)
-    if (ctx.round_activations_bf16) round_to_bf16(normed.data(), H);
+    normed_input(ctx, st.ws.residual.data() + static_cast<int64_t>(t) * H, w.ffn_norm, H,
+                 normed.data());  // (H)
     for (int c = a.col_begin; c < a.col_end; ++c) {
       const float g = w.w_gate.dot(c, normed.data());
       const float u = w.w_up.dot(c, normed.data());

@@ -18,9 +18,8 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
   const int hq = st.shard.q_heads, hkv = st.shard.kv_heads;
   std::vector<float> normed(H), head(hd);
   for (int t = a.row_begin; t < a.row_end; ++t) {
-    rms_norm(st.ws.residual.data() + static_cast<int64_t>(t) * H, w.attn_norm, H, cfg.rms_norm_eps,
-             normed.data());  // (H)
-    if (ctx.round_activations_bf16) round_to_bf16(normed.data(), H);
+    normed_input(ctx, st.ws.residual.data() + static_cast<int64_t>(t) * H, w.attn_norm, H,
+                 normed.data());  // (H)
     const int pos = m.positions[t];
     for (int fh = a.head_begin; fh < a.head_end; ++fh) {
       const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);  // q, k, v

@@ -54,14 +54,14 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
 
 // ---- Op level.
 
-// bf16((x[k] * inv_rms) * norm[k]) for k < n: the interpreter's fp32 RMSNorm, in its order,
-// rounded elementwise.
+// bf16(bf16(x[k] * inv_rms) * norm[k]) for k < n: transformers' bf16 RMSNorm (x times the
+// fp32 inverse RMS rounded to bf16, then times the weight, rounded again).
 std::vector<float> rounded_norm(const float* x, int n, const Tensor& norm, float eps) {
   float ss = 0.0f;
   for (int k = 0; k < n; ++k) ss += x[k] * x[k];
   const float inv_rms = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
   std::vector<float> out(n);
-  for (int k = 0; k < n; ++k) out[k] = round_bf16((x[k] * inv_rms) * weight_at(norm, k));
+  for (int k = 0; k < n; ++k) out[k] = round_bf16(round_bf16(x[k] * inv_rms) * weight_at(norm, k));
   return out;
 }
 
@@ -224,9 +224,8 @@ TEST_P(Bf16OpTest, HiddenProjectionRoundsItsInputRow) {
   }
 }
 
-// kGateUpSilu: n = bf16((x * inv_rms) * ffn_norm) elementwise, normalized in fp32 in that
-// order; act[t, c] = SiLU(gate[c] . n) * (up[c] . n) for rows [0, 3) and the rank's local
-// FFN columns [2, ffn_cols - 1).
+// kGateUpSilu: n = rounded_norm(x, ffn_norm); act[t, c] = SiLU(gate[c] . n) * (up[c] . n) for
+// rows [0, 3) and the rank's local FFN columns [2, ffn_cols - 1).
 TEST_P(Bf16OpTest, GateUpSiluRoundsTheNormalizedRow) {
   const int H = config_.hidden_size;
   const cpu::RankState& st = state();
