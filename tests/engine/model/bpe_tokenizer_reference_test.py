@@ -153,8 +153,11 @@ SELECT name, COUNT(*) FROM t WHERE x >= 100 GROUP BY name;
 def gguf_reference(path):
     try:
         import gguf
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        except ImportError:  # transformers before 5.2x (the GPU hosts' 5.17)
+            from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     except ImportError as e:
         skip(f"gguf or transformers missing ({e})")
     reader = gguf.GGUFReader(path)
