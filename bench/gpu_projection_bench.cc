@@ -6,7 +6,9 @@
 // (bench/op_stream.h: no waits, so they run as a stream of independent tiles), run profiled
 // on the default backend (wgmma where it applies); the device span gives TFLOP/s of the
 // matmul work, 2 M N K per layer. The fused work of each op (norm, RoPE and KV append, SiLU,
-// residual add) is inside the span, as in a real step.
+// residual add) is inside the span, as in a real step. "busy" is the same work over the summed
+// busy time of the instructions spread evenly over the CTAs: the rate of a perfectly balanced
+// stream (placement and tails left out).
 //
 //   gpu_projection_bench [config.json] [torch rates file]
 // The rates file (scripts/gpu-suite writes it with torch) holds lines "<op> <M> <TFLOP/s>";
@@ -98,8 +100,8 @@ int run(const std::string& config_path, const std::string& rates_path) {
       {"down", isa::Opcode::kDownProj, H, F}};
   const int rows[] = {1, 64, 256, 1024, 4096, 8192};
   const int L = config.num_layers;
-  std::printf("%-8s %6s %6s %6s %8s %10s %10s %10s %8s\n", "op", "M", "N", "K", "insts", "span_ms",
-              "TFLOP/s", "torch", "ours/t");
+  std::printf("%-8s %6s %6s %6s %8s %10s %10s %10s %10s %8s\n", "op", "M", "N", "K", "insts",
+              "span_ms", "TFLOP/s", "busy", "torch", "ours/t");
   uint64_t step_id = 0;
   for (const Projection& p : projections) {
     for (const int m : rows) {
@@ -111,8 +113,8 @@ int run(const std::string& config_path, const std::string& rates_path) {
         return 1;
       }
       const Step stream = op_stream(*full, p.op);
-      std::vector<double> spans;
-      for (int run = 0; run < kRuns + 1; ++run) {  // the first run warms up
+      std::vector<std::pair<double, double>> runs;  // (span, summed busy / CTAs), seconds
+      for (int run = 0; run < kRuns + 1; ++run) {   // the first run warms up
         b.set_profile(run > 0);
         auto out = b.execute(stream);
         b.set_profile(false);
@@ -120,23 +122,33 @@ int run(const std::string& config_path, const std::string& rates_path) {
           std::printf("%s M=%d: %s\n", p.name, m, out.status().ToString().c_str());
           return 1;
         }
-        if (run > 0) spans.push_back(summarize_trace(config, stream, b.last_timings()).span_us);
+        if (run == 0) continue;
+        const TraceSummary s = summarize_trace(config, stream, b.last_timings());
+        double busy_us = 0;
+        for (const OpSummary& o : s.ops) busy_us += o.busy_us;
+        runs.push_back({s.span_us * 1e-6, busy_us * 1e-6 / std::max(1, s.num_ctas)});
       }
-      std::sort(spans.begin(), spans.end());
-      const double span_s = spans[spans.size() / 2] * 1e-6;
-      const double tflops = 2.0 * m * p.n * p.k * L / span_s * 1e-12;
+      std::sort(runs.begin(), runs.end());
+      const auto [span_s, busy_s] = runs[runs.size() / 2];
+      const double work = 2.0 * m * p.n * p.k * L;
+      const double tflops = work / span_s * 1e-12;
+      const double busy_tflops = busy_s > 0 ? work / busy_s * 1e-12 : 0;
       const auto torch = rates.find({p.name, m});
       char peer[64] = "-", ratio[64] = "-";
       if (torch != rates.end() && torch->second > 0) {
         std::snprintf(peer, sizeof(peer), "%.1f", torch->second);
         std::snprintf(ratio, sizeof(ratio), "%.3f", tflops / torch->second);
       }
-      std::printf("%-8s %6d %6lld %6lld %8zu %10.3f %10.1f %10s %8s\n", p.name, m,
+      std::printf("%-8s %6d %6lld %6lld %8zu %10.3f %10.1f %10.1f %10s %8s\n", p.name, m,
                   static_cast<long long>(p.n), static_cast<long long>(p.k),
-                  stream.ranks[0].instructions.size(), span_s * 1e3, tflops, peer, ratio);
+                  stream.ranks[0].instructions.size(), span_s * 1e3, tflops, busy_tflops, peer,
+                  ratio);
     }
   }
-  std::printf("TFLOP/s: 2 M N K x %d layers over the median device span of %d runs\n", L, kRuns);
+  std::printf(
+      "TFLOP/s: 2 M N K x %d layers over the median device span of %d runs; busy: over that "
+      "run's summed busy time / CTAs (a perfectly balanced stream); ours/t: TFLOP/s / torch\n",
+      L, kRuns);
   return 0;
 }
 
