@@ -48,15 +48,19 @@ inline constexpr int kAttentionSmemFloats =
     kAttentionMaxGroup * kMaxHeadDim + kMegakernelWarps * kAttentionWarpStateFloats;
 
 // The projection core on wgmma (kernels/tile_wgmma.cuh) streams weights with the TMA unit in
-// boxes of 64 k x kWgmmaGroupRows rows, through kWgmmaStages stages of 256 weight rows, and the
-// fp32 activations with cp.async through kWgmmaARing slots of 64 rows x 64 k; it needs
-// kWgmmaCoreBytes of shared memory beside what the op keeps (else the op falls back to the
-// mma.sync core).
+// boxes of 64 k x kWgmmaGroupRows rows, through stages of 256 weight rows, and the fp32
+// activations with cp.async through slots of 64 rows x 64 k. Two depths: shallow, 3 weight
+// stages and 2 activation slots, in kWgmmaCoreBytes of shared memory beside what the op keeps
+// (less: the op falls back to the mma.sync core); deep, 4 stages and 3 slots, where an op
+// leaves kWgmmaDeepCoreBytes and the step does not ask for shallow (kStepWgmmaShallow).
 inline constexpr int kWgmmaGroupRows = 16;
-inline constexpr int kWgmmaStages = 3;
-inline constexpr int kWgmmaARing = 2;
-inline constexpr int kWgmmaCoreBytes =
-    kWgmmaStages * 32 * 1024 + 3 * 8 * 1024 + kWgmmaARing * 16 * 1024 + 1024 + 1024;
+__host__ __device__ constexpr int wgmma_core_bytes(int stages, int slots) {
+  return stages * 32 * 1024 + 3 * 8 * 1024 + slots * 16 * 1024 + 1024 + 1024;
+}
+inline constexpr int kWgmmaCoreBytes = wgmma_core_bytes(3, 2);
+inline constexpr int kWgmmaDeepCoreBytes = wgmma_core_bytes(4, 3);
+// The stage barriers of both depths: [0, 3) shallow, [3, 7) deep.
+inline constexpr int kWgmmaBarriers = 3 + 4;
 
 // A layer's weight matrices by their index in DeviceModel::weight_maps.
 enum WeightMatrix : int32_t { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerMatrices };
@@ -135,6 +139,9 @@ inline constexpr int32_t kStepAttentionCudaCores = 4;
 // With kStepTensorCores: projections on wgmma with TMA-fed weights (kernels/tile_wgmma.cuh)
 // where the weights have TMA descriptors, instead of mma.sync.
 inline constexpr int32_t kStepWgmma = 8;
+// With kStepWgmma: the shallow pipeline even where an op has room for the deep one (to
+// compare the two in one process).
+inline constexpr int32_t kStepWgmmaShallow = 16;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

@@ -10,8 +10,8 @@ namespace megaserve::kernels {
 // The wgmma core's pipeline state in static shared memory (controller.cuh, CtaState;
 // kernels/tile_wgmma.cuh [WGMMA_PIPE]).
 struct WgmmaPipe {
-  uint64_t* full;      // [kWgmmaStages]
-  uint32_t* consumed;  // k-blocks consumed so far by this CTA: stage and phase of the next
+  uint64_t* full;      // [kWgmmaBarriers]: 3 of the shallow depth, then 4 of the deep one
+  uint32_t* consumed;  // [2] per depth: k-blocks consumed so far, stage and phase of the next
 };
 
 struct OpContext {

@@ -83,7 +83,8 @@ __device__ void project(int32_t step_flags, const ProjectionInput& in, char* sme
   if ((step_flags & kWgmmaFlags) == kWgmmaFlags && in.nrows > 1 && smem_bytes >= kWgmmaCoreBytes &&
       in.K % 8 == 0 && (reinterpret_cast<uintptr_t>(src_row(0)) & 15) == 0 &&
       group_of(0, 0).map != nullptr) {
-    tile_wgmma<kMats>(in, smem, pipe, src_row, group_of, emit);
+    const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
+    tile_wgmma<kMats>(in, smem, deep, pipe, src_row, group_of, emit);
     return;
   }
   if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&

@@ -8,11 +8,11 @@
 //                standard, DESIGN §5: bf16 activations, fp32 accumulation; the CPU's
 //                bf16-rounding mode rounds at the same points, engine/cpu normed_input).
 //                Every thread copies its share of a k-block (4 quads of 4 floats) with cp.async
-//                into a ring of kWgmmaARing fp32 slots, issued kWgmmaARing - 1 k-blocks before
-//                the k-block before its own is multiplied, so the L2 round trip is hidden behind
-//                a whole k-block of work; then converts it into one of three A buffers in the
-//                128-byte-swizzled K-major layout that wgmma reads. Each thread reads back only
-//                what it copied, so the ring needs no barrier of its own.
+//                into a ring of `slots` fp32 slots, issued slots - 1 k-blocks before it is
+//                converted (one k-block before it is multiplied), so the L2 round trip is hidden
+//                behind that many k-blocks of work; then converts it into one of three A buffers
+//                in the 128-byte-swizzled K-major layout that wgmma reads. Each thread reads
+//                back only what it copied, so the ring needs no barrier of its own.
 //   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
 //                kWgmmaGroupRows rows x 64 k (2 KB, one box) into a stage; a pass's rows are up
 //                to 16 groups (256 rows), each from one weight matrix (the op's map_of).
@@ -30,7 +30,11 @@
 // this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block
 // (bench/RESULTS.md); which is faster is for the GPU to say.
 //
-// Pipeline [WGMMA_PIPE]: kWgmmaStages stages of weights, each with a "full" mbarrier in the
+// Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
+// kWgmmaCoreBytes) or 4 and 3 (deep, in kWgmmaDeepCoreBytes); each depth has its own barriers
+// and count, so passes of either depth can follow each other.
+//
+// Pipeline [WGMMA_PIPE]: `stages` stages of weights, each with a "full" mbarrier in the
 // CTA's static shared memory (count 1: thread 0's arrive_expect_tx, then the TMA bytes). One
 // CTA-wide barrier per k-block replaces "empty" barriers: every thread passes it only after its
 // warpgroup retired the wgmmas of the previous k-block (wgmma.wait_group 1), so after it the
@@ -63,40 +67,44 @@ inline constexpr int kWgmmaStageBytes = kWgmmaPassB * 128;  // 32 KB
 inline constexpr int kWgmmaABytes = kWgmmaPassRows * 128;   // 8 KB
 inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;       // floats per staged output row
 inline constexpr int kWgmmaRingBytes = kWgmmaPassRows * kWgmmaBlockK * 4;  // 16 KB of fp32 A
-static_assert(kWgmmaStageBytes * kWgmmaStages + 3 * kWgmmaABytes + kWgmmaARing * kWgmmaRingBytes +
-                  1024 + 1024 <=
+static_assert(kWgmmaStageBytes * 3 + 3 * kWgmmaABytes + 2 * kWgmmaRingBytes + 1024 + 1024 <=
               kWgmmaCoreBytes);
-static_assert(kWgmmaARing == 2, "the cp.async waits below count two slots");
+static_assert(kWgmmaStageBytes * 4 + 3 * kWgmmaABytes + 3 * kWgmmaRingBytes + 1024 + 1024 <=
+              kWgmmaDeepCoreBytes);
 // The epilogue's staged outputs overlay the stages.
-static_assert(kWgmmaPassRows * kWgmmaDStride * 4 <= kWgmmaStageBytes * kWgmmaStages);
+static_assert(kWgmmaPassRows * kWgmmaDStride * 4 <= kWgmmaStageBytes * 3);
 
 // Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
 __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
-  for (int s = 0; s < kWgmmaStages; ++s) hopper::mbarrier_init(&pipe.full[s], 1);
-  *pipe.consumed = 0;
+  for (int s = 0; s < kWgmmaBarriers; ++s) hopper::mbarrier_init(&pipe.full[s], 1);
+  pipe.consumed[0] = pipe.consumed[1] = 0;
   hopper::fence_barrier_init();
 }
 
 // For every column c < in.ncols and token row r < in.nrows:
 //   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
 // where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
-// W_m[c .. c + 16). `smem` (`smem_bytes` >= kWgmmaCoreBytes) is the core's own; the caller has
-// synchronized before (row_scale written); the core ends with __syncthreads. Needs K % 8 == 0
-// and 16-byte-aligned activation rows.
+// W_m[c .. c + 16). `smem` (at least kWgmmaCoreBytes, or kWgmmaDeepCoreBytes when `deep`) is
+// the core's own; the caller has synchronized before (row_scale written); the core ends with
+// __syncthreads. Needs K % 8 == 0 and 16-byte-aligned activation rows.
 template <int kMats, typename SrcRow, typename GroupOf, typename Emit>
-__device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, WgmmaPipe pipe,
-                                        SrcRow src_row, GroupOf group_of, Emit emit) {
+__device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bool deep,
+                                        WgmmaPipe pipe, SrcRow src_row, GroupOf group_of,
+                                        Emit emit) {
   const int tid = threadIdx.x, wg = tid >> 7;
+  const int n_stages = deep ? 4 : 3, slots = deep ? 3 : 2;
+  uint64_t* const full = pipe.full + (deep ? 3 : 0);
+  uint32_t* const consumed = pipe.consumed + (deep ? 1 : 0);
   const int K = in.K;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
   // `smem` is shared memory: said so, and kept a pointer (no integer round trip), so that its
   // accesses compile to LDS / STS rather than generic loads and stores.
   __builtin_assume(__isShared(smem));
   char* const base = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
-  char* const stages = base;                                    // [kWgmmaStages][32 KB]
-  char* const abuf = stages + kWgmmaStages * kWgmmaStageBytes;  // [3][8 KB]
-  char* const ring = abuf + 3 * kWgmmaABytes;                   // [kWgmmaARing][16 KB]
-  const float** x_rows = reinterpret_cast<const float**>(ring + kWgmmaARing * kWgmmaRingBytes);
+  char* const stages = base;                                // [n_stages][32 KB]
+  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][8 KB]
+  char* const ring = abuf + 3 * kWgmmaABytes;               // [slots][16 KB]
+  const float** x_rows = reinterpret_cast<const float**>(ring + slots * kWgmmaRingBytes);
   float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);              // [64]
   WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);  // [kWgmmaGroups]
   float* const dstage = reinterpret_cast<float*>(stages);  // [64][kWgmmaDStride] epilogue
@@ -120,16 +128,16 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
       // ordered before the TMA writes and wgmma reads that follow.
       hopper::fence_proxy_async_shared();
       __syncthreads();
-      const uint32_t done = *pipe.consumed;
+      const uint32_t done = *consumed;
       const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
 
-      // K-block j's weight groups into stage (done + j) % kWgmmaStages: thread 0 arms the
+      // K-block j's weight groups into stage (done + j) % n_stages: thread 0 arms the
       // barrier, lane 0 of warp w copies groups w, w + 8 (so no warp issues all 16 copies; a
       // copy that lands before the arming only drives the transaction count negative, and the
       // phase cannot complete before thread 0's arrival).
       const auto issue = [&](int j) {
-        const uint32_t s = (done + j) % kWgmmaStages;
-        uint64_t* bar = &pipe.full[s];
+        const uint32_t s = (done + j) % n_stages;
+        uint64_t* bar = &full[s];
         if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
         if ((tid & 31) != 0) return;
         char* dst = stages + s * kWgmmaStageBytes;
@@ -143,7 +151,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
       const int kq = (tid & 15) * 4;
       const auto fetch_a = [&](int j) {
         if (j < nk) {
-          char* slot = ring + (j % kWgmmaARing) * kWgmmaRingBytes;
+          char* slot = ring + (j % slots) * kWgmmaRingBytes;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int q = tid + i * kMegakernelThreads, row = q >> 4, k = j * kWgmmaBlockK + kq;
@@ -160,7 +168,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
                    : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
       };
       const auto store_a = [&](int j, uint2 nw) {
-        const char* slot = ring + (j % kWgmmaARing) * kWgmmaRingBytes;
+        const char* slot = ring + (j % slots) * kWgmmaRingBytes;
         char* dst = abuf + (j % 3) * kWgmmaABytes;
         const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
 #pragma unroll
@@ -178,11 +186,10 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
         }
       };
 
-      for (int j = 0; j < kWgmmaStages - 1 && j < nk; ++j) issue(j);
-      fetch_a(0);
-      fetch_a(1);
+      for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j);
+      for (int j = 0; j < slots; ++j) fetch_a(j);
       uint2 norm_next = load_norm(1);
-      cp_async_wait(1);  // k-block 0's quads landed
+      cp_async_wait(slots - 1);  // k-block 0's quads landed
       store_a(0, load_norm(0));
       hopper::fence_proxy_async_shared();
       __syncthreads();
@@ -195,8 +202,8 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
       for (int j = 0; j < nk; ++j) {
         const uint2 norm_now = norm_next;
         norm_next = load_norm(j + 2);
-        const uint32_t s = (done + j) % kWgmmaStages;
-        hopper::mbarrier_wait_parity(&pipe.full[s], ((done + j) / kWgmmaStages) & 1);
+        const uint32_t s = (done + j) % n_stages;
+        hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
         hopper::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -209,14 +216,14 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
         }
         hopper::wgmma_commit_group();
         if (j + 1 < nk) {
-          cp_async_wait(0);  // k-block j + 1's quads (fetched one k-block ago) landed
+          cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
           store_a(j + 1, norm_now);
           hopper::fence_proxy_async_shared();
         }
         hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
         __syncthreads();
-        if (j + kWgmmaStages - 1 < nk) issue(j + kWgmmaStages - 1);
-        fetch_a(j + 2);  // into the slot k-block j left (converted one k-block ago)
+        if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+        fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
       }
       cp_async_wait(0);
       hopper::wgmma_wait<0>();
@@ -249,7 +256,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, Wg
         }
         emit(c0 + c, r0 + r, v);
       }
-      if (tid == 0) *pipe.consumed = done + nk;
+      if (tid == 0) *consumed = done + nk;
       __syncthreads();  // emitted values visible; memory and tables free for the next pass
     }
   }

@@ -87,14 +87,19 @@ struct KernelVariant {
   bool tensor_cores = false;  // projections on (bf16) tensor cores
   bool attention_cuda_cores = false;
   bool wgmma = false;  // with tensor_cores: wgmma (bf16 activations), else mma.sync (hi + lo)
+  bool wgmma_shallow = false;  // with wgmma: the shallow pipeline for every op
   const char* name() const {
     if (attention_cuda_cores) return "cuda-core-attention";
     if (!tensor_cores) return "cuda-cores";
-    return wgmma ? "wgmma" : "mma.sync";
+    if (!wgmma) return "mma.sync";
+    return wgmma_shallow ? "wgmma-shallow" : "wgmma";
   }
 };
-constexpr KernelVariant kVariants[] = {
-    {false, false, false}, {true, false, false}, {true, false, true}, {false, true, false}};
+constexpr KernelVariant kVariants[] = {{false, false, false},
+                                       {true, false, false},
+                                       {true, false, true},
+                                       {true, false, true, true},
+                                       {false, true, false}};
 
 // `tiles`: the GPU's tile shapes (default gpu_tile_config(132) with c.kv_split_tokens).
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
@@ -144,6 +149,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.step_watchdog_ms = 60000;  // compute-sanitizer runs these steps far slower
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.wgmma = variant.wgmma;
+  gpu_opts.wgmma_shallow = variant.wgmma_shallow;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
   TileConfig gpu_tiles = tiles.value_or(gpu_tile_config(132));
   gpu_tiles.kv_split_tokens = c.kv_split_tokens;
@@ -331,7 +337,7 @@ TEST(CudaProjections, AwkwardShapesAgainstCpu) {
   for (const ModelCase& c : {aligned, unaligned}) {
     std::vector<ForcedRequest> reqs(1);
     reqs[0] = {random_tokens(160, c.vocab, 21), {129, 17, 3, 1, 1}, 0};
-    for (const KernelVariant& v : {kVariants[0], kVariants[1], kVariants[2]}) {
+    for (const KernelVariant& v : {kVariants[0], kVariants[1], kVariants[2], kVariants[3]}) {
       run_forced(c, reqs, 6, v, wide);
       run_forced(c, reqs, 6, v);
     }
