@@ -1,5 +1,6 @@
 // kQkvRope (engine/cpu/cpu_ops_qkv.cc): RMSNorm(attn_norm) of token rows, projection onto the
-// fused heads [head_begin, head_end) (q heads, then k heads, then v heads), + bias (Qwen2),
+// fused heads [head_begin, head_end) (q heads, then k heads, then v heads; or onto one head's
+// RoPE pairs [pair_begin, pair_end), dims i and i + hd/2, when pair_end > 0), + bias (Qwen2),
 // per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
 // position * inv_freq[i]); q heads to the q buffer (fp32), k and v heads into the paged
 // bf16 cache at each token's position.
@@ -22,7 +23,14 @@ struct QkvRopeOp {
     const int H = md.hidden, hd = md.head_dim, half = hd / 2;
     const int hq = md.q_heads, hkv = md.kv_heads;
     const int nheads = a.head_end - a.head_begin;
-    const int ncols = nheads * hd;
+    // A split tile (one head, pairs [pair_begin, pair_end)): its columns are dims
+    // pair_begin + [0, np), then half + pair_begin + [0, np).
+    const bool split = a.pair_end > 0;
+    const int np = split ? a.pair_end - a.pair_begin : half;  // RoPE pairs per head
+    const int head_cols = 2 * np;                             // a head's columns in the tile
+    const int ncols = nheads * head_cols;
+    const int pb = split ? a.pair_begin : 0, gap = half - np;
+    const auto dim_of = [=](int k) { return pb + k + (k >= np ? gap : 0); };  // k < head_cols
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* heads = ctx.smem;                              // (kProjectionChunkRows, ncols)
     float* scale = heads + kProjectionChunkRows * ncols;  // (kProjectionScaleFloats)
@@ -34,6 +42,10 @@ struct QkvRopeOp {
     const auto head_of = [&](int fh, int kind) {
       return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
     };
+    const bool maps_ok = md.weight_maps != nullptr && hd % kWgmmaGroupRows == 0 &&
+                         (!split || np % kWgmmaGroupRows == 0);
+    const CUtensorMap* layer_maps =
+        md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
@@ -43,20 +55,21 @@ struct QkvRopeOp {
           core_bytes, ctx.pipe,
           [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },
           [&](int, int c) {
-            const int fh = a.head_begin + c / hd;
+            const int fh = a.head_begin + c / head_cols;
             const int kind = kind_of(fh);
             const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + c % hd) * H;
+            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + dim_of(c % head_cols)) * H;
           },
-          [&](int, int c) {
-            // A group of 16 rows stays inside one head when hd is a multiple of 16.
-            if (md.weight_maps == nullptr || hd % kWgmmaGroupRows != 0) {
-              return WeightGroup{nullptr, 0};
-            }
-            const int fh = a.head_begin + c / hd;
-            const int kind = kind_of(fh);
-            return WeightGroup{md.weight_maps + inst.layer() * kLayerMatrices + kind,
-                               head_of(fh, kind) * hd + c % hd};
+          // Scalars by value: the wgmma core is a function of its own, and what a lambda
+          // passed to it captures by reference has to live in local memory.
+          [=, head_begin = a.head_begin](int, int c) {
+            // A group of 16 rows stays inside one head (and one half of a split head) when
+            // hd (np) is a multiple of 16.
+            if (!maps_ok) return WeightGroup{nullptr, 0};
+            const int fh = head_begin + c / head_cols;
+            const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
+            const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+            return WeightGroup{layer_maps + kind, h * hd + dim_of(c % head_cols)};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       // One warp per (row, head): bias, q/k norm, RoPE, store.
@@ -66,29 +79,30 @@ struct QkvRopeOp {
         const int fh = a.head_begin + j;
         const int kind = kind_of(fh);
         const int h = head_of(fh, kind);
-        float* head = heads + r * ncols + j * hd;  // (hd)
+        float* head = heads + r * ncols + j * head_cols;  // (head_cols)
         const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
         if (bias != nullptr) {
-          for (int d = lane; d < hd; d += 32) head[d] += weight_at(bias, h * hd + d);
+          for (int k = lane; k < head_cols; k += 32) head[k] += weight_at(bias, h * hd + dim_of(k));
         }
         __syncwarp();
         const int pos = st.positions[t];
         if (kind < 2) {
           const uint16_t* qk_norm = kind == 0 ? w.q_norm : w.k_norm;
+          // (The planner never splits a head that has a q/k norm.)
           if (qk_norm != nullptr) warp_rms_norm(head, qk_norm, hd, md.rms_norm_eps, head);
           __syncwarp();
-          for (int i = lane; i < half; i += 32) {
-            const float angle = static_cast<float>(pos) * md.inv_freq[i];
+          for (int i = lane; i < np; i += 32) {  // pair i of the tile: dims i and i + np
+            const float angle = static_cast<float>(pos) * md.inv_freq[dim_of(i)];
             const float c = cosf(angle), s = sinf(angle);
-            const float x1 = head[i], x2 = head[i + half];
+            const float x1 = head[i], x2 = head[i + np];
             head[i] = x1 * c - x2 * s;
-            head[i + half] = x2 * c + x1 * s;
+            head[i + np] = x2 * c + x1 * s;
           }
           __syncwarp();
         }
         if (kind == 0) {
           float* out = st.q + (static_cast<int64_t>(t) * hq + h) * hd;
-          for (int d = lane; d < hd; d += 32) out[d] = head[d];
+          for (int k = lane; k < head_cols; k += 32) out[dim_of(k)] = head[k];
         } else {
           const int req = st.token_request[t];
           const engine::KvCacheLayout kv{
@@ -97,7 +111,9 @@ struct QkvRopeOp {
           uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) +
                             inst.layer() * md.cache_layer_elements +
                             kv.offset(block, h, pos % kv.block_size);
-          for (int d = lane; d < hd; d += 32) cache[d] = float_to_bf16_bits(head[d]);
+          for (int k = lane; k < head_cols; k += 32) {
+            cache[dim_of(k)] = float_to_bf16_bits(head[k]);
+          }
         }
       }
       __syncthreads();

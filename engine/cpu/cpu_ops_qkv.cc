@@ -1,6 +1,7 @@
-// kQkvRope: RMSNorm of token rows, q/k/v projection of whole fused heads, bias (Qwen2),
-// per-head RMSNorm (Qwen3), RoPE (rotate-half pairs (i, i + head_dim/2)) on q and k, then q to
-// the q buffer and k/v into the paged cache at each token's position.
+// kQkvRope: RMSNorm of token rows, q/k/v projection of whole fused heads (or of one head's
+// RoPE pairs [pair_begin, pair_end): dims i and i + head_dim/2), bias (Qwen2), per-head
+// RMSNorm (Qwen3, whole heads only), RoPE (rotate-half pairs (i, i + head_dim/2)) on q and k,
+// then q to the q buffer and k/v into the paged cache at each token's position.
 #include <cmath>
 #include <vector>
 
@@ -16,6 +17,11 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
   const LayerView& w = st.weights.layers[inst.layer()];
   const int H = cfg.hidden_size, hd = cfg.head_dim, half = hd / 2;
   const int hq = st.shard.q_heads, hkv = st.shard.kv_heads;
+  const int p0 = a.pair_end > 0 ? a.pair_begin : 0, p1 = a.pair_end > 0 ? a.pair_end : half;
+  const auto in_tile = [&](int d) {
+    const int i = d < half ? d : d - half;
+    return i >= p0 && i < p1;
+  };
   std::vector<float> normed(H), head(hd);
   for (int t = a.row_begin; t < a.row_end; ++t) {
     normed_input(ctx, st.ws.residual.data() + static_cast<int64_t>(t) * H, w.attn_norm, H,
@@ -27,13 +33,14 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
       const WeightView& proj = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
       const WeightView& bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
       for (int d = 0; d < hd; ++d) {
+        if (!in_tile(d)) continue;
         head[d] = proj.dot(static_cast<int64_t>(h) * hd + d, normed.data());
         if (!bias.empty()) head[d] += bias.at(0, static_cast<int64_t>(h) * hd + d);
       }  // (hd)
       if (kind < 2) {
         const WeightView& qk_norm = kind == 0 ? w.q_norm : w.k_norm;
         if (!qk_norm.empty()) rms_norm(head.data(), qk_norm, hd, cfg.rms_norm_eps, head.data());
-        for (int i = 0; i < half; ++i) {
+        for (int i = p0; i < p1; ++i) {
           const float angle = static_cast<float>(pos) * (*ctx.inv_freq)[i];
           const float c = std::cos(angle), s = std::sin(angle);
           const float x1 = head[i], x2 = head[i + half];
@@ -50,9 +57,12 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
         auto& cache = kind == 1 ? st.k_cache[inst.layer()] : st.v_cache[inst.layer()];
         out = cache.data() + st.kv_layout.offset(block, h, pos % m.kv_block_size);
       }
-      for (int d = 0; d < hd; ++d) out[d] = head[d];
-      // The GPU's KV cache is bf16 (DESIGN §5).
-      if (kind != 0 && ctx.round_activations_bf16) round_to_bf16(out, hd);
+      for (int d = 0; d < hd; ++d) {
+        if (!in_tile(d)) continue;
+        out[d] = head[d];
+        // The GPU's KV cache is bf16 (DESIGN §5).
+        if (kind != 0 && ctx.round_activations_bf16) round_to_bf16(out + d, 1);
+      }
     }
   }
 }

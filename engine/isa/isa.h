@@ -184,7 +184,11 @@ struct EmbeddingArgs {
 struct QkvRopeArgs {
   int32_t row_begin, row_end;
   int32_t head_begin, head_end;  // fused local heads: [0,hq) q, [hq,hq+hkv) k, then v
-  int32_t unused[8];
+  // pair_end > 0: one head (head_end == head_begin + 1), only its RoPE pairs
+  // [pair_begin, pair_end), i.e. dims [pair_begin, pair_end) and the same + head_dim / 2
+  // (never with a per-head q/k norm, which needs the whole head). 0, 0: whole heads.
+  int32_t pair_begin, pair_end;
+  int32_t unused[6];
 };
 
 struct AttentionArgs {

@@ -18,6 +18,10 @@ std::vector<ArgField> arg_fields(const Instruction& inst) {
     }
     case Opcode::kQkvRope: {
       const auto a = args_of<QkvRopeArgs>(inst);
+      if (a.pair_end > 0) {
+        return {range("rows", a.row_begin, a.row_end), range("heads", a.head_begin, a.head_end),
+                range("pairs", a.pair_begin, a.pair_end)};
+      }
       return {range("rows", a.row_begin, a.row_end), range("heads", a.head_begin, a.head_end)};
     }
     case Opcode::kAttention: {

@@ -96,39 +96,79 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   const int fused = sh.fused_heads();
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
   const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles);
+  // Fewer one-head tiles than SMs (a small step): each head split into `split` ranges of its
+  // RoPE pairs, as many as still fit one round of tiles, at least 8 pairs each; not with a
+  // per-head q/k norm (it needs the whole head).
+  const int half = hd / 2;
+  int split = 1;
+  if (heads == 1 && tiles_.balance_columns && !config_.qk_norm) {
+    while (half % (2 * split) == 0 && half / (2 * split) >= 8 &&
+           static_cast<int64_t>(row_tiles) * fused * 2 * split <= tiles_.num_sms) {
+      split *= 2;
+    }
+  }
+  const int pairs = half / split;
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
     for (int h0 = 0; h0 < fused; h0 += heads) {
       const int h1 = std::min(fused, h0 + heads);
-      const double rows = r1 - r0, cols = (h1 - h0) * hd;
-      Tile& t = new_tile(out, Opcode::kQkvRope, layer, op_cost::projection(rows, cols, H));
-      isa::QkvRopeArgs a{};
-      a.row_begin = r0;
-      a.row_end = r1;
-      a.head_begin = h0;
-      a.head_end = h1;
-      isa::set_args(t.inst, a);
-      if (!record_) continue;
-      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
-      const int q_end = std::min(h1, sh.q_heads);
-      if (h0 < q_end) {
-        add(t, sh.rank, BufferId::kQ, -1, r0, r1, h0 * hd * kF32, q_end * hd * kF32, true);
-      }
-      // k heads [hq, hq+hkv), v heads [hq+hkv, hq+2hkv): cache planes per token.
-      for (int kind = 0; kind < 2; ++kind) {
-        const int base = sh.q_heads + kind * sh.kv_heads;
-        const int k0 = std::max(h0, base) - base;
-        const int k1 = std::min(h1, base + sh.kv_heads) - base;
-        if (k0 >= k1) continue;
-        const BufferId buf = kind == 0 ? BufferId::kKCache : BufferId::kVCache;
-        for (int row = r0; row < r1; ++row) {
-          const int req = meta_.token_request[row];
-          const int pos = meta_.positions[row];
-          const int bs = meta_.kv_block_size;
-          const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
-          const int64_t slot = pos % bs;
-          add(t, sh.rank, buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
-              slot * hd * kF32, (slot + 1) * hd * kF32, true);
+      for (int part = 0; part < split; ++part) {
+        const int p0 = part * pairs, p1 = p0 + pairs;  // used when split > 1
+        const double rows = r1 - r0, cols = split > 1 ? 2 * pairs : (h1 - h0) * hd;
+        Tile& t = new_tile(out, Opcode::kQkvRope, layer, op_cost::projection(rows, cols, H));
+        isa::QkvRopeArgs a{};
+        a.row_begin = r0;
+        a.row_end = r1;
+        a.head_begin = h0;
+        a.head_end = h1;
+        if (split > 1) {
+          a.pair_begin = p0;
+          a.pair_end = p1;
+        }
+        isa::set_args(t.inst, a);
+        if (!record_) continue;
+        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+        // The bytes of a head this tile writes: the whole head, or its two pair ranges.
+        const auto add_head_bytes = [&](BufferId buf, int layer_or_none, int64_t row_begin,
+                                        int64_t row_end, int64_t base) {
+          if (split == 1) {
+            add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base, base + hd * kF32, true);
+            return;
+          }
+          for (const int d0 : {p0, half + p0}) {
+            add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base + d0 * kF32,
+                base + (d0 + pairs) * kF32, true);
+          }
+        };
+        const int q_end = std::min(h1, sh.q_heads);
+        if (h0 < q_end) {
+          if (split == 1) {
+            add(t, sh.rank, BufferId::kQ, -1, r0, r1, h0 * hd * kF32, q_end * hd * kF32, true);
+          } else {
+            add_head_bytes(BufferId::kQ, -1, r0, r1, h0 * hd * kF32);
+          }
+        }
+        // k heads [hq, hq+hkv), v heads [hq+hkv, hq+2hkv): cache planes per token.
+        for (int kind = 0; kind < 2; ++kind) {
+          const int base = sh.q_heads + kind * sh.kv_heads;
+          const int k0 = std::max(h0, base) - base;
+          const int k1 = std::min(h1, base + sh.kv_heads) - base;
+          if (k0 >= k1) continue;
+          const BufferId buf = kind == 0 ? BufferId::kKCache : BufferId::kVCache;
+          for (int row = r0; row < r1; ++row) {
+            const int req = meta_.token_request[row];
+            const int pos = meta_.positions[row];
+            const int bs = meta_.kv_block_size;
+            const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
+            const int64_t slot = pos % bs;
+            if (split == 1) {
+              add(t, sh.rank, buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
+                  slot * hd * kF32, (slot + 1) * hd * kF32, true);
+            } else {
+              add_head_bytes(buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
+                             slot * hd * kF32);
+            }
+          }
         }
       }
     }

@@ -417,9 +417,9 @@ ColumnTiles column_tiles(const Step& step, isa::Opcode op, int n, int row_tiles)
   for (const isa::Instruction& inst : step.ranks[0].instructions) {
     if (inst.opcode() != op || inst.layer() != (op == isa::Opcode::kLmHead ? -1 : 0)) continue;
     int begin = 0, end = 0;
-    if (op == isa::Opcode::kQkvRope) {
+    if (op == isa::Opcode::kQkvRope) {  // in output dims (head_dim 128)
       const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
-      begin = a.head_begin, end = a.head_end;
+      end = a.pair_end > 0 ? 2 * (a.pair_end - a.pair_begin) : (a.head_end - a.head_begin) * 128;
     } else if (op == isa::Opcode::kGateUpSilu) {
       const auto a = isa::args_of<isa::GateUpArgs>(inst);
       begin = a.col_begin, end = a.col_end;
@@ -465,7 +465,11 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   };
   using isa::Opcode;
   const Step balanced = build(tiles, 1);
-  EXPECT_EQ(column_tiles(balanced, Opcode::kQkvRope, 48, 1).count, 48);
+  // 48 one-head QKV tiles would leave 84 SMs idle: each head goes to two tiles of 32 RoPE pairs
+  // (dims [p, p + 32) and [64 + p, 96 + p)).
+  const ColumnTiles qkv = column_tiles(balanced, Opcode::kQkvRope, 48 * 128, 1);
+  EXPECT_EQ(qkv.count, 96);
+  EXPECT_THAT(qkv.widths, ::testing::ElementsAre(64));
   for (Opcode op : {Opcode::kOProj, Opcode::kDownProj}) {
     const ColumnTiles t = column_tiles(balanced, op, 4096, 1);
     EXPECT_EQ(t.count, 128);
