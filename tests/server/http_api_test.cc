@@ -285,9 +285,15 @@ TEST_F(HttpApiTest, DrainingIs503AndAbortsRunningStreamsWithAnErrorEvent) {
   while (engine_->submitted() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   auto drained =
       std::async(std::launch::async, [this] { server_->drain_and_stop(std::chrono::seconds(30)); });
+  // A probe sent before the drain has begun is admitted and waits on the paused engine: each
+  // gives up after 0.2 s (status 0) and the next one is sent, until one is refused with 503.
+  // (Probes without that timeout blocked for the whole 30 s grace on a loaded machine.)
   int status = 0;
   for (int i = 0; i < 2000 && status != 503; ++i) {
-    status = post("/v1/completions", R"({"prompt": "Zoo"})").first;
+    auto c = client();
+    c->set_read_timeout(0, 200'000);
+    auto result = c->Post("/v1/completions", R"({"prompt": "Zoo"})", "application/json");
+    status = result ? result->status : 0;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   EXPECT_EQ(status, 503);
