@@ -34,35 +34,12 @@
 namespace megaserve::engine {
 namespace {
 
-constexpr int32_t kBlock = 16;
+constexpr int32_t kBlock = kBenchBlockSize;
 constexpr int kContext = 512;   // cached tokens of each decode request
 constexpr int kBigBatch = 256;  // requests of the large decode step
 constexpr int kPrefillTokens = 8192;
 constexpr int kTimedSteps = 20;  // batch-1 decode steps per variant
 constexpr int kTraceLayers = 2;  // layers 0..kTraceLayers-1 go into the Chrome traces
-
-// `batch` requests with `context` cached tokens each decoding one token (or, when
-// `prefill_tokens` > 0, one request prefilling that many from position 0). The KV cache is
-// not filled first: timing does not depend on the cached values (zeros).
-scheduler::StepPlan make_plan(uint64_t step_id, int batch, int context, int prefill_tokens) {
-  scheduler::StepPlan plan;
-  plan.step_id = step_id;
-  plan.kv_block_size = kBlock;
-  const int tokens = prefill_tokens > 0 ? prefill_tokens : 1;
-  const int first = prefill_tokens > 0 ? 0 : context;
-  const int blocks = (first + tokens + kBlock - 1) / kBlock;
-  for (int i = 0; i < batch; ++i) {
-    scheduler::StepRequest r;
-    r.request_id = step_id * 100000 + i + 1;
-    r.first_position = first;
-    r.token_ids.assign(tokens, 1000 + i);
-    for (int k = 0; k < blocks; ++k) r.block_table.push_back(i * blocks + k);
-    r.sample = true;
-    r.sampling.temperature = 0.0f;
-    plan.requests.push_back(r);
-  }
-  return plan;
-}
 
 struct Variant {
   const char* name;

@@ -35,7 +35,6 @@
 namespace megaserve::engine {
 namespace {
 
-constexpr int32_t kBlock = 16;
 constexpr int kMaxTokens = 8192;
 constexpr int kRuns = 3;  // profiled runs per case; the median span is reported
 
@@ -44,20 +43,6 @@ struct Projection {
   isa::Opcode op;
   int64_t n, k;  // output columns (both matrices for gate/up) and reduction width
 };
-
-scheduler::StepPlan prefill_plan(uint64_t step_id, int tokens) {
-  scheduler::StepPlan plan;
-  plan.step_id = step_id;
-  plan.kv_block_size = kBlock;
-  scheduler::StepRequest r;
-  r.request_id = step_id + 1;
-  r.first_position = 0;
-  r.token_ids.assign(tokens, 1000);
-  for (int b = 0; b < (tokens + kBlock - 1) / kBlock; ++b) r.block_table.push_back(b);
-  r.sample = false;  // no LM head, no sampling: only the layers' instructions
-  plan.requests.push_back(r);
-  return plan;
-}
 
 std::map<std::pair<std::string, int>, double> read_rates(const std::string& path) {
   std::map<std::pair<std::string, int>, double> rates;
@@ -79,8 +64,8 @@ int run(const std::string& config_path, const std::string& rates_path) {
   const ModelConfig& config = start->config;
   const auto rates = rates_path.empty() ? decltype(read_rates("")){} : read_rates(rates_path);
   CudaBackendOptions o;
-  o.kv_block_size = kBlock;
-  o.num_kv_blocks = kMaxTokens / kBlock + 16;
+  o.kv_block_size = kBenchBlockSize;
+  o.num_kv_blocks = kMaxTokens / kBenchBlockSize + 16;
   o.persistent = true;
   o.step_watchdog_ms = 120000;
   auto backend = CudaBackend::create(config, dummy_weights(config, DType::kBF16, 1), o);
@@ -109,7 +94,9 @@ int run(const std::string& config_path, const std::string& rates_path) {
   for (const Projection& p : projections) {
     for (const int m : rows) {
       const auto totals = builder.barrier_totals();
-      absl::StatusOr<Step> full = builder.build(prefill_plan(step_id++, m), b.num_kv_blocks());
+      // One request prefilling m tokens, not sampled: only the layers' instructions.
+      absl::StatusOr<Step> full =
+          builder.build(make_plan(step_id++, 1, 0, m, /*sample=*/false), b.num_kv_blocks());
       builder.rewind_barrier_totals(totals);  // the op stream signals nothing
       if (!full.ok()) {
         std::printf("%s M=%d: %s\n", p.name, m, full.status().ToString().c_str());

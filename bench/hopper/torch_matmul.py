@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Times torch.matmul (bf16, A @ W.T) on the shapes of bench/hopper/gemm_bench and prints the
 same table; with --ours CSV (written by gemm_bench --csv) it also prints both side by side with
-the ratio ours / torch in TFLOP/s.
+the ratio ours / torch in TFLOP/s. --ms M1,M2,... times the four projection shapes at those M
+only, and --rates FILE writes "<shape> <M> <TFLOP/s>" lines (scripts/gpu-suite's peer for
+bench/gpu_projection_bench).
 
 Usage: torch_matmul.py [--ours FILE] [--iters N] [--quick] [--small] [--csv FILE]
+                       [--ms LIST] [--rates FILE]
 """
 import argparse
 import csv
@@ -16,7 +19,9 @@ MS_FULL = [128, 256, 1024, 4096, 8192]
 MS_QUICK = [128, 1024, 8192]
 
 
-def cases(quick, small=False):
+def cases(quick, small=False, ms=None):
+    if ms:
+        return [(name, m, n, k) for name, n, k in SHAPES for m in ms]
     out = [("tail", 333, 1001, 640), ("tail", 1000, 3000, 192)]
     if small:
         return out + [("qkv", 128, 6144, 4096), ("o", 1000, 4096, 4096)]
@@ -73,7 +78,10 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--ms", help="comma-separated M values of the projection shapes only")
+    ap.add_argument("--rates", help="write '<shape> <M> <TFLOP/s>' lines here")
     args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else None
 
     import torch
     if not torch.cuda.is_available():
@@ -87,7 +95,7 @@ def main():
     print("\ntorch.matmul (bf16, A @ W.T)")
     print(f"{'shape':<8} {'M':>6} {'N':>6} {'K':>6} {'ms':>10} {'TFLOP/s':>9}")
     results = {}
-    for name, m, n, k in cases(args.quick, args.small):
+    for name, m, n, k in cases(args.quick, args.small, ms):
         ms = time_case(torch, m, n, k, max(args.iters, 1))
         tf = 2.0 * m * n * k / (ms * 1e-3) / 1e12
         results[(name, m, n, k)] = (ms, tf)
@@ -99,6 +107,11 @@ def main():
             f.write("shape,M,N,K,ms,tflops\n")
             for (name, m, n, k), (ms, tf) in results.items():
                 f.write(f"{name},{m},{n},{k},{ms:.5f},{tf:.2f}\n")
+
+    if args.rates:
+        with open(args.rates, "w") as f:
+            for (name, m, n, k), (_, tf) in results.items():
+                f.write(f"{name} {m} {tf:.1f}\n")
 
     if args.ours:
         with open(args.ours) as f:

@@ -96,10 +96,20 @@ RankWeights rank_weights(const ModelWeights& w, const ModelConfig& config, const
   return r;
 }
 
-void rms_norm(const float* x, const WeightView& weight, int n, float eps, float* out) {
+namespace {
+
+float inv_rms(const float* x, int n, float eps) {
   float ss = 0.0f;
   for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  return 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+}
+
+float bf16_round(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+}  // namespace
+
+void rms_norm(const float* x, const WeightView& weight, int n, float eps, float* out) {
+  const float inv = inv_rms(x, n, eps);
   for (int i = 0; i < n; ++i) out[i] = x[i] * inv * weight.at(0, i);
 }
 
@@ -110,17 +120,12 @@ void normed_input(const OpContext& ctx, const float* x, const WeightView& weight
     return;
   }
   // As transformers' bf16 RMSNorm: x * inv rounded to bf16, times the weight, rounded again.
-  float ss = 0.0f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + ctx.config->rms_norm_eps);
-  for (int i = 0; i < n; ++i) {
-    out[i] =
-        bf16_to_float(float_to_bf16(bf16_to_float(float_to_bf16(x[i] * inv)) * weight.at(0, i)));
-  }
+  const float inv = inv_rms(x, n, ctx.config->rms_norm_eps);
+  for (int i = 0; i < n; ++i) out[i] = bf16_round(bf16_round(x[i] * inv) * weight.at(0, i));
 }
 
 void round_to_bf16(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
+  for (int64_t i = 0; i < n; ++i) x[i] = bf16_round(x[i]);
 }
 
 void execute(const isa::Instruction& inst, int rank, const OpContext& ctx) {

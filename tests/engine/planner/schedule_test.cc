@@ -33,6 +33,20 @@ ModelConfig small_llama() {
   return c;
 }
 
+// Llama-3.1-8B's shape with `layers` layers (layers 2.. are copies of layer 1 in a step).
+ModelConfig llama_8b_shape(int layers) {
+  ModelConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_layers = layers;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  c.max_position_embeddings = 4096;
+  return c;
+}
+
 scheduler::StepRequest request(uint64_t id, int first_position, int num_tokens, int first_block,
                                bool sample) {
   scheduler::StepRequest r;
@@ -300,15 +314,7 @@ TEST(ScheduleBuilderTest, PlacementBalancesEstimatedCycles) {
 // 1024-token prefill's QKV on one SM.) Llama-3.1-8B shape, 132 SMs, a prefill with decodes;
 // layer 2 is a copy of layer 1.
 TEST(ScheduleBuilderTest, EveryStageIsBalancedOnItsOwn) {
-  ModelConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 14336;
-  c.num_layers = 3;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.vocab_size = 128256;
-  c.max_position_embeddings = 4096;
+  const ModelConfig c = llama_8b_shape(3);
   scheduler::StepPlan plan;
   plan.kv_block_size = 16;
   plan.requests.push_back(request(1, 0, 1024, 0, true));
@@ -444,15 +450,7 @@ ColumnTiles column_tiles(const Step& step, isa::Opcode op, int n, int row_tiles)
 // tiles' default), the configured widths. 256 decode rows (4 row tiles) keep the configured
 // 128-column O tiles (4 x 32 = 128 tiles, one round already).
 TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
-  ModelConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 14336;
-  c.num_layers = 2;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.vocab_size = 128256;
-  c.max_position_embeddings = 4096;
+  const ModelConfig c = llama_8b_shape(2);
   const TileConfig tiles = gpu_tile_config(132);
   const auto build = [&](const TileConfig& t, int batch) {
     scheduler::StepPlan plan;
