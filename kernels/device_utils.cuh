@@ -70,13 +70,31 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// x.x^2 + x.y^2 + x.z^2 + x.w^2 in double (each product exact).
+__device__ __forceinline__ double square_sum(float4 x) {
+  const double a = x.x, b = x.y, c = x.z, d = x.w;
+  return a * a + b * b + c * c + d * d;
+}
+
+// 1 / sqrt(mean(x^2) + eps) from a sum of squares taken in double: the products are exact and
+// the order of the sums hardly matters, so every path here and the CPU (engine/cpu/cpu_ops.cc)
+// get the same float, and the bf16 roundings of the normed row agree bit for bit.
+__device__ __forceinline__ float inv_rms_of(double ss, int n, float eps) {
+  return static_cast<float>(1.0 / sqrt(ss / n + static_cast<double>(eps)));
+}
+
 // 1 / sqrt(mean(x^2) + eps) of one row, by one warp (every lane gets it).
 __device__ __forceinline__ float warp_inv_rms(const float* x, int n, float eps) {
   const int lane = threadIdx.x & 31;
-  float ss = 0.0f;
-  for (int i = lane; i < n; i += 32) ss += x[i] * x[i];
-  ss = warp_sum(ss);
-  return 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  double ss = 0.0;
+  for (int i = lane; i < n; i += 32) ss += static_cast<double>(x[i]) * x[i];
+  return inv_rms_of(warp_sum(ss), n, eps);
 }
 
 // RMSNorm of one row by one warp: out[i] = x[i] * inv_rms(x) * weight[i] (weight bf16),

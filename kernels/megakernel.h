@@ -36,8 +36,8 @@ inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a CUDA-core 
 // scales, QKV heads in shared memory); the bf16 tensor-core core (kernels/tile_mma.cuh)
 // needs kProjectionMinSmemBytes of shared memory beside what the op keeps.
 inline constexpr int kProjectionChunkRows = 64;
-// Floats an op keeps for its row scales (kProjectionChunkRows) and their partial sums.
-inline constexpr int kProjectionScaleFloats = kProjectionChunkRows + kMegakernelWarps * 8;
+// Floats an op keeps for its row scales (kProjectionChunkRows) and their partial sums (double).
+inline constexpr int kProjectionScaleFloats = kProjectionChunkRows + kMegakernelWarps * 8 * 2;
 inline constexpr int kProjectionMinSmemBytes = 112 * 1024;
 // kAttention (op_attention.cuh) scores up to kAttentionMaxGroup q heads per pass over a row's
 // keys; its shared memory: their queries, then per warp, per head, (max, sum) and 32 row

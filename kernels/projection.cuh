@@ -31,46 +31,38 @@ inline constexpr int kMmaDecodeRows = 16;
 template <typename Row>
 __device__ void row_inv_rms(int n, int H, float eps, Row row, float* scales) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* partial = scales + kProjectionChunkRows;  // (8 rows, kMegakernelWarps)
+  double* partial = reinterpret_cast<double*>(scales + kProjectionChunkRows);  // (8, warps)
   if (n <= 8 && H % 4 == 0 && (reinterpret_cast<uintptr_t>(row(0)) & 15) == 0) {
     for (int r = 0; r < n; ++r) {
       const float4* x = reinterpret_cast<const float4*>(row(r));  // (H / 4)
-      float ss = 0.0f;
-      for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
-        const float4 v = x[i];
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-      }
+      double ss = 0.0;
+      for (int i = threadIdx.x; i < H / 4; i += blockDim.x) ss += square_sum(x[i]);
       ss = warp_sum(ss);
       if (lane == 0) partial[r * kMegakernelWarps + warp] = ss;
     }
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < n) {
-      float ss = 0.0f;
+      double ss = 0.0;
       for (int w = 0; w < kMegakernelWarps; ++w) ss += partial[threadIdx.x * kMegakernelWarps + w];
-      scales[threadIdx.x] = 1.0f / sqrtf(ss / static_cast<float>(H) + eps);
+      scales[threadIdx.x] = inv_rms_of(ss, H, eps);
     }
   } else if (H % 4 == 0 && (reinterpret_cast<uintptr_t>(row(0)) & 15) == 0) {
     constexpr int kInFlight = 8;
     const int n4 = H / 4;
     for (int r = warp; r < n; r += kMegakernelWarps) {
       const float4* x = reinterpret_cast<const float4*>(row(r));  // (H / 4)
-      float ss = 0.0f;
+      double ss = 0.0;
       int i = lane;
       for (; i + (kInFlight - 1) * 32 < n4; i += kInFlight * 32) {
         float4 v[kInFlight];
 #pragma unroll
         for (int u = 0; u < kInFlight; ++u) v[u] = x[i + u * 32];
 #pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
-        }
+        for (int u = 0; u < kInFlight; ++u) ss += square_sum(v[u]);
       }
-      for (; i < n4; i += 32) {
-        const float4 v = x[i];
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-      }
+      for (; i < n4; i += 32) ss += square_sum(x[i]);
       ss = warp_sum(ss);
-      if (lane == 0) scales[r] = 1.0f / sqrtf(ss / static_cast<float>(H) + eps);
+      if (lane == 0) scales[r] = inv_rms_of(ss, H, eps);
     }
   } else {
     for (int r = warp; r < n; r += kMegakernelWarps) {

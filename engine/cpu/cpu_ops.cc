@@ -98,10 +98,13 @@ RankWeights rank_weights(const ModelWeights& w, const ModelConfig& config, const
 
 namespace {
 
+// Summed in double, as the kernels do (kernels/device_utils.cuh, row_inv_rms): the products are
+// exact and the sums' order hardly matters, so both sides get the same float, and the bf16
+// roundings that follow (normed_input) agree bit for bit.
 float inv_rms(const float* x, int n, float eps) {
-  float ss = 0.0f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  return 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  double ss = 0.0;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  return static_cast<float>(1.0 / std::sqrt(ss / n + static_cast<double>(eps)));
 }
 
 float bf16_round(float x) { return bf16_to_float(float_to_bf16(x)); }

@@ -1,6 +1,7 @@
 #include "engine/planner/schedule_tiles.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace megaserve::engine {
 
@@ -11,6 +12,32 @@ using isa::Opcode;
 constexpr int64_t kF32 = 4;  // workspace element bytes (fp32 activations)
 // Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
 constexpr int kColumnGranule = 16;
+
+// Puts out[first, end), made row tile by row tile (`row_tiles` runs of equally many column
+// tiles), in groups of g row tiles taken column by column. Tiles of equal cost are dealt to
+// the SMs in turn (schedule_assembler.h), so the num_sms tiles that run at once cover about
+// g row tiles x num_sms / g column tiles, whose weights and activations come from memory once
+// and from L2 for the rest; row by row, every round of tiles streamed all of the op's weights
+// (a decode step of 256 requests read them 4 times). g minimizes the bytes of that round:
+// g x `row_bytes` (a row tile's activations) + num_sms / g x `column_bytes` (a column
+// tile's weights).
+void group_rows(std::vector<Tile>& out, size_t first, int row_tiles, int num_sms,
+                double row_bytes, double column_bytes) {
+  const size_t n = out.size() - first;
+  if (row_tiles <= 1 || n % row_tiles != 0) return;
+  const int cols = static_cast<int>(n / row_tiles);
+  const int g = std::clamp(
+      static_cast<int>(std::lround(std::sqrt(num_sms * column_bytes / row_bytes))), 1, row_tiles);
+  std::vector<Tile> made(std::make_move_iterator(out.begin() + first),
+                         std::make_move_iterator(out.end()));
+  size_t at = first;
+  for (int r0 = 0; r0 < row_tiles; r0 += g) {
+    const int r1 = std::min(row_tiles, r0 + g);
+    for (int c = 0; c < cols; ++c) {
+      for (int r = r0; r < r1; ++r) out[at++] = std::move(made[static_cast<size_t>(r) * cols + c]);
+    }
+  }
+}
 
 }  // namespace
 
@@ -108,6 +135,7 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
     }
   }
   const int pairs = half / split;
+  const size_t first = out.size();
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
     for (int h0 = 0; h0 < fused; h0 += heads) {
@@ -173,6 +201,8 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
       }
     }
   }
+  group_rows(out, first, row_tiles, tiles_.num_sms, tiles_.token_rows * H * kF32,
+             heads * hd * H * 2.0 / split);
 }
 
 void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
@@ -315,6 +345,7 @@ void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slo
   const int H = config_.hidden_size;
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
   const int width = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
+  const size_t first = out.size();
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
     for (int c0 = 0; c0 < H; c0 += width) {
@@ -339,6 +370,9 @@ void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slo
       }
     }
   }
+  group_rows(out, first, row_tiles, tiles_.num_sms,
+             static_cast<double>(tiles_.token_rows) * in_cols * kF32,
+             static_cast<double>(width) * in_cols * 2);
 }
 
 void TileMaker::o_proj(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const {
@@ -356,6 +390,7 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
   const int F = sh.ffn_cols();
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
   const int width = column_width(F, tiles_.ffn_cols, kColumnGranule, row_tiles);
+  const size_t first = out.size();
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
     for (int c0 = 0; c0 < F; c0 += width) {
@@ -372,6 +407,9 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
       add(t, sh.rank, BufferId::kAct, -1, r0, r1, c0 * kF32, c1 * kF32, true);
     }
   }
+  // Gate and up: two weight rows per column.
+  group_rows(out, first, row_tiles, tiles_.num_sms, static_cast<double>(tiles_.token_rows) * H * kF32,
+             2.0 * width * H * 2);
 }
 
 void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
