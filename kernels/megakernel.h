@@ -32,12 +32,16 @@ inline constexpr int kMegakernelThreads = 256;  // 8 warps per CTA
 inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
 inline constexpr int kMaxHeadDim = 256;   // attention keeps hd / 32 dims per lane
 inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a CUDA-core projection
-// Projections (kernels/projection.cuh) take a tile's token rows in chunks of this many (row
-// scales, QKV heads in shared memory); the bf16 tensor-core core (kernels/tile_mma.cuh)
-// needs kProjectionMinSmemBytes of shared memory beside what the op keeps.
+// Projections (kernels/projection.cuh) take a tile's token rows in chunks: QKV (its heads wait
+// in shared memory) and the LM head of kProjectionChunkRows, gate/up of kProjectionScaleRows
+// (one wgmma pass of 128 rows); the bf16 tensor-core core
+// (kernels/tile_mma.cuh) needs kProjectionMinSmemBytes of shared memory beside what the op
+// keeps.
 inline constexpr int kProjectionChunkRows = 64;
-// Floats an op keeps for its row scales (kProjectionChunkRows) and their partial sums (double).
-inline constexpr int kProjectionScaleFloats = kProjectionChunkRows + kMegakernelWarps * 8 * 2;
+inline constexpr int kProjectionScaleRows = 128;
+// Floats an op keeps for its row scales (kProjectionScaleRows) and their partial sums (8 rows
+// x warps, double).
+inline constexpr int kProjectionScaleFloats = kProjectionScaleRows + kMegakernelWarps * 8 * 2;
 inline constexpr int kProjectionMinSmemBytes = 112 * 1024;
 // kAttention (op_attention.cuh) scores up to kAttentionMaxGroup q heads per pass over a row's
 // keys; its shared memory: their queries, then per warp, per head, (max, sum) and 32 row
@@ -49,17 +53,23 @@ inline constexpr int kAttentionSmemFloats =
 
 // The projection core on wgmma (kernels/tile_wgmma.cuh) streams weights with the TMA unit in
 // boxes of 64 k x kWgmmaGroupRows rows, through stages of 256 weight rows, and the fp32
-// activations with cp.async through slots of 64 rows x 64 k. Two depths: shallow, 3 weight
-// stages and 2 activation slots, in kWgmmaCoreBytes of shared memory beside what the op keeps
-// (less: the op falls back to the mma.sync core); deep, 4 stages and 3 slots, where an op
-// leaves kWgmmaDeepCoreBytes and the step does not ask for shallow (kStepWgmmaShallow).
+// activations with cp.async through slots of 64 or 128 rows x 64 k. Passes of 64 rows, two
+// depths: shallow, 3 weight stages and 2 activation slots, in kWgmmaCoreBytes of shared memory
+// beside what the op keeps (less: the op falls back to the mma.sync core); deep, 4 stages and
+// 3 slots, where an op leaves kWgmmaDeepCoreBytes and the step does not ask for shallow
+// (kStepWgmmaShallow). Passes of 128 rows (a tile of more than 64 rows), shallow only, where an
+// op leaves kWgmmaWideCoreBytes.
 inline constexpr int kWgmmaGroupRows = 16;
-__host__ __device__ constexpr int wgmma_core_bytes(int stages, int slots) {
-  return stages * 32 * 1024 + 3 * 8 * 1024 + slots * 16 * 1024 + 1024 + 1024;
+inline constexpr int kWgmmaTableBytes = 2048;
+__host__ __device__ constexpr int wgmma_core_bytes(int stages, int slots, int rows) {
+  // Stages of 32 KB, 3 bf16 A buffers and `slots` fp32 slots of `rows` rows, 1 KB of
+  // alignment, the tables.
+  return stages * 32 * 1024 + 3 * rows * 128 + slots * rows * 256 + 1024 + kWgmmaTableBytes;
 }
-inline constexpr int kWgmmaCoreBytes = wgmma_core_bytes(3, 2);
-inline constexpr int kWgmmaDeepCoreBytes = wgmma_core_bytes(4, 3);
-// The stage barriers of both depths: [0, 3) shallow, [3, 7) deep.
+inline constexpr int kWgmmaCoreBytes = wgmma_core_bytes(3, 2, 64);
+inline constexpr int kWgmmaDeepCoreBytes = wgmma_core_bytes(4, 3, 64);
+inline constexpr int kWgmmaWideCoreBytes = wgmma_core_bytes(3, 2, 128);
+// The stage barriers of both depths: [0, 3) shallow (and 128-row), [3, 7) deep.
 inline constexpr int kWgmmaBarriers = 3 + 4;
 
 // A layer's weight matrices by their index in DeviceModel::weight_maps.

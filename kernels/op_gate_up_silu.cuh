@@ -20,8 +20,8 @@ struct GateUpSiluOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
-    for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
-      const int n = min(kProjectionChunkRows, a.row_end - r0);
+    for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
+      const int n = min(kProjectionScaleRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
       project<2>(

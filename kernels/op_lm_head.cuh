@@ -26,7 +26,7 @@ struct LmHeadOp {
         return st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H;
       };
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
-      project<1>(
+      project<1, kProjectionChunkRows>(
           st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
           reinterpret_cast<char*>(core), core_bytes, ctx.pipe, row,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },

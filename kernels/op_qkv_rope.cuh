@@ -50,7 +50,7 @@ struct QkvRopeOp {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
       row_inv_rms(n, H, md.rms_norm_eps, row, scale);
-      project<1>(
+      project<1, kProjectionChunkRows>(
           st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm}, reinterpret_cast<char*>(core),
           core_bytes, ctx.pipe,
           [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },

@@ -21,7 +21,7 @@ namespace megaserve::kernels {
 // rows); more take 32 x 32.
 inline constexpr int kMmaDecodeRows = 16;
 
-// scale[r] = 1 / rms(row(r)[0, H)) for r < n (n <= kProjectionChunkRows), by the whole CTA;
+// scale[r] = 1 / rms(row(r)[0, H)) for r < n (n <= kProjectionScaleRows), by the whole CTA;
 // `scales` holds kProjectionScaleFloats floats of shared memory (the scales, then partial
 // sums). Up to 8 rows (decode) spread each row over every thread (one memory round trip per
 // row rather than H / 32 dependent ones per warp); more take a warp per row, each lane
@@ -31,7 +31,7 @@ inline constexpr int kMmaDecodeRows = 16;
 template <typename Row>
 __device__ void row_inv_rms(int n, int H, float eps, Row row, float* scales) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  double* partial = reinterpret_cast<double*>(scales + kProjectionChunkRows);  // (8, warps)
+  double* partial = reinterpret_cast<double*>(scales + kProjectionScaleRows);  // (8, warps)
   if (n <= 8 && H % 4 == 0 && (reinterpret_cast<uintptr_t>(row(0)) & 15) == 0) {
     for (int r = 0; r < n; ++r) {
       const float4* x = reinterpret_cast<const float4*>(row(r));  // (H / 4)
@@ -89,8 +89,10 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
 // the caller synchronizes before (row_scale written); the projection ends with
 // __syncthreads. group_of(m, c) (WeightGroup) names the TMA map and row of weight rows
 // [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the
-// mma.sync core takes the tensor-core steps).
-template <int kMats, typename SrcRow, typename RowOf, typename GroupOf, typename Emit>
+// mma.sync core takes the tensor-core steps). kMaxPassRows 64: an op whose chunks are never
+// longer (QKV, the LM head) leaves out the 128-row wgmma core.
+template <int kMats, int kMaxPassRows = 128, typename SrcRow, typename RowOf, typename GroupOf,
+          typename Emit>
 __device__ void project(int32_t step_flags, const ProjectionInput& in, char* smem, int smem_bytes,
                         WgmmaPipe pipe, SrcRow src_row, RowOf row_of, GroupOf group_of, Emit emit) {
   if (in.nrows <= 0) return;
@@ -100,8 +102,12 @@ __device__ void project(int32_t step_flags, const ProjectionInput& in, char* sme
   if ((step_flags & kWgmmaFlags) == kWgmmaFlags && in.nrows > 1 && smem_bytes >= kWgmmaCoreBytes &&
       in.K % 8 == 0 && (reinterpret_cast<uintptr_t>(src_row(0)) & 15) == 0 &&
       group_of(0, 0).map != nullptr) {
+    if (kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes) {
+      tile_wgmma<kMats, kMaxPassRows>(in, smem, false, pipe, src_row, group_of, emit);
+      return;
+    }
     const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
-    tile_wgmma<kMats>(in, smem, deep, pipe, src_row, group_of, emit);
+    tile_wgmma<kMats, 64>(in, smem, deep, pipe, src_row, group_of, emit);
     return;
   }
   if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&

@@ -1,6 +1,6 @@
 // The projection core on Hopper's wgmma (sm_90a), the default tensor-core path where the weights
-// have TMA descriptors: a tile of up to 64 token rows x up to 256 weight rows per pass, K in
-// blocks of 64.
+// have TMA descriptors: a tile of up to kRows (64 or 128) token rows x up to 256 weight rows per
+// pass, K in blocks of 64.
 //
 // Operands of wgmma m64nNk16 (fp32 accumulation in registers):
 //   A (64 x 16)  token rows: the activations (fp32 in the workspace) times row_scale, rounded
@@ -16,9 +16,13 @@
 //   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
 //                kWgmmaGroupRows rows x 64 k (2 KB, one box) into a stage; a pass's rows are up
 //                to 16 groups (256 rows), each from one weight matrix (the op's map_of).
-// Warpgroup w multiplies weight rows [128 w, 128 w + 128) of the pass (m64n128k16, 64
-// accumulator registers per thread), whether the pass uses them or not: rows past the pass's
-// groups are stale and only feed outputs that are not emitted. A branch around the wgmmas would
+// Passes of 64 token rows: warpgroup w multiplies weight rows [128 w, 128 w + 128) of the pass
+// (m64n128k16, 64 accumulator registers per thread). Passes of 128 rows: warpgroup w multiplies
+// token rows [64 w, 64 w + 64) by all 256 weight rows (m64n256k16, 128 registers), so each
+// staged weight byte feeds twice the work (a 64 x 256 pass reads 51 FLOP per byte of weights
+// and fp32 activations, 128 x 256 reads 64). Either way all 256 rows are multiplied, whether
+// the pass uses them or not: rows past the pass's groups are stale and only feed outputs that
+// are not emitted. A branch around the wgmmas would
 // make ptxas serialize them (C7520), so a narrow pass pays for 256 rows of tensor work (tiles of
 // 256 weight rows avoid it: 256 hidden columns, 128 FFN columns, two heads of 128).
 //
@@ -31,8 +35,10 @@
 // (bench/RESULTS.md); which is faster is for the GPU to say.
 //
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
-// kWgmmaCoreBytes) or 4 and 3 (deep, in kWgmmaDeepCoreBytes); each depth has its own barriers
-// and count, so passes of either depth can follow each other.
+// kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
+// same stages at the same places) or 4 and 3 (deep, 64-row passes only, in
+// kWgmmaDeepCoreBytes); each depth has its own barriers and count, so passes of either depth
+// can follow each other.
 //
 // Pipeline [WGMMA_PIPE]: `stages` stages of weights, each with a "full" mbarrier in the
 // CTA's static shared memory (count 1: thread 0's arrive_expect_tx, then the TMA bytes). One
@@ -59,20 +65,25 @@ struct WeightGroup {
   int32_t row;
 };
 
-inline constexpr int kWgmmaBlockK = 64;    // one 128-byte swizzled row
-inline constexpr int kWgmmaPassRows = 64;  // token rows: wgmma M
-inline constexpr int kWgmmaPassB = 256;    // weight rows per pass
+inline constexpr int kWgmmaBlockK = 64;  // one 128-byte swizzled row
+inline constexpr int kWgmmaPassB = 256;  // weight rows per pass
 inline constexpr int kWgmmaGroups = kWgmmaPassB / kWgmmaGroupRows;
 inline constexpr int kWgmmaStageBytes = kWgmmaPassB * 128;  // 32 KB
-inline constexpr int kWgmmaABytes = kWgmmaPassRows * 128;   // 8 KB
 inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;       // floats per staged output row
-inline constexpr int kWgmmaRingBytes = kWgmmaPassRows * kWgmmaBlockK * 4;  // 16 KB of fp32 A
-static_assert(kWgmmaStageBytes * 3 + 3 * kWgmmaABytes + 2 * kWgmmaRingBytes + 1024 + 1024 <=
-              kWgmmaCoreBytes);
-static_assert(kWgmmaStageBytes * 4 + 3 * kWgmmaABytes + 3 * kWgmmaRingBytes + 1024 + 1024 <=
-              kWgmmaDeepCoreBytes);
-// The epilogue's staged outputs overlay the stages.
-static_assert(kWgmmaPassRows * kWgmmaDStride * 4 <= kWgmmaStageBytes * 3);
+// Per token row: bf16 A (one swizzled 128-byte row) and fp32 ring (64 k).
+inline constexpr int kWgmmaARowBytes = 128;
+inline constexpr int kWgmmaRingRowBytes = kWgmmaBlockK * 4;
+__host__ __device__ constexpr int wgmma_layout_bytes(int stages, int slots, int rows) {
+  return stages * kWgmmaStageBytes + 3 * rows * kWgmmaARowBytes + slots * rows * kWgmmaRingRowBytes;
+}
+static_assert(wgmma_layout_bytes(3, 2, 64) + 1024 + kWgmmaTableBytes <= kWgmmaCoreBytes);
+static_assert(wgmma_layout_bytes(4, 3, 64) + 1024 + kWgmmaTableBytes <= kWgmmaDeepCoreBytes);
+static_assert(wgmma_layout_bytes(3, 2, 128) + 1024 + kWgmmaTableBytes <= kWgmmaWideCoreBytes);
+// The epilogue's staged outputs overlay the stages, A buffers and ring.
+static_assert(64 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 64));
+static_assert(128 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 128));
+// The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups.
+static_assert(128 * (8 + 4) + kWgmmaGroups * 16 <= kWgmmaTableBytes);
 
 // Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
 __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
@@ -84,13 +95,21 @@ __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
 // For every column c < in.ncols and token row r < in.nrows:
 //   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
 // where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
-// W_m[c .. c + 16). `smem` (at least kWgmmaCoreBytes, or kWgmmaDeepCoreBytes when `deep`) is
+// W_m[c .. c + 16), in passes of kRows (64 or 128) token rows. `smem` (at least
+// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128) is
 // the core's own; the caller has synchronized before (row_scale written); the core ends with
 // __syncthreads. Needs K % 8 == 0 and 16-byte-aligned activation rows.
-template <int kMats, typename SrcRow, typename GroupOf, typename Emit>
+template <int kMats, int kRows, typename SrcRow, typename GroupOf, typename Emit>
 __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bool deep,
                                         WgmmaPipe pipe, SrcRow src_row, GroupOf group_of,
                                         Emit emit) {
+  static_assert(kRows == 64 || kRows == 128);
+  constexpr bool kWide = kRows == 128;
+  constexpr int kAcc = kWide ? 128 : 64;            // accumulator registers per thread
+  constexpr int kABytes = kRows * kWgmmaARowBytes;  // one bf16 A buffer
+  constexpr int kRingBytes = kRows * kWgmmaRingRowBytes;
+  constexpr int kQuads = kRows * (kWgmmaBlockK / 4) / kMegakernelThreads;  // per thread
+  if (kWide) deep = false;
   const int tid = threadIdx.x, wg = tid >> 7;
   const int n_stages = deep ? 4 : 3, slots = deep ? 3 : 2;
   uint64_t* const full = pipe.full + (deep ? 3 : 0);
@@ -102,22 +121,22 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
   __builtin_assume(__isShared(smem));
   char* const base = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
   char* const stages = base;                                // [n_stages][32 KB]
-  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][8 KB]
-  char* const ring = abuf + 3 * kWgmmaABytes;               // [slots][16 KB]
-  const float** x_rows = reinterpret_cast<const float**>(ring + slots * kWgmmaRingBytes);
-  float* x_scale = reinterpret_cast<float*>(x_rows + kWgmmaPassRows);              // [64]
-  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kWgmmaPassRows);  // [kWgmmaGroups]
-  float* const dstage = reinterpret_cast<float*>(stages);  // [64][kWgmmaDStride] epilogue
+  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][kABytes]
+  char* const ring = abuf + 3 * kABytes;                    // [slots][kRingBytes]
+  const float** x_rows = reinterpret_cast<const float**>(ring + slots * kRingBytes);
+  float* x_scale = reinterpret_cast<float*>(x_rows + kRows);                // [kRows]
+  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);  // [kWgmmaGroups]
+  float* const dstage = reinterpret_cast<float*>(stages);  // [kRows][kWgmmaDStride] epilogue
 
   const int cstride_max = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;
-  for (int r0 = 0; r0 < in.nrows; r0 += kWgmmaPassRows) {
-    const int nr = min(kWgmmaPassRows, in.nrows - r0);
+  for (int r0 = 0; r0 < in.nrows; r0 += kRows) {
+    const int nr = min(kRows, in.nrows - r0);
     for (int c0 = 0; c0 < in.ncols; c0 += cstride_max) {
       const int nc = min(cstride_max, in.ncols - c0);
       const int cgroups = (nc + kWgmmaGroupRows - 1) / kWgmmaGroupRows;  // per matrix
       const int cstride = cgroups * kWgmmaGroupRows;
       const int ngroups = kMats * cgroups;
-      for (int n = tid; n < kWgmmaPassRows; n += blockDim.x) {
+      for (int n = tid; n < kRows; n += blockDim.x) {
         x_rows[n] = n < nr ? src_row(r0 + n) : nullptr;
         x_scale[n] = (n < nr && in.row_scale != nullptr) ? in.row_scale[r0 + n] : 1.0f;
       }
@@ -146,14 +165,14 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
                               groups[g].row);
         }
       };
-      // This thread's share of k-block j's A: 4 quads (row, 4 k) of the 64 x 64 block, all at
-      // the same k (so one norm quad), quad i at ring offset (tid + 256 i) * 16 bytes.
+      // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block,
+      // all at the same k (so one norm quad), quad i at ring offset (tid + 256 i) * 16 bytes.
       const int kq = (tid & 15) * 4;
       const auto fetch_a = [&](int j) {
         if (j < nk) {
-          char* slot = ring + (j % slots) * kWgmmaRingBytes;
+          char* slot = ring + (j % slots) * kRingBytes;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < kQuads; ++i) {
             const int q = tid + i * kMegakernelThreads, row = q >> 4, k = j * kWgmmaBlockK + kq;
             const bool ok = row < nr && k < K;
             cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
@@ -168,11 +187,11 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
                    : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
       };
       const auto store_a = [&](int j, uint2 nw) {
-        const char* slot = ring + (j % slots) * kWgmmaRingBytes;
-        char* dst = abuf + (j % 3) * kWgmmaABytes;
+        const char* slot = ring + (j % slots) * kRingBytes;
+        char* dst = abuf + (j % 3) * kABytes;
         const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
+#pragma unroll 4
+        for (int i = 0; i < kQuads; ++i) {
           const int q = tid + i * kMegakernelThreads, row = q >> 4, c4 = q & 15;
           const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
           const float sc = x_scale[row];
@@ -194,30 +213,38 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
       hopper::fence_proxy_async_shared();
       __syncthreads();
 
-      float acc[64];
+      float acc[kAcc];
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
       hopper::wgmma_fence_operands(acc);
-      const uint32_t a_base = smem_addr(abuf), b_base = smem_addr(stages);
+      // 64-row passes: both warpgroups read all of A and half of the stage each; 128-row
+      // passes: half of A each (64 rows, 8 KB in) and all of the stage.
+      const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
+      const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
       for (int j = 0; j < nk; ++j) {
-        const uint2 norm_now = norm_next;
-        norm_next = load_norm(j + 2);
+        // 128-row passes load the norm when they use it: their 128 accumulators leave no
+        // registers to carry it across the wgmmas (it spilled).
+        const uint2 norm_now = kWide ? make_uint2(0, 0) : norm_next;
+        if (!kWide) norm_next = load_norm(j + 2);
         const uint32_t s = (done + j) % n_stages;
         hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
         hopper::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
-          const uint64_t da =
-              hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kWgmmaABytes + koff);
-          const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes +
-                                                             wg * (kWgmmaStageBytes / 2) + koff);
-          hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+          const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
+          const uint64_t db =
+              hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
+          if constexpr (kWide) {
+            hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+          } else {
+            hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+          }
         }
         hopper::wgmma_commit_group();
         if (j + 1 < nk) {
           cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
-          store_a(j + 1, norm_now);
+          store_a(j + 1, kWide ? load_norm(j + 1) : norm_now);
           hopper::fence_proxy_async_shared();
         }
         hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
@@ -232,13 +259,14 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
 
       // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block
       // b, registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
-      // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4).
+      // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
+      // (128-row passes) or column 128 w (64-row passes).
       {
         const int w4 = (tid >> 5) & 3, lane = tid & 31;
         const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
-        float* d = dstage + wg * (kWgmmaPassB / 2);
+        float* d = dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
 #pragma unroll
-        for (int b = 0; b < 16; ++b) {
+        for (int b = 0; b < kAcc / 4; ++b) {
           *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
               make_float2(acc[4 * b], acc[4 * b + 1]);
           *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =

@@ -99,7 +99,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   size_t smem = 0;
   MEGASERVE_CUDA_RETURN(kernels::configure_megakernel(dev.max_shared_memory_per_block, &smem),
                         "configuring shared memory");
-  // Shared memory per op: a projection keeps kProjectionChunkRows row scales (QKV also their
+  // Shared memory per op: a projection keeps kProjectionScaleFloats for row scales (QKV also
   // heads' outputs) beside its core, which needs kProjectionMinSmemBytes (tensor cores) and
   // one input row of floats (CUDA cores); attention its queries and warp states.
   const size_t widest_row =

@@ -97,14 +97,16 @@ inline TileConfig cpu_tile_config(int num_sms) {
 // every test that plans GPU steps (one config: tests never plan tiles the GPU does not run).
 // Projections: a tile's columns are spread over the CTA's 8 warps (tensor cores: blocks of 32
 // weight rows; CUDA cores: a warp per column) and its rows reuse each staged weight chunk, up
-// to 64 at a time. Column tiles are as wide as a prefill wants; a step with fewer tiles than
+// to 128 at a time. Column tiles are as wide as a prefill wants; a step with fewer tiles than
 // SMs gets narrower ones (balance_columns), so that a decode step's weight stream covers every
 // SM. Every tile fits the smallest Hopper CTA's shared memory; CudaBackend::create checks the
 // model's rows against the device's.
 inline TileConfig gpu_tile_config(int num_sms = 132) {
   TileConfig c;
   c.num_sms = num_sms;
-  c.token_rows = 64;
+  // 128 token rows: one wgmma pass of 128 rows x 256 weight rows, twice the work per staged
+  // weight byte of 64 rows (kernels/tile_wgmma.cuh); QKV takes them 64 at a time.
+  c.token_rows = 128;
   // Wide enough that a wgmma pass uses all of its 256 weight rows (kernels/tile_wgmma.cuh):
   // two heads of 128, 256 hidden columns, 128 FFN columns (gate and up: 256 rows). On an H100
   // these took a wgmma prefill of 8192 tokens from 1,775 to 1,168 ms and mma.sync's from
