@@ -27,6 +27,7 @@ struct CtaState {
   engine::isa::Instruction inst;
   uint64_t tma_full[kWgmmaBarriers];  // the wgmma core's stage barriers [WGMMA_PIPE]
   uint32_t tma_consumed[2];           // per depth: shallow, deep
+  uint32_t tma_released[3];           // per shallow stage
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
 };
 
@@ -81,7 +82,7 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
   const int q = blockIdx.x;
   if (q >= cs.step.num_queues) return true;
   const OpContext ctx{cs.model, cs.step, smem, smem_floats,
-                      WgmmaPipe{cs.tma_full, cs.tma_consumed}};
+                      WgmmaPipe{cs.tma_full, cs.tma_consumed, cs.tma_released}};
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
   uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {

@@ -14,7 +14,7 @@ __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
   if (threadIdx.x == 0) {
     cs.model = p.model;
     cs.stop = 0;
-    wgmma_pipe_init(WgmmaPipe{cs.tma_full, cs.tma_consumed});
+    wgmma_pipe_init(WgmmaPipe{cs.tma_full, cs.tma_consumed, cs.tma_released});
   }
 }
 

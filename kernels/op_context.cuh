@@ -12,6 +12,7 @@ namespace megaserve::kernels {
 struct WgmmaPipe {
   uint64_t* full;      // [kWgmmaBarriers]: 3 of the shallow depth, then 4 of the deep one
   uint32_t* consumed;  // [2] per depth: k-blocks consumed so far, stage and phase of the next
+  uint32_t* released;  // [3] per shallow stage: warpgroup releases (128-row passes)
 };
 
 struct OpContext {

@@ -82,13 +82,14 @@ static_assert(wgmma_layout_bytes(3, 2, 128) + 1024 + kWgmmaTableBytes <= kWgmmaW
 // The epilogue's staged outputs overlay the stages, A buffers and ring.
 static_assert(64 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 64));
 static_assert(128 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 128));
-// The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups.
-static_assert(128 * (8 + 4) + kWgmmaGroups * 16 <= kWgmmaTableBytes);
+// The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups, two flags.
+static_assert(128 * (8 + 4) + kWgmmaGroups * 16 + 2 <= kWgmmaTableBytes);
 
 // Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
 __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
   for (int s = 0; s < kWgmmaBarriers; ++s) hopper::mbarrier_init(&pipe.full[s], 1);
   pipe.consumed[0] = pipe.consumed[1] = 0;
+  for (int s = 0; s < 3; ++s) pipe.released[s] = 0;
   hopper::fence_barrier_init();
 }
 
@@ -165,15 +166,32 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
                               groups[g].row);
         }
       };
+      // 128-row passes: k-block j's weight groups by one warpgroup: its thread 0 arms the
+      // barrier, lane 0 of its warp w4 copies groups w4, w4 + 4, ...
+      const auto issue_wg = [&](int j) {
+        const uint32_t s = (done + j) % n_stages;
+        uint64_t* bar = &full[s];
+        if ((tid & 127) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+        if ((tid & 31) != 0) return;
+        char* dst = stages + s * kWgmmaStageBytes;
+        for (int g = (tid >> 5) & 3; g < ngroups; g += 4) {
+          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                              groups[g].row);
+        }
+      };
       // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block,
-      // all at the same k (so one norm quad), quad i at ring offset (tid + 256 i) * 16 bytes.
+      // all at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of
+      // both warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
       const int kq = (tid & 15) * 4;
+      const auto quad = [&](int i) {
+        return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
+      };
       const auto fetch_a = [&](int j) {
         if (j < nk) {
           char* slot = ring + (j % slots) * kRingBytes;
 #pragma unroll
           for (int i = 0; i < kQuads; ++i) {
-            const int q = tid + i * kMegakernelThreads, row = q >> 4, k = j * kWgmmaBlockK + kq;
+            const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
             const bool ok = row < nr && k < K;
             cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
           }
@@ -190,9 +208,9 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
         const char* slot = ring + (j % slots) * kRingBytes;
         char* dst = abuf + (j % 3) * kABytes;
         const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
-#pragma unroll 4
+#pragma unroll 2
         for (int i = 0; i < kQuads; ++i) {
-          const int q = tid + i * kMegakernelThreads, row = q >> 4, c4 = q & 15;
+          const int q = quad(i), row = q >> 4, c4 = q & 15;
           const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
           const float sc = x_scale[row];
           uint2 v;
@@ -248,8 +266,23 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
           hopper::fence_proxy_async_shared();
         }
         hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
-        __syncthreads();
-        if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+        if constexpr (kWide) {
+          // Each warpgroup converts and multiplies its own rows, so only its own threads meet
+          // here, and the two drift apart: one converts while the other's wgmmas run. A stage
+          // is refilled by the warpgroup that releases it second (`released` counts both
+          // releases of every use: odd before = second); the first pass's first refill, into
+          // the stage the last pass left, by warpgroup 0.
+          bool* const second = reinterpret_cast<bool*>(groups + kWgmmaGroups);  // [2]
+          if ((tid & 127) == 0) {
+            second[wg] = j == 0 ? wg == 0
+                                : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
+          }
+          hopper::named_barrier_sync(1 + wg, 128);
+          if (second[wg] && j + n_stages - 1 < nk) issue_wg(j + n_stages - 1);
+        } else {
+          __syncthreads();
+          if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+        }
         fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
       }
       cp_async_wait(0);

@@ -121,7 +121,7 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   const int hd = config_.head_dim;
   const int H = config_.hidden_size;
   const int fused = sh.fused_heads();
-  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int row_tiles = (T + tiles_.qkv_rows - 1) / tiles_.qkv_rows;
   const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles);
   // Fewer one-head tiles than SMs (a small step): each head split into `split` ranges of its
   // RoPE pairs, as many as still fit one round of tiles, at least 8 pairs each; not with a
@@ -136,8 +136,8 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   }
   const int pairs = half / split;
   const size_t first = out.size();
-  for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
-    const int r1 = std::min(T, r0 + tiles_.token_rows);
+  for (int r0 = 0; r0 < T; r0 += tiles_.qkv_rows) {
+    const int r1 = std::min(T, r0 + tiles_.qkv_rows);
     for (int h0 = 0; h0 < fused; h0 += heads) {
       const int h1 = std::min(fused, h0 + heads);
       for (int part = 0; part < split; ++part) {
@@ -201,7 +201,7 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
       }
     }
   }
-  group_rows(out, first, row_tiles, tiles_.num_sms, tiles_.token_rows * H * kF32,
+  group_rows(out, first, row_tiles, tiles_.num_sms, tiles_.qkv_rows * H * kF32,
              heads * hd * H * 2.0 / split);
 }
 

@@ -264,6 +264,12 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads (a multiple of 32), e.g. one
+// warpgroup. "memory": shared-memory accesses stay on their side of it.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Orders this thread's earlier generic-proxy shared-memory accesses before later async-proxy
 // ones (wgmma operand reads, TMA writes) once a barrier has joined the threads. "memory": the
 // compiler must not move shared-memory stores across it.

@@ -329,6 +329,7 @@ TEST(CudaProjections, AwkwardShapesAgainstCpu) {
   TileConfig wide = gpu_tile_config(132);
   wide.balance_columns = false;
   wide.token_rows = 256;
+  wide.qkv_rows = 256;
   wide.hidden_cols = 256;
   wide.ffn_cols = 328;
   wide.vocab_cols = 1001;
