@@ -240,9 +240,9 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
       const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
       const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
       for (int j = 0; j < nk; ++j) {
-        // 128-row passes load the norm when they use it: their 128 accumulators leave no
-        // registers to carry it across the wgmmas (it spilled).
-        const uint2 norm_now = kWide ? make_uint2(0, 0) : norm_next;
+        // 128-row passes load k-block j + 1's norm one k-block ahead, not two: their 128
+        // accumulators leave no registers to carry two across the wgmmas (they spilled).
+        const uint2 norm_now = kWide ? load_norm(j + 1) : norm_next;
         if (!kWide) norm_next = load_norm(j + 2);
         const uint32_t s = (done + j) % n_stages;
         hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
@@ -262,7 +262,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
         hopper::wgmma_commit_group();
         if (j + 1 < nk) {
           cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
-          store_a(j + 1, kWide ? load_norm(j + 1) : norm_now);
+          store_a(j + 1, norm_now);
           hopper::fence_proxy_async_shared();
         }
         hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
