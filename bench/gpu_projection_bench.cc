@@ -15,8 +15,12 @@
 //   gpu_projection_bench [config.json] [torch rates file]
 // The rates file (scripts/gpu-suite writes it with torch) holds lines "<op> <M> <TFLOP/s>";
 // where a line matches, the table prints torch's rate and ours / torch.
+// For a profiler (ncu, which replays one kernel launch at a time): MEGASERVE_PROJECTION_ONLY=
+// "<op> <M>" runs that row alone, and MEGASERVE_PROJECTION_LAUNCH=step launches the megakernel
+// once per step instead of persistently.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -66,8 +70,11 @@ int run(const std::string& config_path, const std::string& rates_path) {
   CudaBackendOptions o;
   o.kv_block_size = kBenchBlockSize;
   o.num_kv_blocks = kMaxTokens / kBenchBlockSize + 16;
-  o.persistent = true;
+  const char* launch = std::getenv("MEGASERVE_PROJECTION_LAUNCH");
+  o.persistent = launch == nullptr || std::string(launch) != "step";
   o.step_watchdog_ms = 120000;
+  const char* only_env = std::getenv("MEGASERVE_PROJECTION_ONLY");
+  const std::string only = only_env != nullptr ? only_env : "";
   auto backend = CudaBackend::create(config, dummy_weights(config, DType::kBF16, 1), o);
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
@@ -93,6 +100,7 @@ int run(const std::string& config_path, const std::string& rates_path) {
   uint64_t step_id = 0;
   for (const Projection& p : projections) {
     for (const int m : rows) {
+      if (!only.empty() && only != std::string(p.name) + " " + std::to_string(m)) continue;
       const auto totals = builder.barrier_totals();
       // One request prefilling m tokens, not sampled: only the layers' instructions.
       absl::StatusOr<Step> full =
