@@ -36,12 +36,9 @@ struct GateUpSiluOp {
                 md.weight_maps + inst.layer() * kLayerMatrices + (m == 0 ? kWGate : kWUp),
                 a.col_begin + c};
           },
-          // By value: the wgmma core's epilogue is a function of its own, and what a lambda
-          // passed to it captures by reference lives in local memory.
-          [out = st.act + static_cast<int64_t>(r0) * F + a.col_begin, F](int c, int r,
-                                                                         const float* v) {
+          [&](int c, int r, const float* v) {
             const float g = v[0], u = v[1];
-            out[static_cast<int64_t>(r) * F + c] = g / (1.0f + expf(-g)) * u;
+            st.act[static_cast<int64_t>(r0 + r) * F + a.col_begin + c] = g / (1.0f + expf(-g)) * u;
           });
     }
   }

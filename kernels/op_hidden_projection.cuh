@@ -35,10 +35,9 @@ struct HiddenProjectionOp {
               md.weight_maps + inst.layer() * kLayerMatrices + (o_proj ? kWo : kWDown),
               a.col_begin + c};
         },
-        // By value: what a lambda passed to the wgmma core's epilogue captures by reference
-        // lives in local memory.
-        [out = st.residual + static_cast<int64_t>(a.row_begin) * H + a.col_begin, H](
-            int c, int r, const float* v) { out[static_cast<int64_t>(r) * H + c] += v[0]; });
+        [&](int c, int r, const float* v) {
+          st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
+        });
   }
 };
 

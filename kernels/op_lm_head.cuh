@@ -34,10 +34,9 @@ struct LmHeadOp {
             if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
             return WeightGroup{md.weight_maps + md.num_layers * kLayerMatrices, a.col_begin + c};
           },
-          // By value: what a lambda passed to the wgmma core's epilogue captures by reference
-          // lives in local memory.
-          [out = st.logits + static_cast<int64_t>(s0) * V + a.col_begin, V](
-              int c, int r, const float* v) { out[static_cast<int64_t>(r) * V + c] = v[0]; });
+          [&](int c, int r, const float* v) {
+            st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];
+          });
     }
   }
 };

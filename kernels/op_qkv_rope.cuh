@@ -71,7 +71,7 @@ struct QkvRopeOp {
             const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
             return WeightGroup{layer_maps + kind, h * hd + dim_of(c % head_cols)};
           },
-          [heads, ncols](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
+          [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       // One warp per (row, head): bias, q/k norm, RoPE, store.
       for (int item = warp; item < n * nheads; item += kMegakernelWarps) {
         const int r = item / nheads, j = item % nheads;

@@ -26,16 +26,13 @@
 // make ptxas serialize them (C7520), so a narrow pass pays for 256 rows of tensor work (tiles of
 // 256 weight rows avoid it: 256 hidden columns, 128 FFN columns, two heads of 128).
 //
-// The k-loop (wgmma_pass) and the epilogue (wgmma_emit) are functions of their own
-// (__noinline__) taking plain values and by-value lambdas: the megakernel is one 255-register
-// function that spills, and inlined here its spill reloads landed in these loops (local memory
-// is an L2 round trip, shared memory taking nearly all of L1); a lambda captured by reference
-// and passed to such a function lives in local memory too (an H100 profile of gate/up counted
-// 148 M local-memory requests in 25 ms when the k-loop and epilogue were one function taking
-// the ops' by-reference lambdas). The price: ptxas serializes wgmmas that are not in the entry
-// function itself (C7510, each HGMMA waited for; seen on a 30-line kernel too), while calls
-// elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlined the core and
-// run_queue: no C7510, 3-9 spill reloads per k-block, slower on an H100 (bench/RESULTS.md).
+// The core is a function of its own (__noinline__): the megakernel is one 255-register function
+// that spills, and inlined here its spill reloads landed in this loop (local memory is an L2
+// round trip, shared memory taking nearly all of L1). The price: ptxas serializes wgmmas that
+// are not in the entry function itself (C7510, each HGMMA waited for; seen on a 30-line kernel
+// too), while calls elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlines
+// this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block
+// (bench/RESULTS.md); which is faster is for the GPU to say.
 //
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
 // kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
@@ -96,34 +93,17 @@ __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
   hopper::fence_barrier_init();
 }
 
-// The tables a pass reads (kernels/megakernel.h kWgmmaTableBytes), after the stages, A buffers
-// and ring of passes of kRows rows: kRows activation row pointers and row scales, the weight
-// groups, two flags.
-template <int kRows>
-struct WgmmaTables {
-  const float** x_rows;
-  float* x_scale;
-  WeightGroup* groups;
-  bool* second;
-  __device__ WgmmaTables(char* base, int n_stages, int slots) {
-    char* t = base + n_stages * kWgmmaStageBytes + 3 * kRows * kWgmmaARowBytes +
-              slots * kRows * kWgmmaRingRowBytes;
-    x_rows = reinterpret_cast<const float**>(t);
-    x_scale = reinterpret_cast<float*>(x_rows + kRows);
-    groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);
-    second = reinterpret_cast<bool*>(groups + kWgmmaGroups);
-  }
-};
-
-// One pass of the core: sum_k over K of the weight groups (the tables' `ngroups`, each 16
-// rows) times nr <= kRows activation rows (the tables' x_rows, times x_scale and `norm`,
-// rounded to bf16), into dstage: float [kRows][kWgmmaDStride] at `base` (1024-byte aligned
-// shared memory), row r, weight row c at r * kWgmmaDStride + c. A function of its own whose
-// arguments are plain values, so that nothing an op's lambdas capture is live (or reloaded from
-// local memory) in its k-loop; ends with __syncthreads.
-template <int kRows>
-__device__ __noinline__ void wgmma_pass(char* base, bool deep, WgmmaPipe pipe, int nr,
-                                        int ngroups, int K, const uint16_t* norm) {
+// For every column c < in.ncols and token row r < in.nrows:
+//   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
+// where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
+// W_m[c .. c + 16), in passes of kRows (64 or 128) token rows. `smem` (at least
+// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128) is
+// the core's own; the caller has synchronized before (row_scale written); the core ends with
+// __syncthreads. Needs K % 8 == 0 and 16-byte-aligned activation rows.
+template <int kMats, int kRows, typename SrcRow, typename GroupOf, typename Emit>
+__device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bool deep,
+                                        WgmmaPipe pipe, SrcRow src_row, GroupOf group_of,
+                                        Emit emit) {
   static_assert(kRows == 64 || kRows == 128);
   constexpr bool kWide = kRows == 128;
   constexpr int kAcc = kWide ? 128 : 64;            // accumulator registers per thread
@@ -135,213 +115,20 @@ __device__ __noinline__ void wgmma_pass(char* base, bool deep, WgmmaPipe pipe, i
   const int n_stages = deep ? 4 : 3, slots = deep ? 3 : 2;
   uint64_t* const full = pipe.full + (deep ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (deep ? 1 : 0);
+  const int K = in.K;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
-  __builtin_assume(__isShared(base));
-  char* const stages = base;                                // [n_stages][32 KB]
-  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][kABytes]
-  char* const ring = abuf + 3 * kABytes;                    // [slots][kRingBytes]
-  const WgmmaTables<kRows> tables(base, n_stages, slots);
-  const float** const x_rows = tables.x_rows;
-  const float* const x_scale = tables.x_scale;
-  const WeightGroup* const groups = tables.groups;
-  float* const dstage = reinterpret_cast<float*>(stages);  // [kRows][kWgmmaDStride]
-  const uint32_t done = *consumed;
-  const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
-
-  // K-block j's weight groups into stage (done + j) % n_stages: thread 0 arms the
-  // barrier, lane 0 of warp w copies groups w, w + 8 (so no warp issues all 16 copies; a
-  // copy that lands before the arming only drives the transaction count negative, and the
-  // phase cannot complete before thread 0's arrival).
-  const auto issue = [&](int j) {
-    const uint32_t s = (done + j) % n_stages;
-    uint64_t* bar = &full[s];
-    if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
-    if ((tid & 31) != 0) return;
-    char* dst = stages + s * kWgmmaStageBytes;
-    for (int g = tid >> 5; g < ngroups; g += kMegakernelWarps) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                          groups[g].row);
-    }
-  };
-  // 128-row passes: k-block j's weight groups by one warpgroup: its thread 0 arms the
-  // barrier, lane 0 of its warp w4 copies groups w4, w4 + 4, ...
-  const auto issue_wg = [&](int j) {
-    const uint32_t s = (done + j) % n_stages;
-    uint64_t* bar = &full[s];
-    if ((tid & 127) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
-    if ((tid & 31) != 0) return;
-    char* dst = stages + s * kWgmmaStageBytes;
-    for (int g = (tid >> 5) & 3; g < ngroups; g += 4) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                          groups[g].row);
-    }
-  };
-  // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block,
-  // all at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of
-  // both warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
-  const int kq = (tid & 15) * 4;
-  const auto quad = [&](int i) {
-    return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
-  };
-  const auto fetch_a = [&](int j) {
-    if (j < nk) {
-      char* slot = ring + (j % slots) * kRingBytes;
-#pragma unroll
-      for (int i = 0; i < kQuads; ++i) {
-        const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
-        const bool ok = row < nr && k < K;
-        cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
-      }
-    }
-    cp_async_commit();  // one group per k-block, empty past the end, so the waits count
-  };
-  const auto load_norm = [&](int j) {
-    const int k = j * kWgmmaBlockK + kq;
-    return (norm != nullptr && j < nk && k < K)
-               ? __ldg(reinterpret_cast<const uint2*>(norm + k))
-               : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
-  };
-  const auto store_a = [&](int j, uint2 nw) {
-    const char* slot = ring + (j % slots) * kRingBytes;
-    char* dst = abuf + (j % 3) * kABytes;
-    const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
-#pragma unroll 2
-    for (int i = 0; i < kQuads; ++i) {
-      const int q = quad(i), row = q >> 4, c4 = q & 15;
-      const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
-      const float sc = x_scale[row];
-      uint2 v;
-      const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
-      const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
-      v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
-      v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
-      *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
-                                (c4 & 1) * 8) = v;
-    }
-  };
-
-  for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j);
-  for (int j = 0; j < slots; ++j) fetch_a(j);
-  uint2 norm_next = load_norm(1);
-  cp_async_wait(slots - 1);  // k-block 0's quads landed
-  store_a(0, load_norm(0));
-  hopper::fence_proxy_async_shared();
-  __syncthreads();
-
-  float acc[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-  hopper::wgmma_fence_operands(acc);
-  // 64-row passes: both warpgroups read all of A and half of the stage each; 128-row
-  // passes: half of A each (64 rows, 8 KB in) and all of the stage.
-  const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
-  const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
-  for (int j = 0; j < nk; ++j) {
-    // 128-row passes load k-block j + 1's norm one k-block ahead, not two: their 128
-    // accumulators leave no registers to carry two across the wgmmas (they spilled).
-    const uint2 norm_now = kWide ? load_norm(j + 1) : norm_next;
-    if (!kWide) norm_next = load_norm(j + 2);
-    const uint32_t s = (done + j) % n_stages;
-    hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
-    hopper::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
-      const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
-      const uint64_t db =
-          hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
-      if constexpr (kWide) {
-        hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      } else {
-        hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      }
-    }
-    hopper::wgmma_commit_group();
-    if (j + 1 < nk) {
-      cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
-      store_a(j + 1, norm_now);
-      hopper::fence_proxy_async_shared();
-    }
-    hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
-    if constexpr (kWide) {
-      // Each warpgroup converts and multiplies its own rows, so only its own threads meet
-      // here, and the two drift apart: one converts while the other's wgmmas run. A stage
-      // is refilled by the warpgroup that releases it second (`released` counts both
-      // releases of every use: odd before = second); the first pass's first refill, into
-      // the stage the last pass left, by warpgroup 0.
-      bool* const second = tables.second;  // [2]
-      if ((tid & 127) == 0) {
-        second[wg] = j == 0 ? wg == 0
-                            : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
-      }
-      hopper::named_barrier_sync(1 + wg, 128);
-      if (second[wg] && j + n_stages - 1 < nk) issue_wg(j + n_stages - 1);
-    } else {
-      __syncthreads();
-      if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
-    }
-    fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
-  }
-  cp_async_wait(0);
-  hopper::wgmma_wait<0>();
-  hopper::wgmma_fence_operands(acc);
-  __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
-
-  // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block
-  // b, registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
-  // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
-  // (128-row passes) or column 128 w (64-row passes).
-  {
-    const int w4 = (tid >> 5) & 3, lane = tid & 31;
-    const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
-    float* d = dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
-#pragma unroll
-    for (int b = 0; b < kAcc / 4; ++b) {
-      *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
-          make_float2(acc[4 * b], acc[4 * b + 1]);
-      *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
-          make_float2(acc[4 * b + 2], acc[4 * b + 3]);
-    }
-  }
-  __syncthreads();
-  if (tid == 0) *consumed = done + nk;
-}
-
-// emit(c0 + c, r0 + r, v) for r < nr, c < nc, v[m] = dstage[r][m * cstride + c]. A function of
-// its own, called with plain values and an `emit` that captures by value (the ops' lambdas), so
-// that what it writes through is in registers rather than reloaded per output from the frame
-// of the megakernel's dispatch (which spills).
-template <int kMats, typename Emit>
-__device__ __noinline__ void wgmma_emit(const float* dstage, int nr, int nc, int cstride, int r0,
-                                        int c0, Emit emit) {
-  for (int i = threadIdx.x; i < nr * nc; i += blockDim.x) {
-    const int r = i / nc, c = i % nc;  // consecutive threads: consecutive columns
-    float v[kMats];
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) v[m] = dstage[r * kWgmmaDStride + m * cstride + c];
-    emit(c0 + c, r0 + r, v);
-  }
-}
-
-// For every column c < in.ncols and token row r < in.nrows:
-//   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
-// where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
-// W_m[c .. c + 16), in passes of kRows (64 or 128) token rows (wgmma_pass). `smem` (at least
-// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128) is
-// the core's own; the caller has synchronized before (row_scale written); the core ends with
-// __syncthreads. Needs K % 8 == 0 and 16-byte-aligned activation rows.
-template <int kMats, int kRows, typename SrcRow, typename GroupOf, typename Emit>
-__device__ __forceinline__ void tile_wgmma(const ProjectionInput in, char* smem, bool deep,
-                                           WgmmaPipe pipe, SrcRow src_row, GroupOf group_of,
-                                           Emit emit) {
-  if (kRows == 128) deep = false;
-  const int tid = threadIdx.x;
   // `smem` is shared memory: said so, and kept a pointer (no integer round trip), so that its
   // accesses compile to LDS / STS rather than generic loads and stores.
   __builtin_assume(__isShared(smem));
   char* const base = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
-  const WgmmaTables<kRows> tables(base, deep ? 4 : 3, deep ? 3 : 2);
-  const float* const dstage = reinterpret_cast<const float*>(base);
+  char* const stages = base;                                // [n_stages][32 KB]
+  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][kABytes]
+  char* const ring = abuf + 3 * kABytes;                    // [slots][kRingBytes]
+  const float** x_rows = reinterpret_cast<const float**>(ring + slots * kRingBytes);
+  float* x_scale = reinterpret_cast<float*>(x_rows + kRows);                // [kRows]
+  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);  // [kWgmmaGroups]
+  float* const dstage = reinterpret_cast<float*>(stages);  // [kRows][kWgmmaDStride] epilogue
+
   const int cstride_max = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;
   for (int r0 = 0; r0 < in.nrows; r0 += kRows) {
     const int nr = min(kRows, in.nrows - r0);
@@ -351,18 +138,186 @@ __device__ __forceinline__ void tile_wgmma(const ProjectionInput in, char* smem,
       const int cstride = cgroups * kWgmmaGroupRows;
       const int ngroups = kMats * cgroups;
       for (int n = tid; n < kRows; n += blockDim.x) {
-        tables.x_rows[n] = n < nr ? src_row(r0 + n) : nullptr;
-        tables.x_scale[n] = (n < nr && in.row_scale != nullptr) ? in.row_scale[r0 + n] : 1.0f;
+        x_rows[n] = n < nr ? src_row(r0 + n) : nullptr;
+        x_scale[n] = (n < nr && in.row_scale != nullptr) ? in.row_scale[r0 + n] : 1.0f;
       }
       if (tid < ngroups) {
-        tables.groups[tid] = group_of(tid / cgroups, c0 + (tid % cgroups) * kWgmmaGroupRows);
+        groups[tid] = group_of(tid / cgroups, c0 + (tid % cgroups) * kWgmmaGroupRows);
       }
       // Earlier generic accesses of this memory (the previous pass's epilogue, other ops) are
       // ordered before the TMA writes and wgmma reads that follow.
       hopper::fence_proxy_async_shared();
       __syncthreads();
-      wgmma_pass<kRows>(base, deep, pipe, nr, ngroups, in.K, in.norm);
-      wgmma_emit<kMats>(dstage, nr, nc, cstride, r0, c0, emit);
+      const uint32_t done = *consumed;
+      const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
+
+      // K-block j's weight groups into stage (done + j) % n_stages: thread 0 arms the
+      // barrier, lane 0 of warp w copies groups w, w + 8 (so no warp issues all 16 copies; a
+      // copy that lands before the arming only drives the transaction count negative, and the
+      // phase cannot complete before thread 0's arrival).
+      const auto issue = [&](int j) {
+        const uint32_t s = (done + j) % n_stages;
+        uint64_t* bar = &full[s];
+        if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+        if ((tid & 31) != 0) return;
+        char* dst = stages + s * kWgmmaStageBytes;
+        for (int g = tid >> 5; g < ngroups; g += kMegakernelWarps) {
+          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                              groups[g].row);
+        }
+      };
+      // 128-row passes: k-block j's weight groups by one warpgroup: its thread 0 arms the
+      // barrier, lane 0 of its warp w4 copies groups w4, w4 + 4, ...
+      const auto issue_wg = [&](int j) {
+        const uint32_t s = (done + j) % n_stages;
+        uint64_t* bar = &full[s];
+        if ((tid & 127) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+        if ((tid & 31) != 0) return;
+        char* dst = stages + s * kWgmmaStageBytes;
+        for (int g = (tid >> 5) & 3; g < ngroups; g += 4) {
+          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                              groups[g].row);
+        }
+      };
+      // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block,
+      // all at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of
+      // both warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
+      const int kq = (tid & 15) * 4;
+      const auto quad = [&](int i) {
+        return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
+      };
+      const auto fetch_a = [&](int j) {
+        if (j < nk) {
+          char* slot = ring + (j % slots) * kRingBytes;
+#pragma unroll
+          for (int i = 0; i < kQuads; ++i) {
+            const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
+            const bool ok = row < nr && k < K;
+            cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
+          }
+        }
+        cp_async_commit();  // one group per k-block, empty past the end, so the waits count
+      };
+      const auto load_norm = [&](int j) {
+        const int k = j * kWgmmaBlockK + kq;
+        return (in.norm != nullptr && j < nk && k < K)
+                   ? __ldg(reinterpret_cast<const uint2*>(in.norm + k))
+                   : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
+      };
+      const auto store_a = [&](int j, uint2 nw) {
+        const char* slot = ring + (j % slots) * kRingBytes;
+        char* dst = abuf + (j % 3) * kABytes;
+        const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
+#pragma unroll 2
+        for (int i = 0; i < kQuads; ++i) {
+          const int q = quad(i), row = q >> 4, c4 = q & 15;
+          const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
+          const float sc = x_scale[row];
+          uint2 v;
+          const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
+          const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
+          v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
+          v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
+          *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
+                                    (c4 & 1) * 8) = v;
+        }
+      };
+
+      for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j);
+      for (int j = 0; j < slots; ++j) fetch_a(j);
+      uint2 norm_next = load_norm(1);
+      cp_async_wait(slots - 1);  // k-block 0's quads landed
+      store_a(0, load_norm(0));
+      hopper::fence_proxy_async_shared();
+      __syncthreads();
+
+      float acc[kAcc];
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+      hopper::wgmma_fence_operands(acc);
+      // 64-row passes: both warpgroups read all of A and half of the stage each; 128-row
+      // passes: half of A each (64 rows, 8 KB in) and all of the stage.
+      const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
+      const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
+      for (int j = 0; j < nk; ++j) {
+        // 128-row passes load k-block j + 1's norm one k-block ahead, not two: their 128
+        // accumulators leave no registers to carry two across the wgmmas (they spilled).
+        const uint2 norm_now = kWide ? load_norm(j + 1) : norm_next;
+        if (!kWide) norm_next = load_norm(j + 2);
+        const uint32_t s = (done + j) % n_stages;
+        hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
+        hopper::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
+          const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
+          const uint64_t db =
+              hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
+          if constexpr (kWide) {
+            hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+          } else {
+            hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+          }
+        }
+        hopper::wgmma_commit_group();
+        if (j + 1 < nk) {
+          cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
+          store_a(j + 1, norm_now);
+          hopper::fence_proxy_async_shared();
+        }
+        hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
+        if constexpr (kWide) {
+          // Each warpgroup converts and multiplies its own rows, so only its own threads meet
+          // here, and the two drift apart: one converts while the other's wgmmas run. A stage
+          // is refilled by the warpgroup that releases it second (`released` counts both
+          // releases of every use: odd before = second); the first pass's first refill, into
+          // the stage the last pass left, by warpgroup 0.
+          bool* const second = reinterpret_cast<bool*>(groups + kWgmmaGroups);  // [2]
+          if ((tid & 127) == 0) {
+            second[wg] = j == 0 ? wg == 0
+                                : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
+          }
+          hopper::named_barrier_sync(1 + wg, 128);
+          if (second[wg] && j + n_stages - 1 < nk) issue_wg(j + n_stages - 1);
+        } else {
+          __syncthreads();
+          if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+        }
+        fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
+      }
+      cp_async_wait(0);
+      hopper::wgmma_wait<0>();
+      hopper::wgmma_fence_operands(acc);
+      __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
+
+      // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block
+      // b, registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
+      // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
+      // (128-row passes) or column 128 w (64-row passes).
+      {
+        const int w4 = (tid >> 5) & 3, lane = tid & 31;
+        const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
+        float* d = dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
+#pragma unroll
+        for (int b = 0; b < kAcc / 4; ++b) {
+          *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
+              make_float2(acc[4 * b], acc[4 * b + 1]);
+          *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
+              make_float2(acc[4 * b + 2], acc[4 * b + 3]);
+        }
+      }
+      __syncthreads();
+      for (int i = tid; i < nr * nc; i += blockDim.x) {
+        const int r = i / nc, c = i % nc;  // consecutive threads: consecutive columns
+        float v[kMats];
+#pragma unroll
+        for (int m = 0; m < kMats; ++m) {
+          const int a = r * kWgmmaDStride + m * cstride + c;
+          v[m] = dstage[a];
+        }
+        emit(c0 + c, r0 + r, v);
+      }
+      if (tid == 0) *consumed = done + nk;
       __syncthreads();  // emitted values visible; memory and tables free for the next pass
     }
   }
