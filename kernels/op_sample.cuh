@@ -36,10 +36,10 @@ struct SampleOp {
                                     int& id) {
     best = -INFINITY;
     id = V;  // ids increase along a thread's loop: the first strict max is the lowest
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-      const float x = sample::clean(row[i]);
+    sample::for_each_in_row(row, V, [&](int i, float v) {
+      const float x = sample::clean(v);
       if (x > best) best = x, id = i;
-    }
+    });
     sample::block_argmax(best, id, sm.fred, sm.ired);
     if (best == -INFINITY) id = 0;
   }
@@ -225,8 +225,8 @@ struct SampleOp {
     double log_normalizer = INFINITY;
     if (raw_best != -INFINITY) {
       double sum = 0.0;
-      for (int i = threadIdx.x; i < V; i += blockDim.x)
-        sum += expf(sample::clean(raw[i]) - raw_best);
+      sample::for_each_in_row(raw, V,
+                              [&](int, float v) { sum += expf(sample::clean(v) - raw_best); });
       log_normalizer = static_cast<double>(raw_best) + log(sample::block_sum(sum, sm.dred));
     }
     if (threadIdx.x == 0) {
