@@ -125,7 +125,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
   char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][kABytes]
   char* const ring = abuf + 3 * kABytes;                    // [slots][kRingBytes]
   const float** x_rows = reinterpret_cast<const float**>(ring + slots * kRingBytes);
-  float* x_scale = reinterpret_cast<float*>(x_rows + kRows);                // [kRows]
+  float* x_scale = reinterpret_cast<float*>(x_rows + kRows);              // [kRows]
   WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);  // [kWgmmaGroups]
   float* const dstage = reinterpret_cast<float*>(stages);  // [kRows][kWgmmaDStride] epilogue
 
@@ -251,8 +251,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
         for (int kk = 0; kk < 4; ++kk) {
           const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
           const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
-          const uint64_t db =
-              hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
+          const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
           if constexpr (kWide) {
             hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
           } else {
@@ -274,8 +273,8 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
           // the stage the last pass left, by warpgroup 0.
           bool* const second = reinterpret_cast<bool*>(groups + kWgmmaGroups);  // [2]
           if ((tid & 127) == 0) {
-            second[wg] = j == 0 ? wg == 0
-                                : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
+            second[wg] =
+                j == 0 ? wg == 0 : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
           }
           hopper::named_barrier_sync(1 + wg, 128);
           if (second[wg] && j + n_stages - 1 < nk) issue_wg(j + n_stages - 1);

@@ -21,8 +21,8 @@ constexpr int kColumnGranule = 16;
 // (a decode step of 256 requests read them 4 times). g minimizes the bytes of that round:
 // g x `row_bytes` (a row tile's activations) + num_sms / g x `column_bytes` (a column
 // tile's weights).
-void group_rows(std::vector<Tile>& out, size_t first, int row_tiles, int num_sms,
-                double row_bytes, double column_bytes) {
+void group_rows(std::vector<Tile>& out, size_t first, int row_tiles, int num_sms, double row_bytes,
+                double column_bytes) {
   const size_t n = out.size() - first;
   if (row_tiles <= 1 || n % row_tiles != 0) return;
   const int cols = static_cast<int>(n / row_tiles);
@@ -408,8 +408,8 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
     }
   }
   // Gate and up: two weight rows per column.
-  group_rows(out, first, row_tiles, tiles_.num_sms, static_cast<double>(tiles_.token_rows) * H * kF32,
-             2.0 * width * H * 2);
+  group_rows(out, first, row_tiles, tiles_.num_sms,
+             static_cast<double>(tiles_.token_rows) * H * kF32, 2.0 * width * H * 2);
 }
 
 void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
