@@ -18,7 +18,9 @@ struct AttentionMergeOp {
   __device__ static bool aligned16(const void* p) {
     return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
   }
-  __device__ static bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) == 0; }
+  __device__ static bool aligned8(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 7) == 0;
+  }
 
   // Head dims [kW lane, kW lane + kW) of one (query row, q head), hd = 32 kW: each split's
   // weight computed once, by one lane, and shuffled; kW floats of its partial output in one
