@@ -60,11 +60,18 @@ inline constexpr int kAttentionSmemFloats =
 // (kStepWgmmaShallow). Passes of 128 rows (a tile of more than 64 rows), shallow only, where an
 // op leaves kWgmmaWideCoreBytes.
 inline constexpr int kWgmmaGroupRows = 16;
+inline constexpr int kWgmmaStageBytes = 32 * 1024;  // 256 weight rows x 64 k
+// Per token row: bf16 A (one swizzled 128-byte row) and the fp32 ring (64 k).
+inline constexpr int kWgmmaARowBytes = 128;
+inline constexpr int kWgmmaRingRowBytes = 256;
 inline constexpr int kWgmmaTableBytes = 2048;
+// The stages, 3 bf16 A buffers and `slots` fp32 ring slots of `rows` rows.
+__host__ __device__ constexpr int wgmma_layout_bytes(int stages, int slots, int rows) {
+  return stages * kWgmmaStageBytes + 3 * rows * kWgmmaARowBytes + slots * rows * kWgmmaRingRowBytes;
+}
+// The layout, 1 KB of alignment and the tables.
 __host__ __device__ constexpr int wgmma_core_bytes(int stages, int slots, int rows) {
-  // Stages of 32 KB, 3 bf16 A buffers and `slots` fp32 slots of `rows` rows, 1 KB of
-  // alignment, the tables.
-  return stages * 32 * 1024 + 3 * rows * 128 + slots * rows * 256 + 1024 + kWgmmaTableBytes;
+  return wgmma_layout_bytes(stages, slots, rows) + 1024 + kWgmmaTableBytes;
 }
 inline constexpr int kWgmmaCoreBytes = wgmma_core_bytes(3, 2, 64);
 inline constexpr int kWgmmaDeepCoreBytes = wgmma_core_bytes(4, 3, 64);

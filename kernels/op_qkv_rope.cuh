@@ -37,9 +37,10 @@ struct QkvRopeOp {
     float* core = scale + kProjectionScaleFloats;         // the projection's own
     const int core_bytes =
         (ctx.smem_floats - kProjectionChunkRows * ncols - kProjectionScaleFloats) * 4;
-    // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind).
-    const auto kind_of = [&](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };
-    const auto head_of = [&](int fh, int kind) {
+    // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind). By value: the
+    // weight-group lambda below takes them into the wgmma core.
+    const auto kind_of = [=](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };
+    const auto head_of = [=](int fh, int kind) {
       return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
     };
     const bool maps_ok = md.weight_maps != nullptr && hd % kWgmmaGroupRows == 0 &&
@@ -67,9 +68,8 @@ struct QkvRopeOp {
             // hd (np) is a multiple of 16.
             if (!maps_ok) return WeightGroup{nullptr, 0};
             const int fh = head_begin + c / head_cols;
-            const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
-            const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
-            return WeightGroup{layer_maps + kind, h * hd + dim_of(c % head_cols)};
+            const int kind = kind_of(fh);
+            return WeightGroup{layer_maps + kind, head_of(fh, kind) * hd + dim_of(c % head_cols)};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       // One warp per (row, head): bias, q/k norm, RoPE, store.

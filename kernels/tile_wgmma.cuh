@@ -30,9 +30,9 @@
 // that spills, and inlined here its spill reloads landed in this loop (local memory is an L2
 // round trip, shared memory taking nearly all of L1). The price: ptxas serializes wgmmas that
 // are not in the entry function itself (C7510, each HGMMA waited for; seen on a 30-line kernel
-// too), while calls elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlines
-// this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block
-// (bench/RESULTS.md); which is faster is for the GPU to say.
+// too), while calls elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlined
+// this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block, and it
+// was slower on an H100 (bench/RESULTS.md).
 //
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
 // kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
@@ -68,17 +68,8 @@ struct WeightGroup {
 inline constexpr int kWgmmaBlockK = 64;  // one 128-byte swizzled row
 inline constexpr int kWgmmaPassB = 256;  // weight rows per pass
 inline constexpr int kWgmmaGroups = kWgmmaPassB / kWgmmaGroupRows;
-inline constexpr int kWgmmaStageBytes = kWgmmaPassB * 128;  // 32 KB
-inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;       // floats per staged output row
-// Per token row: bf16 A (one swizzled 128-byte row) and fp32 ring (64 k).
-inline constexpr int kWgmmaARowBytes = 128;
-inline constexpr int kWgmmaRingRowBytes = kWgmmaBlockK * 4;
-__host__ __device__ constexpr int wgmma_layout_bytes(int stages, int slots, int rows) {
-  return stages * kWgmmaStageBytes + 3 * rows * kWgmmaARowBytes + slots * rows * kWgmmaRingRowBytes;
-}
-static_assert(wgmma_layout_bytes(3, 2, 64) + 1024 + kWgmmaTableBytes <= kWgmmaCoreBytes);
-static_assert(wgmma_layout_bytes(4, 3, 64) + 1024 + kWgmmaTableBytes <= kWgmmaDeepCoreBytes);
-static_assert(wgmma_layout_bytes(3, 2, 128) + 1024 + kWgmmaTableBytes <= kWgmmaWideCoreBytes);
+inline constexpr int kWgmmaDStride = kWgmmaPassB + 8;  // floats per staged output row
+static_assert(kWgmmaStageBytes == kWgmmaPassB * 128 && kWgmmaRingRowBytes == kWgmmaBlockK * 4);
 // The epilogue's staged outputs overlay the stages, A buffers and ring.
 static_assert(64 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 64));
 static_assert(128 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 128));
@@ -151,30 +142,18 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
       const uint32_t done = *consumed;
       const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
 
-      // K-block j's weight groups into stage (done + j) % n_stages: thread 0 arms the
-      // barrier, lane 0 of warp w copies groups w, w + 8 (so no warp issues all 16 copies; a
-      // copy that lands before the arming only drives the transaction count negative, and the
-      // phase cannot complete before thread 0's arrival).
-      const auto issue = [&](int j) {
+      // K-block j's weight groups into stage (done + j) % n_stages, by `warps` warps (all 8,
+      // or one warpgroup's 4) calling together: the first thread of those warps arms the
+      // barrier, lane 0 of their warp w copies groups w, w + warps, ... (so no warp issues all
+      // 16 copies; a copy that lands before the arming only drives the transaction count
+      // negative, and the phase cannot complete before the arming arrival).
+      const auto issue = [&](int j, int warps) {
         const uint32_t s = (done + j) % n_stages;
         uint64_t* bar = &full[s];
-        if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+        if ((tid & (32 * warps - 1)) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
         if ((tid & 31) != 0) return;
         char* dst = stages + s * kWgmmaStageBytes;
-        for (int g = tid >> 5; g < ngroups; g += kMegakernelWarps) {
-          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                              groups[g].row);
-        }
-      };
-      // 128-row passes: k-block j's weight groups by one warpgroup: its thread 0 arms the
-      // barrier, lane 0 of its warp w4 copies groups w4, w4 + 4, ...
-      const auto issue_wg = [&](int j) {
-        const uint32_t s = (done + j) % n_stages;
-        uint64_t* bar = &full[s];
-        if ((tid & 127) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
-        if ((tid & 31) != 0) return;
-        char* dst = stages + s * kWgmmaStageBytes;
-        for (int g = (tid >> 5) & 3; g < ngroups; g += 4) {
+        for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
           hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
                               groups[g].row);
         }
@@ -223,7 +202,7 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
         }
       };
 
-      for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j);
+      for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j, kMegakernelWarps);
       for (int j = 0; j < slots; ++j) fetch_a(j);
       uint2 norm_next = load_norm(1);
       cp_async_wait(slots - 1);  // k-block 0's quads landed
@@ -277,10 +256,10 @@ __device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bo
                 j == 0 ? wg == 0 : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
           }
           hopper::named_barrier_sync(1 + wg, 128);
-          if (second[wg] && j + n_stages - 1 < nk) issue_wg(j + n_stages - 1);
+          if (second[wg] && j + n_stages - 1 < nk) issue(j + n_stages - 1, 4);
         } else {
           __syncthreads();
-          if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+          if (j + n_stages - 1 < nk) issue(j + n_stages - 1, kMegakernelWarps);
         }
         fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
       }

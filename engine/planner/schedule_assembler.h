@@ -131,8 +131,6 @@ class Assembler {
     for (auto& p : x_.pending) p.assign(totals[0].size(), 0);
     x_.ranks.resize(tp);
     for (auto& r : x_.ranks) {
-      r.heap.clear();
-      for (int s = 0; s < num_sms; ++s) r.heap.push({0.0, s});
       r.queue.resize(num_sms);
       r.cost.resize(num_sms);
       r.accesses.resize(record ? num_sms : 0);

@@ -189,13 +189,8 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
             const int bs = meta_.kv_block_size;
             const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
             const int64_t slot = pos % bs;
-            if (split == 1) {
-              add(t, sh.rank, buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
-                  slot * hd * kF32, (slot + 1) * hd * kF32, true);
-            } else {
-              add_head_bytes(buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
-                             slot * hd * kF32);
-            }
+            add_head_bytes(buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
+                           slot * hd * kF32);
           }
         }
       }
