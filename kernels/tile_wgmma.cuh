@@ -151,7 +151,8 @@ struct WgmmaPassShape {
 // map and first row of W_m[c .. c + 16) and src_row(r) the fp32 activations (scaled by
 // in.row_scale, normed by in.norm): writes the pass's tables into `smem` (at least
 // kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128)
-// and describes it in `pass` for run_wgmma_pass. The caller has synchronized before.
+// and describes it in `pass` for run_wgmma_pass. The caller has synchronized before; ends
+// with __syncthreads.
 template <int kMats, int kRows, typename SrcRow, typename GroupOf>
 __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool deep, int p,
                                  SrcRow src_row, GroupOf group_of, WgmmaPass& pass) {
@@ -169,6 +170,7 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
     l.groups[tid] = group_of(tid / cgroups, sh.c0 + (tid % cgroups) * kWgmmaGroupRows);
   }
   if (tid == 0) pass = WgmmaPass{smem, in.norm, kRows, deep, sh.nr, in.K, sh.ngroups};
+  __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
 
 // Hands pass p's outputs, staged by run_wgmma_pass, to emit(c, r, v[kMats]) once per column
