@@ -1,7 +1,8 @@
 // The megakernel's controller: how one CTA walks its queue of a step [ISA_BARRIERS].
 // For each instruction, thread 0 copies it to shared memory and waits until every wait's
 // barrier has reached its target (acquire loads, polling with exponential backoff); the CTA
-// runs the op; after __syncthreads (every thread's writes done) thread 0 fences and
+// runs the op (a projection's op once per wgmma pass plus once, the passes run here between
+// the calls [WGMMA_WALK]); after __syncthreads (every thread's writes done) thread 0 fences and
 // release-adds 1 to each signal barrier. A wait that the host aborts (watchdog) ends the
 // CTA's step early and reports it in HostControl::aborted.
 #pragma once
@@ -17,6 +18,7 @@
 #include "kernels/op_lm_head.cuh"
 #include "kernels/op_qkv_rope.cuh"
 #include "kernels/op_sample.cuh"
+#include "kernels/tile_wgmma.cuh"
 
 namespace megaserve::kernels {
 
@@ -28,6 +30,7 @@ struct CtaState {
   uint64_t tma_full[kWgmmaBarriers];  // the wgmma core's stage barriers [WGMMA_PIPE]
   uint32_t tma_consumed[2];           // per depth: shallow, deep
   uint32_t tma_released[3];           // per shallow stage
+  WgmmaPass pass;                     // the wgmma pass an op set up [WGMMA_WALK]
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
 };
 
@@ -50,17 +53,24 @@ __device__ bool poll_until(const uint32_t* p, HostControl* host, Done done) {
   }
 }
 
-__device__ inline void dispatch(const engine::isa::Instruction& inst, const OpContext& ctx) {
+// Runs the op of `inst`, or the part of a projection up to its next wgmma pass: true when
+// that pass is set up in *ctx.pass, for the caller to run it and call again [WGMMA_WALK]. A
+// function of its own (a call from the entry function), so that the entry's register
+// allocation is the controller's and the wgmma k-loop's alone.
+__device__ __noinline__ bool dispatch(const engine::isa::Instruction& inst, const OpContext& ctx) {
   using engine::isa::Opcode;
   switch (inst.opcode()) {
     case EmbeddingOp::kOpcode:
-      return EmbeddingOp::run(inst, ctx);
+      EmbeddingOp::run(inst, ctx);
+      return false;
     case QkvRopeOp::kOpcode:
       return QkvRopeOp::run(inst, ctx);
     case AttentionOp::kOpcode:
-      return AttentionOp::run(inst, ctx);
+      AttentionOp::run(inst, ctx);
+      return false;
     case AttentionMergeOp::kOpcode:
-      return AttentionMergeOp::run(inst, ctx);
+      AttentionMergeOp::run(inst, ctx);
+      return false;
     case HiddenProjectionOp::kOpcodeO:
     case HiddenProjectionOp::kOpcodeDown:
       return HiddenProjectionOp::run(inst, ctx);
@@ -69,20 +79,22 @@ __device__ inline void dispatch(const engine::isa::Instruction& inst, const OpCo
     case LmHeadOp::kOpcode:
       return LmHeadOp::run(inst, ctx);
     case SampleOp::kOpcode:
-      return SampleOp::run(inst, ctx);
+      SampleOp::run(inst, ctx);
+      return false;
     default:     // kTpReduce (TP > 1 is refused by the host) or an invalid opcode: a builder bug
       __trap();  // fails the step loudly (the host sees a device error), never skips silently
   }
+  return false;
 }
 
-// Runs queue blockIdx.x of cs.step. Returns false when aborted (cs.stop set).
-__device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host, float* smem,
-                                 int32_t smem_floats) {
+// Runs queue blockIdx.x of cs.step. Returns false when aborted (cs.stop set). Inlined into
+// the entry functions, with the wgmma k-loop (tile_wgmma.cuh [WGMMA_WALK]).
+__device__ __forceinline__ bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host,
+                                          float* smem, int32_t smem_floats) {
   using engine::isa::barrier_reached;
   const int q = blockIdx.x;
   if (q >= cs.step.num_queues) return true;
-  const OpContext ctx{cs.model, cs.step, smem, smem_floats,
-                      WgmmaPipe{cs.tma_full, cs.tma_consumed, cs.tma_released}};
+  const WgmmaPipe pipe{cs.tma_full, cs.tma_consumed, cs.tma_released};
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
   uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {
@@ -101,7 +113,11 @@ __device__ inline bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* 
     }
     __syncthreads();
     if (cs.stop) return false;
-    dispatch(cs.inst, ctx);
+    for (int32_t call = 0;
+         dispatch(cs.inst, OpContext{cs.model, cs.step, smem, smem_floats, call, &cs.pass});
+         ++call) {
+      run_wgmma_pass(cs.pass, pipe);
+    }
     __syncthreads();  // every thread's writes of this instruction are done
     if (threadIdx.x == 0) {
       if (profile != nullptr) {

@@ -15,12 +15,26 @@ struct WgmmaPipe {
   uint32_t* released;  // [3] per shallow stage: warpgroup releases (128-row passes)
 };
 
+// One wgmma pass as an op describes it for the entry function's k-loop (kernels/tile_wgmma.cuh
+// [WGMMA_WALK]; static shared memory, CtaState): the core's shared memory, whose tables the op
+// has written, and what the loop needs besides them.
+struct WgmmaPass {
+  char* smem;
+  const uint16_t* norm;  // bf16 RMSNorm weight per k, or null
+  int32_t rows;          // token rows per pass: 64 or 128
+  bool deep;             // 64-row passes: the deep pipeline
+  int32_t nr, K, ngroups;
+};
+
 struct OpContext {
   const DeviceModel& model;
   const DeviceStepDesc& step;
   float* smem;          // dynamic shared memory, free for the op between __syncthreads
   int32_t smem_floats;  // its size in floats
-  WgmmaPipe pipe;       // the wgmma core's barriers (static shared memory)
+  // The op's calls for this instruction before this one: a projection sets up its wgmma pass
+  // number `call` in `*pass` and returns true, or finishes and returns false [WGMMA_WALK].
+  int32_t call;
+  WgmmaPass* pass;
 };
 
 }  // namespace megaserve::kernels

@@ -11,7 +11,9 @@ namespace megaserve::kernels {
 struct GateUpSiluOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kGateUpSilu;
 
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  // True: a wgmma pass is set up for the entry function to run, then call again
+  // [WGMMA_WALK].
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::GateUpArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -20,13 +22,14 @@ struct GateUpSiluOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
+    PassWalk walk{ctx.call, 0, ctx.pass};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
       const int n = min(kProjectionScaleRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
-      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
-      project<2>(
-          st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm},
-          reinterpret_cast<char*>(core), core_bytes, ctx.pipe, row,
+      const Walk step = project<2>(
+          walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm},
+          reinterpret_cast<char*>(core), core_bytes,
+          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
           },
@@ -40,7 +43,9 @@ struct GateUpSiluOp {
             const float g = v[0], u = v[1];
             st.act[static_cast<int64_t>(r0 + r) * F + a.col_begin + c] = g / (1.0f + expf(-g)) * u;
           });
+      if (step == Walk::kYield) return true;
     }
+    return false;
   }
 };
 

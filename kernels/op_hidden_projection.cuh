@@ -13,7 +13,9 @@ struct HiddenProjectionOp {
   static constexpr engine::isa::Opcode kOpcodeO = engine::isa::Opcode::kOProj;
   static constexpr engine::isa::Opcode kOpcodeDown = engine::isa::Opcode::kDownProj;
 
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  // True: a wgmma pass is set up for the entry function to run, then call again
+  // [WGMMA_WALK].
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::HiddenTileArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -23,11 +25,13 @@ struct HiddenProjectionOp {
     const int K = o_proj ? md.q_heads * md.head_dim : md.ffn;
     const uint16_t* W = o_proj ? w.wo : w.w_down;        // [H, K]
     const float* input = o_proj ? st.attn_out : st.act;  // [T, K]
-    project<1>(
-        st.flags,
-        ProjectionInput{a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr, nullptr},
-        reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, ctx.pipe,
-        [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
+    PassWalk walk{ctx.call, 0, ctx.pass};
+    return project<1>(
+               walk, st.flags,
+               ProjectionInput{a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr,
+                               nullptr},
+               reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
+               [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
         [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
         [&](int, int c) {
           if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
@@ -37,7 +41,7 @@ struct HiddenProjectionOp {
         },
         [&](int c, int r, const float* v) {
           st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
-        });
+        }) == Walk::kYield;
   }
 };
 

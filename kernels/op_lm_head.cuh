@@ -12,7 +12,9 @@ namespace megaserve::kernels {
 struct LmHeadOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kLmHead;
 
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  // True: a wgmma pass is set up for the entry function to run, then call again
+  // [WGMMA_WALK].
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::LmHeadArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -20,15 +22,16 @@ struct LmHeadOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
+    PassWalk walk{ctx.call, 0, ctx.pass};
     for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionChunkRows) {
       const int n = min(kProjectionChunkRows, a.sample_end - s0);
       const auto row = [&](int r) {
         return st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H;
       };
-      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
-      project<1, kProjectionChunkRows>(
-          st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
-          reinterpret_cast<char*>(core), core_bytes, ctx.pipe, row,
+      const Walk step = project<1, kProjectionChunkRows>(
+          walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
+          reinterpret_cast<char*>(core), core_bytes,
+          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
           [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
           [&](int, int c) {
             if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
@@ -37,7 +40,9 @@ struct LmHeadOp {
           [&](int c, int r, const float* v) {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];
           });
+      if (step == Walk::kYield) return true;
     }
+    return false;
   }
 };
 

@@ -15,7 +15,9 @@ namespace megaserve::kernels {
 struct QkvRopeOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kQkvRope;
 
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  // True: a wgmma pass is set up for the entry function to run, then call again
+  // [WGMMA_WALK].
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::QkvRopeArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -47,22 +49,20 @@ struct QkvRopeOp {
                          (!split || np % kWgmmaGroupRows == 0);
     const CUtensorMap* layer_maps =
         md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
+    PassWalk walk{ctx.call, 0, ctx.pass};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
-      row_inv_rms(n, H, md.rms_norm_eps, row, scale);
-      project<1, kProjectionChunkRows>(
-          st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm}, reinterpret_cast<char*>(core),
-          core_bytes, ctx.pipe,
-          [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; },
+      const Walk step = project<1, kProjectionChunkRows>(
+          walk, st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm},
+          reinterpret_cast<char*>(core), core_bytes,
+          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
           [&](int, int c) {
             const int fh = a.head_begin + c / head_cols;
             const int kind = kind_of(fh);
             const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
             return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + dim_of(c % head_cols)) * H;
           },
-          // Scalars by value: the wgmma core is a function of its own, and what a lambda
-          // passed to it captures by reference has to live in local memory.
           [=, head_begin = a.head_begin](int, int c) {
             // A group of 16 rows stays inside one head (and one half of a split head) when
             // hd (np) is a multiple of 16.
@@ -72,6 +72,8 @@ struct QkvRopeOp {
             return WeightGroup{layer_maps + kind, head_of(fh, kind) * hd + dim_of(c % head_cols)};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
+      if (step == Walk::kYield) return true;
+      if (step == Walk::kSkip) continue;
       // One warp per (row, head): bias, q/k norm, RoPE, store.
       for (int item = warp; item < n * nheads; item += kMegakernelWarps) {
         const int r = item / nheads, j = item % nheads;
@@ -118,6 +120,7 @@ struct QkvRopeOp {
       }
       __syncthreads();
     }
+    return false;
   }
 };
 

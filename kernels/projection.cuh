@@ -1,7 +1,9 @@
 // The projection entry point of kQkvRope, kOProj, kDownProj, kGateUpSilu and kLmHead: token
-// rows x weight rows, on bf16 tensor cores (kernels/tile_mma.cuh) when the step asks for them
-// (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile has
-// more than one token row, else on CUDA cores (kernels/tile_matvec.cuh, fp32 activations
+// rows x weight rows, on wgmma (kernels/tile_wgmma.cuh) where the step asks for it and the
+// weights have TMA maps, in passes that the entry function runs between calls of the op
+// [WGMMA_WALK]; else on mma.sync tensor cores (kernels/tile_mma.cuh) when the step asks for
+// them (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile
+// has more than one token row; else on CUDA cores (kernels/tile_matvec.cuh, fp32 activations
 // staged kMaxMatvecRows rows at a time). One row is a pure weight stream, which the CUDA-core
 // loop keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O /
 // gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores'
@@ -83,33 +85,13 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
   return true;
 }
 
-// emit(c, r, v[kMats]) once per column c < in.ncols and token row r < in.nrows, v[m] the dot
-// product of weight row row_of(m, c) with x[r] (ProjectionInput). `smem` (16-byte aligned,
-// `smem_bytes`, at least kProjectionMinSmemBytes and K floats) belongs to the projection;
-// the caller synchronizes before (row_scale written); the projection ends with
-// __syncthreads. group_of(m, c) (WeightGroup) names the TMA map and row of weight rows
-// [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the
-// mma.sync core takes the tensor-core steps). kMaxPassRows 64: an op whose chunks are never
-// longer (QKV, the LM head) leaves out the 128-row wgmma core.
-template <int kMats, int kMaxPassRows = 128, typename SrcRow, typename RowOf, typename GroupOf,
-          typename Emit>
-__device__ void project(int32_t step_flags, const ProjectionInput& in, char* smem, int smem_bytes,
-                        WgmmaPipe pipe, SrcRow src_row, RowOf row_of, GroupOf group_of, Emit emit) {
+// The projection on the cores other than wgmma, whole in this call: mma.sync (tile_mma.cuh)
+// when the step asks for tensor cores and the shape allows, else the CUDA cores (fp32
+// activations staged as many rows at a time as fit). Ends with __syncthreads.
+template <int kMats, typename SrcRow, typename RowOf, typename Emit>
+__device__ void project_now(int32_t step_flags, const ProjectionInput& in, char* smem,
+                            int smem_bytes, SrcRow src_row, RowOf row_of, Emit emit) {
   if (in.nrows <= 0) return;
-  constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
-  // One token row stays on the CUDA cores whatever the core: a pure weight stream (at
-  // Llama-3.1-8B batch-1 decode on an H100 the wgmma core took 32 ms a step, the CUDA cores 17).
-  if ((step_flags & kWgmmaFlags) == kWgmmaFlags && in.nrows > 1 && smem_bytes >= kWgmmaCoreBytes &&
-      in.K % 8 == 0 && (reinterpret_cast<uintptr_t>(src_row(0)) & 15) == 0 &&
-      group_of(0, 0).map != nullptr) {
-    if (kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes) {
-      tile_wgmma<kMats, kMaxPassRows>(in, smem, false, pipe, src_row, group_of, emit);
-      return;
-    }
-    const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
-    tile_wgmma<kMats, 64>(in, smem, deep, pipe, src_row, group_of, emit);
-    return;
-  }
   if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
       mma_can_take<kMats>(in, src_row, row_of)) {
     if (in.nrows <= kMmaDecodeRows) {
@@ -139,6 +121,86 @@ __device__ void project(int32_t step_flags, const ProjectionInput& in, char* sme
                        [&](int c, int r, const float* v) { emit(c, r0 + r, v); });
     __syncthreads();
   }
+}
+
+// How a projection op's chunk of rows went in this call [WGMMA_WALK].
+enum class Walk {
+  kSkip,   // finished in an earlier call: go on to the next chunk
+  kYield,  // a wgmma pass is set up in *ctx.pass: return true, so the entry runs it
+  kDone,   // finished in this call: run what follows the projection, then the next chunk
+};
+
+// Where one call of a projection op stands in its instruction's walk: `call` is
+// OpContext::call, `before` counts the wgmma passes of the chunks the op has walked so far in
+// this call. Every call walks the op's chunks from the start; chunk i's wgmma passes are
+// [before, before + n), and call c sets up pass c after emitting pass c - 1. A chunk that
+// takes no wgmma pass runs whole in the call where before == call.
+struct PassWalk {
+  int32_t call;
+  int32_t before;
+  WgmmaPass* pass;
+};
+
+// The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
+// another core: wgmma with TMA-fed weights when the step asks for it, the weights have maps
+// and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than one token row (one
+// row is a pure weight stream: at Llama-3.1-8B batch-1 decode on an H100 the wgmma core took
+// 32 ms a step, the CUDA cores 17).
+template <int kMaxPassRows, typename SrcRow, typename GroupOf>
+__device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int smem_bytes,
+                          SrcRow src_row, GroupOf group_of) {
+  constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
+  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 ||
+      smem_bytes < kWgmmaCoreBytes || in.K % 8 != 0 ||
+      (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 || group_of(0, 0).map == nullptr) {
+    return 0;
+  }
+  return kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes ? 128 : 64;
+}
+
+// emit(c, r, v[kMats]) once per column c < in.ncols and token row r < in.nrows, v[m] the dot
+// product of weight row row_of(m, c) with x[r] (ProjectionInput), after prologue() (which
+// writes in.row_scale). `smem` (16-byte aligned, `smem_bytes`, at least
+// kProjectionMinSmemBytes and K floats) belongs to the projection until it is done (kDone);
+// the caller synchronizes before; prologue() and every emit pass end with __syncthreads.
+// group_of(m, c) (WeightGroup) names the TMA map and row of weight rows
+// [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the mma.sync
+// core takes the tensor-core steps). kMaxPassRows 64: an op whose chunks are never longer
+// (QKV, the LM head) leaves out the 128-row wgmma passes.
+template <int kMats, int kMaxPassRows = 128, typename Prologue, typename SrcRow, typename RowOf,
+          typename GroupOf, typename Emit>
+__device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInput& in, char* smem,
+                        int smem_bytes, Prologue prologue, SrcRow src_row, RowOf row_of,
+                        GroupOf group_of, Emit emit) {
+  const int rows = in.nrows > 0 ? wgmma_rows<kMaxPassRows>(step_flags, in, smem_bytes, src_row,
+                                                           group_of)
+                                : 0;
+  const int n = rows == 128   ? WgmmaPassShape<kMats, 128>::count(in)
+                : rows == 64 ? WgmmaPassShape<kMats, 64>::count(in)
+                             : 0;
+  const int stage = walk.call - walk.before;
+  walk.before += n;
+  if (n == 0 ? stage != 0 : stage > n) return Walk::kSkip;
+  if (stage == 0) prologue();
+  if (n == 0) {
+    project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
+    return Walk::kDone;
+  }
+  const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
+  if (stage > 0) {
+    if (kMaxPassRows > 64 && rows == 128) {
+      wgmma_pass_emit<kMats, 128>(in, smem, deep, stage - 1, emit);
+    } else {
+      wgmma_pass_emit<kMats, 64>(in, smem, deep, stage - 1, emit);
+    }
+  }
+  if (stage == n) return Walk::kDone;
+  if (kMaxPassRows > 64 && rows == 128) {
+    wgmma_pass_setup<kMats, 128>(in, smem, deep, stage, src_row, group_of, *walk.pass);
+  } else {
+    wgmma_pass_setup<kMats, 64>(in, smem, deep, stage, src_row, group_of, *walk.pass);
+  }
+  return Walk::kYield;
 }
 
 }  // namespace megaserve::kernels

@@ -26,13 +26,17 @@
 // make ptxas serialize them (C7520), so a narrow pass pays for 256 rows of tensor work (tiles of
 // 256 weight rows avoid it: 256 hidden columns, 128 FFN columns, two heads of 128).
 //
-// The core is a function of its own (__noinline__): the megakernel is one 255-register function
-// that spills, and inlined here its spill reloads landed in this loop (local memory is an L2
-// round trip, shared memory taking nearly all of L1). The price: ptxas serializes wgmmas that
-// are not in the entry function itself (C7510, each HGMMA waited for; seen on a 30-line kernel
-// too), while calls elsewhere, even inside the k-loop, do not. Branch wgmma-inline force-inlined
-// this core and run_queue: no C7510, a 976-byte frame, 3-9 spill reloads per k-block, and it
-// was slower on an H100 (bench/RESULTS.md).
+// Where the code runs [WGMMA_WALK]: ptxas serializes every wgmma that is not in the kernel's
+// entry function itself (C7510, "wgmma pipeline crossing function boundary at a function
+// call": each HGMMA followed by a wait for it to retire, so a warpgroup never has two in
+// flight and never converts the next A block while its wgmmas run). So the k-loop of a pass,
+// run_wgmma_pass, is inlined into the entry functions (controller.cuh's run_queue), and it is
+// generic: it reads only the tables and the WgmmaPass that the op wrote. The op-specific code
+// stays in the ops, behind dispatch (a call): wgmma_pass_setup writes pass p's tables,
+// wgmma_pass_emit hands pass p's outputs to the op's emit. A projection instruction's op is
+// therefore called once per pass plus once (projection.cuh, project), and the entry runs a
+// pass between the calls. Calls to other functions from the entry function do not serialize
+// its wgmmas (a 30-line kernel shows both; bench/RESULTS.md, 2026-12-06).
 //
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
 // kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
@@ -84,220 +88,296 @@ __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
   hopper::fence_barrier_init();
 }
 
-// For every column c < in.ncols and token row r < in.nrows:
-//   v[m] = sum_k W_m[c][k] * bf16(x[r][k])  (m < kMats), then emit(c, r, v) once,
-// where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the map and first row of
-// W_m[c .. c + 16), in passes of kRows (64 or 128) token rows. `smem` (at least
-// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128) is
-// the core's own; the caller has synchronized before (row_scale written); the core ends with
-// __syncthreads. Needs K % 8 == 0 and 16-byte-aligned activation rows.
-template <int kMats, int kRows, typename SrcRow, typename GroupOf, typename Emit>
-__device__ __noinline__ void tile_wgmma(const ProjectionInput in, char* smem, bool deep,
-                                        WgmmaPipe pipe, SrcRow src_row, GroupOf group_of,
-                                        Emit emit) {
+// The core's shared memory (1024-byte aligned inside `smem`): `stages` weight stages, three
+// bf16 A buffers, `slots` fp32 activation slots, then the tables: kRows activation row pointers
+// and scales, kWgmmaGroups weight groups, two flags. The epilogue's staged outputs (dstage,
+// kRows x kWgmmaDStride floats) overlay the stages, A buffers and ring, not the tables.
+template <int kRows>
+struct WgmmaLayout {
+  static constexpr int kABytes = kRows * kWgmmaARowBytes;  // one bf16 A buffer
+  static constexpr int kRingBytes = kRows * kWgmmaRingRowBytes;
+  int n_stages, slots;
+  char* stages;  // [n_stages][32 KB]
+  char* abuf;    // [3][kABytes]
+  char* ring;    // [slots][kRingBytes]
+  const float** x_rows;
+  float* x_scale;
+  WeightGroup* groups;
+  bool* second;   // [2], 128-row passes: whether warpgroup w released a stage second
+  float* dstage;  // [kRows][kWgmmaDStride], the epilogue
+
+  __device__ WgmmaLayout(char* smem, bool deep) {
+    // `smem` is shared memory: said so, and kept a pointer (no integer round trip), so that
+    // its accesses compile to LDS / STS rather than generic loads and stores.
+    __builtin_assume(__isShared(smem));
+    n_stages = deep ? 4 : 3;
+    slots = deep ? 3 : 2;
+    stages = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
+    abuf = stages + n_stages * kWgmmaStageBytes;
+    ring = abuf + 3 * kABytes;
+    x_rows = reinterpret_cast<const float**>(ring + slots * kRingBytes);
+    x_scale = reinterpret_cast<float*>(x_rows + kRows);
+    groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);
+    second = reinterpret_cast<bool*>(groups + kWgmmaGroups);
+    dstage = reinterpret_cast<float*>(stages);
+  }
+};
+
+// Which token rows and weight rows pass p of a projection covers: passes of kRows token rows
+// (outer) by up to 256 / kMats weight rows of each matrix (inner), in whole groups.
+template <int kMats, int kRows>
+struct WgmmaPassShape {
+  static constexpr int kColStride = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;
+  int r0, nr, c0, nc;
+  int cstride;  // columns per matrix, rounded up to whole groups (dstage's matrix stride)
+  int ngroups;  // weight groups of the pass, all matrices
+
+  __device__ WgmmaPassShape(const ProjectionInput& in, int p) {
+    const int col_passes = (in.ncols + kColStride - 1) / kColStride;
+    r0 = p / col_passes * kRows;
+    c0 = p % col_passes * kColStride;
+    nr = min(kRows, in.nrows - r0);
+    nc = min(kColStride, in.ncols - c0);
+    cstride = (nc + kWgmmaGroupRows - 1) / kWgmmaGroupRows * kWgmmaGroupRows;
+    ngroups = kMats * cstride / kWgmmaGroupRows;
+  }
+  __device__ static int count(const ProjectionInput& in) {
+    return (in.nrows + kRows - 1) / kRows * ((in.ncols + kColStride - 1) / kColStride);
+  }
+};
+
+// Pass p of v[m] = sum_k W_m[c][k] * bf16(x[r][k]) (m < kMats) over columns c < in.ncols and
+// token rows r < in.nrows, where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the
+// map and first row of W_m[c .. c + 16) and src_row(r) the fp32 activations (scaled by
+// in.row_scale, normed by in.norm): writes the pass's tables into `smem` (at least
+// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128)
+// and describes it in `pass` for run_wgmma_pass. The caller has synchronized before; ends
+// with __syncthreads.
+template <int kMats, int kRows, typename SrcRow, typename GroupOf>
+__device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool deep, int p,
+                                 SrcRow src_row, GroupOf group_of, WgmmaPass& pass) {
   static_assert(kRows == 64 || kRows == 128);
+  if (kRows == 128) deep = false;
+  const WgmmaLayout<kRows> l(smem, deep);
+  const WgmmaPassShape<kMats, kRows> sh(in, p);
+  const int tid = threadIdx.x;
+  for (int n = tid; n < kRows; n += blockDim.x) {
+    l.x_rows[n] = n < sh.nr ? src_row(sh.r0 + n) : nullptr;
+    l.x_scale[n] = (n < sh.nr && in.row_scale != nullptr) ? in.row_scale[sh.r0 + n] : 1.0f;
+  }
+  const int cgroups = sh.cstride / kWgmmaGroupRows;  // per matrix
+  if (tid < sh.ngroups) {
+    l.groups[tid] = group_of(tid / cgroups, sh.c0 + (tid % cgroups) * kWgmmaGroupRows);
+  }
+  if (tid == 0) pass = WgmmaPass{smem, in.norm, kRows, deep, sh.nr, in.K, sh.ngroups};
+  __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
+}
+
+// Hands pass p's outputs, staged by run_wgmma_pass, to emit(c, r, v[kMats]) once per column
+// and token row of the pass; ends with __syncthreads.
+template <int kMats, int kRows, typename Emit>
+__device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep, int p,
+                                Emit emit) {
+  if (kRows == 128) deep = false;
+  const WgmmaLayout<kRows> l(smem, deep);
+  const WgmmaPassShape<kMats, kRows> sh(in, p);
+  for (int i = threadIdx.x; i < sh.nr * sh.nc; i += blockDim.x) {
+    const int r = i / sh.nc, c = i % sh.nc;  // consecutive threads: consecutive columns
+    float v[kMats];
+#pragma unroll
+    for (int m = 0; m < kMats; ++m) v[m] = l.dstage[r * kWgmmaDStride + m * sh.cstride + c];
+    emit(sh.c0 + c, sh.r0 + r, v);
+  }
+  __syncthreads();  // emitted values visible; the memory free for the next pass
+}
+
+// The k-loop of the pass that `pass` describes (wgmma_pass_setup), by the whole CTA: its
+// accumulators staged as fp32 in the layout's dstage ([r][m * cstride + c]). Inlined into the
+// entry function [WGMMA_WALK]; ends with __syncthreads.
+template <int kRows>
+__device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, WgmmaPipe pipe) {
   constexpr bool kWide = kRows == 128;
-  constexpr int kAcc = kWide ? 128 : 64;            // accumulator registers per thread
-  constexpr int kABytes = kRows * kWgmmaARowBytes;  // one bf16 A buffer
-  constexpr int kRingBytes = kRows * kWgmmaRingRowBytes;
+  constexpr int kAcc = kWide ? 128 : 64;  // accumulator registers per thread
+  constexpr int kABytes = WgmmaLayout<kRows>::kABytes;
+  constexpr int kRingBytes = WgmmaLayout<kRows>::kRingBytes;
   constexpr int kQuads = kRows * (kWgmmaBlockK / 4) / kMegakernelThreads;  // per thread
-  if (kWide) deep = false;
-  const int tid = threadIdx.x, wg = tid >> 7;
-  const int n_stages = deep ? 4 : 3, slots = deep ? 3 : 2;
+  const bool deep = pass.deep;
+  const WgmmaLayout<kRows> l(pass.smem, deep);
+  // The thread index read afresh (an opaque asm value), so that what derives from it is
+  // computed here rather than once at kernel start and kept, across the op's calls, in local
+  // memory (ptxas reloaded 15 such words every k-block of the 128-row loop).
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  const int wg = tid >> 7;
+  const int n_stages = l.n_stages, slots = l.slots;
   uint64_t* const full = pipe.full + (deep ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (deep ? 1 : 0);
-  const int K = in.K;
+  const int K = pass.K, nr = pass.nr, ngroups = pass.ngroups;
+  const uint16_t* const norm = pass.norm;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
-  // `smem` is shared memory: said so, and kept a pointer (no integer round trip), so that its
-  // accesses compile to LDS / STS rather than generic loads and stores.
-  __builtin_assume(__isShared(smem));
-  char* const base = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023);
-  char* const stages = base;                                // [n_stages][32 KB]
-  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [3][kABytes]
-  char* const ring = abuf + 3 * kABytes;                    // [slots][kRingBytes]
-  const float** x_rows = reinterpret_cast<const float**>(ring + slots * kRingBytes);
-  float* x_scale = reinterpret_cast<float*>(x_rows + kRows);              // [kRows]
-  WeightGroup* groups = reinterpret_cast<WeightGroup*>(x_scale + kRows);  // [kWgmmaGroups]
-  float* const dstage = reinterpret_cast<float*>(stages);  // [kRows][kWgmmaDStride] epilogue
+  char* const stages = l.stages;
+  char* const abuf = l.abuf;
+  char* const ring = l.ring;
+  const float** const x_rows = l.x_rows;
+  const float* const x_scale = l.x_scale;
+  const WeightGroup* const groups = l.groups;
 
-  const int cstride_max = kWgmmaPassB / kMats / kWgmmaGroupRows * kWgmmaGroupRows;
-  for (int r0 = 0; r0 < in.nrows; r0 += kRows) {
-    const int nr = min(kRows, in.nrows - r0);
-    for (int c0 = 0; c0 < in.ncols; c0 += cstride_max) {
-      const int nc = min(cstride_max, in.ncols - c0);
-      const int cgroups = (nc + kWgmmaGroupRows - 1) / kWgmmaGroupRows;  // per matrix
-      const int cstride = cgroups * kWgmmaGroupRows;
-      const int ngroups = kMats * cgroups;
-      for (int n = tid; n < kRows; n += blockDim.x) {
-        x_rows[n] = n < nr ? src_row(r0 + n) : nullptr;
-        x_scale[n] = (n < nr && in.row_scale != nullptr) ? in.row_scale[r0 + n] : 1.0f;
-      }
-      if (tid < ngroups) {
-        groups[tid] = group_of(tid / cgroups, c0 + (tid % cgroups) * kWgmmaGroupRows);
-      }
-      // Earlier generic accesses of this memory (the previous pass's epilogue, other ops) are
-      // ordered before the TMA writes and wgmma reads that follow.
-      hopper::fence_proxy_async_shared();
-      __syncthreads();
-      const uint32_t done = *consumed;
-      const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
+  // Earlier generic accesses of this memory (the tables just written, the previous pass's
+  // epilogue, other ops) are ordered before the TMA writes and wgmma reads that follow.
+  hopper::fence_proxy_async_shared();
+  __syncthreads();
+  const uint32_t done = *consumed;
+  const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128;
 
-      // K-block j's weight groups into stage (done + j) % n_stages, by `warps` warps (all 8,
-      // or one warpgroup's 4) calling together: the first thread of those warps arms the
-      // barrier, lane 0 of their warp w copies groups w, w + warps, ... (so no warp issues all
-      // 16 copies; a copy that lands before the arming only drives the transaction count
-      // negative, and the phase cannot complete before the arming arrival).
-      const auto issue = [&](int j, int warps) {
-        const uint32_t s = (done + j) % n_stages;
-        uint64_t* bar = &full[s];
-        if ((tid & (32 * warps - 1)) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
-        if ((tid & 31) != 0) return;
-        char* dst = stages + s * kWgmmaStageBytes;
-        for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
-          hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                              groups[g].row);
-        }
-      };
-      // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block,
-      // all at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of
-      // both warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
-      const int kq = (tid & 15) * 4;
-      const auto quad = [&](int i) {
-        return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
-      };
-      const auto fetch_a = [&](int j) {
-        if (j < nk) {
-          char* slot = ring + (j % slots) * kRingBytes;
-#pragma unroll
-          for (int i = 0; i < kQuads; ++i) {
-            const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
-            const bool ok = row < nr && k < K;
-            cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
-          }
-        }
-        cp_async_commit();  // one group per k-block, empty past the end, so the waits count
-      };
-      const auto load_norm = [&](int j) {
-        const int k = j * kWgmmaBlockK + kq;
-        return (in.norm != nullptr && j < nk && k < K)
-                   ? __ldg(reinterpret_cast<const uint2*>(in.norm + k))
-                   : make_uint2(0x3f803f80u, 0x3f803f80u);  // bf16 1.0 pairs
-      };
-      const auto store_a = [&](int j, uint2 nw) {
-        const char* slot = ring + (j % slots) * kRingBytes;
-        char* dst = abuf + (j % 3) * kABytes;
-        const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
-#pragma unroll 2
-        for (int i = 0; i < kQuads; ++i) {
-          const int q = quad(i), row = q >> 4, c4 = q & 15;
-          const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
-          const float sc = x_scale[row];
-          uint2 v;
-          const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
-          const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
-          v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
-          v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
-          *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) +
-                                    (c4 & 1) * 8) = v;
-        }
-      };
-
-      for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j, kMegakernelWarps);
-      for (int j = 0; j < slots; ++j) fetch_a(j);
-      uint2 norm_next = load_norm(1);
-      cp_async_wait(slots - 1);  // k-block 0's quads landed
-      store_a(0, load_norm(0));
-      hopper::fence_proxy_async_shared();
-      __syncthreads();
-
-      float acc[kAcc];
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-      hopper::wgmma_fence_operands(acc);
-      // 64-row passes: both warpgroups read all of A and half of the stage each; 128-row
-      // passes: half of A each (64 rows, 8 KB in) and all of the stage.
-      const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
-      const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
-      for (int j = 0; j < nk; ++j) {
-        // 128-row passes load k-block j + 1's norm one k-block ahead, not two: their 128
-        // accumulators leave no registers to carry two across the wgmmas (they spilled).
-        const uint2 norm_now = kWide ? load_norm(j + 1) : norm_next;
-        if (!kWide) norm_next = load_norm(j + 2);
-        const uint32_t s = (done + j) % n_stages;
-        hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
-        hopper::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
-          const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
-          const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
-          if constexpr (kWide) {
-            hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-          } else {
-            hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-          }
-        }
-        hopper::wgmma_commit_group();
-        if (j + 1 < nk) {
-          cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
-          store_a(j + 1, norm_now);
-          hopper::fence_proxy_async_shared();
-        }
-        hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
-        if constexpr (kWide) {
-          // Each warpgroup converts and multiplies its own rows, so only its own threads meet
-          // here, and the two drift apart: one converts while the other's wgmmas run. A stage
-          // is refilled by the warpgroup that releases it second (`released` counts both
-          // releases of every use: odd before = second); the first pass's first refill, into
-          // the stage the last pass left, by warpgroup 0.
-          bool* const second = reinterpret_cast<bool*>(groups + kWgmmaGroups);  // [2]
-          if ((tid & 127) == 0) {
-            second[wg] =
-                j == 0 ? wg == 0 : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
-          }
-          hopper::named_barrier_sync(1 + wg, 128);
-          if (second[wg] && j + n_stages - 1 < nk) issue(j + n_stages - 1, 4);
-        } else {
-          __syncthreads();
-          if (j + n_stages - 1 < nk) issue(j + n_stages - 1, kMegakernelWarps);
-        }
-        fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
-      }
-      cp_async_wait(0);
-      hopper::wgmma_wait<0>();
-      hopper::wgmma_fence_operands(acc);
-      __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
-
-      // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block
-      // b, registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
-      // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
-      // (128-row passes) or column 128 w (64-row passes).
-      {
-        const int w4 = (tid >> 5) & 3, lane = tid & 31;
-        const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
-        float* d = dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
-#pragma unroll
-        for (int b = 0; b < kAcc / 4; ++b) {
-          *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
-              make_float2(acc[4 * b], acc[4 * b + 1]);
-          *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
-              make_float2(acc[4 * b + 2], acc[4 * b + 3]);
-        }
-      }
-      __syncthreads();
-      for (int i = tid; i < nr * nc; i += blockDim.x) {
-        const int r = i / nc, c = i % nc;  // consecutive threads: consecutive columns
-        float v[kMats];
-#pragma unroll
-        for (int m = 0; m < kMats; ++m) {
-          const int a = r * kWgmmaDStride + m * cstride + c;
-          v[m] = dstage[a];
-        }
-        emit(c0 + c, r0 + r, v);
-      }
-      if (tid == 0) *consumed = done + nk;
-      __syncthreads();  // emitted values visible; memory and tables free for the next pass
+  // K-block j's weight groups into stage (done + j) % n_stages, by `warps` warps (all 8, or
+  // one warpgroup's 4) calling together: the first thread of those warps arms the barrier,
+  // lane 0 of their warp w copies groups w, w + warps, ... (so no warp issues all 16 copies; a
+  // copy that lands before the arming only drives the transaction count negative, and the
+  // phase cannot complete before the arming arrival).
+  const auto issue = [&](int j, int warps) {
+    const uint32_t s = (done + j) % n_stages;
+    uint64_t* bar = &full[s];
+    if ((tid & (32 * warps - 1)) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+    if ((tid & 31) != 0) return;
+    char* dst = stages + s * kWgmmaStageBytes;
+    for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
+      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                          groups[g].row);
     }
+  };
+  // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block, all
+  // at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of both
+  // warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
+  const int kq = (tid & 15) * 4;
+  const auto quad = [&](int i) {
+    return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
+  };
+  const auto fetch_a = [&](int j) {
+    if (j < nk) {
+      char* slot = ring + (j % slots) * kRingBytes;
+#pragma unroll
+      for (int i = 0; i < kQuads; ++i) {
+        const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
+        const bool ok = row < nr && k < K;
+        cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();  // one group per k-block, empty past the end, so the waits count
+  };
+  const auto load_norm = [&](int j) {
+    const int k = j * kWgmmaBlockK + kq;
+    return (norm != nullptr && j < nk && k < K) ? __ldg(reinterpret_cast<const uint2*>(norm + k))
+                                                : make_uint2(0x3f803f80u, 0x3f803f80u);  // 1.0
+  };
+  const auto store_a = [&](int j, uint2 nw) {
+    const char* slot = ring + (j % slots) * kRingBytes;
+    char* dst = abuf + (j % 3) * kABytes;
+    const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
+#pragma unroll 2
+    for (int i = 0; i < kQuads; ++i) {
+      const int q = quad(i), row = q >> 4, c4 = q & 15;
+      const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
+      const float sc = x_scale[row];
+      uint2 v;
+      const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
+      const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
+      v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
+      v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
+      *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) + (c4 & 1) * 8) =
+          v;
+    }
+  };
+
+  for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j, kMegakernelWarps);
+  for (int j = 0; j < slots; ++j) fetch_a(j);
+  uint2 norm_next = load_norm(1);
+  cp_async_wait(slots - 1);  // k-block 0's quads landed
+  store_a(0, load_norm(0));
+  hopper::fence_proxy_async_shared();
+  __syncthreads();
+
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+  hopper::wgmma_fence_operands(acc);
+  // 64-row passes: both warpgroups read all of A and half of the stage each; 128-row passes:
+  // half of A each (64 rows, 8 KB in) and all of the stage.
+  const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
+  const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
+  for (int j = 0; j < nk; ++j) {
+    // 128-row passes load k-block j + 1's norm one k-block ahead, not two: their 128
+    // accumulators leave no registers to carry two across the wgmmas.
+    const uint2 norm_now = kWide ? load_norm(j + 1) : norm_next;
+    if (!kWide) norm_next = load_norm(j + 2);
+    const uint32_t s = (done + j) % n_stages;
+    hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
+    hopper::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
+      const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
+      const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
+      if constexpr (kWide) {
+        hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+      } else {
+        hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+      }
+    }
+    hopper::wgmma_commit_group();
+    if (j + 1 < nk) {
+      cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
+      store_a(j + 1, norm_now);
+      hopper::fence_proxy_async_shared();
+    }
+    hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
+    if constexpr (kWide) {
+      // Each warpgroup converts and multiplies its own rows, so only its own threads meet
+      // here, and the two drift apart: one converts while the other's wgmmas run. A stage is
+      // refilled by the warpgroup that releases it second (`released` counts both releases of
+      // every use: odd before = second); the first pass's first refill, into the stage the
+      // last pass left, by warpgroup 0.
+      if ((tid & 127) == 0) {
+        l.second[wg] =
+            j == 0 ? wg == 0 : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
+      }
+      hopper::named_barrier_sync(1 + wg, 128);
+      if (l.second[wg] && j + n_stages - 1 < nk) issue(j + n_stages - 1, 4);
+    } else {
+      __syncthreads();
+      if (j + n_stages - 1 < nk) issue(j + n_stages - 1, kMegakernelWarps);
+    }
+    fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
+  }
+  cp_async_wait(0);
+  hopper::wgmma_wait<0>();
+  hopper::wgmma_fence_operands(acc);
+  __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
+
+  // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block b,
+  // registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
+  // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
+  // (128-row passes) or column 128 w (64-row passes).
+  {
+    const int w4 = (tid >> 5) & 3, lane = tid & 31;
+    const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
+    float* d = l.dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
+#pragma unroll
+    for (int b = 0; b < kAcc / 4; ++b) {
+      *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
+          make_float2(acc[4 * b], acc[4 * b + 1]);
+      *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
+          make_float2(acc[4 * b + 2], acc[4 * b + 3]);
+    }
+  }
+  if (tid == 0) *consumed = done + nk;
+  __syncthreads();  // the staged outputs visible to the op's emit
+}
+
+__device__ __forceinline__ void run_wgmma_pass(const WgmmaPass& pass, WgmmaPipe pipe) {
+  if (pass.rows == 128) {
+    run_wgmma_pass_rows<128>(pass, pipe);
+  } else {
+    run_wgmma_pass_rows<64>(pass, pipe);
   }
 }
 
