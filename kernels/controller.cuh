@@ -31,6 +31,7 @@ struct CtaState {
   uint32_t tma_consumed[2];           // per depth: shallow, deep
   uint32_t tma_released[3];           // per shallow stage
   WgmmaPass pass;                     // the wgmma pass an op set up [WGMMA_WALK]
+  NormCache norm_cache;               // the last chunk's row scales (op_context.cuh)
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
 };
 
@@ -113,8 +114,8 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, uint32_t* barriers, Host
     }
     __syncthreads();
     if (cs.stop) return false;
-    for (int32_t call = 0;
-         dispatch(cs.inst, OpContext{cs.model, cs.step, smem, smem_floats, call, &cs.pass});
+    for (int32_t call = 0; dispatch(cs.inst, OpContext{cs.model, cs.step, smem, smem_floats, call,
+                                                       &cs.pass, &cs.norm_cache});
          ++call) {
       run_wgmma_pass(cs.pass, pipe);
     }

@@ -26,6 +26,16 @@ struct WgmmaPass {
   int32_t nr, K, ngroups;
 };
 
+// The row scales (1 / rms) of the last chunk of rows a projection normalized on this CTA, and
+// which (opcode, layer, first row, rows) they belong to; n = -1 at the start of every step.
+// The planner deals a projection's tiles of one row block to the same SM in turn
+// (engine/planner group_rows), so the next tile usually needs the same scales: it copies
+// them instead of reading the rows again (each gate/up tile of 128 rows read 2 MB from L2).
+struct NormCache {
+  int32_t opcode, layer, begin, n;
+  float scale[kProjectionScaleRows];
+};
+
 struct OpContext {
   const DeviceModel& model;
   const DeviceStepDesc& step;
@@ -35,6 +45,7 @@ struct OpContext {
   // number `call` in `*pass` and returns true, or finishes and returns false [WGMMA_WALK].
   int32_t call;
   WgmmaPass* pass;
+  NormCache* norm_cache;  // static shared memory (CtaState)
 };
 
 }  // namespace megaserve::kernels

@@ -29,7 +29,11 @@ struct GateUpSiluOp {
       const Walk step = project<2>(
           walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm},
           reinterpret_cast<char*>(core), core_bytes,
-          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
+          [&] {
+            cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,
+                           md.rms_norm_eps, row, scale);
+          },
+          row,
           [&](int m, int c) {
             return (m == 0 ? w.w_gate : w.w_up) + static_cast<int64_t>(a.col_begin + c) * H;
           },

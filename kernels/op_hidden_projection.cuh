@@ -32,16 +32,16 @@ struct HiddenProjectionOp {
                                nullptr},
                reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
                [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
-        [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
-        [&](int, int c) {
-          if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
-          return WeightGroup{
-              md.weight_maps + inst.layer() * kLayerMatrices + (o_proj ? kWo : kWDown),
-              a.col_begin + c};
-        },
-        [&](int c, int r, const float* v) {
-          st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
-        }) == Walk::kYield;
+               [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },
+               [&](int, int c) {
+                 if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
+                 return WeightGroup{
+                     md.weight_maps + inst.layer() * kLayerMatrices + (o_proj ? kWo : kWDown),
+                     a.col_begin + c};
+               },
+               [&](int c, int r, const float* v) {
+                 st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
+               }) == Walk::kYield;
   }
 };
 

@@ -31,8 +31,11 @@ struct LmHeadOp {
       const Walk step = project<1, kProjectionChunkRows>(
           walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
           reinterpret_cast<char*>(core), core_bytes,
-          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
-          [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
+          [&] {
+            cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), s0, n, H,
+                           md.rms_norm_eps, row, scale);
+          },
+          row, [&](int, int c) { return md.lm_head + static_cast<int64_t>(a.col_begin + c) * H; },
           [&](int, int c) {
             if (md.weight_maps == nullptr) return WeightGroup{nullptr, 0};
             return WeightGroup{md.weight_maps + md.num_layers * kLayerMatrices, a.col_begin + c};

@@ -56,7 +56,11 @@ struct QkvRopeOp {
       const Walk step = project<1, kProjectionChunkRows>(
           walk, st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm},
           reinterpret_cast<char*>(core), core_bytes,
-          [&] { row_inv_rms(n, H, md.rms_norm_eps, row, scale); }, row,
+          [&] {
+            cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,
+                           md.rms_norm_eps, row, scale);
+          },
+          row,
           [&](int, int c) {
             const int fh = a.head_begin + c / head_cols;
             const int kind = kind_of(fh);

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/pass_walk.h"
 #include "kernels/tile_matvec.cuh"
 #include "kernels/tile_mma.cuh"
 #include "kernels/tile_wgmma.cuh"
@@ -75,6 +76,31 @@ __device__ void row_inv_rms(int n, int H, float eps, Row row, float* scales) {
   __syncthreads();
 }
 
+// row_inv_rms of rows [begin, begin + n) for op `opcode` of `layer`, or the same scales from
+// `cache` when this CTA's last normalized chunk was that one in this step (the residual rows
+// an op normalizes do not change while its tiles run: their writers wait for all of them).
+// The same floats either way. Ends with __syncthreads.
+template <typename Row>
+__device__ void cached_inv_rms(NormCache& cache, int32_t opcode, int32_t layer, int32_t begin,
+                               int n, int H, float eps, Row row, float* scales) {
+  const bool hit =
+      cache.opcode == opcode && cache.layer == layer && cache.begin == begin && cache.n == n;
+  if (hit) {
+    for (int r = threadIdx.x; r < n; r += blockDim.x) scales[r] = cache.scale[r];
+    __syncthreads();
+    return;
+  }
+  row_inv_rms(n, H, eps, row, scales);  // ends with __syncthreads: every thread read the key
+  for (int r = threadIdx.x; r < n; r += blockDim.x) cache.scale[r] = scales[r];
+  if (threadIdx.x == 0) {
+    cache.opcode = opcode;
+    cache.layer = layer;
+    cache.begin = begin;
+    cache.n = n;
+  }
+  __syncthreads();
+}
+
 template <int kMats, typename SrcRow, typename RowOf>
 __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf row_of) {
   const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
@@ -130,17 +156,6 @@ enum class Walk {
   kDone,   // finished in this call: run what follows the projection, then the next chunk
 };
 
-// Where one call of a projection op stands in its instruction's walk: `call` is
-// OpContext::call, `before` counts the wgmma passes of the chunks the op has walked so far in
-// this call. Every call walks the op's chunks from the start; chunk i's wgmma passes are
-// [before, before + n), and call c sets up pass c after emitting pass c - 1. A chunk that
-// takes no wgmma pass runs whole in the call where before == call.
-struct PassWalk {
-  int32_t call;
-  int32_t before;
-  WgmmaPass* pass;
-};
-
 // The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
 // another core: wgmma with TMA-fed weights when the step asks for it, the weights have maps
 // and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than one token row (one
@@ -150,9 +165,9 @@ template <int kMaxPassRows, typename SrcRow, typename GroupOf>
 __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int smem_bytes,
                           SrcRow src_row, GroupOf group_of) {
   constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
-  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 ||
-      smem_bytes < kWgmmaCoreBytes || in.K % 8 != 0 ||
-      (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 || group_of(0, 0).map == nullptr) {
+  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 || smem_bytes < kWgmmaCoreBytes ||
+      in.K % 8 != 0 || (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 ||
+      group_of(0, 0).map == nullptr) {
     return 0;
   }
   return kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes ? 128 : 64;
@@ -172,33 +187,32 @@ template <int kMats, int kMaxPassRows = 128, typename Prologue, typename SrcRow,
 __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInput& in, char* smem,
                         int smem_bytes, Prologue prologue, SrcRow src_row, RowOf row_of,
                         GroupOf group_of, Emit emit) {
-  const int rows = in.nrows > 0 ? wgmma_rows<kMaxPassRows>(step_flags, in, smem_bytes, src_row,
-                                                           group_of)
-                                : 0;
-  const int n = rows == 128   ? WgmmaPassShape<kMats, 128>::count(in)
+  const int rows =
+      in.nrows > 0 ? wgmma_rows<kMaxPassRows>(step_flags, in, smem_bytes, src_row, group_of) : 0;
+  const int n = rows == 128  ? WgmmaPassShape<kMats, 128>::count(in)
                 : rows == 64 ? WgmmaPassShape<kMats, 64>::count(in)
                              : 0;
-  const int stage = walk.call - walk.before;
-  walk.before += n;
-  if (n == 0 ? stage != 0 : stage > n) return Walk::kSkip;
-  if (stage == 0) prologue();
+  const ChunkStep step = walk_chunk(walk, n);
+  if (step.skip) return Walk::kSkip;
+  if (step.prologue) prologue();
   if (n == 0) {
     project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
     return Walk::kDone;
   }
   const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
-  if (stage > 0) {
-    if (kMaxPassRows > 64 && rows == 128) {
-      wgmma_pass_emit<kMats, 128>(in, smem, deep, stage - 1, emit);
+  const bool wide = kMaxPassRows > 64 && rows == 128;
+  if (step.emit >= 0) {
+    if (wide) {
+      wgmma_pass_emit<kMats, 128>(in, smem, deep, step.emit, emit);
     } else {
-      wgmma_pass_emit<kMats, 64>(in, smem, deep, stage - 1, emit);
+      wgmma_pass_emit<kMats, 64>(in, smem, deep, step.emit, emit);
     }
   }
-  if (stage == n) return Walk::kDone;
-  if (kMaxPassRows > 64 && rows == 128) {
-    wgmma_pass_setup<kMats, 128>(in, smem, deep, stage, src_row, group_of, *walk.pass);
+  if (step.setup < 0) return Walk::kDone;
+  if (wide) {
+    wgmma_pass_setup<kMats, 128>(in, smem, deep, step.setup, src_row, group_of, *walk.pass);
   } else {
-    wgmma_pass_setup<kMats, 64>(in, smem, deep, stage, src_row, group_of, *walk.pass);
+    wgmma_pass_setup<kMats, 64>(in, smem, deep, step.setup, src_row, group_of, *walk.pass);
   }
   return Walk::kYield;
 }

@@ -97,8 +97,8 @@ void check_rows(int vocab, int rows, uint32_t seed) {
   step.top_ids = top_ids.data();
   step.top_logprobs = top_logprobs.data();
   std::vector<float> smem(sizeof(kernels::sample::SampleSmem) / sizeof(float) + 1);
-  const kernels::OpContext ctx{model, step, smem.data(), static_cast<int32_t>(smem.size()), 0,
-                               nullptr};
+  const kernels::OpContext ctx{model, step,    smem.data(), static_cast<int32_t>(smem.size()),
+                               0,     nullptr, nullptr};
   testing::cuda_emulation::run_cta([&] {
     for (int s = 0; s < rows; ++s) kernels::SampleOp::sample_row(s, ctx);
   });
