@@ -10,7 +10,7 @@
 
 namespace megaserve::kernels {
 
-inline constexpr int kLoadsInFlight = 16;  // per lane, in the vectorized weight loop
+inline constexpr int kLoadsInFlight = 8;  // per lane, in the vectorized weight loop
 
 // For each column c in [0, ncols) and each row r in [0, nrows):
 //   v[m] = dot(row_of(m, c)[0, K), xs[r * K, r * K + K)) for m < kMats,
