@@ -4,11 +4,7 @@
 
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define MEGASERVE_HOST_DEVICE __host__ __device__
-#else
-#define MEGASERVE_HOST_DEVICE
-#endif
+#include "engine/isa/host_device.h"
 
 namespace megaserve::kernels {
 

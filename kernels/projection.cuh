@@ -199,8 +199,9 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
     project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
     return Walk::kDone;
   }
-  const bool deep = smem_bytes >= kWgmmaDeepCoreBytes && (step_flags & kStepWgmmaShallow) == 0;
   const bool wide = kMaxPassRows > 64 && rows == 128;
+  const bool deep = !wide && smem_bytes >= kWgmmaDeepCoreBytes &&
+                    (step_flags & kStepWgmmaShallow) == 0;  // 64-row passes only
   if (step.emit >= 0) {
     if (wide) {
       wgmma_pass_emit<kMats, 128>(in, smem, deep, step.emit, emit);

@@ -154,14 +154,13 @@ struct WgmmaPassShape {
 // token rows r < in.nrows, where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the
 // map and first row of W_m[c .. c + 16) and src_row(r) the fp32 activations (scaled by
 // in.row_scale, normed by in.norm): writes the pass's tables into `smem` (at least
-// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep`, kWgmmaWideCoreBytes when kRows is 128)
-// and describes it in `pass` for run_wgmma_pass. The caller has synchronized before; ends
-// with __syncthreads.
+// kWgmmaCoreBytes, kWgmmaDeepCoreBytes when `deep` (64-row passes only), kWgmmaWideCoreBytes
+// when kRows is 128) and describes it in `pass` for run_wgmma_pass. The caller has
+// synchronized before; ends with __syncthreads.
 template <int kMats, int kRows, typename SrcRow, typename GroupOf>
 __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool deep, int p,
                                  SrcRow src_row, GroupOf group_of, WgmmaPass& pass) {
   static_assert(kRows == 64 || kRows == 128);
-  if (kRows == 128) deep = false;
   const WgmmaLayout<kRows> l(smem, deep);
   const WgmmaPassShape<kMats, kRows> sh(in, p);
   const int tid = threadIdx.x;
@@ -182,7 +181,6 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
 template <int kMats, int kRows, typename Emit>
 __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep, int p,
                                 Emit emit) {
-  if (kRows == 128) deep = false;
   const WgmmaLayout<kRows> l(smem, deep);
   const WgmmaPassShape<kMats, kRows> sh(in, p);
   for (int i = threadIdx.x; i < sh.nr * sh.nc; i += blockDim.x) {

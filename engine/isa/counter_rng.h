@@ -19,11 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MEGASERVE_HOST_DEVICE __host__ __device__
-#else
-#define MEGASERVE_HOST_DEVICE
-#endif
+#include "engine/isa/host_device.h"
 
 namespace megaserve::engine::rng {
 
