@@ -249,15 +249,24 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   // at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of both
   // warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
   const int kq = (tid & 15) * 4;
-  const auto quad = [&](int i) {
-    return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
+  // quad(t, i) from a thread index t read afresh in each k-block (fresh_tid), so that the
+  // kQuads row-table and ring addresses are recomputed there rather than kept live across
+  // the k-loop (in the 128-row loop they were, and spilled).
+  const auto fresh_tid = [] {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return t;
+  };
+  const auto quad = [](int t, int i) {
+    return kWide ? (t & 127) + i * 128 + (t >> 7) * 1024 : t + i * kMegakernelThreads;
   };
   const auto fetch_a = [&](int j) {
     if (j < nk) {
       char* slot = ring + (j % slots) * kRingBytes;
+      const int t = fresh_tid();
 #pragma unroll
       for (int i = 0; i < kQuads; ++i) {
-        const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
+        const int q = quad(t, i), row = q >> 4, k = j * kWgmmaBlockK + kq;
         const bool ok = row < nr && k < K;
         cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
       }
@@ -273,9 +282,10 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     const char* slot = ring + (j % slots) * kRingBytes;
     char* dst = abuf + (j % 3) * kABytes;
     const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
+    const int t = fresh_tid();
 #pragma unroll 2
     for (int i = 0; i < kQuads; ++i) {
-      const int q = quad(i), row = q >> 4, c4 = q & 15;
+      const int q = quad(t, i), row = q >> 4, c4 = q & 15;
       const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
       const float sc = x_scale[row];
       uint2 v;
