@@ -78,8 +78,8 @@ static_assert(kWgmmaStageBytes == kWgmmaPassB * 128 && kWgmmaRingRowBytes == kWg
 // The epilogue's staged outputs overlay the stages, A buffers and ring.
 static_assert(64 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 64));
 static_assert(128 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 128));
-// The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups, two flags.
-static_assert(128 * (8 + 4) + kWgmmaGroups * 16 + 2 <= kWgmmaTableBytes);
+// The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups, 2 x 2 flags.
+static_assert(128 * (8 + 4) + kWgmmaGroups * 16 + 4 <= kWgmmaTableBytes);
 
 // Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
 __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
@@ -91,7 +91,7 @@ __device__ inline void wgmma_pipe_init(WgmmaPipe pipe) {
 
 // The core's shared memory (1024-byte aligned inside `smem`): `stages` weight stages, three
 // bf16 A buffers, `slots` fp32 activation slots, then the tables: kRows activation row pointers
-// and scales, kWgmmaGroups weight groups, two flags. The epilogue's staged outputs (dstage,
+// and scales, kWgmmaGroups weight groups, 2 x 2 flags. The epilogue's staged outputs (dstage,
 // kRows x kWgmmaDStride floats) overlay the stages, A buffers and ring, not the tables.
 template <int kRows>
 struct WgmmaLayout {
@@ -104,7 +104,11 @@ struct WgmmaLayout {
   const float** x_rows;
   float* x_scale;
   WeightGroup* groups;
-  bool* second;   // [2], 128-row passes: whether warpgroup w released a stage second
+  // [2][2], 128-row passes: whether warpgroup w released k-block j's stage second, at
+  // [j & 1][w]: two copies, so that thread 0 of a warpgroup writes k-block j + 1's while its
+  // other warps may still read k-block j's (only the barrier of j + 1 orders those reads
+  // before the write of j + 2).
+  bool* second;
   float* dstage;  // [kRows][kWgmmaDStride], the epilogue
 
   __device__ WgmmaLayout(char* smem, bool deep) {
@@ -351,12 +355,13 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
       // refilled by the warpgroup that releases it second (`released` counts both releases of
       // every use: odd before = second); the first pass's first refill, into the stage the
       // last pass left, by warpgroup 0.
+      bool* const second = l.second + (j & 1) * 2 + wg;
       if ((tid & 127) == 0) {
-        l.second[wg] =
+        *second =
             j == 0 ? wg == 0 : (atomicAdd(&pipe.released[(done + j - 1) % n_stages], 1u) & 1u);
       }
       hopper::named_barrier_sync(1 + wg, 128);
-      if (l.second[wg] && j + n_stages - 1 < nk) issue(j + n_stages - 1, 4);
+      if (*second && j + n_stages - 1 < nk) issue(j + n_stages - 1, 4);
     } else {
       __syncthreads();
       if (j + n_stages - 1 < nk) issue(j + n_stages - 1, kMegakernelWarps);
