@@ -43,10 +43,14 @@ enum class Opcode : int32_t {
   // RMSNorm(attn_norm) of token rows, projected onto a range of fused heads (q heads, then k
   // heads, then v heads of this rank), + bias (Qwen2), + per-head RMSNorm (Qwen3), + RoPE
   // on q and k; q heads go to the q buffer, k and v heads are appended to the paged cache.
-  // Why the norm is recomputed by every projection tile (here, kGateUpSilu, kLmHead): it
-  // costs rows x hidden extra work per tile, a few percent of the tile's matmul, where a
-  // separate norm op would add a stage, a barrier and a round trip of the normalized rows
-  // through global memory to every layer.
+  // Why the norm is computed by the projection tiles (here, kGateUpSilu, kLmHead) rather than
+  // by an op of its own: a separate norm op would add a stage, a barrier and a round trip of
+  // the normalized rows through global memory to every layer. Recomputed by every tile it
+  // was not cheap on the GPU: on an H100 the row scales of 128 fp32 rows took ~28% of a
+  // 128-row gate/up tile's stall samples (bench/RESULTS.md, 2026-12-06); each CTA now keeps
+  // the last chunk's scales (kernels/op_context.cuh, NormCache), which the planner's tile
+  // order makes the next tile's. bf16 normalized rows written once would also halve what
+  // every tile reads: measure that against the extra stage.
   kQkvRope = 2,
   // Causal attention of query rows over the paged KV cache for one kv head (all q heads of
   // its group). Unsplit: writes the attention output. Split: writes one KV split's

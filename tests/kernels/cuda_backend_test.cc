@@ -266,6 +266,20 @@ INSTANTIATE_TEST_SUITE_P(
                   256}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
 
+// Two steps on wgmma alone against the CPU interpreter: a 129-token chunk beside a decode, then
+// two decodes. Every wgmma shape runs (128-row passes of the hidden and FFN projections,
+// 64-row QKV passes, one-row tiles on the CUDA cores); small enough for compute-sanitizer's
+// racecheck (scripts/gpu-suite's "wgmma" sanitizer case), which the mixed-step suite above
+// outlasts.
+TEST(CudaWgmma, TwoStepsSmallEnoughForTheSanitizers) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase c{"wgmma_sanitizer", ModelFamily::kLlama, 256, 4, 4, 64, 344, 1000, 2, 16, 64};
+  std::vector<ForcedRequest> reqs(2);
+  reqs[0] = {random_tokens(130, c.vocab, 41), {129}, 0};
+  reqs[1] = {random_tokens(20, c.vocab, 42), {19}, 0};
+  run_forced(c, reqs, 2, kVariants[2]);
+}
+
 // One request to a context of ~4000 tokens (prefill chunks of 1000, then decodes) beside a
 // short one: long KV-split attention with the GPU's default split size.
 TEST(CudaVsCpuLong, ContextOf4000Tokens) {
