@@ -7,10 +7,11 @@
 //                to bf16, times norm, rounded again: transformers' bf16 RMSNorm (the accuracy
 //                standard, DESIGN §5: bf16 activations, fp32 accumulation; the CPU's
 //                bf16-rounding mode rounds at the same points, engine/cpu normed_input).
-//                Every thread copies its share of a k-block (4 quads of 4 floats) with cp.async
-//                into a ring of `slots` fp32 slots, issued slots - 1 k-blocks before it is
-//                converted (one k-block before it is multiplied), so the L2 round trip is hidden
-//                behind that many k-blocks of work; then converts it into one of three A buffers
+//                Every thread copies its share of a k-block (4 or 8 quads of 4 floats) with
+//                cp.async into a ring of `slots` fp32 slots, issued `slots` k-blocks before it
+//                is converted (one k-block before it is multiplied), as soon as the k-block
+//                before it in its slot is converted, so the L2 round trip is hidden behind
+//                that many k-blocks of work; then converts it into one of three A buffers
 //                in the 128-byte-swizzled K-major layout that wgmma reads. Each thread reads
 //                back only what it copied, so the ring needs no barrier of its own.
 //   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
@@ -251,15 +252,24 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   // at the same k (so one norm quad), quad i at ring offset quad(i) * 16 bytes: rows of both
   // warpgroups (64-row passes), or of its own warpgroup's 64 (128-row passes).
   const int kq = (tid & 15) * 4;
-  const auto quad = [&](int i) {
-    return kWide ? (tid & 127) + i * 128 + wg * 1024 : tid + i * kMegakernelThreads;
+  // quad(t, i) from a thread index t read afresh in each k-block (fresh_tid), so that the
+  // kQuads row-table and ring addresses are recomputed there rather than kept live across
+  // the k-loop (in the 128-row loop they were, and spilled).
+  const auto fresh_tid = [] {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return t;
+  };
+  const auto quad = [](int t, int i) {
+    return kWide ? (t & 127) + i * 128 + (t >> 7) * 1024 : t + i * kMegakernelThreads;
   };
   const auto fetch_a = [&](int j) {
     if (j < nk) {
       char* slot = ring + (j % slots) * kRingBytes;
+      const int t = fresh_tid();
 #pragma unroll
       for (int i = 0; i < kQuads; ++i) {
-        const int q = quad(i), row = q >> 4, k = j * kWgmmaBlockK + kq;
+        const int q = quad(t, i), row = q >> 4, k = j * kWgmmaBlockK + kq;
         const bool ok = row < nr && k < K;
         cp_async16(smem_addr(slot + q * 16), ok ? x_rows[row] + k : x_rows[0], ok ? 16 : 0);
       }
@@ -275,9 +285,10 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     const char* slot = ring + (j % slots) * kRingBytes;
     char* dst = abuf + (j % 3) * kABytes;
     const float2 w0 = unpack_bf16x2(nw.x), w1 = unpack_bf16x2(nw.y);
+    const int t = fresh_tid();
 #pragma unroll 2
     for (int i = 0; i < kQuads; ++i) {
-      const int q = quad(i), row = q >> 4, c4 = q & 15;
+      const int q = quad(t, i), row = q >> 4, c4 = q & 15;
       const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
       const float sc = x_scale[row];
       uint2 v;
@@ -295,6 +306,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   uint2 norm_next = load_norm(1);
   cp_async_wait(slots - 1);  // k-block 0's quads landed
   store_a(0, load_norm(0));
+  fetch_a(slots);  // into the slot k-block 0 left: this thread has read it back
   hopper::fence_proxy_async_shared();
   __syncthreads();
 
@@ -327,10 +339,13 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     }
     hopper::wgmma_commit_group();
     if (j + 1 < nk) {
-      cp_async_wait(slots - 2);  // k-block j + 1's quads (fetched slots - 1 k-blocks ago)
+      cp_async_wait(slots - 1);  // k-block j + 1's quads (fetched `slots` k-blocks ago)
       store_a(j + 1, norm_now);
       hopper::fence_proxy_async_shared();
     }
+    // Into the slot k-block j + 1 just left: this thread's reads of it are done (the
+    // converted values it stored depended on them), and only this thread reads what it copies.
+    fetch_a(j + 1 + slots);
     hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage and A are free
     if constexpr (kWide) {
       // Each warpgroup converts and multiplies its own rows, so only its own threads meet
@@ -349,7 +364,6 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
       __syncthreads();
       if (j + n_stages - 1 < nk) issue(j + n_stages - 1, kMegakernelWarps);
     }
-    fetch_a(j + slots);  // into the slot k-block j left (converted one k-block ago)
   }
   cp_async_wait(0);
   hopper::wgmma_wait<0>();
