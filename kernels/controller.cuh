@@ -19,7 +19,6 @@
 #include "kernels/op_qkv_rope.cuh"
 #include "kernels/op_sample.cuh"
 #include "kernels/tile_wgmma.cuh"
-#include "kernels/weight_prefetch.cuh"
 
 namespace megaserve::kernels {
 
@@ -103,8 +102,6 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, uint32_t* barriers, Host
     if (threadIdx.x == 0) {
       if (profile != nullptr) profile[kProfileWords * i] = global_time_ns();
       cs.inst = cs.step.instructions[i];
-      // Its weights start coming into L2 while it waits (weight_prefetch.cuh).
-      if (cs.inst.num_waits() > 0) prefetch_weights(cs.inst, cs.model);
       bool ok = true;
       for (int w = 0; ok && w < cs.inst.num_waits(); ++w) {
         const uint32_t target = static_cast<uint32_t>(cs.inst.wait_target(w));
