@@ -76,8 +76,13 @@ __host__ __device__ constexpr int wgmma_core_bytes(int stages, int slots, int ro
 inline constexpr int kWgmmaCoreBytes = wgmma_core_bytes(3, 2, 64);
 inline constexpr int kWgmmaDeepCoreBytes = wgmma_core_bytes(4, 3, 64);
 inline constexpr int kWgmmaWideCoreBytes = wgmma_core_bytes(3, 2, 128);
-// The stage barriers of both depths: [0, 3) shallow (and 128-row), [3, 7) deep.
+// The stage barriers of both depths: [0, 3) shallow (and 128-row), [3, 7) deep (and the
+// 4-stage passes that read cached activations [ACT_CACHE]).
 inline constexpr int kWgmmaBarriers = 3 + 4;
+// Token rows of one CTA's activation cache (DeviceModel::act_cache): one wgmma pass's.
+inline constexpr int kActCacheRows = 128;
+// The activation cache map's box: 64 k x kActCacheBoxRows rows (one 8 KB A block).
+inline constexpr int kActCacheBoxRows = 64;
 
 // A layer's weight matrices by their index in DeviceModel::weight_maps.
 enum WeightMatrix : int32_t { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerMatrices };
@@ -119,6 +124,12 @@ struct DeviceModel {
   // swizzle): layer l's matrix m at l * kLayerMatrices + m, the LM head after the layers. Null
   // when the matrices' K do not allow TMA (K % 8 != 0); the projections then use mma.sync.
   const CUtensorMap* weight_maps;
+  // The wgmma core's activation cache [ACT_CACHE] (kernels/tile_wgmma.cuh): per CTA
+  // kActCacheRows rows of `hidden` bf16 (CTA c's at rows [c, c + 1) * kActCacheRows), the A
+  // operand of its last pass over a normalized (or plain) activation block, and its TMA map
+  // (box 64 k x kActCacheBoxRows rows, 128-byte swizzle). Null without weight maps.
+  uint16_t* act_cache;
+  const CUtensorMap* act_cache_map;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by

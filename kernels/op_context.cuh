@@ -3,6 +3,7 @@
 #pragma once
 
 #include "engine/isa/isa.h"
+#include "kernels/act_cache.h"
 #include "kernels/megakernel.h"
 
 namespace megaserve::kernels {
@@ -24,6 +25,8 @@ struct WgmmaPass {
   int32_t rows;          // token rows per pass: 64 or 128
   bool deep;             // 64-row passes: the deep pipeline
   int32_t nr, K, ngroups;
+  int32_t act_mode;  // ActMode
+  ActCache cache;    // kept from pass to pass
 };
 
 // The row scales (1 / rms) of the last chunk of rows a projection normalized on this CTA, and

@@ -49,7 +49,16 @@ struct ProjectionInput {
   int nrows, ncols, K;
   const float* row_scale;
   const uint16_t* norm;
+  // Which activations these are, for the wgmma core's activation cache [ACT_CACHE]
+  // (act_cache_tag), or -1: never cached.
+  int32_t cache_tag = -1;
 };
+
+// ProjectionInput::cache_tag of an op's activations in a layer: the op's A blocks differ from
+// every other op's (its own norm or input buffer) and from its own in other layers.
+__host__ __device__ constexpr int32_t act_cache_tag(engine::isa::Opcode op, int32_t layer) {
+  return static_cast<int32_t>(op) * 65536 + layer;
+}
 
 inline constexpr int kMmaMaxStages = 8;
 inline constexpr int kMmaMinStagesForWiderChunks = 3;  // chunks widen while this many fit

@@ -39,6 +39,11 @@
 // pass between the calls. Calls to other functions from the entry function do not serialize
 // its wgmmas (a 30-line kernel shows both; bench/RESULTS.md, 2026-12-06).
 //
+// Cached activations [ACT_CACHE] (kernels/act_cache.h): the first pass of a CTA over an
+// activation block converts it as above and also stores the bf16 A into the CTA's rows of
+// DeviceModel::act_cache; the passes after it over the same block (the next tiles of weights)
+// take A from there with the TMA unit, beside the weights (run_wgmma_pass_cached).
+//
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
 // kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
 // same stages at the same places) or 4 and 3 (deep, 64-row passes only, in
@@ -173,7 +178,16 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
   if (tid < sh.ngroups) {
     l.groups[tid] = group_of(tid / cgroups, sh.c0 + (tid % cgroups) * kWgmmaGroupRows);
   }
-  if (tid == 0) pass = WgmmaPass{smem, in.norm, kRows, deep, sh.nr, in.K, sh.ngroups};
+  if (tid == 0) {
+    pass.smem = smem;
+    pass.norm = in.norm;
+    pass.rows = kRows;
+    pass.deep = deep;
+    pass.nr = sh.nr;
+    pass.K = in.K;
+    pass.ngroups = sh.ngroups;
+    pass.act_mode = choose_act_mode(pass.cache, in.cache_tag, in.K, src_row(sh.r0), sh.nr, kRows);
+  }
   __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
 
@@ -192,6 +206,26 @@ __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep
     emit(sh.c0 + c, sh.r0 + r, v);
   }
   __syncthreads();  // emitted values visible; the memory free for the next pass
+}
+
+// Accumulator of m64nNk16 into the epilogue's dstage ([r][c] fp32), warp w4 = warp within
+// the warpgroup: for each 8-column block b, registers 4b..4b+3 hold (r, c), (r, c + 1),
+// (r + 8, c), (r + 8, c + 1) with r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's
+// block starts at row 64 w (128-row passes) or column 128 w (64-row passes).
+template <int kRows, int kAcc>
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[kAcc], float* dstage,
+                                                   int tid) {
+  constexpr bool kWide = kRows == 128;
+  const int wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31;
+  const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
+  float* d = dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
+#pragma unroll
+  for (int b = 0; b < kAcc / 4; ++b) {
+    *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
+        make_float2(acc[4 * b], acc[4 * b + 1]);
+    *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
+        make_float2(acc[4 * b + 2], acc[4 * b + 3]);
+  }
 }
 
 // The k-loop of the pass that `pass` describes (wgmma_pass_setup), by the whole CTA: its
@@ -224,6 +258,8 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   const float** const x_rows = l.x_rows;
   const float* const x_scale = l.x_scale;
   const WeightGroup* const groups = l.groups;
+  // kActFill: every converted A value also goes to the activation cache, [row][k].
+  uint16_t* const fill = pass.act_mode == kActFill ? pass.cache.rows : nullptr;
 
   // Earlier generic accesses of this memory (the tables just written, the previous pass's
   // epilogue, other ops) are ordered before the TMA writes and wgmma reads that follow.
@@ -298,6 +334,8 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
       v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
       *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) + (c4 & 1) * 8) =
           v;
+      const int k = j * kWgmmaBlockK + c4 * 4;
+      if (fill != nullptr && k < K) *reinterpret_cast<uint2*>(fill + row * K + k) = v;
     }
   };
 
@@ -368,30 +406,116 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   cp_async_wait(0);
   hopper::wgmma_wait<0>();
   hopper::wgmma_fence_operands(acc);
+  // The cache's rows, written above, are read by the TMA unit from the next pass on.
+  if (fill != nullptr) hopper::fence_proxy_async_global();
   __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
-
-  // Accumulator of m64nNk16, warp w4 = warp within the warpgroup: for each 8-column block b,
-  // registers 4b..4b+3 hold (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with
-  // r = 16 w4 + lane / 4, c = 8b + 2 (lane % 4); warpgroup w's block starts at row 64 w
-  // (128-row passes) or column 128 w (64-row passes).
-  {
-    const int w4 = (tid >> 5) & 3, lane = tid & 31;
-    const int r = 16 * w4 + (lane >> 2), c = 2 * (lane & 3);
-    float* d = l.dstage + (kWide ? wg * 64 * kWgmmaDStride : wg * (kWgmmaPassB / 2));
-#pragma unroll
-    for (int b = 0; b < kAcc / 4; ++b) {
-      *reinterpret_cast<float2*>(d + r * kWgmmaDStride + 8 * b + c) =
-          make_float2(acc[4 * b], acc[4 * b + 1]);
-      *reinterpret_cast<float2*>(d + (r + 8) * kWgmmaDStride + 8 * b + c) =
-          make_float2(acc[4 * b + 2], acc[4 * b + 3]);
-    }
-  }
+  stage_accumulators<kRows>(acc, l.dstage, tid);
   if (tid == 0) *consumed = done + nk;
   __syncthreads();  // the staged outputs visible to the op's emit
 }
 
+// A pass whose A operand is in the activation cache (kActCached) [ACT_CACHE]: the TMA unit
+// copies each k-block's A (kRows rows x 64 k, in boxes of 64 rows) into its stage beside the
+// weights, so no thread converts anything and the warps only wait, multiply and refill.
+// Stages of weights + A: 4 (128-row and deep 64-row passes, on the deep barriers) or 3 (the
+// shallow barriers), in the core's memory (static_asserts below). Every k-block ends with a
+// CTA-wide barrier after its warpgroup retired the previous k-block's wgmmas, after which the
+// refill of that k-block's stage is issued, as in the 64-row converting passes.
+template <int kRows>
+__device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, WgmmaPipe pipe) {
+  constexpr bool kWide = kRows == 128;
+  constexpr int kAcc = kWide ? 128 : 64;
+  constexpr int kABytes = WgmmaLayout<kRows>::kABytes;
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  const int wg = tid >> 7;
+  const bool deep = pass.deep;
+  const WgmmaLayout<kRows> l(pass.smem, deep);
+  const bool four = kWide || deep;
+  const int n_stages = four ? 4 : 3;
+  uint64_t* const full = pipe.full + (four ? 3 : 0);
+  uint32_t* const consumed = pipe.consumed + (four ? 1 : 0);
+  const int K = pass.K, ngroups = pass.ngroups;
+  const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
+  char* const stages = l.stages;
+  char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [n_stages][kABytes]
+  const WeightGroup* const groups = l.groups;
+  const auto* const amap = static_cast<const CUtensorMap*>(pass.cache.map);
+  const int arow = pass.cache.map_row;
+
+  hopper::fence_proxy_async_shared();
+  __syncthreads();
+  const uint32_t done = *consumed;
+  const uint32_t tx_bytes = ngroups * kWgmmaGroupRows * 128 + kABytes;
+  // K-block j's weight groups and A into stage (done + j) % n_stages, by all warps: thread 0
+  // arms the barrier, lane 0 of warp w copies groups w, w + 8, ..., the last warp's also A.
+  const auto issue = [&](int j) {
+    const uint32_t s = (done + j) % n_stages;
+    uint64_t* bar = &full[s];
+    if (tid == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
+    if ((tid & 31) != 0) return;
+    char* dst = stages + s * kWgmmaStageBytes;
+    const int warp = tid >> 5;
+    for (int g = warp; g < ngroups; g += kMegakernelWarps) {
+      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
+                          groups[g].row);
+    }
+    if (warp == kMegakernelWarps - 1) {
+#pragma unroll
+      for (int b = 0; b < kRows / kActCacheBoxRows; ++b) {
+        hopper::tma_load_2d(abuf + s * kABytes + b * kActCacheBoxRows * kWgmmaARowBytes, amap, bar,
+                            j * kWgmmaBlockK, arow + b * kActCacheBoxRows);
+      }
+    }
+  };
+  for (int j = 0; j < n_stages - 1 && j < nk; ++j) issue(j);
+
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+  hopper::wgmma_fence_operands(acc);
+  const uint32_t a_base = smem_addr(abuf) + (kWide ? wg * (kABytes / 2) : 0);
+  const uint32_t b_base = smem_addr(stages) + (kWide ? 0 : wg * (kWgmmaStageBytes / 2));
+  for (int j = 0; j < nk; ++j) {
+    const uint32_t s = (done + j) % n_stages;
+    hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
+    hopper::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t koff = kk * 32;
+      const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + s * kABytes + koff);
+      const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
+      if constexpr (kWide) {
+        hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+      } else {
+        hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
+      }
+    }
+    hopper::wgmma_commit_group();
+    hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage is free
+    __syncthreads();
+    if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
+  }
+  hopper::wgmma_wait<0>();
+  hopper::wgmma_fence_operands(acc);
+  __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
+  stage_accumulators<kRows>(acc, l.dstage, tid);
+  if (tid == 0) *consumed = done + nk;
+  __syncthreads();  // the staged outputs visible to the op's emit
+}
+// Weights + A stages of the cached passes fit where the converting passes' layout lies.
+static_assert(4 * (kWgmmaStageBytes + 128 * kWgmmaARowBytes) <= wgmma_layout_bytes(3, 2, 128));
+static_assert(4 * (kWgmmaStageBytes + 64 * kWgmmaARowBytes) <= wgmma_layout_bytes(4, 3, 64));
+static_assert(3 * (kWgmmaStageBytes + 64 * kWgmmaARowBytes) <= wgmma_layout_bytes(3, 2, 64));
+
 __device__ __forceinline__ void run_wgmma_pass(const WgmmaPass& pass, WgmmaPipe pipe) {
-  if (pass.rows == 128) {
+  if (pass.act_mode == kActCached) {
+    if (pass.rows == 128) {
+      run_wgmma_pass_cached<128>(pass, pipe);
+    } else {
+      run_wgmma_pass_cached<64>(pass, pipe);
+    }
+  } else if (pass.rows == 128) {
     run_wgmma_pass_rows<128>(pass, pipe);
   } else {
     run_wgmma_pass_rows<64>(pass, pipe);

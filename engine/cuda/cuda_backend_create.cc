@@ -186,6 +186,18 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     absl::StatusOr<CUtensorMap*> dm = st->upload(maps->data(), maps->size(), "weight maps");
     if (!dm.ok()) return dm.status();
     m.weight_maps = *dm;
+    // The activation cache [ACT_CACHE]: kActCacheRows rows of the hidden size per CTA.
+    const int64_t cache_rows = int64_t{st->grid} * kernels::kActCacheRows;
+    void* p = nullptr;
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, sizeof(uint16_t) * cache_rows * m.hidden),
+                          "activation cache");
+    st->allocations.push_back(p);
+    m.act_cache = static_cast<uint16_t*>(p);
+    absl::StatusOr<CUtensorMap> am = encode_act_cache_map(m.act_cache, cache_rows, m.hidden);
+    if (!am.ok()) return am.status();
+    absl::StatusOr<CUtensorMap*> dam = st->upload(&*am, 1, "activation cache map");
+    if (!dam.ok()) return dam.status();
+    m.act_cache_map = *dam;
   }
   const std::vector<float> inv_freq = rope_inv_freq(config);
   absl::StatusOr<float*> inv = st->upload(inv_freq.data(), inv_freq.size(), "inv_freq");

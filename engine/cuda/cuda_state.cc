@@ -298,11 +298,23 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
   // Only copies on the copy stream while a persistent kernel is resident [STEP_RING]: a
   // kernel there (cudaMemsetAsync is one) may never start, since the megakernel's CTAs can
   // hold nearly all of every SM's registers while they wait for this very upload.
-  if (poison) {  // all-ones words are NaN floats
-    if (poison_bytes.size() < wl.bytes) poison_bytes.assign(wl.bytes, 0xff);
+  if (poison) {  // all-ones words are NaN floats (and bf16 values)
+    // The activation cache too: a pass that read another step's cached rows shows up.
+    const size_t cache_bytes = model.act_cache == nullptr
+                                   ? 0
+                                   : sizeof(uint16_t) * size_t{kernels::kActCacheRows} * grid *
+                                         static_cast<size_t>(model.hidden);
+    if (poison_bytes.size() < std::max(wl.bytes, cache_bytes)) {
+      poison_bytes.assign(std::max(wl.bytes, cache_bytes), 0xff);
+    }
     MEGASERVE_CUDA_RETURN(
         cudaMemcpyAsync(workspace, poison_bytes.data(), wl.bytes, cudaMemcpyHostToDevice, copy),
         "poisoning");
+    if (cache_bytes > 0) {
+      MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache, poison_bytes.data(), cache_bytes,
+                                            cudaMemcpyHostToDevice, copy),
+                            "poisoning");
+    }
   }
   MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy),
                         "upload");

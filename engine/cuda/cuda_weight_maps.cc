@@ -26,14 +26,14 @@ absl::StatusOr<EncodeTiled> encode_function() {
   return reinterpret_cast<EncodeTiled>(fn);
 }
 
-// [rows, K] bf16, K contiguous; box 64 k x kWgmmaGroupRows rows, 128-byte swizzle (the layout
+// [rows, K] bf16, K contiguous; box 64 k x box_rows rows, 128-byte swizzle (the layout
 // wgmma's K-major descriptors read); rows past the end read as zeros.
 absl::StatusOr<CUtensorMap> encode(EncodeTiled fn, const uint16_t* base, int64_t rows, int64_t K,
-                                   const char* what) {
+                                   const char* what, int box_rows = kernels::kWgmmaGroupRows) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(kernels::kWgmmaGroupRows)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult r =
       fn(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(base), dims, strides, box,
@@ -75,6 +75,12 @@ absl::StatusOr<std::vector<CUtensorMap>> encode_weight_maps(
   }
   if (absl::Status s = add(m.lm_head, m.vocab, H, "lm_head"); !s.ok()) return s;
   return maps;
+}
+
+absl::StatusOr<CUtensorMap> encode_act_cache_map(const uint16_t* base, int64_t rows, int64_t K) {
+  absl::StatusOr<EncodeTiled> fn = encode_function();
+  if (!fn.ok()) return fn.status();
+  return encode(*fn, base, rows, K, "activation cache", kernels::kActCacheBoxRows);
 }
 
 }  // namespace megaserve::engine

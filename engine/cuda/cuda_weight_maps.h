@@ -18,4 +18,8 @@ namespace megaserve::engine {
 absl::StatusOr<std::vector<CUtensorMap>> encode_weight_maps(
     const kernels::DeviceModel& m, const std::vector<kernels::DeviceLayer>& layers);
 
+// The map of the activation cache (kernels::DeviceModel::act_cache): [rows, K] bf16 at `base`,
+// box 64 k x kernels::kActCacheBoxRows rows, 128-byte swizzle.
+absl::StatusOr<CUtensorMap> encode_act_cache_map(const uint16_t* base, int64_t rows, int64_t K);
+
 }  // namespace megaserve::engine

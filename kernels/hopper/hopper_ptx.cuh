@@ -277,6 +277,12 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// The same for global memory: this thread's generic writes before the async proxy's (TMA)
+// reads that follow a barrier.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Register reallocation between warpgroups (sm_90a). Takes effect only when the kernel was
 // compiled with a register cap (__launch_bounds__(threads, 1)) and each warpgroup's role is one

@@ -101,9 +101,11 @@ constexpr KernelVariant kVariants[] = {{false, false, false},
                                        {true, false, true, true},
                                        {false, true, false}};
 
-// `tiles`: the GPU's tile shapes (default gpu_tile_config(132) with c.kv_split_tokens).
+// `tiles`: the GPU's tile shapes (default gpu_tile_config(132) with c.kv_split_tokens);
+// `num_sms`: the GPU's CTAs (0: one per SM).
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
-                KernelVariant variant, const std::optional<TileConfig>& tiles = std::nullopt) {
+                KernelVariant variant, const std::optional<TileConfig>& tiles = std::nullopt,
+                int num_sms = 0) {
   const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
@@ -155,6 +157,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_tiles.kv_split_tokens = c.kv_split_tokens;
   if (c.attention_query_rows > 0) gpu_tiles.attention_query_rows = c.attention_query_rows;
   gpu_opts.tiles = gpu_tiles;
+  gpu_opts.num_sms = num_sms;
   auto gpu = CudaBackend::create(config, *weights, gpu_opts);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   StepRunner gpu_runner(config, **gpu);
@@ -278,6 +281,25 @@ TEST(CudaWgmma, TwoStepsSmallEnoughForTheSanitizers) {
   reqs[0] = {random_tokens(130, c.vocab, 41), {129}, 0};
   reqs[1] = {random_tokens(20, c.vocab, 42), {19}, 0};
   run_forced(c, reqs, 2, kVariants[2]);
+}
+
+// The activation cache [ACT_CACHE] (kernels/act_cache.h) on 3 CTAs: each runs several tiles
+// of every projection over the same row block (steps of one block: 63 rows, then 71 in
+// 128-row passes, then decodes), so all but a CTA's first pass over a block read their
+// activations from the cache: QKV's and gate/up's normalized rows, the output projection's
+// attention rows (128 hidden columns per tile: two tiles per block). The workspace and the
+// cache are poisoned with NaN before every step, so a pass that read another step's block,
+// or one never written, fails the comparison with the CPU.
+TEST(CudaWgmma, FewCtasReadCachedActivations) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase c{"act_cache", ModelFamily::kLlama, 256, 4, 4, 64, 688, 1000, 2, 16, 64};
+  std::vector<ForcedRequest> reqs(2);
+  reqs[0] = {random_tokens(140, c.vocab, 51), {60, 70}, 0};
+  reqs[1] = {random_tokens(20, c.vocab, 52), {3}, 0};
+  TileConfig tiles = gpu_tile_config(3);
+  tiles.hidden_cols = 128;
+  run_forced(c, reqs, 4, kVariants[2], tiles, 3);
+  run_forced(c, reqs, 4, kVariants[3], tiles, 3);  // the shallow pipeline (3 cached stages)
 }
 
 // One request to a context of ~4000 tokens (prefill chunks of 1000, then decodes) beside a
