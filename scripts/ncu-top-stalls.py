@@ -5,7 +5,9 @@
 The sample column is the first whose name holds "All Samples" (ncu's "Warp Stall Sampling (All
 Samples)"), else the first holding "Sampl". Prints the total, then the N lines with the most
 samples: samples, share of the total, address, instruction, and the three largest other
-numeric columns of that line by name. Exits 1 when the file has no such column or no samples.
+numeric columns of that line by name; then every HGMMA line (address, times executed,
+samples), so that each wgmma loop's share of the work shows (a loop's HGMMAs run once per
+k-block and warp). Exits 1 when the file has no such column or no samples.
 
 Usage: ncu-top-stalls.py SOURCE.csv [N]   (N: 40)
 """
@@ -64,6 +66,14 @@ def main():
         text = r[source] if source is not None else ""
         extra = "; ".join(f"{name} {v:.0f}" for v, name in others[:3])
         print(f"{s:10.0f} {100 * s / total:5.1f}%  {where:>8}  {text[:70]:70}  {extra}")
+    executed = next((i for i, h in enumerate(header) if h.strip() == "Instructions Executed"),
+                    None)
+    print("HGMMA lines: address, instructions executed, samples")
+    for s, r in sorted(lines, key=lambda x: x[1][address] if address is not None else ""):
+        if source is not None and "HGMMA" in r[source]:
+            n = number(r[executed]) if executed is not None else None
+            where = r[address] if address is not None else "?"
+            print(f"  {where:>8}  {'?' if n is None else f'{n:.0f}':>12}  {s:10.0f}  {r[source][:60]}")
     return 0
 
 

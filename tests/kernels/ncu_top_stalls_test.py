@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """scripts/ncu-top-stalls.py on hand-written CSV in the shape of ncu's source page: the lines
 come out by samples, with thousands separators read, shares of the total, and the other
-counters named; a file without a sample column or without samples fails.
+counters named, then the HGMMA lines with their execution counts; a file without a sample column or without samples fails.
 Usage: ncu_top_stalls_test.py NCU_TOP_STALLS TMPDIR"""
 import os
 import subprocess
@@ -34,9 +34,13 @@ def main():
         failures.append(f"page: rc {rc}")
     if not lines or "8000 in 3 lines" not in lines[0]:
         failures.append(f"page: total line {lines[:1]}")
-    if len(lines) != 3:
-        failures.append(f"page: want the total and 2 lines, got {len(lines)}")
+    if len(lines) != 5:
+        failures.append(f"page: want the total, 2 lines and 2 of HGMMAs, got {len(lines)}")
     else:
+        if "HGMMA lines" not in lines[3]:
+            failures.append(f"page: HGMMA header {lines[3]!r}")
+        if lines[4].split()[:3] != ["0x20", "256", "6000"]:
+            failures.append(f"page: HGMMA line {lines[4]!r}")
         if "HGMMA" not in lines[1] or "75.0%" not in lines[1] or "5900" not in lines[1]:
             failures.append(f"page: first line {lines[1]!r}")
         if "LDL" not in lines[2] or "18.8%" not in lines[2] or "0x10" not in lines[2]:
