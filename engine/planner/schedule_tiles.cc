@@ -1,7 +1,6 @@
 #include "engine/planner/schedule_tiles.h"
 
 #include <algorithm>
-#include <cmath>
 
 namespace megaserve::engine {
 
@@ -20,14 +19,31 @@ constexpr int kColumnGranule = 16;
 // and from L2 for the rest; row by row, every round of tiles streamed all of the op's weights
 // (a decode step of 256 requests read them 4 times). g minimizes the bytes of that round:
 // g x `row_bytes` (a row tile's activations) + num_sms / g x `column_bytes` (a column
-// tile's weights).
+// tile's weights), among the g <= row_tiles that divide num_sms (the larger on a tie): then
+// every SM gets tiles of one row block of the group only (tile i of the op goes to SM
+// i % num_sms, and its row is i % g), so its next tile reuses the activations it staged and
+// their row scales (kernels/act_cache.h [ACT_CACHE], NormCache). At 132 SMs the unrestricted
+// optimum for QKV was 16, which changed an SM's row block at every tile.
+int row_group(int row_tiles, int num_sms, double row_bytes, double column_bytes) {
+  int best = 1;
+  double best_bytes = row_bytes + num_sms * column_bytes;
+  for (int g = 2; g <= std::min(row_tiles, num_sms); ++g) {
+    if (num_sms % g != 0) continue;
+    const double bytes = g * row_bytes + (num_sms / g) * column_bytes;
+    if (bytes <= best_bytes) {
+      best = g;
+      best_bytes = bytes;
+    }
+  }
+  return best;
+}
+
 void group_rows(std::vector<Tile>& out, size_t first, int row_tiles, int num_sms, double row_bytes,
                 double column_bytes) {
   const size_t n = out.size() - first;
   if (row_tiles <= 1 || n % row_tiles != 0) return;
   const int cols = static_cast<int>(n / row_tiles);
-  const int g = std::clamp(
-      static_cast<int>(std::lround(std::sqrt(num_sms * column_bytes / row_bytes))), 1, row_tiles);
+  const int g = row_group(row_tiles, num_sms, row_bytes, column_bytes);
   std::vector<Tile> made(std::make_move_iterator(out.begin() + first),
                          std::make_move_iterator(out.end()));
   size_t at = first;
