@@ -15,14 +15,11 @@ __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
     cs.model = p.model;
     cs.stop = 0;
     ActCache& c = cs.pass.cache;
-    c.rows = p.model.act_cache == nullptr
-                 ? nullptr
-                 : p.model.act_cache + static_cast<int64_t>(blockIdx.x) * kActCacheRows *
-                                           p.model.hidden;
+    c.rows = p.model.act_cache;
     c.map = p.model.act_cache_map;
-    c.map_row = blockIdx.x * kActCacheRows;
+    c.flags = p.model.act_cache_flags;
+    c.capacity = p.model.act_cache_rows;
     c.width = p.model.hidden;
-    c.tag = -1;
     wgmma_pipe_init(WgmmaPipe{cs.tma_full, cs.tma_consumed, cs.tma_released});
   }
 }
@@ -31,7 +28,7 @@ __device__ void load_step(CtaState& cs, const DeviceStepDesc* desc) {
   if (threadIdx.x == 0) {
     cs.step = *desc;
     cs.norm_cache.n = -1;  // the residual rows are this step's from here on
-    cs.pass.cache.tag = -1;
+    cs.pass.cache.epoch = desc->epoch;  // keys of earlier steps' blocks no longer match
   }
   __syncthreads();
 }

@@ -25,6 +25,7 @@
 
 #include "engine/isa/isa.h"
 #include "engine/isa/kv_cache_layout.h"
+#include "kernels/act_cache.h"
 
 namespace megaserve::kernels {
 
@@ -79,8 +80,8 @@ inline constexpr int kWgmmaWideCoreBytes = wgmma_core_bytes(3, 2, 128);
 // The stage barriers of both depths: [0, 3) shallow (and 128-row), [3, 7) deep (and the
 // 4-stage passes that read cached activations [ACT_CACHE]).
 inline constexpr int kWgmmaBarriers = 3 + 4;
-// Token rows of one CTA's activation cache (DeviceModel::act_cache): one wgmma pass's.
-inline constexpr int kActCacheRows = 128;
+// Token rows of the activation cache (DeviceModel::act_cache) per CTA of the grid.
+inline constexpr int kActCacheRowsPerCta = 128;
 // The activation cache map's box: 64 k x kActCacheBoxRows rows (one 8 KB A block).
 inline constexpr int kActCacheBoxRows = 64;
 
@@ -124,12 +125,14 @@ struct DeviceModel {
   // swizzle): layer l's matrix m at l * kLayerMatrices + m, the LM head after the layers. Null
   // when the matrices' K do not allow TMA (K % 8 != 0); the projections then use mma.sync.
   const CUtensorMap* weight_maps;
-  // The wgmma core's activation cache [ACT_CACHE] (kernels/tile_wgmma.cuh): per CTA
-  // kActCacheRows rows of `hidden` bf16 (CTA c's at rows [c, c + 1) * kActCacheRows), the A
-  // operand of its last pass over a normalized (or plain) activation block, and its TMA map
-  // (box 64 k x kActCacheBoxRows rows, 128-byte swizzle). Null without weight maps.
+  // The wgmma core's activation cache [ACT_CACHE] (kernels/act_cache.h): act_cache_rows
+  // token rows of `hidden` bf16 (the bf16 A operand of passes over normalized or plain
+  // activation blocks, at their token rows), its TMA map (box 64 k x kActCacheBoxRows rows,
+  // 128-byte swizzle) and a flag per kActFlagRows rows. Null without weight maps.
   uint16_t* act_cache;
   const CUtensorMap* act_cache_map;
+  uint64_t* act_cache_flags;
+  int32_t act_cache_rows;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by
@@ -181,6 +184,7 @@ struct DeviceStepDesc {
   int32_t num_queues, num_tokens, num_requests, kv_block_size, kv_split_tokens, num_samples;
   int32_t num_split_rows;
   int32_t flags;  // kStep* bits
+  uint32_t epoch;  // different for every step a backend runs (the activation cache's keys)
   const engine::isa::Instruction* instructions;
   const int32_t* queue_begin;  // [num_queues + 1]
   const int32_t* token_ids;    // [num_tokens]; references to previous_sampled_ids [PREVIOUS_SAMPLE]

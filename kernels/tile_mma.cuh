@@ -50,8 +50,10 @@ struct ProjectionInput {
   const float* row_scale;
   const uint16_t* norm;
   // Which activations these are, for the wgmma core's activation cache [ACT_CACHE]
-  // (act_cache_tag), or -1: never cached.
+  // (act_cache_tag), or -1: never cached; and the token row of row 0 (where the cache keeps
+  // them).
   int32_t cache_tag = -1;
+  int32_t first_row = 0;
 };
 
 // ProjectionInput::cache_tag of an op's activations in a layer: the op's A blocks differ from

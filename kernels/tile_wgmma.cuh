@@ -39,10 +39,11 @@
 // pass between the calls. Calls to other functions from the entry function do not serialize
 // its wgmmas (a 30-line kernel shows both; bench/RESULTS.md, 2026-12-06).
 //
-// Cached activations [ACT_CACHE] (kernels/act_cache.h): the first pass of a CTA over an
-// activation block converts it as above and also stores the bf16 A into the CTA's rows of
-// DeviceModel::act_cache; the passes after it over the same block (the next tiles of weights)
-// take A from there with the TMA unit, beside the weights (run_wgmma_pass_cached).
+// Cached activations [ACT_CACHE] (kernels/act_cache.h): the pass that claims an activation
+// block converts it as above and also stores its bf16 A into DeviceModel::act_cache at its
+// token rows; the passes over the same block after it publishes it (the other tiles of
+// weights, on any SM) take A from there with the TMA unit, beside the weights
+// (run_wgmma_pass_cached).
 //
 // Depth: `stages` weight stages and `slots` activation slots, 3 and 2 (shallow, in
 // kWgmmaCoreBytes; 128-row passes, in kWgmmaWideCoreBytes, share its barriers and count: the
@@ -186,7 +187,18 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
     pass.nr = sh.nr;
     pass.K = in.K;
     pass.ngroups = sh.ngroups;
-    pass.act_mode = choose_act_mode(pass.cache, in.cache_tag, in.K, src_row(sh.r0), sh.nr, kRows);
+    pass.act_mode = kActConvert;
+    const int32_t row0 = in.first_row + sh.r0;
+    if (act_cacheable(pass.cache, in.cache_tag, in.K, row0, kRows)) {
+      uint64_t* flag = pass.cache.flags + row0 / kActFlagRows;
+      const uint64_t key = act_block_key(pass.cache.epoch, in.cache_tag, sh.nr, kRows);
+      pass.act_mode = claim_act_block(load_acquire_gpu(flag), key, [&](uint64_t e, uint64_t d) {
+        return cas_acquire_gpu(flag, e, d);
+      });
+      pass.act_row = row0;
+      pass.act_flag = flag;
+      pass.act_key = key;
+    }
   }
   __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
@@ -258,8 +270,11 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   const float** const x_rows = l.x_rows;
   const float* const x_scale = l.x_scale;
   const WeightGroup* const groups = l.groups;
-  // kActFill: every converted A value also goes to the activation cache, [row][k].
-  uint16_t* const fill = pass.act_mode == kActFill ? pass.cache.rows : nullptr;
+  // kActFill: every converted A value of the pass's nr rows also goes to the activation
+  // cache, at [act_row + row][k] (rows past nr are another block's, or no block's).
+  uint16_t* const fill = pass.act_mode == kActFill
+                             ? pass.cache.rows + static_cast<int64_t>(pass.act_row) * K
+                             : nullptr;
 
   // Earlier generic accesses of this memory (the tables just written, the previous pass's
   // epilogue, other ops) are ordered before the TMA writes and wgmma reads that follow.
@@ -335,7 +350,9 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
       *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) + (c4 & 1) * 8) =
           v;
       const int k = j * kWgmmaBlockK + c4 * 4;
-      if (fill != nullptr && k < K) *reinterpret_cast<uint2*>(fill + row * K + k) = v;
+      if (fill != nullptr && k < K && row < nr) {
+        *reinterpret_cast<uint2*>(fill + row * K + k) = v;
+      }
     }
   };
 
@@ -410,7 +427,11 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   if (fill != nullptr) hopper::fence_proxy_async_global();
   __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
   stage_accumulators<kRows>(acc, l.dstage, tid);
-  if (tid == 0) *consumed = done + nk;
+  if (tid == 0) {
+    *consumed = done + nk;
+    // Every thread's cache rows written and fenced before the barrier above: publish them.
+    if (fill != nullptr) store_release_gpu(pass.act_flag, pass.act_key | 1);
+  }
   __syncthreads();  // the staged outputs visible to the op's emit
 }
 
@@ -441,8 +462,11 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
   char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [n_stages][kABytes]
   const WeightGroup* const groups = l.groups;
   const auto* const amap = static_cast<const CUtensorMap*>(pass.cache.map);
-  const int arow = pass.cache.map_row;
+  const int arow = pass.act_row;
 
+  // The cache rows that thread 0 acquired (another CTA's generic writes) before the TMA
+  // unit's reads of them.
+  hopper::fence_proxy_async_global();
   hopper::fence_proxy_async_shared();
   __syncthreads();
   const uint32_t done = *consumed;

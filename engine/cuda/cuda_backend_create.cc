@@ -186,13 +186,21 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     absl::StatusOr<CUtensorMap*> dm = st->upload(maps->data(), maps->size(), "weight maps");
     if (!dm.ok()) return dm.status();
     m.weight_maps = *dm;
-    // The activation cache [ACT_CACHE]: kActCacheRows rows of the hidden size per CTA.
-    const int64_t cache_rows = int64_t{st->grid} * kernels::kActCacheRows;
+    // The activation cache [ACT_CACHE]: kActCacheRowsPerCta token rows of the hidden size
+    // per CTA (steps of more tokens convert the rows past it every time), and its flags,
+    // zeroed (no step's key).
+    const int64_t cache_rows = int64_t{st->grid} * kernels::kActCacheRowsPerCta;
     void* p = nullptr;
     MEGASERVE_CUDA_RETURN(cudaMalloc(&p, sizeof(uint16_t) * cache_rows * m.hidden),
                           "activation cache");
     st->allocations.push_back(p);
     m.act_cache = static_cast<uint16_t*>(p);
+    m.act_cache_rows = static_cast<int32_t>(cache_rows);
+    const size_t flag_bytes = sizeof(uint64_t) * (cache_rows / kernels::kActFlagRows);
+    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, flag_bytes), "activation cache flags");
+    st->allocations.push_back(p);
+    MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, flag_bytes), "activation cache flags");
+    m.act_cache_flags = static_cast<uint64_t*>(p);
     absl::StatusOr<CUtensorMap> am = encode_act_cache_map(m.act_cache, cache_rows, m.hidden);
     if (!am.ok()) return am.status();
     absl::StatusOr<CUtensorMap*> dam = st->upload(&*am, 1, "activation cache map");

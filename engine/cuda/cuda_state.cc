@@ -270,6 +270,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
   d.num_samples = m.num_samples();
   d.num_split_rows = m.num_split_rows;
   d.flags = flags;
+  d.epoch = ++epoch;
   d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(0));
   const int32_t** int_fields[] = {&d.queue_begin,   &d.token_ids,       &d.positions,
                                   &d.token_request, &d.query_start,     &d.block_indptr,
@@ -299,19 +300,22 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
   // kernel there (cudaMemsetAsync is one) may never start, since the megakernel's CTAs can
   // hold nearly all of every SM's registers while they wait for this very upload.
   if (poison) {  // all-ones words are NaN floats (and bf16 values)
-    // The activation cache too: a pass that read another step's cached rows shows up.
-    const size_t cache_bytes = model.act_cache == nullptr
-                                   ? 0
-                                   : sizeof(uint16_t) * size_t{kernels::kActCacheRows} * grid *
-                                         static_cast<size_t>(model.hidden);
+    // The activation cache and its flags too (all-ones flags are no step's key): a pass that
+    // read rows no pass of this step stored shows up.
+    const size_t rows = static_cast<size_t>(model.act_cache_rows);
+    const size_t cache_bytes = sizeof(uint16_t) * rows * static_cast<size_t>(model.hidden);
+    const size_t flag_bytes = sizeof(uint64_t) * (rows / kernels::kActFlagRows);
     if (poison_bytes.size() < std::max(wl.bytes, cache_bytes)) {
       poison_bytes.assign(std::max(wl.bytes, cache_bytes), 0xff);
     }
     MEGASERVE_CUDA_RETURN(
         cudaMemcpyAsync(workspace, poison_bytes.data(), wl.bytes, cudaMemcpyHostToDevice, copy),
         "poisoning");
-    if (cache_bytes > 0) {
+    if (model.act_cache != nullptr) {
       MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache, poison_bytes.data(), cache_bytes,
+                                            cudaMemcpyHostToDevice, copy),
+                            "poisoning");
+      MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache_flags, poison_bytes.data(), flag_bytes,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
     }

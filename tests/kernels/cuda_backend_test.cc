@@ -285,11 +285,11 @@ TEST(CudaWgmma, TwoStepsSmallEnoughForTheSanitizers) {
 
 // The activation cache [ACT_CACHE] (kernels/act_cache.h) on 3 CTAs: each runs several tiles
 // of every projection over the same row block (steps of one block: 63 rows, then 71 in
-// 128-row passes, then decodes), so all but a CTA's first pass over a block read their
-// activations from the cache: QKV's and gate/up's normalized rows, the output projection's
-// attention rows (128 hidden columns per tile: two tiles per block). The workspace and the
-// cache are poisoned with NaN before every step, so a pass that read another step's block,
-// or one never written, fails the comparison with the CPU.
+// 128-row passes, then decodes), so most passes over a block read their activations from the
+// cache once the first has published them: QKV's and gate/up's normalized rows, the output
+// projection's attention rows (128 hidden columns per tile: two tiles per block). The
+// workspace, the cache and its flags are poisoned (all ones) before every step, so a pass
+// that read another step's block, or one never written, fails the comparison with the CPU.
 TEST(CudaWgmma, FewCtasReadCachedActivations) {
   MEGASERVE_REQUIRE_GPU();
   const ModelCase c{"act_cache", ModelFamily::kLlama, 256, 4, 4, 64, 688, 1000, 2, 16, 64};
