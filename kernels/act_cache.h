@@ -61,8 +61,8 @@ MEGASERVE_HOST_DEVICE constexpr uint64_t act_block_key(uint32_t epoch, int32_t t
 // `tag` (-1: never) with reduction width K may use the cache at all.
 MEGASERVE_HOST_DEVICE inline bool act_cacheable(const ActCache& c, int32_t tag, int32_t K,
                                                 int32_t row0, int32_t pass_rows) {
-  return tag >= 0 && c.rows != nullptr && K == c.width && row0 >= 0 &&
-         row0 % kActFlagRows == 0 && row0 + pass_rows <= c.capacity;
+  return tag >= 0 && c.rows != nullptr && K == c.width && row0 >= 0 && row0 % kActFlagRows == 0 &&
+         row0 + pass_rows <= c.capacity;
 }
 
 // The mode of a pass whose block has key `key`, from the flag's value `seen`: cached when

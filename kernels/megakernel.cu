@@ -27,7 +27,7 @@ __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
 __device__ void load_step(CtaState& cs, const DeviceStepDesc* desc) {
   if (threadIdx.x == 0) {
     cs.step = *desc;
-    cs.norm_cache.n = -1;  // the residual rows are this step's from here on
+    cs.norm_cache.n = -1;               // the residual rows are this step's from here on
     cs.pass.cache.epoch = desc->epoch;  // keys of earlier steps' blocks no longer match
   }
   __syncthreads();

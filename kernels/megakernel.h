@@ -183,7 +183,7 @@ inline constexpr int kProfileWords = 4;
 struct DeviceStepDesc {
   int32_t num_queues, num_tokens, num_requests, kv_block_size, kv_split_tokens, num_samples;
   int32_t num_split_rows;
-  int32_t flags;  // kStep* bits
+  int32_t flags;   // kStep* bits
   uint32_t epoch;  // different for every step a backend runs (the activation cache's keys)
   const engine::isa::Instruction* instructions;
   const int32_t* queue_begin;  // [num_queues + 1]

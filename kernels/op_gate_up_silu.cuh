@@ -27,8 +27,9 @@ struct GateUpSiluOp {
       const int n = min(kProjectionScaleRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
       const Walk step = project<2>(
-          walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm,
-                                     act_cache_tag(kOpcode, inst.layer()), r0},
+          walk, st.flags,
+          ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm,
+                          act_cache_tag(kOpcode, inst.layer()), r0},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,

@@ -54,8 +54,9 @@ struct QkvRopeOp {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
       const Walk step = project<1, kProjectionChunkRows>(
-          walk, st.flags, ProjectionInput{n, ncols, H, scale, w.attn_norm,
-                                          act_cache_tag(kOpcode, inst.layer()), r0},
+          walk, st.flags,
+          ProjectionInput{n, ncols, H, scale, w.attn_norm, act_cache_tag(kOpcode, inst.layer()),
+                          r0},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,

@@ -76,7 +76,7 @@ struct CudaState {
   kernels::DeviceStepDesc last_desc{};  // where the last step's outputs live
   std::vector<uint8_t> poison_bytes;    // all 0xff: copied over the workspace to poison it
   bool persistent_running = false;
-  uint32_t seq = 0;  // the ring's sequence number of the latest step posted (0: none yet)
+  uint32_t seq = 0;    // the ring's sequence number of the latest step posted (0: none yet)
   uint32_t epoch = 0;  // the last step's DeviceStepDesc::epoch (1 for the first step)
 
   CudaState() = default;

@@ -49,8 +49,9 @@ enum class Opcode : int32_t {
   // was not cheap on the GPU: on an H100 the row scales of 128 fp32 rows took ~28% of a
   // 128-row gate/up tile's stall samples (bench/RESULTS.md, 2026-12-06); each CTA now keeps
   // the last chunk's scales (kernels/op_context.cuh, NormCache), which the planner's tile
-  // order makes the next tile's. bf16 normalized rows written once would also halve what
-  // every tile reads: measure that against the extra stage.
+  // order makes the next tile's; and the first tile over a row block to claim it stores its
+  // bf16 normalized rows for the others (kernels/act_cache.h [ACT_CACHE]), which read them
+  // with the TMA unit: normalized once per row block without a stage of its own.
   kQkvRope = 2,
   // Causal attention of query rows over the paged KV cache for one kv head (all q heads of
   // its group). Unsplit: writes the attention output. Split: writes one KV split's

@@ -530,7 +530,8 @@ TEST(ScheduleBuilderTest, AnSmsNextProjectionTileKeepsItsRows) {
       }
     }
     ASSERT_GT(pairs, 132) << isa::opcode_name(op);
-    EXPECT_GE(same, pairs * percent / 100) << isa::opcode_name(op) << ": " << same << " of " << pairs;
+    EXPECT_GE(same, pairs * percent / 100)
+        << isa::opcode_name(op) << ": " << same << " of " << pairs;
   }
 }
 
