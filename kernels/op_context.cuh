@@ -25,9 +25,10 @@ struct WgmmaPass {
   int32_t rows;          // token rows per pass: 64 or 128
   bool deep;             // 64-row passes: the deep pipeline
   int32_t nr, K, ngroups;
-  int32_t act_mode;    // ActMode [ACT_CACHE]
-  int32_t act_row;     // the pass's first token row: its block's rows in the cache
-  uint64_t* act_flag;  // kActFill: the flag to publish act_key | 1 on
+  int32_t act_mode;     // ActMode [ACT_CACHE]
+  int32_t act_row;      // the pass's first token row: its block's rows in the cache
+  const void* act_map;  // kActCached: the CUtensorMap A comes through
+  uint64_t* act_flag;   // kActFill: the flag to publish act_key | 1 on
   uint64_t act_key;
   ActCache cache;  // set once per CTA (the epoch per step)
 };

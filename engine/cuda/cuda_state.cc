@@ -319,6 +319,17 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
     }
+    if (model.ffn_act != nullptr) {  // read where no kGateUpSilu wrote: NaN
+      const size_t ffn_bytes = sizeof(uint16_t) * static_cast<size_t>(model.ffn_act_rows) *
+                               static_cast<size_t>(model.ffn);
+      for (size_t at = 0; at < ffn_bytes; at += poison_bytes.size()) {
+        MEGASERVE_CUDA_RETURN(
+            cudaMemcpyAsync(reinterpret_cast<uint8_t*>(model.ffn_act) + at, poison_bytes.data(),
+                            std::min(poison_bytes.size(), ffn_bytes - at), cudaMemcpyHostToDevice,
+                            copy),
+            "poisoning");
+      }
+    }
   }
   MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy),
                         "upload");
