@@ -140,6 +140,11 @@ struct DeviceModel {
   uint16_t* ffn_act;
   const CUtensorMap* ffn_act_map;
   int32_t ffn_act_rows;
+  // The same for the attention output, the output projection's input ([attn_act_rows,
+  // q_heads * head_dim], written by kAttention and kAttentionMerge beside attn_out).
+  uint16_t* attn_act;
+  const CUtensorMap* attn_act_map;
+  int32_t attn_act_rows;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by

@@ -43,6 +43,16 @@ struct NormCache {
   float scale[kProjectionScaleRows];
 };
 
+// Where the bf16 copy of the attention output at `out` (an element of st.attn_out) goes
+// (DeviceModel::attn_act), or null where the model keeps none for that row.
+__device__ inline uint16_t* attn_act_at(const DeviceModel& md, const DeviceStepDesc& st,
+                                        const float* out) {
+  if (md.attn_act == nullptr) return nullptr;
+  const int64_t at = out - st.attn_out;
+  return at / (static_cast<int64_t>(md.q_heads) * md.head_dim) < md.attn_act_rows ? md.attn_act + at
+                                                                                  : nullptr;
+}
+
 struct OpContext {
   const DeviceModel& model;
   const DeviceStepDesc& step;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <thread>
+#include <utility>
 
 namespace megaserve::engine {
 
@@ -319,14 +320,17 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
     }
-    if (model.ffn_act != nullptr) {  // read where no kGateUpSilu wrote: NaN
-      const size_t ffn_bytes = sizeof(uint16_t) * static_cast<size_t>(model.ffn_act_rows) *
-                               static_cast<size_t>(model.ffn);
-      for (size_t at = 0; at < ffn_bytes; at += poison_bytes.size()) {
+    // The bf16 activations: read where no op of this step wrote, NaN.
+    const std::pair<uint16_t*, int64_t> bf16_rows[] = {
+        {model.ffn_act, model.ffn}, {model.attn_act, int64_t{model.q_heads} * model.head_dim}};
+    for (const auto& [rows_at, width] : bf16_rows) {
+      if (rows_at == nullptr) continue;
+      const size_t n =
+          sizeof(uint16_t) * static_cast<size_t>(model.ffn_act_rows) * static_cast<size_t>(width);
+      for (size_t at = 0; at < n; at += poison_bytes.size()) {
         MEGASERVE_CUDA_RETURN(
-            cudaMemcpyAsync(reinterpret_cast<uint8_t*>(model.ffn_act) + at, poison_bytes.data(),
-                            std::min(poison_bytes.size(), ffn_bytes - at), cudaMemcpyHostToDevice,
-                            copy),
+            cudaMemcpyAsync(reinterpret_cast<uint8_t*>(rows_at) + at, poison_bytes.data(),
+                            std::min(poison_bytes.size(), n - at), cudaMemcpyHostToDevice, copy),
             "poisoning");
       }
     }
