@@ -434,8 +434,13 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   stage_accumulators<kRows>(acc, l.dstage, tid);
   if (tid == 0) {
     *consumed = done + nk;
-    // Every thread's cache rows written and fenced before the barrier above: publish them.
-    if (fill != nullptr) store_release_gpu(pass.act_flag, pass.act_key | 1);
+    // Every thread's cache rows written and fenced before the barrier above: publish them
+    // (the device-wide fence first, as the controller's signals do, so that the release
+    // covers the other threads' writes as well as this one's).
+    if (fill != nullptr) {
+      __threadfence();
+      store_release_gpu(pass.act_flag, pass.act_key | 1);
+    }
   }
   __syncthreads();  // the staged outputs visible to the op's emit
 }
