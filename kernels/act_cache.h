@@ -16,10 +16,15 @@
 // claims the flag with a compare-and-swap (key), converts the block and stores it, then
 // publishes key | 1 (release); a CTA that finds key (being filled) converts for itself; one
 // that finds key | 1 (acquire) reads the cache. Keys hold the step's epoch, so a step never
-// mistakes another step's blocks for its own and no flag needs clearing between steps. The
-// ops that share the cache (QKV, output projection, gate/up of every layer) read and write a
-// token row's region strictly one after another: each op's tiles of a row block wait for all
-// tiles of the one before it over those rows.
+// mistakes another step's blocks for its own and no flag needs clearing between steps.
+//
+// What keeps a fill from overwriting rows another pass still reads: the ops that share the
+// cache (QKV, output projection, gate/up of every layer) use a token row's region strictly one
+// after another, because every op's tiles wait for all the tiles of the stage before it
+// (engine/planner schedule_assembler.h), and QKV -> attention -> output -> gate/up -> down ->
+// the next layer's QKV is such a chain. A fill of 128 rows also overwrites the rows under the
+// next flag without touching it; that is safe for the same reason. Tagging another op, or
+// finer-grained waits, needs this argument made again.
 #pragma once
 
 #include <stdint.h>

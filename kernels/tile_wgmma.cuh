@@ -57,7 +57,10 @@
 // warpgroup retired the wgmmas of the previous k-block (wgmma.wait_group 1), so after it the
 // issuing lanes may refill that k-block's stage, and the A buffer written next (read two k-blocks
 // ago) is free. Every pass drains its stages, so the barriers' phases carry over from pass to pass
-// and from instruction to instruction through one count of k-blocks consumed (tma_count).
+// and from instruction to instruction through one count of k-blocks consumed (tma_count), kept
+// modulo 2 x stages: that is the stage and the phase, and a plain count would wrap at 2^32,
+// which 3 does not divide (after the wrap a 3-stage pass would wait for the wrong phase and
+// read a stage the TMA had not filled: hours to days into a persistent kernel's run).
 #pragma once
 
 #include <stdint.h>
@@ -433,7 +436,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
   stage_accumulators<kRows>(acc, l.dstage, tid);
   if (tid == 0) {
-    *consumed = done + nk;
+    *consumed = (done + nk) % (2 * n_stages);  // stage and phase, without a wrap at 2^32
     // Every thread's cache rows written and fenced before the barrier above: publish them
     // (the device-wide fence first, as the controller's signals do, so that the release
     // covers the other threads' writes as well as this one's).
@@ -535,7 +538,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
   hopper::wgmma_fence_operands(acc);
   __syncthreads();  // every wgmma of both warpgroups retired: the stages are free
   stage_accumulators<kRows>(acc, l.dstage, tid);
-  if (tid == 0) *consumed = done + nk;
+  if (tid == 0) *consumed = (done + nk) % (2 * n_stages);  // as in run_wgmma_pass_rows
   __syncthreads();  // the staged outputs visible to the op's emit
 }
 // Weights + A stages of the cached passes fit where the converting passes' layout lies.

@@ -186,6 +186,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     absl::StatusOr<CUtensorMap*> dm = st->upload(maps->data(), maps->size(), "weight maps");
     if (!dm.ok()) return dm.status();
     m.weight_maps = *dm;
+  }
+  if (m.weight_maps != nullptr && options.wgmma) {  // only wgmma passes read them
     // The activation cache [ACT_CACHE]: kActCacheRowsPerCta token rows of the hidden size
     // per CTA (steps of more tokens convert the rows past it every time), and its flags,
     // zeroed (no step's key).
