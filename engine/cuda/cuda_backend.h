@@ -61,7 +61,8 @@ struct CudaBackendOptions {
   bool check_barriers = false;
   // Token rows of the bf16 FFN activations and attention outputs that the down and output
   // projections' wgmma passes read (kernels::DeviceModel::ffn_act, attn_act; rows past it are
-  // converted from the fp32 ones). Tests lower it to run both kinds of pass in one step.
+  // converted from the fp32 ones; 0: none, every row converted). Tests lower it to run both
+  // kinds of pass in one step.
   int bf16_act_rows = 8192;
   // Projections on bf16 tensor cores where the reduction width is a multiple of 8: with
   // `wgmma`, Hopper's wgmma with TMA-fed weights and bf16 activations (kernels/tile_wgmma.cuh,
