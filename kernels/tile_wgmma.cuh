@@ -248,6 +248,28 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[kAcc], flo
   }
 }
 
+// One k-block's wgmmas of a warpgroup, committed as one group: A and B at shared-memory
+// addresses a and b (64 k of 128-byte-swizzled K-major rows each), m64n256k16 (128-row
+// passes) or m64n128k16 into acc; the pass's first k-block overwrites acc. Inlined like the
+// k-loops that call it [WGMMA_WALK].
+template <bool kWide, int kAcc>
+__device__ __forceinline__ void wgmma_k_block(float (&acc)[kAcc], uint32_t a, uint32_t b,
+                                              bool first) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
+    const uint64_t da = hopper::make_smem_desc_k_sw128(a + koff);
+    const uint64_t db = hopper::make_smem_desc_k_sw128(b + koff);
+    const uint32_t accumulate = first && kk == 0 ? 0u : 1u;
+    if constexpr (kWide) {
+      hopper::wgmma_m64n256k16_bf16(acc, da, db, accumulate);
+    } else {
+      hopper::wgmma_m64n128k16_bf16(acc, da, db, accumulate);
+    }
+  }
+  hopper::wgmma_commit_group();
+}
+
 // The k-loop of the pass that `pass` describes (wgmma_pass_setup), by the whole CTA: its
 // accumulators staged as fp32 in the layout's dstage ([r][m * cstride + c]). Inlined into the
 // entry function [WGMMA_WALK]; ends with __syncthreads.
@@ -389,18 +411,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     const uint32_t s = (done + j) % n_stages;
     hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
     hopper::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t koff = kk * 32;  // 16 k = 32 bytes along the swizzled row
-      const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + (j % 3) * kABytes + koff);
-      const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
-      if constexpr (kWide) {
-        hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      } else {
-        hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      }
-    }
-    hopper::wgmma_commit_group();
+    wgmma_k_block<kWide>(acc, a_base + (j % 3) * kABytes, b_base + s * kWgmmaStageBytes, j == 0);
     if (j + 1 < nk) {
       cp_async_wait(slots - 1);  // k-block j + 1's quads (fetched `slots` k-blocks ago)
       store_a(j + 1, norm_now);
@@ -518,18 +529,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
     const uint32_t s = (done + j) % n_stages;
     hopper::mbarrier_wait_parity(&full[s], ((done + j) / n_stages) & 1);
     hopper::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t koff = kk * 32;
-      const uint64_t da = hopper::make_smem_desc_k_sw128(a_base + s * kABytes + koff);
-      const uint64_t db = hopper::make_smem_desc_k_sw128(b_base + s * kWgmmaStageBytes + koff);
-      if constexpr (kWide) {
-        hopper::wgmma_m64n256k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      } else {
-        hopper::wgmma_m64n128k16_bf16(acc, da, db, (j | kk) != 0 ? 1u : 0u);
-      }
-    }
-    hopper::wgmma_commit_group();
+    wgmma_k_block<kWide>(acc, a_base + s * kABytes, b_base + s * kWgmmaStageBytes, j == 0);
     hopper::wgmma_wait<1>();  // k-block j - 1's wgmmas retired: its stage is free
     __syncthreads();
     if (j + n_stages - 1 < nk) issue(j + n_stages - 1);
