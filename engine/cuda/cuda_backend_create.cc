@@ -203,6 +203,37 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     st->allocations.push_back(p);
     MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, flag_bytes), "activation cache flags");
     m.act_cache_flags = static_cast<uint64_t*>(p);
+    // The bf16 FFN activations and attention outputs, options.bf16_act_rows token rows
+    // (rounded up to a pass's): 8192 rows of Llama-3.1-8B's 14,336 and 4,096 are 235 and 67 MB.
+    if (options.bf16_act_rows > 0) {
+      const int64_t act_rows =
+          std::max<int64_t>(kernels::kActCacheBoxRows,
+                            (int64_t{options.bf16_act_rows} + kernels::kActCacheBoxRows - 1) /
+                                kernels::kActCacheBoxRows * kernels::kActCacheBoxRows);
+      const auto bf16_rows = [&](int64_t width, const char* what, uint16_t** rows,
+                                 const CUtensorMap** map) -> absl::Status {
+        void* q = nullptr;
+        MEGASERVE_CUDA_RETURN(cudaMalloc(&q, sizeof(uint16_t) * act_rows * width), what);
+        st->allocations.push_back(q);
+        *rows = static_cast<uint16_t*>(q);
+        absl::StatusOr<CUtensorMap> encoded = encode_act_cache_map(*rows, act_rows, width);
+        if (!encoded.ok()) return encoded.status();
+        absl::StatusOr<CUtensorMap*> uploaded = st->upload(&*encoded, 1, what);
+        if (!uploaded.ok()) return uploaded.status();
+        *map = *uploaded;
+        return absl::OkStatus();
+      };
+      if (absl::Status s = bf16_rows(m.ffn, "bf16 FFN activations", &m.ffn_act, &m.ffn_act_map);
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = bf16_rows(int64_t{m.q_heads} * m.head_dim, "bf16 attention outputs",
+                                     &m.attn_act, &m.attn_act_map);
+          !s.ok()) {
+        return s;
+      }
+      m.ffn_act_rows = m.attn_act_rows = static_cast<int32_t>(act_rows);
+    }
     absl::StatusOr<CUtensorMap> am = encode_act_cache_map(m.act_cache, cache_rows, m.hidden);
     if (!am.ok()) return am.status();
     absl::StatusOr<CUtensorMap*> dam = st->upload(&*am, 1, "activation cache map");
