@@ -17,6 +17,7 @@
 #include "kernels/op_hidden_projection.cuh"
 #include "kernels/op_lm_head.cuh"
 #include "kernels/op_qkv_rope.cuh"
+#include "kernels/op_rms_norm.cuh"
 #include "kernels/op_sample.cuh"
 #include "kernels/tile_wgmma.cuh"
 
@@ -81,6 +82,9 @@ __device__ __noinline__ bool dispatch(const engine::isa::Instruction& inst, cons
       return LmHeadOp::run(inst, ctx);
     case SampleOp::kOpcode:
       SampleOp::run(inst, ctx);
+      return false;
+    case RmsNormOp::kOpcode:
+      RmsNormOp::run(inst, ctx);
       return false;
     default:     // kTpReduce (TP > 1 is refused by the host) or an invalid opcode: a builder bug
       __trap();  // fails the step loudly (the host sees a device error), never skips silently

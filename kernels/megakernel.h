@@ -145,6 +145,11 @@ struct DeviceModel {
   uint16_t* attn_act;
   const CUtensorMap* attn_act_map;
   int32_t attn_act_rows;
+  // The same for the normalized residual rows ([norm_act_rows, hidden], written by kRmsNorm
+  // [NORM_STAGE]), which QKV and gate/up tiles whose step ran the norm stage read.
+  uint16_t* norm_act;
+  const CUtensorMap* norm_act_map;
+  int32_t norm_act_rows;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by

@@ -31,7 +31,8 @@ struct GateUpSiluOp {
       const Walk step = project<2>(
           walk, st.flags,
           ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm,
-                          act_cache_tag(kOpcode, inst.layer()), r0},
+                          act_cache_tag(kOpcode, inst.layer()), r0,
+                          a.normed != 0 ? md.norm_act_map : nullptr, md.norm_act_rows},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,

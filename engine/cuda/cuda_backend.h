@@ -59,10 +59,11 @@ struct CudaBackendOptions {
   // and compare the barriers with the step's barrier_end after it.
   bool poison_workspace = false;
   bool check_barriers = false;
-  // Token rows of the bf16 FFN activations and attention outputs that the down and output
-  // projections' wgmma passes read (kernels::DeviceModel::ffn_act, attn_act; rows past it are
-  // converted from the fp32 ones; 0: none, every row converted). Tests lower it to run both
-  // kinds of pass in one step.
+  // Token rows of the bf16 FFN activations, attention outputs and normalized rows that the
+  // down, output, QKV and gate/up projections' wgmma passes read (kernels::DeviceModel::
+  // ffn_act, attn_act, norm_act; rows past it are converted from the fp32 ones; 0: none,
+  // every row converted, and no norm stages). Tests lower it to run both kinds of pass in one
+  // step.
   int bf16_act_rows = 8192;
   // Projections on bf16 tensor cores where the reduction width is a multiple of 8: with
   // `wgmma`, Hopper's wgmma with TMA-fed weights and bf16 activations (kernels/tile_wgmma.cuh,

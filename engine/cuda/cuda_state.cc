@@ -324,7 +324,8 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
     // The bf16 activations: read where no op of this step wrote, NaN.
     const std::tuple<uint16_t*, int64_t, int64_t> bf16_rows[] = {
         {model.ffn_act, model.ffn_act_rows, model.ffn},
-        {model.attn_act, model.attn_act_rows, int64_t{model.q_heads} * model.head_dim}};
+        {model.attn_act, model.attn_act_rows, int64_t{model.q_heads} * model.head_dim},
+        {model.norm_act, model.norm_act_rows, int64_t{model.hidden}}};
     for (const auto& [rows_at, rows, width] : bf16_rows) {
       if (rows_at == nullptr) continue;
       const size_t n = sizeof(uint16_t) * static_cast<size_t>(rows) * static_cast<size_t>(width);
