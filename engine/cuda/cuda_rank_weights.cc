@@ -41,7 +41,7 @@ std::vector<uint16_t> bf16_slice(const Tensor& t, int64_t r0, int64_t r1, int64_
 absl::Status upload_rank_weights(const ModelConfig& config, const ModelWeights& weights,
                                  const ModelShard& sh, int ctas, bool wgmma, CudaState& st,
                                  kernels::DeviceModel& m) {
-  const int64_t H = config.hidden_size, hd = config.head_dim;
+  const int64_t hd = config.head_dim;
   const int64_t q0 = sh.q_heads_begin() * hd, q1 = q0 + sh.q_heads * hd;
   const int64_t k0 = sh.kv_heads_begin() * hd, k1 = k0 + sh.kv_heads * hd;
   m.hidden = config.hidden_size;

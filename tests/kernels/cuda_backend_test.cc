@@ -29,20 +29,11 @@
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
 #include "tests/kernels/gpu_test_util.h"
+#include "tests/kernels/model_case.h"
 #include "tests/support/safetensors_writer.h"
 
 namespace megaserve::engine {
 namespace {
-
-struct ModelCase {
-  std::string name;
-  ModelFamily family;
-  int hidden, heads, kv_heads, head_dim, ffn, vocab, layers;
-  int32_t block_size;
-  int kv_split_tokens;  // GPU tiles; the CPU uses its own (smaller) splits
-  bool llama3 = false;
-  int attention_query_rows = 0;  // GPU tiles (0: gpu_tile_config's)
-};
 
 // A request of the teacher-forced schedule: its whole token sequence, fed in the given
 // chunk sizes (one chunk per step, then single-token decodes), starting at `start_step`.
@@ -53,25 +44,6 @@ struct ForcedRequest {
   int fed = 0;
   std::vector<int32_t> blocks;
 };
-
-ModelConfig make_config(const ModelCase& c) {
-  ModelConfig config = testing::tiny_model_config(c.family);
-  config.hidden_size = c.hidden;
-  config.num_heads = c.heads;
-  config.num_kv_heads = c.kv_heads;
-  config.head_dim = c.head_dim;
-  config.intermediate_size = c.ffn;
-  config.vocab_size = c.vocab;
-  config.num_layers = c.layers;
-  config.max_position_embeddings = 8192;
-  if (c.llama3) {
-    config.rope_theta = 500000.0f;
-    config.rope_scaling.type = RopeScalingType::kLlama3;
-    config.rope_scaling.factor = 8.0f;
-    config.rope_scaling.original_max_position_embeddings = 1024;
-  }
-  return config;
-}
 
 // Relative error of `got` against `want` over one row: max |got - want| / max |want|.
 double row_error(const std::vector<float>& got, const std::vector<float>& want) {
@@ -256,15 +228,19 @@ std::vector<int32_t> random_tokens(int n, int vocab, uint32_t seed) {
 }
 
 // Mixed batches with tokens per request-step of 1, 3, 17 and 129.
+std::vector<ForcedRequest> mixed_requests(int vocab) {
+  std::vector<ForcedRequest> reqs(4);
+  reqs[0] = {random_tokens(300, vocab, 1), {129, 129, 17}, 0};
+  reqs[1] = {random_tokens(40, vocab, 2), {3, 17, 3}, 0};
+  reqs[2] = {random_tokens(200, vocab, 3), {17, 129}, 2};
+  reqs[3] = {random_tokens(30, vocab, 4), {1, 1, 3, 17}, 1};
+  return reqs;
+}
+
 TEST_P(CudaVsCpu, MixedPrefillAndDecodeSteps) {
   MEGASERVE_REQUIRE_GPU();
   const ModelCase& c = GetParam();
-  std::vector<ForcedRequest> reqs(4);
-  reqs[0] = {random_tokens(300, c.vocab, 1), {129, 129, 17}, 0};
-  reqs[1] = {random_tokens(40, c.vocab, 2), {3, 17, 3}, 0};
-  reqs[2] = {random_tokens(200, c.vocab, 3), {17, 129}, 2};
-  reqs[3] = {random_tokens(30, c.vocab, 4), {1, 1, 3, 17}, 1};
-  for (const KernelVariant& v : kVariants) run_forced(c, reqs, 12, v);
+  for (const KernelVariant& v : kVariants) run_forced(c, mixed_requests(c.vocab), 12, v);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -288,13 +264,10 @@ class CudaTensorParallel : public ::testing::TestWithParam<ModelCase> {};
 TEST_P(CudaTensorParallel, RanksOnOneGpuMatchTheCpuSimulation) {
   MEGASERVE_REQUIRE_GPU();
   const ModelCase& c = GetParam();
-  std::vector<ForcedRequest> reqs(4);
-  reqs[0] = {random_tokens(300, c.vocab, 1), {129, 129, 17}, 0};
-  reqs[1] = {random_tokens(40, c.vocab, 2), {3, 17, 3}, 0};
-  reqs[2] = {random_tokens(200, c.vocab, 3), {17, 129}, 2};
-  reqs[3] = {random_tokens(30, c.vocab, 4), {1, 1, 3, 17}, 1};
   for (int tp : {2, 4}) {
-    for (int v : {0, 1, 2}) run_forced(c, reqs, 8, kVariants[v], std::nullopt, 0, tp);
+    for (int v : {0, 1, 2}) {
+      run_forced(c, mixed_requests(c.vocab), 8, kVariants[v], std::nullopt, 0, tp);
+    }
   }
 }
 

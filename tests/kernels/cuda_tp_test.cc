@@ -18,6 +18,7 @@
 #include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/gpu_test_util.h"
+#include "tests/kernels/model_case.h"
 #include "tests/support/assets.h"
 #include "tests/support/safetensors_writer.h"
 
@@ -129,32 +130,12 @@ TEST(CudaTpStories, SameGreedyIdsAsOneRankFromBos) {
   }
 }
 
-struct RandomCase {
-  std::string name;
-  ModelFamily family;
-  int hidden, heads, kv_heads, head_dim, ffn, vocab;
-  bool llama3 = false;
-};
-
-class CudaTpRandom : public ::testing::TestWithParam<RandomCase> {};
+class CudaTpRandom : public ::testing::TestWithParam<ModelCase> {};
 
 TEST_P(CudaTpRandom, SameGreedyIdsAsOneRankUpToANearTie) {
   MEGASERVE_REQUIRE_GPU();
-  const RandomCase& c = GetParam();
-  ModelConfig config = testing::tiny_model_config(c.family);
-  config.hidden_size = c.hidden;
-  config.num_heads = c.heads;
-  config.num_kv_heads = c.kv_heads;
-  config.head_dim = c.head_dim;
-  config.intermediate_size = c.ffn;
-  config.vocab_size = c.vocab;
-  config.num_layers = 3;
-  if (c.llama3) {
-    config.rope_theta = 500000.0f;
-    config.rope_scaling.type = RopeScalingType::kLlama3;
-    config.rope_scaling.factor = 8.0f;
-    config.rope_scaling.original_max_position_embeddings = 64;
-  }
+  const ModelCase& c = GetParam();
+  const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 99, {.dtype = "BF16"});
   auto weights = load_weights(dir, config, DType::kBF16);
@@ -182,13 +163,17 @@ TEST_P(CudaTpRandom, SameGreedyIdsAsOneRankUpToANearTie) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Models, CudaTpRandom,
-    ::testing::Values(RandomCase{"tp_greedy_llama3", ModelFamily::kLlama, 256, 8, 4, 64, 512, 1000,
-                                 true},
-                      RandomCase{"tp_greedy_qwen2", ModelFamily::kQwen2, 256, 8, 4, 128, 384, 777},
-                      RandomCase{"tp_greedy_qwen3", ModelFamily::kQwen3, 192, 8, 4, 64, 200, 515}),
-    [](const ::testing::TestParamInfo<RandomCase>& info) { return info.param.name; });
+// 3 layers; KV blocks of 16 (block_size and kv_split_tokens unused: the test's own plans).
+INSTANTIATE_TEST_SUITE_P(Models, CudaTpRandom,
+                         ::testing::Values(ModelCase{"tp_greedy_llama3", ModelFamily::kLlama, 256,
+                                                     8, 4, 64, 512, 1000, 3, 16, 0, true},
+                                           ModelCase{"tp_greedy_qwen2", ModelFamily::kQwen2, 256, 8,
+                                                     4, 128, 384, 777, 3, 16, 0},
+                                           ModelCase{"tp_greedy_qwen3", ModelFamily::kQwen3, 192, 8,
+                                                     4, 64, 200, 515, 3, 16, 0}),
+                         [](const ::testing::TestParamInfo<ModelCase>& info) {
+                           return info.param.name;
+                         });
 
 }  // namespace
 }  // namespace megaserve::engine
