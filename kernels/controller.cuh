@@ -18,6 +18,7 @@
 #include "kernels/op_hidden_projection.cuh"
 #include "kernels/op_lm_head.cuh"
 #include "kernels/op_qkv_rope.cuh"
+#include "kernels/op_rms_norm.cuh"
 #include "kernels/op_sample.cuh"
 #include "kernels/op_tp_reduce.cuh"
 #include "kernels/tile_wgmma.cuh"
@@ -90,6 +91,9 @@ __device__ __noinline__ bool dispatch(const engine::isa::Instruction& inst, cons
       return false;
     case TpReduceOp::kOpcode:
       TpReduceOp::run(inst, ctx);
+      return false;
+    case RmsNormOp::kOpcode:
+      RmsNormOp::run(inst, ctx);
       return false;
     default:     // an invalid opcode: a builder bug
       __trap();  // fails the step loudly (the host sees a device error), never skips silently

@@ -147,6 +147,23 @@ struct DeviceModel {
   const CUtensorMap* act_cache_map;
   uint64_t* act_cache_flags;
   int32_t act_cache_rows;
+  // The FFN activations (SiLU(gate) * up) rounded to bf16, as the down projection's wgmma
+  // passes read them: [ffn_act_rows token rows, ffn], written by kGateUpSilu beside the fp32
+  // act for rows below ffn_act_rows, with its TMA map (box 64 k x kActCacheBoxRows rows,
+  // 128-byte swizzle). Null without weight maps.
+  uint16_t* ffn_act;
+  const CUtensorMap* ffn_act_map;
+  int32_t ffn_act_rows;
+  // The same for the attention output, the output projection's input ([attn_act_rows,
+  // q_heads * head_dim], written by kAttention and kAttentionMerge beside attn_out).
+  uint16_t* attn_act;
+  const CUtensorMap* attn_act_map;
+  int32_t attn_act_rows;
+  // The same for the normalized residual rows ([norm_act_rows, hidden], written by kRmsNorm
+  // [NORM_STAGE]), which QKV and gate/up tiles whose step ran the norm stage read.
+  uint16_t* norm_act;
+  const CUtensorMap* norm_act_map;
+  int32_t norm_act_rows;
 };
 
 // One sampling row's parameters for the sample op (engine/isa/sampling.h, packed by

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
 #include "kernels/op_attention_mma.cuh"
 #include "kernels/op_context.cuh"
 
@@ -40,7 +41,8 @@ struct AttentionOp {
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     if ((ctx.step.flags & kStepAttentionCudaCores) == 0 &&
         AttentionMma::takes(ctx.model, ctx.smem_floats)) {
-      return AttentionMma::run(inst, ctx);
+      AttentionMma::run(inst, ctx);
+      return bf16_written(ctx.model);
     }
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
     const DeviceStepDesc& st = ctx.step;
@@ -56,6 +58,13 @@ struct AttentionOp {
         }
       }
     }
+    bf16_written(ctx.model);
+  }
+
+  // The bf16 copy of the output (DeviceModel::attn_act), written through the generic proxy,
+  // is read by the TMA unit (the output projection's, after its wait for this instruction).
+  __device__ static void bf16_written(const DeviceModel& md) {
+    if (md.attn_act != nullptr) hopper::fence_proxy_async_global();
   }
 
  private:
@@ -219,6 +228,9 @@ struct AttentionOp {
         if (d == 0) st.split_lse[srow] = M > -INFINITY ? M + logf(L) : -INFINITY;
       }
       out[d] = M > -INFINITY ? A / L : 0.0f;
+      if (a.split < 0) {
+        if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(out[d]);
+      }
     }
     __syncthreads();
   }

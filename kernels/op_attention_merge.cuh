@@ -8,6 +8,8 @@
 #include <type_traits>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
+#include "kernels/mma_primitives.cuh"
 #include "kernels/op_context.cuh"
 
 namespace megaserve::kernels {
@@ -28,8 +30,8 @@ struct AttentionMergeOp {
   // load of the split's lse and an expf) took ~720 us per merge instruction of an 8k prefill on
   // an H100. The same operations in the same order per dim, so the same floats.
   template <int kW, typename RowOf>
-  __device__ static void merge_dims(const DeviceStepDesc& st, RowOf row_of, int splits, float mx,
-                                    float* out, int lane) {
+  __device__ static void merge_dims(const DeviceModel& md, const DeviceStepDesc& st, RowOf row_of,
+                                    int splits, float mx, float* out, int lane) {
     using Vec = typename std::conditional<kW == 4, float4, float2>::type;
     constexpr int hd = 32 * kW;
     float acc[kW] = {};
@@ -53,6 +55,12 @@ struct AttentionMergeOp {
 #pragma unroll
     for (int c = 0; c < kW; ++c) os[c] = acc[c] / denom;
     *reinterpret_cast<Vec*>(out + kW * lane) = o;
+    if (uint16_t* b = attn_act_at(md, st, out)) {
+#pragma unroll
+      for (int c = 0; c < kW; c += 2) {
+        *reinterpret_cast<uint32_t*>(b + kW * lane + c) = pack_bf16x2(os[c], os[c + 1]);
+      }
+    }
   }
 
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
@@ -82,9 +90,9 @@ struct AttentionMergeOp {
       const bool vec4 = hd == 128 && aligned16(out) && aligned16(st.split_out);
       const bool vec2 = hd == 64 && aligned8(out) && aligned8(st.split_out);
       if (vec4) {
-        merge_dims<4>(st, row_of, splits, mx, out, lane);
+        merge_dims<4>(md, st, row_of, splits, mx, out, lane);
       } else if (vec2) {
-        merge_dims<2>(st, row_of, splits, mx, out, lane);
+        merge_dims<2>(md, st, row_of, splits, mx, out, lane);
       } else {
         for (int d = lane; d < hd; d += 32) {
           float acc = 0.0f, denom = 0.0f;
@@ -94,9 +102,13 @@ struct AttentionMergeOp {
             acc += w * st.split_out[row_of(s) * hd + d];
           }
           out[d] = acc / denom;
+          if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(out[d]);
         }
       }
     }
+    // The bf16 copy, written through the generic proxy, is read by the TMA unit (the output
+    // projection's, after its wait for this instruction).
+    if (md.attn_act != nullptr) hopper::fence_proxy_async_global();
   }
 };
 

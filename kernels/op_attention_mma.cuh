@@ -317,10 +317,14 @@ struct AttentionMmaPass {
           float* lse;
           float* out = out_of(r, &lse);
           const float inv = l[x] > 0.0f ? 1.0f / l[x] : 0.0f;  // no keys: zeros
+          uint16_t* b = lse == nullptr ? attn_act_at(md, st, out) : nullptr;
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
-            *reinterpret_cast<float2*>(out + nt * 8 + 2 * t4) =
-                make_float2(o[nt][2 * x] * inv, o[nt][2 * x + 1] * inv);
+            const float2 v = make_float2(o[nt][2 * x] * inv, o[nt][2 * x + 1] * inv);
+            *reinterpret_cast<float2*>(out + nt * 8 + 2 * t4) = v;
+            if (b != nullptr) {
+              *reinterpret_cast<uint32_t*>(b + nt * 8 + 2 * t4) = pack_bf16x2(v.x, v.y);
+            }
           }
           if (lse != nullptr && t4 == 0) {
             *lse = l[x] > 0.0f ? (m[x] + log2f(l[x])) * kLn2 : -INFINITY;
@@ -372,6 +376,9 @@ struct AttentionMmaPass {
       float* out = out_of(r, &lse);
       out[d] = L > 0.0f ? A / L : 0.0f;
       if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
+      if (lse == nullptr) {
+        if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(out[d]);
+      }
     }
     __syncthreads();
   }

@@ -25,9 +25,10 @@ struct WgmmaPass {
   int32_t rows;          // token rows per pass: 64 or 128
   bool deep;             // 64-row passes: the deep pipeline
   int32_t nr, K, ngroups;
-  int32_t act_mode;    // ActMode [ACT_CACHE]
-  int32_t act_row;     // the pass's first token row: its block's rows in the cache
-  uint64_t* act_flag;  // kActFill: the flag to publish act_key | 1 on
+  int32_t act_mode;     // ActMode [ACT_CACHE]
+  int32_t act_row;      // the pass's first token row: its block's rows in the cache
+  const void* act_map;  // kActCached: the CUtensorMap A comes through
+  uint64_t* act_flag;   // kActFill: the flag to publish act_key | 1 on
   uint64_t act_key;
   ActCache cache;  // set once per CTA (the epoch per step)
 };
@@ -41,6 +42,16 @@ struct NormCache {
   int32_t opcode, layer, begin, n;
   float scale[kProjectionScaleRows];
 };
+
+// Where the bf16 copy of the attention output at `out` (an element of st.attn_out) goes
+// (DeviceModel::attn_act), or null where the model keeps none for that row.
+__device__ inline uint16_t* attn_act_at(const DeviceModel& md, const DeviceStepDesc& st,
+                                        const float* out) {
+  if (md.attn_act == nullptr) return nullptr;
+  const int64_t at = out - st.attn_out;
+  return at / (static_cast<int64_t>(md.q_heads) * md.head_dim) < md.attn_act_rows ? md.attn_act + at
+                                                                                  : nullptr;
+}
 
 struct OpContext {
   const DeviceModel& model;

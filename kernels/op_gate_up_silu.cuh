@@ -1,8 +1,10 @@
 // kGateUpSilu (engine/cpu/cpu_ops_projection.cc): act[t, c] = SiLU(gate[c] . n) * (up[c] . n),
-// n = RMSNorm(ffn_norm) of residual row t, for FFN columns [col_begin, col_end).
+// n = RMSNorm(ffn_norm) of residual row t, for FFN columns [col_begin, col_end); also
+// bf16(act[t, c]) into DeviceModel::ffn_act, the down projection's wgmma input.
 #pragma once
 
 #include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
 #include "kernels/op_context.cuh"
 #include "kernels/projection.cuh"
 
@@ -29,7 +31,8 @@ struct GateUpSiluOp {
       const Walk step = project<2>(
           walk, st.flags,
           ProjectionInput{n, a.col_end - a.col_begin, H, scale, w.ffn_norm,
-                          act_cache_tag(kOpcode, inst.layer()), r0},
+                          act_cache_tag(kOpcode, inst.layer()), r0,
+                          a.normed != 0 ? md.norm_act_map : nullptr, md.norm_act_rows},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,
@@ -47,10 +50,17 @@ struct GateUpSiluOp {
           },
           [&](int c, int r, const float* v) {
             const float g = v[0], u = v[1];
-            st.act[static_cast<int64_t>(r0 + r) * F + a.col_begin + c] = g / (1.0f + expf(-g)) * u;
+            const float x = g / (1.0f + expf(-g)) * u;
+            const int64_t at = static_cast<int64_t>(r0 + r) * F + a.col_begin + c;
+            st.act[at] = x;
+            // What the down projection's wgmma passes read: the value they would round.
+            if (r0 + r < md.ffn_act_rows) md.ffn_act[at] = float_to_bf16_bits(x);
           });
       if (step == Walk::kYield) return true;
     }
+    // The bf16 rows, written through the generic proxy, are read by the TMA unit (the down
+    // projection's, after its wait for this instruction).
+    if (md.ffn_act != nullptr) hopper::fence_proxy_async_global();
     return false;
   }
 };

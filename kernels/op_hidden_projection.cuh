@@ -33,7 +33,9 @@ struct HiddenProjectionOp {
     return project<1>(
                walk, st.flags,
                ProjectionInput{a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr,
-                               nullptr, act_cache_tag(inst.opcode(), inst.layer()), a.row_begin},
+                               nullptr, act_cache_tag(inst.opcode(), inst.layer()), a.row_begin,
+                               o_proj ? md.attn_act_map : md.ffn_act_map,
+                               o_proj ? md.attn_act_rows : md.ffn_act_rows},
                reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
                [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * K; },
                [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * K; },

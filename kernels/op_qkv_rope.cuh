@@ -55,8 +55,8 @@ struct QkvRopeOp {
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
       const Walk step = project<1, kProjectionChunkRows>(
           walk, st.flags,
-          ProjectionInput{n, ncols, H, scale, w.attn_norm, act_cache_tag(kOpcode, inst.layer()),
-                          r0},
+          ProjectionInput{n, ncols, H, scale, w.attn_norm, act_cache_tag(kOpcode, inst.layer()), r0,
+                          a.normed != 0 ? md.norm_act_map : nullptr, md.norm_act_rows},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,

@@ -175,11 +175,11 @@ __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int sme
 
 // emit(c, r, v[kMats]) once per column c < in.ncols and token row r < in.nrows, v[m] the dot
 // product of weight row row_of(m, c) with x[r] (ProjectionInput), after prologue() (which
-// writes in.row_scale). `smem` (16-byte aligned, `smem_bytes`, at least
-// kProjectionMinSmemBytes and K floats) belongs to the projection until it is done (kDone);
-// the caller synchronizes before; prologue() and every emit pass end with __syncthreads.
-// group_of(m, c) (WeightGroup) names the TMA map and row of weight rows
-// [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the mma.sync
+// writes in.row_scale; not called where the wgmma passes take all rows from in.bf16_map). `smem`
+// (16-byte aligned, `smem_bytes`, at least kProjectionMinSmemBytes and K floats) belongs to the
+// projection until it is done (kDone); the caller synchronizes before; prologue() and every emit
+// pass end with __syncthreads. group_of(m, c) (WeightGroup) names the TMA map and row of weight
+// rows [c, c + kWgmmaGroupRows) of matrix m, or a null map where the op cannot (then the mma.sync
 // core takes the tensor-core steps). kMaxPassRows 64: an op whose chunks are never longer
 // (QKV, the LM head) leaves out the 128-row wgmma passes.
 template <int kMats, int kMaxPassRows = 128, typename Prologue, typename SrcRow, typename RowOf,
@@ -194,7 +194,10 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
                              : 0;
   const ChunkStep step = walk_chunk(walk, n);
   if (step.skip) return Walk::kSkip;
-  if (step.prologue) prologue();
+  // Passes that take every row in bf16 from in.bf16_map read no row scale.
+  const bool bf16_rows = n > 0 && in.bf16_map != nullptr && in.first_row >= 0 &&
+                         in.first_row + in.nrows <= in.bf16_rows;
+  if (step.prologue && !bf16_rows) prologue();
   if (n == 0) {
     project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
     return Walk::kDone;

@@ -54,6 +54,11 @@ struct ProjectionInput {
   // them).
   int32_t cache_tag = -1;
   int32_t first_row = 0;
+  // Or the activations already in bf16 in global memory, token row t at row t of this TMA
+  // map (a CUtensorMap, box 64 k x kActCacheBoxRows rows), for token rows below bf16_rows:
+  // the wgmma passes read them from there (kActCached) without converting anything.
+  const void* bf16_map = nullptr;
+  int32_t bf16_rows = 0;
 };
 
 // ProjectionInput::cache_tag of an op's activations in a layer: the op's A blocks differ from

@@ -192,13 +192,18 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
     pass.ngroups = sh.ngroups;
     pass.act_mode = kActConvert;
     const int32_t row0 = in.first_row + sh.r0;
-    if (act_cacheable(pass.cache, in.cache_tag, in.K, row0, kRows)) {
+    if (in.bf16_map != nullptr && row0 >= 0 && row0 + sh.nr <= in.bf16_rows) {
+      pass.act_mode = kActCached;  // rows past nr: another block's, or zeros past the map
+      pass.act_row = row0;
+      pass.act_map = in.bf16_map;
+    } else if (act_cacheable(pass.cache, in.cache_tag, in.K, row0, kRows)) {
       uint64_t* flag = pass.cache.flags + row0 / kActFlagRows;
       const uint64_t key = act_block_key(pass.cache.epoch, in.cache_tag, sh.nr, kRows);
       pass.act_mode = claim_act_block(load_acquire_gpu(flag), key, [&](uint64_t e, uint64_t d) {
         return cas_acquire_gpu(flag, e, d);
       });
       pass.act_row = row0;
+      pass.act_map = pass.cache.map;
       pass.act_flag = flag;
       pass.act_key = key;
     }
@@ -454,7 +459,8 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   __syncthreads();  // the staged outputs visible to the op's emit
 }
 
-// A pass whose A operand is in the activation cache (kActCached) [ACT_CACHE]: the TMA unit
+// A pass whose A operand is in bf16 in global memory (kActCached: the activation cache
+// [ACT_CACHE], or activations an op wrote in bf16, ProjectionInput::bf16_map): the TMA unit
 // copies each k-block's A (kRows rows x 64 k, in boxes of 64 rows) into its stage beside the
 // weights, so no thread converts anything and the warps only wait, multiply and refill.
 // Stages of weights + A: 4 (128-row and deep 64-row passes, on the deep barriers) or 3 (the
@@ -480,7 +486,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
   char* const stages = l.stages;
   char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [n_stages][kABytes]
   const WeightGroup* const groups = l.groups;
-  const auto* const amap = static_cast<const CUtensorMap*>(pass.cache.map);
+  const auto* const amap = static_cast<const CUtensorMap*>(pass.act_map);
   const int arow = pass.act_row;
 
   // The cache rows that thread 0 acquired (another CTA's generic writes) before the TMA

@@ -153,6 +153,8 @@ void execute(const isa::Instruction& inst, int rank, const OpContext& ctx) {
       return op_lm_head(inst, rank, ctx);
     case Opcode::kSample:
       return op_sample(inst, rank, ctx);
+    case Opcode::kRmsNorm:
+      return;  // the projections normalize their rows themselves, to the same values
     case Opcode::kInvalid:
     case Opcode::kNumOpcodes:
       break;

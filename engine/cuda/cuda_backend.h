@@ -66,6 +66,13 @@ struct CudaBackendOptions {
   // and compare the barriers with the step's barrier_end after it.
   bool poison_workspace = false;
   bool check_barriers = false;
+  // Token rows of the bf16 FFN activations, attention outputs and normalized rows that the
+  // down, output, QKV and gate/up projections' wgmma passes read (kernels::DeviceModel::
+  // ffn_act, attn_act, norm_act; rows past it are converted from the fp32 ones; 0: none,
+  // every row converted, and no norm stages). Every tensor-parallel rank keeps its own, of its
+  // shard's widths (the normalized rows are the full hidden size on each). Tests lower it to
+  // run both kinds of pass in one step.
+  int bf16_act_rows = 8192;
   // Projections on bf16 tensor cores where the reduction width is a multiple of 8: with
   // `wgmma`, Hopper's wgmma with TMA-fed weights and bf16 activations (kernels/tile_wgmma.cuh,
   // every tile); without, mma.sync m16n8k16 with each fp32 activation as a bf16 hi + lo pair

@@ -148,13 +148,21 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   st->smem_bytes = smem;
   st->models.resize(tp);
   for (int r = 0; r < tp; ++r) {
-    if (absl::Status s = upload_rank_weights(config, weights, shard_of(config, tp, r),
-                                             ctas_per_rank, options.wgmma, *st, st->models[r]);
+    if (absl::Status s =
+            upload_rank_weights(config, weights, shard_of(config, tp, r), ctas_per_rank,
+                                options.wgmma, options.bf16_act_rows, *st, st->models[r]);
         !s.ok()) {
       return s;
     }
   }
   weights = ModelWeights{};  // the host copy is no longer needed
+  // No norm stages unless every rank keeps normalized rows to read [NORM_STAGE]: the ranks
+  // share one schedule, and a rank without them (no wgmma, no TMA maps for its shard, or
+  // bf16_act_rows 0) would run each stage as a no-op and still wait for it.
+  if (std::any_of(st->models.begin(), st->models.end(),
+                  [](const DeviceModel& m) { return m.norm_act == nullptr; })) {
+    b->tiles_.norm_stage_tokens = 0;
+  }
 
   // The KV cache.
   const int64_t block_elems_per_layer =

@@ -1,5 +1,6 @@
 #include "engine/cuda/cuda_rank_weights.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <tuple>
@@ -39,8 +40,8 @@ std::vector<uint16_t> bf16_slice(const Tensor& t, int64_t r0, int64_t r1, int64_
 }  // namespace
 
 absl::Status upload_rank_weights(const ModelConfig& config, const ModelWeights& weights,
-                                 const ModelShard& sh, int ctas, bool wgmma, CudaState& st,
-                                 kernels::DeviceModel& m) {
+                                 const ModelShard& sh, int ctas, bool wgmma, int bf16_act_rows,
+                                 CudaState& st, kernels::DeviceModel& m) {
   const int64_t hd = config.head_dim;
   const int64_t q0 = sh.q_heads_begin() * hd, q1 = q0 + sh.q_heads * hd;
   const int64_t k0 = sh.kv_heads_begin() * hd, k1 = k0 + sh.kv_heads * hd;
@@ -134,6 +135,37 @@ absl::Status upload_rank_weights(const ModelConfig& config, const ModelWeights& 
     st.allocations.push_back(p);
     MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, flag_bytes), "activation cache flags");
     m.act_cache_flags = static_cast<uint64_t*>(p);
+    // The rank's bf16 FFN activations and attention outputs (its FFN columns, its q heads),
+    // bf16_act_rows token rows (rounded up to a pass's): 8192 rows of Llama-3.1-8B's 14,336
+    // and 4,096 are 235 and 67 MB at TP 1.
+    if (bf16_act_rows > 0) {
+      const int64_t act_rows = std::max<int64_t>(
+          kernels::kActCacheBoxRows, (int64_t{bf16_act_rows} + kernels::kActCacheBoxRows - 1) /
+                                         kernels::kActCacheBoxRows * kernels::kActCacheBoxRows);
+      const auto bf16_rows = [&](int64_t width, const char* what, uint16_t** rows_at,
+                                 const CUtensorMap** map) -> absl::Status {
+        void* q = nullptr;
+        MEGASERVE_CUDA_RETURN(cudaMalloc(&q, sizeof(uint16_t) * act_rows * width), what);
+        st.allocations.push_back(q);
+        *rows_at = static_cast<uint16_t*>(q);
+        absl::StatusOr<CUtensorMap> encoded = encode_act_cache_map(*rows_at, act_rows, width);
+        if (!encoded.ok()) return encoded.status();
+        absl::StatusOr<CUtensorMap*> on_device = st.upload(&*encoded, 1, what);
+        if (!on_device.ok()) return on_device.status();
+        *map = *on_device;
+        return absl::OkStatus();
+      };
+      s = bf16_rows(m.ffn, "bf16 FFN activations", &m.ffn_act, &m.ffn_act_map);
+      if (s.ok()) {
+        s = bf16_rows(int64_t{m.q_heads} * m.head_dim, "bf16 attention outputs", &m.attn_act,
+                      &m.attn_act_map);
+      }
+      // And the norm stage's rows [NORM_STAGE], the full hidden size on every rank (64 MB
+      // more on Llama-3.1-8B).
+      if (s.ok()) s = bf16_rows(m.hidden, "normalized rows", &m.norm_act, &m.norm_act_map);
+      if (!s.ok()) return s;
+      m.ffn_act_rows = m.attn_act_rows = m.norm_act_rows = static_cast<int32_t>(act_rows);
+    }
     absl::StatusOr<CUtensorMap> am = encode_act_cache_map(m.act_cache, cache_rows, m.hidden);
     if (!am.ok()) return am.status();
     absl::StatusOr<CUtensorMap*> dam = st.upload(&*am, 1, "activation cache map");

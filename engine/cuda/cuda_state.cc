@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstring>
 #include <thread>
+#include <tuple>
+#include <utility>
 
 namespace megaserve::engine {
 
@@ -364,6 +366,23 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
       MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache_flags, poison_bytes.data(), flag_bytes,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
+      // The rank's bf16 activations (its shard's widths): read where no op of this step
+      // wrote, NaN. Copied in pieces of the poison buffer's size.
+      const std::tuple<uint16_t*, int64_t, int64_t> bf16_rows[] = {
+          {model.ffn_act, model.ffn_act_rows, model.ffn},
+          {model.attn_act, model.attn_act_rows, int64_t{model.q_heads} * model.head_dim},
+          {model.norm_act, model.norm_act_rows, int64_t{model.hidden}}};
+      for (const auto& [rows_at, act_rows, width] : bf16_rows) {
+        if (rows_at == nullptr) continue;
+        const size_t n =
+            sizeof(uint16_t) * static_cast<size_t>(act_rows) * static_cast<size_t>(width);
+        for (size_t at = 0; at < n; at += poison_bytes.size()) {
+          MEGASERVE_CUDA_RETURN(
+              cudaMemcpyAsync(reinterpret_cast<uint8_t*>(rows_at) + at, poison_bytes.data(),
+                              std::min(poison_bytes.size(), n - at), cudaMemcpyHostToDevice, copy),
+              "poisoning");
+        }
+      }
     }
   }
   MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(sl.device, sl.staging, bytes, cudaMemcpyHostToDevice, copy),

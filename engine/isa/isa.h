@@ -43,15 +43,7 @@ enum class Opcode : int32_t {
   // RMSNorm(attn_norm) of token rows, projected onto a range of fused heads (q heads, then k
   // heads, then v heads of this rank), + bias (Qwen2), + per-head RMSNorm (Qwen3), + RoPE
   // on q and k; q heads go to the q buffer, k and v heads are appended to the paged cache.
-  // Why the norm is computed by the projection tiles (here, kGateUpSilu, kLmHead) rather than
-  // by an op of its own: a separate norm op would add a stage, a barrier and a round trip of
-  // the normalized rows through global memory to every layer. Recomputed by every tile it
-  // was not cheap on the GPU: on an H100 the row scales of 128 fp32 rows took ~28% of a
-  // 128-row gate/up tile's stall samples (bench/RESULTS.md, 2026-12-06); each CTA now keeps
-  // the last chunk's scales (kernels/op_context.cuh, NormCache), which the planner's tile
-  // order makes the next tile's; and the first tile over a row block to claim it stores its
-  // bf16 normalized rows for the others (kernels/act_cache.h [ACT_CACHE]), which read them
-  // with the TMA unit: normalized once per row block without a stage of its own.
+  // The norm is the tile's own unless the step ran kRmsNorm before it (QkvRopeArgs::normed).
   kQkvRope = 2,
   // Causal attention of query rows over the paged KV cache for one kv head (all q heads of
   // its group). Unsplit: writes the attention output. Split: writes one KV split's
@@ -63,7 +55,7 @@ enum class Opcode : int32_t {
   // or writes a partial sum into a partial slot (tensor parallel).
   kOProj = 5,
   // RMSNorm(ffn_norm) of token rows, gate and up projections of a range of FFN columns,
-  // SiLU(gate) * up into the activation buffer.
+  // SiLU(gate) * up into the activation buffer. The norm as kQkvRope's (GateUpArgs::normed).
   kGateUpSilu = 6,
   // Down projection of token rows onto hidden columns; residual add or partial slot.
   kDownProj = 7,
@@ -80,7 +72,17 @@ enum class Opcode : int32_t {
   // megakernel gathers by having every rank's LM head store its columns straight into rank
   // 0's rows: kernels/megakernel.h [TP_PLACEMENT].)
   kSample = 10,
-  kNumOpcodes = 11,
+  // RMSNorm (attn_norm or ffn_norm of a layer) of token rows into the normalized rows
+  // (BufferId::kNormed, bf16, rounded as transformers' bf16 RMSNorm), which the projections
+  // after it read instead of normalizing each tile's rows themselves [NORM_STAGE]. Why a
+  // stage of its own: with the norm inside the projection tiles, every tile of a decode step
+  // was the first over its rows and converted 128 fp32 rows of the hidden size for 256
+  // weight rows, as many bytes as the weights, and its warps' instructions were the limit
+  // (bench/RESULTS.md, 2026-12-06); normalized once per row by a stage spread over the SMs,
+  // the projections' passes take their rows by TMA. The CPU interpreter's projections
+  // normalize for themselves (the same values), so there it does nothing.
+  kRmsNorm = 11,
+  kNumOpcodes = 12,
 };
 
 MEGASERVE_ISA_HD constexpr const char* opcode_name(Opcode op) {
@@ -107,6 +109,8 @@ MEGASERVE_ISA_HD constexpr const char* opcode_name(Opcode op) {
       return "kLmHead";
     case Opcode::kSample:
       return "kSample";
+    case Opcode::kRmsNorm:
+      return "kRmsNorm";
     case Opcode::kNumOpcodes:
       break;
   }
@@ -195,7 +199,8 @@ struct QkvRopeArgs {
   // [pair_begin, pair_end), i.e. dims [pair_begin, pair_end) and the same + head_dim / 2
   // (never with a per-head q/k norm, which needs the whole head). 0, 0: whole heads.
   int32_t pair_begin, pair_end;
-  int32_t unused[6];
+  int32_t normed;  // 1: a kRmsNorm stage wrote these rows' normalized rows before this tile
+  int32_t unused[5];
 };
 
 struct AttentionArgs {
@@ -224,7 +229,8 @@ struct HiddenTileArgs {
 struct GateUpArgs {
   int32_t row_begin, row_end;
   int32_t col_begin, col_end;  // local FFN columns
-  int32_t unused[8];
+  int32_t normed;              // as QkvRopeArgs::normed
+  int32_t unused[7];
 };
 
 struct LmHeadArgs {
@@ -238,6 +244,15 @@ struct SampleArgs {
   int32_t unused[10];
 };
 
+// Which of a layer's norms a kRmsNorm applies.
+enum NormWeight : int32_t { kAttnNorm = 0, kFfnNorm = 1 };
+
+struct RmsNormArgs {
+  int32_t row_begin, row_end;
+  int32_t norm;  // NormWeight
+  int32_t unused[9];
+};
+
 #define MEGASERVE_ISA_CHECK_ARGS(T) \
   static_assert(sizeof(T) == kNumArgWords * sizeof(int32_t), #T " must fill the arg words")
 MEGASERVE_ISA_CHECK_ARGS(EmbeddingArgs);
@@ -248,6 +263,7 @@ MEGASERVE_ISA_CHECK_ARGS(HiddenTileArgs);
 MEGASERVE_ISA_CHECK_ARGS(GateUpArgs);
 MEGASERVE_ISA_CHECK_ARGS(LmHeadArgs);
 MEGASERVE_ISA_CHECK_ARGS(SampleArgs);
+MEGASERVE_ISA_CHECK_ARGS(RmsNormArgs);
 #undef MEGASERVE_ISA_CHECK_ARGS
 
 // Copies an argument view out of an instruction (word-wise, so it is valid in device code

@@ -18,11 +18,11 @@ std::vector<ArgField> arg_fields(const Instruction& inst) {
     }
     case Opcode::kQkvRope: {
       const auto a = args_of<QkvRopeArgs>(inst);
-      if (a.pair_end > 0) {
-        return {range("rows", a.row_begin, a.row_end), range("heads", a.head_begin, a.head_end),
-                range("pairs", a.pair_begin, a.pair_end)};
-      }
-      return {range("rows", a.row_begin, a.row_end), range("heads", a.head_begin, a.head_end)};
+      std::vector<ArgField> f = {range("rows", a.row_begin, a.row_end),
+                                 range("heads", a.head_begin, a.head_end)};
+      if (a.pair_end > 0) f.push_back(range("pairs", a.pair_begin, a.pair_end));
+      if (a.normed != 0) f.push_back(value("normed", a.normed));
+      return f;
     }
     case Opcode::kAttention: {
       const auto a = args_of<AttentionArgs>(inst);
@@ -42,7 +42,10 @@ std::vector<ArgField> arg_fields(const Instruction& inst) {
     }
     case Opcode::kGateUpSilu: {
       const auto a = args_of<GateUpArgs>(inst);
-      return {range("rows", a.row_begin, a.row_end), range("cols", a.col_begin, a.col_end)};
+      std::vector<ArgField> f = {range("rows", a.row_begin, a.row_end),
+                                 range("cols", a.col_begin, a.col_end)};
+      if (a.normed != 0) f.push_back(value("normed", a.normed));
+      return f;
     }
     case Opcode::kLmHead: {
       const auto a = args_of<LmHeadArgs>(inst);
@@ -52,6 +55,11 @@ std::vector<ArgField> arg_fields(const Instruction& inst) {
     case Opcode::kSample: {
       const auto a = args_of<SampleArgs>(inst);
       return {range("samples", a.sample_begin, a.sample_end)};
+    }
+    case Opcode::kRmsNorm: {
+      const auto a = args_of<RmsNormArgs>(inst);
+      return {range("rows", a.row_begin, a.row_end),
+              value(a.norm == kFfnNorm ? "ffn_norm" : "attn_norm", a.norm)};
     }
     case Opcode::kInvalid:
     case Opcode::kNumOpcodes:

@@ -29,6 +29,8 @@ const char* buffer_name(BufferId id) {
       return "k_cache";
     case BufferId::kVCache:
       return "v_cache";
+    case BufferId::kNormed:
+      return "normed";
     case BufferId::kNumBuffers:
       break;
   }

@@ -29,6 +29,7 @@ enum class BufferId : int32_t {
   kSampled,   // [num_samples]                        rank 0 only
   kKCache,    // per layer, [num_blocks * kv_heads, block_size * head_dim]
   kVCache,
+  kNormed,  // [num_tokens, hidden] bf16             RMSNorm output (kRmsNorm)
   kNumBuffers,
 };
 const char* buffer_name(BufferId id);

@@ -80,6 +80,10 @@ InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& 
       const auto a = isa::args_of<isa::SampleArgs>(inst);
       return op_cost::sample(a.sample_end - a.sample_begin, config.vocab_size);
     }
+    case Opcode::kRmsNorm: {
+      const auto a = isa::args_of<isa::RmsNormArgs>(inst);
+      return op_cost::rms_norm(a.row_end - a.row_begin, H);
+    }
     case Opcode::kInvalid:
     case Opcode::kNumOpcodes:
       break;

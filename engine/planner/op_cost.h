@@ -32,6 +32,10 @@ inline constexpr double kWeightBytes = 2;      // bf16 weights and KV cache
 inline InstructionWork embedding(double rows, double hidden) {
   return {0, rows * hidden * (kWeightBytes + kActivationBytes)};
 }
+// RMSNorm of token rows: fp32 rows read, bf16 normalized rows written.
+inline InstructionWork rms_norm(double rows, double hidden) {
+  return {3 * rows * hidden, rows * hidden * (kActivationBytes + kWeightBytes)};
+}
 // Token rows x `cols` outputs of a projection over `in_cols` inputs, outputs written once
 // (QKV, LM head); O and down also read the residual they add to (residual_add).
 inline InstructionWork projection(double rows, double cols, double in_cols,

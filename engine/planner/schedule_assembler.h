@@ -25,18 +25,20 @@ using isa::Instruction;
 enum class Stage : int {
   kEmbed,
   kEmbedReduce,
+  kAttnNorm,
   kQkv,
   kAttention,
   kMerge,
   kOProj,
   kOReduce,
+  kFfnNorm,
   kGateUp,
   kDown,
   kDownReduce,
   kLmHead,
   kSample,
 };
-constexpr int kLayerStages = 8;  // kQkv .. kDownReduce
+constexpr int kLayerStages = 10;  // kAttnNorm .. kDownReduce
 
 inline int barrier_of(Stage stage, int layer, int num_layers) {
   switch (stage) {
@@ -49,7 +51,8 @@ inline int barrier_of(Stage stage, int layer, int num_layers) {
     case Stage::kSample:
       return 3 + kLayerStages * num_layers;
     default:
-      return 2 + kLayerStages * layer + (static_cast<int>(stage) - static_cast<int>(Stage::kQkv));
+      return 2 + kLayerStages * layer +
+             (static_cast<int>(stage) - static_cast<int>(Stage::kAttnNorm));
   }
 }
 

@@ -226,9 +226,21 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
         break;
       }
       if (l == 1) template_begin = as.global_size();
+      // The stage a projection that normalizes the residual waits for: the residual's
+      // writers, or the norm stage that waited for them [NORM_STAGE].
+      const auto normed_input = [&](int norm, Stage stage) -> absl::StatusOr<int> {
+        if (!maker.norm_stages()) return *residual;
+        absl::Status s = emit_stage(
+            [&](const ModelShard& sh, std::vector<Tile>& out) { maker.rms_norm(sh, l, norm, out); },
+            {*residual}, bar(stage, l), kSelf);
+        if (!s.ok()) return s;
+        return bar(stage, l);
+      };
+      absl::StatusOr<int> input = normed_input(isa::kAttnNorm, Stage::kAttnNorm);
+      if (!input.ok()) return input.status();
       absl::Status s =
           emit_stage([&](const ModelShard& sh, std::vector<Tile>& out) { maker.qkv(sh, l, out); },
-                     {*residual}, bar(Stage::kQkv, l), kSelf);
+                     {*input}, bar(Stage::kQkv, l), kSelf);
       if (!s.ok()) return s;
       s = emit_stage(
           [&](const ModelShard& sh, std::vector<Tile>& out) { maker.attention(sh, l, out); },
@@ -243,9 +255,11 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
                                 {bar(Stage::kAttention, l), bar(Stage::kMerge, l)}, Stage::kOProj,
                                 Stage::kOReduce, l, false);
       if (!residual.ok()) return residual.status();
+      input = normed_input(isa::kFfnNorm, Stage::kFfnNorm);
+      if (!input.ok()) return input.status();
       s = emit_stage(
           [&](const ModelShard& sh, std::vector<Tile>& out) { maker.gate_up(sh, l, out); },
-          {*residual}, bar(Stage::kGateUp, l), kSelf);
+          {*input}, bar(Stage::kGateUp, l), kSelf);
       if (!s.ok()) return s;
       residual =
           residual_stage([&](const ModelShard& sh, int slot,

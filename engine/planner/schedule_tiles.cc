@@ -8,7 +8,8 @@ namespace {
 
 using isa::Opcode;
 
-constexpr int64_t kF32 = 4;  // workspace element bytes (fp32 activations)
+constexpr int64_t kF32 = 4;   // workspace element bytes (fp32 activations)
+constexpr int64_t kBf16 = 2;  // normalized rows (BufferId::kNormed)
 // Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
 constexpr int kColumnGranule = 16;
 
@@ -135,6 +136,25 @@ void TileMaker::embedding(const ModelShard& sh, int slot, std::vector<Tile>& out
   }
 }
 
+void TileMaker::rms_norm(const ModelShard& sh, int layer, int norm, std::vector<Tile>& out) const {
+  const int T = meta_.num_tokens;
+  const int H = config_.hidden_size;
+  // norm_rows rows per tile, fewer where that leaves SMs idle: a norm is a stage of its own,
+  // so its tiles' time is the layer's.
+  const int rows = std::clamp((T + tiles_.num_sms - 1) / tiles_.num_sms, 1, tiles_.norm_rows);
+  for (int r0 = 0; r0 < T; r0 += rows) {
+    const int r1 = std::min(T, r0 + rows);
+    Tile& t = new_tile(out, Opcode::kRmsNorm, layer, op_cost::rms_norm(r1 - r0, H));
+    isa::RmsNormArgs a{};
+    a.row_begin = r0;
+    a.row_end = r1;
+    a.norm = norm;
+    isa::set_args(t.inst, a);
+    add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+    add(t, sh.rank, BufferId::kNormed, -1, r0, r1, 0, H * kBf16, true);
+  }
+}
+
 void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
   const int T = meta_.num_tokens;
   const int hd = config_.head_dim;
@@ -172,9 +192,12 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
           a.pair_begin = p0;
           a.pair_end = p1;
         }
+        a.normed = norm_stages();
         isa::set_args(t.inst, a);
         if (!record_) continue;
+        // The residual rows (the CPU normalizes them itself) and the normalized ones.
         add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+        if (a.normed) add(t, sh.rank, BufferId::kNormed, -1, r0, r1, 0, H * kBf16, false);
         // The bytes of a head this tile writes: the whole head, or its two pair ranges.
         const auto add_head_bytes = [&](BufferId buf, int layer_or_none, int64_t row_begin,
                                         int64_t row_end, int64_t base) {
@@ -416,8 +439,10 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
       a.row_end = r1;
       a.col_begin = c0;
       a.col_end = c1;
+      a.normed = norm_stages();
       isa::set_args(t.inst, a);
       add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+      if (a.normed) add(t, sh.rank, BufferId::kNormed, -1, r0, r1, 0, H * kBf16, false);
       add(t, sh.rank, BufferId::kAct, -1, r0, r1, c0 * kF32, c1 * kF32, true);
     }
   }

@@ -26,8 +26,15 @@ class TileMaker {
             bool record_accesses)
       : config_(config), tiles_(tiles), meta_(meta), record_(record_accesses) {}
 
+  // Whether this step has kRmsNorm stages (TileConfig::norm_stage_tokens) [NORM_STAGE].
+  bool norm_stages() const {
+    return tiles_.norm_stage_tokens > 0 && meta_.num_tokens >= tiles_.norm_stage_tokens;
+  }
+
   // `slot` -1: write the residual (one rank); else the TP partial slot.
   void embedding(const ModelShard& sh, int slot, std::vector<Tile>& out) const;
+  // `norm`: isa::NormWeight.
+  void rms_norm(const ModelShard& sh, int layer, int norm, std::vector<Tile>& out) const;
   void qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
   void attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
   void attention_merge(const ModelShard& sh, int layer, std::vector<Tile>& out) const;

@@ -39,6 +39,12 @@ struct TileConfig {
   int attention_query_rows = 16;     // query rows per single-request attention tile
   int attention_batch_requests = 8;  // short requests grouped into one attention tile
 
+  // Steps of at least norm_stage_tokens tokens (0: never) get a kRmsNorm stage before QKV
+  // and one before gate/up in every layer; its tiles hold at most norm_rows token rows, fewer
+  // where that would leave SMs without one.
+  int norm_stage_tokens = 0;
+  int norm_rows = 64;
+
   // Cost model: estimated cycles = overhead + max(flops / flops_per_cycle,
   // bytes / bytes_per_cycle); only the ratios matter for placement.
   double flops_per_cycle = 1024.0;
@@ -61,11 +67,16 @@ inline absl::Status check_tile_config(const TileConfig& c) {
       {"sample_rows", c.sample_rows},
       {"kv_split_tokens", c.kv_split_tokens},
       {"attention_query_rows", c.attention_query_rows},
-      {"attention_batch_requests", c.attention_batch_requests}};
+      {"attention_batch_requests", c.attention_batch_requests},
+      {"norm_rows", c.norm_rows}};
   for (const auto& [name, value] : fields) {
     if (value < 1) {
       return absl::InvalidArgumentError(absl::StrCat("TileConfig.", name, " = ", value, " < 1"));
     }
+  }
+  if (c.norm_stage_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TileConfig.norm_stage_tokens = ", c.norm_stage_tokens, " < 0"));
   }
   if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0)) {
     return absl::InvalidArgumentError("TileConfig cost model rates must be positive");
@@ -130,6 +141,11 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   c.attention_batch_requests = 8;
   c.kv_split_tokens = 1024;
   c.balance_columns = true;
+  // A norm stage from 32 tokens: below, the wgmma passes' rows are few and the two stages'
+  // barriers per layer cost more than the conversions they save (batch 1 takes the CUDA
+  // cores, which read fp32 rows). The backend turns it off where nothing reads the stage's
+  // rows (no wgmma, no bf16 rows).
+  c.norm_stage_tokens = 32;
   // bf16 tensor cores as used (~512 flops per SM-cycle), ~3-4 TB/s over 132 SMs at ~1.8 GHz
   // (~13 bytes per SM-cycle).
   c.flops_per_cycle = 512.0;

@@ -81,7 +81,7 @@ constexpr KernelVariant kVariants[] = {{false, false, false},
 // on the same weights (their logits are the TP simulation's), and every step is verified.
 void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num_steps,
                 KernelVariant variant, const std::optional<TileConfig>& tiles = std::nullopt,
-                int num_sms = 0, int tp = 1) {
+                int num_sms = 0, int tp = 1, int bf16_act_rows = 8192) {
   const ModelConfig config = make_config(c);
   const auto dir = testing::make_test_dir(c.name);
   testing::write_random_model(dir, config, 1234, {.dtype = "BF16"});
@@ -138,6 +138,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   if (c.attention_query_rows > 0) gpu_tiles.attention_query_rows = c.attention_query_rows;
   gpu_opts.tiles = gpu_tiles;
   gpu_opts.num_sms = num_sms;
+  gpu_opts.bf16_act_rows = bf16_act_rows;
   auto gpu = CudaBackend::create(config, *weights, gpu_opts);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   StepRunner gpu_runner(config, **gpu);
@@ -269,6 +270,9 @@ TEST_P(CudaTensorParallel, RanksOnOneGpuMatchTheCpuSimulation) {
       run_forced(c, mixed_requests(c.vocab), 8, kVariants[v], std::nullopt, 0, tp);
     }
   }
+  // The output and down projections' partial tiles on bf16 inputs for the first 64 token rows
+  // and converted ones past them, the norm stages' rows likewise.
+  run_forced(c, mixed_requests(c.vocab), 8, kVariants[2], std::nullopt, 0, 2, 64);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -311,9 +315,11 @@ TEST(CudaWgmma, TwoStepsSmallEnoughForTheSanitizers) {
 // of every projection over the same row block (steps of one block: 63 rows, then 71 in
 // 128-row passes, then decodes), so most passes over a block read their activations from the
 // cache once the first has published them: QKV's and gate/up's normalized rows, the output
-// projection's attention rows (128 hidden columns per tile: two tiles per block). The
-// workspace, the cache and its flags are poisoned (all ones) before every step, so a pass
-// that read another step's block, or one never written, fails the comparison with the CPU.
+// projection's attention rows (128 hidden columns per tile: two tiles per block). The output
+// and down projections read the bf16 attention outputs and FFN activations that attention
+// and gate/up wrote for the first 64 token rows and convert the rest. The workspace, the cache, its
+// flags and the bf16 activations are poisoned (all ones) before every step, so a pass that read
+// another step's block, or one never written, fails the comparison with the CPU.
 TEST(CudaWgmma, FewCtasReadCachedActivations) {
   MEGASERVE_REQUIRE_GPU();
   const ModelCase c{"act_cache", ModelFamily::kLlama, 256, 4, 4, 64, 688, 1000, 2, 16, 64};
@@ -322,8 +328,8 @@ TEST(CudaWgmma, FewCtasReadCachedActivations) {
   reqs[1] = {random_tokens(20, c.vocab, 52), {3}, 0};
   TileConfig tiles = gpu_tile_config(3);
   tiles.hidden_cols = 128;
-  run_forced(c, reqs, 4, kVariants[2], tiles, 3);
-  run_forced(c, reqs, 4, kVariants[3], tiles, 3);  // the shallow pipeline (3 cached stages)
+  run_forced(c, reqs, 4, kVariants[2], tiles, 3, 1, 64);
+  run_forced(c, reqs, 4, kVariants[3], tiles, 3, 1, 64);  // the shallow pipeline (3 cached stages)
 }
 
 // One request to a context of ~4000 tokens (prefill chunks of 1000, then decodes) beside a
