@@ -108,9 +108,14 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   // bf16 activations (wgmma) have a tight reference too: the interpreter rounding where the
   // GPU rounds (DESIGN §5).
   const bool bf16_activations = variant.tensor_cores && variant.wgmma;
+  // Not where a rank's FFN share is no multiple of 8: that rank has no TMA maps, and its FFN
+  // projections run on mma.sync with fp32 (hi + lo) activations, which the bf16-rounding
+  // interpreter does not model (on an H100 such a TP 2 Qwen3 case was 4.8e-3 from the fp32
+  // reference and 1.08e-2 from the bf16 one).
+  const bool bf16_reference = bf16_activations && (config.intermediate_size / tp) % 8 == 0;
   std::unique_ptr<CpuBackend> cpu_bf16;
   std::optional<StepRunner> bf16_runner;
-  if (bf16_activations) {
+  if (bf16_reference) {
     CpuBackendOptions o = cpu_opts;
     o.execution.round_activations_bf16 = true;
     auto b = CpuBackend::create(config, *weights, o);
@@ -198,7 +203,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
       // 1e-2; fp32 activations (hi + lo) to the fp32 reference at 1e-2.
       const double bound = bf16_activations ? 3e-2 : 1e-2;
       EXPECT_LT(err, bound) << c.name << " step " << step << " sample " << s;
-      if (bf16_activations) {
+      if (bf16_reference) {
         const double err_bf16 =
             row_error(*row, cpu_bf16->interpreter().logits(static_cast<int>(s)));
         worst_bf16 = std::max(worst_bf16, err_bf16);
