@@ -47,16 +47,25 @@ DType weights_dtype(const BackendChoice& choice) {
 
 absl::Status check_backend_settings(const BackendSettings& settings, const BackendChoice& choice,
                                     const ModelConfig& model) {
-  if (choice.cuda && settings.tensor_parallel != 1) {
-    return absl::UnimplementedError(
-        absl::StrCat("engine.tensor_parallel_size ", settings.tensor_parallel,
-                     ": the CUDA backend runs one GPU (tensor parallelism is CPU-simulated only)"));
-  }
   if (absl::Status s = check_tensor_parallel(model, settings.tensor_parallel); !s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("engine.tensor_parallel_size: ", s.message(), " of this model"));
   }
+  if (!choice.cuda || settings.tensor_parallel == 1) return absl::OkStatus();
+#if MEGASERVE_WITH_CUDA_BACKEND
+  // The GPUs the degree needs (or, with the ranks on one GPU, its SMs), probed without
+  // touching the weights.
+  if (absl::Status s = check_cuda_tensor_parallel(model, settings.tensor_parallel,
+                                                  settings.tp_ranks_on_one_gpu, /*device=*/0);
+      !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("engine.tensor_parallel_size: ", s.message()));
+  }
   return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError(
+      absl::StrCat("engine.tensor_parallel_size ", settings.tensor_parallel,
+                   ": this megaserve was built without the CUDA backend"));
+#endif
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& settings,
@@ -72,6 +81,9 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const BackendSettings& set
     options.num_kv_blocks = settings.num_kv_blocks;
     options.memory_fraction = settings.gpu_memory_fraction;
     options.step_watchdog_ms = settings.step_watchdog_ms;
+    options.tensor_parallel = settings.tensor_parallel;
+    options.tp_ranks_on_one_gpu = settings.tp_ranks_on_one_gpu;
+    options.verify_schedules = settings.verify_schedules;
     auto cuda = CudaBackend::create(model, std::move(weights), options);
     if (!cuda.ok()) return cuda.status();
     backend = *std::move(cuda);

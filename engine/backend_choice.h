@@ -18,6 +18,10 @@ namespace megaserve::engine {
 struct BackendSettings {
   std::string backend = "auto";  // "auto", "cpu" or "cuda"
   int tensor_parallel = 1;
+  // CUDA: run the tensor_parallel ranks on one GPU's SMs (the debug placement,
+  // engine/cuda/cuda_backend.h); without it a degree above 1 needs that many GPUs. The CPU
+  // interpreter simulates the ranks either way.
+  bool tp_ranks_on_one_gpu = false;
   int32_t kv_block_size = 16;
   int32_t num_kv_blocks = 0;  // 0: from memory (GPU) or cpu_kv_cache_mib (CPU)
   double gpu_memory_fraction = 0.9;
@@ -40,8 +44,9 @@ absl::StatusOr<BackendChoice> choose_backend(const BackendSettings& settings);
 DType weights_dtype(const BackendChoice& choice);
 
 // What make_backend would refuse for `settings` on `model` whatever the weights (a
-// tensor-parallel degree the backend cannot run or that does not divide the model's heads),
-// found before any weight is loaded.
+// tensor-parallel degree that does not divide the model's heads, or that the backend cannot
+// run: more ranks than visible GPUs, a GPU placement not implemented), found before any
+// weight is loaded. Messages start with the setting they blame.
 absl::Status check_backend_settings(const BackendSettings& settings, const BackendChoice& choice,
                                     const ModelConfig& model);
 

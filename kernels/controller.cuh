@@ -3,8 +3,9 @@
 // barrier has reached its target (acquire loads, polling with exponential backoff); the CTA
 // runs the op (a projection's op once per wgmma pass plus once, the passes run here between
 // the calls [WGMMA_WALK]); after __syncthreads (every thread's writes done) thread 0 fences and
-// release-adds 1 to each signal barrier. A wait that the host aborts (watchdog) ends the
-// CTA's step early and reports it in HostControl::aborted.
+// release-adds 1 to each signal barrier, on the rank the signal names (every rank for
+// kSignalAllRanks) [TP_PLACEMENT]. A wait that the host aborts (watchdog) ends the CTA's step
+// early and reports it in HostControl::aborted.
 #pragma once
 
 #include "engine/isa/isa.h"
@@ -19,6 +20,7 @@
 #include "kernels/op_qkv_rope.cuh"
 #include "kernels/op_rms_norm.cuh"
 #include "kernels/op_sample.cuh"
+#include "kernels/op_tp_reduce.cuh"
 #include "kernels/tile_wgmma.cuh"
 
 namespace megaserve::kernels {
@@ -34,6 +36,10 @@ struct CtaState {
   WgmmaPass pass;                     // the wgmma pass an op set up [WGMMA_WALK]
   NormCache norm_cache;               // the last chunk's row scales (op_context.cuh)
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
+  // The rank this CTA acts for, its queue of that rank's step, the ranks in the launch and
+  // every rank's barriers [TP_PLACEMENT].
+  int32_t rank, queue, tp;
+  uint32_t* barriers[kMaxTpRanks];
 };
 
 inline constexpr int kAbortCheckInterval = 256;  // polls between reads of HostControl::abort
@@ -83,22 +89,26 @@ __device__ __noinline__ bool dispatch(const engine::isa::Instruction& inst, cons
     case SampleOp::kOpcode:
       SampleOp::run(inst, ctx);
       return false;
+    case TpReduceOp::kOpcode:
+      TpReduceOp::run(inst, ctx);
+      return false;
     case RmsNormOp::kOpcode:
       RmsNormOp::run(inst, ctx);
       return false;
-    default:     // kTpReduce (TP > 1 is refused by the host) or an invalid opcode: a builder bug
+    default:     // an invalid opcode: a builder bug
       __trap();  // fails the step loudly (the host sees a device error), never skips silently
   }
   return false;
 }
 
-// Runs queue blockIdx.x of cs.step. Returns false when aborted (cs.stop set). Inlined into
-// the entry functions, with the wgmma k-loop (tile_wgmma.cuh [WGMMA_WALK]).
-__device__ __forceinline__ bool run_queue(CtaState& cs, uint32_t* barriers, HostControl* host,
-                                          float* smem, int32_t smem_floats) {
+// Runs queue cs.queue of cs.step (rank cs.rank's). Returns false when aborted (cs.stop set).
+// Inlined into the entry functions, with the wgmma k-loop (tile_wgmma.cuh [WGMMA_WALK]).
+__device__ __forceinline__ bool run_queue(CtaState& cs, HostControl* host, float* smem,
+                                          int32_t smem_floats) {
   using engine::isa::barrier_reached;
-  const int q = blockIdx.x;
+  const int q = cs.queue;
   if (q >= cs.step.num_queues) return true;
+  uint32_t* const barriers = cs.barriers[cs.rank];  // waits are on this rank's barriers
   const WgmmaPipe pipe{cs.tma_full, cs.tma_consumed, cs.tma_released};
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
   uint64_t* const profile = cs.step.profile;
@@ -131,7 +141,12 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, uint32_t* barriers, Host
       }
       __threadfence();
       for (int s = 0; s < cs.inst.num_signals(); ++s) {
-        add_release_gpu(barriers + cs.inst.signal_barrier(s), 1);
+        const int32_t b = cs.inst.signal_barrier(s), to = cs.inst.signal_rank(s);
+        if (to != engine::isa::kSignalAllRanks) {
+          add_release_gpu(cs.barriers[to] + b, 1);
+          continue;
+        }
+        for (int r = 0; r < cs.tp; ++r) add_release_gpu(cs.barriers[r] + b, 1);
       }
     }
   }

@@ -10,22 +10,30 @@
 namespace megaserve::kernels {
 namespace {
 
+// CTA blockIdx.x acts as rank blockIdx.x / ctas_per_rank [TP_PLACEMENT].
 __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
   if (threadIdx.x == 0) {
-    cs.model = p.model;
+    cs.tp = p.tp;
+    cs.rank = static_cast<int32_t>(blockIdx.x) / p.ctas_per_rank;
+    cs.queue = static_cast<int32_t>(blockIdx.x) % p.ctas_per_rank;
+#pragma unroll
+    for (int r = 0; r < kMaxTpRanks; ++r) cs.barriers[r] = p.barriers[r];
+    cs.model = p.models[cs.rank];
     cs.stop = 0;
     ActCache& c = cs.pass.cache;
-    c.rows = p.model.act_cache;
-    c.map = p.model.act_cache_map;
-    c.flags = p.model.act_cache_flags;
-    c.capacity = p.model.act_cache_rows;
-    c.width = p.model.hidden;
+    c.rows = cs.model.act_cache;
+    c.map = cs.model.act_cache_map;
+    c.flags = cs.model.act_cache_flags;
+    c.capacity = cs.model.act_cache_rows;
+    c.width = cs.model.hidden;
     wgmma_pipe_init(WgmmaPipe{cs.tma_full, cs.tma_consumed, cs.tma_released});
   }
 }
 
-__device__ void load_step(CtaState& cs, const DeviceStepDesc* desc) {
+// `slot`: the slot's descriptors, one per rank.
+__device__ void load_step(CtaState& cs, const DeviceStepDesc* slot) {
   if (threadIdx.x == 0) {
+    const DeviceStepDesc* desc = slot + cs.rank;
     cs.step = *desc;
     cs.norm_cache.n = -1;               // the residual rows are this step's from here on
     cs.pass.cache.epoch = desc->epoch;  // keys of earlier steps' blocks no longer match
@@ -39,7 +47,7 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
   __shared__ CtaState cs;
   load_cta_state(cs, params);
   load_step(cs, params.slots[params.slot]);
-  run_queue(cs, params.barriers, params.host, reinterpret_cast<float*>(dynamic_smem), smem_floats);
+  run_queue(cs, params.host, reinterpret_cast<float*>(dynamic_smem), smem_floats);
 }
 
 __global__ void __launch_bounds__(kMegakernelThreads, 1)
@@ -83,8 +91,7 @@ __global__ void __launch_bounds__(kMegakernelThreads, 1)
     __syncthreads();
     if (cs.stop) return;
     load_step(cs, params.slots[next & 1]);
-    if (!run_queue(cs, params.barriers, host, reinterpret_cast<float*>(dynamic_smem),
-                   smem_floats)) {
+    if (!run_queue(cs, host, reinterpret_cast<float*>(dynamic_smem), smem_floats)) {
       return;
     }
     __syncthreads();

@@ -85,6 +85,15 @@ inline constexpr int kActCacheRowsPerCta = 128;
 // The activation cache map's box: 64 k x kActCacheBoxRows rows (one 8 KB A block).
 inline constexpr int kActCacheBoxRows = 64;
 
+// Tensor parallelism [TP_PLACEMENT] (docs/tensor-parallel.md): one launch runs every rank of
+// the group, CTAs [r * ctas_per_rank, (r + 1) * ctas_per_rank) acting as rank r's SMs (its
+// queue blockIdx.x % ctas_per_rank). Each rank has its own DeviceModel (its weight shard,
+// KV cache and activation cache), barriers and step descriptor (its queues and workspace);
+// a signal names the rank whose barrier it increments, and a kTpReduce reads every rank's
+// partial slots. With every rank on one GPU (the debug placement) peers' buffers are plain
+// device memory; across GPUs they become peer mappings of the same protocol.
+inline constexpr int kMaxTpRanks = 8;
+
 // A layer's weight matrices by their index in DeviceModel::weight_maps.
 enum WeightMatrix : int32_t { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerMatrices };
 
@@ -106,10 +115,15 @@ struct DeviceLayer {
   const uint16_t* w_down;     // [hidden, ffn]
 };
 
-// Constant for the backend's lifetime (one rank: tensor parallelism is not supported yet).
+// Constant for the backend's lifetime: one rank's view of the model. Under tensor parallelism
+// q_heads, kv_heads, ffn and vocab are the rank's shares (engine/planner/schedule_shard.h),
+// the weights its shard: embedding and LM head rows are global ids [vocab_begin, vocab_begin
+// + vocab).
 struct DeviceModel {
   int32_t hidden, q_heads, kv_heads, head_dim, ffn, vocab, num_layers;
   float rms_norm_eps;
+  int32_t vocab_begin;  // the rank's first vocabulary id (0 with one rank)
+  int32_t vocab_size;   // the whole vocabulary: a logits row (sample op, LM head stride)
   int32_t num_kv_blocks, kv_block_size;
   const DeviceLayer* layers;   // [num_layers]
   const uint16_t* embedding;   // [vocab, hidden]
@@ -218,20 +232,31 @@ struct DeviceStepDesc {
   // upload); read only for token ids that are references (engine/isa/isa.h,
   // [PREVIOUS_SAMPLE]).
   const int32_t* previous_sampled_ids;
-  float* residual;          // [num_tokens, hidden]
-  float* q;                 // [num_tokens, q_heads * hd]
-  float* attn_out;          // [num_tokens, q_heads * hd]
-  float* split_out;         // [num_split_rows, hd]
-  float* split_lse;         // [num_split_rows]
-  float* act;               // [num_tokens, ffn]
-  float* logits;            // [num_samples, vocab]
+  float* residual;   // [num_tokens, hidden]
+  float* q;          // [num_tokens, q_heads * hd]
+  float* attn_out;   // [num_tokens, q_heads * hd]
+  float* split_out;  // [num_split_rows, hd]
+  float* split_lse;  // [num_split_rows]
+  float* act;        // [num_tokens, ffn]
+  // [num_samples, vocab_size] rank 0's, full rows; under tensor parallelism every rank's LM
+  // head writes its columns there (this pointer is rank 0's rows at column vocab_begin, row
+  // stride vocab_size), and rank 0's sample op reads whole rows [TP_PLACEMENT].
+  float* logits;
   int32_t* sampled_ids;     // [num_samples]
   float* sampled_logprobs;  // [num_samples]
   float* sampling_scratch;  // [rows with scratch_row >= 0, vocab] penalized logits
   int32_t* top_ids;         // [num_samples, kMaxTopLogprobs], first `logprobs` of a row
   float* top_logprobs;      // [num_samples, kMaxTopLogprobs]
-  // Profiling (null unless asked for): kProfileWords per instruction.
+  // Profiling (null unless asked for, and on ranks other than 0): kProfileWords per
+  // instruction.
   uint64_t* profile;  // [num_instructions, kProfileWords]
+  // Tensor parallelism: this rank's partial slots, [kNumPartialSlots * num_tokens, hidden]
+  // (engine/isa/step.h BufferId::kPartial), and every rank's, [tp] in rank order (this one's
+  // included), for kTpReduce to read [TP_PLACEMENT]. Null with one rank.
+  float* partial;
+  const float* const* peer_partial;
+  int32_t tp;  // ranks of the step
+  int32_t unused;
 };
 
 // Mapped pinned host memory, written by the host and read by CTA 0 (and the reverse for
@@ -254,10 +279,13 @@ struct DeviceControl {
 };
 
 struct MegakernelParams {
-  DeviceModel model;
-  const DeviceStepDesc* slots[2];  // device addresses of the two slots' descriptors
-  uint32_t* barriers;              // [num_barriers], never reset between steps
-  HostControl* host;               // device alias of the mapped HostControl
+  int32_t tp;                 // ranks in the launch [TP_PLACEMENT]
+  int32_t ctas_per_rank;      // the grid is tp * ctas_per_rank CTAs
+  const DeviceModel* models;  // [tp], device memory
+  // Device addresses of the two slots' descriptors, one per rank: rank r's at slots[s] + r.
+  const DeviceStepDesc* slots[2];
+  uint32_t* barriers[kMaxTpRanks];  // per rank [num_barriers], never reset between steps
+  HostControl* host;                // device alias of the mapped HostControl
   DeviceControl* control;
   int32_t slot;        // per-step launch: the slot to run
   uint32_t first_seq;  // persistent: steps before this launch (doorbell value)
@@ -266,7 +294,8 @@ struct MegakernelParams {
 // Opts both kernels into the most dynamic shared memory a CTA can have next to their static
 // shared memory, given the device's opt-in limit per block; returns it in `dynamic_bytes`.
 cudaError_t configure_megakernel(size_t optin_bytes, size_t* dynamic_bytes);
-// One step (params.slot), one CTA per queue; cooperative, so every CTA is co-resident.
+// One step (params.slot), one CTA per queue of every rank; cooperative, so every CTA is
+// co-resident (what the waits across ranks need too).
 cudaError_t launch_megakernel_step(const MegakernelParams& params, int grid, size_t smem_bytes,
                                    cudaStream_t stream);
 // The persistent kernel: runs steps from the ring until shutdown or abort.

@@ -1,6 +1,7 @@
 // kOProj and kDownProj (engine/cpu/cpu_ops_projection.cc): residual[t, c] += dot(W[c, :], in[t, :])
 // for a tile of token rows x hidden columns; W = wo with in = attn_out (K = q_heads * hd), or
-// W = w_down with in = act (K = ffn). One rank only: partial slots (TP) are not supported.
+// W = w_down with in = act (K = ffn). Under tensor parallelism (partial_slot >= 0) the rank's
+// partial sum over its K slice is stored into that partial slot instead, for kTpReduce.
 #pragma once
 
 #include "kernels/device_utils.cuh"
@@ -25,6 +26,9 @@ struct HiddenProjectionOp {
     const int K = o_proj ? md.q_heads * md.head_dim : md.ffn;
     const uint16_t* W = o_proj ? w.wo : w.w_down;        // [H, K]
     const float* input = o_proj ? st.attn_out : st.act;  // [T, K]
+    float* const partial = a.partial_slot < 0 ? nullptr
+                                              : st.partial + static_cast<int64_t>(a.partial_slot) *
+                                                                 st.num_tokens * H;  // [T, H]
     PassWalk walk{ctx.call, 0, ctx.pass};
     return project<1>(
                walk, st.flags,
@@ -42,7 +46,12 @@ struct HiddenProjectionOp {
                      a.col_begin + c};
                },
                [&](int c, int r, const float* v) {
-                 st.residual[static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c] += v[0];
+                 const int64_t at = static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c;
+                 if (partial != nullptr) {
+                   partial[at] = v[0];
+                 } else {
+                   st.residual[at] += v[0];
+                 }
                }) == Walk::kYield;
   }
 };

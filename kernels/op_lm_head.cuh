@@ -1,6 +1,7 @@
 // kLmHead (engine/cpu/cpu_ops_lm_head.cc): logits[s, c] = dot(lm_head[c], RMSNorm(final_norm) of
 // residual[sample_rows[s]]) for sampling rows [sample_begin, sample_end) and vocabulary
-// columns [col_begin, col_end).
+// columns [col_begin, col_end) of the rank's vocabulary slice, into the full-vocabulary rows
+// of DeviceStepDesc::logits (row stride vocab_size; the rank's pointer starts at its slice).
 #pragma once
 
 #include "kernels/device_utils.cuh"
@@ -18,7 +19,7 @@ struct LmHeadOp {
     const auto a = engine::isa::args_of<engine::isa::LmHeadArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
-    const int H = md.hidden, V = md.vocab;
+    const int H = md.hidden, V = md.vocab_size;       // V: the logits' row stride
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;

@@ -195,7 +195,7 @@ struct SampleOp {
   __device__ static void sample_row(int s, const OpContext& ctx) {
     const DeviceStepDesc& st = ctx.step;
     const DeviceSampling sp = st.sampling[s];
-    const int V = ctx.model.vocab;
+    const int V = ctx.model.vocab_size;  // whole rows: every rank's LM head wrote its columns
     auto& sm = *reinterpret_cast<sample::SampleSmem*>(ctx.smem);
     const float* raw = st.logits + static_cast<int64_t>(s) * V;  // (V)
     const float* row = raw;

@@ -98,6 +98,9 @@ ABSL_FLAG(StringOverride, http_address,
 ABSL_FLAG(StringOverride, backend, shown_text(engine_defaults().backend()), "auto, cpu or cuda");
 ABSL_FLAG(UintOverride, tensor_parallel_size, shown_value(engine_defaults().tensor_parallel_size()),
           "GPUs per model");
+ABSL_FLAG(BoolOverride, tp_ranks_on_one_gpu, shown_value(engine_defaults().tp_ranks_on_one_gpu()),
+          "debugging: run the --tensor_parallel_size ranks on one GPU's SMs "
+          "(docs/tensor-parallel.md)");
 ABSL_FLAG(UintOverride, kv_block_size, shown_value(engine_defaults().kv_block_size()),
           "tokens per KV cache block, a power of two in [16, 128]");
 ABSL_FLAG(UintOverride, num_kv_blocks, shown_value(engine_defaults().num_kv_blocks()),
@@ -162,6 +165,7 @@ void apply_flag_overrides(config::ServerConfig* c) {
                  [c](const std::string& v) { c->mutable_endpoints()->set_http_address(v); });
   override_field(FLAGS_backend, [e](const std::string& v) { e->set_backend(v); });
   override_field(FLAGS_tensor_parallel_size, [e](uint32_t v) { e->set_tensor_parallel_size(v); });
+  override_field(FLAGS_tp_ranks_on_one_gpu, [e](bool v) { e->set_tp_ranks_on_one_gpu(v); });
   override_field(FLAGS_kv_block_size, [e](uint32_t v) { e->set_kv_block_size(v); });
   override_field(FLAGS_num_kv_blocks, [e](uint32_t v) { e->set_num_kv_blocks(v); });
   override_field(FLAGS_cpu_kv_cache_mib, [e](uint32_t v) { e->set_cpu_kv_cache_mib(v); });

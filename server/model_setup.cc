@@ -150,6 +150,7 @@ engine::BackendSettings backend_settings(const config::EngineConfig& e) {
   engine::BackendSettings s;
   s.backend = e.backend();
   s.tensor_parallel = static_cast<int>(e.tensor_parallel_size());
+  s.tp_ranks_on_one_gpu = e.tp_ranks_on_one_gpu();
   s.kv_block_size = static_cast<int32_t>(e.kv_block_size());
   s.num_kv_blocks = static_cast<int32_t>(e.num_kv_blocks());
   s.gpu_memory_fraction = e.gpu_memory_fraction();

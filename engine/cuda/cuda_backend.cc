@@ -11,6 +11,7 @@
 #include "engine/cuda/cuda_state.h"
 #include "engine/isa/isa.h"
 #include "engine/isa/sampling.h"
+#include "engine/planner/schedule_shard.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
 
@@ -99,9 +100,11 @@ CudaBackend::~CudaBackend() {
 }
 
 std::string CudaBackend::describe() const {
+  const int tp = options_.tensor_parallel;
   return absl::StrCat("cuda megakernel on ", device_name_, " (device ", options_.device, ", ",
-                      tiles_.num_sms, " CTAs, ",
-                      options_.persistent ? "persistent" : "one launch per step",
+                      tiles_.num_sms, " CTAs",
+                      tp > 1 ? absl::StrCat(" per rank x ", tp, " ranks on one GPU (debug)") : "",
+                      ", ", options_.persistent ? "persistent" : "one launch per step",
                       !options_.tensor_cores ? ", CUDA cores"
                       : options_.wgmma       ? ", wgmma tensor cores"
                                              : ", mma.sync tensor cores",
@@ -128,9 +131,10 @@ absl::StatusOr<std::vector<float>> CudaBackend::logits(int sample) const {
 
 ScheduleTarget CudaBackend::schedule_target() const {
   return ScheduleTarget{.tiles = tiles_,
-                        .tensor_parallel = 1,
+                        .tensor_parallel = options_.tensor_parallel,
                         .num_kv_blocks = num_kv_blocks_,
-                        .kv_block_size = options_.kv_block_size};
+                        .kv_block_size = options_.kv_block_size,
+                        .verify = options_.verify_schedules};
 }
 
 absl::StatusOr<scheduler::StepOutput> CudaBackend::execute(const Step& step) {
@@ -150,12 +154,13 @@ absl::Status CudaBackend::submit(const Step& step) {
         "cuda backend: step ", step.step_id, ": ", in_flight_.size(), " steps already in flight"));
   }
   const StepMetadata& m = step.meta;
-  if (step.tp != 1 || static_cast<int>(step.ranks.size()) != 1 || step.num_sms != tiles_.num_sms ||
-      m.kv_block_size != options_.kv_block_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda backend: step ", step.step_id, " is built for tp ", step.tp, ", ", step.num_sms,
-        " SMs, kv_block_size ", m.kv_block_size, "; the backend has tp 1, ", tiles_.num_sms,
-        " SMs, kv_block_size ", options_.kv_block_size));
+  const int tp = options_.tensor_parallel;
+  if (step.tp != tp || static_cast<int>(step.ranks.size()) != tp ||
+      step.num_sms != tiles_.num_sms || m.kv_block_size != options_.kv_block_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda backend: step ", step.step_id, " is built for tp ", step.tp, ", ",
+                     step.num_sms, " SMs, kv_block_size ", m.kv_block_size, "; the backend has tp ",
+                     tp, ", ", tiles_.num_sms, " SMs, kv_block_size ", options_.kv_block_size));
   }
   // References to the previous step's sampling rows [PREVIOUS_SAMPLE]: resolved on the device
   // when that step may still be running and samples the row there, else on the host once
@@ -176,8 +181,12 @@ absl::Status CudaBackend::submit(const Step& step) {
   auto f = std::make_unique<InFlight>();
   f->step = &step;
   const int S = m.num_samples();
-  const WorkspaceShape shape{config_.hidden_size,       config_.q_size(),   config_.head_dim,
-                             config_.intermediate_size, config_.vocab_size, options_.profile};
+  // Per rank: rank 0 has the largest FFN share (shard_of gives the remainder to the first).
+  const ModelShard rank0 = shard_of(config_, tp, 0);
+  const WorkspaceShape shape{config_.hidden_size, rank0.q_heads * config_.head_dim,
+                             config_.head_dim,    rank0.ffn_cols(),
+                             config_.vocab_size,  tp,
+                             options_.profile};
   CudaState& st = *state_;
   // (Penalties that need the token the previous step samples: the StepRunner collected that
   // step before submitting this one, so it is not in flight here.)
@@ -296,18 +305,22 @@ absl::Status CudaBackend::finish(InFlight& f) {
     if (e == cudaSuccess) e = cudaStreamSynchronize(st.copy);
     if (e != cudaSuccess) return failed(e, "reading samples");
   }
-  if (options_.check_barriers) {
-    std::vector<uint32_t> values(st.num_barriers);
+  if (options_.check_barriers) {  // every rank's, [tp, num_barriers]
+    std::vector<uint32_t> values(static_cast<size_t>(st.num_barriers) * st.tp);
     if (cudaError_t e = cudaMemcpy(values.data(), st.barriers, values.size() * sizeof(uint32_t),
                                    cudaMemcpyDeviceToHost);
         e != cudaSuccess) {
       return failed(e, "reading barriers");
     }
-    for (int b = 0; b < st.num_barriers; ++b) {
-      if (values[b] != rs.barrier_end[b]) {
-        return fail(absl::InternalError(absl::StrCat("cuda backend: step ", step.step_id,
-                                                     ": barrier ", b, " ends at ", values[b],
-                                                     ", expected ", rs.barrier_end[b])));
+    for (int r = 0; r < st.tp; ++r) {
+      for (int b = 0; b < st.num_barriers; ++b) {
+        const uint32_t value = values[static_cast<size_t>(r) * st.num_barriers + b];
+        const uint32_t want = step.ranks[r].barrier_end[b];
+        if (value != want) {
+          return fail(absl::InternalError(absl::StrCat("cuda backend: step ", step.step_id,
+                                                       ": barrier ", b, " of rank ", r, " ends at ",
+                                                       value, ", expected ", want)));
+        }
       }
     }
   }

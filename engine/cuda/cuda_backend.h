@@ -14,9 +14,12 @@
 // persistent kernel), and then resolves references on the host. (When a row's penalties need
 // the token the previous step samples, the StepRunner collects that step before submitting.)
 //
-// Tensor parallelism is not supported yet: tp is 1. A step that does not complete within
-// the watchdog, or any CUDA error, fails the call that sees it and every later call (never a
-// hang), steps in flight included.
+// Tensor parallelism: only the debug placement so far, every rank on one GPU
+// (tp_ranks_on_one_gpu; kernels/megakernel.h [TP_PLACEMENT], docs/tensor-parallel.md): one
+// launch whose CTAs are split into tp groups, each rank with its own weight shard, KV cache,
+// queues, barriers and workspace. A step that does not complete within the watchdog, or any
+// CUDA error, fails the call that sees it and every later call (never a hang), steps in
+// flight included.
 #pragma once
 
 #include <chrono>
@@ -40,8 +43,11 @@ namespace megaserve::engine {
 
 struct CudaBackendOptions {
   int device = 0;  // CUDA device ordinal
-  // Tensor parallelism is not implemented on the GPU yet: anything but 1 is refused.
+  // Tensor-parallel ranks. Above 1 only with tp_ranks_on_one_gpu: the ranks share this one
+  // GPU's SMs (the debug placement, which tests the whole peer protocol on one GPU); the
+  // placement over several GPUs is not implemented, and is refused.
   int tensor_parallel = 1;
+  bool tp_ranks_on_one_gpu = false;
   int32_t kv_block_size = 16;
   // 0: as many blocks as fit in memory_fraction of the free memory left after the weights
   // and a reserve for the workspace.
@@ -51,8 +57,9 @@ struct CudaBackendOptions {
   bool persistent = true;
   // A step that takes longer fails execute() and breaks the backend.
   int step_watchdog_ms = 10000;
-  // Tile shapes; default gpu_tile_config(sm count) (engine/planner/tile_config.h). num_sms is
-  // always the number of CTAs (the device's SM count unless num_sms > 0 below).
+  // Tile shapes; default gpu_tile_config(CTAs per rank) (engine/planner/tile_config.h).
+  // num_sms is always the number of CTAs per rank: num_sms when > 0, else the device's SM
+  // count divided by tensor_parallel.
   std::optional<TileConfig> tiles;
   int num_sms = 0;
   // Tests: fill the workspace with NaN before every step (unwritten reads show up as NaN),
@@ -62,8 +69,9 @@ struct CudaBackendOptions {
   // Token rows of the bf16 FFN activations, attention outputs and normalized rows that the
   // down, output, QKV and gate/up projections' wgmma passes read (kernels::DeviceModel::
   // ffn_act, attn_act, norm_act; rows past it are converted from the fp32 ones; 0: none,
-  // every row converted, and no norm stages). Tests lower it to run both kinds of pass in one
-  // step.
+  // every row converted, and no norm stages). Every tensor-parallel rank keeps its own, of its
+  // shard's widths (the normalized rows are the full hidden size on each). Tests lower it to
+  // run both kinds of pass in one step.
   int bf16_act_rows = 8192;
   // Projections on bf16 tensor cores where the reduction width is a multiple of 8: with
   // `wgmma`, Hopper's wgmma with TMA-fed weights and bf16 activations (kernels/tile_wgmma.cuh,
@@ -85,6 +93,9 @@ struct CudaBackendOptions {
   // Tests: sample every row on the host (engine::sample_token) from the device's logits read
   // back, instead of the device's sample op; to compare the two on the same logits.
   bool host_sampling = false;
+  // Record every instruction's buffer regions and run the static verifier on every step
+  // before it is submitted (ScheduleTarget::verify): tests, and the server's verify_schedules.
+  bool verify_schedules = false;
   // Benchmarks: record per-instruction timestamps and SMs on the device
   // (CudaBackend::last_timings, engine/cuda/cuda_trace.h).
   bool profile = false;
@@ -98,6 +109,14 @@ absl::StatusOr<double> device_copy_bandwidth(int device, size_t bytes = size_t{1
 
 // True when a supported (Hopper, sm_90) GPU is visible; else false with the reason in `why`.
 bool cuda_backend_supported(std::string* why);
+
+// What CudaBackend::create would refuse about the tensor-parallel degree, checked before any
+// weight is loaded: a degree outside [1, kernels::kMaxTpRanks] or one that does not divide
+// the heads (check_tensor_parallel); without ranks_on_one_gpu, more ranks than visible GPUs,
+// and otherwise any degree above 1 (the multi-GPU placement is not implemented); with it, a
+// missing device or fewer SMs than ranks.
+absl::Status check_cuda_tensor_parallel(const ModelConfig& config, int tp, bool ranks_on_one_gpu,
+                                        int device);
 
 struct CudaState;  // device allocations, streams, mapped control words (cuda_backend.cc)
 
@@ -126,7 +145,7 @@ class CudaBackend : public Backend {
   // last collected step (read back from the device; valid while no later step is in
   // flight).
   absl::StatusOr<std::vector<float>> logits(int sample) const;
-  int num_sms() const { return tiles_.num_sms; }
+  int num_sms() const { return tiles_.num_sms; }  // CTAs per rank
   // With profile on: per instruction of the last finished step's ranks[0] (the StepRunner's
   // last_step() once collected), its device timestamps.
   const std::vector<InstructionTiming>& last_timings() const { return last_timings_; }

@@ -1,6 +1,6 @@
-// CudaBackend::create: converts the weights to bf16 and uploads them, sizes the KV cache from
-// the free memory, and sets up the step state (engine/cuda/cuda_backend.h). The step flow is in
-// engine/cuda/cuda_backend.cc.
+// CudaBackend::create: checks the tensor-parallel placement, converts each rank's weight shard
+// to bf16 and uploads it, sizes the KV cache from the free memory, and sets up the step state
+// (engine/cuda/cuda_backend.h). The step flow is in engine/cuda/cuda_backend.cc.
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -8,9 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_rank_weights.h"
 #include "engine/cuda/cuda_state.h"
-#include "engine/cuda/cuda_weight_maps.h"
-#include "engine/isa/bf16.h"
 #include "engine/planner/schedule_builder.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
@@ -24,35 +23,52 @@ namespace {
 // derived from free memory.
 constexpr size_t kWorkspaceReserveBytes = size_t{1} << 30;
 
-std::vector<uint16_t> to_bf16(const Tensor& t) {
-  std::vector<uint16_t> out(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    switch (t.dtype) {
-      case DType::kF32:
-        out[i] = float_to_bf16(t.data<float>()[i]);
-        break;
-      case DType::kBF16:
-        out[i] = t.data<uint16_t>()[i];
-        break;
-      case DType::kF16:
-        out[i] = float_to_bf16(f16_to_float(t.data<uint16_t>()[i]));
-        break;
-    }
-  }
-  return out;
-}
-
 }  // namespace
+
+absl::Status check_cuda_tensor_parallel(const ModelConfig& config, int tp, bool ranks_on_one_gpu,
+                                        int device) {
+  if (tp < 1 || tp > kernels::kMaxTpRanks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor_parallel ", tp, " outside [1, ", kernels::kMaxTpRanks, "]"));
+  }
+  if (absl::Status s = check_tensor_parallel(config, tp); !s.ok()) return s;
+  if (tp == 1) return absl::OkStatus();
+  std::string why;
+  const std::vector<kernels::DeviceInfo> devices = kernels::probe_devices(&why);
+  const int visible = static_cast<int>(devices.size());
+  if (!ranks_on_one_gpu) {
+    if (visible < tp) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor_parallel ", tp, " needs ", tp, " GPUs, ", visible, " visible",
+                       visible == 0 ? absl::StrCat(" (", why, ")") : "",
+                       "; tp_ranks_on_one_gpu runs the ranks on one GPU, for debugging"));
+    }
+    return absl::UnimplementedError(absl::StrCat(
+        "tensor_parallel ", tp, " across ", tp,
+        " GPUs is not implemented yet; tp_ranks_on_one_gpu runs the ranks on one GPU, for "
+        "debugging"));
+  }
+  if (device < 0 || device >= visible) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tensor_parallel ", tp, " on one GPU: no CUDA device ", device, " (",
+                     visible == 0 ? why : absl::StrCat(visible, " visible"), ")"));
+  }
+  if (devices[device].sm_count < tp) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor_parallel ", tp,
+                                                   " on one GPU: ", devices[device].name, " has ",
+                                                   devices[device].sm_count, " SMs"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     const ModelConfig& config, ModelWeights weights, const CudaBackendOptions& options) {
-  if (options.tensor_parallel != 1) {
-    return absl::UnimplementedError(absl::StrCat(
-        "cuda backend: tensor_parallel ", options.tensor_parallel,
-        " is not supported yet (the megakernel runs one rank; use tensor_parallel 1 or the CPU "
-        "interpreter)"));
+  const int tp = options.tensor_parallel;
+  if (absl::Status s =
+          check_cuda_tensor_parallel(config, tp, options.tp_ranks_on_one_gpu, options.device);
+      !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("cuda backend: ", s.message()));
   }
-  if (absl::Status s = check_tensor_parallel(config, 1); !s.ok()) return s;
   const int hd = config.head_dim;
   if (hd % 8 != 0 || hd > kernels::kMaxHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: head_dim ", hd,
@@ -88,11 +104,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
   b->config_ = config;
   b->options_ = options;
   b->device_name_ = dev.name;
-  b->tiles_ = options.tiles.value_or(gpu_tile_config(dev.sm_count));
-  b->tiles_.num_sms = options.num_sms > 0 ? options.num_sms : dev.sm_count;
-  if (b->tiles_.num_sms > dev.sm_count) {
-    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", b->tiles_.num_sms,
-                                                   " CTAs exceed the ", dev.sm_count,
+  // Each rank runs on its own CTAs of the one launch [TP_PLACEMENT]: options.num_sms CTAs
+  // per rank, by default the SMs shared out evenly.
+  const int ctas_per_rank = options.num_sms > 0 ? options.num_sms : dev.sm_count / tp;
+  b->tiles_ = options.tiles.value_or(gpu_tile_config(ctas_per_rank));
+  b->tiles_.num_sms = ctas_per_rank;
+  if (ctas_per_rank * tp > dev.sm_count) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", ctas_per_rank, " CTAs x ", tp,
+                                                   " ranks exceed the ", dev.sm_count,
                                                    " SMs (every CTA must be resident)"));
   }
   MEGASERVE_CUDA_RETURN(cudaSetDevice(options.device), "selecting the device");
@@ -123,134 +142,27 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
 
   auto st = std::make_unique<CudaState>();
   st->device = options.device;
-  st->grid = b->tiles_.num_sms;
+  st->tp = tp;
+  st->ctas_per_rank = ctas_per_rank;
+  st->grid = ctas_per_rank * tp;
   st->smem_bytes = smem;
-
-  // Weights, bf16. Tied embeddings share one device copy.
-  std::unordered_map<const void*, const uint16_t*> uploaded;
-  auto up = [&](const Tensor& t, const char* name) -> absl::StatusOr<const uint16_t*> {
-    if (t.empty()) return nullptr;
-    if (auto it = uploaded.find(t.bytes.get()); it != uploaded.end()) return it->second;
-    const std::vector<uint16_t> bits = to_bf16(t);
-    absl::StatusOr<uint16_t*> p = st->upload(bits.data(), bits.size(), name);
-    if (!p.ok()) return p.status();
-    uploaded[t.bytes.get()] = *p;
-    return *p;
-  };
-  DeviceModel& m = st->model;
-  m.hidden = config.hidden_size;
-  m.q_heads = config.num_heads;
-  m.kv_heads = config.num_kv_heads;
-  m.head_dim = hd;
-  m.ffn = config.intermediate_size;
-  m.vocab = config.vocab_size;
-  m.num_layers = config.num_layers;
-  m.rms_norm_eps = config.rms_norm_eps;
-  std::vector<kernels::DeviceLayer> layers(config.num_layers);
-#define MEGASERVE_UPLOAD(dst, tensor)                         \
-  do {                                                        \
-    absl::StatusOr<const uint16_t*> p_ = up(tensor, #tensor); \
-    if (!p_.ok()) return p_.status();                         \
-    dst = *p_;                                                \
-  } while (0)
-  MEGASERVE_UPLOAD(m.embedding, weights.embedding);
-  MEGASERVE_UPLOAD(m.final_norm, weights.final_norm);
-  MEGASERVE_UPLOAD(m.lm_head, weights.lm_head);
-  for (int l = 0; l < config.num_layers; ++l) {
-    const LayerWeights& w = weights.layers[l];
-    kernels::DeviceLayer& d = layers[l];
-    MEGASERVE_UPLOAD(d.attn_norm, w.attn_norm);
-    MEGASERVE_UPLOAD(d.ffn_norm, w.ffn_norm);
-    MEGASERVE_UPLOAD(d.wq, w.wq);
-    MEGASERVE_UPLOAD(d.wk, w.wk);
-    MEGASERVE_UPLOAD(d.wv, w.wv);
-    MEGASERVE_UPLOAD(d.bq, w.bq);
-    MEGASERVE_UPLOAD(d.bk, w.bk);
-    MEGASERVE_UPLOAD(d.bv, w.bv);
-    MEGASERVE_UPLOAD(d.q_norm, w.q_norm);
-    MEGASERVE_UPLOAD(d.k_norm, w.k_norm);
-    MEGASERVE_UPLOAD(d.wo, w.wo);
-    MEGASERVE_UPLOAD(d.w_gate, w.w_gate);
-    MEGASERVE_UPLOAD(d.w_up, w.w_up);
-    MEGASERVE_UPLOAD(d.w_down, w.w_down);
-  }
-#undef MEGASERVE_UPLOAD
-  weights = ModelWeights{};  // the host copy is no longer needed
-  absl::StatusOr<kernels::DeviceLayer*> dl = st->upload(layers.data(), layers.size(), "layers");
-  if (!dl.ok()) return dl.status();
-  m.layers = *dl;
-  absl::StatusOr<std::vector<CUtensorMap>> maps = encode_weight_maps(m, layers);
-  if (!maps.ok()) return maps.status();
-  m.weight_maps = nullptr;
-  if (!maps->empty()) {
-    absl::StatusOr<CUtensorMap*> dm = st->upload(maps->data(), maps->size(), "weight maps");
-    if (!dm.ok()) return dm.status();
-    m.weight_maps = *dm;
-  }
-  if (m.weight_maps != nullptr && options.wgmma) {  // only wgmma passes read them
-    // The activation cache [ACT_CACHE]: kActCacheRowsPerCta token rows of the hidden size
-    // per CTA (steps of more tokens convert the rows past it every time), and its flags,
-    // zeroed (no step's key).
-    const int64_t cache_rows = int64_t{st->grid} * kernels::kActCacheRowsPerCta;
-    void* p = nullptr;
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, sizeof(uint16_t) * cache_rows * m.hidden),
-                          "activation cache");
-    st->allocations.push_back(p);
-    m.act_cache = static_cast<uint16_t*>(p);
-    m.act_cache_rows = static_cast<int32_t>(cache_rows);
-    const size_t flag_bytes = sizeof(uint64_t) * (cache_rows / kernels::kActFlagRows);
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, flag_bytes), "activation cache flags");
-    st->allocations.push_back(p);
-    MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, flag_bytes), "activation cache flags");
-    m.act_cache_flags = static_cast<uint64_t*>(p);
-    // The bf16 FFN activations and attention outputs, options.bf16_act_rows token rows
-    // (rounded up to a pass's): 8192 rows of Llama-3.1-8B's 14,336 and 4,096 are 235 and 67 MB.
-    if (options.bf16_act_rows > 0) {
-      const int64_t act_rows =
-          std::max<int64_t>(kernels::kActCacheBoxRows,
-                            (int64_t{options.bf16_act_rows} + kernels::kActCacheBoxRows - 1) /
-                                kernels::kActCacheBoxRows * kernels::kActCacheBoxRows);
-      const auto bf16_rows = [&](int64_t width, const char* what, uint16_t** rows,
-                                 const CUtensorMap** map) -> absl::Status {
-        void* q = nullptr;
-        MEGASERVE_CUDA_RETURN(cudaMalloc(&q, sizeof(uint16_t) * act_rows * width), what);
-        st->allocations.push_back(q);
-        *rows = static_cast<uint16_t*>(q);
-        absl::StatusOr<CUtensorMap> encoded = encode_act_cache_map(*rows, act_rows, width);
-        if (!encoded.ok()) return encoded.status();
-        absl::StatusOr<CUtensorMap*> uploaded = st->upload(&*encoded, 1, what);
-        if (!uploaded.ok()) return uploaded.status();
-        *map = *uploaded;
-        return absl::OkStatus();
-      };
-      if (absl::Status s = bf16_rows(m.ffn, "bf16 FFN activations", &m.ffn_act, &m.ffn_act_map);
-          !s.ok()) {
-        return s;
-      }
-      if (absl::Status s = bf16_rows(int64_t{m.q_heads} * m.head_dim, "bf16 attention outputs",
-                                     &m.attn_act, &m.attn_act_map);
-          !s.ok()) {
-        return s;
-      }
-      // And the norm stage's rows [NORM_STAGE] (64 MB more on Llama-3.1-8B).
-      if (absl::Status s = bf16_rows(m.hidden, "normalized rows", &m.norm_act, &m.norm_act_map);
-          !s.ok()) {
-        return s;
-      }
-      m.ffn_act_rows = m.attn_act_rows = m.norm_act_rows = static_cast<int32_t>(act_rows);
+  st->models.resize(tp);
+  for (int r = 0; r < tp; ++r) {
+    if (absl::Status s =
+            upload_rank_weights(config, weights, shard_of(config, tp, r), ctas_per_rank,
+                                options.wgmma, options.bf16_act_rows, *st, st->models[r]);
+        !s.ok()) {
+      return s;
     }
-    absl::StatusOr<CUtensorMap> am = encode_act_cache_map(m.act_cache, cache_rows, m.hidden);
-    if (!am.ok()) return am.status();
-    absl::StatusOr<CUtensorMap*> dam = st->upload(&*am, 1, "activation cache map");
-    if (!dam.ok()) return dam.status();
-    m.act_cache_map = *dam;
   }
-  // No norm stages where nothing would read their rows.
-  if (m.norm_act == nullptr) b->tiles_.norm_stage_tokens = 0;
-  const std::vector<float> inv_freq = rope_inv_freq(config);
-  absl::StatusOr<float*> inv = st->upload(inv_freq.data(), inv_freq.size(), "inv_freq");
-  if (!inv.ok()) return inv.status();
-  m.inv_freq = *inv;
+  weights = ModelWeights{};  // the host copy is no longer needed
+  // No norm stages unless every rank keeps normalized rows to read [NORM_STAGE]: the ranks
+  // share one schedule, and a rank without them (no wgmma, no TMA maps for its shard, or
+  // bf16_act_rows 0) would run each stage as a no-op and still wait for it.
+  if (std::any_of(st->models.begin(), st->models.end(),
+                  [](const DeviceModel& m) { return m.norm_act == nullptr; })) {
+    b->tiles_.norm_stage_tokens = 0;
+  }
 
   // The KV cache.
   const int64_t block_elems_per_layer =
@@ -270,20 +182,22 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
     }
   }
   b->num_kv_blocks_ = static_cast<int32_t>(blocks);
-  m.num_kv_blocks = b->num_kv_blocks_;
-  m.kv_block_size = options.kv_block_size;
-  const KvCacheLayout kv{.num_blocks = static_cast<int32_t>(blocks),
-                         .kv_heads = config.num_kv_heads,
-                         .block_size = options.kv_block_size,
-                         .head_dim = hd};
-  m.cache_layer_elements = kv.elements_per_layer();  // the layout the kernels index with
-  for (uint16_t** cache : {&m.k_cache, &m.v_cache}) {
-    void* p = nullptr;
-    const size_t bytes = sizeof(uint16_t) * m.cache_layer_elements * config.num_layers;
-    MEGASERVE_CUDA_RETURN(cudaMalloc(&p, bytes), "KV cache");
-    st->allocations.push_back(p);
-    MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, bytes), "KV cache");
-    *cache = static_cast<uint16_t*>(p);
+  for (DeviceModel& m : st->models) {  // each rank's kv heads
+    m.num_kv_blocks = b->num_kv_blocks_;
+    m.kv_block_size = options.kv_block_size;
+    const KvCacheLayout kv{.num_blocks = static_cast<int32_t>(blocks),
+                           .kv_heads = m.kv_heads,
+                           .block_size = options.kv_block_size,
+                           .head_dim = hd};
+    m.cache_layer_elements = kv.elements_per_layer();  // the layout the kernels index with
+    for (uint16_t** cache : {&m.k_cache, &m.v_cache}) {
+      void* p = nullptr;
+      const size_t bytes = sizeof(uint16_t) * m.cache_layer_elements * config.num_layers;
+      MEGASERVE_CUDA_RETURN(cudaMalloc(&p, bytes), "KV cache");
+      st->allocations.push_back(p);
+      MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, bytes), "KV cache");
+      *cache = static_cast<uint16_t*>(p);
+    }
   }
 
   if (absl::Status s = st->init(schedule_num_barriers(config)); !s.ok()) return s;

@@ -19,9 +19,12 @@ namespace {
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// Workspace regions of a step (shapes: BufferId in engine/isa/step.h), each 256-aligned.
+// Workspace regions of a step (shapes: BufferId in engine/isa/step.h), each 256-aligned: one
+// block per rank (rank r's at r * rank_bytes), then rank 0's logits, scratch and profile.
 struct WorkspaceLayout {
-  size_t residual, q, attn, split, lse, act, logits, scratch, profile;
+  size_t residual, q, attn, split, lse, act, partial;  // within a rank's block
+  size_t rank_bytes = 0;
+  size_t logits, scratch, profile;  // after the tp blocks
   size_t bytes = 0;
 };
 
@@ -30,9 +33,10 @@ WorkspaceLayout workspace_layout(const Step& step, const WorkspaceShape& ws,
   const StepMetadata& m = step.meta;
   const size_t T = m.num_tokens, S = m.num_samples(), splits = m.num_split_rows;
   WorkspaceLayout l{};
+  size_t* end = &l.rank_bytes;
   const auto region = [&](size_t bytes) {
-    const size_t at = l.bytes;
-    l.bytes += align_up(std::max<size_t>(bytes, 1));
+    const size_t at = *end;
+    *end += align_up(std::max<size_t>(bytes, 1));
     return at;
   };
   l.residual = region(sizeof(float) * T * ws.hidden);
@@ -41,6 +45,9 @@ WorkspaceLayout workspace_layout(const Step& step, const WorkspaceShape& ws,
   l.split = region(sizeof(float) * splits * ws.head_dim);
   l.lse = region(sizeof(float) * splits);
   l.act = region(sizeof(float) * T * ws.ffn);
+  l.partial = region(ws.tp > 1 ? sizeof(float) * kNumPartialSlots * T * ws.hidden : 0);
+  l.bytes = l.rank_bytes * ws.tp;
+  end = &l.bytes;
   l.logits = region(sizeof(float) * S * ws.vocab);
   l.scratch = region(sizeof(float) * sampling.scratch_rows * ws.vocab);
   l.profile = region(ws.profile ? kernels::kProfileWords * sizeof(uint64_t) *
@@ -49,38 +56,46 @@ WorkspaceLayout workspace_layout(const Step& step, const WorkspaceShape& ws,
   return l;
 }
 
-// The slot's upload: the descriptor, then these arrays in this order, each 256-aligned.
+// The slot's upload: the ranks' descriptors and partial-slot table, then per rank its
+// instructions and queue
+// offsets, then the step's metadata (shared by the ranks) in kSharedArrays' order, each
+// 256-aligned.
 struct Array {
   const void* data;
   size_t bytes;
 };
-constexpr int kNumArrays = 12;
+constexpr int kSharedArrays = 10;  // token ids .. sampling ids
 
-std::array<Array, kNumArrays> slot_arrays(const Step& step, std::span<const int32_t> token_ids,
-                                          const SamplingUpload& sampling) {
+std::vector<Array> slot_arrays(const Step& step, std::span<const int32_t> token_ids,
+                               const SamplingUpload& sampling) {
   const StepMetadata& m = step.meta;
-  const RankSchedule& rs = step.ranks[0];
   const auto ints = [](const std::vector<int32_t>& v) {
     return Array{v.data(), v.size() * sizeof(int32_t)};
   };
-  return {Array{rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)},
-          ints(rs.queue_begin),
-          Array{token_ids.data(), token_ids.size() * sizeof(int32_t)},
-          ints(m.positions),
-          ints(m.token_request),
-          ints(m.query_start),
-          ints(m.block_indptr),
-          ints(m.block_indices),
-          ints(m.split_row_begin),
-          ints(m.sample_rows),
-          Array{sampling.rows.data(), sampling.rows.size() * sizeof(DeviceSampling)},
-          ints(sampling.ids)};
+  std::vector<Array> arrays;
+  for (const RankSchedule& rs : step.ranks) {
+    arrays.push_back({rs.instructions.data(), rs.instructions.size() * sizeof(isa::Instruction)});
+    arrays.push_back(ints(rs.queue_begin));
+  }
+  for (Array a : {Array{token_ids.data(), token_ids.size() * sizeof(int32_t)}, ints(m.positions),
+                  ints(m.token_request), ints(m.query_start), ints(m.block_indptr),
+                  ints(m.block_indices), ints(m.split_row_begin), ints(m.sample_rows),
+                  Array{sampling.rows.data(), sampling.rows.size() * sizeof(DeviceSampling)},
+                  ints(sampling.ids)}) {
+    arrays.push_back(a);
+  }
+  return arrays;
 }
 
+// The ranks' descriptors are an array (the kernel indexes the slot's first by rank), then
+// comes the ranks' partial-slot table (DeviceStepDesc::peer_partial).
+size_t peer_table_offset(int tp) { return align_up(sizeof(DeviceStepDesc) * tp); }
+
 // Offsets of the arrays in the slot; returns the upload's bytes.
-size_t slot_offsets(const std::array<Array, kNumArrays>& arrays, size_t* offsets) {
-  size_t bytes = align_up(sizeof(DeviceStepDesc));
-  for (int i = 0; i < kNumArrays; ++i) {
+size_t slot_offsets(const std::vector<Array>& arrays, int tp, std::vector<size_t>& offsets) {
+  size_t bytes = peer_table_offset(tp) + align_up(sizeof(float*) * tp);
+  offsets.resize(arrays.size());
+  for (size_t i = 0; i < arrays.size(); ++i) {
     offsets[i] = bytes;
     bytes += align_up(std::max<size_t>(arrays[i].bytes, 1));
   }
@@ -122,8 +137,12 @@ absl::Status CudaState::init(int barrier_count) {
     MEGASERVE_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
   }
   num_barriers = barrier_count;
-  MEGASERVE_CUDA_RETURN(cudaMalloc(&barriers, sizeof(uint32_t) * num_barriers), "barriers");
-  MEGASERVE_CUDA_RETURN(cudaMemset(barriers, 0, sizeof(uint32_t) * num_barriers), "barriers");
+  const size_t barrier_bytes = sizeof(uint32_t) * num_barriers * tp;
+  MEGASERVE_CUDA_RETURN(cudaMalloc(&barriers, barrier_bytes), "barriers");
+  MEGASERVE_CUDA_RETURN(cudaMemset(barriers, 0, barrier_bytes), "barriers");
+  absl::StatusOr<kernels::DeviceModel*> m = upload(models.data(), models.size(), "rank models");
+  if (!m.ok()) return m.status();
+  models_device = *m;
   MEGASERVE_CUDA_RETURN(cudaMalloc(&control, sizeof(kernels::DeviceControl)), "control");
   MEGASERVE_CUDA_RETURN(cudaHostAlloc(&host, sizeof(kernels::HostControl), cudaHostAllocMapped),
                         "mapped control words");
@@ -144,10 +163,12 @@ bool CudaState::wait_exec_idle(std::chrono::milliseconds timeout) {
 
 kernels::MegakernelParams CudaState::params(int slot) const {
   kernels::MegakernelParams p{};
-  p.model = model;
+  p.tp = tp;
+  p.ctas_per_rank = ctas_per_rank;
+  p.models = models_device;
   p.slots[0] = reinterpret_cast<const DeviceStepDesc*>(slots[0].device);
   p.slots[1] = reinterpret_cast<const DeviceStepDesc*>(slots[1].device);
-  p.barriers = barriers;
+  for (int r = 0; r < tp; ++r) p.barriers[r] = barriers + static_cast<size_t>(r) * num_barriers;
   p.host = host_device_alias;
   p.control = control;
   p.slot = slot;
@@ -229,9 +250,9 @@ absl::Status CudaState::ensure_workspace(size_t bytes) {
 
 std::pair<size_t, size_t> CudaState::step_bytes(const Step& step, const WorkspaceShape& ws,
                                                 const SamplingUpload& sampling) const {
-  size_t offsets[kNumArrays];
+  std::vector<size_t> offsets;
   return {workspace_layout(step, ws, sampling).bytes,
-          slot_offsets(slot_arrays(step, step.meta.token_ids, sampling), offsets)};
+          slot_offsets(slot_arrays(step, step.meta.token_ids, sampling), tp, offsets)};
 }
 
 bool CudaState::fits(const Step& step, const WorkspaceShape& ws,
@@ -249,91 +270,118 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
                                                       bool poison) {
   MEGASERVE_CUDA_RETURN(cudaSetDevice(device), "selecting the device");
   const StepMetadata& m = step.meta;
-  const RankSchedule& rs = step.ranks[0];
   const WorkspaceLayout wl = workspace_layout(step, ws, sampling);
   if (absl::Status s = ensure_workspace(wl.bytes); !s.ok()) return s;
 
-  const std::array<Array, kNumArrays> arrays = slot_arrays(step, token_ids, sampling);
-  size_t offsets[kNumArrays];
-  const size_t bytes = slot_offsets(arrays, offsets);
+  const std::vector<Array> arrays = slot_arrays(step, token_ids, sampling);
+  std::vector<size_t> offsets;
+  const size_t bytes = slot_offsets(arrays, tp, offsets);
   const int slot = static_cast<int>((seq + 1) & 1);  // the kernel reads slot seq % 2
   if (absl::Status s = ensure_slot(slot, bytes, m.num_samples()); !s.ok()) return s;
   Slot& sl = slots[slot];
-  for (int i = 0; i < kNumArrays; ++i) {
+  for (size_t i = 0; i < arrays.size(); ++i) {
     if (arrays[i].bytes > 0) std::memcpy(sl.staging + offsets[i], arrays[i].data, arrays[i].bytes);
   }
   const auto dptr = [&](int i) { return sl.device + offsets[i]; };
-  DeviceStepDesc d{};
-  d.num_queues = rs.num_queues();
-  d.num_tokens = m.num_tokens;
-  d.num_requests = m.num_requests;
-  d.kv_block_size = m.kv_block_size;
-  d.kv_split_tokens = m.kv_split_tokens;
-  d.num_samples = m.num_samples();
-  d.num_split_rows = m.num_split_rows;
-  d.flags = flags;
-  d.epoch = ++epoch;
-  d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(0));
-  const int32_t** int_fields[] = {&d.queue_begin,   &d.token_ids,       &d.positions,
-                                  &d.token_request, &d.query_start,     &d.block_indptr,
-                                  &d.block_indices, &d.split_row_begin, &d.sample_rows};
-  for (int i = 0; i < 9; ++i) *int_fields[i] = reinterpret_cast<const int32_t*>(dptr(i + 1));
-  d.sampling = reinterpret_cast<const DeviceSampling*>(dptr(10));
-  d.sampling_ids = reinterpret_cast<const int32_t*>(dptr(11));
-  // The previous step (posted just before) wrote its samples into the other slot's outputs.
-  d.previous_sampled_ids = slots[slot ^ 1].outputs;
+  const int shared = 2 * tp;  // the first shared array
   const auto wsf = [&](size_t o) { return reinterpret_cast<float*>(workspace + o); };
-  d.residual = wsf(wl.residual);
-  d.q = wsf(wl.q);
-  d.attn_out = wsf(wl.attn);
-  d.split_out = wsf(wl.split);
-  d.split_lse = wsf(wl.lse);
-  d.act = wsf(wl.act);
-  d.logits = wsf(wl.logits);
-  d.sampling_scratch = wsf(wl.scratch);
   const int64_t cap = sl.output_capacity;
-  d.sampled_ids = sl.outputs;
-  d.sampled_logprobs = reinterpret_cast<float*>(sl.outputs + cap);
-  d.top_ids = sl.outputs + 2 * cap;
-  d.top_logprobs = reinterpret_cast<float*>(sl.outputs + (2 + kernels::kMaxTopLogprobs) * cap);
-  d.profile = ws.profile ? reinterpret_cast<uint64_t*>(workspace + wl.profile) : nullptr;
-  std::memcpy(sl.staging, &d, sizeof d);
+  for (int r = 0; r < tp; ++r) {  // every rank's partial slots, in rank order
+    const float* p = wsf(wl.rank_bytes * r + wl.partial);
+    std::memcpy(sl.staging + peer_table_offset(tp) + sizeof p * r, &p, sizeof p);
+  }
+  ++epoch;
+  DeviceStepDesc rank0{};
+  for (int r = 0; r < tp; ++r) {
+    const RankSchedule& rs = step.ranks[r];
+    const size_t block = wl.rank_bytes * r;  // rank r's workspace
+    DeviceStepDesc d{};
+    d.num_queues = rs.num_queues();
+    d.num_tokens = m.num_tokens;
+    d.num_requests = m.num_requests;
+    d.kv_block_size = m.kv_block_size;
+    d.kv_split_tokens = m.kv_split_tokens;
+    d.num_samples = m.num_samples();
+    d.num_split_rows = m.num_split_rows;
+    d.flags = flags;
+    d.epoch = epoch;
+    d.instructions = reinterpret_cast<const isa::Instruction*>(dptr(2 * r));
+    d.queue_begin = reinterpret_cast<const int32_t*>(dptr(2 * r + 1));
+    const int32_t** int_fields[] = {&d.token_ids,       &d.positions,    &d.token_request,
+                                    &d.query_start,     &d.block_indptr, &d.block_indices,
+                                    &d.split_row_begin, &d.sample_rows};
+    for (int i = 0; i < 8; ++i) {
+      *int_fields[i] = reinterpret_cast<const int32_t*>(dptr(shared + i));
+    }
+    d.sampling = reinterpret_cast<const DeviceSampling*>(dptr(shared + 8));
+    d.sampling_ids = reinterpret_cast<const int32_t*>(dptr(shared + 9));
+    // The previous step (posted just before) wrote its samples into the other slot's outputs.
+    d.previous_sampled_ids = slots[slot ^ 1].outputs;
+    d.residual = wsf(block + wl.residual);
+    d.q = wsf(block + wl.q);
+    d.attn_out = wsf(block + wl.attn);
+    d.split_out = wsf(block + wl.split);
+    d.split_lse = wsf(block + wl.lse);
+    d.act = wsf(block + wl.act);
+    // Rank 0's full rows; rank r writes its vocabulary columns [TP_PLACEMENT].
+    d.logits = wsf(wl.logits) + models[r].vocab_begin;
+    d.sampling_scratch = wsf(wl.scratch);
+    d.sampled_ids = sl.outputs;
+    d.sampled_logprobs = reinterpret_cast<float*>(sl.outputs + cap);
+    d.top_ids = sl.outputs + 2 * cap;
+    d.top_logprobs = reinterpret_cast<float*>(sl.outputs + (2 + kernels::kMaxTopLogprobs) * cap);
+    d.profile =
+        ws.profile && r == 0 ? reinterpret_cast<uint64_t*>(workspace + wl.profile) : nullptr;
+    d.tp = tp;
+    if (tp > 1) {
+      d.partial = wsf(block + wl.partial);
+      d.peer_partial = reinterpret_cast<const float* const*>(sl.device + peer_table_offset(tp));
+    }
+    std::memcpy(sl.staging + sizeof d * r, &d, sizeof d);
+    if (r == 0) rank0 = d;
+  }
   // Only copies on the copy stream while a persistent kernel is resident [STEP_RING]: a
   // kernel there (cudaMemsetAsync is one) may never start, since the megakernel's CTAs can
   // hold nearly all of every SM's registers while they wait for this very upload.
-  if (poison) {  // all-ones words are NaN floats (and bf16 values)
-    // The activation cache and its flags too (all-ones flags are no step's key): a pass that
-    // read rows no pass of this step stored shows up.
-    const size_t rows = static_cast<size_t>(model.act_cache_rows);
-    const size_t cache_bytes = sizeof(uint16_t) * rows * static_cast<size_t>(model.hidden);
-    const size_t flag_bytes = sizeof(uint64_t) * (rows / kernels::kActFlagRows);
-    if (poison_bytes.size() < std::max(wl.bytes, cache_bytes)) {
-      poison_bytes.assign(std::max(wl.bytes, cache_bytes), 0xff);
+  if (poison) {              // all-ones words are NaN floats (and bf16 values)
+    size_t most = wl.bytes;  // the largest copy: the buffer is not resized between copies
+    for (const kernels::DeviceModel& model : models) {
+      most = std::max(most, sizeof(uint16_t) * static_cast<size_t>(model.act_cache_rows) *
+                                static_cast<size_t>(model.hidden));
     }
+    if (poison_bytes.size() < most) poison_bytes.assign(most, 0xff);
     MEGASERVE_CUDA_RETURN(
         cudaMemcpyAsync(workspace, poison_bytes.data(), wl.bytes, cudaMemcpyHostToDevice, copy),
         "poisoning");
-    if (model.act_cache != nullptr) {
+    // Every rank's activation cache and its flags too (all-ones flags are no step's key): a
+    // pass that read rows no pass of this step stored shows up.
+    for (const kernels::DeviceModel& model : models) {
+      if (model.act_cache == nullptr) continue;
+      const size_t rows = static_cast<size_t>(model.act_cache_rows);
+      const size_t cache_bytes = sizeof(uint16_t) * rows * static_cast<size_t>(model.hidden);
+      const size_t flag_bytes = sizeof(uint64_t) * (rows / kernels::kActFlagRows);
       MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache, poison_bytes.data(), cache_bytes,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
       MEGASERVE_CUDA_RETURN(cudaMemcpyAsync(model.act_cache_flags, poison_bytes.data(), flag_bytes,
                                             cudaMemcpyHostToDevice, copy),
                             "poisoning");
-    }
-    // The bf16 activations: read where no op of this step wrote, NaN.
-    const std::tuple<uint16_t*, int64_t, int64_t> bf16_rows[] = {
-        {model.ffn_act, model.ffn_act_rows, model.ffn},
-        {model.attn_act, model.attn_act_rows, int64_t{model.q_heads} * model.head_dim},
-        {model.norm_act, model.norm_act_rows, int64_t{model.hidden}}};
-    for (const auto& [rows_at, rows, width] : bf16_rows) {
-      if (rows_at == nullptr) continue;
-      const size_t n = sizeof(uint16_t) * static_cast<size_t>(rows) * static_cast<size_t>(width);
-      for (size_t at = 0; at < n; at += poison_bytes.size()) {
-        MEGASERVE_CUDA_RETURN(
-            cudaMemcpyAsync(reinterpret_cast<uint8_t*>(rows_at) + at, poison_bytes.data(),
-                            std::min(poison_bytes.size(), n - at), cudaMemcpyHostToDevice, copy),
-            "poisoning");
+      // The rank's bf16 activations (its shard's widths): read where no op of this step
+      // wrote, NaN. Copied in pieces of the poison buffer's size.
+      const std::tuple<uint16_t*, int64_t, int64_t> bf16_rows[] = {
+          {model.ffn_act, model.ffn_act_rows, model.ffn},
+          {model.attn_act, model.attn_act_rows, int64_t{model.q_heads} * model.head_dim},
+          {model.norm_act, model.norm_act_rows, int64_t{model.hidden}}};
+      for (const auto& [rows_at, act_rows, width] : bf16_rows) {
+        if (rows_at == nullptr) continue;
+        const size_t n =
+            sizeof(uint16_t) * static_cast<size_t>(act_rows) * static_cast<size_t>(width);
+        for (size_t at = 0; at < n; at += poison_bytes.size()) {
+          MEGASERVE_CUDA_RETURN(
+              cudaMemcpyAsync(reinterpret_cast<uint8_t*>(rows_at) + at, poison_bytes.data(),
+                              std::min(poison_bytes.size(), n - at), cudaMemcpyHostToDevice, copy),
+              "poisoning");
+        }
       }
     }
   }
@@ -351,7 +399,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
     std::this_thread::yield();
   }
   MEGASERVE_CUDA_RETURN(e, "upload");
-  return d;
+  return rank0;
 }
 
 absl::StatusOr<uint32_t> CudaState::post(bool persistent) {

@@ -3,7 +3,7 @@
 // the two ways of running a step (one launch, or a doorbell to the persistent kernel),
 // both under a watchdog. Steps are posted and waited for separately, so step seq + 1 can be
 // uploaded into the other slot and posted while step seq runs (at most two posted steps not
-// yet waited for). Only engine/cuda/cuda_backend.cc includes it.
+// yet waited for). Only engine/cuda/ includes it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,10 +34,13 @@ inline absl::Status cuda_error(cudaError_t e, const char* what) {
     if (cudaError_t e_ = (expr); e_ != cudaSuccess) return cuda_error(e_, what); \
   } while (0)
 
-// Shapes the workspace is carved for (one rank).
+// Shapes the workspace is carved for: per rank (q_size and ffn the largest rank's share),
+// residual, q, attention output, KV-split partials, activations and, with tp > 1, the partial
+// slots; once, rank 0's full-vocabulary logits, sampling scratch and profile.
 struct WorkspaceShape {
   int hidden, q_size, head_dim, ffn, vocab;
-  bool profile;  // also room for kernels::kProfileWords words per instruction
+  int tp;
+  bool profile;  // also room for kernels::kProfileWords words per rank-0 instruction
 };
 
 // A step's upload (and poisoning) takes milliseconds; past this it is stuck.
@@ -45,19 +48,25 @@ inline constexpr std::chrono::milliseconds kUploadTimeout{30000};
 
 struct CudaState {
   int device = 0;
-  int grid = 0;                 // CTAs = queues per step
+  // Tensor-parallel ranks in the launch, each acting through ctas_per_rank CTAs
+  // (kernels/megakernel.h [TP_PLACEMENT]); grid = tp * ctas_per_rank.
+  int tp = 1;
+  int ctas_per_rank = 0;
+  int grid = 0;
   size_t smem_bytes = 0;        // dynamic shared memory per CTA
   cudaStream_t exec = nullptr;  // the megakernel
   cudaStream_t copy = nullptr;  // uploads and read-backs (runs beside a persistent kernel)
   cudaEvent_t done[2] = {nullptr, nullptr};  // per slot: its launch ended (per-step mode)
   std::vector<void*> allocations;            // weights, cache, inv_freq, layer table
-  kernels::DeviceModel model{};
-  uint32_t* barriers = nullptr;  // never reset between steps
+  std::vector<kernels::DeviceModel> models;  // per rank
+  const kernels::DeviceModel* models_device = nullptr;  // their device copy (init)
+  uint32_t* barriers = nullptr;  // [tp, num_barriers], never reset between steps
   int num_barriers = 0;
   kernels::HostControl* host = nullptr;  // mapped pinned memory [STEP_RING]
   kernels::HostControl* host_device_alias = nullptr;
   kernels::DeviceControl* control = nullptr;
-  // Step slots [STEP_RING]: pinned staging and device copies; the descriptor at offset 0.
+  // Step slots [STEP_RING]: pinned staging and device copies; the ranks' descriptors first,
+  // an array indexed by rank.
   // `outputs` is apart from the upload: the step's sampled ids, logprobs, top ids and top
   // logprobs, which the host reads back and the next step's embedding may read
   // (references, engine/isa/isa.h [PREVIOUS_SAMPLE]) while the step after that is uploaded
@@ -73,7 +82,7 @@ struct CudaState {
   } slots[2];
   uint8_t* workspace = nullptr;
   size_t workspace_capacity = 0;
-  kernels::DeviceStepDesc last_desc{};  // where the last step's outputs live
+  kernels::DeviceStepDesc last_desc{};  // where the last step's outputs live (rank 0's)
   std::vector<uint8_t> poison_bytes;    // all 0xff: copied over the workspace to poison it
   bool persistent_running = false;
   uint32_t seq = 0;    // the ring's sequence number of the latest step posted (0: none yet)
@@ -84,7 +93,8 @@ struct CudaState {
   CudaState& operator=(const CudaState&) = delete;
   ~CudaState();
 
-  // Streams, event, barriers and control words; `device` and `grid` set by the caller.
+  // Streams, events, every rank's barriers, the models' device copy and the control words;
+  // `device`, `tp`, `ctas_per_rank`, `grid` and `models` set by the caller.
   absl::Status init(int num_barriers);
 
   template <typename T>

@@ -68,7 +68,9 @@ enum class Opcode : int32_t {
   // Samples a range of sampling rows from the logits of every rank (gathered from peer
   // memory, in rank order). Gathering (S x vocab floats) rather than combining per-rank
   // Gumbel-max candidates keeps every sampling parameter exact: top-p, min-p and the
-  // penalties need the whole distribution, and the result is the single-device one.
+  // penalties need the whole distribution, and the result is the single-device one. (The
+  // megakernel gathers by having every rank's LM head store its columns straight into rank
+  // 0's rows: kernels/megakernel.h [TP_PLACEMENT].)
   kSample = 10,
   // RMSNorm (attn_norm or ffn_norm of a layer) of token rows into the normalized rows
   // (BufferId::kNormed, bf16, rounded as transformers' bf16 RMSNorm), which the projections

@@ -86,6 +86,7 @@ void check_rows(int vocab, int rows, uint32_t seed) {
   std::vector<float> logprobs(rows), top_logprobs(top_ids.size());
   kernels::DeviceModel model{};
   model.vocab = vocab;
+  model.vocab_size = vocab;  // the rows the sample op reads (one rank: its whole vocabulary)
   kernels::DeviceStepDesc step{};
   step.num_samples = rows;
   step.sampling = up.rows.data();
