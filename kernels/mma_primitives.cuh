@@ -81,6 +81,16 @@ __device__ __forceinline__ float2 unpack_bf16x2(uint32_t v) {
   return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 }
 
+// Four consecutive normalized values, bf16(bf16(x * scale) * weight), packed as two bf16x2
+// (w0, w1: the weights of x.x, x.y and x.z, x.w): transformers' bf16 RMSNorm, the rounding
+// of the wgmma passes' own conversion (tile_wgmma.cuh) and of kRmsNorm (op_rms_norm.cuh),
+// which must give the same bits.
+__device__ __forceinline__ uint2 normed_bf16x4(float4 x, float scale, float2 w0, float2 w1) {
+  const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * scale, x.y * scale));  // bf16(x * scale)
+  const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * scale, x.w * scale));
+  return make_uint2(pack_bf16x2(s0.x * w0.x, s0.y * w0.y), pack_bf16x2(s1.x * w1.x, s1.y * w1.y));
+}
+
 // c += A (16x16 bf16, row) * B (16x8 bf16, col), fp32 accumulators.
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
                                          uint32_t b1) {

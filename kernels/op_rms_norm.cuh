@@ -34,17 +34,14 @@ struct RmsNormOp {
       for (int i = threadIdx.x; i < n * quads; i += blockDim.x) {
         const int r = i / quads, k = (i % quads) * 4;
         const float4 x = *reinterpret_cast<const float4*>(row(r) + k);
-        const float sc = scale[r];
-        const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
-        const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
         float2 w0 = make_float2(1.0f, 1.0f), w1 = w0;
         if (norm != nullptr) {
           const uint2 nw = __ldg(reinterpret_cast<const uint2*>(norm + k));
           w0 = unpack_bf16x2(nw.x);
           w1 = unpack_bf16x2(nw.y);
         }
-        *reinterpret_cast<uint2*>(md.norm_act + static_cast<int64_t>(r0 + r) * H + k) = make_uint2(
-            pack_bf16x2(s0.x * w0.x, s0.y * w0.y), pack_bf16x2(s1.x * w1.x, s1.y * w1.y));
+        *reinterpret_cast<uint2*>(md.norm_act + static_cast<int64_t>(r0 + r) * H + k) =
+            normed_bf16x4(x, scale[r], w0, w1);
       }
       __syncthreads();  // the scales are the next chunk's
     }

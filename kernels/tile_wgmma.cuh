@@ -371,12 +371,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     for (int i = 0; i < kQuads; ++i) {
       const int q = quad(t, i), row = q >> 4, c4 = q & 15;
       const float4 x = *reinterpret_cast<const float4*>(slot + q * 16);
-      const float sc = x_scale[row];
-      uint2 v;
-      const float2 s0 = unpack_bf16x2(pack_bf16x2(x.x * sc, x.y * sc));  // bf16(x * scale)
-      const float2 s1 = unpack_bf16x2(pack_bf16x2(x.z * sc, x.w * sc));
-      v.x = pack_bf16x2(s0.x * w0.x, s0.y * w0.y);
-      v.y = pack_bf16x2(s1.x * w1.x, s1.y * w1.y);
+      const uint2 v = normed_bf16x4(x, x_scale[row], w0, w1);
       *reinterpret_cast<uint2*>(dst + row * 128 + (((c4 >> 1) ^ (row & 7)) << 4) + (c4 & 1) * 8) =
           v;
       const int k = j * kWgmmaBlockK + c4 * 4;
