@@ -129,18 +129,42 @@ struct AttentionMmaPass {
     const int32_t* blocks = st.block_indices + st.block_indptr[i];
     const int stages = pass_end > key_begin ? (pass_end - key_begin + T - 1) / T : 0;
 
-    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of rows
-    // tid / kChunks, + kRowStep, ... of K and of V (keys past pass_end are zero-filled).
-    const auto issue = [&](int s, int b) {
-      constexpr int kRowStep = kMegakernelThreads / kChunks;
+    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of the n = T / kRowStep
+    // rows [r0, r0 + n), r0 = tid / kChunks * n, of K and of V (a warp's copy still covers
+    // whole 256- or 128-byte rows; keys past pass_end are zero-filled). A thread's rows span at
+    // most two cache blocks where blocks hold >= n keys (the server's hold 16 to 128): their
+    // indices are read a stage ahead (fetch), so issuing a stage waits for no load. (Read per
+    // row inside the copy loop, each index cost an L2 round trip before its copy.)
+    constexpr int kRowStep = kMegakernelThreads / kChunks;
+    constexpr int kMaxRows = kMaxStageKeys / kRowStep;
+    const int rows_per_thread = T / kRowStep;
+    const int chunk = threadIdx.x % kChunks, first_row = threadIdx.x / kChunks * rows_per_thread;
+    struct RowBlocks {
+      int32_t first, last;  // cache blocks of the thread's first and last valid rows
+    };
+    const auto fetch = [&](int s) {
+      const int j0 = key_begin + s * T + first_row;
+      if (j0 >= pass_end) return RowBlocks{-1, -1};
+      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
+      return RowBlocks{blocks[j0 / bs], blocks[jl / bs]};
+    };
+    const auto issue = [&](int s, int b, RowBlocks rb) {
       const uint32_t k_dst = stage_addr + b * kBufferBytes;
       const uint32_t v_dst = k_dst + T * HD * 2;
-      const int chunk = threadIdx.x % kChunks;
-#pragma unroll 1
-      for (int row = threadIdx.x / kChunks; row < T; row += kRowStep) {
-        const int j = key_begin + s * T + row;
+      const int j0 = key_begin + s * T + first_row;
+      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
+#pragma unroll
+      for (int k = 0; k < kMaxRows; ++k) {
+        if (k >= rows_per_thread) break;
+        const int row = first_row + k, j = j0 + k;
         const bool valid = j < pass_end;
-        const int64_t off = valid ? kv.offset(blocks[j / bs], a.kv_head, j % bs) + chunk * 8 : 0;
+        int64_t off = 0;
+        if (valid) {
+          const int32_t block = j / bs == j0 / bs   ? rb.first
+                                : j / bs == jl / bs ? rb.last
+                                                    : blocks[j / bs];  // blocks of < n keys
+          off = kv.offset(block, a.kv_head, j % bs) + chunk * 8;
+        }
         const uint32_t dst = swizzled<HD>(row, chunk) * 2;
         cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
         cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
@@ -151,9 +175,10 @@ struct AttentionMmaPass {
     // Prologue: stages 0 .. buffers - 2 in flight, one commit group per stage (empty groups
     // past the last stage keep the count uniform).
     for (int p = 0; p < buffers - 1; ++p) {
-      if (p < stages) issue(p, p);
+      if (p < stages) issue(p, p, fetch(p));
       cp_async_commit();
     }
+    RowBlocks next_blocks = fetch(buffers - 1);  // of the next stage to issue
     // Q of the pass as bf16, scaled by log2 e / sqrt(hd); rows past mrows are zeros. Read as
     // A fragments with ldmatrix (registers are short: the output accumulators take HD / 2).
     // kQBatch chunks' loads are issued before any is used.
@@ -206,8 +231,9 @@ struct AttentionMmaPass {
       __syncthreads();
       {
         const int next = s + buffers - 1;
-        if (next < stages) issue(next, next % buffers);
+        if (next < stages) issue(next, next % buffers, next_blocks);
         cp_async_commit();
+        next_blocks = fetch(next + 1);  // in flight while stage s computes
       }
       const int stage_key0 = key_begin + s * T;
       const uint32_t k_tile = stage_addr + (s % buffers) * kBufferBytes;
@@ -345,6 +371,7 @@ struct AttentionMmaPass {
 #pragma unroll
       for (int x = 0; x < 2; ++x) {
         const int r = g8 + 8 * x;
+        if (mt * 16 + r >= mrows) continue;  // no such row (a decode GQA-4 pass has 4 of 16)
         if (t4 == 0) {
           mine[r] = m[x];
           mine[16 + r] = l[x];
