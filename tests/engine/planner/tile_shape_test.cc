@@ -1,9 +1,11 @@
-// KV splits with TileConfig::kv_split_narrow_only (the GPU's): a request is split only when
-// its own (query tile, kv head) attention items are fewer than the SMs, so a long prefill
-// chunk runs unsplit (no merge instructions) while a decode or a short chunk of a long
-// context is split as before. The choice depends on the request alone. The CPU interpreter
-// gives the same logprobs, to fp32 rounding, whichever way the requests were split, and the
-// verifier proves every step.
+// Tile shapes the builder picks with the GPU's TileConfig.
+// KV splits with kv_split_narrow_only: a request is split only when its own (query tile, kv
+// head) attention items are fewer than the SMs, so a long prefill chunk runs unsplit (no
+// merge instructions) while a decode or a short chunk of a long context is split as before.
+// The choice depends on the request alone. The CPU interpreter gives the same logprobs, to
+// fp32 rounding, whichever way the requests were split, and the verifier proves every step.
+// QKV tiles are never wider than qkv_heads, whatever the step (their heads wait in shared
+// memory beside the projection core).
 #include <cmath>
 #include <vector>
 
@@ -69,7 +71,7 @@ int merges(const Step& step) {
   return n;
 }
 
-TEST(KvSplitTest, OnlyRequestsTooNarrowToFillTheSmsAreSplit) {
+TEST(TileShapeTest, OnlyRequestsTooNarrowToFillTheSmsAreSplit) {
   const ModelConfig c = small_llama();
   for (const int chunk : {1024, 1088}) {  // 128 items (split), 136 items (unsplit)
     ScheduleBuilder builder(c, tiles(true), 1, {.record_accesses = true});
@@ -89,7 +91,7 @@ TEST(KvSplitTest, OnlyRequestsTooNarrowToFillTheSmsAreSplit) {
   EXPECT_EQ(step->meta.num_splits[0], 7);
 }
 
-TEST(KvSplitTest, AWideChunkAloneRunsNoMerge) {
+TEST(TileShapeTest, AWideChunkAloneRunsNoMerge) {
   const ModelConfig c = small_llama();
   scheduler::StepPlan p = plan(2048);
   p.requests.resize(1);
@@ -124,12 +126,43 @@ std::vector<float> logprobs(bool narrow_only, int chunk) {
   return out;
 }
 
-TEST(KvSplitTest, SplitOrNotTheCpuInterpreterAgrees) {
+TEST(TileShapeTest, SplitOrNotTheCpuInterpreterAgrees) {
   const std::vector<float> split = logprobs(false, 1088), unsplit = logprobs(true, 1088);
   ASSERT_EQ(split.size(), unsplit.size());
   ASSERT_FALSE(split.empty());
   for (size_t i = 0; i < split.size(); ++i) {
     EXPECT_NEAR(split[i], unsplit[i], 1e-4 * (1 + std::abs(split[i]))) << i;
+  }
+}
+
+// 2,141 tokens of 12 fused heads of 128: 34 row tiles of 64 rows, fewer than two per SM at
+// qkv_heads 2, which balance_columns widened to 4 heads (512 columns) before.
+TEST(TileShapeTest, QkvTilesAreNeverWiderThanQkvHeads) {
+  ModelConfig c = small_llama();
+  c.hidden_size = 256;
+  c.num_heads = 8;
+  c.num_kv_heads = 2;
+  c.head_dim = 128;
+  const TileConfig t = tiles(true);
+  for (const int tokens : {1, 64, 600, 2141, 4000}) {
+    scheduler::StepPlan p;
+    p.kv_block_size = 16;
+    scheduler::StepRequest r;
+    r.request_id = 1;
+    r.token_ids.assign(tokens, 7);
+    for (int b = 0; b < (tokens + 15) / 16; ++b) r.block_table.push_back(b);
+    p.requests.push_back(r);
+    ScheduleBuilder builder(c, t, 1, {});
+    absl::StatusOr<Step> step = builder.build(p, 4096);
+    ASSERT_TRUE(step.ok()) << step.status();
+    int qkv = 0;
+    for (const isa::Instruction& inst : step->ranks[0].instructions) {
+      if (inst.opcode() != isa::Opcode::kQkvRope) continue;
+      const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+      EXPECT_LE(a.head_end - a.head_begin, t.qkv_heads) << tokens << " tokens";
+      ++qkv;
+    }
+    EXPECT_GT(qkv, 0);
   }
 }
 
