@@ -34,7 +34,7 @@ inline constexpr int kMegakernelWarps = kMegakernelThreads / 32;
 inline constexpr int kMaxHeadDim = 256;   // attention keeps hd / 32 dims per lane
 inline constexpr int kMaxMatvecRows = 8;  // token rows per pass of a CUDA-core projection
 // Projections (kernels/projection.cuh) take a tile's token rows in chunks: QKV (its heads wait
-// in shared memory) and the LM head of kProjectionChunkRows, gate/up of kProjectionScaleRows
+// in shared memory) of kProjectionChunkRows, gate/up and the LM head of kProjectionScaleRows
 // (one wgmma pass of 128 rows); the bf16 tensor-core core
 // (kernels/tile_mma.cuh) needs kProjectionMinSmemBytes of shared memory beside what the op
 // keeps.

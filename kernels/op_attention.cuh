@@ -4,9 +4,10 @@
 // s. Unsplit writes the normalized output to attn_out; split writes it to split_out and its
 // log-sum-exp (max + log(sum), -inf for no keys) to split_lse.
 //
-// By default the op runs on bf16 tensor cores (op_attention_mma.cuh) for head dims 64 and
-// 128; other head dims, and steps with kStepAttentionCudaCores, run the CUDA-core version
-// below.
+// By default the op runs on bf16 tensor cores for head dims 64 and 128: decode-shaped
+// instructions as one stream of key stages (op_attention_decode.cuh), others pass by pass
+// (op_attention_mma.cuh); other head dims, and steps with kStepAttentionCudaCores, run the
+// CUDA-core version below.
 //
 // CUDA cores: each query row's keys are spread over the CTA's warps, so that a decode row (one
 // query, hundreds of keys) keeps all 8 warps' loads in flight: warp w takes the chunks of 32 keys
@@ -21,6 +22,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/hopper/hopper_ptx.cuh"
+#include "kernels/op_attention_decode.cuh"
 #include "kernels/op_attention_mma.cuh"
 #include "kernels/op_context.cuh"
 
@@ -41,7 +43,7 @@ struct AttentionOp {
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     if ((ctx.step.flags & kStepAttentionCudaCores) == 0 &&
         AttentionMma::takes(ctx.model, ctx.smem_floats)) {
-      AttentionMma::run(inst, ctx);
+      if (!AttentionDecode::run(inst, ctx)) AttentionMma::run(inst, ctx);
       return bf16_written(ctx.model);
     }
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);

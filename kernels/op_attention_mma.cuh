@@ -47,6 +47,9 @@ __host__ __device__ constexpr int smem_bytes(int hd, int buffers) {
 }
 static_assert(kMegakernelWarps * (16 * 128 + 32) * 4 <= 2 * buffer_bytes(128), "merge area");
 static_assert(kMegakernelWarps * (16 * 64 + 32) * 4 <= 2 * buffer_bytes(64), "merge area");
+// A decode stream's slice outputs fill one stage buffer (op_attention_decode.cuh).
+static_assert(kMegakernelWarps * 16 * 128 * 4 <= buffer_bytes(128), "slice outputs");
+static_assert(kMegakernelWarps * 16 * 64 * 4 <= buffer_bytes(64), "slice outputs");
 
 // Element offset of (key row, 16-byte chunk) in a staged (T, HD) bf16 tile.
 template <int HD>
@@ -54,14 +57,166 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * HD + ((chunk ^ (row & 7)) << 3);
 }
 
+// One warp's online-softmax step over 16 staged keys: its 16 M rows (Q rows [q_row0,
+// q_row0 + 16) of the staged Q; this thread holds fragment rows g8 and g8 + 8) against rows
+// [c0, c0 + 16) of the staged K and V tiles, whose first key is key0. S = Q K^T (keys at or
+// past a row's row_end masked), the running max m and sums l updated, O rescaled and
+// O += P V.
+template <int HD>
+__device__ __forceinline__ void attend16(uint32_t q_addr, int q_row0, uint32_t k_tile,
+                                         uint32_t v_tile, int c0, int key0, const int (&row_end)[2],
+                                         float (&o)[HD / 8][4], float (&m)[2], float (&l)[2]) {
+  constexpr int kKSteps = HD / 16, kNTiles = HD / 8;
+  const int lane = threadIdx.x & 31, t4 = lane & 3;
+  // S (16 rows x 16 keys) = Q K^T: n-tiles keys c0..c0+7 and c0+8..c0+15.
+  float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+  {
+    // ldmatrix lane -> matrix lane / 8. K: (keys +0 / +8) x (chunk 2kk / 2kk + 1);
+    // Q (A fragment a0..a3): (rows +0 / +8) x (chunk 2kk / 2kk + 1).
+    const int mi = lane >> 3, krow = c0 + (mi >> 1) * 8 + (lane & 7);
+    const int qrow = q_row0 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t qf[4], b[4];
+      ldmatrix_x4(qf, q_addr + swizzled<HD>(qrow, 2 * kk + (mi >> 1)) * 2);
+      ldmatrix_x4(b, k_tile + swizzled<HD>(krow, 2 * kk + (mi & 1)) * 2);
+      mma_bf16(sc[0], qf, b[0], b[1]);
+      mma_bf16(sc[1], qf, b[2], b[3]);
+    }
+  }
+  // Mask, then the online softmax update of both rows (a row's 16 keys lie in the
+  // 4 lanes of a quad: reduce over lane ^ 1, lane ^ 2).
+  float alpha[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    float cmax = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = key0 + nt * 8 + 2 * t4 + e;
+        float& v = sc[nt][2 * x + e];
+        if (j >= row_end[x]) v = -INFINITY;
+        cmax = fmaxf(cmax, v);
+      }
+    }
+    cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
+    cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 2));
+    const float m_new = fmaxf(m[x], cmax);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no keys yet: no NaN
+    alpha[x] = exp2f(m[x] - m_use);
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = sc[nt][2 * x + e];
+        v = exp2f(v - m_use);
+        sum += v;
+      }
+    }
+    l[x] = l[x] * alpha[x] + sum;
+    m[x] = m_new;
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    o[nt][0] *= alpha[0];
+    o[nt][1] *= alpha[0];
+    o[nt][2] *= alpha[1];
+    o[nt][3] *= alpha[1];
+  }
+  // P (16 x 16 keys) as an A fragment: the S accumulators of the two n-tiles.
+  const uint32_t pf[4] = {pack_bf16x2(sc[0][0], sc[0][1]), pack_bf16x2(sc[0][2], sc[0][3]),
+                          pack_bf16x2(sc[1][0], sc[1][1]), pack_bf16x2(sc[1][2], sc[1][3])};
+  {
+    // ldmatrix.trans lane -> matrix lane / 8: (keys +0 / +8) x (chunk 2dp / 2dp + 1).
+    const int mi = lane >> 3, vrow = c0 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_tile + swizzled<HD>(vrow, 2 * dp + (mi >> 1)) * 2);
+      mma_bf16(o[2 * dp], pf, b[0], b[1]);
+      mma_bf16(o[2 * dp + 1], pf, b[2], b[3]);
+    }
+  }
+}
+
+// Where M row (query row qi of request i (n rows in the step), q head g of the kv head's
+// group) of an attention output goes: attn_out unsplit (*lse = nullptr), else split_out and
+// its log-sum-exp slot.
+template <int HD>
+__device__ __forceinline__ float* output_row(const DeviceModel& md, const DeviceStepDesc& st,
+                                             const engine::isa::AttentionArgs& a, int i, int n,
+                                             int qi, int g, float** lse) {
+  const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
+  if (a.split < 0) {
+    *lse = nullptr;
+    return st.attn_out +
+           (static_cast<int64_t>(st.query_start[i] + qi) * hq + a.kv_head * group + g) * HD;
+  }
+  const int64_t srow = st.split_row_begin[i] +
+                       ((static_cast<int64_t>(a.split) * hkv + a.kv_head) * n + qi) * group + g;
+  *lse = st.split_lse + srow;
+  return st.split_out + srow * HD;
+}
+
+// Leaves warp w's key-slice state of its 16 M rows in shared memory: m and l (l summed over
+// the quad first) at ml[w * 32 + r] and ml[w * 32 + 16 + r], the unnormalized output rows at
+// ow[(w * 16 + r) * HD + d]. Rows r >= valid (no such M row) are left out.
+template <int HD>
+__device__ __forceinline__ void store_slice(float* ml, float* ow, int w, int valid,
+                                            const float (&o)[HD / 8][4], const float (&m)[2],
+                                            const float (&l)[2]) {
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    const int r = g8 + 8 * x;
+    if (r >= valid) continue;
+    if (t4 == 0) {
+      ml[w * 32 + r] = m[x];
+      ml[w * 32 + 16 + r] = l[x];
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) {
+      *reinterpret_cast<float2*>(ow + (w * 16 + r) * HD + nt * 8 + 2 * t4) =
+          make_float2(o[nt][2 * x], o[nt][2 * x + 1]);
+    }
+  }
+}
+
+// Merges the S key slices of each of R m-tiles (warp sl * R + t left slice sl of m-tile t with
+// store_slice): M = max m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, in slice
+// order. write(r, d, out, lse) for each of the first `rows` M rows (out 0 and lse -inf for a
+// row without keys).
+template <int HD, class Write>
+__device__ __forceinline__ void merge_slices(const float* ml, const float* ow, int R, int S,
+                                             int rows, Write write) {
+#pragma unroll 1
+  for (int e = threadIdx.x; e < rows * HD; e += kMegakernelThreads) {
+    const int r = e / HD, d = e % HD;
+    const int tile = r / 16, rl = r % 16;
+    float M = -INFINITY;
+    for (int sl = 0; sl < S; ++sl) M = fmaxf(M, ml[(sl * R + tile) * 32 + rl]);
+    float L = 0.0f, A = 0.0f;
+    if (M > -INFINITY) {
+      for (int sl = 0; sl < S; ++sl) {
+        const int w = sl * R + tile;
+        const float c = exp2f(ml[w * 32 + rl] - M);  // a slice without keys: m = -inf, c = 0
+        L += c * ml[w * 32 + 16 + rl];
+        A += c * ow[(w * 16 + rl) * HD + d];
+      }
+    }
+    write(r, d, L > 0.0f ? A / L : 0.0f, L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY);
+  }
+}
+
 }  // namespace attention_mma
 
 template <int HD>
 struct AttentionMmaPass {
   static_assert(HD == 64 || HD == 128, "head dims with a tensor-core attention");
-  static constexpr int kKSteps = HD / 16;  // k16 steps of Q K^T
-  static constexpr int kNTiles = HD / 8;   // n8 tiles of the output
-  static constexpr int kChunks = HD / 8;   // 16-byte chunks per K/V/Q row
+  static constexpr int kNTiles = HD / 8;  // n8 tiles of the output
+  static constexpr int kChunks = HD / 8;  // 16-byte chunks per K/V/Q row
   static constexpr int kQBytes = attention_mma::q_bytes(HD);
   static constexpr int kBufferBytes = attention_mma::buffer_bytes(HD);
 
@@ -129,18 +284,42 @@ struct AttentionMmaPass {
     const int32_t* blocks = st.block_indices + st.block_indptr[i];
     const int stages = pass_end > key_begin ? (pass_end - key_begin + T - 1) / T : 0;
 
-    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of rows
-    // tid / kChunks, + kRowStep, ... of K and of V (keys past pass_end are zero-filled).
-    const auto issue = [&](int s, int b) {
-      constexpr int kRowStep = kMegakernelThreads / kChunks;
+    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of the n = T / kRowStep
+    // rows [r0, r0 + n), r0 = tid / kChunks * n, of K and of V (a warp's copy still covers
+    // whole 256- or 128-byte rows; keys past pass_end are zero-filled). A thread's rows span at
+    // most two cache blocks where blocks hold >= n keys (the server's hold 16 to 128): their
+    // indices are read a stage ahead (fetch), so issuing a stage waits for no load. (Read per
+    // row inside the copy loop, each index cost an L2 round trip before its copy.)
+    constexpr int kRowStep = kMegakernelThreads / kChunks;
+    constexpr int kMaxRows = kMaxStageKeys / kRowStep;
+    const int rows_per_thread = T / kRowStep;
+    const int chunk = threadIdx.x % kChunks, first_row = threadIdx.x / kChunks * rows_per_thread;
+    struct RowBlocks {
+      int32_t first, last;  // cache blocks of the thread's first and last valid rows
+    };
+    const auto fetch = [&](int s) {
+      const int j0 = key_begin + s * T + first_row;
+      if (j0 >= pass_end) return RowBlocks{-1, -1};
+      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
+      return RowBlocks{blocks[j0 / bs], blocks[jl / bs]};
+    };
+    const auto issue = [&](int s, int b, RowBlocks rb) {
       const uint32_t k_dst = stage_addr + b * kBufferBytes;
       const uint32_t v_dst = k_dst + T * HD * 2;
-      const int chunk = threadIdx.x % kChunks;
-#pragma unroll 1
-      for (int row = threadIdx.x / kChunks; row < T; row += kRowStep) {
-        const int j = key_begin + s * T + row;
+      const int j0 = key_begin + s * T + first_row;
+      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
+#pragma unroll
+      for (int k = 0; k < kMaxRows; ++k) {
+        if (k >= rows_per_thread) break;
+        const int row = first_row + k, j = j0 + k;
         const bool valid = j < pass_end;
-        const int64_t off = valid ? kv.offset(blocks[j / bs], a.kv_head, j % bs) + chunk * 8 : 0;
+        int64_t off = 0;
+        if (valid) {
+          const int32_t block = j / bs == j0 / bs   ? rb.first
+                                : j / bs == jl / bs ? rb.last
+                                                    : blocks[j / bs];  // blocks of < n keys
+          off = kv.offset(block, a.kv_head, j % bs) + chunk * 8;
+        }
         const uint32_t dst = swizzled<HD>(row, chunk) * 2;
         cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
         cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
@@ -151,9 +330,10 @@ struct AttentionMmaPass {
     // Prologue: stages 0 .. buffers - 2 in flight, one commit group per stage (empty groups
     // past the last stage keep the count uniform).
     for (int p = 0; p < buffers - 1; ++p) {
-      if (p < stages) issue(p, p);
+      if (p < stages) issue(p, p, fetch(p));
       cp_async_commit();
     }
+    RowBlocks next_blocks = fetch(buffers - 1);  // of the next stage to issue
     // Q of the pass as bf16, scaled by log2 e / sqrt(hd); rows past mrows are zeros. Read as
     // A fragments with ldmatrix (registers are short: the output accumulators take HD / 2).
     // kQBatch chunks' loads are issued before any is used.
@@ -206,85 +386,16 @@ struct AttentionMmaPass {
       __syncthreads();
       {
         const int next = s + buffers - 1;
-        if (next < stages) issue(next, next % buffers);
+        if (next < stages) issue(next, next % buffers, next_blocks);
         cp_async_commit();
+        next_blocks = fetch(next + 1);  // in flight while stage s computes
       }
       const int stage_key0 = key_begin + s * T;
       const uint32_t k_tile = stage_addr + (s % buffers) * kBufferBytes;
       const uint32_t v_tile = k_tile + T * HD * 2;
       for (int c0 = slice * KW; active && c0 < slice * KW + KW; c0 += 16) {
         if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
-        // S (16 rows x 16 keys) = Q K^T: n-tiles keys c0..c0+7 and c0+8..c0+15.
-        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        {
-          // ldmatrix lane -> matrix lane / 8. K: (keys +0 / +8) x (chunk 2kk / 2kk + 1);
-          // Q (A fragment a0..a3): (rows +0 / +8) x (chunk 2kk / 2kk + 1).
-          const int mi = lane >> 3, krow = c0 + (mi >> 1) * 8 + (lane & 7);
-          const int qrow = mt * 16 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-          for (int kk = 0; kk < kKSteps; ++kk) {
-            uint32_t qf[4], b[4];
-            ldmatrix_x4(qf, q_addr + swizzled<HD>(qrow, 2 * kk + (mi >> 1)) * 2);
-            ldmatrix_x4(b, k_tile + swizzled<HD>(krow, 2 * kk + (mi & 1)) * 2);
-            mma_bf16(sc[0], qf, b[0], b[1]);
-            mma_bf16(sc[1], qf, b[2], b[3]);
-          }
-        }
-        // Mask, then the online softmax update of both rows (a row's 16 keys lie in the
-        // 4 lanes of a quad: reduce over lane ^ 1, lane ^ 2).
-        float alpha[2];
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          float cmax = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = stage_key0 + c0 + nt * 8 + 2 * t4 + e;
-              float& v = sc[nt][2 * x + e];
-              if (j >= row_end[x]) v = -INFINITY;
-              cmax = fmaxf(cmax, v);
-            }
-          }
-          cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
-          cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 2));
-          const float m_new = fmaxf(m[x], cmax);
-          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no keys yet: no NaN
-          alpha[x] = exp2f(m[x] - m_use);
-          float sum = 0.0f;
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& v = sc[nt][2 * x + e];
-              v = exp2f(v - m_use);
-              sum += v;
-            }
-          }
-          l[x] = l[x] * alpha[x] + sum;
-          m[x] = m_new;
-        }
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          o[nt][0] *= alpha[0];
-          o[nt][1] *= alpha[0];
-          o[nt][2] *= alpha[1];
-          o[nt][3] *= alpha[1];
-        }
-        // P (16 x 16 keys) as an A fragment: the S accumulators of the two n-tiles.
-        const uint32_t pf[4] = {pack_bf16x2(sc[0][0], sc[0][1]), pack_bf16x2(sc[0][2], sc[0][3]),
-                                pack_bf16x2(sc[1][0], sc[1][1]), pack_bf16x2(sc[1][2], sc[1][3])};
-        {
-          // ldmatrix.trans lane -> matrix lane / 8: (keys +0 / +8) x (chunk 2dp / 2dp + 1).
-          const int mi = lane >> 3, vrow = c0 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-          for (int dp = 0; dp < HD / 16; ++dp) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, v_tile + swizzled<HD>(vrow, 2 * dp + (mi >> 1)) * 2);
-            mma_bf16(o[2 * dp], pf, b[0], b[1]);
-            mma_bf16(o[2 * dp + 1], pf, b[2], b[3]);
-          }
-        }
+        attend16<HD>(q_addr, mt * 16, k_tile, v_tile, c0, stage_key0 + c0, row_end, o, m, l);
       }
     }
     cp_async_wait(0);  // only empty groups can be pending here
@@ -295,17 +406,8 @@ struct AttentionMmaPass {
       l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
     }
 
-    // Where pass row r's output (and, split, its lse) goes.
     const auto out_of = [&](int r, float** lse) {
-      const int rr = mb + r, qi = q0 + rr / group, g = rr % group;
-      if (a.split < 0) {
-        *lse = nullptr;
-        return st.attn_out + (static_cast<int64_t>(row0 + qi) * hq + a.kv_head * group + g) * HD;
-      }
-      const int64_t srow = st.split_row_begin[i] +
-                           ((static_cast<int64_t>(a.split) * hkv + a.kv_head) * n + qi) * group + g;
-      *lse = st.split_lse + srow;
-      return st.split_out + srow * HD;
+      return output_row<HD>(md, st, a, i, n, q0 + (mb + r) / group, (mb + r) % group, lse);
     };
 
     if (S == 1) {
@@ -335,51 +437,21 @@ struct AttentionMmaPass {
       return;
     }
 
-    // S > 1: each warp leaves (m, l) and its unnormalized output rows in shared memory (the
-    // stage buffers are free: the key loop was followed by a __syncthreads), then the slices of
-    // each m-tile are merged: M = max m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
-    constexpr int kWarpFloats = 32 + 16 * HD;  // m[16], l[16], o[16][HD]
-    float* states = ctx.smem + kQBytes / 4;
-    if (active) {
-      float* mine = states + warp * kWarpFloats;
-#pragma unroll
-      for (int x = 0; x < 2; ++x) {
-        const int r = g8 + 8 * x;
-        if (t4 == 0) {
-          mine[r] = m[x];
-          mine[16 + r] = l[x];
-        }
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          *reinterpret_cast<float2*>(mine + 32 + r * HD + nt * 8 + 2 * t4) =
-              make_float2(o[nt][2 * x], o[nt][2 * x + 1]);
-        }
-      }
-    }
+    // S > 1: each warp leaves its slice state in shared memory (the stage buffers are free:
+    // the key loop was followed by a __syncthreads), then the slices of each m-tile merge.
+    float* ml = ctx.smem + kQBytes / 4;
+    float* ow = ml + kMegakernelWarps * 32;
+    if (active) store_slice<HD>(ml, ow, warp, mrows - mt * 16, o, m, l);
     __syncthreads();
-#pragma unroll 1
-    for (int e = threadIdx.x; e < mrows * HD; e += kMegakernelThreads) {
-      const int r = e / HD, d = e % HD;
-      const int tile = r / 16, rl = r % 16;
-      float M = -INFINITY;
-      for (int sl = 0; sl < S; ++sl) M = fmaxf(M, states[(sl * R + tile) * kWarpFloats + rl]);
-      float L = 0.0f, A = 0.0f;
-      if (M > -INFINITY) {
-        for (int sl = 0; sl < S; ++sl) {
-          const float* w = states + (sl * R + tile) * kWarpFloats;
-          const float c = exp2f(w[rl] - M);  // a slice without keys: m = -inf, c = 0
-          L += c * w[16 + rl];
-          A += c * w[32 + rl * HD + d];
-        }
-      }
+    merge_slices<HD>(ml, ow, R, S, mrows, [&](int r, int d, float value, float lse_value) {
       float* lse;
       float* out = out_of(r, &lse);
-      out[d] = L > 0.0f ? A / L : 0.0f;
-      if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
+      out[d] = value;
+      if (lse != nullptr && d == 0) *lse = lse_value;
       if (lse == nullptr) {
-        if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(out[d]);
+        if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(value);
       }
-    }
+    });
     __syncthreads();
   }
 };

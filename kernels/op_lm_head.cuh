@@ -24,12 +24,14 @@ struct LmHeadOp {
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
     PassWalk walk{ctx.call, 0, ctx.pass};
-    for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionChunkRows) {
-      const int n = min(kProjectionChunkRows, a.sample_end - s0);
+    // Chunks of kProjectionScaleRows: one 128-row wgmma pass per chunk and weight tile, so a
+    // decode step of 256 rows streams the vocabulary twice, not four times.
+    for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionScaleRows) {
+      const int n = min(kProjectionScaleRows, a.sample_end - s0);
       const auto row = [&](int r) {
         return st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H;
       };
-      const Walk step = project<1, kProjectionChunkRows>(
+      const Walk step = project<1>(
           walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {

@@ -104,8 +104,15 @@ void make_metadata(const scheduler::StepPlan& plan, const TileConfig& tiles,
                            r.block_table.begin() + nblocks);
     m.block_indptr.push_back(static_cast<int32_t>(m.block_indices.size()));
     m.last_block_len.push_back(ctx - (nblocks - 1) * plan.kv_block_size);
-    const int32_t splits =
-        ctx > tiles.kv_split_tokens ? (ctx + tiles.kv_split_tokens - 1) / tiles.kv_split_tokens : 0;
+    // With kv_split_narrow_only, a request whose own (query tile, kv head) items fill the SMs
+    // is not split: it needs no merge. The choice depends on the request alone.
+    const int64_t items = static_cast<int64_t>(
+                              (r.num_tokens() + tiles.attention_query_rows - 1) /
+                              tiles.attention_query_rows) *
+                          shard.kv_heads;
+    const bool split = ctx > tiles.kv_split_tokens &&
+                       (!tiles.kv_split_narrow_only || items < tiles.num_sms);
+    const int32_t splits = split ? (ctx + tiles.kv_split_tokens - 1) / tiles.kv_split_tokens : 0;
     m.num_splits.push_back(splits);
     m.split_row_begin.push_back(m.num_split_rows);
     m.num_split_rows += splits * shard.kv_heads * r.num_tokens() * group;

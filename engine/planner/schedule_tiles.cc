@@ -93,7 +93,8 @@ void TileMaker::add_cache(Tile& t, int rank, int layer, int req, int key_begin, 
   }
 }
 
-int TileMaker::column_width(int count, int width, int granule, int row_tiles) const {
+int TileMaker::column_width(int count, int width, int granule, int row_tiles,
+                            bool may_widen) const {
   const int64_t sms = tiles_.num_sms;
   const auto tiles_at = [&](int w) {
     return static_cast<int64_t>(row_tiles) * ((count + w - 1) / w);
@@ -102,8 +103,9 @@ int TileMaker::column_width(int count, int width, int granule, int row_tiles) co
   // Candidates up to the width that makes one round of tiles (it may exceed `width`: a small
   // step's tiles are short in rows, so wider ones stay cheap).
   const int64_t one_round = (static_cast<int64_t>(count) * row_tiles + sms - 1) / sms;
-  const int widest =
-      static_cast<int>(std::max<int64_t>(width, (one_round + granule - 1) / granule * granule));
+  const int widest = may_widen ? static_cast<int>(std::max<int64_t>(
+                                    width, (one_round + granule - 1) / granule * granule))
+                              : width;
   int best = width;
   int64_t best_cols = (tiles_at(width) + sms - 1) / sms * width;  // rounds x width
   for (int w = widest / granule * granule; w >= granule; w -= granule) {
@@ -161,7 +163,10 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   const int H = config_.hidden_size;
   const int fused = sh.fused_heads();
   const int row_tiles = (T + tiles_.qkv_rows - 1) / tiles_.qkv_rows;
-  const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles);
+  // Never wider than qkv_heads: a QKV tile keeps its heads' rows in shared memory beside the
+  // projection core (kernels/op_qkv_rope.cuh), and 4 heads of 128 (a 2,141-token step of 12
+  // fused heads widened to them) left the core less than its minimum: it raced.
+  const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles, /*may_widen=*/false);
   // Fewer one-head tiles than SMs (a small step): each head split into `split` ranges of its
   // RoPE pairs, as many as still fit one round of tiles, at least 8 pairs each; not with a
   // per-head q/k norm (it needs the whole head).

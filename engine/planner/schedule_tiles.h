@@ -57,9 +57,10 @@ class TileMaker {
                  int kv_end, int kv_heads, bool write) const;
   // Column tile width for `count` columns (or heads) cut `width` wide over `row_tiles` row
   // tiles: `width`, or with TileConfig::balance_columns and a stage of fewer than two tiles
-  // per SM, the multiple of `granule` (up to one round of tiles over the SMs) that minimizes
-  // the columns of the busiest SM (rounds of tiles x width; ties to the wider).
-  int column_width(int count, int width, int granule, int row_tiles) const;
+  // per SM, the multiple of `granule` (up to one round of tiles over the SMs, or up to `width`
+  // unless may_widen) that minimizes the columns of the busiest SM (rounds of tiles x width;
+  // ties to the wider).
+  int column_width(int count, int width, int granule, int row_tiles, bool may_widen = true) const;
   void hidden_tiles(const ModelShard& sh, isa::Opcode op, int layer, int slot, int in_cols,
                     BufferId input, std::vector<Tile>& out) const;
 

@@ -382,6 +382,33 @@ INSTANTIATE_TEST_SUITE_P(
                                 64, 300, 1, 16, 70, false, 64}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
 
+// Decode steps of many requests (kernels/op_attention_decode.cuh: up to 8 requests' key
+// stages as one stream): eleven requests whose contexts end inside and at the edges of
+// 16-key steps, 128-key stages and KV blocks, from 5 to 700 keys (past the KV split of the
+// second case), prefilled and then decoding four tokens each, so that decode instructions
+// hold 8 and 3 requests; GQA 4 with head dim 128 and GQA 16 (a full m-tile) with 64.
+class CudaAttentionDecode : public ::testing::TestWithParam<ModelCase> {};
+
+TEST_P(CudaAttentionDecode, ManyRequestsAgainstTheCpuInterpreter) {
+  MEGASERVE_REQUIRE_GPU();
+  const ModelCase& c = GetParam();
+  const int contexts[] = {5, 17, 64, 127, 128, 129, 200, 255, 256, 300, 700};
+  std::vector<ForcedRequest> reqs;
+  for (int k = 0; k < static_cast<int>(std::size(contexts)); ++k) {
+    const int n = contexts[k];
+    reqs.push_back({random_tokens(n + 4, c.vocab, 40 + k), {n, 1, 1, 1, 1}, 0});
+  }
+  run_forced(c, reqs, 5, kVariants[2]);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionDecode,
+    ::testing::Values(ModelCase{"decode_gqa4_hd128_bs16", ModelFamily::kLlama, 256, 8, 2, 128, 64,
+                                300, 1, 16, 1024},
+                      ModelCase{"decode_gqa16_hd64_bs64_split512", ModelFamily::kQwen3, 128, 16, 1,
+                                64, 64, 300, 1, 64, 512}),
+    [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
+
 // The projection cores on awkward shapes (kernels/projection.cuh), against the CPU: steps of
 // exactly 129, 17, 3 and 1 token rows (the tensor-core core's decode blocks for <= 16 rows,
 // its prefill blocks and several row passes beyond); reduction widths that are not a

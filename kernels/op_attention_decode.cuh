@@ -1,0 +1,277 @@
+// kAttention on tensor cores for decode-shaped instructions: up to 8 requests whose M rows
+// ((query row, q head of the group) pairs, op_attention_mma.cuh) fit one 16-row m-tile each,
+// as one decode step's batched requests do. AttentionMmaPass would run them one pass per
+// request, each starting with an empty copy pipeline and ending with it drained while the
+// key slices merge; here the requests' key stages form one stream through the ring of stage
+// buffers, so the next request's K/V are in flight while a request's slices merge.
+//
+// Every request's Q rows are staged at the start (request k in Q rows [16 k, 16 k + 16)).
+// Stages hold T = 128 keys; warp w takes keys [16 w, 16 w + 16) of each stage (8 key
+// slices). After a request's last stage the warps leave their slice states in that stage's
+// buffer (every warp is past it, and the buffer is refilled only after the next
+// __syncthreads) and (m, l) past the stage buffers, then merge them in slice order, as the
+// pass does: the same numbers, bit for bit, as AttentionMmaPass for the same request.
+#pragma once
+
+#include "kernels/op_attention_mma.cuh"
+
+namespace megaserve::kernels {
+
+template <int HD>
+struct AttentionDecodeStream {
+  static constexpr int kMaxRequests = attention_mma::kPassRows / 16;
+  static constexpr int kT = attention_mma::kMaxStageKeys;
+  static constexpr int kChunks = HD / 8;  // 16-byte chunks per K/V/Q row
+  static constexpr int kRowStep = kMegakernelThreads / kChunks;
+  static constexpr int kRowsPerThread = kT / kRowStep;
+  static constexpr int kBufferBytes = attention_mma::buffer_bytes(HD);
+  static constexpr int kQBytes = attention_mma::q_bytes(HD);
+  static_assert(kT / kMegakernelWarps == 16, "one 16-key slice per warp and stage");
+
+  // Per request: first row in the step, rows in the step, first query row, M rows, keys
+  // [key_begin, key_end), stages.
+  struct Request {
+    int32_t row0, n, q0, mrows, key_begin, key_end, stages, pad;
+  };
+  // Past the stage buffers: the request table, then (m, l) of every warp's 16 rows.
+  static constexpr int kTailBytes = kMaxRequests * sizeof(Request) + kMegakernelWarps * 32 * 4;
+
+  __host__ __device__ static constexpr int smem_bytes(int buffers) {
+    return attention_mma::smem_bytes(HD, buffers) + kTailBytes;
+  }
+
+  // Runs the instruction and returns true, or returns false (having done nothing, every thread
+  // alike) when it is not decode-shaped: more than kMaxRequests requests, or one with more M
+  // rows than an m-tile.
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx,
+                             const engine::isa::AttentionArgs& a) {
+    using namespace attention_mma;
+    const DeviceModel& md = ctx.model;
+    const DeviceStepDesc& st = ctx.step;
+    const int nreq = a.request_end - a.request_begin;
+    const int buffers = static_cast<int64_t>(ctx.smem_floats) * 4 >= smem_bytes(3) ? 3 : 2;
+    if (nreq > kMaxRequests || static_cast<int64_t>(ctx.smem_floats) * 4 < smem_bytes(2)) {
+      return false;
+    }
+    const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
+    const int K = st.kv_split_tokens, bs = st.kv_block_size;
+    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = bs, .head_dim = HD};
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g8 = lane >> 2;
+
+    const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ctx.smem));
+    const uint32_t stage_addr = q_addr + kQBytes;
+    char* tail = reinterpret_cast<char*>(ctx.smem) + kQBytes + buffers * kBufferBytes;
+    Request* table = reinterpret_cast<Request*>(tail);
+    float* ml = reinterpret_cast<float*>(tail + kMaxRequests * sizeof(Request));
+
+    __syncthreads();  // the previous op (or instruction) is done with shared memory
+    bool too_big = false;
+    if (threadIdx.x < nreq) {
+      const int i = a.request_begin + threadIdx.x;
+      Request r;
+      r.row0 = st.query_start[i];
+      r.n = st.query_start[i + 1] - r.row0;
+      r.q0 = nreq > 1 ? 0 : a.query_begin;
+      const int q1 = nreq > 1 ? r.n : a.query_end;
+      r.mrows = (q1 - r.q0) * group;
+      r.key_begin = a.split < 0 ? 0 : a.split * K;
+      int last = 0;  // past the last key of any of its query rows
+      for (int qi = r.q0; qi < q1; ++qi) last = max(last, st.positions[r.row0 + qi] + 1);
+      r.key_end = a.split < 0 ? last : min(last, (a.split + 1) * K);
+      r.key_end = max(r.key_end, r.key_begin);
+      r.stages = max(1, (r.key_end - r.key_begin + kT - 1) / kT);
+      r.pad = 0;
+      table[threadIdx.x] = r;
+      too_big = r.mrows > 16;
+    }
+    if (__syncthreads_or(too_big)) return false;
+
+    const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
+    const uint16_t* kc = md.k_cache + layer_offset;
+    const uint16_t* vc = md.v_cache + layer_offset;
+
+    // The copy side: thread tid copies chunk tid % kChunks of the kRowsPerThread contiguous
+    // rows from tid / kChunks * kRowsPerThread (as AttentionMmaPass); the rows' cache blocks
+    // (at most two where blocks hold >= kRowsPerThread keys) are read one stage ahead.
+    const int chunk = threadIdx.x % kChunks, first_row = threadIdx.x / kChunks * kRowsPerThread;
+    struct Cursor {
+      int k, s;  // request (table index) and its stage
+    };
+    struct RowBlocks {
+      int32_t first, last;
+    };
+    const auto fetch = [&](Cursor c) {
+      if (c.k >= nreq) return RowBlocks{-1, -1};
+      const Request& r = table[c.k];
+      const int j0 = r.key_begin + c.s * kT + first_row;
+      if (j0 >= r.key_end) return RowBlocks{-1, -1};
+      const int32_t* blocks = st.block_indices + st.block_indptr[a.request_begin + c.k];
+      const int jl = min(j0 + kRowsPerThread, r.key_end) - 1;
+      return RowBlocks{blocks[j0 / bs], blocks[jl / bs]};
+    };
+    const auto issue = [&](Cursor c, int b, RowBlocks rb) {
+      const Request& r = table[c.k];
+      const int32_t* blocks = st.block_indices + st.block_indptr[a.request_begin + c.k];
+      const uint32_t k_dst = stage_addr + b * kBufferBytes;
+      const uint32_t v_dst = k_dst + kT * HD * 2;
+      const int j0 = r.key_begin + c.s * kT + first_row;
+      const int jl = min(j0 + kRowsPerThread, r.key_end) - 1;
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        const int j = j0 + k;
+        const bool valid = j < r.key_end;
+        int64_t off = 0;
+        if (valid) {
+          const int32_t block = j / bs == j0 / bs   ? rb.first
+                                : j / bs == jl / bs ? rb.last
+                                                    : blocks[j / bs];  // blocks of < n keys
+          off = kv.offset(block, a.kv_head, j % bs) + chunk * 8;
+        }
+        const uint32_t dst = swizzled<HD>(first_row + k, chunk) * 2;
+        cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
+        cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
+      }
+    };
+    const auto advance = [&](Cursor& c) {
+      if (++c.s == table[c.k].stages) {
+        ++c.k;
+        c.s = 0;
+      }
+    };
+
+    int total = 0;  // stages of every request
+    for (int k = 0; k < nreq; ++k) total += table[k].stages;
+    Cursor in{0, 0};  // the next stage to issue
+    for (int p = 0; p < buffers - 1; ++p) {
+      if (p < total) {
+        issue(in, p, fetch(in));
+        advance(in);
+      }
+      cp_async_commit();
+    }
+    RowBlocks next_blocks = fetch(in);
+
+    // Every request's Q as bf16, scaled by log2 e / sqrt(hd); rows of no request are zeros.
+    {
+      const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
+      constexpr int kQIters = kPassRows * kChunks / kMegakernelThreads;
+#pragma unroll 2
+      for (int it = 0; it < kQIters; ++it) {
+        const int c = threadIdx.x + it * kMegakernelThreads;
+        const int row = c / kChunks, qc = c % kChunks;
+        const int k = row / 16, rl = row % 16;
+        float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+        if (k < nreq && rl < table[k].mrows) {
+          const Request& r = table[k];
+          const float* q = st.q +
+                           (static_cast<int64_t>(r.row0 + r.q0 + rl / group) * hq +
+                            a.kv_head * group + rl % group) *
+                               HD +
+                           qc * 8;
+          x0 = *reinterpret_cast<const float4*>(q);
+          x1 = *reinterpret_cast<const float4*>(q + 4);
+        }
+        asm volatile(
+            "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(row, qc) * 2),
+            "r"(pack_bf16x2(x0.x * qscale, x0.y * qscale)),
+            "r"(pack_bf16x2(x0.z * qscale, x0.w * qscale)),
+            "r"(pack_bf16x2(x1.x * qscale, x1.y * qscale)),
+            "r"(pack_bf16x2(x1.z * qscale, x1.w * qscale))
+            : "memory");
+      }
+    }
+
+    // This warp's slice state of the current request (reset after each merge).
+    float o[HD / 8][4];
+    float m[2], l[2];
+    const auto reset = [&] {
+#pragma unroll
+      for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+      m[0] = m[1] = -INFINITY;
+      l[0] = l[1] = 0.0f;
+    };
+    reset();
+    int row_end[2];
+    Cursor at{0, 0};  // the stage computed
+    for (int g = 0; g < total; ++g) {
+      if (buffers == 3) {
+        cp_async_wait(1);
+      } else {
+        cp_async_wait(0);
+      }
+      // Stage g (and Q) are in shared memory for every warp; every warp is done with stage
+      // g - 1 and any merge, whose buffer the next issue refills.
+      __syncthreads();
+      if (g + buffers - 1 < total) {
+        issue(in, (g + buffers - 1) % buffers, next_blocks);
+        advance(in);
+      }
+      cp_async_commit();
+      next_blocks = fetch(in);  // in flight while stage g computes
+
+      const Request& r = table[at.k];
+      if (at.s == 0) {  // a new request: this thread's rows' key ends
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const int rl = g8 + 8 * x;
+          if (rl < r.mrows) {
+            const int end = st.positions[r.row0 + r.q0 + rl / group] + 1;
+            row_end[x] = a.split < 0 ? end : min(end, (a.split + 1) * K);
+          } else {
+            row_end[x] = r.key_begin;
+          }
+        }
+      }
+      const uint32_t k_tile = stage_addr + (g % buffers) * kBufferBytes;
+      const uint32_t v_tile = k_tile + kT * HD * 2;
+      const int key0 = r.key_begin + at.s * kT + warp * 16;
+      if (key0 < r.key_end) {
+        attention_mma::attend16<HD>(q_addr, at.k * 16, k_tile, v_tile, warp * 16, key0, row_end, o,
+                                    m, l);
+      }
+      if (at.s + 1 == r.stages) {  // the request's last stage: merge its slices
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+          l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+        }
+        float* ow =
+            reinterpret_cast<float*>(ctx.smem) + (kQBytes + (g % buffers) * kBufferBytes) / 4;
+        __syncthreads();  // every warp is done reading this stage's buffer
+        store_slice<HD>(ml, ow, warp, r.mrows, o, m, l);
+        __syncthreads();
+        const int i = a.request_begin + at.k;
+        merge_slices<HD>(ml, ow, 1, kMegakernelWarps, r.mrows,
+                         [&](int row, int d, float value, float lse_value) {
+                           float* lse;
+                           float* out = output_row<HD>(md, st, a, i, r.n, r.q0 + row / group,
+                                                       row % group, &lse);
+                           out[d] = value;
+                           if (lse != nullptr && d == 0) *lse = lse_value;
+                           if (lse == nullptr) {
+                             if (uint16_t* b = attn_act_at(md, st, out)) {
+                               b[d] = float_to_bf16_bits(value);
+                             }
+                           }
+                         });
+        reset();
+      }
+      advance(at);
+    }
+    cp_async_wait(0);  // only empty groups can be pending here
+    __syncthreads();   // shared memory is free for the next instruction
+    return true;
+  }
+};
+
+// The decode stream for the model's head dim (64 or 128, as AttentionMma).
+struct AttentionDecode {
+  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
+    if (ctx.model.head_dim == 64) return AttentionDecodeStream<64>::run(inst, ctx, a);
+    return AttentionDecodeStream<128>::run(inst, ctx, a);
+  }
+};
+
+}  // namespace megaserve::kernels
