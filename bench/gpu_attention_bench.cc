@@ -81,10 +81,9 @@ int run(const std::string& config_path) {
   CudaBackend& b = **backend;
   StepRunner runner(config, b);
   std::printf("attention of %s cut to %d layers: %d q heads, %d kv heads, head dim %d\n",
-              config_path.c_str(), kLayers, config.num_heads, config.num_kv_heads,
-              config.head_dim);
-  std::printf("%-28s %10s %10s %10s %10s %8s\n", "decode 256 requests", "KV GB", "busy ms",
-              "TB/s", "of copy", "merges");
+              config_path.c_str(), kLayers, config.num_heads, config.num_kv_heads, config.head_dim);
+  std::printf("%-28s %10s %10s %10s %10s %8s\n", "decode 256 requests", "KV GB", "busy ms", "TB/s",
+              "of copy", "merges");
   uint64_t step_id = 0;
   for (const int context : kContexts) {
     const std::optional<TraceSummary> s = profile(b, runner, config, &step_id, kBatch, context, 0);
@@ -96,17 +95,17 @@ int run(const std::string& config_path) {
     std::printf("attention_decode ctx %-14d %10.3f %10.3f %10.3f %10.3f %8d\n", context,
                 kv_bytes * 1e-9, t.busy_us * 1e-3, rate * 1e-12, rate / bandwidth, t.merges);
   }
-  const std::optional<TraceSummary> s =
-      profile(b, runner, config, &step_id, 1, 0, kPrefillTokens);
+  const std::optional<TraceSummary> s = profile(b, runner, config, &step_id, 1, 0, kPrefillTokens);
   if (!s) return 1;
   const AttentionTime t = attention_time(*s);
   // Causal: query row i scores i + 1 keys; QK^T and PV, 2 FLOP per multiply-add.
   const double n = kPrefillTokens;
   const double flops = 4.0 * config.num_heads * config.head_dim * n * (n + 1) / 2 * kLayers;
-  std::printf("attention_prefill %d tokens causal: %.3f TFLOP in %.3f ms busy: %.1f TFLOP/s, "
-              "%d merge instructions\n",
-              kPrefillTokens, flops * 1e-12, t.busy_us * 1e-3, flops / (t.busy_us * 1e-6) * 1e-12,
-              t.merges);
+  std::printf(
+      "attention_prefill %d tokens causal: %.3f TFLOP in %.3f ms busy: %.1f TFLOP/s, "
+      "%d merge instructions\n",
+      kPrefillTokens, flops * 1e-12, t.busy_us * 1e-3, flops / (t.busy_us * 1e-6) * 1e-12,
+      t.merges);
   return 0;
 }
 

@@ -106,12 +106,11 @@ void make_metadata(const scheduler::StepPlan& plan, const TileConfig& tiles,
     m.last_block_len.push_back(ctx - (nblocks - 1) * plan.kv_block_size);
     // With kv_split_narrow_only, a request whose own (query tile, kv head) items fill the SMs
     // is not split: it needs no merge. The choice depends on the request alone.
-    const int64_t items = static_cast<int64_t>(
-                              (r.num_tokens() + tiles.attention_query_rows - 1) /
-                              tiles.attention_query_rows) *
+    const int64_t items = static_cast<int64_t>((r.num_tokens() + tiles.attention_query_rows - 1) /
+                                               tiles.attention_query_rows) *
                           shard.kv_heads;
-    const bool split = ctx > tiles.kv_split_tokens &&
-                       (!tiles.kv_split_narrow_only || items < tiles.num_sms);
+    const bool split =
+        ctx > tiles.kv_split_tokens && (!tiles.kv_split_narrow_only || items < tiles.num_sms);
     const int32_t splits = split ? (ctx + tiles.kv_split_tokens - 1) / tiles.kv_split_tokens : 0;
     m.num_splits.push_back(splits);
     m.split_row_begin.push_back(m.num_split_rows);

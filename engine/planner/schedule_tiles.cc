@@ -104,8 +104,8 @@ int TileMaker::column_width(int count, int width, int granule, int row_tiles,
   // step's tiles are short in rows, so wider ones stay cheap).
   const int64_t one_round = (static_cast<int64_t>(count) * row_tiles + sms - 1) / sms;
   const int widest = may_widen ? static_cast<int>(std::max<int64_t>(
-                                    width, (one_round + granule - 1) / granule * granule))
-                              : width;
+                                     width, (one_round + granule - 1) / granule * granule))
+                               : width;
   int best = width;
   int64_t best_cols = (tiles_at(width) + sms - 1) / sms * width;  // rounds x width
   for (int w = widest / granule * granule; w >= granule; w -= granule) {
