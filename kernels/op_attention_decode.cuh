@@ -91,47 +91,27 @@ struct AttentionDecodeStream {
     const uint16_t* kc = md.k_cache + layer_offset;
     const uint16_t* vc = md.v_cache + layer_offset;
 
-    // The copy side: thread tid copies chunk tid % kChunks of the kRowsPerThread contiguous
-    // rows from tid / kChunks * kRowsPerThread (as AttentionMmaPass); the rows' cache blocks
-    // (at most two where blocks hold >= kRowsPerThread keys) are read one stage ahead.
+    // The copy side: thread tid copies chunk tid % kChunks of the kRowsPerThread rows from
+    // tid / kChunks * kRowsPerThread, as AttentionMmaPass [ATTN_COPY].
     const int chunk = threadIdx.x % kChunks, first_row = threadIdx.x / kChunks * kRowsPerThread;
     struct Cursor {
       int k, s;  // request (table index) and its stage
     };
-    struct RowBlocks {
-      int32_t first, last;
+    const auto blocks_of = [&](int k) {
+      return st.block_indices + st.block_indptr[a.request_begin + k];
     };
     const auto fetch = [&](Cursor c) {
       if (c.k >= nreq) return RowBlocks{-1, -1};
       const Request& r = table[c.k];
-      const int j0 = r.key_begin + c.s * kT + first_row;
-      if (j0 >= r.key_end) return RowBlocks{-1, -1};
-      const int32_t* blocks = st.block_indices + st.block_indptr[a.request_begin + c.k];
-      const int jl = min(j0 + kRowsPerThread, r.key_end) - 1;
-      return RowBlocks{blocks[j0 / bs], blocks[jl / bs]};
+      return row_blocks(blocks_of(c.k), r.key_begin + c.s * kT + first_row, kRowsPerThread,
+                        r.key_end, bs);
     };
     const auto issue = [&](Cursor c, int b, RowBlocks rb) {
       const Request& r = table[c.k];
-      const int32_t* blocks = st.block_indices + st.block_indptr[a.request_begin + c.k];
       const uint32_t k_dst = stage_addr + b * kBufferBytes;
-      const uint32_t v_dst = k_dst + kT * HD * 2;
-      const int j0 = r.key_begin + c.s * kT + first_row;
-      const int jl = min(j0 + kRowsPerThread, r.key_end) - 1;
-#pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
-        const int j = j0 + k;
-        const bool valid = j < r.key_end;
-        int64_t off = 0;
-        if (valid) {
-          const int32_t block = j / bs == j0 / bs   ? rb.first
-                                : j / bs == jl / bs ? rb.last
-                                                    : blocks[j / bs];  // blocks of < n keys
-          off = kv.offset(block, a.kv_head, j % bs) + chunk * 8;
-        }
-        const uint32_t dst = swizzled<HD>(first_row + k, chunk) * 2;
-        cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
-        cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
-      }
+      copy_rows<HD, kRowsPerThread>(k_dst, k_dst + kT * HD * 2, first_row, kRowsPerThread, chunk,
+                                    r.key_begin + c.s * kT + first_row, r.key_end, blocks_of(c.k),
+                                    rb, kv, a.kv_head, kc, vc);
     };
     const auto advance = [&](Cursor& c) {
       if (++c.s == table[c.k].stages) {
@@ -172,13 +152,7 @@ struct AttentionDecodeStream {
           x0 = *reinterpret_cast<const float4*>(q);
           x1 = *reinterpret_cast<const float4*>(q + 4);
         }
-        asm volatile(
-            "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(row, qc) * 2),
-            "r"(pack_bf16x2(x0.x * qscale, x0.y * qscale)),
-            "r"(pack_bf16x2(x0.z * qscale, x0.w * qscale)),
-            "r"(pack_bf16x2(x1.x * qscale, x1.y * qscale)),
-            "r"(pack_bf16x2(x1.z * qscale, x1.w * qscale))
-            : "memory");
+        store_q_chunk<HD>(q_addr, row, qc, x0, x1, qscale);
       }
     }
 

@@ -57,6 +57,61 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * HD + ((chunk ^ (row & 7)) << 3);
 }
 
+// A thread's share of a K/V stage [ATTN_COPY]: 16-byte chunk `chunk` of `rows` contiguous
+// stage rows (a warp's copy instruction still covers whole 256- or 128-byte rows), keys
+// [j0, j0 + rows); keys at or past key_end are zero-filled. The rows span at most two cache
+// blocks where blocks hold >= rows keys (the server's hold 16 to 128): their indices are read
+// a stage ahead (row_blocks), so issuing a stage waits for no load. (Read per row inside the
+// copy loop, each index cost an L2 round trip before its copy.)
+struct RowBlocks {
+  int32_t first, last;  // cache blocks of the first and last valid rows; -1: none valid
+};
+
+__device__ __forceinline__ RowBlocks row_blocks(const int32_t* blocks, int j0, int rows,
+                                                int key_end, int bs) {
+  if (j0 >= key_end) return RowBlocks{-1, -1};
+  return RowBlocks{blocks[j0 / bs], blocks[(min(j0 + rows, key_end) - 1) / bs]};
+}
+
+// Copies the rows above into stage rows [first_row, first_row + rows) of the K and V tiles
+// at k_dst and v_dst (shared addresses); kMaxRows bounds `rows` (unrolled).
+template <int HD, int kMaxRows>
+__device__ __forceinline__ void copy_rows(uint32_t k_dst, uint32_t v_dst, int first_row, int rows,
+                                          int chunk, int j0, int key_end, const int32_t* blocks,
+                                          RowBlocks rb, const engine::KvCacheLayout& kv,
+                                          int kv_head, const uint16_t* kc, const uint16_t* vc) {
+  const int bs = kv.block_size;
+  const int jl = min(j0 + rows, key_end) - 1;
+#pragma unroll
+  for (int k = 0; k < kMaxRows; ++k) {
+    if (k >= rows) break;
+    const int j = j0 + k;
+    const bool valid = j < key_end;
+    int64_t off = 0;
+    if (valid) {
+      const int32_t block = j / bs == j0 / bs   ? rb.first
+                            : j / bs == jl / bs ? rb.last
+                                                : blocks[j / bs];  // blocks of < rows keys
+      off = kv.offset(block, kv_head, j % bs) + chunk * 8;
+    }
+    const uint32_t dst = swizzled<HD>(first_row + k, chunk) * 2;
+    cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
+    cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
+  }
+}
+
+// Stores 8 query values (x0, x1) times qscale as bf16 at (row, chunk) of the staged Q.
+template <int HD>
+__device__ __forceinline__ void store_q_chunk(uint32_t q_addr, int row, int chunk, float4 x0,
+                                              float4 x1, float qscale) {
+  asm volatile(
+      "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(row, chunk) * 2),
+      "r"(pack_bf16x2(x0.x * qscale, x0.y * qscale)),
+      "r"(pack_bf16x2(x0.z * qscale, x0.w * qscale)),
+      "r"(pack_bf16x2(x1.x * qscale, x1.y * qscale)), "r"(pack_bf16x2(x1.z * qscale, x1.w * qscale))
+      : "memory");
+}
+
 // One warp's online-softmax step over 16 staged keys: its 16 M rows (Q rows [q_row0,
 // q_row0 + 16) of the staged Q; this thread holds fragment rows g8 and g8 + 8) against rows
 // [c0, c0 + 16) of the staged K and V tiles, whose first key is key0. S = Q K^T (keys at or
@@ -284,46 +339,20 @@ struct AttentionMmaPass {
     const int32_t* blocks = st.block_indices + st.block_indptr[i];
     const int stages = pass_end > key_begin ? (pass_end - key_begin + T - 1) / T : 0;
 
-    // Stage s -> buffer b: thread tid copies 16-byte chunk tid % kChunks of the n = T / kRowStep
-    // rows [r0, r0 + n), r0 = tid / kChunks * n, of K and of V (a warp's copy still covers
-    // whole 256- or 128-byte rows; keys past pass_end are zero-filled). A thread's rows span at
-    // most two cache blocks where blocks hold >= n keys (the server's hold 16 to 128): their
-    // indices are read a stage ahead (fetch), so issuing a stage waits for no load. (Read per
-    // row inside the copy loop, each index cost an L2 round trip before its copy.)
+    // Stage s -> buffer b: thread tid copies chunk tid % kChunks of the T / kRowStep rows from
+    // tid / kChunks * (T / kRowStep) [ATTN_COPY].
     constexpr int kRowStep = kMegakernelThreads / kChunks;
     constexpr int kMaxRows = kMaxStageKeys / kRowStep;
     const int rows_per_thread = T / kRowStep;
     const int chunk = threadIdx.x % kChunks, first_row = threadIdx.x / kChunks * rows_per_thread;
-    struct RowBlocks {
-      int32_t first, last;  // cache blocks of the thread's first and last valid rows
-    };
     const auto fetch = [&](int s) {
-      const int j0 = key_begin + s * T + first_row;
-      if (j0 >= pass_end) return RowBlocks{-1, -1};
-      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
-      return RowBlocks{blocks[j0 / bs], blocks[jl / bs]};
+      return row_blocks(blocks, key_begin + s * T + first_row, rows_per_thread, pass_end, bs);
     };
     const auto issue = [&](int s, int b, RowBlocks rb) {
       const uint32_t k_dst = stage_addr + b * kBufferBytes;
-      const uint32_t v_dst = k_dst + T * HD * 2;
-      const int j0 = key_begin + s * T + first_row;
-      const int jl = min(j0 + rows_per_thread, pass_end) - 1;
-#pragma unroll
-      for (int k = 0; k < kMaxRows; ++k) {
-        if (k >= rows_per_thread) break;
-        const int row = first_row + k, j = j0 + k;
-        const bool valid = j < pass_end;
-        int64_t off = 0;
-        if (valid) {
-          const int32_t block = j / bs == j0 / bs   ? rb.first
-                                : j / bs == jl / bs ? rb.last
-                                                    : blocks[j / bs];  // blocks of < n keys
-          off = kv.offset(block, a.kv_head, j % bs) + chunk * 8;
-        }
-        const uint32_t dst = swizzled<HD>(row, chunk) * 2;
-        cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
-        cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
-      }
+      copy_rows<HD, kMaxRows>(k_dst, k_dst + T * HD * 2, first_row, rows_per_thread, chunk,
+                              key_begin + s * T + first_row, pass_end, blocks, rb, kv, a.kv_head,
+                              kc, vc);
     };
 
     __syncthreads();  // the previous pass (or op) is done with shared memory
@@ -364,13 +393,7 @@ struct AttentionMmaPass {
           const int c = threadIdx.x + (k0 + k) * kMegakernelThreads;
           const int r = c / kChunks, chunk = c % kChunks;
           if (r >= R * 16) continue;
-          asm volatile(
-              "st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(q_addr + swizzled<HD>(r, chunk) * 2),
-              "r"(pack_bf16x2(x[k][0].x * qscale, x[k][0].y * qscale)),
-              "r"(pack_bf16x2(x[k][0].z * qscale, x[k][0].w * qscale)),
-              "r"(pack_bf16x2(x[k][1].x * qscale, x[k][1].y * qscale)),
-              "r"(pack_bf16x2(x[k][1].z * qscale, x[k][1].w * qscale))
-              : "memory");
+          store_q_chunk<HD>(q_addr, r, chunk, x[k][0], x[k][1], qscale);
         }
       }
     }
