@@ -118,7 +118,7 @@ TEST(ConfigFlagsTest, HelpShowsTheDefaultConfigValues) {
   EXPECT_EQ(shown("http_address"), "\"\"");
   EXPECT_EQ(shown("backend"), "\"auto\"");
   EXPECT_EQ(shown("kv_block_size"), "16");
-  EXPECT_EQ(shown("max_num_seqs"), "64");
+  EXPECT_EQ(shown("max_num_seqs"), "256");
   EXPECT_EQ(shown("gpu_memory_fraction"), "0.9");
   EXPECT_EQ(shown("enable_prefix_caching"), "true");
   EXPECT_EQ(shown("drain_grace_seconds"), "30");
