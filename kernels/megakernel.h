@@ -250,9 +250,10 @@ struct DeviceStepDesc {
   // Profiling (null unless asked for, and on ranks other than 0): kProfileWords per
   // instruction.
   uint64_t* profile;  // [num_instructions, kProfileWords]
-  // Tensor parallelism: this rank's partial slots, [kNumPartialSlots * num_tokens, hidden]
-  // (engine/isa/step.h BufferId::kPartial), and every rank's, [tp] in rank order (this one's
-  // included), for kTpReduce to read [TP_PLACEMENT]. Null with one rank.
+  // Tensor parallelism: this rank's partial slots, [partial_slots_of(step) * num_tokens,
+  // hidden] (engine/isa/step.h BufferId::kPartial), and every rank's, [tp] in rank order (this
+  // one's included), for kTpReduce to read [TP_PLACEMENT]. One rank: its split-K slots
+  // [SPLIT_K], or null when the step has none.
   float* partial;
   const float* const* peer_partial;
   int32_t tp;  // ranks of the step

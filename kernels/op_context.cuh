@@ -25,6 +25,7 @@ struct WgmmaPass {
   int32_t rows;          // token rows per pass: 64 or 128
   bool deep;             // 64-row passes: the deep pipeline
   int32_t nr, K, ngroups;
+  int32_t k0;           // ProjectionInput::k0: added to the k of every TMA load [SPLIT_K]
   int32_t act_mode;     // ActMode [ACT_CACHE]
   int32_t act_row;      // the pass's first token row: its block's rows in the cache
   const void* act_map;  // kActCached: the CUtensorMap A comes through

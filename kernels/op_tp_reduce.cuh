@@ -2,6 +2,10 @@
 // residual[t, c] (+)= sum over ranks r = 0, 1, ... of partial_r[slot][t, c], in that fixed
 // order from 0.0f, so that every rank's residual gets the same bits as the CPU interpreter's
 // simulation of the ranks. assign = 1 (the embedding) stores the sum instead of adding it.
+// On one rank with splits > 1 it sums this rank's split-K slots s = 0 .. splits - 1 instead,
+// likewise in order from 0.0f (engine/isa/isa.h [SPLIT_K]); they are read through L2 too (every
+// split stage reuses the same slots, which this SM may have read a stage ago), after the
+// split stage's barrier (this rank's) acquired their writers' stores.
 //
 // Peer protocol [TP_PLACEMENT] (docs/tensor-parallel.md): the controller has already waited
 // on this rank's barrier of the partial stage, which every rank's partial tiles increment
@@ -25,15 +29,22 @@ struct TpReduceOp {
     const int H = ctx.model.hidden;
     const int tp = st.tp;
     const int cols = a.col_end - a.col_begin;
-    const int64_t slot_base = static_cast<int64_t>(a.partial_slot) * st.num_tokens * H;
+    const int64_t slot_stride = static_cast<int64_t>(st.num_tokens) * H;
+    const int64_t slot_base = a.partial_slot * slot_stride;
     const int64_t n = static_cast<int64_t>(a.row_end - a.row_begin) * cols;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const int t = a.row_begin + static_cast<int>(i / cols);
       const int c = a.col_begin + static_cast<int>(i % cols);
       const int64_t at = static_cast<int64_t>(t) * H + c;  // (rows, cols) of [T, H]
       float sum = 0.0f;
-      for (int r = 0; r < tp; ++r) {
-        sum = __fadd_rn(sum, __ldcg(st.peer_partial[r] + slot_base + at));
+      if (a.splits > 1) {  // this rank's split-K slots, in order [SPLIT_K]
+        for (int s = 0; s < a.splits; ++s) {
+          sum = __fadd_rn(sum, __ldcg(st.partial + s * slot_stride + at));
+        }
+      } else {
+        for (int r = 0; r < tp; ++r) {
+          sum = __fadd_rn(sum, __ldcg(st.peer_partial[r] + slot_base + at));
+        }
       }
       st.residual[at] = a.assign ? sum : __fadd_rn(st.residual[at], sum);
     }
