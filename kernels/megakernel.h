@@ -204,6 +204,9 @@ inline constexpr int32_t kStepWgmma = 8;
 // With kStepWgmma: the shallow pipeline even where an op has room for the deep one (to
 // compare the two in one process).
 inline constexpr int32_t kStepWgmmaShallow = 16;
+// CUDA-core projections load their weights into registers (kernels/tile_matvec.cuh) even where
+// bulk copies could stream them (kernels/tile_matvec_bulk.cuh), to compare the two.
+inline constexpr int32_t kStepMatvecRegisters = 32;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

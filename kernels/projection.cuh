@@ -3,11 +3,12 @@
 // weights have TMA maps, in passes that the entry function runs between calls of the op
 // [WGMMA_WALK]; else on mma.sync tensor cores (kernels/tile_mma.cuh) when the step asks for
 // them (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile
-// has more than one token row; else on CUDA cores (kernels/tile_matvec.cuh, fp32 activations
-// staged kMaxMatvecRows rows at a time). One row is a pure weight stream, which the CUDA-core
-// loop keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O /
-// gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores'
-// 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
+// has more than one token row; else on CUDA cores (fp32 activations staged kMaxMatvecRows rows
+// at a time; weights by bulk copies, kernels/tile_matvec_bulk.cuh, where the rows are aligned
+// and the shared memory holds the ring, else kernels/tile_matvec.cuh). One row is a pure
+// weight stream, which the CUDA-core loop keeps more of in flight: at Llama-3.1-8B batch-1 decode
+// on an H100 its QKV / O / gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against
+// the tensor cores' 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
 #pragma once
 
 #include <stdint.h>
@@ -15,6 +16,7 @@
 #include "kernels/device_utils.cuh"
 #include "kernels/pass_walk.h"
 #include "kernels/tile_matvec.cuh"
+#include "kernels/tile_matvec_bulk.cuh"
 #include "kernels/tile_mma.cuh"
 #include "kernels/tile_wgmma.cuh"
 
@@ -130,6 +132,8 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   const int K = in.K;
   float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
   const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
+  const bool bulk =
+      (step_flags & kStepMatvecRegisters) == 0 && bulk_can_take<kMats>(in.ncols, K, row_of);
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
     const int n = min(rpp, in.nrows - r0);
     for (int r = 0; r < n; ++r) {
@@ -143,8 +147,15 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       }
     }
     __syncthreads();
-    tile_matvec<kMats>(in.ncols, K, xs, n, row_of,
-                       [&](int c, int r, const float* v) { emit(c, r0 + r, v); });
+    const auto emit_row = [&](int c, int r, const float* v) { emit(c, r0 + r, v); };
+    // The ring after this pass's rows [MATVEC_BULK].
+    const int xs_bytes = (n * K * static_cast<int>(sizeof(float)) + 127) / 128 * 128;
+    const int slots = bulk ? bulk_slots(smem_bytes - xs_bytes) : 0;
+    if (slots > 0) {
+      tile_matvec_bulk<kMats>(in.ncols, K, xs, n, smem + xs_bytes, slots, row_of, emit_row);
+    } else {
+      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
+    }
     __syncthreads();
   }
 }

@@ -1,0 +1,138 @@
+// The CUDA-core projection core fed by bulk copies [MATVEC_BULK]: the same arithmetic as
+// tile_matvec (a warp per output column, fp32 activations in shared memory, the same
+// per-lane order of the K sums, so the same floats), but each warp's weight rows reach it
+// through a private ring of shared-memory segments that its lane 0 refills with
+// cp.async.bulk, one instruction per segment, completing on the slot's mbarrier. A decode
+// step of few token rows is a weight stream bound by the bytes each SM keeps in flight:
+// tile_matvec's register loads hold 32 KB per SM (8 warps x 32 lanes x 8 x 16 bytes),
+// and an H100 moved 1.5-2.3 TB/s of its ~3 TB/s through them at Llama-3.1-8B batch 1. Here
+// each warp has up to kBulkMaxSlots segments of kBulkSegmentBytes in flight, with no
+// register per byte (up to 224 KB per SM where the shared memory allows).
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
+
+namespace megaserve::kernels {
+
+inline constexpr int kBulkSegmentBytes = 4096;  // 2048 weights: 8 x 16 bytes per lane
+inline constexpr int kBulkMaxSlots = 7;
+inline constexpr int kBulkMinSlots = 3;
+
+// Ring slots per warp that `bytes` of shared memory hold (each: a segment and its mbarrier),
+// or 0 where fewer than kBulkMinSlots fit (then tile_matvec takes the projection).
+__device__ __forceinline__ int bulk_slots(int bytes) {
+  const int slots = bytes / kMegakernelWarps / (kBulkSegmentBytes + 8);
+  if (slots < kBulkMinSlots) return 0;
+  return slots < kBulkMaxSlots ? slots : kBulkMaxSlots;
+}
+
+// Whether every weight row can be bulk-copied: K % 8 == 0 (rows of whole 16-byte chunks)
+// and 16-byte-aligned rows (checked at the first and last column of each matrix, which
+// bounds a strided matrix's rows).
+template <int kMats, typename RowOf>
+__device__ bool bulk_can_take(int ncols, int K, RowOf row_of) {
+  if (K % 8 != 0 || ncols <= 0) return false;
+  for (int m = 0; m < kMats; ++m) {
+    if ((reinterpret_cast<uintptr_t>(row_of(m, 0)) & 15) != 0 ||
+        (reinterpret_cast<uintptr_t>(row_of(m, ncols - 1)) & 15) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// tile_matvec's contract (emit(c, r, v) once per column c < ncols and row r < nrows, from
+// lane 0 of the column's warp), with `ring` (16-byte aligned) holding kMegakernelWarps x
+// `slots` segments and then their mbarriers (bulk_slots). Callers __syncthreads before (xs
+// written, the ring's bytes free) and after.
+template <int kMats, typename RowOf, typename Emit>
+__device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, char* ring,
+                                 int slots, RowOf row_of, Emit emit) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  char* const segments = ring + warp * slots * kBulkSegmentBytes;
+  uint64_t* const full =
+      reinterpret_cast<uint64_t*>(ring + kMegakernelWarps * slots * kBulkSegmentBytes) +
+      warp * slots;
+  const int row_bytes = K * 2;
+  const int segs = (row_bytes + kBulkSegmentBytes - 1) / kBulkSegmentBytes;
+  const int my_cols = warp < ncols ? (ncols - warp + kMegakernelWarps - 1) / kMegakernelWarps : 0;
+  const int total = my_cols * kMats * segs;  // this warp's segments, in the order consumed
+
+  // Segment q: column warp + 8 (q / (kMats segs)), matrix (q / segs) % kMats, bytes from
+  // (q % segs) * kBulkSegmentBytes of that row; slot q % slots, whose barrier's phase
+  // q / slots it completes.
+  const auto issue = [&](int q) {
+    const int s = q % segs, m = (q / segs) % kMats;
+    const int c = warp + kMegakernelWarps * (q / (segs * kMats));
+    const int off = s * kBulkSegmentBytes;
+    const int bytes = min(kBulkSegmentBytes, row_bytes - off);
+    uint64_t* const bar = &full[q % slots];
+    hopper::mbarrier_arrive_expect_tx(bar, bytes);
+    hopper::bulk_load(segments + (q % slots) * kBulkSegmentBytes,
+                      reinterpret_cast<const char*>(row_of(m, c)) + off, bytes, bar);
+  };
+  if (lane == 0) {
+    for (int i = 0; i < slots; ++i) hopper::mbarrier_init(&full[i], 1);
+    hopper::fence_barrier_init();
+    // The ring's bytes were last written through the generic proxy (the caller's barrier
+    // joined those writers with this thread); the bulk copies write them through the async one.
+    hopper::fence_proxy_async_shared();
+    for (int q = 0; q < total && q < slots; ++q) issue(q);
+  }
+  __syncwarp();
+
+  int q = 0;
+  for (int c = warp; c < ncols; c += kMegakernelWarps) {
+    float acc[kMats][kMaxMatvecRows];
+#pragma unroll
+    for (int m = 0; m < kMats; ++m) {
+#pragma unroll
+      for (int r = 0; r < kMaxMatvecRows; ++r) acc[m][r] = 0.0f;
+    }
+#pragma unroll
+    for (int m = 0; m < kMats; ++m) {
+      for (int s = 0; s < segs; ++s, ++q) {
+        const int slot = q % slots;
+        hopper::mbarrier_wait_parity(&full[slot], (q / slots) & 1);
+        const uint4* seg = reinterpret_cast<const uint4*>(segments + slot * kBulkSegmentBytes);
+        const int chunks = min(kBulkSegmentBytes, row_bytes - s * kBulkSegmentBytes) / 16;
+        const int k0 = s * (kBulkSegmentBytes / 2);
+        // Lane l takes chunks l, l + 32, ...: weights k0 + 8 (l + 32 i), the k order of
+        // tile_matvec's lane l.
+#pragma unroll 4
+        for (int i = lane; i < chunks; i += 32) {
+          float wv[8];
+          unpack_bf16x8(seg[i], wv);
+          const int k = k0 + i * 8;
+#pragma unroll
+          for (int r = 0; r < kMaxMatvecRows; ++r) {
+            if (r >= nrows) break;
+            const float4* x = reinterpret_cast<const float4*>(xs + r * K + k);
+            const float4 x0 = x[0], x1 = x[1];
+            acc[m][r] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w + wv[4] * x1.x +
+                         wv[5] * x1.y + wv[6] * x1.z + wv[7] * x1.w;
+          }
+        }
+        __syncwarp();  // every lane's reads of the slot are done before it is refilled
+        if (lane == 0 && q + slots < total) issue(q + slots);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxMatvecRows; ++r) {
+      if (r >= nrows) break;
+      float v[kMats];
+#pragma unroll
+      for (int m = 0; m < kMats; ++m) v[m] = warp_sum(acc[m][r]);
+      if (lane == 0) emit(c, r, v);
+    }
+  }
+  __syncwarp();
+  if (lane == 0) {
+    for (int i = 0; i < slots; ++i) hopper::mbarrier_inval(&full[i]);
+  }
+}
+
+}  // namespace megaserve::kernels
