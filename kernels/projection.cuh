@@ -113,15 +113,58 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
   return true;
 }
 
+// Whether project_now takes mma.sync (else the CUDA cores).
+template <int kMats, typename SrcRow, typename RowOf>
+__device__ bool mma_takes(int32_t step_flags, const ProjectionInput& in, SrcRow src_row,
+                          RowOf row_of) {
+  return (step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
+         mma_can_take<kMats>(in, src_row, row_of);
+}
+
+// The CUDA cores' bulk-copy ring for a pass of n rows [MATVEC_BULK]: slots per warp (0: the
+// register matvec takes the pass), at byte *ring_at of the core's shared memory, after the
+// pass's fp32 rows.
+template <int kMats, typename RowOf>
+__device__ int bulk_pass_slots(int32_t step_flags, const ProjectionInput& in, int n, int smem_bytes,
+                               RowOf row_of, int* ring_at) {
+  *ring_at = (n * in.K * static_cast<int>(sizeof(float)) + 127) / 128 * 128;
+  if ((step_flags & kStepMatvecRegisters) != 0 || !bulk_can_take<kMats>(in.ncols, in.K, row_of)) {
+    return 0;
+  }
+  return bulk_slots(smem_bytes - *ring_at);
+}
+
+// The prefetch call of a projection (kPrefetchCall) [MATVEC_BULK]: where project_now will
+// take the bulk-copy matvec for the first pass of this chunk, starts its weight segments and
+// records them in *prefetch for project_now. Every thread; no __syncthreads.
+template <int kMats, typename SrcRow, typename RowOf>
+__device__ void prefetch_now(int32_t step_flags, const ProjectionInput& in, char* smem,
+                             int smem_bytes, BulkPrefetch& prefetch, SrcRow src_row, RowOf row_of) {
+  if (in.nrows <= 0 || mma_takes<kMats>(step_flags, in, src_row, row_of)) return;
+  const int rpp = rows_per_pass(in.K, smem_bytes / static_cast<int>(sizeof(float)));
+  int ring_at = 0;
+  const int slots =
+      bulk_pass_slots<kMats>(step_flags, in, min(rpp, in.nrows), smem_bytes, row_of, &ring_at);
+  if (slots == 0) return;
+  const int issued = bulk_begin<kMats>(in.ncols, in.K, smem + ring_at, slots, row_of);
+  if ((threadIdx.x & 31) == 0) prefetch.issued[threadIdx.x >> 5] = issued;
+  if (threadIdx.x == 0) {
+    prefetch.armed = 1;
+    prefetch.slots = slots;
+    prefetch.ring = smem + ring_at;
+  }
+}
+
 // The projection on the cores other than wgmma, whole in this call: mma.sync (tile_mma.cuh)
 // when the step asks for tensor cores and the shape allows, else the CUDA cores (fp32
-// activations staged as many rows at a time as fit). Ends with __syncthreads.
+// activations staged as many rows at a time as fit; the first pass's weight segments already
+// in flight where `prefetch` is armed). Ends with __syncthreads.
 template <int kMats, typename SrcRow, typename RowOf, typename Emit>
 __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char* smem,
-                            int smem_bytes, SrcRow src_row, RowOf row_of, Emit emit) {
+                            int smem_bytes, BulkPrefetch* prefetch, SrcRow src_row, RowOf row_of,
+                            Emit emit) {
   if (in.nrows <= 0) return;
-  if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
-      mma_can_take<kMats>(in, src_row, row_of)) {
+  if (mma_takes<kMats>(step_flags, in, src_row, row_of)) {
     if (in.nrows <= kMmaDecodeRows) {
       tile_mma<kMats, 2, 2>(in, smem, smem_bytes, src_row, row_of, emit);
     } else {
@@ -132,8 +175,8 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   const int K = in.K;
   float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
   const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
-  const bool bulk =
-      (step_flags & kStepMatvecRegisters) == 0 && bulk_can_take<kMats>(in.ncols, K, row_of);
+  // Read by every thread before the first barrier below, cleared by thread 0 after it.
+  const bool begun = prefetch != nullptr && prefetch->armed != 0;
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
     const int n = min(rpp, in.nrows - r0);
     for (int r = 0; r < n; ++r) {
@@ -147,12 +190,13 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       }
     }
     __syncthreads();
+    if (r0 == 0 && begun && threadIdx.x == 0) prefetch->armed = 0;
     const auto emit_row = [&](int c, int r, const float* v) { emit(c, r0 + r, v); };
-    // The ring after this pass's rows [MATVEC_BULK].
-    const int xs_bytes = (n * K * static_cast<int>(sizeof(float)) + 127) / 128 * 128;
-    const int slots = bulk ? bulk_slots(smem_bytes - xs_bytes) : 0;
+    int ring_at = 0;
+    const int slots = bulk_pass_slots<kMats>(step_flags, in, n, smem_bytes, row_of, &ring_at);
     if (slots > 0) {
-      tile_matvec_bulk<kMats>(in.ncols, K, xs, n, smem + xs_bytes, slots, row_of, emit_row);
+      tile_matvec_bulk<kMats>(in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun, row_of,
+                              emit_row);
     } else {
       tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
     }
@@ -162,9 +206,10 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
 
 // How a projection op's chunk of rows went in this call [WGMMA_WALK].
 enum class Walk {
-  kSkip,   // finished in an earlier call: go on to the next chunk
-  kYield,  // a wgmma pass is set up in *ctx.pass: return true, so the entry runs it
-  kDone,   // finished in this call: run what follows the projection, then the next chunk
+  kSkip,        // finished in an earlier call: go on to the next chunk
+  kYield,       // a wgmma pass is set up in *ctx.pass: return true, so the entry runs it
+  kDone,        // finished in this call: run what follows the projection, then the next chunk
+  kPrefetched,  // the prefetch call (kPrefetchCall) is over: return false at once
 };
 
 // The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
@@ -203,6 +248,12 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
   const int n = rows == 128  ? WgmmaPassShape<kMats, 128>::count(in)
                 : rows == 64 ? WgmmaPassShape<kMats, 64>::count(in)
                              : 0;
+  if (walk.call == kPrefetchCall) {
+    if (n == 0 && walk.prefetch != nullptr) {
+      prefetch_now<kMats>(step_flags, in, smem, smem_bytes, *walk.prefetch, src_row, row_of);
+    }
+    return Walk::kPrefetched;
+  }
   const ChunkStep step = walk_chunk(walk, n);
   if (step.skip) return Walk::kSkip;
   // Passes that take every row in bf16 from in.bf16_map read no row scale.
@@ -210,7 +261,7 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
                          in.first_row + in.nrows <= in.bf16_rows;
   if (step.prologue && !bf16_rows) prologue();
   if (n == 0) {
-    project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
+    project_now<kMats>(step_flags, in, smem, smem_bytes, walk.prefetch, src_row, row_of, emit);
     return Walk::kDone;
   }
   const bool wide = kMaxPassRows > 64 && rows == 128;

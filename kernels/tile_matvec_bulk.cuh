@@ -44,44 +44,101 @@ __device__ bool bulk_can_take(int ncols, int K, RowOf row_of) {
   return true;
 }
 
+// A CTA's prefetch state (static shared memory, CtaState) [MATVEC_BULK]: a projection's
+// first segments may be issued before its instruction's waits are satisfied (the weights
+// depend on nothing), so that they stream while the CTA waits for the op's inputs.
+struct BulkPrefetch {
+  int32_t armed;  // 1: this instruction's first chunk has its first segments in flight
+  int32_t slots;  // and its ring: slots per warp, at `ring`
+  char* ring;
+  int32_t issued[kMegakernelWarps];  // per warp: segments issued (slots 0 .. issued - 1)
+};
+
+// Segment q of warp `warp`'s stream: column warp + 8 (q / (kMats segs)), matrix
+// (q / segs) % kMats, bytes from (q % segs) * kBulkSegmentBytes of that weight row; into slot
+// q % slots of the warp's segments, completing phase q / slots of that slot's barrier.
+// Lane 0 only.
+template <int kMats, typename RowOf>
+__device__ __forceinline__ void bulk_issue(int q, int warp, int segs, int row_bytes, int slots,
+                                           char* segments, uint64_t* full, RowOf row_of) {
+  const int s = q % segs, m = (q / segs) % kMats;
+  const int c = warp + kMegakernelWarps * (q / (segs * kMats));
+  const int off = s * kBulkSegmentBytes;
+  const int bytes = min(kBulkSegmentBytes, row_bytes - off);
+  uint64_t* const bar = &full[q % slots];
+  hopper::mbarrier_arrive_expect_tx(bar, bytes);
+  hopper::bulk_load(segments + (q % slots) * kBulkSegmentBytes,
+                    reinterpret_cast<const char*>(row_of(m, c)) + off, bytes, bar);
+}
+
+// This warp's segments and barriers in `ring` (kMegakernelWarps x `slots` segments, then
+// their mbarriers), and its share of the columns.
+struct BulkRing {
+  char* segments;
+  uint64_t* full;
+  int segs, row_bytes, total;  // segments per weight row, its bytes, this warp's segments
+};
+
+template <int kMats>
+__device__ __forceinline__ BulkRing bulk_ring(int ncols, int K, char* ring, int slots) {
+  const int warp = threadIdx.x >> 5;
+  BulkRing b;
+  b.segments = ring + warp * slots * kBulkSegmentBytes;
+  b.full = reinterpret_cast<uint64_t*>(ring + kMegakernelWarps * slots * kBulkSegmentBytes) +
+           warp * slots;
+  b.row_bytes = K * 2;
+  b.segs = (b.row_bytes + kBulkSegmentBytes - 1) / kBulkSegmentBytes;
+  const int cols = warp < ncols ? (ncols - warp + kMegakernelWarps - 1) / kMegakernelWarps : 0;
+  b.total = cols * kMats * b.segs;
+  return b;
+}
+
+// Lane 0 of every warp: initializes the warp's slot barriers and issues its first segments
+// (as many as there are slots). Returns how many it issued (lane 0; other lanes 0). No
+// barrier of the CTA: the ring's bytes must be free (the caller's __syncthreads).
+template <int kMats, typename RowOf>
+__device__ int bulk_begin(int ncols, int K, char* ring, int slots, RowOf row_of) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BulkRing b = bulk_ring<kMats>(ncols, K, ring, slots);
+  if (lane != 0) return 0;
+  for (int i = 0; i < slots; ++i) hopper::mbarrier_init(&b.full[i], 1);
+  hopper::fence_barrier_init();
+  // The ring's bytes were last written through the generic proxy (the caller's barrier
+  // joined those writers with this thread); the bulk copies write them through the async one.
+  hopper::fence_proxy_async_shared();
+  int q = 0;
+  for (; q < b.total && q < slots; ++q) {
+    bulk_issue<kMats>(q, warp, b.segs, b.row_bytes, slots, b.segments, b.full, row_of);
+  }
+  return q;
+}
+
+// Waits for a prefetch's segments to land and retires its barriers, where the instruction
+// will not run (the step was aborted while it waited). Every thread; ends with __syncthreads.
+__device__ inline void bulk_drain(BulkPrefetch& p) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (p.armed && lane == 0) {
+    uint64_t* full =
+        reinterpret_cast<uint64_t*>(p.ring + kMegakernelWarps * p.slots * kBulkSegmentBytes) +
+        warp * p.slots;
+    for (int i = 0; i < p.issued[warp]; ++i) hopper::mbarrier_wait_parity(&full[i], 0);
+    for (int i = 0; i < p.slots; ++i) hopper::mbarrier_inval(&full[i]);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) p.armed = 0;
+}
+
 // tile_matvec's contract (emit(c, r, v) once per column c < ncols and row r < nrows, from
 // lane 0 of the column's warp), with `ring` (16-byte aligned) holding kMegakernelWarps x
-// `slots` segments and then their mbarriers (bulk_slots). Callers __syncthreads before (xs
-// written, the ring's bytes free) and after.
+// `slots` segments and then their mbarriers (bulk_slots). `begun`: bulk_begin already ran for
+// these columns and this ring (the prefetch call); else it runs here. Callers __syncthreads
+// before (xs written, the ring's bytes free) and after.
 template <int kMats, typename RowOf, typename Emit>
 __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, char* ring,
-                                 int slots, RowOf row_of, Emit emit) {
+                                 int slots, bool begun, RowOf row_of, Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  char* const segments = ring + warp * slots * kBulkSegmentBytes;
-  uint64_t* const full =
-      reinterpret_cast<uint64_t*>(ring + kMegakernelWarps * slots * kBulkSegmentBytes) +
-      warp * slots;
-  const int row_bytes = K * 2;
-  const int segs = (row_bytes + kBulkSegmentBytes - 1) / kBulkSegmentBytes;
-  const int my_cols = warp < ncols ? (ncols - warp + kMegakernelWarps - 1) / kMegakernelWarps : 0;
-  const int total = my_cols * kMats * segs;  // this warp's segments, in the order consumed
-
-  // Segment q: column warp + 8 (q / (kMats segs)), matrix (q / segs) % kMats, bytes from
-  // (q % segs) * kBulkSegmentBytes of that row; slot q % slots, whose barrier's phase
-  // q / slots it completes.
-  const auto issue = [&](int q) {
-    const int s = q % segs, m = (q / segs) % kMats;
-    const int c = warp + kMegakernelWarps * (q / (segs * kMats));
-    const int off = s * kBulkSegmentBytes;
-    const int bytes = min(kBulkSegmentBytes, row_bytes - off);
-    uint64_t* const bar = &full[q % slots];
-    hopper::mbarrier_arrive_expect_tx(bar, bytes);
-    hopper::bulk_load(segments + (q % slots) * kBulkSegmentBytes,
-                      reinterpret_cast<const char*>(row_of(m, c)) + off, bytes, bar);
-  };
-  if (lane == 0) {
-    for (int i = 0; i < slots; ++i) hopper::mbarrier_init(&full[i], 1);
-    hopper::fence_barrier_init();
-    // The ring's bytes were last written through the generic proxy (the caller's barrier
-    // joined those writers with this thread); the bulk copies write them through the async one.
-    hopper::fence_proxy_async_shared();
-    for (int q = 0; q < total && q < slots; ++q) issue(q);
-  }
+  const BulkRing b = bulk_ring<kMats>(ncols, K, ring, slots);
+  if (!begun) bulk_begin<kMats>(ncols, K, ring, slots, row_of);
   __syncwarp();
 
   int q = 0;
@@ -94,11 +151,11 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
     }
 #pragma unroll
     for (int m = 0; m < kMats; ++m) {
-      for (int s = 0; s < segs; ++s, ++q) {
+      for (int s = 0; s < b.segs; ++s, ++q) {
         const int slot = q % slots;
-        hopper::mbarrier_wait_parity(&full[slot], (q / slots) & 1);
-        const uint4* seg = reinterpret_cast<const uint4*>(segments + slot * kBulkSegmentBytes);
-        const int chunks = min(kBulkSegmentBytes, row_bytes - s * kBulkSegmentBytes) / 16;
+        hopper::mbarrier_wait_parity(&b.full[slot], (q / slots) & 1);
+        const uint4* seg = reinterpret_cast<const uint4*>(b.segments + slot * kBulkSegmentBytes);
+        const int chunks = min(kBulkSegmentBytes, b.row_bytes - s * kBulkSegmentBytes) / 16;
         const int k0 = s * (kBulkSegmentBytes / 2);
         // Lane l takes chunks l, l + 32, ...: weights k0 + 8 (l + 32 i), the k order of
         // tile_matvec's lane l.
@@ -117,7 +174,10 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
           }
         }
         __syncwarp();  // every lane's reads of the slot are done before it is refilled
-        if (lane == 0 && q + slots < total) issue(q + slots);
+        if (lane == 0 && q + slots < b.total) {
+          bulk_issue<kMats>(q + slots, warp, b.segs, b.row_bytes, slots, b.segments, b.full,
+                            row_of);
+        }
       }
     }
 #pragma unroll
@@ -131,7 +191,7 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
   }
   __syncwarp();
   if (lane == 0) {
-    for (int i = 0; i < slots; ++i) hopper::mbarrier_inval(&full[i]);
+    for (int i = 0; i < slots; ++i) hopper::mbarrier_inval(&b.full[i]);
   }
 }
 
