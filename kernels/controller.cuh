@@ -2,11 +2,11 @@
 // For each instruction, every thread reads it and a projection's prefetch call starts its
 // first weight segments where the bulk-copy matvec will take it [MATVEC_BULK]; thread 0
 // copies it to shared memory and waits until every wait's barrier has reached its target
-// (acquire loads, polling with exponential backoff); the CTA runs the op (a projection's op once per wgmma pass plus once, the passes run here between
-// the calls [WGMMA_WALK]); after __syncthreads (every thread's writes done) thread 0 fences and
-// release-adds 1 to each signal barrier, on the rank the signal names (every rank for
-// kSignalAllRanks) [TP_PLACEMENT]. A wait that the host aborts (watchdog) ends the CTA's step
-// early and reports it in HostControl::aborted.
+// (acquire loads, polling with exponential backoff); the CTA runs the op (a projection's op once
+// per wgmma pass plus once, the passes run here between the calls [WGMMA_WALK]); after
+// __syncthreads (every thread's writes done) thread 0 fences and release-adds 1 to each signal
+// barrier, on the rank the signal names (every rank for kSignalAllRanks) [TP_PLACEMENT]. A wait
+// that the host aborts (watchdog) ends the CTA's step early and reports it in HostControl::aborted.
 #pragma once
 
 #include "engine/isa/isa.h"
@@ -36,7 +36,7 @@ struct CtaState {
   uint32_t tma_released[3];           // per shallow stage
   WgmmaPass pass;                     // the wgmma pass an op set up [WGMMA_WALK]
   NormCache norm_cache;               // the last chunk's row scales (op_context.cuh)
-  BulkPrefetch prefetch;              // weight segments started before the waits [MATVEC_BULK]
+  BulkState bulk;                     // the bulk-copy matvec's barriers, prefetch [MATVEC_BULK]
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
   // The rank this CTA acts for, its queue of that rank's step, the ranks in the launch and
   // every rank's barriers [TP_PLACEMENT].
@@ -123,14 +123,14 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, HostControl* host, float
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
   uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {
+    if (threadIdx.x == 0 && profile != nullptr) profile[kProfileWords * i] = global_time_ns();
     // A projection's first weight segments start before its waits [MATVEC_BULK]: every
     // thread reads the instruction (the previous one's last barrier freed the shared memory).
     {
       const engine::isa::Instruction inst = cs.step.instructions[i];
-      if (threadIdx.x == 0 && profile != nullptr) profile[kProfileWords * i] = global_time_ns();
       if (is_projection(inst.opcode())) {
         dispatch(inst, OpContext{cs.model, cs.step, smem, smem_floats, kPrefetchCall, &cs.pass,
-                                 &cs.norm_cache, &cs.prefetch});
+                                 &cs.norm_cache, &cs.bulk});
       }
     }
     if (threadIdx.x == 0) {
@@ -147,11 +147,11 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, HostControl* host, float
     }
     __syncthreads();
     if (cs.stop) {
-      bulk_drain(cs.prefetch);  // nothing lands in shared memory after the CTA leaves
+      bulk_drain(cs.bulk);  // nothing lands in shared memory after the CTA leaves
       return false;
     }
     for (int32_t call = 0; dispatch(cs.inst, OpContext{cs.model, cs.step, smem, smem_floats, call,
-                                                       &cs.pass, &cs.norm_cache, &cs.prefetch});
+                                                       &cs.pass, &cs.norm_cache, &cs.bulk});
          ++call) {
       run_wgmma_pass(cs.pass, pipe);
     }

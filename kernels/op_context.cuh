@@ -54,7 +54,7 @@ __device__ inline uint16_t* attn_act_at(const DeviceModel& md, const DeviceStepD
                                                                                   : nullptr;
 }
 
-struct BulkPrefetch;  // kernels/tile_matvec_bulk.cuh
+struct BulkState;  // kernels/tile_matvec_bulk.cuh
 
 struct OpContext {
   const DeviceModel& model;
@@ -65,8 +65,8 @@ struct OpContext {
   // number `call` in `*pass` and returns true, or finishes and returns false [WGMMA_WALK].
   int32_t call;
   WgmmaPass* pass;
-  NormCache* norm_cache;   // static shared memory (CtaState)
-  BulkPrefetch* prefetch;  // static shared memory (CtaState) [MATVEC_BULK]
+  NormCache* norm_cache;  // static shared memory (CtaState)
+  BulkState* bulk;        // static shared memory (CtaState) [MATVEC_BULK]
 };
 
 }  // namespace megaserve::kernels

@@ -24,7 +24,7 @@ struct GateUpSiluOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
-    PassWalk walk{ctx.call, 0, ctx.pass, ctx.prefetch};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
       const int n = min(kProjectionScaleRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };

@@ -34,7 +34,7 @@ struct HiddenProjectionOp {
     float* const partial = a.partial_slot < 0 ? nullptr
                                               : st.partial + static_cast<int64_t>(a.partial_slot) *
                                                                  st.num_tokens * H;  // [T, H]
-    PassWalk walk{ctx.call, 0, ctx.pass, ctx.prefetch};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     return project<1>(
                walk, st.flags,
                ProjectionInput{

@@ -49,7 +49,7 @@ struct QkvRopeOp {
                          (!split || np % kWgmmaGroupRows == 0);
     const CUtensorMap* layer_maps =
         md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
-    PassWalk walk{ctx.call, 0, ctx.pass, ctx.prefetch};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };

@@ -9,7 +9,7 @@
 namespace megaserve::kernels {
 
 struct WgmmaPass;
-struct BulkPrefetch;
+struct BulkState;
 
 // The call number of an op's prefetch call, made before its instruction's waits: a projection
 // whose chunk will take the bulk-copy matvec starts its first weight segments and returns
@@ -26,7 +26,7 @@ struct PassWalk {
   int32_t call;
   int32_t before;
   WgmmaPass* pass;
-  BulkPrefetch* prefetch = nullptr;  // the CTA's [MATVEC_BULK] prefetch state, or null
+  BulkState* bulk = nullptr;  // the CTA's [MATVEC_BULK] state, or null
 };
 
 // What one chunk does in this call.

@@ -136,32 +136,32 @@ __device__ int bulk_pass_slots(int32_t step_flags, const ProjectionInput& in, in
 
 // The prefetch call of a projection (kPrefetchCall) [MATVEC_BULK]: where project_now will
 // take the bulk-copy matvec for the first pass of this chunk, starts its weight segments and
-// records them in *prefetch for project_now. Every thread; no __syncthreads.
+// records them in `bulk` for project_now. Every thread; no __syncthreads.
 template <int kMats, typename SrcRow, typename RowOf>
 __device__ void prefetch_now(int32_t step_flags, const ProjectionInput& in, char* smem,
-                             int smem_bytes, BulkPrefetch& prefetch, SrcRow src_row, RowOf row_of) {
+                             int smem_bytes, BulkState& bulk, SrcRow src_row, RowOf row_of) {
   if (in.nrows <= 0 || mma_takes<kMats>(step_flags, in, src_row, row_of)) return;
   const int rpp = rows_per_pass(in.K, smem_bytes / static_cast<int>(sizeof(float)));
   int ring_at = 0;
   const int slots =
       bulk_pass_slots<kMats>(step_flags, in, min(rpp, in.nrows), smem_bytes, row_of, &ring_at);
   if (slots == 0) return;
-  const int issued = bulk_begin<kMats>(in.ncols, in.K, smem + ring_at, slots, row_of);
-  if ((threadIdx.x & 31) == 0) prefetch.issued[threadIdx.x >> 5] = issued;
+  const int issued = bulk_begin<kMats>(bulk, in.ncols, in.K, smem + ring_at, slots, row_of);
+  if ((threadIdx.x & 31) == 0) bulk.issued[threadIdx.x >> 5] = issued;
   if (threadIdx.x == 0) {
-    prefetch.armed = 1;
-    prefetch.slots = slots;
-    prefetch.ring = smem + ring_at;
+    bulk.armed = 1;
+    bulk.slots = slots;
+    bulk.ring = smem + ring_at;
   }
 }
 
 // The projection on the cores other than wgmma, whole in this call: mma.sync (tile_mma.cuh)
 // when the step asks for tensor cores and the shape allows, else the CUDA cores (fp32
 // activations staged as many rows at a time as fit; the first pass's weight segments already
-// in flight where `prefetch` is armed). Ends with __syncthreads.
+// in flight where `bulk` is armed). Ends with __syncthreads.
 template <int kMats, typename SrcRow, typename RowOf, typename Emit>
 __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char* smem,
-                            int smem_bytes, BulkPrefetch* prefetch, SrcRow src_row, RowOf row_of,
+                            int smem_bytes, BulkState* bulk, SrcRow src_row, RowOf row_of,
                             Emit emit) {
   if (in.nrows <= 0) return;
   if (mma_takes<kMats>(step_flags, in, src_row, row_of)) {
@@ -176,7 +176,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
   const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
   // Read by every thread before the first barrier below, cleared by thread 0 after it.
-  const bool begun = prefetch != nullptr && prefetch->armed != 0;
+  const bool begun = bulk != nullptr && bulk->armed != 0;
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
     const int n = min(rpp, in.nrows - r0);
     for (int r = 0; r < n; ++r) {
@@ -190,13 +190,15 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       }
     }
     __syncthreads();
-    if (r0 == 0 && begun && threadIdx.x == 0) prefetch->armed = 0;
+    if (r0 == 0 && begun && threadIdx.x == 0) bulk->armed = 0;
     const auto emit_row = [&](int c, int r, const float* v) { emit(c, r0 + r, v); };
     int ring_at = 0;
-    const int slots = bulk_pass_slots<kMats>(step_flags, in, n, smem_bytes, row_of, &ring_at);
+    const int slots = bulk != nullptr
+                          ? bulk_pass_slots<kMats>(step_flags, in, n, smem_bytes, row_of, &ring_at)
+                          : 0;
     if (slots > 0) {
-      tile_matvec_bulk<kMats>(in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun, row_of,
-                              emit_row);
+      tile_matvec_bulk<kMats>(*bulk, in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun,
+                              row_of, emit_row);
     } else {
       tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
     }
@@ -249,8 +251,8 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
                 : rows == 64 ? WgmmaPassShape<kMats, 64>::count(in)
                              : 0;
   if (walk.call == kPrefetchCall) {
-    if (n == 0 && walk.prefetch != nullptr) {
-      prefetch_now<kMats>(step_flags, in, smem, smem_bytes, *walk.prefetch, src_row, row_of);
+    if (n == 0 && walk.bulk != nullptr) {
+      prefetch_now<kMats>(step_flags, in, smem, smem_bytes, *walk.bulk, src_row, row_of);
     }
     return Walk::kPrefetched;
   }
@@ -261,7 +263,7 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
                          in.first_row + in.nrows <= in.bf16_rows;
   if (step.prologue && !bf16_rows) prologue();
   if (n == 0) {
-    project_now<kMats>(step_flags, in, smem, smem_bytes, walk.prefetch, src_row, row_of, emit);
+    project_now<kMats>(step_flags, in, smem, smem_bytes, walk.bulk, src_row, row_of, emit);
     return Walk::kDone;
   }
   const bool wide = kMaxPassRows > 64 && rows == 128;

@@ -21,10 +21,42 @@ inline constexpr int kBulkSegmentBytes = 4096;  // 2048 weights: 8 x 16 bytes pe
 inline constexpr int kBulkMaxSlots = 7;
 inline constexpr int kBulkMinSlots = 3;
 
-// Ring slots per warp that `bytes` of shared memory hold (each: a segment and its mbarrier),
-// or 0 where fewer than kBulkMinSlots fit (then tile_matvec takes the projection).
+// A CTA's bulk-matvec state (static shared memory, CtaState) [MATVEC_BULK]. Per warp and
+// slot, a "full" barrier (one arrival with the segment's bytes; the bulk copy completes it)
+// and an "empty" one (every lane arrives once it has read the segment; lane 0 waits on it
+// before refilling the slot), initialized once per launch, as the wgmma pipeline's: between
+// instructions every barrier is quiescent (each slot's uses have completed both), and
+// `parity` keeps, per warp, bit i = the parity of slot i's next phase of both.
+// A projection's first segments may be issued before its instruction's waits are satisfied
+// (the weights depend on nothing), so that they stream while the CTA waits for the op's
+// inputs: `armed` and the ring (`slots`, `ring`, `issued`) say so to project_now.
+struct BulkState {
+  uint64_t full[kMegakernelWarps][kBulkMaxSlots];
+  uint64_t empty[kMegakernelWarps][kBulkMaxSlots];
+  uint32_t parity[kMegakernelWarps];
+  int32_t armed;  // 1: this instruction's first chunk has its first segments in flight
+  int32_t slots;
+  char* ring;
+  int32_t issued[kMegakernelWarps];  // per warp: segments issued (slots 0 .. issued - 1)
+};
+
+// Thread 0, once per launch; a __syncthreads must follow before any use.
+__device__ inline void bulk_init(BulkState& b) {
+  for (int w = 0; w < kMegakernelWarps; ++w) {
+    for (int i = 0; i < kBulkMaxSlots; ++i) {
+      hopper::mbarrier_init(&b.full[w][i], 1);
+      hopper::mbarrier_init(&b.empty[w][i], 32);
+    }
+    b.parity[w] = 0;
+  }
+  b.armed = 0;
+  hopper::fence_barrier_init();
+}
+
+// Ring slots per warp that `bytes` of shared memory hold, or 0 where fewer than
+// kBulkMinSlots fit (then tile_matvec takes the projection).
 __device__ __forceinline__ int bulk_slots(int bytes) {
-  const int slots = bytes / kMegakernelWarps / (kBulkSegmentBytes + 8);
+  const int slots = bytes / kMegakernelWarps / kBulkSegmentBytes;
   if (slots < kBulkMinSlots) return 0;
   return slots < kBulkMaxSlots ? slots : kBulkMaxSlots;
 }
@@ -44,48 +76,32 @@ __device__ bool bulk_can_take(int ncols, int K, RowOf row_of) {
   return true;
 }
 
-// A CTA's prefetch state (static shared memory, CtaState) [MATVEC_BULK]: a projection's
-// first segments may be issued before its instruction's waits are satisfied (the weights
-// depend on nothing), so that they stream while the CTA waits for the op's inputs.
-struct BulkPrefetch {
-  int32_t armed;  // 1: this instruction's first chunk has its first segments in flight
-  int32_t slots;  // and its ring: slots per warp, at `ring`
-  char* ring;
-  int32_t issued[kMegakernelWarps];  // per warp: segments issued (slots 0 .. issued - 1)
-};
-
-// Segment q of warp `warp`'s stream: column warp + 8 (q / (kMats segs)), matrix
-// (q / segs) % kMats, bytes from (q % segs) * kBulkSegmentBytes of that weight row; into slot
-// q % slots of the warp's segments, completing phase q / slots of that slot's barrier.
-// Lane 0 only.
-template <int kMats, typename RowOf>
-__device__ __forceinline__ void bulk_issue(int q, int warp, int segs, int row_bytes, int slots,
-                                           char* segments, uint64_t* full, RowOf row_of) {
-  const int s = q % segs, m = (q / segs) % kMats;
-  const int c = warp + kMegakernelWarps * (q / (segs * kMats));
-  const int off = s * kBulkSegmentBytes;
-  const int bytes = min(kBulkSegmentBytes, row_bytes - off);
-  uint64_t* const bar = &full[q % slots];
-  hopper::mbarrier_arrive_expect_tx(bar, bytes);
-  hopper::bulk_load(segments + (q % slots) * kBulkSegmentBytes,
-                    reinterpret_cast<const char*>(row_of(m, c)) + off, bytes, bar);
-}
-
-// This warp's segments and barriers in `ring` (kMegakernelWarps x `slots` segments, then
-// their mbarriers), and its share of the columns.
-struct BulkRing {
+// This warp's stream through its ring: its segments in `ring` (kMegakernelWarps x `slots`
+// segments), their barriers, and its share of the columns. Segment q: column
+// warp + 8 (q / (kMats segs)), matrix (q / segs) % kMats, bytes from (q % segs) *
+// kBulkSegmentBytes of that weight row; slot q % slots, its use q / slots there.
+struct BulkStream {
   char* segments;
   uint64_t* full;
-  int segs, row_bytes, total;  // segments per weight row, its bytes, this warp's segments
+  uint64_t* empty;
+  uint32_t parity;  // bit i: slot i's phase parity at use 0
+  int slots, segs, row_bytes, total;
+
+  __device__ uint32_t phase(int q) const {
+    return ((parity >> (q % slots)) ^ static_cast<uint32_t>(q / slots)) & 1u;
+  }
 };
 
 template <int kMats>
-__device__ __forceinline__ BulkRing bulk_ring(int ncols, int K, char* ring, int slots) {
+__device__ __forceinline__ BulkStream bulk_stream(BulkState& st, int ncols, int K, char* ring,
+                                                  int slots) {
   const int warp = threadIdx.x >> 5;
-  BulkRing b;
+  BulkStream b;
   b.segments = ring + warp * slots * kBulkSegmentBytes;
-  b.full = reinterpret_cast<uint64_t*>(ring + kMegakernelWarps * slots * kBulkSegmentBytes) +
-           warp * slots;
+  b.full = st.full[warp];
+  b.empty = st.empty[warp];
+  b.parity = st.parity[warp];
+  b.slots = slots;
   b.row_bytes = K * 2;
   b.segs = (b.row_bytes + kBulkSegmentBytes - 1) / kBulkSegmentBytes;
   const int cols = warp < ncols ? (ncols - warp + kMegakernelWarps - 1) / kMegakernelWarps : 0;
@@ -93,53 +109,61 @@ __device__ __forceinline__ BulkRing bulk_ring(int ncols, int K, char* ring, int 
   return b;
 }
 
-// Lane 0 of every warp: initializes the warp's slot barriers and issues its first segments
-// (as many as there are slots). Returns how many it issued (lane 0; other lanes 0). No
-// barrier of the CTA: the ring's bytes must be free (the caller's __syncthreads).
+// Lane 0: issues segment q (its slot's earlier use, if any, read by every lane: the empty
+// barrier).
 template <int kMats, typename RowOf>
-__device__ int bulk_begin(int ncols, int K, char* ring, int slots, RowOf row_of) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const BulkRing b = bulk_ring<kMats>(ncols, K, ring, slots);
-  if (lane != 0) return 0;
-  for (int i = 0; i < slots; ++i) hopper::mbarrier_init(&b.full[i], 1);
-  hopper::fence_barrier_init();
+__device__ __forceinline__ void bulk_issue(const BulkStream& b, int q, RowOf row_of) {
+  const int warp = threadIdx.x >> 5;
+  const int s = q % b.segs, m = (q / b.segs) % kMats;
+  const int c = warp + kMegakernelWarps * (q / (b.segs * kMats));
+  const int off = s * kBulkSegmentBytes;
+  const int bytes = min(kBulkSegmentBytes, b.row_bytes - off);
+  const int slot = q % b.slots;
+  if (q >= b.slots) hopper::mbarrier_wait_parity(&b.empty[slot], b.phase(q - b.slots));
+  hopper::mbarrier_arrive_expect_tx(&b.full[slot], bytes);
+  hopper::bulk_load(b.segments + slot * kBulkSegmentBytes,
+                    reinterpret_cast<const char*>(row_of(m, c)) + off, bytes, &b.full[slot]);
+}
+
+// Lane 0 of every warp: issues the warp's first segments (as many as there are slots) and
+// returns how many (other lanes: 0). No barrier of the CTA: the ring's bytes must be free (the
+// caller's __syncthreads).
+template <int kMats, typename RowOf>
+__device__ int bulk_begin(BulkState& st, int ncols, int K, char* ring, int slots, RowOf row_of) {
+  const BulkStream b = bulk_stream<kMats>(st, ncols, K, ring, slots);
+  if ((threadIdx.x & 31) != 0) return 0;
   // The ring's bytes were last written through the generic proxy (the caller's barrier
   // joined those writers with this thread); the bulk copies write them through the async one.
   hopper::fence_proxy_async_shared();
   int q = 0;
-  for (; q < b.total && q < slots; ++q) {
-    bulk_issue<kMats>(q, warp, b.segs, b.row_bytes, slots, b.segments, b.full, row_of);
-  }
+  for (; q < b.total && q < slots; ++q) bulk_issue<kMats>(b, q, row_of);
   return q;
 }
 
-// Waits for a prefetch's segments to land and retires its barriers, where the instruction
-// will not run (the step was aborted while it waited). Every thread; ends with __syncthreads.
-__device__ inline void bulk_drain(BulkPrefetch& p) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (p.armed && lane == 0) {
-    uint64_t* full =
-        reinterpret_cast<uint64_t*>(p.ring + kMegakernelWarps * p.slots * kBulkSegmentBytes) +
-        warp * p.slots;
-    for (int i = 0; i < p.issued[warp]; ++i) hopper::mbarrier_wait_parity(&full[i], 0);
-    for (int i = 0; i < p.slots; ++i) hopper::mbarrier_inval(&full[i]);
+// Where the instruction a prefetch started will not run (the step was aborted while it
+// waited): waits for its segments to land. Every thread; ends with __syncthreads.
+__device__ inline void bulk_drain(BulkState& st) {
+  const int warp = threadIdx.x >> 5;
+  if (st.armed && (threadIdx.x & 31) == 0) {
+    for (int i = 0; i < st.issued[warp]; ++i) {
+      hopper::mbarrier_wait_parity(&st.full[warp][i], (st.parity[warp] >> i) & 1u);
+    }
   }
   __syncthreads();
-  if (threadIdx.x == 0) p.armed = 0;
+  if (threadIdx.x == 0) st.armed = 0;
 }
 
 // tile_matvec's contract (emit(c, r, v) once per column c < ncols and row r < nrows, from
 // lane 0 of the column's warp), with `ring` (16-byte aligned) holding kMegakernelWarps x
-// `slots` segments and then their mbarriers (bulk_slots). `begun`: bulk_begin already ran for
-// these columns and this ring (the prefetch call); else it runs here. Callers __syncthreads
-// before (xs written, the ring's bytes free) and after.
+// `slots` segments (bulk_slots). `begun`: bulk_begin already ran for these columns and this
+// ring (the prefetch call); else it runs here. Callers __syncthreads before (xs written, the
+// ring's bytes free) and after.
 template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, char* ring,
-                                 int slots, bool begun, RowOf row_of, Emit emit) {
+__device__ void tile_matvec_bulk(BulkState& st, int ncols, int K, const float* xs, int nrows,
+                                 char* ring, int slots, bool begun, RowOf row_of, Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const BulkRing b = bulk_ring<kMats>(ncols, K, ring, slots);
-  if (!begun) bulk_begin<kMats>(ncols, K, ring, slots, row_of);
-  __syncwarp();
+  const BulkStream b = bulk_stream<kMats>(st, ncols, K, ring, slots);
+  if (!begun) bulk_begin<kMats>(st, ncols, K, ring, slots, row_of);
 
   int q = 0;
   for (int c = warp; c < ncols; c += kMegakernelWarps) {
@@ -153,7 +177,7 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
     for (int m = 0; m < kMats; ++m) {
       for (int s = 0; s < b.segs; ++s, ++q) {
         const int slot = q % slots;
-        hopper::mbarrier_wait_parity(&b.full[slot], (q / slots) & 1);
+        hopper::mbarrier_wait_parity(&b.full[slot], b.phase(q));
         const uint4* seg = reinterpret_cast<const uint4*>(b.segments + slot * kBulkSegmentBytes);
         const int chunks = min(kBulkSegmentBytes, b.row_bytes - s * kBulkSegmentBytes) / 16;
         const int k0 = s * (kBulkSegmentBytes / 2);
@@ -173,11 +197,8 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
                          wv[5] * x1.y + wv[6] * x1.z + wv[7] * x1.w;
           }
         }
-        __syncwarp();  // every lane's reads of the slot are done before it is refilled
-        if (lane == 0 && q + slots < b.total) {
-          bulk_issue<kMats>(q + slots, warp, b.segs, b.row_bytes, slots, b.segments, b.full,
-                            row_of);
-        }
+        hopper::mbarrier_arrive(&b.empty[slot]);  // this lane is done with the segment
+        if (lane == 0 && q + slots < b.total) bulk_issue<kMats>(b, q + slots, row_of);
       }
     }
 #pragma unroll
@@ -189,9 +210,15 @@ __device__ void tile_matvec_bulk(int ncols, int K, const float* xs, int nrows, c
       if (lane == 0) emit(c, r, v);
     }
   }
-  __syncwarp();
+  // Every use of slot i completed both of its barriers' phases (the last empty one once all
+  // lanes arrived, before the caller's __syncthreads): flip the parity of slots used an odd
+  // number of times.
   if (lane == 0) {
-    for (int i = 0; i < slots; ++i) hopper::mbarrier_inval(&b.full[i]);
+    uint32_t flips = 0;
+    for (int i = 0; i < slots && i < b.total; ++i) {
+      if (((b.total - i + slots - 1) / slots) & 1) flips |= 1u << i;
+    }
+    st.parity[warp] = b.parity ^ flips;
   }
 }
 
