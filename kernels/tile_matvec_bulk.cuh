@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 
+#include "kernels/bulk_ring.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/hopper/hopper_ptx.cuh"
 
@@ -87,9 +88,7 @@ struct BulkStream {
   uint32_t parity;  // bit i: slot i's phase parity at use 0
   int slots, segs, row_bytes, total;
 
-  __device__ uint32_t phase(int q) const {
-    return ((parity >> (q % slots)) ^ static_cast<uint32_t>(q / slots)) & 1u;
-  }
+  __device__ uint32_t phase(int q) const { return bulk_phase(parity, q, slots); }
 };
 
 template <int kMats>
@@ -213,13 +212,7 @@ __device__ void tile_matvec_bulk(BulkState& st, int ncols, int K, const float* x
   // Every use of slot i completed both of its barriers' phases (the last empty one once all
   // lanes arrived, before the caller's __syncthreads): flip the parity of slots used an odd
   // number of times.
-  if (lane == 0) {
-    uint32_t flips = 0;
-    for (int i = 0; i < slots && i < b.total; ++i) {
-      if (((b.total - i + slots - 1) / slots) & 1) flips |= 1u << i;
-    }
-    st.parity[warp] = b.parity ^ flips;
-  }
+  if (lane == 0) st.parity[warp] = bulk_parity_after(b.parity, b.total, slots);
 }
 
 }  // namespace megaserve::kernels
