@@ -117,7 +117,7 @@ __device__ __forceinline__ void store_q_chunk(uint32_t q_addr, int row, int chun
 // against rows [c0, c0 + NK) of the staged K and V tiles, whose first key is key0. S = Q K^T
 // (keys at or past a row's row_end masked), the running max m and sums l updated, O rescaled
 // once and O += P V. NK > 16 loads each Q fragment and rescales O once per NK keys instead
-// of once per 16 (the prefill passes' key slices of 64 keys: 64 at a time at head dim 64,
+// of once per 16 (the prefill's passes of one key slice per warp: 64 keys at head dim 64,
 // 32 at 128, where 64 spilled in the key loop).
 template <int HD, int NK = 16>
 __device__ __forceinline__ void attend(uint32_t q_addr, int q_row0, uint32_t k_tile,
@@ -428,9 +428,9 @@ struct AttentionMmaPass {
       const int stage_key0 = key_begin + s * T;
       const uint32_t k_tile = stage_addr + (s % buffers) * kBufferBytes;
       const uint32_t v_tile = k_tile + T * HD * 2;
-      if (KW == 64) {  // a key slice of 64 (S = 1: the whole stage; S = 2: half of 128)
+      if (KW == 64) {  // one key slice: the stage's 64 keys, kWideKeys at a time
         constexpr int kWideKeys = HD == 64 ? 64 : 32;
-        for (int c0 = slice * 64; active && c0 < slice * 64 + 64; c0 += kWideKeys) {
+        for (int c0 = 0; active && c0 < 64; c0 += kWideKeys) {
           if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
           attend<HD, kWideKeys>(q_addr, mt * 16, k_tile, v_tile, c0, stage_key0 + c0, row_end, o, m,
                                 l);
