@@ -201,8 +201,8 @@ struct AttentionDecodeStream {
       const uint32_t v_tile = k_tile + kT * HD * 2;
       const int key0 = r.key_begin + at.s * kT + warp * 16;
       if (key0 < r.key_end) {
-        attention_mma::attend<HD>(q_addr, at.k * 16, k_tile, v_tile, warp * 16, key0, row_end, o, m,
-                                  l);
+        attention_mma::attend16<HD>(q_addr, at.k * 16, k_tile, v_tile, warp * 16, key0, row_end, o,
+                                    m, l);
       }
       if (at.s + 1 == r.stages) {  // the request's last stage: merge its slices
 #pragma unroll

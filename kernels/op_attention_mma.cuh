@@ -112,24 +112,19 @@ __device__ __forceinline__ void store_q_chunk(uint32_t q_addr, int row, int chun
       : "memory");
 }
 
-// One warp's online-softmax step over NK (16, 32 or 64) staged keys: its 16 M rows (Q rows
-// [q_row0, q_row0 + 16) of the staged Q; this thread holds fragment rows g8 and g8 + 8)
-// against rows [c0, c0 + NK) of the staged K and V tiles, whose first key is key0. S = Q K^T
-// (keys at or past a row's row_end masked), the running max m and sums l updated, O rescaled
-// once and O += P V. NK > 16 loads each Q fragment and rescales O once per NK keys instead
-// of once per 16 (the prefill's passes of one key slice per warp: 64 keys at head dim 64,
-// 32 at 128, where 64 spilled in the key loop).
-template <int HD, int NK = 16>
-__device__ __forceinline__ void attend(uint32_t q_addr, int q_row0, uint32_t k_tile,
-                                       uint32_t v_tile, int c0, int key0, const int (&row_end)[2],
-                                       float (&o)[HD / 8][4], float (&m)[2], float (&l)[2]) {
-  static_assert(NK == 16 || NK == 32 || NK == 64, "16, 32 or 64 keys");
-  constexpr int kKSteps = HD / 16, kNTiles = HD / 8, kKeyTiles = NK / 8;
+// One warp's online-softmax step over 16 staged keys: its 16 M rows (Q rows [q_row0,
+// q_row0 + 16) of the staged Q; this thread holds fragment rows g8 and g8 + 8) against rows
+// [c0, c0 + 16) of the staged K and V tiles, whose first key is key0. S = Q K^T (keys at or
+// past a row's row_end masked), the running max m and sums l updated, O rescaled and
+// O += P V.
+template <int HD>
+__device__ __forceinline__ void attend16(uint32_t q_addr, int q_row0, uint32_t k_tile,
+                                         uint32_t v_tile, int c0, int key0, const int (&row_end)[2],
+                                         float (&o)[HD / 8][4], float (&m)[2], float (&l)[2]) {
+  constexpr int kKSteps = HD / 16, kNTiles = HD / 8;
   const int lane = threadIdx.x & 31, t4 = lane & 3;
-  // S (16 rows x NK keys) = Q K^T: n-tile nt holds keys c0 + 8 nt .. c0 + 8 nt + 7.
-  float sc[kKeyTiles][4];
-#pragma unroll
-  for (int nt = 0; nt < kKeyTiles; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+  // S (16 rows x 16 keys) = Q K^T: n-tiles keys c0..c0+7 and c0+8..c0+15.
+  float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
   {
     // ldmatrix lane -> matrix lane / 8. K: (keys +0 / +8) x (chunk 2kk / 2kk + 1);
     // Q (A fragment a0..a3): (rows +0 / +8) x (chunk 2kk / 2kk + 1).
@@ -137,25 +132,21 @@ __device__ __forceinline__ void attend(uint32_t q_addr, int q_row0, uint32_t k_t
     const int qrow = q_row0 + (mi & 1) * 8 + (lane & 7);
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
-      uint32_t qf[4];
+      uint32_t qf[4], b[4];
       ldmatrix_x4(qf, q_addr + swizzled<HD>(qrow, 2 * kk + (mi >> 1)) * 2);
-#pragma unroll
-      for (int kg = 0; kg < NK / 16; ++kg) {
-        uint32_t b[4];
-        ldmatrix_x4(b, k_tile + swizzled<HD>(krow + 16 * kg, 2 * kk + (mi & 1)) * 2);
-        mma_bf16(sc[2 * kg], qf, b[0], b[1]);
-        mma_bf16(sc[2 * kg + 1], qf, b[2], b[3]);
-      }
+      ldmatrix_x4(b, k_tile + swizzled<HD>(krow, 2 * kk + (mi & 1)) * 2);
+      mma_bf16(sc[0], qf, b[0], b[1]);
+      mma_bf16(sc[1], qf, b[2], b[3]);
     }
   }
-  // Mask, then the online softmax update of both rows (a row's keys lie in the 4 lanes of a
-  // quad: reduce over lane ^ 1, lane ^ 2).
+  // Mask, then the online softmax update of both rows (a row's 16 keys lie in the
+  // 4 lanes of a quad: reduce over lane ^ 1, lane ^ 2).
   float alpha[2];
 #pragma unroll
   for (int x = 0; x < 2; ++x) {
     float cmax = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTiles; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = key0 + nt * 8 + 2 * t4 + e;
@@ -171,7 +162,7 @@ __device__ __forceinline__ void attend(uint32_t q_addr, int q_row0, uint32_t k_t
     alpha[x] = exp2f(m[x] - m_use);
     float sum = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTiles; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& v = sc[nt][2 * x + e];
@@ -189,15 +180,12 @@ __device__ __forceinline__ void attend(uint32_t q_addr, int q_row0, uint32_t k_t
     o[nt][2] *= alpha[1];
     o[nt][3] *= alpha[1];
   }
-#pragma unroll
-  for (int kg = 0; kg < NK / 16; ++kg) {
-    // P (16 x 16 keys of group kg) as an A fragment: the S accumulators of its two n-tiles.
-    const uint32_t pf[4] = {pack_bf16x2(sc[2 * kg][0], sc[2 * kg][1]),
-                            pack_bf16x2(sc[2 * kg][2], sc[2 * kg][3]),
-                            pack_bf16x2(sc[2 * kg + 1][0], sc[2 * kg + 1][1]),
-                            pack_bf16x2(sc[2 * kg + 1][2], sc[2 * kg + 1][3])};
+  // P (16 x 16 keys) as an A fragment: the S accumulators of the two n-tiles.
+  const uint32_t pf[4] = {pack_bf16x2(sc[0][0], sc[0][1]), pack_bf16x2(sc[0][2], sc[0][3]),
+                          pack_bf16x2(sc[1][0], sc[1][1]), pack_bf16x2(sc[1][2], sc[1][3])};
+  {
     // ldmatrix.trans lane -> matrix lane / 8: (keys +0 / +8) x (chunk 2dp / 2dp + 1).
-    const int mi = lane >> 3, vrow = c0 + 16 * kg + (mi & 1) * 8 + (lane & 7);
+    const int mi = lane >> 3, vrow = c0 + (mi & 1) * 8 + (lane & 7);
 #pragma unroll
     for (int dp = 0; dp < HD / 16; ++dp) {
       uint32_t b[4];
@@ -428,18 +416,9 @@ struct AttentionMmaPass {
       const int stage_key0 = key_begin + s * T;
       const uint32_t k_tile = stage_addr + (s % buffers) * kBufferBytes;
       const uint32_t v_tile = k_tile + T * HD * 2;
-      if (KW == 64) {  // one key slice: the stage's 64 keys, kWideKeys at a time
-        constexpr int kWideKeys = HD == 64 ? 64 : 32;
-        for (int c0 = 0; active && c0 < 64; c0 += kWideKeys) {
-          if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
-          attend<HD, kWideKeys>(q_addr, mt * 16, k_tile, v_tile, c0, stage_key0 + c0, row_end, o, m,
-                                l);
-        }
-      } else {
-        for (int c0 = slice * KW; active && c0 < slice * KW + KW; c0 += 16) {
-          if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
-          attend<HD>(q_addr, mt * 16, k_tile, v_tile, c0, stage_key0 + c0, row_end, o, m, l);
-        }
+      for (int c0 = slice * KW; active && c0 < slice * KW + KW; c0 += 16) {
+        if (stage_key0 + c0 >= tile_end) break;  // no row of the m-tile sees these keys
+        attend16<HD>(q_addr, mt * 16, k_tile, v_tile, c0, stage_key0 + c0, row_end, o, m, l);
       }
     }
     cp_async_wait(0);  // only empty groups can be pending here
