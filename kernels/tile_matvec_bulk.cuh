@@ -211,7 +211,9 @@ __device__ void tile_matvec_bulk(BulkState& st, int ncols, int K, const float* x
   }
   // Every use of slot i completed both of its barriers' phases (the last empty one once all
   // lanes arrived, before the caller's __syncthreads): flip the parity of slots used an odd
-  // number of times.
+  // number of times. Every lane read the parity in bulk_stream: the __syncwarp orders those
+  // reads before lane 0's write (racecheck does not count the shuffles since as an order).
+  __syncwarp();
   if (lane == 0) st.parity[warp] = bulk_parity_after(b.parity, b.total, slots);
 }
 
