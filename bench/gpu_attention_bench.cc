@@ -11,10 +11,16 @@
 // (bench/hopper/torch_sdpa.py).
 //
 //   gpu_attention_bench [config.json]
+// For a profiler (ncu, which replays one kernel launch at a time): MEGASERVE_ATTENTION_ONLY=
+// "decode <context>" (256 requests) or "prefill" launches the megakernel once per step and runs
+// that step's attention instructions alone (bench/op_stream.h) twice, unprofiled.
 #include <cstdio>
+#include <cstdlib>
+#include <sstream>
 #include <string>
 
 #include "bench/gpu_bench_start.h"
+#include "bench/op_stream.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_trace.h"
 #include "engine/model/weights.h"
@@ -61,6 +67,41 @@ std::optional<TraceSummary> profile(CudaBackend& b, StepRunner& runner, const Mo
   return summarize_trace(config, runner.last_step(), b.last_timings());
 }
 
+// MEGASERVE_ATTENTION_ONLY: the step's attention instructions alone, twice (see the top).
+int run_only(CudaBackend& b, StepRunner& runner, const std::string& only) {
+  std::istringstream words(only);
+  std::string kind;
+  int context = 0;
+  words >> kind >> context;
+  const bool decode = kind == "decode";
+  if (!(decode && context > 0) && kind != "prefill") {
+    std::fprintf(stderr, "MEGASERVE_ATTENTION_ONLY: \"decode <context>\" or \"prefill\", not \"%s\"\n",
+                 only.c_str());
+    return 1;
+  }
+  ScheduleBuilder& builder = runner.builder();
+  const auto totals = builder.barrier_totals();
+  absl::StatusOr<Step> full =
+      builder.build(decode ? make_plan(1, kBatch, context, 0, false)
+                           : make_plan(1, 1, 0, kPrefillTokens, false),
+                    b.num_kv_blocks());
+  builder.rewind_barrier_totals(totals);  // the op stream signals nothing
+  if (!full.ok()) {
+    std::fprintf(stderr, "%s\n", full.status().ToString().c_str());
+    return 1;
+  }
+  const Step stream = op_stream(*full, isa::Opcode::kAttention);
+  for (int run = 0; run < 2; ++run) {
+    if (auto out = b.execute(stream); !out.ok()) {
+      std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
+      return 1;
+    }
+  }
+  std::printf("attention only (%s): 2 launches of %zu instructions\n", only.c_str(),
+              stream.ranks[0].instructions.size());
+  return 0;
+}
+
 int run(const std::string& config_path) {
   std::optional<GpuBenchStart> start = start_gpu_bench("gpu_attention_bench", config_path);
   if (!start) return 1;
@@ -71,7 +112,8 @@ int run(const std::string& config_path) {
   CudaBackendOptions o;
   o.kv_block_size = kBenchBlockSize;
   o.num_kv_blocks = kBatch * ((max_context + kBenchBlockSize) / kBenchBlockSize) + 16;
-  o.persistent = true;
+  const char* only = std::getenv("MEGASERVE_ATTENTION_ONLY");
+  o.persistent = only == nullptr;
   o.step_watchdog_ms = 120000;
   auto backend = CudaBackend::create(config, dummy_weights(config, DType::kBF16, 1), o);
   if (!backend.ok()) {
@@ -80,6 +122,7 @@ int run(const std::string& config_path) {
   }
   CudaBackend& b = **backend;
   StepRunner runner(config, b);
+  if (only != nullptr) return run_only(b, runner, only);
   std::printf("attention of %s cut to %d layers: %d q heads, %d kv heads, head dim %d\n",
               config_path.c_str(), kLayers, config.num_heads, config.num_kv_heads, config.head_dim);
   std::printf("%-28s %10s %10s %10s %10s %8s\n", "decode 256 requests", "KV GB", "busy ms", "TB/s",

@@ -46,6 +46,7 @@ struct Variant {
   bool tensor_cores;
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
   bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
+  bool matvec_registers = false;  // one-row projections load weights into registers, not by bulk
 };
 
 // The tile shape from MEGASERVE_PROFILE_TILES, if set; nullopt (with a message) if malformed.
@@ -72,6 +73,7 @@ void set_variant(CudaBackend& b, const Variant& v) {
   b.set_tensor_cores(v.tensor_cores);
   b.set_attention_cuda_cores(v.attention_cuda_cores);
   b.set_wgmma(v.wgmma);
+  b.set_matvec_registers(v.matvec_registers);
 }
 
 // Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
@@ -147,7 +149,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
               b.describe().c_str());
 
-  const Variant variants[] = {{"cuda-cores, tensor-core attention", false},
+  // Batch 1 takes the CUDA-core matvec in every variant (one token row); the first loads its
+  // weights into registers, the others by bulk copies (kernels/tile_matvec_bulk.cuh).
+  const Variant variants[] = {{"cuda-cores, register matvec", false, false, true, true},
                               {"mma.sync, tensor-core attention", true, false, false},
                               {"wgmma, tensor-core attention", true}};
   uint64_t step_id = 0;

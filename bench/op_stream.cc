@@ -11,6 +11,7 @@ Step op_stream(const Step& step, isa::Opcode op) {
   out.tp = step.tp;
   out.num_sms = step.num_sms;
   out.meta = step.meta;
+  out.k_splits = step.k_splits;  // the workspace's partial slots [SPLIT_K]
   out.accesses_recorded = false;
   out.ranks.resize(step.ranks.size());
   // new_index[rank][i]: where instruction i of that rank went, -1 if dropped.

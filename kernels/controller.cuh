@@ -1,11 +1,12 @@
 // The megakernel's controller: how one CTA walks its queue of a step [ISA_BARRIERS].
-// For each instruction, thread 0 copies it to shared memory and waits until every wait's
-// barrier has reached its target (acquire loads, polling with exponential backoff); the CTA
-// runs the op (a projection's op once per wgmma pass plus once, the passes run here between
-// the calls [WGMMA_WALK]); after __syncthreads (every thread's writes done) thread 0 fences and
-// release-adds 1 to each signal barrier, on the rank the signal names (every rank for
-// kSignalAllRanks) [TP_PLACEMENT]. A wait that the host aborts (watchdog) ends the CTA's step
-// early and reports it in HostControl::aborted.
+// For each instruction, every thread reads it and a projection's prefetch call starts its
+// first weight segments where the bulk-copy matvec will take it [MATVEC_BULK]; thread 0
+// copies it to shared memory and waits until every wait's barrier has reached its target
+// (acquire loads, polling with exponential backoff); the CTA runs the op (a projection's op once
+// per wgmma pass plus once, the passes run here between the calls [WGMMA_WALK]); after
+// __syncthreads (every thread's writes done) thread 0 fences and release-adds 1 to each signal
+// barrier, on the rank the signal names (every rank for kSignalAllRanks) [TP_PLACEMENT]. A wait
+// that the host aborts (watchdog) ends the CTA's step early and reports it in HostControl::aborted.
 #pragma once
 
 #include "engine/isa/isa.h"
@@ -35,6 +36,7 @@ struct CtaState {
   uint32_t tma_released[3];           // per shallow stage
   WgmmaPass pass;                     // the wgmma pass an op set up [WGMMA_WALK]
   NormCache norm_cache;               // the last chunk's row scales (op_context.cuh)
+  BulkState bulk;                     // the bulk-copy matvec's barriers, prefetch [MATVEC_BULK]
   int32_t stop;  // 1: abort (or, persistent, shutdown) seen; every thread leaves
   // The rank this CTA acts for, its queue of that rank's step, the ranks in the launch and
   // every rank's barriers [TP_PLACEMENT].
@@ -61,12 +63,20 @@ __device__ bool poll_until(const uint32_t* p, HostControl* host, Done done) {
   }
 }
 
+// The ops that run project() (kernels/projection.cuh), so take a prefetch call.
+__device__ __forceinline__ bool is_projection(engine::isa::Opcode op) {
+  return op == QkvRopeOp::kOpcode || op == HiddenProjectionOp::kOpcodeO ||
+         op == HiddenProjectionOp::kOpcodeDown || op == GateUpSiluOp::kOpcode ||
+         op == LmHeadOp::kOpcode;
+}
+
 // Runs the op of `inst`, or the part of a projection up to its next wgmma pass: true when
 // that pass is set up in *ctx.pass, for the caller to run it and call again [WGMMA_WALK]. A
 // function of its own (a call from the entry function), so that the entry's register
 // allocation is the controller's and the wgmma k-loop's alone.
 __device__ __noinline__ bool dispatch(const engine::isa::Instruction& inst, const OpContext& ctx) {
   using engine::isa::Opcode;
+  if (ctx.call == kPrefetchCall && !is_projection(inst.opcode())) return false;
   switch (inst.opcode()) {
     case EmbeddingOp::kOpcode:
       EmbeddingOp::run(inst, ctx);
@@ -113,8 +123,17 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, HostControl* host, float
   const int32_t begin = cs.step.queue_begin[q], end = cs.step.queue_begin[q + 1];
   uint64_t* const profile = cs.step.profile;
   for (int32_t i = begin; i < end; ++i) {
+    if (threadIdx.x == 0 && profile != nullptr) profile[kProfileWords * i] = global_time_ns();
+    // A projection's first weight segments start before its waits [MATVEC_BULK]: every
+    // thread reads the instruction (the previous one's last barrier freed the shared memory).
+    {
+      const engine::isa::Instruction inst = cs.step.instructions[i];
+      if (is_projection(inst.opcode())) {
+        dispatch(inst, OpContext{cs.model, cs.step, smem, smem_floats, kPrefetchCall, &cs.pass,
+                                 &cs.norm_cache, &cs.bulk});
+      }
+    }
     if (threadIdx.x == 0) {
-      if (profile != nullptr) profile[kProfileWords * i] = global_time_ns();
       cs.inst = cs.step.instructions[i];
       bool ok = true;
       for (int w = 0; ok && w < cs.inst.num_waits(); ++w) {
@@ -127,9 +146,12 @@ __device__ __forceinline__ bool run_queue(CtaState& cs, HostControl* host, float
       if (profile != nullptr) profile[kProfileWords * i + 1] = global_time_ns();
     }
     __syncthreads();
-    if (cs.stop) return false;
+    if (cs.stop) {
+      bulk_drain(cs.bulk);  // nothing lands in shared memory after the CTA leaves
+      return false;
+    }
     for (int32_t call = 0; dispatch(cs.inst, OpContext{cs.model, cs.step, smem, smem_floats, call,
-                                                       &cs.pass, &cs.norm_cache});
+                                                       &cs.pass, &cs.norm_cache, &cs.bulk});
          ++call) {
       run_wgmma_pass(cs.pass, pipe);
     }

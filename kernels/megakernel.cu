@@ -20,6 +20,7 @@ __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
     for (int r = 0; r < kMaxTpRanks; ++r) cs.barriers[r] = p.barriers[r];
     cs.model = p.models[cs.rank];
     cs.stop = 0;
+    bulk_init(cs.bulk);
     ActCache& c = cs.pass.cache;
     c.rows = cs.model.act_cache;
     c.map = cs.model.act_cache_map;

@@ -204,6 +204,9 @@ inline constexpr int32_t kStepWgmma = 8;
 // With kStepWgmma: the shallow pipeline even where an op has room for the deep one (to
 // compare the two in one process).
 inline constexpr int32_t kStepWgmmaShallow = 16;
+// CUDA-core projections load their weights into registers (kernels/tile_matvec.cuh) even where
+// bulk copies could stream them (kernels/tile_matvec_bulk.cuh), to compare the two.
+inline constexpr int32_t kStepMatvecRegisters = 32;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.
@@ -250,9 +253,10 @@ struct DeviceStepDesc {
   // Profiling (null unless asked for, and on ranks other than 0): kProfileWords per
   // instruction.
   uint64_t* profile;  // [num_instructions, kProfileWords]
-  // Tensor parallelism: this rank's partial slots, [kNumPartialSlots * num_tokens, hidden]
-  // (engine/isa/step.h BufferId::kPartial), and every rank's, [tp] in rank order (this one's
-  // included), for kTpReduce to read [TP_PLACEMENT]. Null with one rank.
+  // Tensor parallelism: this rank's partial slots, [partial_slots_of(step) * num_tokens,
+  // hidden] (engine/isa/step.h BufferId::kPartial), and every rank's, [tp] in rank order (this
+  // one's included), for kTpReduce to read [TP_PLACEMENT]. One rank: its split-K slots
+  // [SPLIT_K], or null when the step has none.
   float* partial;
   const float* const* peer_partial;
   int32_t tp;  // ranks of the step

@@ -25,6 +25,7 @@ struct WgmmaPass {
   int32_t rows;          // token rows per pass: 64 or 128
   bool deep;             // 64-row passes: the deep pipeline
   int32_t nr, K, ngroups;
+  int32_t k0;           // ProjectionInput::k0: added to the k of every TMA load [SPLIT_K]
   int32_t act_mode;     // ActMode [ACT_CACHE]
   int32_t act_row;      // the pass's first token row: its block's rows in the cache
   const void* act_map;  // kActCached: the CUtensorMap A comes through
@@ -53,6 +54,8 @@ __device__ inline uint16_t* attn_act_at(const DeviceModel& md, const DeviceStepD
                                                                                   : nullptr;
 }
 
+struct BulkState;  // kernels/tile_matvec_bulk.cuh
+
 struct OpContext {
   const DeviceModel& model;
   const DeviceStepDesc& step;
@@ -63,6 +66,7 @@ struct OpContext {
   int32_t call;
   WgmmaPass* pass;
   NormCache* norm_cache;  // static shared memory (CtaState)
+  BulkState* bulk;        // static shared memory (CtaState) [MATVEC_BULK]
 };
 
 }  // namespace megaserve::kernels

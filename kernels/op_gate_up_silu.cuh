@@ -24,7 +24,7 @@ struct GateUpSiluOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
-    PassWalk walk{ctx.call, 0, ctx.pass};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
       const int n = min(kProjectionScaleRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
@@ -57,6 +57,7 @@ struct GateUpSiluOp {
             if (r0 + r < md.ffn_act_rows) md.ffn_act[at] = float_to_bf16_bits(x);
           });
       if (step == Walk::kYield) return true;
+      if (step == Walk::kPrefetched) return false;
     }
     // The bf16 rows, written through the generic proxy, are read by the TMA unit (the down
     // projection's, after its wait for this instruction).

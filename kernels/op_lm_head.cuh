@@ -23,7 +23,7 @@ struct LmHeadOp {
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
-    PassWalk walk{ctx.call, 0, ctx.pass};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     // Chunks of kProjectionScaleRows: one 128-row wgmma pass per chunk and weight tile, so a
     // decode step of 256 rows streams the vocabulary twice, not four times.
     for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionScaleRows) {
@@ -47,6 +47,7 @@ struct LmHeadOp {
             st.logits[static_cast<int64_t>(s0 + r) * V + a.col_begin + c] = v[0];
           });
       if (step == Walk::kYield) return true;
+      if (step == Walk::kPrefetched) return false;
     }
     return false;
   }

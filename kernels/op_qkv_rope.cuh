@@ -49,7 +49,7 @@ struct QkvRopeOp {
                          (!split || np % kWgmmaGroupRows == 0);
     const CUtensorMap* layer_maps =
         md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
-    PassWalk walk{ctx.call, 0, ctx.pass};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionChunkRows) {
       const int n = min(kProjectionChunkRows, a.row_end - r0);
       const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
@@ -79,6 +79,7 @@ struct QkvRopeOp {
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       if (step == Walk::kYield) return true;
+      if (step == Walk::kPrefetched) return false;
       if (step == Walk::kSkip) continue;
       // One warp per (row, head): bias, q/k norm, RoPE, store.
       for (int item = warp; item < n * nheads; item += kMegakernelWarps) {

@@ -2,6 +2,10 @@
 // residual[t, c] (+)= sum over ranks r = 0, 1, ... of partial_r[slot][t, c], in that fixed
 // order from 0.0f, so that every rank's residual gets the same bits as the CPU interpreter's
 // simulation of the ranks. assign = 1 (the embedding) stores the sum instead of adding it.
+// On one rank with splits > 1 it sums this rank's split-K slots s = 0 .. splits - 1 instead,
+// likewise in order from 0.0f (engine/isa/isa.h [SPLIT_K]); they are read through L2 too (every
+// split stage reuses the same slots, which this SM may have read a stage ago), after the
+// split stage's barrier (this rank's) acquired their writers' stores.
 //
 // Peer protocol [TP_PLACEMENT] (docs/tensor-parallel.md): the controller has already waited
 // on this rank's barrier of the partial stage, which every rank's partial tiles increment
@@ -25,16 +29,60 @@ struct TpReduceOp {
     const int H = ctx.model.hidden;
     const int tp = st.tp;
     const int cols = a.col_end - a.col_begin;
-    const int64_t slot_base = static_cast<int64_t>(a.partial_slot) * st.num_tokens * H;
-    const int64_t n = static_cast<int64_t>(a.row_end - a.row_begin) * cols;
+    const int64_t slot_stride = static_cast<int64_t>(st.num_tokens) * H;
+    const int64_t slot_base = a.partial_slot * slot_stride;
+    const int rows = a.row_end - a.row_begin;
+    const int terms = a.splits > 1 ? a.splits : tp;
+    // Term k of element `at`: this rank's split-K slot k [SPLIT_K], or rank k's partial.
+    const auto term = [&](int k) {
+      return a.splits > 1 ? st.partial + k * slot_stride : st.peer_partial[k] + slot_base;
+    };
+    if (cols % 4 == 0 && a.col_begin % 4 == 0 && H % 4 == 0) {
+      // By float4, kBatch of them per thread with every load issued before any store: a tile
+      // is a few memory round trips, not one per element (an H100 took 33 us per split-K
+      // reduction of 128 x 64 elements, one L2 round trip after another).
+      constexpr int kBatch = 4;
+      const int c4s = cols / 4;
+      const int64_t n4 = static_cast<int64_t>(rows) * c4s;
+      for (int64_t base = threadIdx.x; base < n4; base += kBatch * blockDim.x) {
+        float4 sum[kBatch], res[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
+          if (i >= n4) break;
+          const int64_t at = static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin +
+                             (i % c4s) * 4;  // (rows, cols) of [T, H]
+          sum[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          for (int k = 0; k < terms; ++k) {  // in order from 0.0f, per element
+            const float4 p = __ldcg(reinterpret_cast<const float4*>(term(k) + at));
+            sum[u] = make_float4(__fadd_rn(sum[u].x, p.x), __fadd_rn(sum[u].y, p.y),
+                                 __fadd_rn(sum[u].z, p.z), __fadd_rn(sum[u].w, p.w));
+          }
+          if (!a.assign) res[u] = *reinterpret_cast<const float4*>(st.residual + at);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
+          if (i >= n4) break;
+          const int64_t at =
+              static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin + (i % c4s) * 4;
+          float4 v = sum[u];
+          if (!a.assign) {
+            v = make_float4(__fadd_rn(res[u].x, v.x), __fadd_rn(res[u].y, v.y),
+                            __fadd_rn(res[u].z, v.z), __fadd_rn(res[u].w, v.w));
+          }
+          *reinterpret_cast<float4*>(st.residual + at) = v;
+        }
+      }
+      return;
+    }
+    const int64_t n = static_cast<int64_t>(rows) * cols;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const int t = a.row_begin + static_cast<int>(i / cols);
       const int c = a.col_begin + static_cast<int>(i % cols);
       const int64_t at = static_cast<int64_t>(t) * H + c;  // (rows, cols) of [T, H]
       float sum = 0.0f;
-      for (int r = 0; r < tp; ++r) {
-        sum = __fadd_rn(sum, __ldcg(st.peer_partial[r] + slot_base + at));
-      }
+      for (int k = 0; k < terms; ++k) sum = __fadd_rn(sum, __ldcg(term(k) + at));
       st.residual[at] = a.assign ? sum : __fadd_rn(st.residual[at], sum);
     }
   }

@@ -9,6 +9,12 @@
 namespace megaserve::kernels {
 
 struct WgmmaPass;
+struct BulkState;
+
+// The call number of an op's prefetch call, made before its instruction's waits: a projection
+// whose chunk will take the bulk-copy matvec starts its first weight segments and returns
+// Walk::kPrefetched; nothing else runs [MATVEC_BULK].
+inline constexpr int32_t kPrefetchCall = -1;
 
 // Where one call of a projection op stands in its instruction's walk: `call` counts the op's
 // calls for this instruction before this one (= the wgmma passes run so far), `before` the
@@ -20,6 +26,7 @@ struct PassWalk {
   int32_t call;
   int32_t before;
   WgmmaPass* pass;
+  BulkState* bulk = nullptr;  // the CTA's [MATVEC_BULK] state, or null
 };
 
 // What one chunk does in this call.

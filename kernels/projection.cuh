@@ -3,11 +3,12 @@
 // weights have TMA maps, in passes that the entry function runs between calls of the op
 // [WGMMA_WALK]; else on mma.sync tensor cores (kernels/tile_mma.cuh) when the step asks for
 // them (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile
-// has more than one token row; else on CUDA cores (kernels/tile_matvec.cuh, fp32 activations
-// staged kMaxMatvecRows rows at a time). One row is a pure weight stream, which the CUDA-core
-// loop keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O /
-// gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores'
-// 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
+// has more than one token row; else on CUDA cores (fp32 activations staged kMaxMatvecRows rows
+// at a time; weights by bulk copies, kernels/tile_matvec_bulk.cuh, where the rows are aligned
+// and the shared memory holds the ring, else kernels/tile_matvec.cuh). One row is a pure
+// weight stream, which the CUDA-core loop keeps more of in flight: at Llama-3.1-8B batch-1 decode
+// on an H100 its QKV / O / gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against
+// the tensor cores' 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
 #pragma once
 
 #include <stdint.h>
@@ -15,6 +16,7 @@
 #include "kernels/device_utils.cuh"
 #include "kernels/pass_walk.h"
 #include "kernels/tile_matvec.cuh"
+#include "kernels/tile_matvec_bulk.cuh"
 #include "kernels/tile_mma.cuh"
 #include "kernels/tile_wgmma.cuh"
 
@@ -111,15 +113,108 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
   return true;
 }
 
+// xs[r * K + k] = (x_r[k] (* row_scale[r0 + r]) (* norm[k])) for the pass's n rows, x_r =
+// src_row(r0 + r): (x * inv_rms) * weight, as the CPU. Rows of K % 4 == 0 at 16-byte-aligned
+// addresses come by cp.async, every chunk of the pass in flight at once, and each thread then
+// scales the chunks it copied in place (its own copies need no barrier); a plain loop waited
+// one memory round trip per element in turn (56 for a down tile's 14,336-wide row).
+template <typename SrcRow>
+__device__ __forceinline__ void stage_rows(const ProjectionInput& in, int r0, int n, SrcRow src_row,
+                                           float* xs) {
+  const int K = in.K, k4s = K / 4;
+  const auto async_row = [&](int r) {
+    return K % 4 == 0 && (reinterpret_cast<uintptr_t>(src_row(r0 + r)) & 15) == 0;
+  };
+  for (int r = 0; r < n; ++r) {
+    const float* x = src_row(r0 + r);
+    if (async_row(r)) {
+      const uint32_t dst = smem_addr(xs + r * K);
+      for (int k4 = threadIdx.x; k4 < k4s; k4 += kMegakernelThreads) {
+        cp_async16(dst + k4 * 16, x + 4 * k4, 16);
+      }
+    } else {
+      const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = x[k];
+        if (in.row_scale != nullptr) v *= s;
+        if (in.norm != nullptr) v *= weight_at(in.norm, k);
+        xs[r * K + k] = v;
+      }
+    }
+  }
+  cp_async_commit();
+  cp_async_wait(0);
+  if (in.row_scale == nullptr && in.norm == nullptr) return;
+  for (int r = 0; r < n; ++r) {
+    if (!async_row(r)) continue;
+    const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
+    float4* row = reinterpret_cast<float4*>(xs + r * K);
+    for (int k4 = threadIdx.x; k4 < k4s; k4 += kMegakernelThreads) {
+      float4 v = row[k4];
+      if (in.row_scale != nullptr) v = make_float4(v.x * s, v.y * s, v.z * s, v.w * s);
+      if (in.norm != nullptr) {
+        v.x *= weight_at(in.norm, 4 * k4);
+        v.y *= weight_at(in.norm, 4 * k4 + 1);
+        v.z *= weight_at(in.norm, 4 * k4 + 2);
+        v.w *= weight_at(in.norm, 4 * k4 + 3);
+      }
+      row[k4] = v;
+    }
+  }
+}
+
+// Whether project_now takes mma.sync (else the CUDA cores).
+template <int kMats, typename SrcRow, typename RowOf>
+__device__ bool mma_takes(int32_t step_flags, const ProjectionInput& in, SrcRow src_row,
+                          RowOf row_of) {
+  return (step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
+         mma_can_take<kMats>(in, src_row, row_of);
+}
+
+// The CUDA cores' bulk-copy ring for a pass of n rows [MATVEC_BULK]: slots per warp (0: the
+// register matvec takes the pass), at byte *ring_at of the core's shared memory, after the
+// pass's fp32 rows.
+template <int kMats, typename RowOf>
+__device__ int bulk_pass_slots(int32_t step_flags, const ProjectionInput& in, int n, int smem_bytes,
+                               RowOf row_of, int* ring_at) {
+  *ring_at = (n * in.K * static_cast<int>(sizeof(float)) + 127) / 128 * 128;
+  if ((step_flags & kStepMatvecRegisters) != 0 || !bulk_can_take<kMats>(in.ncols, in.K, row_of)) {
+    return 0;
+  }
+  return bulk_slots(smem_bytes - *ring_at);
+}
+
+// The prefetch call of a projection (kPrefetchCall) [MATVEC_BULK]: where project_now will
+// take the bulk-copy matvec for the first pass of this chunk, starts its weight segments and
+// records them in `bulk` for project_now. Every thread; no __syncthreads.
+template <int kMats, typename SrcRow, typename RowOf>
+__device__ void prefetch_now(int32_t step_flags, const ProjectionInput& in, char* smem,
+                             int smem_bytes, BulkState& bulk, SrcRow src_row, RowOf row_of) {
+  if (in.nrows <= 0 || mma_takes<kMats>(step_flags, in, src_row, row_of)) return;
+  const int rpp = rows_per_pass(in.K, smem_bytes / static_cast<int>(sizeof(float)));
+  int ring_at = 0;
+  const int slots =
+      bulk_pass_slots<kMats>(step_flags, in, min(rpp, in.nrows), smem_bytes, row_of, &ring_at);
+  if (slots == 0) return;
+  const int issued = bulk_begin<kMats>(bulk, in.ncols, in.K, smem + ring_at, slots, row_of);
+  if ((threadIdx.x & 31) == 0) bulk.issued[threadIdx.x >> 5] = issued;
+  if (threadIdx.x == 0) {
+    bulk.armed = 1;
+    bulk.slots = slots;
+    bulk.ring = smem + ring_at;
+  }
+}
+
 // The projection on the cores other than wgmma, whole in this call: mma.sync (tile_mma.cuh)
 // when the step asks for tensor cores and the shape allows, else the CUDA cores (fp32
-// activations staged as many rows at a time as fit). Ends with __syncthreads.
+// activations staged as many rows at a time as fit; the first pass's weight segments already
+// in flight where `bulk` is armed). Ends with __syncthreads.
 template <int kMats, typename SrcRow, typename RowOf, typename Emit>
 __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char* smem,
-                            int smem_bytes, SrcRow src_row, RowOf row_of, Emit emit) {
+                            int smem_bytes, BulkState* bulk, SrcRow src_row, RowOf row_of,
+                            Emit emit) {
   if (in.nrows <= 0) return;
-  if ((step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
-      mma_can_take<kMats>(in, src_row, row_of)) {
+  if (mma_takes<kMats>(step_flags, in, src_row, row_of)) {
     if (in.nrows <= kMmaDecodeRows) {
       tile_mma<kMats, 2, 2>(in, smem, smem_bytes, src_row, row_of, emit);
     } else {
@@ -130,30 +225,34 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   const int K = in.K;
   float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
   const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
+  // Read by every thread before the first barrier below, cleared by thread 0 after it.
+  const bool begun = bulk != nullptr && bulk->armed != 0;
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
     const int n = min(rpp, in.nrows - r0);
-    for (int r = 0; r < n; ++r) {
-      const float* x = src_row(r0 + r);
-      const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float v = x[k];
-        if (in.row_scale != nullptr) v *= s;  // (x * inv_rms) * weight, as the CPU
-        if (in.norm != nullptr) v *= weight_at(in.norm, k);
-        xs[r * K + k] = v;
-      }
-    }
+    stage_rows(in, r0, n, src_row, xs);
     __syncthreads();
-    tile_matvec<kMats>(in.ncols, K, xs, n, row_of,
-                       [&](int c, int r, const float* v) { emit(c, r0 + r, v); });
+    if (r0 == 0 && begun && threadIdx.x == 0) bulk->armed = 0;
+    const auto emit_row = [&](int c, int r, const float* v) { emit(c, r0 + r, v); };
+    int ring_at = 0;
+    const int slots = bulk != nullptr
+                          ? bulk_pass_slots<kMats>(step_flags, in, n, smem_bytes, row_of, &ring_at)
+                          : 0;
+    if (slots > 0) {
+      tile_matvec_bulk<kMats>(*bulk, in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun,
+                              row_of, emit_row);
+    } else {
+      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
+    }
     __syncthreads();
   }
 }
 
 // How a projection op's chunk of rows went in this call [WGMMA_WALK].
 enum class Walk {
-  kSkip,   // finished in an earlier call: go on to the next chunk
-  kYield,  // a wgmma pass is set up in *ctx.pass: return true, so the entry runs it
-  kDone,   // finished in this call: run what follows the projection, then the next chunk
+  kSkip,        // finished in an earlier call: go on to the next chunk
+  kYield,       // a wgmma pass is set up in *ctx.pass: return true, so the entry runs it
+  kDone,        // finished in this call: run what follows the projection, then the next chunk
+  kPrefetched,  // the prefetch call (kPrefetchCall) is over: return false at once
 };
 
 // The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
@@ -192,6 +291,12 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
   const int n = rows == 128  ? WgmmaPassShape<kMats, 128>::count(in)
                 : rows == 64 ? WgmmaPassShape<kMats, 64>::count(in)
                              : 0;
+  if (walk.call == kPrefetchCall) {
+    if (n == 0 && walk.bulk != nullptr) {
+      prefetch_now<kMats>(step_flags, in, smem, smem_bytes, *walk.bulk, src_row, row_of);
+    }
+    return Walk::kPrefetched;
+  }
   const ChunkStep step = walk_chunk(walk, n);
   if (step.skip) return Walk::kSkip;
   // Passes that take every row in bf16 from in.bf16_map read no row scale.
@@ -199,7 +304,7 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
                          in.first_row + in.nrows <= in.bf16_rows;
   if (step.prologue && !bf16_rows) prologue();
   if (n == 0) {
-    project_now<kMats>(step_flags, in, smem, smem_bytes, src_row, row_of, emit);
+    project_now<kMats>(step_flags, in, smem, smem_bytes, walk.bulk, src_row, row_of, emit);
     return Walk::kDone;
   }
   const bool wide = kMaxPassRows > 64 && rows == 128;

@@ -59,6 +59,11 @@ struct ProjectionInput {
   // the wgmma passes read them from there (kActCached) without converting anything.
   const void* bf16_map = nullptr;
   int32_t bf16_rows = 0;
+  // The input k of this projection's k = 0 in the weight maps and bf16_map: a split-K tile's
+  // first input [SPLIT_K]; the wgmma core adds it to the k coordinate of its TMA loads. The
+  // cores that read through pointers (src_row, row_of: already offset) ignore it, and so does
+  // the activation cache, which a pass with k0 != 0 never uses.
+  int32_t k0 = 0;
 };
 
 // ProjectionInput::cache_tag of an op's activations in a layer: the op's A blocks differ from

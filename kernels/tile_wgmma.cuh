@@ -189,6 +189,7 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
     pass.deep = deep;
     pass.nr = sh.nr;
     pass.K = in.K;
+    pass.k0 = in.k0;
     pass.ngroups = sh.ngroups;
     pass.act_mode = kActConvert;
     const int32_t row0 = in.first_row + sh.r0;
@@ -196,7 +197,7 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
       pass.act_mode = kActCached;  // rows past nr: another block's, or zeros past the map
       pass.act_row = row0;
       pass.act_map = in.bf16_map;
-    } else if (act_cacheable(pass.cache, in.cache_tag, in.K, row0, kRows)) {
+    } else if (in.k0 == 0 && act_cacheable(pass.cache, in.cache_tag, in.K, row0, kRows)) {
       uint64_t* flag = pass.cache.flags + row0 / kActFlagRows;
       const uint64_t key = act_block_key(pass.cache.epoch, in.cache_tag, sh.nr, kRows);
       pass.act_mode = claim_act_block(load_acquire_gpu(flag), key, [&](uint64_t e, uint64_t d) {
@@ -291,7 +292,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   const int n_stages = l.n_stages, slots = l.slots;
   uint64_t* const full = pipe.full + (deep ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (deep ? 1 : 0);
-  const int K = pass.K, nr = pass.nr, ngroups = pass.ngroups;
+  const int K = pass.K, nr = pass.nr, ngroups = pass.ngroups, k0 = pass.k0;
   const uint16_t* const norm = pass.norm;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
   char* const stages = l.stages;
@@ -325,8 +326,8 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     if ((tid & 31) != 0) return;
     char* dst = stages + s * kWgmmaStageBytes;
     for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                          groups[g].row);
+      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar,
+                          k0 + j * kWgmmaBlockK, groups[g].row);
     }
   };
   // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block, all
@@ -476,7 +477,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
   const int n_stages = four ? 4 : 3;
   uint64_t* const full = pipe.full + (four ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (four ? 1 : 0);
-  const int K = pass.K, ngroups = pass.ngroups;
+  const int K = pass.K, ngroups = pass.ngroups, k0 = pass.k0;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
   char* const stages = l.stages;
   char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [n_stages][kABytes]
@@ -501,14 +502,14 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
     char* dst = stages + s * kWgmmaStageBytes;
     const int warp = tid >> 5;
     for (int g = warp; g < ngroups; g += kMegakernelWarps) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar, j * kWgmmaBlockK,
-                          groups[g].row);
+      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar,
+                          k0 + j * kWgmmaBlockK, groups[g].row);
     }
     if (warp == kMegakernelWarps - 1) {
 #pragma unroll
       for (int b = 0; b < kRows / kActCacheBoxRows; ++b) {
         hopper::tma_load_2d(abuf + s * kABytes + b * kActCacheBoxRows * kWgmmaARowBytes, amap, bar,
-                            j * kWgmmaBlockK, arow + b * kActCacheBoxRows);
+                            k0 + j * kWgmmaBlockK, arow + b * kActCacheBoxRows);
       }
     }
   };

@@ -177,7 +177,7 @@ void CpuInterpreter::prepare_workspaces(const Step& step, bool poison) {
     size(ws.attn_out, T * st.shard.q_heads * hd);
     size(ws.split_out, m.num_split_rows * hd);
     size(ws.split_lse, m.num_split_rows);
-    size(ws.partial, tp() > 1 ? kNumPartialSlots * T * H : 0);
+    size(ws.partial, partial_slots_of(step) * T * H);
     size(ws.act, T * st.shard.ffn_cols());
     size(ws.logits, static_cast<int64_t>(m.num_samples()) * st.shard.vocab_cols());
   }

@@ -41,6 +41,13 @@ struct WeightView {
   }
   // Dot product of row r with x[0..cols) in fp32, in a fixed order (cpu_ops.cc: dot4).
   float dot(int64_t r, const float* x) const;
+  // Columns [begin, end) of every row: one K range of a split-K tile [SPLIT_K].
+  WeightView columns(int64_t begin, int64_t end) const {
+    WeightView v = *this;
+    v.data += begin * dtype_size(dtype);
+    v.cols = end - begin;
+    return v;
+  }
 };
 
 // Rows [row_begin, row_end) and columns [col_begin, col_end) of a 2-D tensor (a 1-D tensor is

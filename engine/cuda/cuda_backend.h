@@ -86,6 +86,9 @@ struct CudaBackendOptions {
   // With wgmma: the shallow pipeline (3 weight stages, 2 activation slots) for every op, not
   // only where an op lacks the shared memory of the deep one (4 and 3; kernels/tile_wgmma.cuh).
   bool wgmma_shallow = false;
+  // CUDA-core projections (one token row, or no tensor cores) load weights into registers
+  // instead of streaming them by bulk copies into shared memory (kernels/tile_matvec_bulk.cuh).
+  bool matvec_registers = false;
   // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
   // always run on CUDA cores).
@@ -161,6 +164,7 @@ class CudaBackend : public Backend {
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
   void set_wgmma(bool on) { options_.wgmma = on; }
   void set_wgmma_shallow(bool on) { options_.wgmma_shallow = on; }
+  void set_matvec_registers(bool on) { options_.matvec_registers = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }
 

@@ -45,7 +45,8 @@ WorkspaceLayout workspace_layout(const Step& step, const WorkspaceShape& ws,
   l.split = region(sizeof(float) * splits * ws.head_dim);
   l.lse = region(sizeof(float) * splits);
   l.act = region(sizeof(float) * T * ws.ffn);
-  l.partial = region(ws.tp > 1 ? sizeof(float) * kNumPartialSlots * T * ws.hidden : 0);
+  // TP partial slots, or on one rank split-K's [SPLIT_K].
+  l.partial = region(sizeof(float) * partial_slots_of(step) * T * ws.hidden);
   l.bytes = l.rank_bytes * ws.tp;
   end = &l.bytes;
   l.logits = region(sizeof(float) * S * ws.vocab);
@@ -333,7 +334,7 @@ absl::StatusOr<DeviceStepDesc> CudaState::upload_step(const Step& step,
     d.profile =
         ws.profile && r == 0 ? reinterpret_cast<uint64_t*>(workspace + wl.profile) : nullptr;
     d.tp = tp;
-    if (tp > 1) {
+    if (partial_slots_of(step) > 0) {  // TP, or split-K on one rank [SPLIT_K]
       d.partial = wsf(block + wl.partial);
       d.peer_partial = reinterpret_cast<const float* const*>(sl.device + peer_table_offset(tp));
     }

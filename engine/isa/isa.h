@@ -52,7 +52,8 @@ enum class Opcode : int32_t {
   // Combines the KV splits of one request's query rows into the attention output.
   kAttentionMerge = 4,
   // Output projection of token rows onto hidden columns; adds into the residual (one rank)
-  // or writes a partial sum into a partial slot (tensor parallel).
+  // or writes a partial sum into a partial slot (tensor parallel, or one K range of a
+  // split-K tile [SPLIT_K]).
   kOProj = 5,
   // RMSNorm(ffn_norm) of token rows, gate and up projections of a range of FFN columns,
   // SiLU(gate) * up into the activation buffer. The norm as kQkvRope's (GateUpArgs::normed).
@@ -61,7 +62,8 @@ enum class Opcode : int32_t {
   kDownProj = 7,
   // Tensor-parallel reduction of one tile (token rows x hidden columns): reads every rank's
   // partial slot (peer memory) and adds the sum, in rank order, to (or assigns it to) this
-  // rank's residual. Every rank runs it, so every rank ends with the same bits.
+  // rank's residual. Every rank runs it, so every rank ends with the same bits. On one rank
+  // it also sums the split-K partials of O and down (HiddenTileArgs::splits) [SPLIT_K].
   kTpReduce = 8,
   // Final RMSNorm of the sampling rows and the LM head for a range of vocabulary columns.
   kLmHead = 9,
@@ -218,12 +220,24 @@ struct AttentionMergeArgs {
 };
 
 // kOProj, kDownProj and kTpReduce share a tile shape: token rows x hidden columns.
+//
+// Split-K [SPLIT_K] (one rank, engine/planner/tile_config.h max_k_splits): a decode step's
+// O and down tiles are too few to fill the SMs at full width, and narrowing them made every
+// tile re-read its whole activation rows for a few weight rows. Instead each (row, column)
+// tile is cut along K into `splits` tiles, split s computing the dot products over inputs
+// [k_begin, k_end) into partial slot s; a kTpReduce with `splits` then adds slots 0, 1, ...
+// of this rank, in that order from 0.0f, to the residual (no atomics: the same bits on every
+// run).
 struct HiddenTileArgs {
   int32_t row_begin, row_end;
   int32_t col_begin, col_end;  // hidden columns
   int32_t partial_slot;        // -1: residual add on this rank; else the partial slot
   int32_t assign;              // kTpReduce only: 1 assigns the sum (embedding), 0 adds
-  int32_t unused[6];
+  int32_t k_begin, k_end;      // kOProj / kDownProj: inputs [k_begin, k_end); k_end 0: all K
+  // kTpReduce only: 0 or 1 sums slot partial_slot over the ranks; > 1 (one rank) sums this
+  // rank's slots 0 .. splits - 1 [SPLIT_K].
+  int32_t splits;
+  int32_t unused[3];
 };
 
 struct GateUpArgs {

@@ -37,8 +37,12 @@ std::vector<ArgField> arg_fields(const Instruction& inst) {
     case Opcode::kDownProj:
     case Opcode::kTpReduce: {
       const auto a = args_of<HiddenTileArgs>(inst);
-      return {range("rows", a.row_begin, a.row_end), range("cols", a.col_begin, a.col_end),
-              value("slot", a.partial_slot)};
+      std::vector<ArgField> f = {range("rows", a.row_begin, a.row_end),
+                                 range("cols", a.col_begin, a.col_end),
+                                 value("slot", a.partial_slot)};
+      if (a.k_end > 0) f.push_back(range("k", a.k_begin, a.k_end));
+      if (a.splits > 1) f.push_back(value("splits", a.splits));
+      return f;
     }
     case Opcode::kGateUpSilu: {
       const auto a = args_of<GateUpArgs>(inst);

@@ -23,7 +23,7 @@ enum class BufferId : int32_t {
   kAttnOut,   // [num_tokens, q_heads * head_dim]
   kSplitOut,  // [num_split_rows, head_dim]           normalized partial outputs
   kSplitLse,  // [num_split_rows]                     their log-sum-exp
-  kPartial,   // [kNumPartialSlots * num_tokens, hidden] TP partial sums, read by peers
+  kPartial,   // [partial_slots_of(step) * num_tokens, hidden] TP or split-K partial sums
   kAct,       // [num_tokens, ffn_cols]               SiLU(gate) * up
   kLogits,    // [num_samples, vocab_cols]
   kSampled,   // [num_samples]                        rank 0 only
@@ -136,7 +136,18 @@ struct Step {
   std::vector<RankSchedule> ranks;
   std::vector<InstructionRef> global_order;  // one topological order of all instructions
   bool accesses_recorded = false;
+  // The most K ranges any O or down tile of this step was split into (one rank) [SPLIT_K]:
+  // its kTpReduces sum partial slots [0, k_splits).
+  int k_splits = 1;
 };
+
+// Partial slots per rank a step's workspace must hold: kNumPartialSlots under tensor
+// parallelism, the split-K slots on one rank, none otherwise.
+inline int partial_slots_of(const Step& step) {
+  const int tp_slots = step.tp > 1 ? kNumPartialSlots : 0;
+  const int split_slots = step.k_splits > 1 ? step.k_splits : 0;
+  return tp_slots > split_slots ? tp_slots : split_slots;
+}
 
 // When one instruction of a step ran, parallel to RankSchedule::instructions: recorded by
 // the megakernel's CTAs when profiling (%globaltimer, %smid; kernels/megakernel.h

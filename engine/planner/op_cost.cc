@@ -59,9 +59,12 @@ InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& 
     case Opcode::kOProj:
     case Opcode::kDownProj: {
       const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
-      const double in_cols = inst.opcode() == Opcode::kOProj ? config.q_size() : F;
+      const bool split = a.k_end > 0;  // one K range of a split-K tile [SPLIT_K]
+      const double in_cols = split                             ? a.k_end - a.k_begin
+                             : inst.opcode() == Opcode::kOProj ? config.q_size()
+                                                               : F;
       return op_cost::projection(a.row_end - a.row_begin, a.col_end - a.col_begin, in_cols,
-                                 /*residual_add=*/true);
+                                 /*residual_add=*/!split);
     }
     case Opcode::kGateUpSilu: {
       const auto a = isa::args_of<isa::GateUpArgs>(inst);
@@ -70,7 +73,8 @@ InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& 
     case Opcode::kTpReduce: {
       const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
       return op_cost::tp_reduce(
-          static_cast<double>(a.row_end - a.row_begin) * (a.col_end - a.col_begin), tp);
+          static_cast<double>(a.row_end - a.row_begin) * (a.col_end - a.col_begin),
+          a.splits > 1 ? a.splits : tp);
     }
     case Opcode::kLmHead: {
       const auto a = isa::args_of<isa::LmHeadArgs>(inst);

@@ -176,7 +176,11 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
   TileMaker maker(config_, tiles_, m, options_.record_accesses);
   Assembler as(tp_, tiles_.num_sms, options_.record_accesses, totals_, *scratch_);
   const int self_or_all = tp_ == 1 ? 0 : isa::kSignalAllRanks;
-  int reduction = 0;         // index of the next TP reduction; its partial slot is reduction % 2
+  int reduction = 0;  // index of the next TP reduction; its partial slot is reduction % 2
+  // Split-K ways of every layer's O and down (the same shapes in every layer) [SPLIT_K].
+  step.k_splits = 1;
+  const int o_splits = maker.k_splits(shards_[0], maker.o_proj_k(shards_[0]));
+  const int down_splits = maker.k_splits(shards_[0], shards_[0].ffn_cols());
   constexpr int kSelf = -2;  // signal the emitting rank's own barrier
   const auto emit_stage = [&](auto make, std::initializer_list<int> deps, int signal,
                               int signal_rank) -> absl::Status {
@@ -189,26 +193,30 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
     }
     return absl::OkStatus();
   };
-  // A partial-sum stage (tp > 1) followed by its reduction, or a residual stage (tp == 1).
-  // Returns the barrier that marks the residual complete.
+  // A partial-sum stage (tp > 1, or split-K on one rank: `splits` > 1) followed by its
+  // reduction, or a residual stage (tp == 1). Returns the barrier that marks the residual
+  // complete. Split-K's slots [0, splits) are reused by every split stage: the next one
+  // waits (through the stages between) for this one's reduction [SPLIT_K].
   const auto residual_stage = [&](auto make_with_slot, std::initializer_list<int> deps,
-                                  Stage partial_stage, Stage reduce_stage, int layer,
-                                  bool assign) -> absl::StatusOr<int> {
-    if (tp_ == 1) {
+                                  Stage partial_stage, Stage reduce_stage, int layer, bool assign,
+                                  int splits) -> absl::StatusOr<int> {
+    if (tp_ == 1 && splits == 1) {
       absl::Status s = emit_stage(
-          [&](const ModelShard& sh, std::vector<Tile>& out) { make_with_slot(sh, -1, out); }, deps,
-          bar(partial_stage, layer), kSelf);
+          [&](const ModelShard& sh, std::vector<Tile>& out) { make_with_slot(sh, -1, 1, out); },
+          deps, bar(partial_stage, layer), kSelf);
       if (!s.ok()) return s;
       return bar(partial_stage, layer);
     }
-    const int slot = reduction++ % kNumPartialSlots;
-    absl::Status s = emit_stage(
-        [&](const ModelShard& sh, std::vector<Tile>& out) { make_with_slot(sh, slot, out); }, deps,
-        bar(partial_stage, layer), self_or_all);
+    const int slot = splits > 1 ? 0 : reduction++ % kNumPartialSlots;
+    step.k_splits = std::max(step.k_splits, splits);
+    absl::Status s =
+        emit_stage([&](const ModelShard& sh,
+                       std::vector<Tile>& out) { make_with_slot(sh, slot, splits, out); },
+                   deps, bar(partial_stage, layer), self_or_all);
     if (!s.ok()) return s;
     s = emit_stage(
         [&](const ModelShard& sh, std::vector<Tile>& out) {
-          maker.tp_reduce(sh, tp_, slot, assign, layer, out);
+          maker.tp_reduce(sh, tp_, slot, assign, layer, splits, out);
         },
         {bar(partial_stage, layer)}, bar(reduce_stage, layer), kSelf);
     if (!s.ok()) return s;
@@ -217,9 +225,9 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
 
   if (m.num_tokens > 0) {
     absl::StatusOr<int> residual =
-        residual_stage([&](const ModelShard& sh, int slot,
+        residual_stage([&](const ModelShard& sh, int slot, int,
                            std::vector<Tile>& out) { maker.embedding(sh, slot, out); },
-                       {}, Stage::kEmbed, Stage::kEmbedReduce, -1, /*assign=*/true);
+                       {}, Stage::kEmbed, Stage::kEmbedReduce, -1, /*assign=*/true, 1);
     if (!residual.ok()) return residual.status();
     size_t template_begin = 0, template_end = 0;  // layer 1's span of the global order
     for (int l = 0; l < L; ++l) {
@@ -228,7 +236,7 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
         // layer 1 (tiles, placement, recorded regions) instead of being tiled and placed
         // again. The verifier and the deadlock check see the copies exactly as they run.
         as.repeat_layer(template_begin, template_end, 2, L - 2);
-        residual = bar(tp_ == 1 ? Stage::kDown : Stage::kDownReduce, L - 1);
+        residual = bar(tp_ == 1 && down_splits == 1 ? Stage::kDown : Stage::kDownReduce, L - 1);
         break;
       }
       if (l == 1) template_begin = as.global_size();
@@ -256,10 +264,11 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
           [&](const ModelShard& sh, std::vector<Tile>& out) { maker.attention_merge(sh, l, out); },
           {bar(Stage::kAttention, l)}, bar(Stage::kMerge, l), kSelf);
       if (!s.ok()) return s;
-      residual = residual_stage([&](const ModelShard& sh, int slot,
-                                    std::vector<Tile>& out) { maker.o_proj(sh, l, slot, out); },
-                                {bar(Stage::kAttention, l), bar(Stage::kMerge, l)}, Stage::kOProj,
-                                Stage::kOReduce, l, false);
+      residual =
+          residual_stage([&](const ModelShard& sh, int slot, int splits,
+                             std::vector<Tile>& out) { maker.o_proj(sh, l, slot, splits, out); },
+                         {bar(Stage::kAttention, l), bar(Stage::kMerge, l)}, Stage::kOProj,
+                         Stage::kOReduce, l, false, o_splits);
       if (!residual.ok()) return residual.status();
       input = normed_input(isa::kFfnNorm, Stage::kFfnNorm);
       if (!input.ok()) return input.status();
@@ -267,10 +276,11 @@ absl::Status ScheduleBuilder::build_into(const scheduler::StepPlan& plan, int32_
           [&](const ModelShard& sh, std::vector<Tile>& out) { maker.gate_up(sh, l, out); },
           {*input}, bar(Stage::kGateUp, l), kSelf);
       if (!s.ok()) return s;
-      residual =
-          residual_stage([&](const ModelShard& sh, int slot,
-                             std::vector<Tile>& out) { maker.down(sh, l, slot, out); },
-                         {bar(Stage::kGateUp, l)}, Stage::kDown, Stage::kDownReduce, l, false);
+      residual = residual_stage(
+          [&](const ModelShard& sh, int slot, int splits, std::vector<Tile>& out) {
+            maker.down(sh, l, slot, splits, out);
+          },
+          {bar(Stage::kGateUp, l)}, Stage::kDown, Stage::kDownReduce, l, false, down_splits);
       if (!residual.ok()) return residual.status();
       if (l == 1) template_end = as.global_size();
     }

@@ -12,6 +12,10 @@ constexpr int64_t kF32 = 4;   // workspace element bytes (fp32 activations)
 constexpr int64_t kBf16 = 2;  // normalized rows (BufferId::kNormed)
 // Balanced column tiles are multiples of one tensor-core m-tile (kernels/tile_mma.cuh).
 constexpr int kColumnGranule = 16;
+// Split-K ranges [SPLIT_K]: whole wgmma k-blocks (kernels/tile_wgmma.cuh), and at least this
+// many inputs.
+constexpr int kSplitKGranule = 64;
+constexpr int kMinSplitK = 512;
 
 // Puts out[first, end), made row tile by row tile (`row_tiles` runs of equally many column
 // tiles), in groups of g row tiles taken column by column. Tiles of equal cost are dealt to
@@ -381,49 +385,62 @@ void TileMaker::attention_merge(const ModelShard& sh, int layer, std::vector<Til
   }
 }
 
-void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slot, int in_cols,
-                             BufferId input, std::vector<Tile>& out) const {
+void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slot, int splits,
+                             int in_cols, BufferId input, std::vector<Tile>& out) const {
   const int T = meta_.num_tokens;
   const int H = config_.hidden_size;
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
-  const int width = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
+  // Split-K tiles keep the configured width: the splits, not narrower columns, fill the SMs.
+  const int width = splits > 1 ? tiles_.hidden_cols
+                               : column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
+  const int k_range = in_cols / splits;  // k_splits() made it divide
   const size_t first = out.size();
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
     for (int c0 = 0; c0 < H; c0 += width) {
       const int c1 = std::min(H, c0 + width);
-      const double rows = r1 - r0, cols = c1 - c0;
-      Tile& t =
-          new_tile(out, op, layer, op_cost::projection(rows, cols, in_cols, /*residual_add=*/true));
-      isa::HiddenTileArgs a{};
-      a.row_begin = r0;
-      a.row_end = r1;
-      a.col_begin = c0;
-      a.col_end = c1;
-      a.partial_slot = slot;
-      isa::set_args(t.inst, a);
-      add(t, sh.rank, input, -1, r0, r1, 0, static_cast<int64_t>(in_cols) * kF32, false);
-      if (slot < 0) {
-        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, false);
-        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, true);
-      } else {
-        add(t, sh.rank, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, c0 * kF32, c1 * kF32,
-            true);
+      for (int s = 0; s < splits; ++s) {
+        const int k0 = splits > 1 ? s * k_range : 0, k1 = splits > 1 ? k0 + k_range : in_cols;
+        const int tile_slot = splits > 1 ? s : slot;
+        const double rows = r1 - r0, cols = c1 - c0;
+        Tile& t = new_tile(out, op, layer,
+                           op_cost::projection(rows, cols, k1 - k0, /*residual_add=*/splits == 1));
+        isa::HiddenTileArgs a{};
+        a.row_begin = r0;
+        a.row_end = r1;
+        a.col_begin = c0;
+        a.col_end = c1;
+        a.partial_slot = tile_slot;
+        if (splits > 1) {
+          a.k_begin = k0;
+          a.k_end = k1;
+        }
+        isa::set_args(t.inst, a);
+        add(t, sh.rank, input, -1, r0, r1, k0 * kF32, k1 * kF32, false);
+        if (tile_slot < 0) {
+          add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, false);
+          add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, true);
+        } else {
+          add(t, sh.rank, BufferId::kPartial, -1, tile_slot * T + r0, tile_slot * T + r1, c0 * kF32,
+              c1 * kF32, true);
+        }
       }
     }
   }
+  // A split tile is a column of its own for the grouping: its weights are width x k_range.
   group_rows(out, first, row_tiles, tiles_.num_sms,
-             static_cast<double>(tiles_.token_rows) * in_cols * kF32,
-             static_cast<double>(width) * in_cols * 2);
+             static_cast<double>(tiles_.token_rows) * k_range * kF32,
+             static_cast<double>(width) * k_range * 2);
 }
 
-void TileMaker::o_proj(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const {
-  hidden_tiles(sh, Opcode::kOProj, layer, slot, sh.q_heads * config_.head_dim, BufferId::kAttnOut,
-               out);
+void TileMaker::o_proj(const ModelShard& sh, int layer, int slot, int splits,
+                       std::vector<Tile>& out) const {
+  hidden_tiles(sh, Opcode::kOProj, layer, slot, splits, o_proj_k(sh), BufferId::kAttnOut, out);
 }
 
-void TileMaker::down(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const {
-  hidden_tiles(sh, Opcode::kDownProj, layer, slot, sh.ffn_cols(), BufferId::kAct, out);
+void TileMaker::down(const ModelShard& sh, int layer, int slot, int splits,
+                     std::vector<Tile>& out) const {
+  hidden_tiles(sh, Opcode::kDownProj, layer, slot, splits, sh.ffn_cols(), BufferId::kAct, out);
 }
 
 void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out) const {
@@ -457,15 +474,21 @@ void TileMaker::gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out)
 }
 
 void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
-                          std::vector<Tile>& out) const {
+                          int splits, std::vector<Tile>& out) const {
   const int T = meta_.num_tokens;
   const int H = config_.hidden_size;
+  // A split-K reduction's tiles fill the SMs as a balanced projection's do: at 256 decode
+  // rows, 32 tiles of 256 columns would each read 4 slots of 128 KB on a quarter of the SMs.
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int width = splits > 1 ? column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles)
+                               : tiles_.hidden_cols;
   for (int r0 = 0; r0 < T; r0 += tiles_.token_rows) {
     const int r1 = std::min(T, r0 + tiles_.token_rows);
-    for (int c0 = 0; c0 < H; c0 += tiles_.hidden_cols) {
-      const int c1 = std::min(H, c0 + tiles_.hidden_cols);
+    for (int c0 = 0; c0 < H; c0 += width) {
+      const int c1 = std::min(H, c0 + width);
       const double elems = static_cast<double>(r1 - r0) * (c1 - c0);
-      Tile& t = new_tile(out, Opcode::kTpReduce, layer, op_cost::tp_reduce(elems, tp));
+      Tile& t =
+          new_tile(out, Opcode::kTpReduce, layer, op_cost::tp_reduce(elems, std::max(tp, splits)));
       isa::HiddenTileArgs a{};
       a.row_begin = r0;
       a.row_end = r1;
@@ -473,15 +496,56 @@ void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, i
       a.col_end = c1;
       a.partial_slot = slot;
       a.assign = assign ? 1 : 0;
+      if (splits > 1) a.splits = splits;
       isa::set_args(t.inst, a);
-      for (int peer = 0; peer < tp; ++peer) {
-        add(t, peer, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, c0 * kF32, c1 * kF32,
-            false);
+      if (splits > 1) {  // this rank's slots [0, splits) [SPLIT_K]
+        for (int s = 0; s < splits; ++s) {
+          add(t, sh.rank, BufferId::kPartial, -1, s * T + r0, s * T + r1, c0 * kF32, c1 * kF32,
+              false);
+        }
+      } else {
+        for (int peer = 0; peer < tp; ++peer) {
+          add(t, peer, BufferId::kPartial, -1, slot * T + r0, slot * T + r1, c0 * kF32, c1 * kF32,
+              false);
+        }
       }
       if (!assign) add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, false);
       add(t, sh.rank, BufferId::kResidual, -1, r0, r1, c0 * kF32, c1 * kF32, true);
     }
   }
+}
+
+int TileMaker::k_splits(const ModelShard& sh, int in_cols) const {
+  if (sh.tp != 1 || tiles_.max_k_splits < 2) return 1;
+  const int64_t sms = tiles_.num_sms;
+  const int T = meta_.num_tokens;
+  const int H = config_.hidden_size;
+  const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
+  const int64_t tiles =
+      static_cast<int64_t>(row_tiles) * ((H + tiles_.hidden_cols - 1) / tiles_.hidden_cols);
+  // Powers of two: the fewest splits that fill the SMs, each K range a whole number of wgmma
+  // k-blocks (64) and long enough (512) that a tile's pipeline is mostly in its steady state.
+  int splits = 1;
+  while (2 * splits <= tiles_.max_k_splits && tiles * splits < sms &&
+         in_cols % (kSplitKGranule * 2 * splits) == 0 && in_cols / (2 * splits) >= kMinSplitK) {
+    splits *= 2;
+  }
+  if (splits == 1) return 1;
+  // Only where the busiest SM gets less work than with balanced (narrower) columns: a step of
+  // a few rows reads little activation per tile, and there half as many SMs streaming the
+  // weights (batch 1: 64 split tiles for 128 narrow ones) would be slower.
+  const int rows = std::min(T, tiles_.token_rows);
+  const auto busiest = [&](int64_t n, const InstructionWork& work) {
+    return static_cast<double>((n + sms - 1) / sms) * estimated_cycles(tiles_, work);
+  };
+  const int narrow = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
+  const int64_t narrow_tiles = static_cast<int64_t>(row_tiles) * ((H + narrow - 1) / narrow);
+  const double unsplit = busiest(narrow_tiles, op_cost::projection(rows, narrow, in_cols, true));
+  const double split =
+      busiest(tiles * splits,
+              op_cost::projection(rows, std::min(H, tiles_.hidden_cols), in_cols / splits, false)) +
+      busiest(narrow_tiles, op_cost::tp_reduce(static_cast<double>(rows) * narrow, splits));
+  return split < unsplit ? splits : 1;
 }
 
 void TileMaker::lm_head(const ModelShard& sh, std::vector<Tile>& out) const {

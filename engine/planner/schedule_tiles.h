@@ -38,11 +38,19 @@ class TileMaker {
   void qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
   void attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
   void attention_merge(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
-  void o_proj(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const;
+  // O and down: `splits` > 1 cuts each tile into that many K ranges, split s writing partial
+  // slot s (`slot` unused) [SPLIT_K]; 1: whole K into the residual or `slot`.
+  void o_proj(const ModelShard& sh, int layer, int slot, int splits, std::vector<Tile>& out) const;
   void gate_up(const ModelShard& sh, int layer, std::vector<Tile>& out) const;
-  void down(const ModelShard& sh, int layer, int slot, std::vector<Tile>& out) const;
-  void tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer,
+  void down(const ModelShard& sh, int layer, int slot, int splits, std::vector<Tile>& out) const;
+  // `splits` 1: the sum of every rank's `slot`; > 1 (one rank): of this rank's slots
+  // [0, splits).
+  void tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, int layer, int splits,
                  std::vector<Tile>& out) const;
+  // How many K ranges this step's O (in_cols = o_proj_k) or down (ffn_cols) tiles take:
+  // 1 (unsplit) unless one rank and TileConfig::max_k_splits allow [SPLIT_K].
+  int k_splits(const ModelShard& sh, int in_cols) const;
+  int o_proj_k(const ModelShard& sh) const { return sh.q_heads * config_.head_dim; }
   void lm_head(const ModelShard& sh, std::vector<Tile>& out) const;
   void sample(int tp, std::vector<Tile>& out) const;
 
@@ -61,8 +69,8 @@ class TileMaker {
   // unless may_widen) that minimizes the columns of the busiest SM (rounds of tiles x width;
   // ties to the wider).
   int column_width(int count, int width, int granule, int row_tiles, bool may_widen = true) const;
-  void hidden_tiles(const ModelShard& sh, isa::Opcode op, int layer, int slot, int in_cols,
-                    BufferId input, std::vector<Tile>& out) const;
+  void hidden_tiles(const ModelShard& sh, isa::Opcode op, int layer, int slot, int splits,
+                    int in_cols, BufferId input, std::vector<Tile>& out) const;
 
   const ModelConfig& config_;
   const TileConfig& tiles_;

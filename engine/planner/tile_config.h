@@ -30,6 +30,12 @@ struct TileConfig {
   // for QKV; narrower or, up to one round of tiles, wider) that puts the fewest columns on
   // the busiest SM. Column splits change no number, only how instructions share the weights.
   bool balance_columns = false;
+  // Split-K of O and down on one rank [SPLIT_K] (engine/isa/isa.h HiddenTileArgs): a stage
+  // whose tiles at hidden_cols are fewer than num_sms is cut along K into the fewest splits
+  // (a power of two up to this, each K range a multiple of 64 and at least 512) that give
+  // num_sms tiles, or as many as allowed, when the cost model puts the busiest SM lower so
+  // than with narrowed columns; a kTpReduce sums the splits. 1: never.
+  int max_k_splits = 1;
 
   // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
   // kv_split_tokens keys ([s * kv_split_tokens, (s + 1) * kv_split_tokens)), partials merged
@@ -71,7 +77,8 @@ inline absl::Status check_tile_config(const TileConfig& c) {
       {"kv_split_tokens", c.kv_split_tokens},
       {"attention_query_rows", c.attention_query_rows},
       {"attention_batch_requests", c.attention_batch_requests},
-      {"norm_rows", c.norm_rows}};
+      {"norm_rows", c.norm_rows},
+      {"max_k_splits", c.max_k_splits}};
   for (const auto& [name, value] : fields) {
     if (value < 1) {
       return absl::InvalidArgumentError(absl::StrCat("TileConfig.", name, " = ", value, " < 1"));
@@ -150,6 +157,12 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   // 526 ms step on an H100) for 2,048 items that fill the SMs 15 times over unsplit.
   c.kv_split_narrow_only = true;
   c.balance_columns = true;
+  // Split-K up to 4: at 256 decode rows (2 row tiles) O and down have 2 x 16 tiles of 256
+  // columns; balanced to 64 columns, each of their 128 tiles re-read its 128 activation rows
+  // of all of K for 64 weight rows, 4x the weights' bytes from L2 (an H100 took 4.8 ms for
+  // down and 1.8 for O per step, floors ~1.3 and ~0.4). 4 splits give 128 tiles of 256
+  // columns over a quarter of K each: activations read once per 256 weight rows.
+  c.max_k_splits = 4;
   // A norm stage from 32 tokens: below, the wgmma passes' rows are few and the two stages'
   // barriers per layer cost more than the conversions they save (batch 1 takes the CUDA
   // cores, which read fp32 rows). The backend turns it off where nothing reads the stage's

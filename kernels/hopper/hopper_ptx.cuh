@@ -104,6 +104,12 @@ __device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, uint32_t par
   }
 }
 
+// Retires a barrier whose phases have all completed, before its 8 bytes of shared memory serve
+// anything else (another op's data, or a barrier initialized afresh).
+__device__ __forceinline__ void mbarrier_inval(uint64_t* bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Hint: bring the tensor map descriptor into the TMA unit's cache before the first load.
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(map));
@@ -125,6 +131,17 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const CUtensorMap* m
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_addr(smem_dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1));
+}
+
+// Bulk copy of `bytes` contiguous bytes (a multiple of 16; both addresses 16-byte aligned)
+// from global to shared memory, completing on `bar` like the tensor loads above. No tensor map:
+// for rows that are already contiguous in memory (a weight row of a matvec).
+__device__ __forceinline__ void bulk_load(void* smem_dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_addr(smem_dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
 #include "engine/planner/schedule_builder.h"
+#include "engine/planner/tile_config.h"
 #include "engine/step_runner.h"
 #include "gtest/gtest.h"
 #include "tests/support/assets.h"
@@ -122,6 +123,47 @@ TEST_F(OpStreamTest, OpStreamsRunAndLeaveTheBackendAsAFreshOne) {
   ASSERT_EQ(want->sampled.size(), 1u);
   EXPECT_EQ(got->sampled[0].token_id, want->sampled[0].token_id);
   EXPECT_EQ(got->sampled[0].logprob, want->sampled[0].logprob);
+}
+
+// A split-K step [SPLIT_K] (the GPU tiles, 256 decodes at Llama-3.1-8B's width): the O and
+// down streams write partial slots, so the stream keeps the step's count of them, by which
+// the backends size the workspace (a stream without it made the GPU write past it).
+TEST(OpStreamSplitK, KeepsThePartialSlotsItsTilesWrite) {
+  ModelConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_layers = 1;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 1024;
+  c.max_position_embeddings = 4096;
+  scheduler::StepPlan p;
+  p.kv_block_size = 16;
+  for (int i = 0; i < 256; ++i) {
+    scheduler::StepRequest r;
+    r.request_id = i + 1;
+    r.first_position = 19;
+    r.token_ids = {(i * 7 + 3) % 500};
+    for (int b = 0; b < 2; ++b) r.block_table.push_back(2 * i + b);
+    r.sample = false;
+    p.requests.push_back(r);
+  }
+  ScheduleBuilder builder(c, gpu_tile_config(132), 1);
+  auto full = builder.build(p, 1024);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_GT(full->k_splits, 1);
+  for (const isa::Opcode op : {isa::Opcode::kOProj, isa::Opcode::kDownProj}) {
+    const Step s = op_stream(*full, op);
+    EXPECT_EQ(partial_slots_of(s), partial_slots_of(*full)) << isa::opcode_name(op);
+    int split = 0;
+    for (const isa::Instruction& inst : s.ranks[0].instructions) {
+      const auto a = isa::args_of<isa::HiddenTileArgs>(inst);
+      EXPECT_LT(a.partial_slot, partial_slots_of(s));
+      split += a.partial_slot >= 0;
+    }
+    EXPECT_GT(split, 0) << isa::opcode_name(op);
+  }
 }
 
 }  // namespace

@@ -62,6 +62,9 @@ struct KernelVariant {
   bool attention_cuda_cores = false;
   bool wgmma = false;  // with tensor_cores: wgmma (bf16 activations), else mma.sync (hi + lo)
   bool wgmma_shallow = false;  // with wgmma: the shallow pipeline for every op
+  // CUDA-core projections load weights into registers (tile_matvec), not by bulk copies
+  // (tile_matvec_bulk); the CUDA-core attention variant takes it, so both cores are checked.
+  bool matvec_registers = false;
   const char* name() const {
     if (attention_cuda_cores) return "cuda-core-attention";
     if (!tensor_cores) return "cuda-cores";
@@ -73,7 +76,7 @@ constexpr KernelVariant kVariants[] = {{false, false, false},
                                        {true, false, false},
                                        {true, false, true},
                                        {true, false, true, true},
-                                       {false, true, false}};
+                                       {false, true, false, false, true}};
 
 // `tiles`: the GPU's tile shapes (default gpu_tile_config(132 / tp) with c.kv_split_tokens);
 // `num_sms`: the GPU's CTAs per rank (0: the SMs shared out over the ranks). `tp` > 1: the
@@ -134,6 +137,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.wgmma = variant.wgmma;
   gpu_opts.wgmma_shallow = variant.wgmma_shallow;
+  gpu_opts.matvec_registers = variant.matvec_registers;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
   gpu_opts.tensor_parallel = tp;
   gpu_opts.tp_ranks_on_one_gpu = tp > 1;

@@ -482,6 +482,7 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
 
   TileConfig fixed = tiles;
   fixed.balance_columns = false;
+  fixed.max_k_splits = 1;  // else O and down, 16 wide tiles on 132 SMs, split K instead
   const Step plain = build(fixed, 1);
   // The config's own widths.
   EXPECT_EQ(column_tiles(plain, Opcode::kOProj, 4096, 1).count, 4096 / tiles.hidden_cols);
@@ -489,10 +490,13 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   EXPECT_EQ(column_tiles(plain, Opcode::kLmHead, 128256, 1).count, 126);
   EXPECT_FALSE(cpu_tile_config(132).balance_columns);
 
-  // 256 requests are two row tiles of 128: 64 columns make one round of 128 tiles (32 would
-  // make two rounds of the same columns per SM; ties go to the wider).
+  // 256 requests are two row tiles of 128: without split-K (which takes O and down there:
+  // split_k_test.cc), 64 columns make one round of 128 tiles (32 would make two rounds of the
+  // same columns per SM; ties go to the wider).
   ASSERT_EQ(tiles.token_rows, 128);
-  const Step batch256 = build(tiles, 256);
+  TileConfig unsplit = tiles;
+  unsplit.max_k_splits = 1;
+  const Step batch256 = build(unsplit, 256);
   const ColumnTiles o256 = column_tiles(batch256, Opcode::kOProj, 4096, 2);
   EXPECT_EQ(o256.count, 2 * 64);
   EXPECT_THAT(o256.widths, ::testing::ElementsAre(64));
