@@ -3,10 +3,12 @@
 same table; with --ours CSV (written by gemm_bench --csv) it also prints both side by side with
 the ratio ours / torch in TFLOP/s. --ms M1,M2,... times the four projection shapes at those M
 only, and --rates FILE writes "<shape> <M> <TFLOP/s>" lines (scripts/gpu-suite's peer for
-bench/gpu_projection_bench).
+bench/gpu_projection_bench). --decode-anchor LAYERS prints only the kernel-per-op anchor of a
+batch-1 decode step (issue 12): the four projections' GEMVs (M = 1) of LAYERS layers plus the LM
+head's (128,256 x 4,096), each timed as above, summed; attention and norms left out.
 
 Usage: torch_matmul.py [--ours FILE] [--iters N] [--quick] [--small] [--csv FILE]
-                       [--ms LIST] [--rates FILE]
+                       [--ms LIST] [--rates FILE] [--decode-anchor LAYERS]
 """
 import argparse
 import csv
@@ -15,6 +17,7 @@ import sys
 # Keep in step with the case list in gemm_bench.cu (shape, M, N, K).
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
           ("down", 4096, 14336)]
+LM_HEAD = ("lm_head", 128256, 4096)  # Llama-3.1-8B's vocabulary x hidden
 MS_FULL = [128, 256, 1024, 4096, 8192]
 MS_QUICK = [128, 1024, 8192]
 
@@ -71,6 +74,19 @@ def time_case(torch, m, n, k, iters):
     return ms
 
 
+def decode_anchor(torch, layers, iters):
+    """The kernel-per-op anchor of a batch-1 decode step: one cuBLAS GEMV per projection and
+    layer, then the LM head's, as a server of one kernel per op runs them (launch gaps and
+    attention left out, so it flatters that server)."""
+    per_layer = {name: time_case(torch, 1, n, k, iters) for name, n, k in SHAPES}
+    lm = time_case(torch, 1, LM_HEAD[1], LM_HEAD[2], iters)
+    layer_ms = sum(per_layer.values())
+    parts = " + ".join(f"{name} {ms:.4f}" for name, ms in per_layer.items())
+    print(f"decode_anchor batch 1: {layers} layers x ({parts}) ms + lm_head {lm:.4f} ms = "
+          f"{layers * layer_ms + lm:.3f} ms of cuBLAS GEMVs")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", help="CSV from gemm_bench --csv, to print side by side")
@@ -80,6 +96,8 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--ms", help="comma-separated M values of the projection shapes only")
     ap.add_argument("--rates", help="write '<shape> <M> <TFLOP/s>' lines here")
+    ap.add_argument("--decode-anchor", type=int, metavar="LAYERS",
+                    help="print only the batch-1 decode GEMV sum of LAYERS layers + LM head")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")] if args.ms else None
 
@@ -89,6 +107,8 @@ def main():
         return 2
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{torch.cuda.get_device_name(0)}")
+    if args.decode_anchor:
+        return decode_anchor(torch, args.decode_anchor, max(args.iters, 1))
     # cuBLAS may use reduced-precision reductions for bf16 by default; that is its normal mode
     # and what a server using torch would get, so it is left as is.
 
