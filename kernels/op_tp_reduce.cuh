@@ -44,19 +44,23 @@ struct TpReduceOp {
       constexpr int kBatch = 4;
       const int c4s = cols / 4;
       const int64_t n4 = static_cast<int64_t>(rows) * c4s;
+      const auto at_of = [&](int64_t i) {  // float4 i of the tile: (rows, cols) of [T, H]
+        return static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin + (i % c4s) * 4;
+      };
+      const auto add = [](float4 x, float4 y) {
+        return make_float4(__fadd_rn(x.x, y.x), __fadd_rn(x.y, y.y), __fadd_rn(x.z, y.z),
+                           __fadd_rn(x.w, y.w));
+      };
       for (int64_t base = threadIdx.x; base < n4; base += kBatch * blockDim.x) {
         float4 sum[kBatch], res[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
           if (i >= n4) break;
-          const int64_t at = static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin +
-                             (i % c4s) * 4;  // (rows, cols) of [T, H]
+          const int64_t at = at_of(i);
           sum[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
           for (int k = 0; k < terms; ++k) {  // in order from 0.0f, per element
-            const float4 p = __ldcg(reinterpret_cast<const float4*>(term(k) + at));
-            sum[u] = make_float4(__fadd_rn(sum[u].x, p.x), __fadd_rn(sum[u].y, p.y),
-                                 __fadd_rn(sum[u].z, p.z), __fadd_rn(sum[u].w, p.w));
+            sum[u] = add(sum[u], __ldcg(reinterpret_cast<const float4*>(term(k) + at)));
           }
           if (!a.assign) res[u] = *reinterpret_cast<const float4*>(st.residual + at);
         }
@@ -64,14 +68,8 @@ struct TpReduceOp {
         for (int u = 0; u < kBatch; ++u) {
           const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
           if (i >= n4) break;
-          const int64_t at =
-              static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin + (i % c4s) * 4;
-          float4 v = sum[u];
-          if (!a.assign) {
-            v = make_float4(__fadd_rn(res[u].x, v.x), __fadd_rn(res[u].y, v.y),
-                            __fadd_rn(res[u].z, v.z), __fadd_rn(res[u].w, v.w));
-          }
-          *reinterpret_cast<float4*>(st.residual + at) = v;
+          *reinterpret_cast<float4*>(st.residual + at_of(i)) =
+              a.assign ? sum[u] : add(res[u], sum[u]);
         }
       }
       return;

@@ -4,6 +4,7 @@
 // streams of every projection then gives a normal step the tokens and logprobs of a fresh one.
 #include "bench/op_stream.h"
 
+#include <filesystem>
 #include <memory>
 #include <vector>
 
@@ -129,15 +130,11 @@ TEST_F(OpStreamTest, OpStreamsRunAndLeaveTheBackendAsAFreshOne) {
 // down streams write partial slots, so the stream keeps the step's count of them, by which
 // the backends size the workspace (a stream without it made the GPU write past it).
 TEST(OpStreamSplitK, KeepsThePartialSlotsItsTilesWrite) {
-  ModelConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 14336;
+  absl::StatusOr<ModelConfig> config = load_model_config_file(
+      std::filesystem::path(MEGASERVE_SOURCE_DIR) / "configs/models/llama-3.1-8b.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ModelConfig c = *config;
   c.num_layers = 1;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.vocab_size = 1024;
-  c.max_position_embeddings = 4096;
   scheduler::StepPlan p;
   p.kv_block_size = 16;
   for (int i = 0; i < 256; ++i) {
