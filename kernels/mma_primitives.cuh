@@ -69,6 +69,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                : "memory");
 }
 
+// An 8x8 bf16 matrix held as mma fragments (lane l: row l / 4, columns 2 (l % 4) and +1),
+// transposed in registers: lane l gets row l / 4 of the transpose.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
 // Two floats as bf16x2 (round to nearest even): `lo` in the low half (the smaller k).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   uint32_t r;

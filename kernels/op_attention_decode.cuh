@@ -1,21 +1,143 @@
 // kAttention on tensor cores for decode-shaped instructions: up to 8 requests whose M rows
-// ((query row, q head of the group) pairs, op_attention_mma.cuh) fit one 16-row m-tile each,
-// as one decode step's batched requests do. AttentionMmaPass would run them one pass per
-// request, each starting with an empty copy pipeline and ending with it drained while the
-// key slices merge; here the requests' key stages form one stream through the ring of stage
-// buffers, so the next request's K/V are in flight while a request's slices merge.
+// ((query row, q head of the group) pairs, op_attention_mma.cuh) number at most 8 each, as
+// one decode step's batched requests do (GQA up to 8, one query row). AttentionMmaPass would
+// run them one pass per request, each starting with an empty copy pipeline and ending with
+// it drained while the key slices merge; here the requests' key stages form one stream
+// through the ring of stage buffers, so the next request's K/V are in flight while a
+// request's slices merge.
 //
-// Every request's Q rows are staged at the start (request k in Q rows [16 k, 16 k + 16)).
+// The mma operands are swapped against the pass (keys are the M side): S^T (16 keys x 8 M
+// rows) = K Q^T and O^T (HD x 8 M rows) += V^T P^T, so a decode row of GQA 4 fills half of
+// an n8 tile where the pass's layout fills a quarter of an m16 tile: half the mma
+// instructions and half the output registers to rescale per 16 keys, and Q^T stays in
+// registers for the whole request. P^T comes from the S^T accumulators by movmatrix.
+//
+// Every request's Q rows are staged at the start (request k in Q rows [16 k, 16 k + 16), of
+// which the stream reads the first 8).
 // Stages hold T = 128 keys; warp w takes keys [16 w, 16 w + 16) of each stage (8 key
 // slices). After a request's last stage the warps leave their slice states in that stage's
 // buffer (every warp is past it, and the buffer is refilled only after the next
 // __syncthreads) and (m, l) past the stage buffers, then merge them in slice order, as the
-// pass does: the same numbers, bit for bit, as AttentionMmaPass for the same request.
+// pass does (merge_slices).
 #pragma once
 
 #include "kernels/op_attention_mma.cuh"
 
 namespace megaserve::kernels {
+
+namespace attention_decode {
+
+// M rows of a request in the stream: the n8 side of the swapped mma.
+inline constexpr int kRows = 8;
+
+// Q^T of a request as B fragments of every 16-wide k step (staged Q rows [q_row0,
+// q_row0 + 8); b0 of step kk in qf[kk][0], b1 in qf[kk][1]).
+template <int HD>
+__device__ __forceinline__ void load_q(uint32_t q_addr, int q_row0, uint32_t (&qf)[HD / 16][2]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int p = 0; p < HD / 32; ++p) {  // matrices: chunks 4p .. 4p + 3 of rows 0..7
+    uint32_t r[4];
+    ldmatrix_x4(r, q_addr + attention_mma::swizzled<HD>(q_row0 + (lane & 7), 4 * p + (lane >> 3)) * 2);
+    qf[2 * p][0] = r[0];
+    qf[2 * p][1] = r[1];
+    qf[2 * p + 1][0] = r[2];
+    qf[2 * p + 1][1] = r[3];
+  }
+}
+
+// One warp's online-softmax step over staged keys [c0, c0 + 16) (first key key0) for the
+// request's 8 M rows, with swapped operands. This thread holds keys g8 and g8 + 8 of S^T
+// for M rows (columns) 2 t4 and 2 t4 + 1, whose key ends are col_end; m holds their running
+// maxima (the same in every lane of a column), l this thread's part of their sums, o[dt]
+// O^T rows 16 dt + g8 (o[dt][0..1]) and 16 dt + g8 + 8 (o[dt][2..3]) of those columns.
+template <int HD>
+__device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint32_t k_tile,
+                                         uint32_t v_tile, int c0, int key0,
+                                         const int (&col_end)[2], float (&o)[HD / 16][4],
+                                         float (&m)[2], float (&l)[2]) {
+  using attention_mma::swizzled;
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, mi = lane >> 3;
+  float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  {
+    // K as the A fragment: matrices (keys +0 / +8) x (chunk 2kk / 2kk + 1).
+    const int krow = c0 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, k_tile + swizzled<HD>(krow, 2 * kk + (mi >> 1)) * 2);
+      mma_bf16(sc, a, qf[kk][0], qf[kk][1]);
+    }
+  }
+  // Mask, then the online softmax update of both columns (a column's 16 keys lie in the
+  // 8 lanes of equal t4: reduce over lane ^ 4, ^ 8, ^ 16).
+  float alpha[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    if (key0 + g8 >= col_end[e]) sc[e] = -INFINITY;
+    if (key0 + g8 + 8 >= col_end[e]) sc[e + 2] = -INFINITY;
+    float cmax = fmaxf(sc[e], sc[e + 2]);
+    cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 4));
+    cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 8));
+    cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 16));
+    const float m_new = fmaxf(m[e], cmax);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no keys yet: no NaN
+    alpha[e] = exp2f(m[e] - m_use);
+    sc[e] = exp2f(sc[e] - m_use);
+    sc[e + 2] = exp2f(sc[e + 2] - m_use);
+    l[e] = l[e] * alpha[e] + (sc[e] + sc[e + 2]);
+    m[e] = m_new;
+  }
+#pragma unroll
+  for (int dt = 0; dt < HD / 16; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[1];
+    o[dt][2] *= alpha[0];
+    o[dt][3] *= alpha[1];
+  }
+  // P^T (16 keys x 8 columns) as the B fragment: each 8-key half of the S^T accumulators
+  // (rounded to bf16) transposed.
+  const uint32_t b0 = movmatrix_trans(pack_bf16x2(sc[0], sc[1]));
+  const uint32_t b1 = movmatrix_trans(pack_bf16x2(sc[2], sc[3]));
+  {
+    // V^T as the A fragment (ldmatrix.trans): matrices (chunk 2dt / 2dt + 1) x (keys +0 / +8).
+    const int vrow = c0 + (mi >> 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int dt = 0; dt < HD / 16; ++dt) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, v_tile + swizzled<HD>(vrow, 2 * dt + (mi & 1)) * 2);
+      mma_bf16(o[dt], a, b0, b1);
+    }
+  }
+}
+
+// Leaves warp w's key-slice state in shared memory as store_slice does (merge_slices' layout:
+// m and l at ml[w * 32 + r] and ml[w * 32 + 16 + r], output rows at ow[(w * 16 + r) * HD +
+// d]), from the swapped layout; l must already be summed over the column's lanes. Columns
+// r >= valid are left out.
+template <int HD>
+__device__ __forceinline__ void store_slice(float* ml, float* ow, int w, int valid,
+                                            const float (&o)[HD / 16][4], const float (&m)[2],
+                                            const float (&l)[2]) {
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = 2 * t4 + e;
+    if (r >= valid) continue;
+    if (g8 == 0) {
+      ml[w * 32 + r] = m[e];
+      ml[w * 32 + 16 + r] = l[e];
+    }
+    float* row = ow + (w * 16 + r) * HD + g8;
+#pragma unroll
+    for (int dt = 0; dt < HD / 16; ++dt) {
+      row[16 * dt] = o[dt][e];
+      row[16 * dt + 8] = o[dt][e + 2];
+    }
+  }
+}
+
+}  // namespace attention_decode
 
 template <int HD>
 struct AttentionDecodeStream {
@@ -41,8 +163,8 @@ struct AttentionDecodeStream {
   }
 
   // Runs the instruction and returns true, or returns false (having done nothing, every thread
-  // alike) when it is not decode-shaped: more than kMaxRequests requests, or one with more M
-  // rows than an m-tile.
+  // alike) when it is not decode-shaped: more than kMaxRequests requests, or one with more
+  // than attention_decode::kRows M rows.
   __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx,
                              const engine::isa::AttentionArgs& a) {
     using namespace attention_mma;
@@ -57,7 +179,7 @@ struct AttentionDecodeStream {
     const int K = st.kv_split_tokens, bs = st.kv_block_size;
     const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = bs, .head_dim = HD};
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g8 = lane >> 2;
+    const int t4 = lane & 3;
 
     const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ctx.smem));
     const uint32_t stage_addr = q_addr + kQBytes;
@@ -83,7 +205,7 @@ struct AttentionDecodeStream {
       r.stages = max(1, (r.key_end - r.key_begin + kT - 1) / kT);
       r.pad = 0;
       table[threadIdx.x] = r;
-      too_big = r.mrows > 16;
+      too_big = r.mrows > attention_decode::kRows;
     }
     if (__syncthreads_or(too_big)) return false;
 
@@ -101,7 +223,7 @@ struct AttentionDecodeStream {
       return st.block_indices + st.block_indptr[a.request_begin + k];
     };
     const auto fetch = [&](Cursor c) {
-      if (c.k >= nreq) return RowBlocks{-1, -1};
+      if (c.k >= nreq) return RowBlocks{-1, -1, 0, 0};
       const Request& r = table[c.k];
       return row_blocks(blocks_of(c.k), r.key_begin + c.s * kT + first_row, kRowsPerThread,
                         r.key_end, bs);
@@ -156,17 +278,19 @@ struct AttentionDecodeStream {
       }
     }
 
-    // This warp's slice state of the current request (reset after each merge).
-    float o[HD / 8][4];
+    // This warp's slice state of the current request (reset after each merge), in the
+    // swapped layout (attention_decode::attend16), and the request's Q^T fragments.
+    float o[HD / 16][4];
     float m[2], l[2];
+    uint32_t qf[HD / 16][2];
     const auto reset = [&] {
 #pragma unroll
-      for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+      for (int dt = 0; dt < HD / 16; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
       m[0] = m[1] = -INFINITY;
       l[0] = l[1] = 0.0f;
     };
     reset();
-    int row_end[2];
+    int col_end[2];
     Cursor at{0, 0};  // the stage computed
     for (int g = 0; g < total; ++g) {
       if (buffers == 3) {
@@ -185,15 +309,16 @@ struct AttentionDecodeStream {
       next_blocks = fetch(in);  // in flight while stage g computes
 
       const Request& r = table[at.k];
-      if (at.s == 0) {  // a new request: this thread's rows' key ends
+      if (at.s == 0) {  // a new request: its Q^T and this thread's columns' key ends
+        attention_decode::load_q<HD>(q_addr, at.k * 16, qf);
 #pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          const int rl = g8 + 8 * x;
+        for (int e = 0; e < 2; ++e) {
+          const int rl = 2 * t4 + e;
           if (rl < r.mrows) {
             const int end = st.positions[r.row0 + r.q0 + rl / group] + 1;
-            row_end[x] = a.split < 0 ? end : min(end, (a.split + 1) * K);
+            col_end[e] = a.split < 0 ? end : min(end, (a.split + 1) * K);
           } else {
-            row_end[x] = r.key_begin;
+            col_end[e] = r.key_begin;
           }
         }
       }
@@ -201,19 +326,19 @@ struct AttentionDecodeStream {
       const uint32_t v_tile = k_tile + kT * HD * 2;
       const int key0 = r.key_begin + at.s * kT + warp * 16;
       if (key0 < r.key_end) {
-        attention_mma::attend16<HD>(q_addr, at.k * 16, k_tile, v_tile, warp * 16, key0, row_end, o,
-                                    m, l);
+        attention_decode::attend16<HD>(qf, k_tile, v_tile, warp * 16, key0, col_end, o, m, l);
       }
       if (at.s + 1 == r.stages) {  // the request's last stage: merge its slices
 #pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
-          l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+        for (int e = 0; e < 2; ++e) {
+          l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+          l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+          l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
         }
         float* ow =
             reinterpret_cast<float*>(ctx.smem) + (kQBytes + (g % buffers) * kBufferBytes) / 4;
         __syncthreads();  // every warp is done reading this stage's buffer
-        store_slice<HD>(ml, ow, warp, r.mrows, o, m, l);
+        attention_decode::store_slice<HD>(ml, ow, warp, r.mrows, o, m, l);
         __syncthreads();
         const int i = a.request_begin + at.k;
         merge_slices<HD>(ml, ow, 1, kMegakernelWarps, r.mrows,

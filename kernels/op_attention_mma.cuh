@@ -24,6 +24,7 @@
 #pragma once
 
 #include "kernels/device_utils.cuh"
+#include "kernels/kv_rows.h"
 #include "kernels/mma_primitives.cuh"
 #include "kernels/op_context.cuh"
 
@@ -61,42 +62,27 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 // stage rows (a warp's copy instruction still covers whole 256- or 128-byte rows), keys
 // [j0, j0 + rows); keys at or past key_end are zero-filled. The rows span at most two cache
 // blocks where blocks hold >= rows keys (the server's hold 16 to 128): their indices are read
-// a stage ahead (row_blocks), so issuing a stage waits for no load. (Read per row inside the
-// copy loop, each index cost an L2 round trip before its copy.)
-struct RowBlocks {
-  int32_t first, last;  // cache blocks of the first and last valid rows; -1: none valid
-};
-
-__device__ __forceinline__ RowBlocks row_blocks(const int32_t* blocks, int j0, int rows,
-                                                int key_end, int bs) {
-  if (j0 >= key_end) return RowBlocks{-1, -1};
-  return RowBlocks{blocks[j0 / bs], blocks[(min(j0 + rows, key_end) - 1) / bs]};
-}
-
-// Copies the rows above into stage rows [first_row, first_row + rows) of the K and V tiles
-// at k_dst and v_dst (shared addresses); kMaxRows bounds `rows` (unrolled).
+// a stage ahead (row_blocks, kernels/kv_rows.h), so issuing a stage waits for no load. (Read
+// per row inside the copy loop, each index cost an L2 round trip before its copy.) Copies
+// them into stage rows [first_row, first_row + rows) of the K and V tiles at k_dst and v_dst
+// (shared addresses); kMaxRows bounds `rows` (unrolled).
 template <int HD, int kMaxRows>
 __device__ __forceinline__ void copy_rows(uint32_t k_dst, uint32_t v_dst, int first_row, int rows,
                                           int chunk, int j0, int key_end, const int32_t* blocks,
                                           RowBlocks rb, const engine::KvCacheLayout& kv,
                                           int kv_head, const uint16_t* kc, const uint16_t* vc) {
-  const int bs = kv.block_size;
-  const int jl = min(j0 + rows, key_end) - 1;
+  KeyRowWalk walk(blocks, rb, kv, kv_head, j0);
+  kc += chunk * 8;
+  vc += chunk * 8;
 #pragma unroll
   for (int k = 0; k < kMaxRows; ++k) {
     if (k >= rows) break;
-    const int j = j0 + k;
-    const bool valid = j < key_end;
-    int64_t off = 0;
-    if (valid) {
-      const int32_t block = j / bs == j0 / bs   ? rb.first
-                            : j / bs == jl / bs ? rb.last
-                                                : blocks[j / bs];  // blocks of < rows keys
-      off = kv.offset(block, kv_head, j % bs) + chunk * 8;
-    }
+    const bool valid = j0 + k < key_end;
+    const int64_t off = valid ? walk.offset() : 0;
     const uint32_t dst = swizzled<HD>(first_row + k, chunk) * 2;
     cp_async16(k_dst + dst, kc + off, valid ? 16 : 0);
     cp_async16(v_dst + dst, vc + off, valid ? 16 : 0);
+    walk.next();
   }
 }
 

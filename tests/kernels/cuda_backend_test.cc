@@ -390,7 +390,9 @@ INSTANTIATE_TEST_SUITE_P(
 // stages as one stream): eleven requests whose contexts end inside and at the edges of
 // 16-key steps, 128-key stages and KV blocks, from 5 to 700 keys (past the KV split of the
 // second case), prefilled and then decoding four tokens each, so that decode instructions
-// hold 8 and 3 requests; GQA 4 with head dim 128 and GQA 16 (a full m-tile) with 64.
+// hold 8 and 3 requests; GQA 4 with head dim 128 and GQA 8 (a full n8 tile of the stream's
+// swapped mma) with 64; GQA 16 with 64 is past the stream (16 M rows per request) and runs
+// as one pass per request.
 class CudaAttentionDecode : public ::testing::TestWithParam<ModelCase> {};
 
 TEST_P(CudaAttentionDecode, ManyRequestsAgainstTheCpuInterpreter) {
@@ -409,6 +411,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaAttentionDecode,
     ::testing::Values(ModelCase{"decode_gqa4_hd128_bs16", ModelFamily::kLlama, 256, 8, 2, 128, 64,
                                 300, 1, 16, 1024},
+                      ModelCase{"decode_gqa8_hd64_bs64_split512", ModelFamily::kQwen3, 128, 16, 2,
+                                64, 64, 300, 1, 64, 512},
                       ModelCase{"decode_gqa16_hd64_bs64_split512", ModelFamily::kQwen3, 128, 16, 1,
                                 64, 64, 300, 1, 64, 512}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return info.param.name; });
