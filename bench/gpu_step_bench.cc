@@ -174,7 +174,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
     if (mode == 0) std::printf("backend: %s\n", (*b)->describe().c_str());
     StepRunner runner(config, **b);
     uint64_t step_id = 0;
-    for (int batch : {1, 8, 32}) {
+    for (int batch : {1, 8, 32, 64}) {
       const int per_req = (kContext + steps + kBlock) / kBlock;
       std::vector<int32_t> tokens(kContext, 7);
       scheduler::StepPlan plan;
