@@ -40,7 +40,11 @@ struct KeyRowWalk {
 
   MEGASERVE_HOST_DEVICE KeyRowWalk(const int32_t* blocks_, RowBlocks rb_,
                                    const engine::KvCacheLayout& kv_, int kv_head_, int j0)
-      : blocks(blocks_), rb(rb_), kv(kv_), kv_head(kv_head_), at(rb_.first_at),
+      : blocks(blocks_),
+        rb(rb_),
+        kv(kv_),
+        kv_head(kv_head_),
+        at(rb_.first_at),
         slot(j0 - rb_.first_at * kv_.block_size),
         off(kv_.offset(rb_.first < 0 ? 0 : rb_.first, kv_head_, slot)) {}
 

@@ -9,8 +9,8 @@
 // The mma operands are swapped against the pass (keys are the M side): S^T (16 keys x 8 M
 // rows) = K Q^T and O^T (HD x 8 M rows) += V^T P^T, so a decode row of GQA 4 fills half of
 // an n8 tile where the pass's layout fills a quarter of an m16 tile: half the mma
-// instructions and half the output registers to rescale per 16 keys, and Q^T stays in
-// registers for the whole request. P^T comes from the S^T accumulators by movmatrix.
+// instructions and half the output registers to rescale per 16 keys. P^T comes from the S^T
+// accumulators by movmatrix.
 //
 // Every request's Q rows are staged at the start (request k in Q rows [16 k, 16 k + 16), of
 // which the stream reads the first 8).
@@ -38,7 +38,8 @@ __device__ __forceinline__ void load_q(uint32_t q_addr, int q_row0, uint32_t (&q
 #pragma unroll
   for (int p = 0; p < HD / 32; ++p) {  // matrices: chunks 4p .. 4p + 3 of rows 0..7
     uint32_t r[4];
-    ldmatrix_x4(r, q_addr + attention_mma::swizzled<HD>(q_row0 + (lane & 7), 4 * p + (lane >> 3)) * 2);
+    ldmatrix_x4(r,
+                q_addr + attention_mma::swizzled<HD>(q_row0 + (lane & 7), 4 * p + (lane >> 3)) * 2);
     qf[2 * p][0] = r[0];
     qf[2 * p][1] = r[1];
     qf[2 * p + 1][0] = r[2];
@@ -53,9 +54,8 @@ __device__ __forceinline__ void load_q(uint32_t q_addr, int q_row0, uint32_t (&q
 // O^T rows 16 dt + g8 (o[dt][0..1]) and 16 dt + g8 + 8 (o[dt][2..3]) of those columns.
 template <int HD>
 __device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint32_t k_tile,
-                                         uint32_t v_tile, int c0, int key0,
-                                         const int (&col_end)[2], float (&o)[HD / 16][4],
-                                         float (&m)[2], float (&l)[2]) {
+                                         uint32_t v_tile, int c0, int key0, const int (&col_end)[2],
+                                         float (&o)[HD / 16][4], float (&m)[2], float (&l)[2]) {
   using attention_mma::swizzled;
   const int lane = threadIdx.x & 31, g8 = lane >> 2, mi = lane >> 3;
   float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -279,10 +279,9 @@ struct AttentionDecodeStream {
     }
 
     // This warp's slice state of the current request (reset after each merge), in the
-    // swapped layout (attention_decode::attend16), and the request's Q^T fragments.
+    // swapped layout (attention_decode::attend16).
     float o[HD / 16][4];
     float m[2], l[2];
-    uint32_t qf[HD / 16][2];
     const auto reset = [&] {
 #pragma unroll
       for (int dt = 0; dt < HD / 16; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
@@ -309,8 +308,7 @@ struct AttentionDecodeStream {
       next_blocks = fetch(in);  // in flight while stage g computes
 
       const Request& r = table[at.k];
-      if (at.s == 0) {  // a new request: its Q^T and this thread's columns' key ends
-        attention_decode::load_q<HD>(q_addr, at.k * 16, qf);
+      if (at.s == 0) {  // a new request: this thread's columns' key ends
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int rl = 2 * t4 + e;
@@ -326,6 +324,10 @@ struct AttentionDecodeStream {
       const uint32_t v_tile = k_tile + kT * HD * 2;
       const int key0 = r.key_begin + at.s * kT + warp * 16;
       if (key0 < r.key_end) {
+        // The request's Q^T, read again per stage (4 ldmatrix at HD 128: fewer instructions
+        // than the 16 registers' spill reloads when held across stages).
+        uint32_t qf[HD / 16][2];
+        attention_decode::load_q<HD>(q_addr, at.k * 16, qf);
         attention_decode::attend16<HD>(qf, k_tile, v_tile, warp * 16, key0, col_end, o, m, l);
       }
       if (at.s + 1 == r.stages) {  // the request's last stage: merge its slices

@@ -19,8 +19,8 @@ TEST(KvRows, WalkMatchesTheBlockTableForEveryValidRow) {
   int checked = 0;
   for (const int bs : {1, 3, 5, 8, 16, 64, 128}) {
     for (const int head_dim : {64, 128}) {
-      const engine::KvCacheLayout kv{.num_blocks = 64, .kv_heads = 3, .block_size = bs,
-                                     .head_dim = head_dim};
+      const engine::KvCacheLayout kv{
+          .num_blocks = 64, .kv_heads = 3, .block_size = bs, .head_dim = head_dim};
       const int keys = 40 * bs + 7;
       std::vector<int32_t> blocks((keys + bs - 1) / bs);
       std::iota(blocks.begin(), blocks.end(), 0);
