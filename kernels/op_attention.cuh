@@ -43,7 +43,7 @@ struct AttentionOp {
   __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     if ((ctx.step.flags & kStepAttentionCudaCores) == 0 &&
         AttentionMma::takes(ctx.model, ctx.smem_floats)) {
-      if (!AttentionDecode::run(inst, ctx)) AttentionMma::run(inst, ctx);
+      AttentionDecode::run(inst, ctx);
       return bf16_written(ctx.model);
     }
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);

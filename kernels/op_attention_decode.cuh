@@ -366,12 +366,38 @@ struct AttentionDecodeStream {
   }
 };
 
-// The decode stream for the model's head dim (64 or 128, as AttentionMma).
+// kAttention on tensor cores: the whole instruction through the decode stream where it takes
+// it; else each request alone, through the stream where its rows fit (so that such a request,
+// a decode row, computes the same numbers whatever shares its instruction) and as passes
+// (AttentionMma) where they do not. Head dims 64 and 128 (AttentionMma::takes).
 struct AttentionDecode {
-  __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
-    if (ctx.model.head_dim == 64) return AttentionDecodeStream<64>::run(inst, ctx, a);
-    return AttentionDecodeStream<128>::run(inst, ctx, a);
+    if (ctx.model.head_dim == 64) return run_hd<64>(inst, ctx, a);
+    return run_hd<128>(inst, ctx, a);
+  }
+
+ private:
+  template <int HD>
+  __device__ static void run_hd(const engine::isa::Instruction& inst, const OpContext& ctx,
+                                const engine::isa::AttentionArgs& a) {
+    const DeviceStepDesc& st = ctx.step;
+    const int nreq = a.request_end - a.request_begin;
+    engine::isa::AttentionArgs part = a;  // k = -1: the whole instruction; k >= 0: request k
+    for (int k = nreq > 1 ? -1 : 0; k < nreq; ++k) {
+      if (k >= 0 && nreq > 1) {
+        const int i = a.request_begin + k;
+        part.request_begin = i;
+        part.request_end = i + 1;
+        part.query_begin = 0;
+        part.query_end = st.query_start[i + 1] - st.query_start[i];
+      }
+      if (AttentionDecodeStream<HD>::run(inst, ctx, part)) {
+        if (k < 0) return;
+      } else if (k >= 0) {
+        AttentionMma::run_request<HD>(inst, ctx, part);
+      }
+    }
   }
 };
 

@@ -472,28 +472,21 @@ struct AttentionMma {
            static_cast<int64_t>(smem_floats) * 4 >= attention_mma::smem_bytes(md.head_dim, 2);
   }
 
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
-    if (ctx.model.head_dim == 64) return run_hd<64>(inst, ctx);
-    return run_hd<128>(inst, ctx);
-  }
-
- private:
+  // One request's rows [a.query_begin, a.query_end) (a names one request) as passes of up to
+  // kPassRows M rows.
   template <int HD>
-  __device__ static void run_hd(const engine::isa::Instruction& inst, const OpContext& ctx) {
-    const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
+  __device__ static void run_request(const engine::isa::Instruction& inst, const OpContext& ctx,
+                                     const engine::isa::AttentionArgs& a) {
     const DeviceStepDesc& st = ctx.step;
     const int group = ctx.model.q_heads / ctx.model.kv_heads;
-    const bool batch = a.request_end - a.request_begin > 1;
     const int buffers =
         static_cast<int64_t>(ctx.smem_floats) * 4 >= attention_mma::smem_bytes(HD, 3) ? 3 : 2;
-    for (int i = a.request_begin; i < a.request_end; ++i) {
-      const int n = st.query_start[i + 1] - st.query_start[i];
-      const int q0 = batch ? 0 : a.query_begin, q1 = batch ? n : a.query_end;
-      const int rows = (q1 - q0) * group;
-      for (int mb = 0; mb < rows; mb += attention_mma::kPassRows) {
-        AttentionMmaPass<HD>::run(inst, ctx, a, i, n, q0, mb,
-                                  min(attention_mma::kPassRows, rows - mb), buffers);
-      }
+    const int i = a.request_begin;
+    const int n = st.query_start[i + 1] - st.query_start[i];
+    const int rows = (a.query_end - a.query_begin) * group;
+    for (int mb = 0; mb < rows; mb += attention_mma::kPassRows) {
+      AttentionMmaPass<HD>::run(inst, ctx, a, i, n, a.query_begin, mb,
+                                min(attention_mma::kPassRows, rows - mb), buffers);
     }
   }
 };

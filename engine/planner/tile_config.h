@@ -46,7 +46,7 @@ struct TileConfig {
   // num_sms: a long prefill chunk fills the SMs unsplit, and then needs no merge.
   bool kv_split_narrow_only = false;
   int attention_query_rows = 16;     // query rows per single-request attention tile
-  int attention_batch_requests = 8;  // short requests grouped into one attention tile
+  int attention_batch_requests = 8;  // short requests grouped into one attention tile, at most
 
   // Steps of at least norm_stage_tokens tokens (0: never) get a kRmsNorm stage before QKV
   // and one before gate/up in every layer; its tiles hold at most norm_rows token rows, fewer
