@@ -390,7 +390,7 @@ INSTANTIATE_TEST_SUITE_P(
 // stages as one stream): eleven requests whose contexts end inside and at the edges of
 // 16-key steps, 128-key stages and KV blocks, from 5 to 700 keys (past the KV split of the
 // second case), prefilled and then decoding four tokens each, so that decode instructions
-// hold 8 and 3 requests; GQA 4 with head dim 128 and GQA 8 (a full n8 tile of the stream's
+// hold 8 and 3 requests (on 2 CTAs) or one; GQA 4 with head dim 128 and GQA 8 (a full n8 tile of the stream's
 // swapped mma) with 64; GQA 16 with 64 is past the stream (16 M rows per request) and runs
 // as one pass per request.
 class CudaAttentionDecode : public ::testing::TestWithParam<ModelCase> {};
@@ -404,6 +404,9 @@ TEST_P(CudaAttentionDecode, ManyRequestsAgainstTheCpuInterpreter) {
     const int n = contexts[k];
     reqs.push_back({random_tokens(n + 4, c.vocab, 40 + k), {n, 1, 1, 1, 1}, 0});
   }
+  // On 2 CTAs the 11 requests' 22 or 11 decode items share tiles 8 and 3 at a time (the
+  // stream over several requests); on 132, every (request, kv head) has its own tile.
+  run_forced(c, reqs, 5, kVariants[2], gpu_tile_config(2), 2);
   run_forced(c, reqs, 5, kVariants[2]);
 }
 
