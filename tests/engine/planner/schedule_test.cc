@@ -502,6 +502,36 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   EXPECT_THAT(o256.widths, ::testing::ElementsAre(64));
 }
 
+// Short decode requests share an attention tile only as far as every SM keeps one
+// (schedule_tiles.cc): at batch 8 of an 8-kv-head model on 132 SMs, 64 tiles of one request;
+// at 256, tiles of attention_batch_requests (8); on 8 SMs, batch 8 in 8 tiles of 8 requests.
+TEST(ScheduleBuilderTest, AttentionTilesShareRequestsOnlyToFillTheSms) {
+  const ModelConfig c = llama_8b_shape(1);
+  const auto attention_tiles = [&](int num_sms, int batch) {
+    scheduler::StepPlan plan;
+    plan.kv_block_size = 16;
+    for (int i = 0; i < batch; ++i) plan.requests.push_back(request(i + 1, 300, 1, 20 * i, true));
+    ScheduleBuilder builder(c, gpu_tile_config(num_sms), 1);
+    absl::StatusOr<Step> step = builder.build(plan, 20 * batch + 2);
+    EXPECT_TRUE(step.ok()) << step.status();
+    std::vector<int> requests_per_tile;
+    for (const isa::Instruction& inst : step->ranks[0].instructions) {
+      if (inst.opcode() != isa::Opcode::kAttention) continue;
+      const auto a = isa::args_of<isa::AttentionArgs>(inst);
+      EXPECT_LT(a.split, 0);
+      requests_per_tile.push_back(a.request_end - a.request_begin);
+    }
+    return requests_per_tile;
+  };
+  EXPECT_THAT(attention_tiles(132, 8), ::testing::Each(1));
+  EXPECT_EQ(attention_tiles(132, 8).size(), 64u);
+  EXPECT_THAT(attention_tiles(132, 32), ::testing::Each(2));   // 256 items: 2 per tile
+  EXPECT_THAT(attention_tiles(132, 256), ::testing::Each(8));  // capped at 8
+  EXPECT_EQ(attention_tiles(132, 256).size(), 256u);
+  EXPECT_THAT(attention_tiles(8, 8), ::testing::Each(8));
+  EXPECT_EQ(attention_tiles(8, 8).size(), 8u);
+}
+
 // A prefill's projection tiles are dealt so that an SM's next tile of an op usually covers the
 // same rows as its last (row groups that divide the SM count): the kernels then reuse the
 // activations and row scales they staged (kernels/act_cache.h). At 132 SMs QKV's groups of 16
