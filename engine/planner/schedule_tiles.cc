@@ -304,12 +304,12 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
   // Short unsplit requests share a tile, up to attention_batch_requests, but only as many as
   // keep every SM busy: at a decode batch of 8 one tile per (request, kv head), not per kv
   // head (8 SMs streaming 8 requests' keys each while the rest wait).
-  int batchable = 0;
-  for (int i = 0; i < meta_.num_requests; ++i) {
+  const auto batchable = [&](int i) {  // short and unsplit: may share a tile
     const int n = meta_.query_start[i + 1] - meta_.query_start[i];
-    if (meta_.num_splits[i] == 0 && n <= tiles_.attention_query_rows) ++batchable;
-  }
-  const int64_t batch_items = static_cast<int64_t>(batchable) * sh.kv_heads;
+    return meta_.num_splits[i] == 0 && n <= tiles_.attention_query_rows;
+  };
+  int64_t batch_items = 0;
+  for (int i = 0; i < meta_.num_requests; ++i) batch_items += batchable(i) ? sh.kv_heads : 0;
   const int per_tile = static_cast<int>(std::clamp<int64_t>(
       (batch_items + tiles_.num_sms - 1) / tiles_.num_sms, 1, tiles_.attention_batch_requests));
   const size_t first_tile = out.size();
@@ -340,7 +340,7 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
     for (int i = 0; i < meta_.num_requests; ++i) {
       const int n = meta_.query_start[i + 1] - meta_.query_start[i];
       const int splits = meta_.num_splits[i];
-      if (splits == 0 && n <= tiles_.attention_query_rows) {
+      if (batchable(i)) {
         if (group_begin < 0) group_begin = i;
         if (i + 1 - group_begin >= per_tile) flush(i + 1);
         continue;
