@@ -10,6 +10,13 @@
 namespace megaserve::kernels {
 namespace {
 
+// Hopper's shared memory per block (opt-in), less the CtaState above the dynamic area, must
+// hold the decode stream's three stage buffers at head dim 128: with two, every stage waits a
+// memory latency on an empty copy pipeline (op_attention_decode.cuh).
+inline constexpr size_t kHopperSmemOptin = 227 * 1024;
+static_assert(sizeof(CtaState) + AttentionDecodeStream<128>::smem_bytes(3) <= kHopperSmemOptin,
+              "the decode stream's three stage buffers no longer fit");
+
 // CTA blockIdx.x acts as rank blockIdx.x / ctas_per_rank [TP_PLACEMENT].
 __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
   if (threadIdx.x == 0) {

@@ -12,8 +12,11 @@
 // instructions and half the output registers to rescale per 16 keys. P^T comes from the S^T
 // accumulators by movmatrix.
 //
-// Every request's Q rows are staged at the start (request k in Q rows [16 k, 16 k + 16), of
-// which the stream reads the first 8).
+// Every request's Q rows are staged at the start (request k in Q rows [8 k, 8 k + 8)): 16 KB at
+// head dim 128, not the pass's 32 KB, so that three stage buffers fit beside the controller's
+// static shared memory and two stages stay in flight while one computes. With two buffers a
+// stage's load was issued only when the previous one had landed: each 128-key stage waited a
+// whole memory latency on an empty pipeline (0.58-0.67 of copy bandwidth on an H100).
 // Stages hold T = 128 keys; warp w takes keys [16 w, 16 w + 16) of each stage (8 key
 // slices). After a request's last stage the warps leave their slice states in that stage's
 // buffer (every warp is past it, and the buffer is refilled only after the next
@@ -147,8 +150,10 @@ struct AttentionDecodeStream {
   static constexpr int kRowStep = kMegakernelThreads / kChunks;
   static constexpr int kRowsPerThread = kT / kRowStep;
   static constexpr int kBufferBytes = attention_mma::buffer_bytes(HD);
-  static constexpr int kQBytes = attention_mma::q_bytes(HD);
+  static constexpr int kQBytes = kMaxRequests * attention_decode::kRows * HD * 2;
   static_assert(kT / kMegakernelWarps == 16, "one 16-key slice per warp and stage");
+  static_assert(kMaxRequests * attention_decode::kRows * kChunks % kMegakernelThreads == 0,
+                "Q staging in whole rounds of the CTA");
 
   // Per request: first row in the step, rows in the step, first query row, M rows, keys
   // [key_begin, key_end), stages.
@@ -159,7 +164,7 @@ struct AttentionDecodeStream {
   static constexpr int kTailBytes = kMaxRequests * sizeof(Request) + kMegakernelWarps * 32 * 4;
 
   __host__ __device__ static constexpr int smem_bytes(int buffers) {
-    return attention_mma::smem_bytes(HD, buffers) + kTailBytes;
+    return kQBytes + buffers * kBufferBytes + kTailBytes;
   }
 
   // Runs the instruction and returns true, or returns false (having done nothing, every thread
@@ -257,12 +262,13 @@ struct AttentionDecodeStream {
     // Every request's Q as bf16, scaled by log2 e / sqrt(hd); rows of no request are zeros.
     {
       const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
-      constexpr int kQIters = kPassRows * kChunks / kMegakernelThreads;
+      constexpr int kRows = attention_decode::kRows;
+      constexpr int kQIters = kMaxRequests * kRows * kChunks / kMegakernelThreads;
 #pragma unroll 2
       for (int it = 0; it < kQIters; ++it) {
         const int c = threadIdx.x + it * kMegakernelThreads;
         const int row = c / kChunks, qc = c % kChunks;
-        const int k = row / 16, rl = row % 16;
+        const int k = row / kRows, rl = row % kRows;
         float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
         if (k < nreq && rl < table[k].mrows) {
           const Request& r = table[k];
@@ -327,7 +333,7 @@ struct AttentionDecodeStream {
         // The request's Q^T, read again per stage (4 ldmatrix at HD 128: fewer instructions
         // than the 16 registers' spill reloads when held across stages).
         uint32_t qf[HD / 16][2];
-        attention_decode::load_q<HD>(q_addr, at.k * 16, qf);
+        attention_decode::load_q<HD>(q_addr, at.k * attention_decode::kRows, qf);
         attention_decode::attend16<HD>(qf, k_tile, v_tile, warp * 16, key0, col_end, o, m, l);
       }
       if (at.s + 1 == r.stages) {  // the request's last stage: merge its slices
