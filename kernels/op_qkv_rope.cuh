@@ -4,6 +4,14 @@
 // per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
 // position * inv_freq[i]); q heads to the q buffer (fp32), k and v heads into the paged
 // bf16 cache at each token's position.
+//
+// Without q/k norm (Llama, Qwen2) a tile is a two-matrix projection, as gate/up is: matrix 0
+// the first halves of its heads' rows, matrix 1 the second halves, so column c hands its emit
+// both dims of a RoPE pair (i, i + hd/2) and the rotation, bias and stores happen as the
+// outputs leave the accumulators. No staged heads: the projection keeps the whole core's
+// shared memory and takes 128-row wgmma passes (a 64-row tile of two heads staged 64 KB of
+// fp32 heads, and every 64 rows streamed the weights again). With q/k norm (Qwen3) a head's
+// norm needs all of its dims: its heads are staged in shared memory, then normed and rotated.
 #pragma once
 
 #include "kernels/device_utils.cuh"
@@ -18,6 +26,115 @@ struct QkvRopeOp {
   // True: a wgmma pass is set up for the entry function to run, then call again
   // [WGMMA_WALK].
   __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const DeviceLayer& w = ctx.model.layers[inst.layer()];
+    if (w.q_norm == nullptr && w.k_norm == nullptr) return run_pairs(inst, ctx);
+    return run_heads(inst, ctx);
+  }
+
+ private:
+  // Fused head fh -> kind (0 q, 1 k, 2 v) and the head's index within its kind.
+  __device__ static int kind_of(int fh, int hq, int hkv) {
+    return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
+  }
+  __device__ static int head_of(int fh, int kind, int hq, int hkv) {
+    return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+  }
+
+  // Without q/k norm: columns are RoPE pairs, pair c of the tile = pair pb + c % np of fused
+  // head head_begin + c / np; v[0] is its dim pb + c % np, v[1] that dim + hd/2.
+  __device__ static bool run_pairs(const engine::isa::Instruction& inst, const OpContext& ctx) {
+    const auto a = engine::isa::args_of<engine::isa::QkvRopeArgs>(inst);
+    const DeviceModel& md = ctx.model;
+    const DeviceStepDesc& st = ctx.step;
+    const DeviceLayer& w = md.layers[inst.layer()];
+    const int H = md.hidden, hd = md.head_dim, half = hd / 2;
+    const int hq = md.q_heads, hkv = md.kv_heads;
+    const bool split = a.pair_end > 0;
+    const int np = split ? a.pair_end - a.pair_begin : half;  // pairs per head in the tile
+    const int pb = split ? a.pair_begin : 0;
+    const int ncols = (a.head_end - a.head_begin) * np;
+    float* scale = ctx.smem;                          // (kProjectionScaleFloats)
+    float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
+    const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
+    // A group of 16 pairs stays inside one half of one head when np is a multiple of 16.
+    const bool maps_ok = md.weight_maps != nullptr && np % kWgmmaGroupRows == 0;
+    const CUtensorMap* layer_maps =
+        md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
+    // Weight row (within its matrix) of matrix m's column c.
+    const auto weight_row = [=, head_begin = a.head_begin](int m, int c, int* kind) {
+      const int fh = head_begin + c / np;
+      *kind = kind_of(fh, hq, hkv);
+      return head_of(fh, *kind, hq, hkv) * hd + m * half + pb + c % np;
+    };
+    const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
+    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = st.kv_block_size, .head_dim = hd};
+    PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
+    for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
+      const int n = min(kProjectionScaleRows, a.row_end - r0);
+      const auto row = [&](int r) { return st.residual + static_cast<int64_t>(r0 + r) * H; };
+      const Walk step = project<2>(
+          walk, st.flags,
+          ProjectionInput{n, ncols, H, scale, w.attn_norm, act_cache_tag(kOpcode, inst.layer()), r0,
+                          a.normed != 0 ? md.norm_act_map : nullptr, md.norm_act_rows},
+          reinterpret_cast<char*>(core), core_bytes,
+          [&] {
+            cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), r0, n, H,
+                           md.rms_norm_eps, row, scale);
+          },
+          row,
+          [&](int m, int c) {
+            int kind;
+            const int wr = weight_row(m, c, &kind);
+            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+            return W + static_cast<int64_t>(wr) * H;
+          },
+          [=](int m, int c) {
+            if (!maps_ok) return WeightGroup{nullptr, 0};
+            int kind;
+            const int wr = weight_row(m, c, &kind);
+            return WeightGroup{layer_maps + kind, wr};
+          },
+          [&](int c, int r, const float* v) {
+            int kind;
+            const int d = weight_row(0, c, &kind) % hd;  // dim of v[0]; v[1] is at d + half
+            const int h = head_of(a.head_begin + c / np, kind, hq, hkv);
+            float x1 = v[0], x2 = v[1];
+            const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+            if (bias != nullptr) {
+              x1 += weight_at(bias, h * hd + d);
+              x2 += weight_at(bias, h * hd + d + half);
+            }
+            const int t = r0 + r;
+            const int pos = st.positions[t];
+            if (kind < 2) {
+              const float angle = static_cast<float>(pos) * md.inv_freq[d];
+              const float cs = cosf(angle), sn = sinf(angle);
+              const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+              x1 = y1;
+              x2 = y2;
+            }
+            if (kind == 0) {
+              float* out = st.q + (static_cast<int64_t>(t) * hq + h) * hd;
+              out[d] = x1;
+              out[d + half] = x2;
+            } else {
+              const int req = st.token_request[t];
+              const int32_t block = st.block_indices[st.block_indptr[req] + pos / kv.block_size];
+              uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) + layer_offset +
+                                kv.offset(block, h, pos % kv.block_size);
+              cache[d] = float_to_bf16_bits(x1);
+              cache[d + half] = float_to_bf16_bits(x2);
+            }
+          });
+      if (step == Walk::kYield) return true;
+      if (step == Walk::kPrefetched) return false;
+    }
+    return false;
+  }
+
+  // With q/k norm: heads staged in shared memory (64 rows at a time), then normed, rotated
+  // and stored by a warp per (row, head).
+  __device__ static bool run_heads(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::QkvRopeArgs>(inst);
     const DeviceModel& md = ctx.model;
     const DeviceStepDesc& st = ctx.step;
@@ -39,12 +156,6 @@ struct QkvRopeOp {
     float* core = scale + kProjectionScaleFloats;         // the projection's own
     const int core_bytes =
         (ctx.smem_floats - kProjectionChunkRows * ncols - kProjectionScaleFloats) * 4;
-    // Fused head fh -> (kind 0 q / 1 k / 2 v, head index within its kind). By value: the
-    // weight-group lambda below takes them into the wgmma core.
-    const auto kind_of = [=](int fh) { return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2); };
-    const auto head_of = [=](int fh, int kind) {
-      return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
-    };
     const bool maps_ok = md.weight_maps != nullptr && hd % kWgmmaGroupRows == 0 &&
                          (!split || np % kWgmmaGroupRows == 0);
     const CUtensorMap* layer_maps =
@@ -65,17 +176,17 @@ struct QkvRopeOp {
           row,
           [&](int, int c) {
             const int fh = a.head_begin + c / head_cols;
-            const int kind = kind_of(fh);
+            const int kind = kind_of(fh, hq, hkv);
             const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W + (static_cast<int64_t>(head_of(fh, kind)) * hd + dim_of(c % head_cols)) * H;
+            return W + (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + dim_of(c % head_cols)) * H;
           },
           [=, head_begin = a.head_begin](int, int c) {
             // A group of 16 rows stays inside one head (and one half of a split head) when
             // hd (np) is a multiple of 16.
             if (!maps_ok) return WeightGroup{nullptr, 0};
             const int fh = head_begin + c / head_cols;
-            const int kind = kind_of(fh);
-            return WeightGroup{layer_maps + kind, head_of(fh, kind) * hd + dim_of(c % head_cols)};
+            const int kind = kind_of(fh, hq, hkv);
+            return WeightGroup{layer_maps + kind, head_of(fh, kind, hq, hkv) * hd + dim_of(c % head_cols)};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       if (step == Walk::kYield) return true;
@@ -86,8 +197,8 @@ struct QkvRopeOp {
         const int r = item / nheads, j = item % nheads;
         const int t = r0 + r;
         const int fh = a.head_begin + j;
-        const int kind = kind_of(fh);
-        const int h = head_of(fh, kind);
+        const int kind = kind_of(fh, hq, hkv);
+        const int h = head_of(fh, kind, hq, hkv);
         float* head = heads + r * ncols + j * head_cols;  // (head_cols)
         const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
         if (bias != nullptr) {

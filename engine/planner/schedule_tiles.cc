@@ -166,10 +166,14 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   const int hd = config_.head_dim;
   const int H = config_.hidden_size;
   const int fused = sh.fused_heads();
-  const int row_tiles = (T + tiles_.qkv_rows - 1) / tiles_.qkv_rows;
-  // Never wider than qkv_heads: a QKV tile keeps its heads' rows in shared memory beside the
-  // projection core (kernels/op_qkv_rope.cuh), and 4 heads of 128 (a 2,141-token step of 12
-  // fused heads widened to them) left the core less than its minimum: it raced.
+  // A model with q/k norm keeps its heads' rows in shared memory (qkv_rows at a time), one
+  // without takes them straight from the projection as RoPE pairs (kernels/op_qkv_rope.cuh):
+  // its tiles are token_rows tall, as the other projections' are.
+  const int tile_rows = config_.qk_norm ? tiles_.qkv_rows : tiles_.token_rows;
+  const int row_tiles = (T + tile_rows - 1) / tile_rows;
+  // Never wider than qkv_heads: a QKV tile of a q/k-norm model keeps its heads' rows in shared
+  // memory beside the projection core, and 4 heads of 128 (a 2,141-token step of 12 fused
+  // heads widened to them) left the core less than its minimum: it raced.
   const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles, /*may_widen=*/false);
   // Fewer one-head tiles than SMs (a small step): each head split into `split` ranges of its
   // RoPE pairs, as many as still fit one round of tiles, at least 8 pairs each; not with a
@@ -184,8 +188,8 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   }
   const int pairs = half / split;
   const size_t first = out.size();
-  for (int r0 = 0; r0 < T; r0 += tiles_.qkv_rows) {
-    const int r1 = std::min(T, r0 + tiles_.qkv_rows);
+  for (int r0 = 0; r0 < T; r0 += tile_rows) {
+    const int r1 = std::min(T, r0 + tile_rows);
     for (int h0 = 0; h0 < fused; h0 += heads) {
       const int h1 = std::min(fused, h0 + heads);
       for (int part = 0; part < split; ++part) {
@@ -247,7 +251,7 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
       }
     }
   }
-  group_rows(out, first, row_tiles, tiles_.num_sms, tiles_.qkv_rows * H * kF32,
+  group_rows(out, first, row_tiles, tiles_.num_sms, tile_rows * H * kF32,
              heads * hd * H * 2.0 / split);
 }
 

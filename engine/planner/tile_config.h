@@ -16,7 +16,7 @@ struct TileConfig {
 
   // Matmul tiles: token rows x output columns.
   int token_rows = 16;       // token rows per projection tile
-  int qkv_rows = 16;         // token rows per QKV tile
+  int qkv_rows = 16;         // token rows per QKV tile of a model with q/k norm (else token_rows)
   int qkv_heads = 2;         // fused (q, k or v) heads per QKV tile; a tile holds whole heads
   int hidden_cols = 32;      // hidden columns per O-projection / down / TP-reduce tile
   int ffn_cols = 32;         // FFN columns per gate/up tile
@@ -129,9 +129,10 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   TileConfig c;
   c.num_sms = num_sms;
   // 128 token rows: one wgmma pass of 128 rows x 256 weight rows, twice the work per staged
-  // weight byte of 64 rows (kernels/tile_wgmma.cuh). QKV tiles keep 64, its chunk (its heads
-  // wait in shared memory): at 128 an H100 took 7.1 ms instead of 4.1 for a decode step's QKV
-  // of 256 requests, each tile's two chunks streaming the weights twice.
+  // weight byte of 64 rows (kernels/tile_wgmma.cuh). QKV tiles of a model with q/k norm keep
+  // 64, their chunk (their heads wait in shared memory): at 128 an H100 took 7.1 ms instead of
+  // 4.1 for a decode step's QKV of 256 requests, each tile's two chunks streaming the weights
+  // twice. Without q/k norm QKV takes 128-row passes like the others.
   c.token_rows = 128;
   c.qkv_rows = 64;
   // Wide enough that a wgmma pass uses all of its 256 weight rows (kernels/tile_wgmma.cuh):
