@@ -4,8 +4,10 @@
 // merge instructions) while a decode or a short chunk of a long context is split as before.
 // The choice depends on the request alone. The CPU interpreter gives the same logprobs, to
 // fp32 rounding, whichever way the requests were split, and the verifier proves every step.
-// QKV tiles are never wider than qkv_heads, whatever the step (their heads wait in shared
-// memory beside the projection core).
+// QKV tiles are never wider than qkv_heads, whatever the step (a q/k-norm model's heads wait
+// in shared memory beside the projection core); they are token_rows tall without q/k norm
+// (RoPE pairs straight from the projection) and qkv_rows tall with it.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -163,6 +165,40 @@ TEST(TileShapeTest, QkvTilesAreNeverWiderThanQkvHeads) {
       ++qkv;
     }
     EXPECT_GT(qkv, 0);
+  }
+}
+
+// The rows of a 600-token step's QKV tiles: 128 (token_rows) for Llama, 64 (qkv_rows) for a
+// model with q/k norm, whose heads are staged 64 rows at a time.
+TEST(TileShapeTest, QkvTilesAreTokenRowsTallUnlessTheModelHasQkNorm) {
+  const TileConfig t = tiles(true);
+  ASSERT_NE(t.token_rows, t.qkv_rows);
+  for (const bool qk_norm : {false, true}) {
+    ModelConfig c = small_llama();
+    c.hidden_size = 256;
+    c.num_kv_heads = 2;
+    c.head_dim = 128;
+    c.qk_norm = qk_norm;
+    scheduler::StepPlan p;
+    p.kv_block_size = 16;
+    scheduler::StepRequest r;
+    r.request_id = 1;
+    r.token_ids.assign(600, 7);
+    for (int b = 0; b < (600 + 15) / 16; ++b) r.block_table.push_back(b);
+    p.requests.push_back(r);
+    ScheduleBuilder builder(c, t, 1, {});
+    absl::StatusOr<Step> step = builder.build(p, 4096);
+    ASSERT_TRUE(step.ok()) << step.status();
+    const int want = qk_norm ? t.qkv_rows : t.token_rows;
+    int tallest = 0;
+    for (const isa::Instruction& inst : step->ranks[0].instructions) {
+      if (inst.opcode() != isa::Opcode::kQkvRope) continue;
+      const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+      EXPECT_EQ(a.row_begin % want, 0) << "qk_norm " << qk_norm;
+      EXPECT_LE(a.row_end - a.row_begin, want) << "qk_norm " << qk_norm;
+      tallest = std::max(tallest, a.row_end - a.row_begin);
+    }
+    EXPECT_EQ(tallest, want) << "qk_norm " << qk_norm;
   }
 }
 
