@@ -178,7 +178,9 @@ struct QkvRopeOp {
             const int fh = a.head_begin + c / head_cols;
             const int kind = kind_of(fh, hq, hkv);
             const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W + (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + dim_of(c % head_cols)) * H;
+            return W +
+                   (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + dim_of(c % head_cols)) *
+                       H;
           },
           [=, head_begin = a.head_begin](int, int c) {
             // A group of 16 rows stays inside one head (and one half of a split head) when
@@ -186,7 +188,8 @@ struct QkvRopeOp {
             if (!maps_ok) return WeightGroup{nullptr, 0};
             const int fh = head_begin + c / head_cols;
             const int kind = kind_of(fh, hq, hkv);
-            return WeightGroup{layer_maps + kind, head_of(fh, kind, hq, hkv) * hd + dim_of(c % head_cols)};
+            return WeightGroup{layer_maps + kind,
+                               head_of(fh, kind, hq, hkv) * hd + dim_of(c % head_cols)};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       if (step == Walk::kYield) return true;
