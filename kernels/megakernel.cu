@@ -16,6 +16,9 @@ namespace {
 inline constexpr size_t kHopperSmemOptin = 227 * 1024;
 static_assert(sizeof(CtaState) + AttentionDecodeStream<128>::smem_bytes(3) <= kHopperSmemOptin,
               "the decode stream's three stage buffers no longer fit");
+// The same for the prefill passes (AttentionMmaPass), which have less than 1 KB to spare.
+static_assert(sizeof(CtaState) + attention_mma::smem_bytes(128, 3) <= kHopperSmemOptin,
+              "the attention passes' three stage buffers no longer fit");
 
 // CTA blockIdx.x acts as rank blockIdx.x / ctas_per_rank [TP_PLACEMENT].
 __device__ void load_cta_state(CtaState& cs, const MegakernelParams& p) {
