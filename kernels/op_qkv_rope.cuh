@@ -39,6 +39,12 @@ struct QkvRopeOp {
   __device__ static int head_of(int fh, int kind, int hq, int hkv) {
     return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
   }
+  __device__ static const uint16_t* matrix_of(const DeviceLayer& w, int kind) {
+    return kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
+  }
+  __device__ static const uint16_t* bias_of(const DeviceLayer& w, int kind) {
+    return kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+  }
 
   // Without q/k norm: columns are RoPE pairs, pair c of the tile = pair pb + c % np of fused
   // head head_begin + c / np; v[0] is its dim pb + c % np, v[1] that dim + hd/2.
@@ -85,8 +91,7 @@ struct QkvRopeOp {
           [&](int m, int c) {
             int kind;
             const int wr = weight_row(m, c, &kind);
-            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W + static_cast<int64_t>(wr) * H;
+            return matrix_of(w, kind) + static_cast<int64_t>(wr) * H;
           },
           [=](int m, int c) {
             if (!maps_ok) return WeightGroup{nullptr, 0};
@@ -95,11 +100,12 @@ struct QkvRopeOp {
             return WeightGroup{layer_maps + kind, wr};
           },
           [&](int c, int r, const float* v) {
-            int kind;
-            const int d = weight_row(0, c, &kind) % hd;  // dim of v[0]; v[1] is at d + half
-            const int h = head_of(a.head_begin + c / np, kind, hq, hkv);
+            const int fh = a.head_begin + c / np;
+            const int kind = kind_of(fh, hq, hkv);
+            const int h = head_of(fh, kind, hq, hkv);
+            const int d = pb + c % np;  // the dim of v[0]; v[1] is at d + half
             float x1 = v[0], x2 = v[1];
-            const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+            const uint16_t* bias = bias_of(w, kind);
             if (bias != nullptr) {
               x1 += weight_at(bias, h * hd + d);
               x2 += weight_at(bias, h * hd + d + half);
@@ -177,8 +183,7 @@ struct QkvRopeOp {
           [&](int, int c) {
             const int fh = a.head_begin + c / head_cols;
             const int kind = kind_of(fh, hq, hkv);
-            const uint16_t* W = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
-            return W +
+            return matrix_of(w, kind) +
                    (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + dim_of(c % head_cols)) *
                        H;
           },
@@ -203,7 +208,7 @@ struct QkvRopeOp {
         const int kind = kind_of(fh, hq, hkv);
         const int h = head_of(fh, kind, hq, hkv);
         float* head = heads + r * ncols + j * head_cols;  // (head_cols)
-        const uint16_t* bias = kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+        const uint16_t* bias = bias_of(w, kind);
         if (bias != nullptr) {
           for (int k = lane; k < head_cols; k += 32) head[k] += weight_at(bias, h * hd + dim_of(k));
         }
