@@ -3,12 +3,15 @@
 // weights have TMA maps, in passes that the entry function runs between calls of the op
 // [WGMMA_WALK]; else on mma.sync tensor cores (kernels/tile_mma.cuh) when the step asks for
 // them (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile
-// has more than one token row; else on CUDA cores (fp32 activations staged kMaxMatvecRows rows
-// at a time; weights by bulk copies, kernels/tile_matvec_bulk.cuh, where the rows are aligned
-// and the shared memory holds the ring, else kernels/tile_matvec.cuh). One row is a pure
-// weight stream, which the CUDA-core loop keeps more of in flight: at Llama-3.1-8B batch-1 decode
-// on an H100 its QKV / O / gate-up / down / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against
-// the tensor cores' 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check of 2026-11-22).
+// has more than kMaxMatvecRows token rows; else on CUDA cores (fp32 activations staged
+// kMaxMatvecRows rows at a time, so one pass; weights by bulk copies,
+// kernels/tile_matvec_bulk.cuh, where the rows are aligned and the shared memory holds the ring,
+// else kernels/tile_matvec.cuh). Up to 8 rows a tile is a weight stream, which the CUDA-core loop
+// keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O / gate-up / down
+// / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores' 112 / 21 / 102 / 69 /
+// 444 (bench/RESULTS.md, final check of 2026-11-22); at batch 8 the wgmma passes (a 64-row pass
+// for 8 rows, a CTA barrier per 64-wide k-block of tiles narrowed to 32-64 weight rows) took a
+// decode step 16.1 ms against batch 1's 9.6 and batch 32's 11.1 (2026-12-07).
 #pragma once
 
 #include <stdint.h>
@@ -167,7 +170,7 @@ __device__ __forceinline__ void stage_rows(const ProjectionInput& in, int r0, in
 template <int kMats, typename SrcRow, typename RowOf>
 __device__ bool mma_takes(int32_t step_flags, const ProjectionInput& in, SrcRow src_row,
                           RowOf row_of) {
-  return (step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
+  return (step_flags & kStepTensorCores) != 0 && in.nrows > kMaxMatvecRows &&
          mma_can_take<kMats>(in, src_row, row_of);
 }
 
@@ -257,14 +260,15 @@ enum class Walk {
 
 // The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
 // another core: wgmma with TMA-fed weights when the step asks for it, the weights have maps
-// and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than one token row (one
-// row is a pure weight stream: at Llama-3.1-8B batch-1 decode on an H100 the wgmma core took
-// 32 ms a step, the CUDA cores 17).
+// and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than kMaxMatvecRows token
+// rows (fewer are a weight stream: at Llama-3.1-8B batch-1 decode on an H100 the wgmma core
+// took 32 ms a step, the CUDA cores 17).
 template <int kMaxPassRows, typename SrcRow, typename GroupOf>
 __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int smem_bytes,
                           SrcRow src_row, GroupOf group_of) {
   constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
-  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 || smem_bytes < kWgmmaCoreBytes ||
+  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= kMaxMatvecRows ||
+      smem_bytes < kWgmmaCoreBytes ||
       in.K % 8 != 0 || (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 ||
       group_of(0, 0).map == nullptr) {
     return 0;
