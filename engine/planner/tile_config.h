@@ -164,11 +164,13 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   // down and 1.8 for O per step, floors ~1.3 and ~0.4). 4 splits give 128 tiles of 256
   // columns over a quarter of K each: activations read once per 256 weight rows.
   c.max_k_splits = 4;
-  // A norm stage from 32 tokens: below, the wgmma passes' rows are few and the two stages'
-  // barriers per layer cost more than the conversions they save (batch 1 takes the CUDA
-  // cores, which read fp32 rows). The backend turns it off where nothing reads the stage's
-  // rows (no wgmma, no bf16 rows).
-  c.norm_stage_tokens = 32;
+  // A norm stage from 9 tokens, the first steps whose tiles take the wgmma passes (up to 8
+  // rows take the CUDA cores, which read fp32 rows). Without it an 8B decode step of 8 on an
+  // H100 spent 106 us per QKV tile converting fp32 rows, against 50 us for the same tiles of
+  // 32 rows read as bf16 from the stage (bench/RESULTS.md, 2026-12-07); the threshold was 32,
+  // from a time when the stages' barriers cost more. The backend turns it off where nothing
+  // reads the stage's rows (no wgmma, no bf16 rows).
+  c.norm_stage_tokens = 9;
   // bf16 tensor cores as used (~512 flops per SM-cycle), ~3-4 TB/s over 132 SMs at ~1.8 GHz
   // (~13 bytes per SM-cycle).
   c.flops_per_cycle = 512.0;
