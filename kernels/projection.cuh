@@ -268,9 +268,8 @@ __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int sme
                           SrcRow src_row, GroupOf group_of) {
   constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
   if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= kMaxMatvecRows ||
-      smem_bytes < kWgmmaCoreBytes ||
-      in.K % 8 != 0 || (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 ||
-      group_of(0, 0).map == nullptr) {
+      smem_bytes < kWgmmaCoreBytes || in.K % 8 != 0 ||
+      (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 || group_of(0, 0).map == nullptr) {
     return 0;
   }
   return kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes ? 128 : 64;
