@@ -130,6 +130,11 @@ struct DeviceModel {
   const uint16_t* final_norm;  // [hidden]
   const uint16_t* lm_head;     // [vocab, hidden]
   const float* inv_freq;       // [head_dim / 2], llama3 scaling applied
+  // RoPE's cos and sin of position p, pair i at rope[2 (p * head_dim / 2 + i)] and the float
+  // after, for p < rope_positions: the host's std::cos / std::sin of the float angle
+  // p * inv_freq[i], as the CPU interpreter computes them. Later positions take cosf / sinf.
+  const float* rope;
+  int32_t rope_positions;
   // Per layer [num_kv_blocks, kv_heads, block_size, head_dim] (engine/isa/kv_cache_layout.h),
   // layer l at l * cache_layer_elements.
   uint16_t* k_cache;

@@ -2,8 +2,8 @@
 // fused heads [head_begin, head_end) (q heads, then k heads, then v heads; or onto one head's
 // RoPE pairs [pair_begin, pair_end), dims i and i + hd/2, when pair_end > 0), + bias (Qwen2),
 // per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
-// position * inv_freq[i]); q heads to the q buffer (fp32), k and v heads into the paged
-// bf16 cache at each token's position.
+// position * inv_freq[i], cos and sin from the model's table); q heads to the q buffer (fp32),
+// k and v heads into the paged bf16 cache at each token's position.
 //
 // Without q/k norm (Llama, Qwen2) a tile is a two-matrix projection, as gate/up is: matrix 0
 // the first halves of its heads' rows, matrix 1 the second halves, so column c hands its emit
@@ -44,6 +44,15 @@ struct QkvRopeOp {
   }
   __device__ static const uint16_t* bias_of(const DeviceLayer& w, int kind) {
     return kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
+  }
+  // cos and sin of RoPE pair i's angle at position pos (DeviceModel::rope).
+  __device__ static float2 rope_at(const DeviceModel& md, int pos, int i) {
+    if (pos < md.rope_positions) {
+      const int64_t at = static_cast<int64_t>(pos) * (md.head_dim / 2) + i;
+      return reinterpret_cast<const float2*>(md.rope)[at];
+    }
+    const float angle = static_cast<float>(pos) * md.inv_freq[i];
+    return make_float2(cosf(angle), sinf(angle));
   }
 
   // Without q/k norm: columns are RoPE pairs, pair c of the tile = pair pb + c % np of fused
@@ -113,9 +122,8 @@ struct QkvRopeOp {
             const int t = r0 + r;
             const int pos = st.positions[t];
             if (kind < 2) {
-              const float angle = static_cast<float>(pos) * md.inv_freq[d];
-              const float cs = cosf(angle), sn = sinf(angle);
-              const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+              const float2 cs = rope_at(md, pos, d);
+              const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
               x1 = y1;
               x2 = y2;
             }
@@ -220,8 +228,8 @@ struct QkvRopeOp {
           if (qk_norm != nullptr) warp_rms_norm(head, qk_norm, hd, md.rms_norm_eps, head);
           __syncwarp();
           for (int i = lane; i < np; i += 32) {  // pair i of the tile: dims i and i + np
-            const float angle = static_cast<float>(pos) * md.inv_freq[dim_of(i)];
-            const float c = cosf(angle), s = sinf(angle);
+            const float2 cs = rope_at(md, pos, dim_of(i));
+            const float c = cs.x, s = cs.y;
             const float x1 = head[i], x2 = head[i + np];
             head[i] = x1 * c - x2 * s;
             head[i + np] = x2 * c + x1 * s;

@@ -13,6 +13,9 @@
 namespace megaserve::engine {
 namespace {
 
+// Positions in the RoPE table at most (DeviceModel::rope).
+constexpr int kRopeTablePositions = 131072;
+
 // Rows [r0, r1) x columns [c0, c1) of `t` (a 1-D tensor is one row) as bf16, row-major.
 std::vector<uint16_t> bf16_slice(const Tensor& t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   const int64_t cols = t.shape.size() >= 2 ? t.shape[1] : t.shape[0];
@@ -176,6 +179,19 @@ absl::Status upload_rank_weights(const ModelConfig& config, const ModelWeights& 
   absl::StatusOr<float*> inv = st.upload(inv_freq.data(), inv_freq.size(), "inv_freq");
   if (!inv.ok()) return inv.status();
   m.inv_freq = *inv;
+  // RoPE's cos and sin per (position, pair), computed as the CPU interpreter does
+  // (engine/cpu/cpu_ops_qkv.cc), for the model's positions up to kRopeTablePositions (64 MB
+  // at head dim 128); the QKV op computes later positions itself (kernels/op_qkv_rope.cuh).
+  const int positions = std::clamp(config.max_position_embeddings, 0, kRopeTablePositions);
+  const std::vector<float> rope = rope_cos_sin(config, positions);
+  m.rope = nullptr;
+  m.rope_positions = 0;
+  if (positions > 0) {
+    absl::StatusOr<float*> table = st.upload(rope.data(), rope.size(), "rope table");
+    if (!table.ok()) return table.status();
+    m.rope = *table;
+    m.rope_positions = positions;
+  }
   return absl::OkStatus();
 }
 

@@ -436,4 +436,18 @@ std::vector<float> rope_inv_freq(const ModelConfig& config) {
   return inv_freq;
 }
 
+std::vector<float> rope_cos_sin(const ModelConfig& config, int positions) {
+  const std::vector<float> inv_freq = rope_inv_freq(config);
+  const size_t pairs = inv_freq.size();
+  std::vector<float> table(static_cast<size_t>(std::max(positions, 0)) * pairs * 2);
+  for (size_t p = 0; p < table.size() / (2 * pairs); ++p) {
+    for (size_t i = 0; i < pairs; ++i) {
+      const float angle = static_cast<float>(p) * inv_freq[i];
+      table[(p * pairs + i) * 2] = std::cos(angle);
+      table[(p * pairs + i) * 2 + 1] = std::sin(angle);
+    }
+  }
+  return table;
+}
+
 }  // namespace megaserve::engine

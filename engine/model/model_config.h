@@ -91,4 +91,9 @@ absl::Status apply_generation_config(const std::string& json_text, const std::st
 // theta^(-2i/head_dim), computed in double and rounded once to float.
 std::vector<float> rope_inv_freq(const ModelConfig& config);
 
+// RoPE's cos and sin of positions [0, positions) for every rotary pair: cos at
+// 2 (p * head_dim/2 + i), sin after it, of the float angle p * inv_freq[i] (float product,
+// then std::cos / std::sin of the float), as the CPU interpreter rotates q and k.
+std::vector<float> rope_cos_sin(const ModelConfig& config, int positions);
+
 }  // namespace megaserve::engine

@@ -408,6 +408,28 @@ TEST(RopeInvFreqTest, Llama3ScalingInEachRegime) {
   }
 }
 
+// The table the CUDA backend uploads (DeviceModel::rope): cos then sin of p * inv_freq[i] at
+// 2 (p * head_dim/2 + i); no positions, no table.
+TEST(RopeCosSinTest, EachPositionAndPairInPlace) {
+  ModelConfig config;
+  config.head_dim = 8;
+  config.rope_theta = 10000.0f;  // inv_freq 1, 0.1, 0.01, 0.001
+  const std::vector<float> table = rope_cos_sin(config, 3);
+  ASSERT_EQ(table.size(), 3u * 4 * 2);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(table[2 * i], 1.0f) << i;  // position 0
+    EXPECT_EQ(table[2 * i + 1], 0.0f) << i;
+  }
+  const auto at = [&](int p, int i) { return 2 * (p * 4 + i); };
+  EXPECT_NEAR(table[at(2, 0)], -0.4161468, 1e-6);  // cos 2
+  EXPECT_NEAR(table[at(2, 0) + 1], 0.9092974, 1e-6);
+  EXPECT_NEAR(table[at(2, 1)], 0.9800666, 1e-6);  // cos 0.2
+  EXPECT_NEAR(table[at(2, 1) + 1], 0.1986693, 1e-6);
+  EXPECT_NEAR(table[at(1, 3)], 0.9999995, 1e-6);  // cos 0.001
+  EXPECT_NEAR(table[at(1, 3) + 1], 0.001, 1e-7);
+  EXPECT_TRUE(rope_cos_sin(config, 0).empty());
+}
+
 // Issue 18 item 6: num_hidden_layers 2147483647 was accepted and ended in std::bad_alloc.
 TEST(ModelConfigTest, SizesOutOfRangeAreRefusedNamingFieldAndValue) {
   const auto with = [](const std::string& field, const std::string& value) {
