@@ -1,7 +1,7 @@
 // kQkvRope (engine/cpu/cpu_ops_qkv.cc): RMSNorm(attn_norm) of token rows, projection onto the
-// fused heads [head_begin, head_end) (q heads, then k heads, then v heads; or onto one head's
-// RoPE pairs [pair_begin, pair_end), dims i and i + hd/2, when pair_end > 0), + bias (Qwen2),
-// per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
+// fused heads [head_begin, head_end) (q heads, then k heads, then v heads; or onto a range of
+// their RoPE pairs, dims i and i + hd/2, when pair_end > 0: isa::qkv_pairs_of_head), + bias
+// (Qwen2), per-head RMSNorm (Qwen3), RoPE on q and k (rotate-half pairs (i, i + hd/2), angle
 // position * inv_freq[i], cos and sin from the model's table); q heads to the q buffer (fp32),
 // k and v heads into the paged bf16 cache at each token's position.
 //
@@ -55,8 +55,9 @@ struct QkvRopeOp {
     return make_float2(cosf(angle), sinf(angle));
   }
 
-  // Without q/k norm: columns are RoPE pairs, pair c of the tile = pair pb + c % np of fused
-  // head head_begin + c / np; v[0] is its dim pb + c % np, v[1] that dim + hd/2.
+  // Without q/k norm: columns are RoPE pairs, column c of the tile = flat pair g0 + c of the
+  // fused heads (head g / (hd/2), pair g % (hd/2); isa::qkv_pairs_of_head); v[0] is the
+  // pair's first dim, v[1] that dim + hd/2.
   __device__ static bool run_pairs(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const auto a = engine::isa::args_of<engine::isa::QkvRopeArgs>(inst);
     const DeviceModel& md = ctx.model;
@@ -64,22 +65,22 @@ struct QkvRopeOp {
     const DeviceLayer& w = md.layers[inst.layer()];
     const int H = md.hidden, hd = md.head_dim, half = hd / 2;
     const int hq = md.q_heads, hkv = md.kv_heads;
-    const bool split = a.pair_end > 0;
-    const int np = split ? a.pair_end - a.pair_begin : half;  // pairs per head in the tile
-    const int pb = split ? a.pair_begin : 0;
-    const int ncols = (a.head_end - a.head_begin) * np;
+    const int g0 = a.head_begin * half + (a.pair_end > 0 ? a.pair_begin : 0);
+    const int ncols = engine::isa::qkv_tile_pairs(a, half);
     float* scale = ctx.smem;                          // (kProjectionScaleFloats)
     float* core = ctx.smem + kProjectionScaleFloats;  // the projection's own
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
-    // A group of 16 pairs stays inside one half of one head when np is a multiple of 16.
-    const bool maps_ok = md.weight_maps != nullptr && np % kWgmmaGroupRows == 0;
+    // A group of 16 pairs stays inside one half of one head when the tile's pairs start and
+    // end on multiples of 16 and a head's do too.
+    const bool maps_ok = md.weight_maps != nullptr && g0 % kWgmmaGroupRows == 0 &&
+                         ncols % kWgmmaGroupRows == 0 && half % kWgmmaGroupRows == 0;
     const CUtensorMap* layer_maps =
         md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
     // Weight row (within its matrix) of matrix m's column c.
-    const auto weight_row = [=, head_begin = a.head_begin](int m, int c, int* kind) {
-      const int fh = head_begin + c / np;
+    const auto weight_row = [=](int m, int c, int* kind) {
+      const int fh = (g0 + c) / half;
       *kind = kind_of(fh, hq, hkv);
-      return head_of(fh, *kind, hq, hkv) * hd + m * half + pb + c % np;
+      return head_of(fh, *kind, hq, hkv) * hd + m * half + (g0 + c) % half;
     };
     const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
     const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = st.kv_block_size, .head_dim = hd};
@@ -109,10 +110,10 @@ struct QkvRopeOp {
             return WeightGroup{layer_maps + kind, wr};
           },
           [&](int c, int r, const float* v) {
-            const int fh = a.head_begin + c / np;
+            const int fh = (g0 + c) / half;
             const int kind = kind_of(fh, hq, hkv);
             const int h = head_of(fh, kind, hq, hkv);
-            const int d = pb + c % np;  // the dim of v[0]; v[1] is at d + half
+            const int d = (g0 + c) % half;  // the dim of v[0]; v[1] is at d + half
             float x1 = v[0], x2 = v[1];
             const uint16_t* bias = bias_of(w, kind);
             if (bias != nullptr) {
@@ -155,23 +156,17 @@ struct QkvRopeOp {
     const DeviceLayer& w = md.layers[inst.layer()];
     const int H = md.hidden, hd = md.head_dim, half = hd / 2;
     const int hq = md.q_heads, hkv = md.kv_heads;
+    // Whole heads: the planner never gives a model with q/k norm pair ranges (the norm needs
+    // every dim of the head).
     const int nheads = a.head_end - a.head_begin;
-    // A split tile (one head, pairs [pair_begin, pair_end)): its columns are dims
-    // pair_begin + [0, np), then half + pair_begin + [0, np).
-    const bool split = a.pair_end > 0;
-    const int np = split ? a.pair_end - a.pair_begin : half;  // RoPE pairs per head
-    const int head_cols = 2 * np;                             // a head's columns in the tile
-    const int ncols = nheads * head_cols;
-    const int pb = split ? a.pair_begin : 0, gap = half - np;
-    const auto dim_of = [=](int k) { return pb + k + (k >= np ? gap : 0); };  // k < head_cols
+    const int ncols = nheads * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* heads = ctx.smem;                              // (kProjectionChunkRows, ncols)
     float* scale = heads + kProjectionChunkRows * ncols;  // (kProjectionScaleFloats)
     float* core = scale + kProjectionScaleFloats;         // the projection's own
     const int core_bytes =
         (ctx.smem_floats - kProjectionChunkRows * ncols - kProjectionScaleFloats) * 4;
-    const bool maps_ok = md.weight_maps != nullptr && hd % kWgmmaGroupRows == 0 &&
-                         (!split || np % kWgmmaGroupRows == 0);
+    const bool maps_ok = md.weight_maps != nullptr && hd % kWgmmaGroupRows == 0;
     const CUtensorMap* layer_maps =
         md.weight_maps == nullptr ? nullptr : md.weight_maps + inst.layer() * kLayerMatrices;
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
@@ -189,20 +184,17 @@ struct QkvRopeOp {
           },
           row,
           [&](int, int c) {
-            const int fh = a.head_begin + c / head_cols;
+            const int fh = a.head_begin + c / hd;
             const int kind = kind_of(fh, hq, hkv);
             return matrix_of(w, kind) +
-                   (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + dim_of(c % head_cols)) *
-                       H;
+                   (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + c % hd) * H;
           },
           [=, head_begin = a.head_begin](int, int c) {
-            // A group of 16 rows stays inside one head (and one half of a split head) when
-            // hd (np) is a multiple of 16.
+            // A group of 16 rows stays inside one head when hd is a multiple of 16.
             if (!maps_ok) return WeightGroup{nullptr, 0};
-            const int fh = head_begin + c / head_cols;
+            const int fh = head_begin + c / hd;
             const int kind = kind_of(fh, hq, hkv);
-            return WeightGroup{layer_maps + kind,
-                               head_of(fh, kind, hq, hkv) * hd + dim_of(c % head_cols)};
+            return WeightGroup{layer_maps + kind, head_of(fh, kind, hq, hkv) * hd + c % hd};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       if (step == Walk::kYield) return true;
@@ -215,30 +207,29 @@ struct QkvRopeOp {
         const int fh = a.head_begin + j;
         const int kind = kind_of(fh, hq, hkv);
         const int h = head_of(fh, kind, hq, hkv);
-        float* head = heads + r * ncols + j * head_cols;  // (head_cols)
+        float* head = heads + r * ncols + j * hd;  // (hd)
         const uint16_t* bias = bias_of(w, kind);
         if (bias != nullptr) {
-          for (int k = lane; k < head_cols; k += 32) head[k] += weight_at(bias, h * hd + dim_of(k));
+          for (int k = lane; k < hd; k += 32) head[k] += weight_at(bias, h * hd + k);
         }
         __syncwarp();
         const int pos = st.positions[t];
         if (kind < 2) {
           const uint16_t* qk_norm = kind == 0 ? w.q_norm : w.k_norm;
-          // (The planner never splits a head that has a q/k norm.)
           if (qk_norm != nullptr) warp_rms_norm(head, qk_norm, hd, md.rms_norm_eps, head);
           __syncwarp();
-          for (int i = lane; i < np; i += 32) {  // pair i of the tile: dims i and i + np
-            const float2 cs = rope_at(md, pos, dim_of(i));
+          for (int i = lane; i < half; i += 32) {  // pair i: dims i and i + half
+            const float2 cs = rope_at(md, pos, i);
             const float c = cs.x, s = cs.y;
-            const float x1 = head[i], x2 = head[i + np];
+            const float x1 = head[i], x2 = head[i + half];
             head[i] = x1 * c - x2 * s;
-            head[i + np] = x2 * c + x1 * s;
+            head[i + half] = x2 * c + x1 * s;
           }
           __syncwarp();
         }
         if (kind == 0) {
           float* out = st.q + (static_cast<int64_t>(t) * hq + h) * hd;
-          for (int k = lane; k < head_cols; k += 32) out[dim_of(k)] = head[k];
+          for (int k = lane; k < hd; k += 32) out[k] = head[k];
         } else {
           const int req = st.token_request[t];
           const engine::KvCacheLayout kv{
@@ -247,9 +238,7 @@ struct QkvRopeOp {
           uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) +
                             inst.layer() * md.cache_layer_elements +
                             kv.offset(block, h, pos % kv.block_size);
-          for (int k = lane; k < head_cols; k += 32) {
-            cache[dim_of(k)] = float_to_bf16_bits(head[k]);
-          }
+          for (int k = lane; k < hd; k += 32) cache[k] = float_to_bf16_bits(head[k]);
         }
       }
       __syncthreads();

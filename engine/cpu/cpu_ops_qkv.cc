@@ -1,7 +1,7 @@
-// kQkvRope: RMSNorm of token rows, q/k/v projection of whole fused heads (or of one head's
-// RoPE pairs [pair_begin, pair_end): dims i and i + head_dim/2), bias (Qwen2), per-head
-// RMSNorm (Qwen3, whole heads only), RoPE (rotate-half pairs (i, i + head_dim/2)) on q and k,
-// then q to the q buffer and k/v into the paged cache at each token's position.
+// kQkvRope: RMSNorm of token rows, q/k/v projection of whole fused heads (or of a range of
+// their RoPE pairs, isa::qkv_pairs_of_head; pair i: dims i and i + head_dim/2), bias (Qwen2),
+// per-head RMSNorm (Qwen3, whole heads only), RoPE (rotate-half pairs) on q and k, then q to
+// the q buffer and k/v into the paged cache at each token's position.
 #include <cmath>
 #include <vector>
 
@@ -17,17 +17,18 @@ void op_qkv_rope(const isa::Instruction& inst, int rank, const OpContext& ctx) {
   const LayerView& w = st.weights.layers[inst.layer()];
   const int H = cfg.hidden_size, hd = cfg.head_dim, half = hd / 2;
   const int hq = st.shard.q_heads, hkv = st.shard.kv_heads;
-  const int p0 = a.pair_end > 0 ? a.pair_begin : 0, p1 = a.pair_end > 0 ? a.pair_end : half;
-  const auto in_tile = [&](int d) {
-    const int i = d < half ? d : d - half;
-    return i >= p0 && i < p1;
-  };
   std::vector<float> normed(H), head(hd);
   for (int t = a.row_begin; t < a.row_end; ++t) {
     normed_input(ctx, st.ws.residual.data() + static_cast<int64_t>(t) * H, w.attn_norm, H,
                  normed.data());  // (H)
     const int pos = m.positions[t];
     for (int fh = a.head_begin; fh < a.head_end; ++fh) {
+      int p0, p1;
+      isa::qkv_pairs_of_head(a, fh, half, &p0, &p1);
+      const auto in_tile = [&](int d) {
+        const int i = d < half ? d : d - half;
+        return i >= p0 && i < p1;
+      };
       const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);  // q, k, v
       const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
       const WeightView& proj = kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);

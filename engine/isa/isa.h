@@ -197,13 +197,29 @@ struct EmbeddingArgs {
 struct QkvRopeArgs {
   int32_t row_begin, row_end;
   int32_t head_begin, head_end;  // fused local heads: [0,hq) q, [hq,hq+hkv) k, then v
-  // pair_end > 0: one head (head_end == head_begin + 1), only its RoPE pairs
-  // [pair_begin, pair_end), i.e. dims [pair_begin, pair_end) and the same + head_dim / 2
-  // (never with a per-head q/k norm, which needs the whole head). 0, 0: whole heads.
+  // pair_end > 0: a range of RoPE pairs over the heads, from pair pair_begin of head
+  // head_begin to pair pair_end - 1 of head head_end - 1 (qkv_pairs_of_head); pair i of a head
+  // is its dims i and i + head_dim / 2. Never with a per-head q/k norm, which needs the whole
+  // head. 0, 0: whole heads.
   int32_t pair_begin, pair_end;
   int32_t normed;  // 1: a kRmsNorm stage wrote these rows' normalized rows before this tile
   int32_t unused[5];
 };
+
+// The RoPE pairs [*p0, *p1) of fused head fh (in [head_begin, head_end)) that a QKV tile
+// covers; `half` = head_dim / 2.
+MEGASERVE_ISA_HD inline void qkv_pairs_of_head(const QkvRopeArgs& a, int fh, int half, int* p0,
+                                               int* p1) {
+  const bool range = a.pair_end > 0;
+  *p0 = range && fh == a.head_begin ? a.pair_begin : 0;
+  *p1 = range && fh == a.head_end - 1 ? a.pair_end : half;
+}
+
+// The RoPE pairs a QKV tile covers, over all its heads: its output columns are twice as many.
+MEGASERVE_ISA_HD inline int qkv_tile_pairs(const QkvRopeArgs& a, int half) {
+  const int whole = (a.head_end - a.head_begin) * half;
+  return a.pair_end > 0 ? whole - a.pair_begin - (half - a.pair_end) : whole;
+}
 
 struct AttentionArgs {
   int32_t kv_head;                     // local kv head; covers its whole q head group

@@ -30,8 +30,7 @@ InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& 
     }
     case Opcode::kQkvRope: {
       const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
-      const double cols = a.pair_end > 0 ? 2.0 * (a.pair_end - a.pair_begin)
-                                         : static_cast<double>(a.head_end - a.head_begin) * hd;
+      const double cols = 2.0 * isa::qkv_tile_pairs(a, hd / 2);
       return op_cost::projection(a.row_end - a.row_begin, cols, H);
     }
     case Opcode::kAttention: {

@@ -175,84 +175,89 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   // memory beside the projection core, and 4 heads of 128 (a 2,141-token step of 12 fused
   // heads widened to them) left the core less than its minimum: it raced.
   const int heads = column_width(fused, tiles_.qkv_heads, 1, row_tiles, /*may_widen=*/false);
-  // Fewer one-head tiles than SMs (a small step): each head split into `split` ranges of its
-  // RoPE pairs, as many as still fit one round of tiles, at least 8 pairs each; not with a
-  // per-head q/k norm (it needs the whole head).
+  // Fewer one-head tiles than SMs (a small step, no q/k norm, which needs whole heads): ranges
+  // of RoPE pairs over the fused heads (isa::qkv_pairs_of_head), the fewest pairs each that
+  // still fit one round of tiles, in multiples of 16 pairs where the tiles take wgmma passes
+  // (a 16-row weight group stays in one half of one head) and of 8 where they take the CUDA
+  // cores (a warp per pair: the 8 warps get as many). Llama-3.1-8B at batch 1: 128 tiles of
+  // 24 pairs, not 96 of 32 whole-head halves with 36 SMs idle.
   const int half = hd / 2;
-  int split = 1;
-  if (heads == 1 && tiles_.balance_columns && !config_.qk_norm) {
-    while (half % (2 * split) == 0 && half / (2 * split) >= 8 &&
-           static_cast<int64_t>(row_tiles) * fused * 2 * split <= tiles_.num_sms) {
-      split *= 2;
-    }
+  const int total_pairs = fused * half;
+  int pairs = 0;  // pairs per tile; 0: whole heads
+  if (heads == 1 && tiles_.balance_columns && !config_.qk_norm &&
+      static_cast<int64_t>(row_tiles) * fused < tiles_.num_sms) {
+    const int granule = T > tiles_.matvec_rows ? 16 : 8;
+    const int per_row_tile = std::max(1, tiles_.num_sms / row_tiles);
+    const int fit = (total_pairs + per_row_tile - 1) / per_row_tile;
+    const int p = (fit + granule - 1) / granule * granule;
+    if (p < half) pairs = p;
   }
-  const int pairs = half / split;
   const size_t first = out.size();
   for (int r0 = 0; r0 < T; r0 += tile_rows) {
     const int r1 = std::min(T, r0 + tile_rows);
-    for (int h0 = 0; h0 < fused; h0 += heads) {
-      const int h1 = std::min(fused, h0 + heads);
-      for (int part = 0; part < split; ++part) {
-        const int p0 = part * pairs, p1 = p0 + pairs;  // used when split > 1
-        const double rows = r1 - r0, cols = split > 1 ? 2 * pairs : (h1 - h0) * hd;
-        Tile& t = new_tile(out, Opcode::kQkvRope, layer, op_cost::projection(rows, cols, H));
-        isa::QkvRopeArgs a{};
-        a.row_begin = r0;
-        a.row_end = r1;
-        a.head_begin = h0;
-        a.head_end = h1;
-        if (split > 1) {
-          a.pair_begin = p0;
-          a.pair_end = p1;
+    const int ranges = pairs > 0 ? (total_pairs + pairs - 1) / pairs : (fused + heads - 1) / heads;
+    for (int j = 0; j < ranges; ++j) {
+      isa::QkvRopeArgs a{};
+      a.row_begin = r0;
+      a.row_end = r1;
+      if (pairs > 0) {  // flat pairs [g0, g1): head g / half, pair g % half
+        const int g0 = j * pairs, g1 = std::min(total_pairs, g0 + pairs);
+        a.head_begin = g0 / half;
+        a.pair_begin = g0 % half;
+        a.head_end = (g1 - 1) / half + 1;
+        a.pair_end = (g1 - 1) % half + 1;
+      } else {
+        a.head_begin = j * heads;
+        a.head_end = std::min(fused, a.head_begin + heads);
+      }
+      a.normed = norm_stages();
+      const double rows = r1 - r0, cols = 2.0 * isa::qkv_tile_pairs(a, half);
+      Tile& t = new_tile(out, Opcode::kQkvRope, layer, op_cost::projection(rows, cols, H));
+      isa::set_args(t.inst, a);
+      if (!record_) continue;
+      // The residual rows (the CPU normalizes them itself) and the normalized ones.
+      add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
+      if (a.normed) add(t, sh.rank, BufferId::kNormed, -1, r0, r1, 0, H * kBf16, false);
+      // The bytes of fused head fh this tile writes: the whole head, or its two pair ranges.
+      const auto add_head_bytes = [&](int fh, BufferId buf, int layer_or_none, int64_t row_begin,
+                                      int64_t row_end, int64_t base) {
+        int p0, p1;
+        isa::qkv_pairs_of_head(a, fh, half, &p0, &p1);
+        if (p0 == 0 && p1 == half) {
+          add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base, base + hd * kF32, true);
+          return;
         }
-        a.normed = norm_stages();
-        isa::set_args(t.inst, a);
-        if (!record_) continue;
-        // The residual rows (the CPU normalizes them itself) and the normalized ones.
-        add(t, sh.rank, BufferId::kResidual, -1, r0, r1, 0, H * kF32, false);
-        if (a.normed) add(t, sh.rank, BufferId::kNormed, -1, r0, r1, 0, H * kBf16, false);
-        // The bytes of a head this tile writes: the whole head, or its two pair ranges.
-        const auto add_head_bytes = [&](BufferId buf, int layer_or_none, int64_t row_begin,
-                                        int64_t row_end, int64_t base) {
-          if (split == 1) {
-            add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base, base + hd * kF32, true);
-            return;
-          }
-          for (const int d0 : {p0, half + p0}) {
-            add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base + d0 * kF32,
-                base + (d0 + pairs) * kF32, true);
-          }
-        };
-        const int q_end = std::min(h1, sh.q_heads);
-        if (h0 < q_end) {
-          if (split == 1) {
-            add(t, sh.rank, BufferId::kQ, -1, r0, r1, h0 * hd * kF32, q_end * hd * kF32, true);
-          } else {
-            add_head_bytes(BufferId::kQ, -1, r0, r1, h0 * hd * kF32);
-          }
+        for (const int d0 : {p0, half + p0}) {
+          add(t, sh.rank, buf, layer_or_none, row_begin, row_end, base + d0 * kF32,
+              base + (d0 + p1 - p0) * kF32, true);
         }
-        // k heads [hq, hq+hkv), v heads [hq+hkv, hq+2hkv): cache planes per token.
-        for (int kind = 0; kind < 2; ++kind) {
-          const int base = sh.q_heads + kind * sh.kv_heads;
-          const int k0 = std::max(h0, base) - base;
-          const int k1 = std::min(h1, base + sh.kv_heads) - base;
-          if (k0 >= k1) continue;
-          const BufferId buf = kind == 0 ? BufferId::kKCache : BufferId::kVCache;
-          for (int row = r0; row < r1; ++row) {
-            const int req = meta_.token_request[row];
-            const int pos = meta_.positions[row];
-            const int bs = meta_.kv_block_size;
-            const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
-            const int64_t slot = pos % bs;
-            add_head_bytes(buf, layer, block * sh.kv_heads + k0, block * sh.kv_heads + k1,
-                           slot * hd * kF32);
+      };
+      const int q_end = std::min(a.head_end, sh.q_heads);
+      for (int fh = a.head_begin; fh < q_end; ++fh) {
+        add_head_bytes(fh, BufferId::kQ, -1, r0, r1, fh * hd * kF32);
+      }
+      // k heads [hq, hq+hkv), v heads [hq+hkv, hq+2hkv): cache planes per token.
+      for (int kind = 0; kind < 2; ++kind) {
+        const int base = sh.q_heads + kind * sh.kv_heads;
+        const int k0 = std::max(a.head_begin, base) - base;
+        const int k1 = std::min(a.head_end, base + sh.kv_heads) - base;
+        const BufferId buf = kind == 0 ? BufferId::kKCache : BufferId::kVCache;
+        for (int row = r0; row < r1; ++row) {
+          const int req = meta_.token_request[row];
+          const int pos = meta_.positions[row];
+          const int bs = meta_.kv_block_size;
+          const int64_t block = meta_.block_indices[meta_.block_indptr[req] + pos / bs];
+          const int64_t slot = pos % bs;
+          for (int k = k0; k < k1; ++k) {
+            add_head_bytes(base + k, buf, layer, block * sh.kv_heads + k,
+                           block * sh.kv_heads + k + 1, slot * hd * kF32);
           }
         }
       }
     }
   }
   group_rows(out, first, row_tiles, tiles_.num_sms, tile_rows * H * kF32,
-             heads * hd * H * 2.0 / split);
+             (pairs > 0 ? 2.0 * pairs : heads * hd) * H * 2.0);
 }
 
 void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& out) const {

@@ -24,6 +24,9 @@ struct TileConfig {
   int embedding_rows = 16;   // token rows per embedding tile
   int lm_head_samples = 64;  // sampling rows per LM-head tile
   int sample_rows = 8;       // sampling rows per kSample instruction
+  // Projection tiles of at most this many token rows stream their weights on CUDA cores, one
+  // pass (kernels/projection.cuh, kMaxMatvecRows); more take the tensor cores where asked.
+  int matvec_rows = 8;
 
   // GPU: a projection stage (QKV, O, gate/up, down, LM head) whose tiles would not keep
   // every SM busy for two rounds gets the column width (multiples of 16 columns, whole heads
@@ -74,6 +77,7 @@ inline absl::Status check_tile_config(const TileConfig& c) {
       {"embedding_rows", c.embedding_rows},
       {"lm_head_samples", c.lm_head_samples},
       {"sample_rows", c.sample_rows},
+      {"matvec_rows", c.matvec_rows},
       {"kv_split_tokens", c.kv_split_tokens},
       {"attention_query_rows", c.attention_query_rows},
       {"attention_batch_requests", c.attention_batch_requests},

@@ -2,8 +2,8 @@
 // fewer one-head tiles than SMs) on the CPU interpreter: the same greedy tokens and, bit for
 // bit, the same logprobs as whole-head tiles, over a prefill and decode steps with a Llama-
 // shaped random model of head_dim 64, every step passing the static verifier (the split
-// tiles' q and KV-cache writes recorded as two byte ranges per head); a model with a q/k norm
-// (Qwen3) is never split.
+// tiles' q and KV-cache writes recorded as two byte ranges per head); on 132 SMs the ranges
+// stay inside heads, on 12 some span two; a model with a q/k norm (Qwen3) is never split.
 #include <memory>
 #include <vector>
 
@@ -37,15 +37,16 @@ ModelConfig small_config(bool qk_norm) {
 struct Outputs {
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;
-  int split_tiles = 0;  // QKV tiles with a pair range, over all steps
+  int split_tiles = 0;   // QKV tiles with a pair range, over all steps
+  int across_heads = 0;  // those whose range spans more than one head
 };
 
-// Greedy: a 20-token prefill, then 6 decode steps; GPU tiles on 132 virtual SMs.
-Outputs run_steps(const ModelConfig& config, bool balance_columns) {
+// Greedy: a 20-token prefill, then 6 decode steps; GPU tiles on `sms` virtual SMs.
+Outputs run_steps(const ModelConfig& config, bool balance_columns, int sms = 132) {
   CpuBackendOptions o;
-  o.num_sms = 132;
+  o.num_sms = sms;
   o.default_tiles = false;
-  o.tiles = gpu_tile_config(132);
+  o.tiles = gpu_tile_config(sms);
   o.tiles.balance_columns = balance_columns;
   o.num_kv_blocks = 16;
   o.verify = true;  // the static verifier proves every step's accesses ordered
@@ -78,10 +79,11 @@ Outputs run_steps(const ModelConfig& config, bool balance_columns) {
     out.logprobs.push_back(result->sampled[0].logprob);
     for (const auto& [id, lp] : result->sampled[0].top_logprobs) out.logprobs.push_back(lp);
     for (const isa::Instruction& inst : runner.last_step().ranks[0].instructions) {
-      if (inst.opcode() == isa::Opcode::kQkvRope &&
-          isa::args_of<isa::QkvRopeArgs>(inst).pair_end > 0) {
-        ++out.split_tiles;
-      }
+      if (inst.opcode() != isa::Opcode::kQkvRope) continue;
+      const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+      if (a.pair_end == 0) continue;
+      ++out.split_tiles;
+      if (a.head_end - a.head_begin > 1) ++out.across_heads;
     }
   }
   return out;
@@ -95,6 +97,17 @@ TEST(QkvSplitTest, PairRangeTilesGiveTheTokensAndLogprobsOfWholeHeads) {
   ASSERT_EQ(split.tokens.size(), 7u);
   EXPECT_EQ(split.tokens, whole.tokens);
   EXPECT_EQ(split.logprobs, whole.logprobs);  // bit for bit: the same dot products
+  EXPECT_EQ(split.across_heads, 0);           // 8 pairs a tile, heads of 32
+}
+
+// On 12 SMs a decode step's 256 pairs go to tiles of 24: ranges across two heads of 32.
+TEST(QkvSplitTest, RangesAcrossHeadsGiveTheTokensAndLogprobsOfWholeHeads) {
+  const ModelConfig config = small_config(false);
+  const Outputs split = run_steps(config, true, 12), whole = run_steps(config, false, 12);
+  EXPECT_GT(split.across_heads, 0);
+  ASSERT_EQ(split.tokens.size(), 7u);
+  EXPECT_EQ(split.tokens, whole.tokens);
+  EXPECT_EQ(split.logprobs, whole.logprobs);
 }
 
 TEST(QkvSplitTest, AHeadWithAQkNormIsNeverSplit) {

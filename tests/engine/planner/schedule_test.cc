@@ -425,7 +425,7 @@ ColumnTiles column_tiles(const Step& step, isa::Opcode op, int n, int row_tiles)
     int begin = 0, end = 0;
     if (op == isa::Opcode::kQkvRope) {  // in output dims (head_dim 128)
       const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
-      end = a.pair_end > 0 ? 2 * (a.pair_end - a.pair_begin) : (a.head_end - a.head_begin) * 128;
+      end = 2 * isa::qkv_tile_pairs(a, 64);
     } else if (op == isa::Opcode::kGateUpSilu) {
       const auto a = isa::args_of<isa::GateUpArgs>(inst);
       begin = a.col_begin, end = a.col_end;
@@ -445,10 +445,10 @@ ColumnTiles column_tiles(const Step& step, isa::Opcode op, int n, int row_tiles)
 }
 
 // Llama-3.1-8B's shape at batch 1 on 132 SMs: with balance_columns, every projection stage
-// but QKV (whole heads) has about one tile per SM: O and down 4096 / 32 = 128 tiles, gate/up
-// 14336 / 112 = 128, LM head 128256 / 976 = 132 (the last 400 wide); without it (the CPU
-// tiles' default), the configured widths. 256 decode rows (4 row tiles) keep the configured
-// 128-column O tiles (4 x 32 = 128 tiles, one round already).
+// has about one tile per SM: QKV 3,072 RoPE pairs / 24 = 128 tiles, O and down 4096 / 32 =
+// 128, gate/up 14336 / 112 = 128, LM head 128256 / 976 = 132 (the last 400 wide); without it
+// (the CPU tiles' default), the configured widths. 256 decode rows (4 row tiles) keep the
+// configured 128-column O tiles (4 x 32 = 128 tiles, one round already).
 TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   const ModelConfig c = llama_8b_shape(2);
   const TileConfig tiles = gpu_tile_config(132);
@@ -463,11 +463,23 @@ TEST(ScheduleBuilderTest, BalancedColumnTilesSpreadSmallStepsOverEverySm) {
   };
   using isa::Opcode;
   const Step balanced = build(tiles, 1);
-  // 48 one-head QKV tiles would leave 84 SMs idle: each head goes to two tiles of 32 RoPE pairs
-  // (dims [p, p + 32) and [64 + p, 96 + p)).
+  // 48 one-head QKV tiles would leave 84 SMs idle: ranges of 24 RoPE pairs over the heads
+  // (multiples of 8 on the CUDA cores), some across two heads.
   const ColumnTiles qkv = column_tiles(balanced, Opcode::kQkvRope, 48 * 128, 1);
-  EXPECT_EQ(qkv.count, 96);
-  EXPECT_THAT(qkv.widths, ::testing::ElementsAre(64));
+  EXPECT_EQ(qkv.count, 128);
+  EXPECT_THAT(qkv.widths, ::testing::ElementsAre(48));
+  int across = 0;
+  for (const isa::Instruction& inst : balanced.ranks[0].instructions) {
+    if (inst.opcode() != Opcode::kQkvRope || inst.layer() != 0) continue;
+    const auto a = isa::args_of<isa::QkvRopeArgs>(inst);
+    across += a.head_end - a.head_begin > 1 ? 1 : 0;
+  }
+  EXPECT_GT(across, 0);
+  // 16 rows take wgmma passes, whose 16-row weight groups stay inside one half of one head:
+  // ranges of 32 pairs, 96 tiles.
+  const ColumnTiles qkv16 = column_tiles(build(tiles, 16), Opcode::kQkvRope, 48 * 128, 1);
+  EXPECT_EQ(qkv16.count, 96);
+  EXPECT_THAT(qkv16.widths, ::testing::ElementsAre(64));
   for (Opcode op : {Opcode::kOProj, Opcode::kDownProj}) {
     const ColumnTiles t = column_tiles(balanced, op, 4096, 1);
     EXPECT_EQ(t.count, 128);
