@@ -25,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/gpu_bench_start.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_stages.h"
 #include "engine/cuda/cuda_trace.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
@@ -91,9 +92,10 @@ double profiled_step(CudaBackend& b, StepRunner& runner, const ModelConfig& conf
     return 0;
   }
   const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
-  std::printf("== %s: %zu instructions, execute() %.2f ms\n%s", label.c_str(),
+  std::printf("== %s: %zu instructions, execute() %.2f ms\n%s%s", label.c_str(),
               runner.last_step().ranks[0].instructions.size(), host_ms,
-              format_trace_summary(s).c_str());
+              format_trace_summary(s).c_str(),
+              format_stage_path(stage_path(runner.last_step(), b.last_timings())).c_str());
   if (!trace_path.empty()) {
     absl::Status w =
         write_chrome_trace(trace_path, step_timeline(runner.last_step(), b.last_timings()),
@@ -184,7 +186,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
     const double host_s = elapsed / kTimedSteps, dev_s = s.span_us * 1e-6;
     std::printf("%-42s %12.3f %12.3f %12.3f %12.3f\n", v.name, host_s * 1e3, floor_1 / host_s,
                 dev_s * 1e3, floor_1 / dev_s);
-    std::printf("%s", format_trace_summary(s).c_str());
+    std::printf("%s%s", format_trace_summary(s).c_str(),
+                format_stage_path(stage_path(runner.last_step(), b.last_timings())).c_str());
   }
 
   // Decode at batch kBigBatch, tensor-core attention: projections on mma.sync and on wgmma.

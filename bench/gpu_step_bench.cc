@@ -19,6 +19,7 @@
 
 #include "bench/gpu_bench_start.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_stages.h"
 #include "engine/cuda/cuda_trace.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
@@ -34,8 +35,9 @@ constexpr int32_t kBlock = 16;
 void print_profile(int batch, bool tensor_cores, const ModelConfig& config, const CudaBackend& b,
                    const StepRunner& runner) {
   const TraceSummary s = summarize_trace(config, runner.last_step(), b.last_timings());
-  std::printf("profile (%s), decode batch %d: %s", tensor_cores ? "tensor cores" : "CUDA cores",
-              batch, format_trace_summary(s).c_str());
+  std::printf("profile (%s), decode batch %d: %s%s", tensor_cores ? "tensor cores" : "CUDA cores",
+              batch, format_trace_summary(s).c_str(),
+              format_stage_path(stage_path(runner.last_step(), b.last_timings())).c_str());
 }
 
 struct Timed {
