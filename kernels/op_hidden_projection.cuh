@@ -35,14 +35,22 @@ struct HiddenProjectionOp {
                                               : st.partial + static_cast<int64_t>(a.partial_slot) *
                                                                  st.num_tokens * H;  // [T, H]
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
+    ProjectionInput in{a.row_end - a.row_begin,
+                       a.col_end - a.col_begin,
+                       K,
+                       nullptr,
+                       nullptr,
+                       k0 == 0 && K == full_k ? act_cache_tag(inst.opcode(), inst.layer()) : -1,
+                       a.row_begin,
+                       o_proj ? md.attn_act_map : md.ffn_act_map,
+                       o_proj ? md.attn_act_rows : md.ffn_act_rows,
+                       k0};
+    if (partial == nullptr) {  // wgmma passes add into the residual in batches of loads
+      in.add_into = st.residual + a.col_begin;
+      in.add_ld = H;
+    }
     return project<1>(
-               walk, st.flags,
-               ProjectionInput{
-                   a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr, nullptr,
-                   k0 == 0 && K == full_k ? act_cache_tag(inst.opcode(), inst.layer()) : -1,
-                   a.row_begin, o_proj ? md.attn_act_map : md.ffn_act_map,
-                   o_proj ? md.attn_act_rows : md.ffn_act_rows, k0},
-               reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
+               walk, st.flags, in, reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
                [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * full_k; },
                [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * full_k; },
                [&](int, int c) {

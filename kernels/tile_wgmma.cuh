@@ -212,13 +212,57 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
   __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
 
+// in.add_into[(in.first_row + r0 + r) * in.add_ld + c0 + c] += dstage[r][c] for r < nr,
+// c < nc: each thread loads kAddBatch values (4 floats each where the rows allow float4)
+// before it adds and stores any, so that a batch's loads are in flight together.
+inline constexpr int kAddBatch = 4;
+__device__ __forceinline__ void wgmma_pass_add_into(const ProjectionInput& in, const float* dstage,
+                                                    int r0, int nr, int c0, int nc) {
+  float* const out = in.add_into + static_cast<int64_t>(in.first_row + r0) * in.add_ld + c0;
+  const int ld = in.add_ld;
+  const bool vec = nc % 4 == 0 && ld % 4 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+  const int width = vec ? 4 : 1;  // floats per item
+  const int per_row = nc / width, items = nr * per_row;
+  for (int i0 = threadIdx.x; i0 < items; i0 += blockDim.x * kAddBatch) {
+    float4 old[kAddBatch];
+#pragma unroll
+    for (int u = 0; u < kAddBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i >= items) break;
+      const int r = i / per_row, c = i % per_row * width;
+      const float* at = out + static_cast<int64_t>(r) * ld + c;
+      old[u] = vec ? *reinterpret_cast<const float4*>(at) : make_float4(*at, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kAddBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i >= items) break;
+      const int r = i / per_row, c = i % per_row * width;
+      float* at = out + static_cast<int64_t>(r) * ld + c;
+      const float* d = dstage + r * kWgmmaDStride + c;
+      if (vec) {
+        const float4 x = *reinterpret_cast<const float4*>(d);
+        *reinterpret_cast<float4*>(at) =
+            make_float4(old[u].x + x.x, old[u].y + x.y, old[u].z + x.z, old[u].w + x.w);
+      } else {
+        *at = old[u].x + d[0];
+      }
+    }
+  }
+}
+
 // Hands pass p's outputs, staged by run_wgmma_pass, to emit(c, r, v[kMats]) once per column
-// and token row of the pass; ends with __syncthreads.
+// and token row of the pass (or adds them into in.add_into); ends with __syncthreads.
 template <int kMats, int kRows, typename Emit>
 __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep, int p,
                                 Emit emit) {
   const WgmmaLayout<kRows> l(smem, deep);
   const WgmmaPassShape<kMats, kRows> sh(in, p);
+  if (kMats == 1 && in.add_into != nullptr) {
+    wgmma_pass_add_into(in, l.dstage, sh.r0, sh.nr, sh.c0, sh.nc);
+    __syncthreads();  // the memory free for the next pass
+    return;
+  }
   for (int i = threadIdx.x; i < sh.nr * sh.nc; i += blockDim.x) {
     const int r = i / sh.nc, c = i % sh.nc;  // consecutive threads: consecutive columns
     float v[kMats];
