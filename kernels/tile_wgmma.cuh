@@ -212,14 +212,15 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
   __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
 
-// in.add_into[(in.first_row + r0 + r) * in.add_ld + c0 + c] += dstage[r][c] for r < nr,
-// c < nc: each thread loads kAddBatch values (4 floats each where the rows allow float4)
-// before it adds and stores any, so that a batch's loads are in flight together.
+// out[r * ld + c] += dstage[r][c] for r < nr, c < nc: each thread loads kAddBatch values (4
+// floats each where the rows allow float4) before it adds and stores any, so that a batch's
+// loads are in flight together. A function of its own (a call), so that its loaded values
+// stay in registers: inlined into dispatch, whose registers are all taken, they went to local
+// memory one load at a time, each store waiting for its load.
 inline constexpr int kAddBatch = 4;
-__device__ __forceinline__ void wgmma_pass_add_into(const ProjectionInput& in, const float* dstage,
-                                                    int r0, int nr, int c0, int nc) {
-  float* const out = in.add_into + static_cast<int64_t>(in.first_row + r0) * in.add_ld + c0;
-  const int ld = in.add_ld;
+__device__ __noinline__ void wgmma_pass_add_into(float* out, int ld, const float* dstage, int nr,
+                                                 int nc) {
+  __builtin_assume(__isShared(dstage));
   const bool vec = nc % 4 == 0 && ld % 4 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
   const int width = vec ? 4 : 1;  // floats per item
   const int per_row = nc / width, items = nr * per_row;
@@ -227,15 +228,14 @@ __device__ __forceinline__ void wgmma_pass_add_into(const ProjectionInput& in, c
     float4 old[kAddBatch];
 #pragma unroll
     for (int u = 0; u < kAddBatch; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i >= items) break;
+      const int i = min(i0 + u * static_cast<int>(blockDim.x), items - 1);  // in range
       const int r = i / per_row, c = i % per_row * width;
       const float* at = out + static_cast<int64_t>(r) * ld + c;
       old[u] = vec ? *reinterpret_cast<const float4*>(at) : make_float4(*at, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int u = 0; u < kAddBatch; ++u) {
-      const int i = i0 + u * blockDim.x;
+      const int i = i0 + u * static_cast<int>(blockDim.x);
       if (i >= items) break;
       const int r = i / per_row, c = i % per_row * width;
       float* at = out + static_cast<int64_t>(r) * ld + c;
@@ -259,7 +259,9 @@ __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep
   const WgmmaLayout<kRows> l(smem, deep);
   const WgmmaPassShape<kMats, kRows> sh(in, p);
   if (kMats == 1 && in.add_into != nullptr) {
-    wgmma_pass_add_into(in, l.dstage, sh.r0, sh.nr, sh.c0, sh.nc);
+    wgmma_pass_add_into(
+        in.add_into + static_cast<int64_t>(in.first_row + sh.r0) * in.add_ld + sh.c0, in.add_ld,
+        l.dstage, sh.nr, sh.nc);
     __syncthreads();  // the memory free for the next pass
     return;
   }
