@@ -20,6 +20,120 @@
 
 namespace megaserve::kernels {
 
+// The emit of QKV's RoPE-pair columns (no q/k norm), by value: column c is flat pair g0 + c of
+// the fused heads (head g / (hd/2), pair g % (hd/2)), row r token row0 + r; v[0] is the
+// pair's first dim, v[1] that dim + hd/2. Adds the bias (Qwen2), rotates q and k (cos and sin
+// from the table up to rope_positions, else cosf / sinf), stores q (fp32) and k / v (bf16,
+// into the paged cache at the token's position). Element by element from the CUDA cores; a
+// whole wgmma pass at a time through qkv_pairs_pass.
+struct QkvPairsEmit {
+  const int32_t* positions;
+  const int32_t* token_request;
+  const int32_t* block_indptr;
+  const int32_t* block_indices;
+  const float2* rope;
+  int32_t rope_positions;
+  const float* inv_freq;
+  float* q;
+  uint16_t* k_cache;  // this layer's
+  uint16_t* v_cache;
+  const uint16_t* bq;
+  const uint16_t* bk;
+  const uint16_t* bv;
+  int32_t hq, hkv, hd, block_size;
+  int32_t g0, row0;
+
+  __device__ float2 cos_sin(int pos, int i) const {
+    if (pos < rope_positions) return rope[static_cast<int64_t>(pos) * (hd / 2) + i];
+    const float angle = static_cast<float>(pos) * inv_freq[i];
+    return make_float2(cosf(angle), sinf(angle));
+  }
+  // Token t's cache block (k and v).
+  __device__ int32_t block_of(int t, int pos) const {
+    return block_indices[block_indptr[token_request[t]] + pos / block_size];
+  }
+  // Column c of token t (position pos, cache block `block`, where k or v), cos and sin `cs`
+  // of its pair (where q or k).
+  __device__ void store(int c, int t, int pos, int32_t block, float x1, float x2, float2 cs) const {
+    const int half = hd / 2;
+    const int g = g0 + c, fh = g / half, d = g % half;
+    const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
+    const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+    const uint16_t* bias = kind == 0 ? bq : (kind == 1 ? bk : bv);
+    if (bias != nullptr) {
+      x1 += weight_at(bias, h * hd + d);
+      x2 += weight_at(bias, h * hd + d + half);
+    }
+    if (kind < 2) {
+      const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
+      x1 = y1;
+      x2 = y2;
+    }
+    if (kind == 0) {
+      float* out = q + (static_cast<int64_t>(t) * hq + h) * hd;
+      out[d] = x1;
+      out[d + half] = x2;
+      return;
+    }
+    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = block_size, .head_dim = hd};
+    uint16_t* out = (kind == 1 ? k_cache : v_cache) + kv.offset(block, h, pos % block_size);
+    out[d] = float_to_bf16_bits(x1);
+    out[d + half] = float_to_bf16_bits(x2);
+  }
+  __device__ bool rotated(int c) const { return (g0 + c) / (hd / 2) < hq + hkv; }
+
+  __device__ void operator()(int c, int r, const float* v) const {
+    const int t = row0 + r, pos = positions[t];
+    const bool kv = (g0 + c) / (hd / 2) >= hq;
+    store(c, t, pos, kv ? block_of(t, pos) : 0, v[0], v[1],
+          rotated(c) ? cos_sin(pos, (g0 + c) % (hd / 2)) : make_float2(1.0f, 0.0f));
+  }
+  __device__ void pass(const float* dstage, int r0, int nr, int c0, int nc, int cstride) const;
+};
+
+// A wgmma pass's outputs through QkvPairsEmit::store: first each row's position and cache
+// block into the row's scratch floats of dstage (one thread per row), then kQkvBatch columns
+// per thread at a time with their cos and sin loaded before any is used. A function of its
+// own (a call) with plain arguments: inlined into dispatch, whose registers are all taken,
+// every element waited for its position, block and table loads in turn.
+inline constexpr int kQkvBatch = 4;
+__device__ __noinline__ void qkv_pairs_pass(QkvPairsEmit e, float* dstage, int r0, int nr, int c0,
+                                            int nc, int cstride) {
+  __builtin_assume(__isShared(dstage));
+  for (int r = threadIdx.x; r < nr; r += blockDim.x) {
+    const int t = e.row0 + r0 + r, pos = e.positions[t];
+    int* scratch = reinterpret_cast<int*>(dstage + r * kWgmmaDStride + kWgmmaPassB);
+    scratch[0] = pos;
+    scratch[1] = e.block_of(t, pos);
+  }
+  __syncthreads();
+  const int items = nr * nc;
+  for (int i0 = threadIdx.x; i0 < items; i0 += blockDim.x * kQkvBatch) {
+    float2 cs[kQkvBatch];
+#pragma unroll
+    for (int u = 0; u < kQkvBatch; ++u) {
+      const int i = min(i0 + u * static_cast<int>(blockDim.x), items - 1);  // in range
+      const int r = i / nc, c = c0 + i % nc;
+      const int pos = reinterpret_cast<const int*>(dstage + r * kWgmmaDStride + kWgmmaPassB)[0];
+      cs[u] = e.rotated(c) ? e.cos_sin(pos, (e.g0 + c) % (e.hd / 2)) : make_float2(1.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < kQkvBatch; ++u) {
+      const int i = i0 + u * static_cast<int>(blockDim.x);
+      if (i >= items) break;
+      const int r = i / nc, c = i % nc;
+      const float* row = dstage + r * kWgmmaDStride;
+      const int* scratch = reinterpret_cast<const int*>(row + kWgmmaPassB);
+      e.store(c0 + c, e.row0 + r0 + r, scratch[0], scratch[1], row[c], row[cstride + c], cs[u]);
+    }
+  }
+}
+
+__device__ inline void QkvPairsEmit::pass(const float* dstage, int r0, int nr, int c0, int nc,
+                                          int cstride) const {
+  qkv_pairs_pass(*this, const_cast<float*>(dstage), r0, nr, c0, nc, cstride);
+}
+
 struct QkvRopeOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kQkvRope;
 
@@ -83,7 +197,6 @@ struct QkvRopeOp {
       return head_of(fh, *kind, hq, hkv) * hd + m * half + (g0 + c) % half;
     };
     const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
-    const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = st.kv_block_size, .head_dim = hd};
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     for (int r0 = a.row_begin; r0 < a.row_end; r0 += kProjectionScaleRows) {
       const int n = min(kProjectionScaleRows, a.row_end - r0);
@@ -109,38 +222,10 @@ struct QkvRopeOp {
             const int wr = weight_row(m, c, &kind);
             return WeightGroup{layer_maps + kind, wr};
           },
-          [&](int c, int r, const float* v) {
-            const int fh = (g0 + c) / half;
-            const int kind = kind_of(fh, hq, hkv);
-            const int h = head_of(fh, kind, hq, hkv);
-            const int d = (g0 + c) % half;  // the dim of v[0]; v[1] is at d + half
-            float x1 = v[0], x2 = v[1];
-            const uint16_t* bias = bias_of(w, kind);
-            if (bias != nullptr) {
-              x1 += weight_at(bias, h * hd + d);
-              x2 += weight_at(bias, h * hd + d + half);
-            }
-            const int t = r0 + r;
-            const int pos = st.positions[t];
-            if (kind < 2) {
-              const float2 cs = rope_at(md, pos, d);
-              const float y1 = x1 * cs.x - x2 * cs.y, y2 = x2 * cs.x + x1 * cs.y;
-              x1 = y1;
-              x2 = y2;
-            }
-            if (kind == 0) {
-              float* out = st.q + (static_cast<int64_t>(t) * hq + h) * hd;
-              out[d] = x1;
-              out[d + half] = x2;
-            } else {
-              const int req = st.token_request[t];
-              const int32_t block = st.block_indices[st.block_indptr[req] + pos / kv.block_size];
-              uint16_t* cache = (kind == 1 ? md.k_cache : md.v_cache) + layer_offset +
-                                kv.offset(block, h, pos % kv.block_size);
-              cache[d] = float_to_bf16_bits(x1);
-              cache[d + half] = float_to_bf16_bits(x2);
-            }
-          });
+          QkvPairsEmit{st.positions, st.token_request, st.block_indptr, st.block_indices,
+                       reinterpret_cast<const float2*>(md.rope), md.rope_positions, md.inv_freq,
+                       st.q, md.k_cache + layer_offset, md.v_cache + layer_offset, w.bq, w.bk, w.bv,
+                       hq, hkv, hd, st.kv_block_size, g0, r0});
       if (step == Walk::kYield) return true;
       if (step == Walk::kPrefetched) return false;
     }

@@ -20,6 +20,54 @@
 
 namespace megaserve::kernels {
 
+// The float4 path of a tile (rows x cols of residual rows `out`, row stride H; cols a multiple
+// of 4, 16-byte aligned): kReduceBatch float4 per thread with every load issued before any
+// store, so that a tile is a few memory round trips, not one per element (an H100 took 33 us
+// per split-K reduction of 128 x 64 elements, one L2 round trip after another). The tile
+// starts at element tile_at of [T, H]; term k is partial + k * slot_stride (split-K) or
+// peers[k] + slot_base, from there. A function of its own (a call) with plain arguments, so that
+// the batch stays in registers: inlined into dispatch, whose registers are all taken, it went to
+// local memory, each load waited for in turn again (17 us per 128 x 64 tile of 4 splits).
+inline constexpr int kReduceBatch = 4;
+__device__ __noinline__ void reduce_by_float4(float* residual, int64_t tile_at, int H, int rows,
+                                              int cols, const float* partial,
+                                              const float* const* peers, int64_t slot_stride,
+                                              int64_t slot_base, int terms, bool split,
+                                              bool assign) {
+  float* const out = residual + tile_at;
+  const int c4s = cols / 4;
+  const int n4 = rows * c4s;
+  const auto at_of = [&](int i) {  // float4 i of the tile, from `out`
+    return static_cast<int64_t>(i / c4s) * H + (i % c4s) * 4;
+  };
+  const auto add = [](float4 x, float4 y) {
+    return make_float4(__fadd_rn(x.x, y.x), __fadd_rn(x.y, y.y), __fadd_rn(x.z, y.z),
+                       __fadd_rn(x.w, y.w));
+  };
+  for (int base = threadIdx.x; base < n4; base += kReduceBatch * blockDim.x) {
+    float4 sum[kReduceBatch], res[kReduceBatch];
+    int64_t at[kReduceBatch];
+#pragma unroll
+    for (int u = 0; u < kReduceBatch; ++u) {
+      at[u] = at_of(min(base + u * static_cast<int>(blockDim.x), n4 - 1));  // in range
+      sum[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (!assign) res[u] = *reinterpret_cast<const float4*>(out + at[u]);
+    }
+    for (int k = 0; k < terms; ++k) {  // in order from 0.0f, per element
+      const float* src = (split ? partial + k * slot_stride : peers[k] + slot_base) + tile_at;
+#pragma unroll
+      for (int u = 0; u < kReduceBatch; ++u) {
+        sum[u] = add(sum[u], __ldcg(reinterpret_cast<const float4*>(src + at[u])));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceBatch; ++u) {
+      if (base + u * static_cast<int>(blockDim.x) >= n4) break;
+      *reinterpret_cast<float4*>(out + at[u]) = assign ? sum[u] : add(res[u], sum[u]);
+    }
+  }
+}
+
 struct TpReduceOp {
   static constexpr engine::isa::Opcode kOpcode = engine::isa::Opcode::kTpReduce;
 
@@ -38,40 +86,9 @@ struct TpReduceOp {
       return a.splits > 1 ? st.partial + k * slot_stride : st.peer_partial[k] + slot_base;
     };
     if (cols % 4 == 0 && a.col_begin % 4 == 0 && H % 4 == 0) {
-      // By float4, kBatch of them per thread with every load issued before any store: a tile
-      // is a few memory round trips, not one per element (an H100 took 33 us per split-K
-      // reduction of 128 x 64 elements, one L2 round trip after another).
-      constexpr int kBatch = 4;
-      const int c4s = cols / 4;
-      const int64_t n4 = static_cast<int64_t>(rows) * c4s;
-      const auto at_of = [&](int64_t i) {  // float4 i of the tile: (rows, cols) of [T, H]
-        return static_cast<int64_t>(a.row_begin + i / c4s) * H + a.col_begin + (i % c4s) * 4;
-      };
-      const auto add = [](float4 x, float4 y) {
-        return make_float4(__fadd_rn(x.x, y.x), __fadd_rn(x.y, y.y), __fadd_rn(x.z, y.z),
-                           __fadd_rn(x.w, y.w));
-      };
-      for (int64_t base = threadIdx.x; base < n4; base += kBatch * blockDim.x) {
-        float4 sum[kBatch], res[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
-          if (i >= n4) break;
-          const int64_t at = at_of(i);
-          sum[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          for (int k = 0; k < terms; ++k) {  // in order from 0.0f, per element
-            sum[u] = add(sum[u], __ldcg(reinterpret_cast<const float4*>(term(k) + at)));
-          }
-          if (!a.assign) res[u] = *reinterpret_cast<const float4*>(st.residual + at);
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int64_t i = base + u * static_cast<int64_t>(blockDim.x);
-          if (i >= n4) break;
-          *reinterpret_cast<float4*>(st.residual + at_of(i)) =
-              a.assign ? sum[u] : add(res[u], sum[u]);
-        }
-      }
+      reduce_by_float4(st.residual, static_cast<int64_t>(a.row_begin) * H + a.col_begin, H, rows,
+                       cols, st.partial, st.peer_partial, slot_stride, slot_base, terms,
+                       a.splits > 1, a.assign != 0);
       return;
     }
     const int64_t n = static_cast<int64_t>(rows) * cols;

@@ -251,13 +251,29 @@ __device__ __noinline__ void wgmma_pass_add_into(float* out, int ld, const float
   }
 }
 
+// An emit that also takes a whole pass: emit.pass(dstage, r0, nr, c0, nc, cstride) hands it
+// the staged outputs of token rows r0 + [0, nr) and columns c0 + [0, nc), matrix m's column c
+// of row r at dstage[r * kWgmmaDStride + m * cstride + c]; each row's floats from
+// kWgmmaPassB on (kWgmmaDStride - kWgmmaPassB of them) are the emit's scratch.
+template <typename Emit>
+concept PassEmit = requires(Emit e, const float* d) {
+  e.pass(d, 0, 0, 0, 0, 0);
+};
+static_assert(kWgmmaDStride - kWgmmaPassB >= 4);
+
 // Hands pass p's outputs, staged by run_wgmma_pass, to emit(c, r, v[kMats]) once per column
-// and token row of the pass (or adds them into in.add_into); ends with __syncthreads.
+// and token row of the pass (or to emit.pass, or adds them into in.add_into); ends with
+// __syncthreads.
 template <int kMats, int kRows, typename Emit>
 __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep, int p,
                                 Emit emit) {
   const WgmmaLayout<kRows> l(smem, deep);
   const WgmmaPassShape<kMats, kRows> sh(in, p);
+  if constexpr (PassEmit<Emit>) {
+    emit.pass(l.dstage, sh.r0, sh.nr, sh.c0, sh.nc, sh.cstride);
+    __syncthreads();  // the memory free for the next pass
+    return;
+  }
   if (kMats == 1 && in.add_into != nullptr) {
     wgmma_pass_add_into(
         in.add_into + static_cast<int64_t>(in.first_row + sh.r0) * in.add_ld + sh.c0, in.add_ld,
