@@ -47,7 +47,7 @@ struct Variant {
   bool tensor_cores;
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
   bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
-  bool matvec_registers = false;  // one-row projections load weights into registers, not by bulk
+  bool matvec_registers = true;  // matvec projections load weights into registers, not by bulk
 };
 
 // The tile shape from MEGASERVE_PROFILE_TILES, if set; nullopt (with a message) if malformed.
@@ -151,11 +151,11 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_weights).count(),
               b.describe().c_str());
 
-  // Batch 1 takes the CUDA-core matvec in every variant (one token row); the first loads its
-  // weights into registers, the others by bulk copies (kernels/tile_matvec_bulk.cuh).
+  // Batch 1 takes the CUDA-core matvec in every variant (one token row), its weights loaded
+  // into registers (the default) or by bulk copies (kernels/tile_matvec_bulk.cuh).
   const Variant variants[] = {{"cuda-cores, register matvec", false, false, true, true},
-                              {"mma.sync, tensor-core attention", true, false, false},
-                              {"wgmma, tensor-core attention", true}};
+                              {"wgmma, bulk-copy matvec", true, false, true, false},
+                              {"wgmma, register matvec (default)", true, false, true, true}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
   const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config.num_layers * config.kv_size();

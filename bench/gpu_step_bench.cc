@@ -9,7 +9,8 @@
 // the engine's overlapped loop does), in alternating rounds, with the host's time inside
 // submit() (build + upload) beside.
 //
-//   gpu_step_bench [config.json] [steps per row] [all | overlap] [overlap batch, default 1 and 256]
+//   gpu_step_bench [config.json] [steps per row] [all | tc | overlap] [overlap batch, default 1
+//   and 256] (tc: only the tensor-core rows and profiles, the server's, before the overlap rows)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -136,7 +137,7 @@ int run_overlap(const ModelConfig& config, const ModelWeights& weights, double w
   return 0;
 }
 
-int run(const std::string& config_path, int steps, bool overlap_only,
+int run(const std::string& config_path, int steps, bool overlap_only, bool tensor_cores_only,
         const std::vector<int>& overlap_batches) {
   const std::optional<GpuBenchStart> start = start_gpu_bench("gpu_step_bench", config_path);
   if (!start) return 1;
@@ -161,6 +162,7 @@ int run(const std::string& config_path, int steps, bool overlap_only,
   for (int mode = 0; mode < 5; ++mode) {
     const bool persistent = mode != 1, profile = mode >= 3;
     const bool tensor_cores = mode == 2 || mode == 4;
+    if (tensor_cores_only && !tensor_cores) continue;
     CudaBackendOptions o;
     o.kv_block_size = kBlock;
     o.num_kv_blocks = 64 * (kContext + steps + kBlock) / kBlock + 8;
@@ -235,7 +237,9 @@ int main(int argc, char** argv) {
   const std::string config = argc > 1 ? argv[1] : "configs/models/llama-3.2-1b.json";
   const int steps = argc > 2 ? std::atoi(argv[2]) : 20;
   const bool overlap_only = argc > 3 && std::string(argv[3]) == "overlap";
+  // "tc": only the tensor-core modes (the server's), then the overlap rows.
+  const bool tensor_cores_only = argc > 3 && std::string(argv[3]) == "tc";
   const std::vector<int> batches =
       argc > 4 ? std::vector<int>{std::atoi(argv[4])} : std::vector<int>{1, 256};
-  return megaserve::engine::run(config, steps, overlap_only, batches);
+  return megaserve::engine::run(config, steps, overlap_only, tensor_cores_only, batches);
 }

@@ -86,9 +86,14 @@ struct CudaBackendOptions {
   // With wgmma: the shallow pipeline (3 weight stages, 2 activation slots) for every op, not
   // only where an op lacks the shared memory of the deep one (4 and 3; kernels/tile_wgmma.cuh).
   bool wgmma_shallow = false;
-  // CUDA-core projections (one token row, or no tensor cores) load weights into registers
-  // instead of streaming them by bulk copies into shared memory (kernels/tile_matvec_bulk.cuh).
-  bool matvec_registers = false;
+  // CUDA-core projections (up to kMaxMatvecRows token rows, or no tensor cores) load weights
+  // into registers instead of streaming them by bulk copies into shared memory
+  // (kernels/tile_matvec_bulk.cuh). Registers by default: at Llama-3.1-8B batch 1 on an H100
+  // the bulk copies' tiles were busy 5-15% less, but each QKV, gate/up and down stage began
+  // 10-13 us after the previous one ended against 2-5 us (the stage table's wake-up; the
+  // prefetched segments, 224 KB per SM issued before the wait, seem to delay the wait's own
+  // loads), and the step took 9.90 ms against 9.47 (bench/RESULTS.md, 2026-12-07).
+  bool matvec_registers = true;
   // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
   // always run on CUDA cores).

@@ -63,7 +63,8 @@ struct KernelVariant {
   bool wgmma = false;  // with tensor_cores: wgmma (bf16 activations), else mma.sync (hi + lo)
   bool wgmma_shallow = false;  // with wgmma: the shallow pipeline for every op
   // CUDA-core projections load weights into registers (tile_matvec), not by bulk copies
-  // (tile_matvec_bulk); the CUDA-core attention variant takes it, so both cores are checked.
+  // (tile_matvec_bulk): wgmma (the server's default) and the CUDA-core attention variant take
+  // registers, the others bulk copies, so both cores are checked.
   bool matvec_registers = false;
   const char* name() const {
     if (attention_cuda_cores) return "cuda-core-attention";
@@ -74,7 +75,7 @@ struct KernelVariant {
 };
 constexpr KernelVariant kVariants[] = {{false, false, false},
                                        {true, false, false},
-                                       {true, false, true},
+                                       {true, false, true, false, true},
                                        {true, false, true, true},
                                        {false, true, false, false, true}};
 
