@@ -3,15 +3,15 @@
 // weights have TMA maps, in passes that the entry function runs between calls of the op
 // [WGMMA_WALK]; else on mma.sync tensor cores (kernels/tile_mma.cuh) when the step asks for
 // them (kStepTensorCores), the shape allows (K % 8 == 0, 16-byte-aligned rows) and the tile
-// has more than kMaxMatvecRows token rows; else on CUDA cores (fp32 activations staged
-// kMaxMatvecRows rows at a time, so one pass; weights by bulk copies,
-// kernels/tile_matvec_bulk.cuh, where the rows are aligned and the shared memory holds the ring,
-// else kernels/tile_matvec.cuh). Up to 8 rows a tile is a weight stream, which the CUDA-core loop
-// keeps more of in flight: at Llama-3.1-8B batch-1 decode on an H100 its QKV / O / gate-up / down
-// / LM-head tiles took 51 / 16 / 96 / 61 / 324 us against the tensor cores' 112 / 21 / 102 / 69 /
-// 444 (bench/RESULTS.md, final check of 2026-11-22); at batch 8 the wgmma passes (a 64-row pass
-// for 8 rows, a CTA barrier per 64-wide k-block of tiles narrowed to 32-64 weight rows) took a
-// decode step 16.1 ms against batch 1's 9.6 and batch 32's 11.1 (2026-12-07).
+// has more than one token row; else on CUDA cores (activations staged kMaxMatvecRows rows at a
+// time; weights into registers, kernels/tile_matvec.cuh, or by bulk copies,
+// kernels/tile_matvec_bulk.cuh, where the step asks and the shared memory holds the ring). One
+// row is a pure weight stream, which the CUDA-core loop keeps more of in flight: at Llama-3.1-8B
+// batch-1 decode on an H100 its QKV / O / gate-up / down / LM-head tiles took 51 / 16 / 96 / 61
+// / 324 us against the tensor cores' 112 / 21 / 102 / 69 / 444 (bench/RESULTS.md, final check
+// of 2026-11-22). Eight rows are not: each weight is multiplied by 8 fp32 rows read from shared
+// memory, and an 8B decode step of 8 took 26.7 ms on the CUDA cores against 16.1 on wgmma
+// (2026-12-07).
 #pragma once
 
 #include <stdint.h>
@@ -117,32 +117,16 @@ __device__ bool mma_can_take(const ProjectionInput& in, SrcRow src_row, RowOf ro
 }
 
 // xs[r * K + k] = (x_r[k] (* row_scale[r0 + r]) (* norm[k])) for the pass's n rows, x_r =
-// src_row(r0 + r): (x * inv_rms) * weight, as the CPU. With `bf16` (the step's activations
-// are bf16: wgmma steps) each product is rounded as the wgmma passes round their A operand,
-// bf16(bf16(x * inv_rms) * weight) (normed_bf16x4), or bf16(x) for rows taken as they are
-// (the attention output and FFN activations, whose bf16 copies the wgmma passes read), so
-// that a token's projections give the same products whether its step's tiles take the CUDA
-// cores (up to kMaxMatvecRows rows) or the tensor cores: only the order of the fp32 sums
-// differs (with fp32 rows here, a request's greedy tokens changed with the number of other
-// requests in its steps: 96 of 100 stories260K streams equal to their solo runs on an H100).
-// Rows of K % 4 == 0 at 16-byte-aligned addresses come by cp.async, every chunk of the pass in
-// flight at once, and each thread then scales the chunks it copied in place (its own copies
-// need no barrier); a plain loop waited one memory round trip per element in turn (56 for a
-// down tile's 14,336-wide row).
-inline constexpr int32_t kBf16Flags = kStepTensorCores | kStepWgmma;  // bf16 activations
-__device__ __forceinline__ float round_bf16(float v) { return unpack_bf16x2(pack_bf16x2(v, v)).x; }
+// src_row(r0 + r): (x * inv_rms) * weight, as the CPU. Rows of K % 4 == 0 at 16-byte-aligned
+// addresses come by cp.async, every chunk of the pass in flight at once, and each thread then
+// scales the chunks it copied in place (its own copies need no barrier); a plain loop waited
+// one memory round trip per element in turn (56 for a down tile's 14,336-wide row).
 template <typename SrcRow>
 __device__ __forceinline__ void stage_rows(const ProjectionInput& in, int r0, int n, SrcRow src_row,
-                                           float* xs, bool bf16) {
+                                           float* xs) {
   const int K = in.K, k4s = K / 4;
   const auto async_row = [&](int r) {
     return K % 4 == 0 && (reinterpret_cast<uintptr_t>(src_row(r0 + r)) & 15) == 0;
-  };
-  // One activation as the step's projections take it.
-  const auto take = [&](float x, float s, int k) {
-    if (in.row_scale != nullptr) x = bf16 ? round_bf16(x * s) : x * s;
-    if (in.norm != nullptr) x *= weight_at(in.norm, k);
-    return bf16 ? round_bf16(x) : x;
   };
   for (int r = 0; r < n; ++r) {
     const float* x = src_row(r0 + r);
@@ -153,20 +137,31 @@ __device__ __forceinline__ void stage_rows(const ProjectionInput& in, int r0, in
       }
     } else {
       const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) xs[r * K + k] = take(x[k], s, k);
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = x[k];
+        if (in.row_scale != nullptr) v *= s;
+        if (in.norm != nullptr) v *= weight_at(in.norm, k);
+        xs[r * K + k] = v;
+      }
     }
   }
   cp_async_commit();
   cp_async_wait(0);
-  if (in.row_scale == nullptr && in.norm == nullptr && !bf16) return;
+  if (in.row_scale == nullptr && in.norm == nullptr) return;
   for (int r = 0; r < n; ++r) {
     if (!async_row(r)) continue;
     const float s = in.row_scale != nullptr ? in.row_scale[r0 + r] : 1.0f;
     float4* row = reinterpret_cast<float4*>(xs + r * K);
     for (int k4 = threadIdx.x; k4 < k4s; k4 += kMegakernelThreads) {
-      const float4 v = row[k4];
-      row[k4] = make_float4(take(v.x, s, 4 * k4), take(v.y, s, 4 * k4 + 1),
-                            take(v.z, s, 4 * k4 + 2), take(v.w, s, 4 * k4 + 3));
+      float4 v = row[k4];
+      if (in.row_scale != nullptr) v = make_float4(v.x * s, v.y * s, v.z * s, v.w * s);
+      if (in.norm != nullptr) {
+        v.x *= weight_at(in.norm, 4 * k4);
+        v.y *= weight_at(in.norm, 4 * k4 + 1);
+        v.z *= weight_at(in.norm, 4 * k4 + 2);
+        v.w *= weight_at(in.norm, 4 * k4 + 3);
+      }
+      row[k4] = v;
     }
   }
 }
@@ -175,7 +170,7 @@ __device__ __forceinline__ void stage_rows(const ProjectionInput& in, int r0, in
 template <int kMats, typename SrcRow, typename RowOf>
 __device__ bool mma_takes(int32_t step_flags, const ProjectionInput& in, SrcRow src_row,
                           RowOf row_of) {
-  return (step_flags & kStepTensorCores) != 0 && in.nrows > kMaxMatvecRows &&
+  return (step_flags & kStepTensorCores) != 0 && in.nrows > 1 &&
          mma_can_take<kMats>(in, src_row, row_of);
 }
 
@@ -237,7 +232,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   const bool begun = bulk != nullptr && bulk->armed != 0;
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
     const int n = min(rpp, in.nrows - r0);
-    stage_rows(in, r0, n, src_row, xs, (step_flags & kBf16Flags) == kBf16Flags);
+    stage_rows(in, r0, n, src_row, xs);
     __syncthreads();
     if (r0 == 0 && begun && threadIdx.x == 0) bulk->armed = 0;
     const auto emit_row = [&](int c, int r, const float* v) { emit(c, r0 + r, v); };
@@ -265,14 +260,14 @@ enum class Walk {
 
 // The wgmma core's token rows per pass for this projection (64 or 128), or 0 where it takes
 // another core: wgmma with TMA-fed weights when the step asks for it, the weights have maps
-// and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than kMaxMatvecRows token
-// rows (fewer are a weight stream: at Llama-3.1-8B batch-1 decode on an H100 the wgmma core
-// took 32 ms a step, the CUDA cores 17).
+// and the shape allows (K % 8 == 0, 16-byte-aligned rows), for more than one token row (one
+// row is a pure weight stream: at Llama-3.1-8B batch-1 decode on an H100 the wgmma core took
+// 32 ms a step, the CUDA cores 17).
 template <int kMaxPassRows, typename SrcRow, typename GroupOf>
 __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int smem_bytes,
                           SrcRow src_row, GroupOf group_of) {
   constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
-  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= kMaxMatvecRows ||
+  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 ||
       smem_bytes < kWgmmaCoreBytes || in.K % 8 != 0 ||
       (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 || group_of(0, 0).map == nullptr) {
     return 0;

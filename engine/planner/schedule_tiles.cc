@@ -179,8 +179,8 @@ void TileMaker::qkv(const ModelShard& sh, int layer, std::vector<Tile>& out) con
   // of RoPE pairs over the fused heads (isa::qkv_pairs_of_head), the fewest pairs each that
   // still fit one round of tiles, in multiples of 16 pairs where the tiles take wgmma passes
   // (a 16-row weight group stays in one half of one head) and of 8 where they take the CUDA
-  // cores (a warp per pair: the 8 warps get as many). Llama-3.1-8B at batch 1: 128 tiles of
-  // 24 pairs, not 96 of 32 whole-head halves with 36 SMs idle.
+  // cores (one token row; a warp per pair: the 8 warps get as many). Llama-3.1-8B at batch 1:
+  // 128 tiles of 24 pairs, not 96 of 32 whole-head halves with 36 SMs idle.
   const int half = hd / 2;
   const int total_pairs = fused * half;
   int pairs = 0;  // pairs per tile; 0: whole heads
