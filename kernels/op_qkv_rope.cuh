@@ -88,7 +88,7 @@ struct QkvPairsEmit {
     store(c, t, pos, kv ? block_of(t, pos) : 0, v[0], v[1],
           rotated(c) ? cos_sin(pos, (g0 + c) % (hd / 2)) : make_float2(1.0f, 0.0f));
   }
-  __device__ void pass(const float* dstage, int r0, int nr, int c0, int nc, int cstride) const;
+  __device__ void pass(float* dstage, int r0, int nr, int c0, int nc, int cstride) const;
 };
 
 // A wgmma pass's outputs through QkvPairsEmit::store: first each row's position and cache
@@ -129,9 +129,9 @@ __device__ __noinline__ void qkv_pairs_pass(QkvPairsEmit e, float* dstage, int r
   }
 }
 
-__device__ inline void QkvPairsEmit::pass(const float* dstage, int r0, int nr, int c0, int nc,
+__device__ inline void QkvPairsEmit::pass(float* dstage, int r0, int nr, int c0, int nc,
                                           int cstride) const {
-  qkv_pairs_pass(*this, const_cast<float*>(dstage), r0, nr, c0, nc, cstride);
+  qkv_pairs_pass(*this, dstage, r0, nr, c0, nc, cstride);
 }
 
 struct QkvRopeOp {

@@ -256,7 +256,7 @@ __device__ __noinline__ void wgmma_pass_add_into(float* out, int ld, const float
 // of row r at dstage[r * kWgmmaDStride + m * cstride + c]; each row's floats from
 // kWgmmaPassB on (kWgmmaDStride - kWgmmaPassB of them) are the emit's scratch.
 template <typename Emit>
-concept PassEmit = requires(Emit e, const float* d) {
+concept PassEmit = requires(Emit e, float* d) {
   e.pass(d, 0, 0, 0, 0, 0);
 };
 static_assert(kWgmmaDStride - kWgmmaPassB >= 4);
