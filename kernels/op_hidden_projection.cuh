@@ -11,6 +11,24 @@
 
 namespace megaserve::kernels {
 
+// O and down's outputs into their [T, H] rows: added into the residual (`add`), or stored
+// into a partial slot. A wgmma pass at a time through wgmma_pass_to_rows, whose loads of the
+// residual are batched; element by element from the other cores.
+struct HiddenEmit {
+  float* out;
+  int32_t H, row_begin, col_begin;
+  bool add;
+
+  __device__ void operator()(int c, int r, const float* v) const {
+    float& o = out[static_cast<int64_t>(row_begin + r) * H + col_begin + c];
+    o = add ? o + v[0] : v[0];
+  }
+  __device__ void pass(float* dstage, int r0, int nr, int c0, int nc, int) const {
+    wgmma_pass_to_rows(out + static_cast<int64_t>(row_begin + r0) * H + col_begin + c0, H, dstage,
+                       nr, nc, add);
+  }
+};
+
 struct HiddenProjectionOp {
   static constexpr engine::isa::Opcode kOpcodeO = engine::isa::Opcode::kOProj;
   static constexpr engine::isa::Opcode kOpcodeDown = engine::isa::Opcode::kDownProj;
@@ -35,22 +53,14 @@ struct HiddenProjectionOp {
                                               : st.partial + static_cast<int64_t>(a.partial_slot) *
                                                                  st.num_tokens * H;  // [T, H]
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
-    ProjectionInput in{a.row_end - a.row_begin,
-                       a.col_end - a.col_begin,
-                       K,
-                       nullptr,
-                       nullptr,
-                       k0 == 0 && K == full_k ? act_cache_tag(inst.opcode(), inst.layer()) : -1,
-                       a.row_begin,
-                       o_proj ? md.attn_act_map : md.ffn_act_map,
-                       o_proj ? md.attn_act_rows : md.ffn_act_rows,
-                       k0};
-    if (partial == nullptr) {  // wgmma passes add into the residual in batches of loads
-      in.add_into = st.residual + a.col_begin;
-      in.add_ld = H;
-    }
     return project<1>(
-               walk, st.flags, in, reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
+               walk, st.flags,
+               ProjectionInput{
+                   a.row_end - a.row_begin, a.col_end - a.col_begin, K, nullptr, nullptr,
+                   k0 == 0 && K == full_k ? act_cache_tag(inst.opcode(), inst.layer()) : -1,
+                   a.row_begin, o_proj ? md.attn_act_map : md.ffn_act_map,
+                   o_proj ? md.attn_act_rows : md.ffn_act_rows, k0},
+               reinterpret_cast<char*>(ctx.smem), ctx.smem_floats * 4, [] {},
                [&](int r) { return input + static_cast<int64_t>(a.row_begin + r) * full_k; },
                [&](int, int c) { return W + static_cast<int64_t>(a.col_begin + c) * full_k; },
                [&](int, int c) {
@@ -59,14 +69,8 @@ struct HiddenProjectionOp {
                      md.weight_maps + inst.layer() * kLayerMatrices + (o_proj ? kWo : kWDown),
                      a.col_begin + c};
                },
-               [&](int c, int r, const float* v) {
-                 const int64_t at = static_cast<int64_t>(a.row_begin + r) * H + a.col_begin + c;
-                 if (partial != nullptr) {
-                   partial[at] = v[0];
-                 } else {
-                   st.residual[at] += v[0];
-                 }
-               }) == Walk::kYield;
+               HiddenEmit{partial != nullptr ? partial : st.residual, H, a.row_begin, a.col_begin,
+                          partial == nullptr}) == Walk::kYield;
   }
 };
 

@@ -20,6 +20,22 @@
 
 namespace megaserve::kernels {
 
+// Fused head fh -> kind (0 q, 1 k, 2 v) and the head's index within its kind.
+__device__ __forceinline__ int qkv_kind_of(int fh, int hq, int hkv) {
+  return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
+}
+__device__ __forceinline__ int qkv_head_of(int fh, int kind, int hq, int hkv) {
+  return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+}
+// cos and sin of RoPE pair i's angle at position pos: from `table` (DeviceModel::rope) below
+// `positions`, else cosf / sinf of pos * inv_freq[i].
+__device__ __forceinline__ float2 rope_cos_sin(const float2* table, int positions,
+                                               const float* inv_freq, int half, int pos, int i) {
+  if (pos < positions) return table[static_cast<int64_t>(pos) * half + i];
+  const float angle = static_cast<float>(pos) * inv_freq[i];
+  return make_float2(cosf(angle), sinf(angle));
+}
+
 // The emit of QKV's RoPE-pair columns (no q/k norm), by value: column c is flat pair g0 + c of
 // the fused heads (head g / (hd/2), pair g % (hd/2)), row r token row0 + r; v[0] is the
 // pair's first dim, v[1] that dim + hd/2. Adds the bias (Qwen2), rotates q and k (cos and sin
@@ -44,9 +60,7 @@ struct QkvPairsEmit {
   int32_t g0, row0;
 
   __device__ float2 cos_sin(int pos, int i) const {
-    if (pos < rope_positions) return rope[static_cast<int64_t>(pos) * (hd / 2) + i];
-    const float angle = static_cast<float>(pos) * inv_freq[i];
-    return make_float2(cosf(angle), sinf(angle));
+    return rope_cos_sin(rope, rope_positions, inv_freq, hd / 2, pos, i);
   }
   // Token t's cache block (k and v).
   __device__ int32_t block_of(int t, int pos) const {
@@ -57,8 +71,8 @@ struct QkvPairsEmit {
   __device__ void store(int c, int t, int pos, int32_t block, float x1, float x2, float2 cs) const {
     const int half = hd / 2;
     const int g = g0 + c, fh = g / half, d = g % half;
-    const int kind = fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
-    const int h = kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
+    const int kind = qkv_kind_of(fh, hq, hkv);
+    const int h = qkv_head_of(fh, kind, hq, hkv);
     const uint16_t* bias = kind == 0 ? bq : (kind == 1 ? bk : bv);
     if (bias != nullptr) {
       x1 += weight_at(bias, h * hd + d);
@@ -146,27 +160,11 @@ struct QkvRopeOp {
   }
 
  private:
-  // Fused head fh -> kind (0 q, 1 k, 2 v) and the head's index within its kind.
-  __device__ static int kind_of(int fh, int hq, int hkv) {
-    return fh < hq ? 0 : (fh < hq + hkv ? 1 : 2);
-  }
-  __device__ static int head_of(int fh, int kind, int hq, int hkv) {
-    return kind == 0 ? fh : (kind == 1 ? fh - hq : fh - hq - hkv);
-  }
   __device__ static const uint16_t* matrix_of(const DeviceLayer& w, int kind) {
     return kind == 0 ? w.wq : (kind == 1 ? w.wk : w.wv);
   }
   __device__ static const uint16_t* bias_of(const DeviceLayer& w, int kind) {
     return kind == 0 ? w.bq : (kind == 1 ? w.bk : w.bv);
-  }
-  // cos and sin of RoPE pair i's angle at position pos (DeviceModel::rope).
-  __device__ static float2 rope_at(const DeviceModel& md, int pos, int i) {
-    if (pos < md.rope_positions) {
-      const int64_t at = static_cast<int64_t>(pos) * (md.head_dim / 2) + i;
-      return reinterpret_cast<const float2*>(md.rope)[at];
-    }
-    const float angle = static_cast<float>(pos) * md.inv_freq[i];
-    return make_float2(cosf(angle), sinf(angle));
   }
 
   // Without q/k norm: columns are RoPE pairs, column c of the tile = flat pair g0 + c of the
@@ -193,8 +191,8 @@ struct QkvRopeOp {
     // Weight row (within its matrix) of matrix m's column c.
     const auto weight_row = [=](int m, int c, int* kind) {
       const int fh = (g0 + c) / half;
-      *kind = kind_of(fh, hq, hkv);
-      return head_of(fh, *kind, hq, hkv) * hd + m * half + (g0 + c) % half;
+      *kind = qkv_kind_of(fh, hq, hkv);
+      return qkv_head_of(fh, *kind, hq, hkv) * hd + m * half + (g0 + c) % half;
     };
     const int64_t layer_offset = inst.layer() * md.cache_layer_elements;
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
@@ -270,16 +268,16 @@ struct QkvRopeOp {
           row,
           [&](int, int c) {
             const int fh = a.head_begin + c / hd;
-            const int kind = kind_of(fh, hq, hkv);
+            const int kind = qkv_kind_of(fh, hq, hkv);
             return matrix_of(w, kind) +
-                   (static_cast<int64_t>(head_of(fh, kind, hq, hkv)) * hd + c % hd) * H;
+                   (static_cast<int64_t>(qkv_head_of(fh, kind, hq, hkv)) * hd + c % hd) * H;
           },
           [=, head_begin = a.head_begin](int, int c) {
             // A group of 16 rows stays inside one head when hd is a multiple of 16.
             if (!maps_ok) return WeightGroup{nullptr, 0};
             const int fh = head_begin + c / hd;
-            const int kind = kind_of(fh, hq, hkv);
-            return WeightGroup{layer_maps + kind, head_of(fh, kind, hq, hkv) * hd + c % hd};
+            const int kind = qkv_kind_of(fh, hq, hkv);
+            return WeightGroup{layer_maps + kind, qkv_head_of(fh, kind, hq, hkv) * hd + c % hd};
           },
           [&](int c, int r, const float* v) { heads[r * ncols + c] = v[0]; });
       if (step == Walk::kYield) return true;
@@ -290,8 +288,8 @@ struct QkvRopeOp {
         const int r = item / nheads, j = item % nheads;
         const int t = r0 + r;
         const int fh = a.head_begin + j;
-        const int kind = kind_of(fh, hq, hkv);
-        const int h = head_of(fh, kind, hq, hkv);
+        const int kind = qkv_kind_of(fh, hq, hkv);
+        const int h = qkv_head_of(fh, kind, hq, hkv);
         float* head = heads + r * ncols + j * hd;  // (hd)
         const uint16_t* bias = bias_of(w, kind);
         if (bias != nullptr) {
@@ -304,7 +302,8 @@ struct QkvRopeOp {
           if (qk_norm != nullptr) warp_rms_norm(head, qk_norm, hd, md.rms_norm_eps, head);
           __syncwarp();
           for (int i = lane; i < half; i += 32) {  // pair i: dims i and i + half
-            const float2 cs = rope_at(md, pos, i);
+            const float2 cs = rope_cos_sin(reinterpret_cast<const float2*>(md.rope),
+                                           md.rope_positions, md.inv_freq, half, pos, i);
             const float c = cs.x, s = cs.y;
             const float x1 = head[i], x2 = head[i + half];
             head[i] = x1 * c - x2 * s;

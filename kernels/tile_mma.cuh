@@ -64,12 +64,6 @@ struct ProjectionInput {
   // cores that read through pointers (src_row, row_of: already offset) ignore it, and so does
   // the activation cache, which a pass with k0 != 0 never uses.
   int32_t k0 = 0;
-  // Where set (one matrix), the wgmma core adds each output into these fp32 rows itself,
-  // add_into[(first_row + r) * add_ld + c] += v[0], with its loads issued in batches, and does
-  // not call emit: an emit per element that reads what it adds to waits for each load in turn
-  // (a 128 x 256 tile's 128 loads per thread). The other cores call emit.
-  float* add_into = nullptr;
-  int32_t add_ld = 0;
 };
 
 // ProjectionInput::cache_tag of an op's activations in a layer: the op's A blocks differ from

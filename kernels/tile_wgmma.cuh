@@ -212,34 +212,49 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
   __syncthreads();  // every thread reads `pass` (and the tables) in run_wgmma_pass
 }
 
-// out[r * ld + c] += dstage[r][c] for r < nr, c < nc: each thread loads kAddBatch values (4
-// floats each where the rows allow float4) before it adds and stores any, so that a batch's
-// loads are in flight together. A function of its own (a call), so that its loaded values
-// stay in registers: inlined into dispatch, whose registers are all taken, they went to local
-// memory one load at a time, each store waiting for its load.
+// out[r * ld + c] (+)= dstage[r][c] for r < nr, c < nc (`add`: added to what is there, else
+// stored): where it adds, each thread loads kAddBatch values (4 floats each where the rows
+// allow float4) before it adds and stores any, so that a batch's loads are in flight
+// together; an emit per element that reads what it adds to waits for each load in turn (a
+// 128 x 256 tile's 128 loads per thread). A function of its own (a call), so that its loaded
+// values stay in registers: inlined into dispatch, whose registers are all taken, they went
+// to local memory one load at a time, each store waiting for its load.
 inline constexpr int kAddBatch = 4;
-__device__ __noinline__ void wgmma_pass_add_into(float* out, int ld, const float* dstage, int nr,
-                                                 int nc) {
+__device__ __noinline__ void wgmma_pass_to_rows(float* out, int ld, const float* dstage, int nr,
+                                                int nc, bool add) {
   __builtin_assume(__isShared(dstage));
   const bool vec = nc % 4 == 0 && ld % 4 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
   const int width = vec ? 4 : 1;  // floats per item
   const int per_row = nc / width, items = nr * per_row;
+  const auto at_of = [&](int i) {  // item i's first float
+    return out + static_cast<int64_t>(i / per_row) * ld + i % per_row * width;
+  };
+  const auto staged = [&](int i) {
+    return dstage + i / per_row * kWgmmaDStride + i % per_row * width;
+  };
+  if (!add) {
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+      if (vec) {
+        *reinterpret_cast<float4*>(at_of(i)) = *reinterpret_cast<const float4*>(staged(i));
+      } else {
+        *at_of(i) = *staged(i);
+      }
+    }
+    return;
+  }
   for (int i0 = threadIdx.x; i0 < items; i0 += blockDim.x * kAddBatch) {
     float4 old[kAddBatch];
 #pragma unroll
     for (int u = 0; u < kAddBatch; ++u) {
-      const int i = min(i0 + u * static_cast<int>(blockDim.x), items - 1);  // in range
-      const int r = i / per_row, c = i % per_row * width;
-      const float* at = out + static_cast<int64_t>(r) * ld + c;
+      const float* at = at_of(min(i0 + u * static_cast<int>(blockDim.x), items - 1));  // in range
       old[u] = vec ? *reinterpret_cast<const float4*>(at) : make_float4(*at, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int u = 0; u < kAddBatch; ++u) {
       const int i = i0 + u * static_cast<int>(blockDim.x);
       if (i >= items) break;
-      const int r = i / per_row, c = i % per_row * width;
-      float* at = out + static_cast<int64_t>(r) * ld + c;
-      const float* d = dstage + r * kWgmmaDStride + c;
+      float* at = at_of(i);
+      const float* d = staged(i);
       if (vec) {
         const float4 x = *reinterpret_cast<const float4*>(d);
         *reinterpret_cast<float4*>(at) =
@@ -262,8 +277,7 @@ concept PassEmit = requires(Emit e, float* d) {
 static_assert(kWgmmaDStride - kWgmmaPassB >= 4);
 
 // Hands pass p's outputs, staged by run_wgmma_pass, to emit(c, r, v[kMats]) once per column
-// and token row of the pass (or to emit.pass, or adds them into in.add_into); ends with
-// __syncthreads.
+// and token row of the pass (or to emit.pass); ends with __syncthreads.
 template <int kMats, int kRows, typename Emit>
 __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep, int p,
                                 Emit emit) {
@@ -271,22 +285,14 @@ __device__ void wgmma_pass_emit(const ProjectionInput& in, char* smem, bool deep
   const WgmmaPassShape<kMats, kRows> sh(in, p);
   if constexpr (PassEmit<Emit>) {
     emit.pass(l.dstage, sh.r0, sh.nr, sh.c0, sh.nc, sh.cstride);
-    __syncthreads();  // the memory free for the next pass
-    return;
-  }
-  if (kMats == 1 && in.add_into != nullptr) {
-    wgmma_pass_add_into(
-        in.add_into + static_cast<int64_t>(in.first_row + sh.r0) * in.add_ld + sh.c0, in.add_ld,
-        l.dstage, sh.nr, sh.nc);
-    __syncthreads();  // the memory free for the next pass
-    return;
-  }
-  for (int i = threadIdx.x; i < sh.nr * sh.nc; i += blockDim.x) {
-    const int r = i / sh.nc, c = i % sh.nc;  // consecutive threads: consecutive columns
-    float v[kMats];
+  } else {
+    for (int i = threadIdx.x; i < sh.nr * sh.nc; i += blockDim.x) {
+      const int r = i / sh.nc, c = i % sh.nc;  // consecutive threads: consecutive columns
+      float v[kMats];
 #pragma unroll
-    for (int m = 0; m < kMats; ++m) v[m] = l.dstage[r * kWgmmaDStride + m * sh.cstride + c];
-    emit(sh.c0 + c, sh.r0 + r, v);
+      for (int m = 0; m < kMats; ++m) v[m] = l.dstage[r * kWgmmaDStride + m * sh.cstride + c];
+      emit(sh.c0 + c, sh.r0 + r, v);
+    }
   }
   __syncthreads();  // emitted values visible; the memory free for the next pass
 }
