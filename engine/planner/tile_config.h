@@ -168,14 +168,13 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   // down and 1.8 for O per step, floors ~1.3 and ~0.4). 4 splits give 128 tiles of 256
   // columns over a quarter of K each: activations read once per 256 weight rows.
   c.max_k_splits = 4;
-  // A norm stage from 9 tokens. Steps of 2-8 tokens take the wgmma passes too, each QKV and
-  // gate/up tile converting its fp32 rows (an 8B decode step of 8 on an H100: 106 us per QKV
-  // tile, against 50 us for tiles of 32 rows read as bf16 from the stage); whether a stage
-  // pays at so few rows was not measured. The threshold was 32, from a time when the stages'
-  // barriers cost more; with 9, ShareGPT 1000 ran at 9,588 tok/s against 9,528 (H100,
-  // bench/RESULTS.md, 2026-12-07). The backend turns it off where nothing reads the stage's
-  // rows (no wgmma, no bf16 rows).
-  c.norm_stage_tokens = 9;
+  // A norm stage from 2 tokens: every step whose tiles take the wgmma passes (one-row steps
+  // take the CUDA cores, which read fp32 rows). Without it an 8B decode step of 8 on an H100
+  // spent 111 us per QKV tile converting its fp32 rows in every tile, against 56 us per tile
+  // of batch 32 reading bf16 rows from the stage (bench/RESULTS.md, 2026-12-07); the
+  // threshold was 32, then 9. The backend turns it off where nothing reads the stage's rows
+  // (no wgmma, no bf16 rows).
+  c.norm_stage_tokens = 2;
   // bf16 tensor cores as used (~512 flops per SM-cycle), ~3-4 TB/s over 132 SMs at ~1.8 GHz
   // (~13 bytes per SM-cycle).
   c.flops_per_cycle = 512.0;
