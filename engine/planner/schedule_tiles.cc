@@ -16,6 +16,8 @@ constexpr int kColumnGranule = 16;
 // many inputs.
 constexpr int kSplitKGranule = 64;
 constexpr int kMinSplitK = 512;
+// Split-K tiles narrower than hidden_cols in multiples of 64 columns (a wgmma weight group).
+constexpr int kSplitWidthGranule = 64;
 
 // Puts out[first, end), made row tile by row tile (`row_tiles` runs of equally many column
 // tiles), in groups of g row tiles taken column by column. Tiles of equal cost are dealt to
@@ -410,8 +412,9 @@ void TileMaker::hidden_tiles(const ModelShard& sh, Opcode op, int layer, int slo
   const int T = meta_.num_tokens;
   const int H = config_.hidden_size;
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
-  // Split-K tiles keep the configured width: the splits, not narrower columns, fill the SMs.
-  const int width = splits > 1 ? tiles_.hidden_cols
+  // Split-K tiles: the splits, and columns narrowed no further than one tile per SM, fill the
+  // SMs.
+  const int width = splits > 1 ? split_width(row_tiles, splits)
                                : column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
   const int k_range = in_cols / splits;  // k_splits() made it divide
   const size_t first = out.size();
@@ -535,10 +538,21 @@ void TileMaker::tp_reduce(const ModelShard& sh, int tp, int slot, bool assign, i
   }
 }
 
+int TileMaker::split_width(int row_tiles, int splits) const {
+  const int H = config_.hidden_size;
+  const int64_t per_sm = (static_cast<int64_t>(H) * row_tiles * splits + tiles_.num_sms - 1) /
+                         tiles_.num_sms;  // columns per tile at one tile per SM
+  const int64_t width = (per_sm + kSplitWidthGranule - 1) / kSplitWidthGranule * kSplitWidthGranule;
+  return static_cast<int>(std::min<int64_t>(tiles_.hidden_cols, width));
+}
+
 int TileMaker::k_splits(const ModelShard& sh, int in_cols) const {
-  if (sh.tp != 1 || tiles_.max_k_splits < 2) return 1;
-  const int64_t sms = tiles_.num_sms;
   const int T = meta_.num_tokens;
+  // Steps of matvec_rows rows (the CUDA cores) stream the weights on every SM unsplit; split
+  // tiles would stream as many bytes per SM and add a reduction stage, whose wake-up the cost
+  // model does not see.
+  if (sh.tp != 1 || tiles_.max_k_splits < 2 || T <= tiles_.matvec_rows) return 1;
+  const int64_t sms = tiles_.num_sms;
   const int H = config_.hidden_size;
   const int row_tiles = (T + tiles_.token_rows - 1) / tiles_.token_rows;
   const int64_t tiles =
@@ -551,20 +565,24 @@ int TileMaker::k_splits(const ModelShard& sh, int in_cols) const {
     splits *= 2;
   }
   if (splits == 1) return 1;
-  // Only where the busiest SM gets less work than with balanced (narrower) columns: a step of
-  // a few rows reads little activation per tile, and there half as many SMs streaming the
-  // weights (batch 1: 64 split tiles for 128 narrow ones) would be slower.
+  // Only where the busiest SM gets less work than with balanced (narrower) columns over all of
+  // K. The tiles take the tensor cores, which pay k_block_cycles per 64-wide k-block.
   const int rows = std::min(T, tiles_.token_rows);
-  const auto busiest = [&](int64_t n, const InstructionWork& work) {
-    return static_cast<double>((n + sms - 1) / sms) * estimated_cycles(tiles_, work);
+  const double k_block = tiles_.k_block_cycles;
+  const auto busiest = [&](int64_t n, const InstructionWork& work, int k) {
+    return static_cast<double>((n + sms - 1) / sms) *
+           (estimated_cycles(tiles_, work) + k_block * ((k + kSplitKGranule - 1) / kSplitKGranule));
   };
   const int narrow = column_width(H, tiles_.hidden_cols, kColumnGranule, row_tiles);
   const int64_t narrow_tiles = static_cast<int64_t>(row_tiles) * ((H + narrow - 1) / narrow);
-  const double unsplit = busiest(narrow_tiles, op_cost::projection(rows, narrow, in_cols, true));
+  const double unsplit =
+      busiest(narrow_tiles, op_cost::projection(rows, narrow, in_cols, true), in_cols);
+  const int wide = split_width(row_tiles, splits);
+  const int64_t split_tiles = static_cast<int64_t>(row_tiles) * ((H + wide - 1) / wide) * splits;
   const double split =
-      busiest(tiles * splits,
-              op_cost::projection(rows, std::min(H, tiles_.hidden_cols), in_cols / splits, false)) +
-      busiest(narrow_tiles, op_cost::tp_reduce(static_cast<double>(rows) * narrow, splits));
+      busiest(split_tiles, op_cost::projection(rows, wide, in_cols / splits, false),
+              in_cols / splits) +
+      busiest(narrow_tiles, op_cost::tp_reduce(static_cast<double>(rows) * narrow, splits), 0);
   return split < unsplit ? splits : 1;
 }
 

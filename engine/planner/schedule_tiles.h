@@ -50,6 +50,9 @@ class TileMaker {
   // How many K ranges this step's O (in_cols = o_proj_k) or down (ffn_cols) tiles take:
   // 1 (unsplit) unless one rank and TileConfig::max_k_splits allow [SPLIT_K].
   int k_splits(const ModelShard& sh, int in_cols) const;
+  // Column width of O and down tiles split `splits` ways along K: hidden_cols, or narrower
+  // (multiples of 64) where fewer columns per tile still give one tile per SM.
+  int split_width(int row_tiles, int splits) const;
   int o_proj_k(const ModelShard& sh) const { return sh.q_heads * config_.head_dim; }
   void lm_head(const ModelShard& sh, std::vector<Tile>& out) const;
   void sample(int tp, std::vector<Tile>& out) const;

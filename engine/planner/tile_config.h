@@ -62,6 +62,11 @@ struct TileConfig {
   double flops_per_cycle = 1024.0;
   double bytes_per_cycle = 64.0;
   double overhead_cycles = 2000.0;
+  // Fixed cycles per 64-wide k-block of a tensor-core projection tile (its pipeline's barriers
+  // and fills, whatever the tile's width): only the split-K choice of O and down reads it
+  // (TileMaker::k_splits), where narrow tiles over all of K pay it 4x as often as wide ones
+  // over a quarter. 0: not counted.
+  double k_block_cycles = 0.0;
 };
 
 // Every count must be positive (a zero tile size would cut nothing); the error names the field.
@@ -92,7 +97,8 @@ inline absl::Status check_tile_config(const TileConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("TileConfig.norm_stage_tokens = ", c.norm_stage_tokens, " < 0"));
   }
-  if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0)) {
+  if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0) ||
+      !(c.k_block_cycles >= 0)) {
     return absl::InvalidArgumentError("TileConfig cost model rates must be positive");
   }
   return absl::OkStatus();
@@ -180,6 +186,10 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   c.flops_per_cycle = 512.0;
   c.bytes_per_cycle = 13.0;
   c.overhead_cycles = 1000.0;
+  // An 8B decode step of 8 on an H100: down tiles of 32 columns over all 14,336 of K took 138
+  // us for 917 KB (224 k-blocks); gate/up's streamed 15 GB/s per SM, which would be ~60 us:
+  // ~0.35 us, ~600 cycles, more per k-block (bench/RESULTS.md, 2026-12-07).
+  c.k_block_cycles = 600.0;
   return c;
 }
 

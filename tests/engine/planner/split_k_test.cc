@@ -149,6 +149,37 @@ TEST(SplitKTest, TheVerifierNamesAReductionThatLostItsWaitForTheSplits) {
   EXPECT_TRUE(named) << "no conflict on the partial slots";
 }
 
+// A decode step of 8 (tensor-core tiles, which pay TileConfig::k_block_cycles per k-block):
+// O and down split 4 ways, into tiles of 128 columns (split_width: 32 column tiles x 4 K ranges
+// = 128 tiles on 132 SMs) instead of 128 unsplit tiles of 32 columns over all of K, with 4x
+// the k-blocks and 4x the activation reads each (before: split tiles kept 256 columns, 64
+// tiles on 132 SMs, and the step stayed unsplit).
+TEST(SplitKTest, SmallDecodeStepsSplitIntoWiderTilesThanTheyWouldNarrowTo) {
+  const ModelConfig c = llama_8b_shape();
+  const TileConfig tiles = gpu_tile_config(132);
+  ASSERT_GT(tiles.k_block_cycles, 0);
+  absl::StatusOr<Step> step = build(c, 1, plan(8), /*record=*/true);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(step->k_splits, 4);
+  const int H = c.hidden_size;
+  const std::pair<Opcode, int> ops[] = {{Opcode::kOProj, c.q_size()},
+                                        {Opcode::kDownProj, c.intermediate_size}};
+  for (const auto& [op, K] : ops) {
+    const auto tiles_of = split_tiles(*step, op);
+    EXPECT_EQ(tiles_of.size(), static_cast<size_t>(H / 128)) << isa::opcode_name(op);
+    for (const auto& [key, splits] : tiles_of) {
+      EXPECT_EQ(std::get<3>(key) - std::get<2>(key), 128) << isa::opcode_name(op);
+      ASSERT_EQ(splits.size(), 4u);
+      EXPECT_EQ(splits.rbegin()->second.second, K);
+    }
+  }
+  std::vector<int> cover(static_cast<size_t>(8) * H, 0);
+  EXPECT_GT(reduce_tiles(*step, 0, 4, H, cover), 0);
+  for (int n : cover) ASSERT_EQ(n, 2);
+  const absl::Status v = verify_step(*step);
+  EXPECT_TRUE(v.ok()) << v;
+}
+
 TEST(SplitKTest, PrefillsSingleRequestsAndTensorParallelismAreNotSplit) {
   const ModelConfig c = llama_8b_shape();
   const auto expect_unsplit = [&](const Step& step, const std::string& what) {
@@ -167,7 +198,8 @@ TEST(SplitKTest, PrefillsSingleRequestsAndTensorParallelismAreNotSplit) {
   absl::StatusOr<Step> prefill = build(c, 1, plan(0, 8192));
   ASSERT_TRUE(prefill.ok()) << prefill.status();
   expect_unsplit(*prefill, "prefill of 8192");
-  // One token row: narrow columns stream the weights on every SM; 64 split tiles would not.
+  // One token row (the CUDA cores: no k-block cost): narrow columns stream the same bytes on
+  // every SM as split tiles would, without a reduction.
   absl::StatusOr<Step> single = build(c, 1, plan(1));
   ASSERT_TRUE(single.ok()) << single.status();
   expect_unsplit(*single, "batch 1");
@@ -184,8 +216,8 @@ TEST(SplitKTest, PrefillsSingleRequestsAndTensorParallelismAreNotSplit) {
   expect_unsplit(*unsplit, "max_k_splits 1");
 }
 
-// Hidden 64 but O and down over 1024 inputs: a 100-token step's tiles (one row tile, one
-// column tile) split in 2, each K range 512.
+// Hidden 64 but O and down over 1024 inputs: a step's tiles (one row tile, one column tile)
+// split in 2, each K range 512.
 ModelConfig small_wide_k() {
   ModelConfig c;
   c.hidden_size = 64;
@@ -267,8 +299,9 @@ Outputs run_greedy(int max_k_splits) {
 
 TEST(SplitKTest, TheCpuInterpreterGivesTheSameTokensAndLogprobsWithSplitK) {
   const Outputs split = run_greedy(4), whole = run_greedy(1);
-  // The prefill step: O and down of 3 layers, 2 splits each.
-  EXPECT_EQ(split.split_tiles, 3 * 2 * 2);
+  // Every step (the prefill, then four of two decode rows): O and down of 3 layers, 2 splits
+  // each.
+  EXPECT_EQ(split.split_tiles, 5 * 3 * 2 * 2);
   EXPECT_EQ(whole.split_tiles, 0);
   ASSERT_EQ(split.tokens.size(), 10u);
   EXPECT_EQ(split.tokens, whole.tokens);
