@@ -48,8 +48,6 @@ struct Variant {
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
   bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
   bool matvec_registers = true;  // matvec projections load weights into registers, not by bulk
-  bool matvec_l2_prefetch = true;  // the register matvec asks its next weights into L2 ahead
-  bool matvec_l2_early = true;     // and its first weights before the instruction's waits
 };
 
 // The tile shape from MEGASERVE_PROFILE_TILES, if set; nullopt (with a message) if malformed.
@@ -77,8 +75,6 @@ void set_variant(CudaBackend& b, const Variant& v) {
   b.set_attention_cuda_cores(v.attention_cuda_cores);
   b.set_wgmma(v.wgmma);
   b.set_matvec_registers(v.matvec_registers);
-  b.set_matvec_l2_prefetch(v.matvec_l2_prefetch);
-  b.set_matvec_l2_early(v.matvec_l2_early);
 }
 
 // Runs one profiled step; prints its summary and writes its trace. Returns the span in µs.
@@ -156,16 +152,10 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
               b.describe().c_str());
 
   // Batch 1 takes the CUDA-core matvec in every variant (one token row), its weights loaded
-  // into registers (the default: with L2 prefetches ahead of the loads and before the waits;
-  // then without the early ones; then without any) or by bulk copies
-  // (kernels/tile_matvec_bulk.cuh).
+  // into registers (the default) or by bulk copies (kernels/tile_matvec_bulk.cuh).
   const Variant variants[] = {{"cuda-cores, register matvec", false, false, true, true},
                               {"wgmma, bulk-copy matvec", true, false, true, false},
-                              {"wgmma, register matvec (default)", true, false, true, true},
-                              {"wgmma, register matvec, no early L2", true, false, true, true,
-                               true, false},
-                              {"wgmma, register matvec, no L2 prefetch", true, false, true, true,
-                               false, false}};
+                              {"wgmma, register matvec (default)", true, false, true, true}};
   uint64_t step_id = 0;
   // Batch-1 decode: one request, context kContext.
   const double kv_bytes_1 = 2.0 * 2 * (kContext + 1) * config.num_layers * config.kv_size();

@@ -212,12 +212,6 @@ inline constexpr int32_t kStepWgmmaShallow = 16;
 // CUDA-core projections load their weights into registers (kernels/tile_matvec.cuh) even where
 // bulk copies could stream them (kernels/tile_matvec_bulk.cuh), to compare the two.
 inline constexpr int32_t kStepMatvecRegisters = 32;
-// The register matvec asks its weight stream's next batches into L2 ahead of their loads
-// (kernels/tile_matvec.cuh), or, without it, only loads them (to compare the two).
-inline constexpr int32_t kStepMatvecL2Prefetch = 64;
-// The register matvec's prefetch call asks the first weights of each warp's stream into L2
-// before the instruction waits (kernels/tile_matvec.cuh matvec_prefetch_l2).
-inline constexpr int32_t kStepMatvecL2Early = 128;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

@@ -189,20 +189,16 @@ __device__ int bulk_pass_slots(int32_t step_flags, const ProjectionInput& in, in
 
 // The prefetch call of a projection (kPrefetchCall) [MATVEC_BULK]: where project_now will
 // take the bulk-copy matvec for the first pass of this chunk, starts its weight segments and
-// records them in `bulk` for project_now; where it will take the register matvec, with
-// kStepMatvecL2Early, asks the first of its weights into L2. Every thread; no __syncthreads.
+// records them in `bulk` for project_now. Every thread; no __syncthreads.
 template <int kMats, typename SrcRow, typename RowOf>
 __device__ void prefetch_now(int32_t step_flags, const ProjectionInput& in, char* smem,
                              int smem_bytes, BulkState& bulk, SrcRow src_row, RowOf row_of) {
   if (in.nrows <= 0 || mma_takes<kMats>(step_flags, in, src_row, row_of)) return;
-  const int rpp = matvec_rows_per_pass(in.K, smem_bytes);
+  const int rpp = rows_per_pass(in.K, smem_bytes / static_cast<int>(sizeof(float)));
   int ring_at = 0;
   const int slots =
       bulk_pass_slots<kMats>(step_flags, in, min(rpp, in.nrows), smem_bytes, row_of, &ring_at);
-  if (slots == 0) {  // the register matvec takes the pass
-    if ((step_flags & kStepMatvecL2Early) != 0) matvec_prefetch_l2<kMats>(in.ncols, in.K, row_of);
-    return;
-  }
+  if (slots == 0) return;
   const int issued = bulk_begin<kMats>(bulk, in.ncols, in.K, smem + ring_at, slots, row_of);
   if ((threadIdx.x & 31) == 0) bulk.issued[threadIdx.x >> 5] = issued;
   if (threadIdx.x == 0) {
@@ -231,7 +227,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
   }
   const int K = in.K;
   float* xs = reinterpret_cast<float*>(smem);  // (rows, K)
-  const int rpp = matvec_rows_per_pass(K, smem_bytes);
+  const int rpp = rows_per_pass(K, smem_bytes / static_cast<int>(sizeof(float)));
   // Read by every thread before the first barrier below, cleared by thread 0 after it.
   const bool begun = bulk != nullptr && bulk->armed != 0;
   for (int r0 = 0; r0 < in.nrows; r0 += rpp) {
@@ -248,9 +244,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       tile_matvec_bulk<kMats>(*bulk, in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun,
                               row_of, emit_row);
     } else {
-      const int scratch_at = (n * K * static_cast<int>(sizeof(float)) + 15) / 16 * 16;
-      tile_matvec<kMats>(in.ncols, K, xs, n, (step_flags & kStepMatvecL2Prefetch) != 0,
-                         smem + scratch_at, smem_bytes - scratch_at, row_of, emit_row);
+      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
     }
     __syncthreads();
   }

@@ -220,8 +220,6 @@ absl::Status CudaBackend::submit(const Step& step) {
                         (options_.wgmma ? kernels::kStepWgmma : 0) |
                         (options_.wgmma_shallow ? kernels::kStepWgmmaShallow : 0) |
                         (options_.matvec_registers ? kernels::kStepMatvecRegisters : 0) |
-                        (options_.matvec_l2_prefetch ? kernels::kStepMatvecL2Prefetch : 0) |
-                        (options_.matvec_l2_early ? kernels::kStepMatvecL2Early : 0) |
                         (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =
       st.upload_step(step, token_ids, shape, f->sampling, flags, options_.poison_workspace);

@@ -94,12 +94,6 @@ struct CudaBackendOptions {
   // prefetched segments, 224 KB per SM issued before the wait, seem to delay the wait's own
   // loads), and the step took 9.90 ms against 9.47 (bench/RESULTS.md, 2026-12-07).
   bool matvec_registers = true;
-  // The register matvec asks the next 16 KB of each warp's weight stream into L2 (bulk
-  // prefetches) ahead of its loads (kernels/tile_matvec.cuh).
-  bool matvec_l2_prefetch = true;
-  // And asks the first 32 KB of each warp's stream into L2 before the instruction's waits, so
-  // they load while the previous stage ends.
-  bool matvec_l2_early = true;
   // kAttention on CUDA cores (keys spread over the warps) instead of bf16 tensor cores
   // (kernels/op_attention_mma.cuh, the default for head dims 64 and 128; other head dims
   // always run on CUDA cores).
@@ -176,8 +170,6 @@ class CudaBackend : public Backend {
   void set_wgmma(bool on) { options_.wgmma = on; }
   void set_wgmma_shallow(bool on) { options_.wgmma_shallow = on; }
   void set_matvec_registers(bool on) { options_.matvec_registers = on; }
-  void set_matvec_l2_prefetch(bool on) { options_.matvec_l2_prefetch = on; }
-  void set_matvec_l2_early(bool on) { options_.matvec_l2_early = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }
 

@@ -115,12 +115,6 @@ __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(map));
 }
 
-// Hint: start bringing global bytes [p, p + bytes) into L2 (one bulk request; nothing to
-// wait for, nothing written, so no clobber). p and bytes multiples of 16.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
-}
-
 // ---------------------------------------------------------------------------------------------
 // TMA bulk tensor loads (global -> shared), completing on an mbarrier
 // ---------------------------------------------------------------------------------------------
