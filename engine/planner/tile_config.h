@@ -34,10 +34,12 @@ struct TileConfig {
   // the busiest SM. Column splits change no number, only how instructions share the weights.
   bool balance_columns = false;
   // Split-K of O and down on one rank [SPLIT_K] (engine/isa/isa.h HiddenTileArgs): a stage
-  // whose tiles at hidden_cols are fewer than num_sms is cut along K into the fewest splits
-  // (a power of two up to this, each K range a multiple of 64 and at least 512) that give
-  // num_sms tiles, or as many as allowed, when the cost model puts the busiest SM lower so
-  // than with narrowed columns; a kTpReduce sums the splits. 1: never.
+  // of more than matvec_rows tokens whose tiles at hidden_cols are fewer than num_sms is cut
+  // along K into the fewest splits (a power of two up to this, each K range a multiple of 64
+  // and at least 512) that give num_sms tiles, or as many as allowed, the split tiles no
+  // narrower than one per SM needs (multiples of 64 columns), when the cost model (with
+  // k_block_cycles) puts the busiest SM lower so than with narrowed columns over all of K; a
+  // kTpReduce sums the splits. 1: never.
   int max_k_splits = 1;
 
   // Attention: a request whose context exceeds kv_split_tokens is split into KV splits of
