@@ -6,7 +6,9 @@
 //     and on the device (profiled span), against the memory floor (weights + KV bytes over
 //     the measured bandwidth), for each kernel variant;
 //   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens, each
-//     with the projections on wgmma and on mma.sync, profiled: per-opcode busy time and
+//     with the projections on wgmma and on mma.sync, profiled (and, wgmma only, the mixed
+//     steps of a server under load: 255 decodes at context 512 beside one prompt of 256 or
+//     2048 tokens, the step that admits a request; ShareGPT spends most of its time in them): per-opcode busy time and
 //     achieved TFLOP/s and TB/s (engine/cuda/cuda_trace.h), a per-SM Chrome trace of the first
 //     layers, and the prefill's compute floor (its FLOPs
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
@@ -68,6 +70,22 @@ std::optional<TileConfig> tiles_from_env(bool* malformed) {
   c.hidden_cols = values[1];
   c.ffn_cols = values[2];
   return c;
+}
+
+// make_plan's `decodes` requests at `context`, then one request prefilling `prompt` tokens
+// from position 0 in KV blocks after theirs.
+scheduler::StepPlan make_mixed_plan(uint64_t step_id, int decodes, int context, int prompt) {
+  scheduler::StepPlan plan = make_plan(step_id, decodes, context, 0);
+  const int first_block = decodes * ((context + 1 + kBlock - 1) / kBlock);
+  scheduler::StepRequest r;
+  r.request_id = step_id * 100000 + decodes + 1;
+  r.first_position = 0;
+  r.token_ids.assign(prompt, 7);
+  for (int k = 0; k < (prompt + kBlock - 1) / kBlock; ++k) r.block_table.push_back(first_block + k);
+  r.sample = true;
+  r.sampling.temperature = 0.0f;
+  plan.requests.push_back(r);
+  return plan;
 }
 
 void set_variant(CudaBackend& b, const Variant& v) {
@@ -209,6 +227,20 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
       std::printf("device span %.3f ms, floor/span %.3f, %.0f tok/s on the device\n", span * 1e-3,
                   floor_big / (span * 1e-6), kBigBatch / (span * 1e-6));
     }
+  }
+
+  // Mixed steps: 255 decodes beside one new prompt, as a loaded server admits a request into a
+  // full batch; each prompt token's cost is the step's span beyond decode 256's.
+  set_variant(b, variants[2]);
+  for (const int prompt : {256, 2048}) {
+    const scheduler::StepPlan mixed = make_mixed_plan(step_id++, kBigBatch - 1, kContext, prompt);
+    (void)runner.execute(mixed);  // warm-up
+    const double span = profiled_step(b, runner, config, make_mixed_plan(step_id++, kBigBatch - 1,
+                                                                         kContext, prompt),
+                                      "mixed: 255 decodes x context 512 + one prompt of " +
+                                          std::to_string(prompt) + " tokens, wgmma",
+                                      "");
+    if (span > 0) std::printf("device span %.3f ms\n", span * 1e-3);
   }
 
   // One 8192-token prefill step (a single request), tensor-core attention: projections on
