@@ -16,9 +16,13 @@
 //   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
 // MEGASERVE_PROFILE_TILES="qkv_heads,hidden_cols,ffn_cols" replaces those three of
 // gpu_tile_config, to compare tile shapes before changing the default.
+// MEGASERVE_PROFILE_KV_SPLITS="1024,256,..." then profiles batch-1 decode at contexts 512 and
+// 2048, decode 256 x 512 and the mixed step with each KV split size (TileConfig::
+// kv_split_tokens), default kernel variant, device spans only.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -122,6 +126,52 @@ double profiled_step(CudaBackend& b, StepRunner& runner, const ModelConfig& conf
                 w.ok() ? "written" : w.ToString().c_str());
   }
   return s.span_us;
+}
+
+// The device span of `plan` (after one unprofiled warm-up of the same shape), in ms; 0 if
+// the step failed.
+double span_ms(CudaBackend& b, StepRunner& runner, const ModelConfig& config,
+               const std::function<scheduler::StepPlan()>& make) {
+  if (!runner.execute(make()).ok()) return 0;
+  b.set_profile(true);
+  const bool ok = runner.execute(make()).ok();
+  b.set_profile(false);
+  if (!ok) return 0;
+  return summarize_trace(config, runner.last_step(), b.last_timings()).span_us * 1e-3;
+}
+
+// MEGASERVE_PROFILE_KV_SPLITS: a table of device spans by KV split size. False if the list is
+// malformed or a step fails.
+bool compare_kv_splits(CudaBackend& b, const ModelConfig& config, const std::string& list,
+                       uint64_t& step_id) {
+  std::vector<int> sizes;
+  for (const absl::string_view part : absl::StrSplit(list, ',')) {
+    int v = 0;
+    if (!absl::SimpleAtoi(part, &v) || v < 1) {
+      std::fprintf(stderr, "MEGASERVE_PROFILE_KV_SPLITS=%s: want sizes >= 1, comma-separated\n",
+                   list.c_str());
+      return false;
+    }
+    sizes.push_back(v);
+  }
+  std::printf("\nKV split size (device span, ms; wgmma, register matvec)\n%-10s %12s %12s %12s %12s\n",
+              "keys", "b1 ctx512", "b1 ctx2048", "b256 ctx512", "mixed 256");
+  for (const int size : sizes) {
+    b.set_kv_split_tokens(size);
+    StepRunner runner(config, b);
+    const double b1 = span_ms(b, runner, config, [&] { return make_plan(step_id++, 1, 512, 0); });
+    const double b1_long =
+        span_ms(b, runner, config, [&] { return make_plan(step_id++, 1, 2048, 0); });
+    const double big =
+        span_ms(b, runner, config, [&] { return make_plan(step_id++, kBigBatch, kContext, 0); });
+    const double mixed = span_ms(b, runner, config, [&] {
+      return make_mixed_plan(step_id++, kBigBatch - 1, kContext, 256);
+    });
+    if (b1 == 0 || b1_long == 0 || big == 0 || mixed == 0) return false;
+    std::printf("%-10d %12.3f %12.3f %12.3f %12.3f\n", size, b1, b1_long, big, mixed);
+  }
+  b.set_kv_split_tokens(gpu_tile_config().kv_split_tokens);
+  return true;
 }
 
 int run(const std::string& config_path, const std::string& out_dir, double bf16_tflops) {
@@ -241,6 +291,10 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
                                           std::to_string(prompt) + " tokens, wgmma",
                                       "");
     if (span > 0) std::printf("device span %.3f ms\n", span * 1e-3);
+  }
+
+  if (const char* splits = std::getenv("MEGASERVE_PROFILE_KV_SPLITS")) {
+    if (!compare_kv_splits(b, config, splits, step_id)) return 1;
   }
 
   // One 8192-token prefill step (a single request), tensor-core attention: projections on

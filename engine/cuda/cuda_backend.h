@@ -172,6 +172,9 @@ class CudaBackend : public Backend {
   void set_matvec_registers(bool on) { options_.matvec_registers = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }
+  // For benchmarks comparing KV split sizes (TileConfig::kv_split_tokens, >= 1): seen by the
+  // StepRunners made after the call (each takes its schedule target once).
+  void set_kv_split_tokens(int tokens) { tiles_.kv_split_tokens = tokens; }
 
  private:
   struct InFlight;  // a step posted to the device and not yet collected (cuda_backend.cc)
