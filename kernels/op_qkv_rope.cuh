@@ -109,10 +109,8 @@ struct QkvPairsEmit {
 // block into the row's scratch floats of dstage (one thread per row), then kQkvBatch columns
 // per thread at a time with their cos and sin loaded before any is used. A function of its
 // own (a call) with plain arguments: inlined into dispatch, whose registers are all taken,
-// every element waited for its position, block and table loads in turn. 16 per thread: a
-// 128-row prefill pass of 128 pairs is 64 items per thread, so 4 rounds of table loads
-// (L2 round trips) instead of 16 at 4.
-inline constexpr int kQkvBatch = 16;
+// every element waited for its position, block and table loads in turn.
+inline constexpr int kQkvBatch = 4;
 __device__ __noinline__ void qkv_pairs_pass(QkvPairsEmit e, float* dstage, int r0, int nr, int c0,
                                             int nc, int cstride) {
   __builtin_assume(__isShared(dstage));
