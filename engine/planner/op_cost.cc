@@ -40,9 +40,13 @@ InstructionWork instruction_work(const ModelConfig& config, const StepMetadata& 
         const int row0 = meta.query_start[i];
         const int n = meta.query_start[i + 1] - row0;
         const int q0 = batch ? 0 : a.query_begin, q1 = batch ? n : a.query_end;
+        double most_keys = 0;
         for (int qi = q0; qi < q1; ++qi) {
-          w += op_cost::attention_row(attention_keys(meta, row0 + qi, a.split), group, hd);
+          const double keys = attention_keys(meta, row0 + qi, a.split);
+          w += op_cost::attention_row(keys, group, hd);
+          most_keys = std::max(most_keys, keys);
         }
+        w += op_cost::attention_kv(most_keys, hd);
       }
       return w;
     }

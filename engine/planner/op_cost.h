@@ -50,10 +50,16 @@ inline InstructionWork gate_up(double rows, double cols, double hidden) {
           2 * cols * hidden * kWeightBytes + rows * (hidden + cols) * kActivationBytes};
 }
 // One query row scoring `keys` keys for a group of `group` q heads: q.k and p.v per key per
-// head; K and V rows read once (the group shares them), q read and the output written.
+// head; q read and the output written. The K and V rows are attention_kv's.
 inline InstructionWork attention_row(double keys, int group, int head_dim) {
-  return {4.0 * group * head_dim * keys,
-          2 * keys * head_dim * kWeightBytes + 2.0 * group * head_dim * kActivationBytes};
+  return {4.0 * group * head_dim * keys, 2.0 * group * head_dim * kActivationBytes};
+}
+// One request's `keys` K and V rows of one kv head, read once per attention tile whatever
+// its query rows (a tile stages them once for all of its rows and their group's q heads).
+// Counted per row, a 32-row prefill tile of 256 keys weighed twice a decode tile of 8
+// requests x 512 keys, which took ~4.6x as long on an H100 (bench/RESULTS.md, 2026-12-07).
+inline InstructionWork attention_kv(double keys, int head_dim) {
+  return {0, 2 * keys * head_dim * kWeightBytes};
 }
 // Merging `splits` partials of `elems` values (all q heads of one row).
 inline InstructionWork merge_row(double splits, double elems) {

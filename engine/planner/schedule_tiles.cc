@@ -278,6 +278,7 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
       const int key_begin = s < 0 ? 0 : s * K;
       const int key_end = s < 0 ? last_pos + 1 : std::min(last_pos + 1, (s + 1) * K);
       work += op_cost::attention_row(key_end - key_begin, group, hd) * (q1 - q0);
+      work += op_cost::attention_kv(key_end - key_begin, hd);
     }
     Tile& t = new_tile(out, Opcode::kAttention, layer, work);
     isa::AttentionArgs a{};

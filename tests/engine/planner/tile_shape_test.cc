@@ -6,7 +6,8 @@
 // fp32 rounding, whichever way the requests were split, and the verifier proves every step.
 // QKV tiles are never wider than qkv_heads, whatever the step (a q/k-norm model's heads wait
 // in shared memory beside the projection core); they are token_rows tall without q/k norm
-// (RoPE pairs straight from the projection) and qkv_rows tall with it.
+// (RoPE pairs straight from the projection) and qkv_rows tall with it. Attention tiles are
+// costed by the keys they load, once per tile: a mixed step's decode tiles spread evenly.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -200,6 +201,57 @@ TEST(TileShapeTest, QkvTilesAreTokenRowsTallUnlessTheModelHasQkNorm) {
     }
     EXPECT_EQ(tallest, want) << "qk_norm " << qk_norm;
   }
+}
+
+// The step a loaded server admits a request in: 255 decodes at position 512 (32 tiles of 8
+// requests per kv head) beside a 256-token prompt (8 tiles of 32 query rows per kv head), on
+// an 8B-like attention shape. A decode tile streams 8 requests' 513 keys and took ~4.6x as
+// long as a prompt tile on an H100; costed per query row, the prompt tiles weighed twice as
+// much, went first, and 68 SMs ended with 3 decode tiles. Costed by the keys each tile
+// loads, no SM gets more than the 2 that 256 tiles on 132 SMs need.
+TEST(TileShapeTest, DecodeTilesOfAMixedStepSpreadAsEvenlyAsTheirCount) {
+  ModelConfig c = small_llama();
+  c.hidden_size = 4096;
+  c.intermediate_size = 512;
+  c.num_layers = 1;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  scheduler::StepPlan p;
+  p.kv_block_size = 16;
+  int block = 0;
+  const auto add = [&](int first_position, int tokens) {
+    scheduler::StepRequest r;
+    r.request_id = p.requests.size() + 1;
+    r.first_position = first_position;
+    r.token_ids.assign(tokens, 7);
+    for (int b = 0; b < (first_position + tokens + 15) / 16; ++b) r.block_table.push_back(block++);
+    r.sample = true;
+    p.requests.push_back(r);
+  };
+  for (int i = 0; i < 255; ++i) add(512, 1);
+  add(0, 256);
+  ScheduleBuilder builder(c, gpu_tile_config(132), 1, {});
+  absl::StatusOr<Step> step = builder.build(p, block);
+  ASSERT_TRUE(step.ok()) << step.status();
+  const RankSchedule& rank = step->ranks[0];
+  int most = 0, decode_tiles = 0, prompt_tiles = 0;
+  for (int q = 0; q < rank.num_queues(); ++q) {
+    int here = 0;
+    for (int i = rank.queue_begin[q]; i < rank.queue_begin[q + 1]; ++i) {
+      const isa::Instruction& inst = rank.instructions[i];
+      if (inst.opcode() != isa::Opcode::kAttention) continue;
+      const auto a = isa::args_of<isa::AttentionArgs>(inst);
+      const bool decode = a.request_end - a.request_begin > 1;
+      here += decode;
+      decode_tiles += decode;
+      prompt_tiles += !decode;
+    }
+    most = std::max(most, here);
+  }
+  EXPECT_EQ(decode_tiles, 32 * 8);
+  EXPECT_EQ(prompt_tiles, 8 * 8);
+  EXPECT_EQ(most, 2);
 }
 
 }  // namespace
