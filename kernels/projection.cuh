@@ -244,12 +244,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       tile_matvec_bulk<kMats>(*bulk, in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun,
                               row_of, emit_row);
     } else {
-      // The deferred emits' sums after the pass's rows, where they fit.
-      float* defer = xs + n * K;
-      const bool fits = (n * K + matvec_defer_floats<kMats>(in.ncols, n)) *
-                            static_cast<int>(sizeof(float)) <=
-                        smem_bytes;
-      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row, fits ? defer : nullptr);
+      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
     }
     __syncthreads();
   }

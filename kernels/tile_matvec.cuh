@@ -12,23 +12,12 @@ namespace megaserve::kernels {
 
 inline constexpr int kLoadsInFlight = 8;  // per lane, in the vectorized weight loop
 
-// Shared floats tile_matvec's deferred emits take: kMats per (column, row).
-template <int kMats>
-__device__ __forceinline__ int matvec_defer_floats(int ncols, int nrows) {
-  return ncols * nrows * kMats;
-}
-
 // For each column c in [0, ncols) and each row r in [0, nrows):
 //   v[m] = dot(row_of(m, c)[0, K), xs[r * K, r * K + K)) for m < kMats,
-// then emit(c, r, v) once per (c, r). With `defer` (shared memory, matvec_defer_floats
-// floats), the sums wait there and every thread emits after the last column, so that the
-// emits' own loads (a residual to add to, a token's position, cache block and RoPE table) are
-// in flight together; without, lane 0 of the column's warp emits at once, and the warp waits
-// for each emit's loads before its next column. Callers __syncthreads before (xs written) and
-// after (emitted values read by other threads).
+// then emit(c, r, v) once per (c, r), from whichever lane holds it. Callers __syncthreads
+// before (xs written) and after (emitted values read by other threads).
 template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf row_of, Emit emit,
-                            float* defer = nullptr) {
+__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf row_of, Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int c = warp; c < ncols; c += kMegakernelWarps) {
     float acc[kMats][kMaxMatvecRows];
@@ -92,22 +81,8 @@ __device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf 
       float v[kMats];
 #pragma unroll
       for (int m = 0; m < kMats; ++m) v[m] = warp_sum(acc[m][r]);
-      if (lane != 0) continue;
-      if (defer == nullptr) {
-        emit(c, r, v);
-      } else {
-#pragma unroll
-        for (int m = 0; m < kMats; ++m) defer[(c * nrows + r) * kMats + m] = v[m];
-      }
+      if (lane == 0) emit(c, r, v);
     }
-  }
-  if (defer == nullptr) return;
-  __syncthreads();  // every column's sums staged
-  for (int i = threadIdx.x; i < ncols * nrows; i += blockDim.x) {
-    float v[kMats];
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) v[m] = defer[i * kMats + m];
-    emit(i / nrows, i % nrows, v);
   }
 }
 
