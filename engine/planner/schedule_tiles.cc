@@ -281,6 +281,7 @@ void TileMaker::attention(const ModelShard& sh, int layer, std::vector<Tile>& ou
       work += op_cost::attention_kv(key_end - key_begin, hd);
     }
     Tile& t = new_tile(out, Opcode::kAttention, layer, work);
+    t.cost += tiles_.attention_tile_cycles;
     isa::AttentionArgs a{};
     a.kv_head = kv;
     a.request_begin = rb;

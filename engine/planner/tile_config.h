@@ -69,6 +69,11 @@ struct TileConfig {
   // (TileMaker::k_splits), where narrow tiles over all of K pay it 4x as often as wide ones
   // over a quarter. 0: not counted.
   double k_block_cycles = 0.0;
+  // Fixed cycles per attention tile (staging its queries, filling its copy pipeline, writing
+  // its outputs), beside its flops and bytes: without them a short prompt's tiles looked 8x
+  // cheaper than a decode tile of 8 requests where they are ~4.6x, and LPT stacked them on
+  // the SMs with one decode tile. 0: not counted.
+  double attention_tile_cycles = 0.0;
 };
 
 // Every count must be positive (a zero tile size would cut nothing); the error names the field.
@@ -100,7 +105,7 @@ inline absl::Status check_tile_config(const TileConfig& c) {
         absl::StrCat("TileConfig.norm_stage_tokens = ", c.norm_stage_tokens, " < 0"));
   }
   if (!(c.flops_per_cycle > 0) || !(c.bytes_per_cycle > 0) || !(c.overhead_cycles >= 0) ||
-      !(c.k_block_cycles >= 0)) {
+      !(c.k_block_cycles >= 0) || !(c.attention_tile_cycles >= 0)) {
     return absl::InvalidArgumentError("TileConfig cost model rates must be positive");
   }
   return absl::OkStatus();
@@ -192,6 +197,10 @@ inline TileConfig gpu_tile_config(int num_sms = 132) {
   // us for 917 KB (224 k-blocks); gate/up's streamed 15 GB/s per SM, which would be ~60 us:
   // ~0.35 us, ~600 cycles, more per k-block (bench/RESULTS.md, 2026-12-07).
   c.k_block_cycles = 600.0;
+  // A 255-decode step beside a 256-token prompt on an H100: decode tiles (8 requests x 513
+  // keys) took ~139 us, the prompt's 64 tiles (32 query rows x <= 256 keys) ~30 us on
+  // average where their flops alone come to ~9 us at this rate: ~20 us more, ~40k cycles.
+  c.attention_tile_cycles = 40000.0;
   return c;
 }
 
