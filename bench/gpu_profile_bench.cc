@@ -8,9 +8,9 @@
 //   - a decode step of 256 requests at context 512 and a prefill step of 8192 tokens, each
 //     with the projections on wgmma and on mma.sync, profiled (and, wgmma only, the mixed
 //     steps of a server under load: 255 decodes at context 512 beside one prompt of 256 or
-//     2048 tokens, the step that admits a request; ShareGPT spends most of its time in them): per-opcode busy time and
-//     achieved TFLOP/s and TB/s (engine/cuda/cuda_trace.h), a per-SM Chrome trace of the first
-//     layers, and the prefill's compute floor (its FLOPs
+//     2048 tokens, the step that admits a request; ShareGPT spends most of its time in
+//     them): per-opcode busy time and achieved TFLOP/s and TB/s (engine/cuda/cuda_trace.h),
+//     a per-SM Chrome trace of the first layers, and the prefill's compute floor (its FLOPs
 //     over the bf16 matmul rate passed in, measured by scripts/gpu-suite with torch).
 //
 //   gpu_profile_bench [config.json] [out dir] [bf16 TFLOP/s, 0 = unknown]
@@ -154,8 +154,9 @@ bool compare_kv_splits(CudaBackend& b, const ModelConfig& config, const std::str
     }
     sizes.push_back(v);
   }
-  std::printf("\nKV split size (device span, ms; wgmma, register matvec)\n%-10s %12s %12s %12s %12s\n",
-              "keys", "b1 ctx512", "b1 ctx2048", "b256 ctx512", "mixed 256");
+  std::printf("\nKV split size (device span, ms; wgmma, register matvec)\n");
+  std::printf("%-10s %12s %12s %12s %12s\n", "keys", "b1 ctx512", "b1 ctx2048", "b256 ctx512",
+              "mixed 256");
   for (const int size : sizes) {
     b.set_kv_split_tokens(size);
     StepRunner runner(config, b);

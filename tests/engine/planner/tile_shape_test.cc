@@ -42,6 +42,18 @@ TileConfig tiles(bool narrow_only) {
   return t;
 }
 
+// Appends a greedy request prefilling or decoding `tokens` tokens from `first_position`, its KV
+// blocks the next ones from `block` on.
+void add_request(scheduler::StepPlan& p, int& block, int first_position, int tokens) {
+  scheduler::StepRequest& r = p.requests.emplace_back();
+  r.request_id = p.requests.size();
+  r.first_position = first_position;
+  for (int i = 0; i < tokens; ++i) r.token_ids.push_back((i * 7 + 3) % 256);
+  for (int b = 0; b < (first_position + tokens + 15) / 16; ++b) r.block_table.push_back(block++);
+  r.sample = true;
+  r.sampling.temperature = 0.0f;
+}
+
 // Request 0 prefills 1024 tokens at positions [512, 1536) (32 query tiles x 4 kv heads = 128
 // items, fewer than 132 SMs) or `chunk` tokens; request 1 decodes at position 1000;
 // request 2 prefills a 17-token chunk at position 600 (1 tile x 4 kv heads).
@@ -49,20 +61,10 @@ scheduler::StepPlan plan(int chunk) {
   scheduler::StepPlan p;
   p.kv_block_size = 16;
   int block = 0;
-  const auto add = [&](int first_position, int tokens) {
-    scheduler::StepRequest r;
-    r.request_id = p.requests.size() + 1;
-    r.first_position = first_position;
-    for (int i = 0; i < tokens; ++i) r.token_ids.push_back((i * 7 + 3) % 256);
-    for (int b = 0; b < (first_position + tokens + 15) / 16; ++b) r.block_table.push_back(block++);
-    r.sample = true;
-    r.sampling.temperature = 0.0f;
-    r.sampling.logprobs = 5;
-    p.requests.push_back(r);
-  };
-  add(512, chunk);
-  add(1000, 1);
-  add(600, 17);
+  add_request(p, block, 512, chunk);
+  add_request(p, block, 1000, 1);
+  add_request(p, block, 600, 17);
+  for (scheduler::StepRequest& r : p.requests) r.sampling.logprobs = 5;
   return p;
 }
 
@@ -222,17 +224,8 @@ TEST(TileShapeTest, DecodeTilesOfAMixedStepSpreadAsEvenlyAsTheirCount) {
   scheduler::StepPlan p;
   p.kv_block_size = 16;
   int block = 0;
-  const auto add = [&](int first_position, int tokens) {
-    scheduler::StepRequest r;
-    r.request_id = p.requests.size() + 1;
-    r.first_position = first_position;
-    r.token_ids.assign(tokens, 7);
-    for (int b = 0; b < (first_position + tokens + 15) / 16; ++b) r.block_table.push_back(block++);
-    r.sample = true;
-    p.requests.push_back(r);
-  };
-  for (int i = 0; i < 255; ++i) add(512, 1);
-  add(0, 256);
+  for (int i = 0; i < 255; ++i) add_request(p, block, 512, 1);
+  add_request(p, block, 0, 256);
   ScheduleBuilder builder(c, gpu_tile_config(132), 1, {});
   absl::StatusOr<Step> step = builder.build(p, block);
   ASSERT_TRUE(step.ok()) << step.status();
