@@ -19,6 +19,9 @@
 // MEGASERVE_PROFILE_KV_SPLITS="1024,256,..." then profiles batch-1 decode at contexts 512 and
 // 2048, decode 256 x 512 and the mixed step with each KV split size (TileConfig::
 // kv_split_tokens), default kernel variant, device spans only.
+// MEGASERVE_PROFILE_BOXES=N then profiles decode 256, the two mixed steps and the 8k prefill
+// with the wgmma weights in 64-row TMA boxes and in 16-row ones, N rounds, interleaved.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -172,6 +175,36 @@ bool compare_kv_splits(CudaBackend& b, const ModelConfig& config, const std::str
     std::printf("%-10d %12.3f %12.3f %12.3f %12.3f\n", size, b1, b1_long, big, mixed);
   }
   b.set_kv_split_tokens(gpu_tile_config().kv_split_tokens);
+  return true;
+}
+
+// MEGASERVE_PROFILE_BOXES=N: device spans (ms) with the wgmma weights in 64-row TMA boxes
+// (the default) and in 16-row ones, N rounds of wide then narrow, so that a drift over the run
+// shows in both columns. False if a step fails.
+bool compare_boxes(CudaBackend& b, const ModelConfig& config, int rounds, uint64_t& step_id) {
+  std::printf("\nwgmma TMA boxes of 64 / 16 weight rows (device span, ms)\n");
+  std::printf("%-6s %-6s %12s %12s %12s %12s\n", "round", "boxes", "b256 ctx512", "mixed 256",
+              "mixed 2048", "prefill 8k");
+  for (int r = 0; r < rounds; ++r) {
+    for (const bool wide : {true, false}) {
+      b.set_wgmma_wide_boxes(wide);
+      StepRunner runner(config, b);
+      const double big =
+          span_ms(b, runner, config, [&] { return make_plan(step_id++, kBigBatch, kContext, 0); });
+      const double mixed = span_ms(b, runner, config, [&] {
+        return make_mixed_plan(step_id++, kBigBatch - 1, kContext, 256);
+      });
+      const double mixed_long = span_ms(b, runner, config, [&] {
+        return make_mixed_plan(step_id++, kBigBatch - 1, kContext, 2048);
+      });
+      const double prefill =
+          span_ms(b, runner, config, [&] { return make_plan(step_id++, 1, 0, kPrefillTokens); });
+      if (big == 0 || mixed == 0 || mixed_long == 0 || prefill == 0) return false;
+      std::printf("%-6d %-6d %12.3f %12.3f %12.3f %12.3f\n", r, wide ? 64 : 16, big, mixed,
+                  mixed_long, prefill);
+    }
+  }
+  b.set_wgmma_wide_boxes(true);
   return true;
 }
 
@@ -333,6 +366,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
   // slower, in ops no change under test touched (gate/up, down, the LM head).
   if (const char* splits = std::getenv("MEGASERVE_PROFILE_KV_SPLITS")) {
     if (!compare_kv_splits(b, config, splits, step_id)) return 1;
+  }
+  if (const char* rounds = std::getenv("MEGASERVE_PROFILE_BOXES")) {
+    if (!compare_boxes(b, config, std::max(1, std::atoi(rounds)), step_id)) return 1;
   }
   return 0;
 }

@@ -8,9 +8,8 @@
 // matmul work, 2 M N K per layer. The fused work of each op (norm, RoPE and KV append, SiLU,
 // residual add) is inside the span, as in a real step. "busy" is the same work over the summed
 // busy time of the instructions spread evenly over the CTAs: the rate of a perfectly balanced
-// stream (placement and tails left out); "shallow" the span's rate with the shallow wgmma
-// pipeline for every op (kernels/tile_wgmma.cuh: 3 weight stages and 2 activation slots
-// instead of 4 and 3 where an op has the shared memory).
+// stream (placement and tails left out); "16-row" the span's rate with the weights in TMA
+// boxes of 16 rows instead of 64 (kernels/tile_wgmma.cuh [WIDE_BOX]).
 //
 //   gpu_projection_bench [config.json] [torch rates file]
 // The rates file (scripts/gpu-suite writes it with torch) holds lines "<op> <M> <TFLOP/s>";
@@ -96,7 +95,7 @@ int run(const std::string& config_path, const std::string& rates_path) {
   const int rows[] = {1, 64, 256, 1024, 4096, 8192};
   const int L = config.num_layers;
   std::printf("%-8s %6s %6s %6s %8s %10s %10s %10s %10s %10s %8s\n", "op", "M", "N", "K", "insts",
-              "span_ms", "TFLOP/s", "busy", "shallow", "torch", "ours/t");
+              "span_ms", "TFLOP/s", "busy", "16-row", "torch", "ours/t");
   uint64_t step_id = 0;
   for (const Projection& p : projections) {
     for (const int m : rows) {
@@ -112,9 +111,9 @@ int run(const std::string& config_path, const std::string& rates_path) {
       }
       const Step stream = op_stream(*full, p.op);
       // (span, summed busy / CTAs) in seconds of the median of kRuns profiled runs after a
-      // warm-up, with the default pipeline depth or the shallow one everywhere.
-      const auto measure = [&](bool shallow) -> std::optional<std::pair<double, double>> {
-        b.set_wgmma_shallow(shallow);
+      // warm-up, with the weights in 64-row TMA boxes (the default) or in 16-row ones.
+      const auto measure = [&](bool narrow) -> std::optional<std::pair<double, double>> {
+        b.set_wgmma_wide_boxes(!narrow);
         std::vector<std::pair<double, double>> runs;
         for (int run = 0; run < kRuns + 1; ++run) {
           b.set_profile(run > 0);
@@ -130,16 +129,16 @@ int run(const std::string& config_path, const std::string& rates_path) {
           for (const OpSummary& o : s.ops) busy_us += o.busy_us;
           runs.push_back({s.span_us * 1e-6, busy_us * 1e-6 / std::max(1, s.num_ctas)});
         }
-        b.set_wgmma_shallow(false);
+        b.set_wgmma_wide_boxes(true);
         std::sort(runs.begin(), runs.end());
         return runs[runs.size() / 2];
       };
-      const auto deep = measure(false), shallow = measure(true);
-      if (!deep || !shallow) return 1;
+      const auto wide = measure(false), narrow = measure(true);
+      if (!wide || !narrow) return 1;
       const double work = 2.0 * m * p.n * p.k * L;
-      const double tflops = work / deep->first * 1e-12;
-      const double busy_tflops = deep->second > 0 ? work / deep->second * 1e-12 : 0;
-      const double shallow_tflops = work / shallow->first * 1e-12;
+      const double tflops = work / wide->first * 1e-12;
+      const double busy_tflops = wide->second > 0 ? work / wide->second * 1e-12 : 0;
+      const double narrow_tflops = work / narrow->first * 1e-12;
       const auto torch = rates.find({p.name, m});
       char peer[64] = "-", ratio[64] = "-";
       if (torch != rates.end() && torch->second > 0) {
@@ -148,14 +147,14 @@ int run(const std::string& config_path, const std::string& rates_path) {
       }
       std::printf("%-8s %6d %6lld %6lld %8zu %10.3f %10.1f %10.1f %10.1f %10s %8s\n", p.name, m,
                   static_cast<long long>(p.n), static_cast<long long>(p.k),
-                  stream.ranks[0].instructions.size(), deep->first * 1e3, tflops, busy_tflops,
-                  shallow_tflops, peer, ratio);
+                  stream.ranks[0].instructions.size(), wide->first * 1e3, tflops, busy_tflops,
+                  narrow_tflops, peer, ratio);
     }
   }
   std::printf(
       "TFLOP/s: 2 M N K x %d layers over the median device span of %d runs; busy: over that "
-      "run's summed busy time / CTAs (a perfectly balanced stream); shallow: TFLOP/s with the "
-      "shallow wgmma pipeline everywhere; ours/t: TFLOP/s / torch\n",
+      "run's summed busy time / CTAs (a perfectly balanced stream); 16-row: TFLOP/s with the "
+      "weights in 16-row TMA boxes; ours/t: TFLOP/s / torch\n",
       L, kRuns);
   return 0;
 }

@@ -61,6 +61,9 @@ inline constexpr int kAttentionSmemFloats =
 // (kStepWgmmaShallow). Passes of 128 rows (a tile of more than 64 rows), shallow only, where an
 // op leaves kWgmmaWideCoreBytes.
 inline constexpr int kWgmmaGroupRows = 16;
+// Four groups of consecutive rows of one matrix (a quad of a pass's table) come in one box of
+// kWgmmaWideRows rows where the model has maps of that box (DeviceModel::wide_maps).
+inline constexpr int kWgmmaWideRows = 4 * kWgmmaGroupRows;
 inline constexpr int kWgmmaStageBytes = 32 * 1024;  // 256 weight rows x 64 k
 // Per token row: bf16 A (one swizzled 128-byte row) and the fp32 ring (64 k).
 inline constexpr int kWgmmaARowBytes = 128;
@@ -144,6 +147,9 @@ struct DeviceModel {
   // swizzle): layer l's matrix m at l * kLayerMatrices + m, the LM head after the layers. Null
   // when the matrices' K do not allow TMA (K % 8 != 0); the projections then use mma.sync.
   const CUtensorMap* weight_maps;
+  // weight_maps + wide_maps: the same matrices in boxes of 64 k x kWgmmaWideRows rows (one TMA
+  // copy where sixteen-row boxes took four), or 0 where there are none.
+  int32_t wide_maps;
   // The wgmma core's activation cache [ACT_CACHE] (kernels/act_cache.h): act_cache_rows
   // token rows of `hidden` bf16 (the bf16 A operand of passes over normalized or plain
   // activation blocks, at their token rows), its TMA map (box 64 k x kActCacheBoxRows rows,
@@ -212,6 +218,9 @@ inline constexpr int32_t kStepWgmmaShallow = 16;
 // CUDA-core projections load their weights into registers (kernels/tile_matvec.cuh) even where
 // bulk copies could stream them (kernels/tile_matvec_bulk.cuh), to compare the two.
 inline constexpr int32_t kStepMatvecRegisters = 32;
+// With kStepWgmma: every weight group in a box of its own, as before the wide boxes
+// [WIDE_BOX] (to compare the two in one process).
+inline constexpr int32_t kStepWgmmaNarrowBoxes = 64;
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

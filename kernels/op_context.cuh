@@ -31,7 +31,8 @@ struct WgmmaPass {
   const void* act_map;  // kActCached: the CUtensorMap A comes through
   uint64_t* act_flag;   // kActFill: the flag to publish act_key | 1 on
   uint64_t act_key;
-  ActCache cache;  // set once per CTA (the epoch per step)
+  ActCache cache;     // set once per CTA (the epoch per step)
+  int32_t wide_maps;  // DeviceModel::wide_maps, per step (0 with kStepWgmmaNarrowBoxes)
 };
 
 // The row scales (1 / rms) of the last chunk of rows a projection normalized on this CTA, and

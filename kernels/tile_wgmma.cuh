@@ -16,7 +16,8 @@
 //                back only what it copied, so the ring needs no barrier of its own.
 //   B (16 x N)   weight rows, K-major as stored: the TMA unit copies each group of
 //                kWgmmaGroupRows rows x 64 k (2 KB, one box) into a stage; a pass's rows are up
-//                to 16 groups (256 rows), each from one weight matrix (the op's map_of).
+//                to 16 groups (256 rows), each from one weight matrix (the op's map_of); four
+//                groups of consecutive rows of one matrix in one box of 64 rows [WIDE_BOX].
 // Passes of 64 token rows: warpgroup w multiplies weight rows [128 w, 128 w + 128) of the pass
 // (m64n128k16, 64 accumulator registers per thread). Passes of 128 rows: warpgroup w multiplies
 // token rows [64 w, 64 w + 64) by all 256 weight rows (m64n256k16, 128 registers), so each
@@ -74,10 +75,26 @@
 namespace megaserve::kernels {
 
 // Where a group of kWgmmaGroupRows weight rows comes from: rows [row, row + 16) of `map`.
+// `span`, set by wgmma_pass_setup [WIDE_BOX]: 1, a copy of this group alone; 4, the first of a
+// quad copied as one box of kWgmmaWideRows rows (from map + WgmmaPass::wide_maps); 0, a later
+// group of such a quad (no copy of its own).
 struct WeightGroup {
   const CUtensorMap* map;
   int32_t row;
+  int32_t span = 1;
 };
+
+// Group g's copy into a stage at `stage` for k-block k, where `span` says it has one
+// [WIDE_BOX]: the TMA unit writes a box of 64 or 16 rows of 128-byte swizzled rows, and four
+// 16-row boxes at consecutive 2 KB offsets lie exactly as one 64-row box (the swizzle is a
+// function of the shared-memory address, and every box starts 1024-byte aligned), so the
+// k-loops read either the same way.
+__device__ __forceinline__ void copy_weight_group(const WeightGroup& wg, int g, char* stage,
+                                                  uint64_t* bar, int k, int32_t wide_maps) {
+  if (wg.span == 0) return;
+  const CUtensorMap* map = wg.span == 4 ? wg.map + wide_maps : wg.map;
+  hopper::tma_load_2d(stage + g * kWgmmaGroupRows * 128, map, bar, k, wg.row);
+}
 
 inline constexpr int kWgmmaBlockK = 64;  // one 128-byte swizzled row
 inline constexpr int kWgmmaPassB = 256;  // weight rows per pass
@@ -88,6 +105,7 @@ static_assert(kWgmmaStageBytes == kWgmmaPassB * 128 && kWgmmaRingRowBytes == kWg
 static_assert(64 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 64));
 static_assert(128 * kWgmmaDStride * 4 <= wgmma_layout_bytes(3, 2, 128));
 // The tables: kRows activation row pointers and scales, kWgmmaGroups weight groups, 2 x 2 flags.
+static_assert(sizeof(WeightGroup) == 16);
 static_assert(128 * (8 + 4) + kWgmmaGroups * 16 + 4 <= kWgmmaTableBytes);
 
 // Called once per CTA by thread 0 before the first step; a __syncthreads must follow.
@@ -180,7 +198,21 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
   }
   const int cgroups = sh.cstride / kWgmmaGroupRows;  // per matrix
   if (tid < sh.ngroups) {
-    l.groups[tid] = group_of(tid / cgroups, sh.c0 + (tid % cgroups) * kWgmmaGroupRows);
+    const auto at = [&](int g) {
+      return group_of(g / cgroups, sh.c0 + (g % cgroups) * kWgmmaGroupRows);
+    };
+    WeightGroup wg = at(tid);
+    // [WIDE_BOX] A quad of the table (groups 4q .. 4q + 3) whose rows follow each other in
+    // one matrix comes in one box.
+    const int q = tid & ~3;
+    bool wide = pass.wide_maps != 0 && q + 3 < sh.ngroups;
+    const WeightGroup first = tid == q ? wg : at(q);
+    for (int i = 1; wide && i < 4; ++i) {
+      const WeightGroup o = q + i == tid ? wg : at(q + i);
+      wide = o.map == first.map && o.row == first.row + i * kWgmmaGroupRows;
+    }
+    wg.span = wide ? (tid == q ? 4 : 0) : 1;
+    l.groups[tid] = wg;
   }
   if (tid == 0) {
     pass.smem = smem;
@@ -361,6 +393,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
   uint64_t* const full = pipe.full + (deep ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (deep ? 1 : 0);
   const int K = pass.K, nr = pass.nr, ngroups = pass.ngroups, k0 = pass.k0;
+  const int32_t wide_maps = pass.wide_maps;
   const uint16_t* const norm = pass.norm;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
   char* const stages = l.stages;
@@ -394,8 +427,7 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     if ((tid & 31) != 0) return;
     char* dst = stages + s * kWgmmaStageBytes;
     for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar,
-                          k0 + j * kWgmmaBlockK, groups[g].row);
+      copy_weight_group(groups[g], g, dst, bar, k0 + j * kWgmmaBlockK, wide_maps);
     }
   };
   // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block, all
@@ -546,6 +578,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
   uint64_t* const full = pipe.full + (four ? 3 : 0);
   uint32_t* const consumed = pipe.consumed + (four ? 1 : 0);
   const int K = pass.K, ngroups = pass.ngroups, k0 = pass.k0;
+  const int32_t wide_maps = pass.wide_maps;
   const int nk = (K + kWgmmaBlockK - 1) / kWgmmaBlockK;
   char* const stages = l.stages;
   char* const abuf = stages + n_stages * kWgmmaStageBytes;  // [n_stages][kABytes]
@@ -570,8 +603,7 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
     char* dst = stages + s * kWgmmaStageBytes;
     const int warp = tid >> 5;
     for (int g = warp; g < ngroups; g += kMegakernelWarps) {
-      hopper::tma_load_2d(dst + g * kWgmmaGroupRows * 128, groups[g].map, bar,
-                          k0 + j * kWgmmaBlockK, groups[g].row);
+      copy_weight_group(groups[g], g, dst, bar, k0 + j * kWgmmaBlockK, wide_maps);
     }
     if (warp == kMegakernelWarps - 1) {
 #pragma unroll

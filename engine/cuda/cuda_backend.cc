@@ -219,6 +219,7 @@ absl::Status CudaBackend::submit(const Step& step) {
   const int32_t flags = (options_.tensor_cores ? kernels::kStepTensorCores : 0) |
                         (options_.wgmma ? kernels::kStepWgmma : 0) |
                         (options_.wgmma_shallow ? kernels::kStepWgmmaShallow : 0) |
+                        (options_.wgmma_wide_boxes ? 0 : kernels::kStepWgmmaNarrowBoxes) |
                         (options_.matvec_registers ? kernels::kStepMatvecRegisters : 0) |
                         (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =

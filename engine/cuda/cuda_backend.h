@@ -86,6 +86,9 @@ struct CudaBackendOptions {
   // With wgmma: the shallow pipeline (3 weight stages, 2 activation slots) for every op, not
   // only where an op lacks the shared memory of the deep one (4 and 3; kernels/tile_wgmma.cuh).
   bool wgmma_shallow = false;
+  // With wgmma: four weight groups of consecutive rows of one matrix in one TMA box of 64 rows
+  // (kernels/tile_wgmma.cuh [WIDE_BOX]); false: a box per 16-row group, as before.
+  bool wgmma_wide_boxes = true;
   // CUDA-core projections (up to kMaxMatvecRows token rows, or no tensor cores) load weights
   // into registers instead of streaming them by bulk copies into shared memory
   // (kernels/tile_matvec_bulk.cuh). Registers by default: at Llama-3.1-8B batch 1 on an H100
@@ -169,6 +172,7 @@ class CudaBackend : public Backend {
   void set_tensor_cores(bool on) { options_.tensor_cores = on; }
   void set_wgmma(bool on) { options_.wgmma = on; }
   void set_wgmma_shallow(bool on) { options_.wgmma_shallow = on; }
+  void set_wgmma_wide_boxes(bool on) { options_.wgmma_wide_boxes = on; }
   void set_matvec_registers(bool on) { options_.matvec_registers = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }

@@ -114,13 +114,16 @@ absl::Status upload_rank_weights(const ModelConfig& config, const ModelWeights& 
   absl::StatusOr<kernels::DeviceLayer*> dl = st.upload(layers.data(), layers.size(), "layers");
   if (!dl.ok()) return dl.status();
   m.layers = *dl;
-  absl::StatusOr<std::vector<CUtensorMap>> maps = encode_weight_maps(m, layers);
+  absl::StatusOr<WeightMaps> maps = encode_weight_maps(m, layers);
   if (!maps.ok()) return maps.status();
   m.weight_maps = nullptr;
-  if (!maps->empty()) {
-    absl::StatusOr<CUtensorMap*> dm = st.upload(maps->data(), maps->size(), "weight maps");
+  m.wide_maps = 0;
+  if (!maps->maps.empty()) {
+    absl::StatusOr<CUtensorMap*> dm =
+        st.upload(maps->maps.data(), maps->maps.size(), "weight maps");
     if (!dm.ok()) return dm.status();
     m.weight_maps = *dm;
+    m.wide_maps = maps->wide;
   }
   if (m.weight_maps != nullptr && wgmma) {  // only wgmma passes read it
     // The activation cache [ACT_CACHE]: kActCacheRowsPerCta token rows of the hidden size

@@ -1,5 +1,7 @@
 #include "engine/cuda/cuda_weight_maps.h"
 
+#include <algorithm>
+
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -49,32 +51,40 @@ absl::StatusOr<CUtensorMap> encode(EncodeTiled fn, const uint16_t* base, int64_t
 
 }  // namespace
 
-absl::StatusOr<std::vector<CUtensorMap>> encode_weight_maps(
-    const kernels::DeviceModel& m, const std::vector<kernels::DeviceLayer>& layers) {
+absl::StatusOr<WeightMaps> encode_weight_maps(const kernels::DeviceModel& m,
+                                              const std::vector<kernels::DeviceLayer>& layers) {
   const int64_t H = m.hidden, Q = int64_t{m.q_heads} * m.head_dim;
   const int64_t KV = int64_t{m.kv_heads} * m.head_dim, F = m.ffn;
-  if (H % 8 != 0 || Q % 8 != 0 || F % 8 != 0) return std::vector<CUtensorMap>{};
+  if (H % 8 != 0 || Q % 8 != 0 || F % 8 != 0) return WeightMaps{};
   absl::StatusOr<EncodeTiled> fn = encode_function();
   if (!fn.ok()) return fn.status();
-  std::vector<CUtensorMap> maps;
-  maps.reserve(layers.size() * kernels::kLayerMatrices + 1);
-  const auto add = [&](const uint16_t* base, int64_t rows, int64_t K,
-                       const char* what) -> absl::Status {
-    absl::StatusOr<CUtensorMap> map = encode(*fn, base, rows, K, what);
-    if (!map.ok()) return map.status();
-    maps.push_back(*map);
-    return absl::OkStatus();
-  };
-  for (const kernels::DeviceLayer& l : layers) {
-    // kernels::WeightMatrix order.
-    for (absl::Status s : {add(l.wq, Q, H, "wq"), add(l.wk, KV, H, "wk"), add(l.wv, KV, H, "wv"),
-                           add(l.wo, H, Q, "wo"), add(l.w_gate, F, H, "w_gate"),
-                           add(l.w_up, F, H, "w_up"), add(l.w_down, H, F, "w_down")}) {
-      if (!s.ok()) return s;
+  // Wide boxes only where every matrix has that many rows.
+  const bool wide = std::min({H, Q, KV, F, int64_t{m.vocab}}) >= kernels::kWgmmaWideRows;
+  const size_t n = layers.size() * kernels::kLayerMatrices + 1;
+  WeightMaps out;
+  out.maps.reserve(wide ? 2 * n : n);
+  for (int box_rows : {kernels::kWgmmaGroupRows, kernels::kWgmmaWideRows}) {
+    if (box_rows == kernels::kWgmmaWideRows && !wide) break;
+    const auto add = [&](const uint16_t* base, int64_t rows, int64_t K,
+                         const char* what) -> absl::Status {
+      absl::StatusOr<CUtensorMap> map = encode(*fn, base, rows, K, what, box_rows);
+      if (!map.ok()) return map.status();
+      out.maps.push_back(*map);
+      return absl::OkStatus();
+    };
+    for (const kernels::DeviceLayer& l : layers) {
+      // kernels::WeightMatrix order.
+      for (absl::Status s :
+           {add(l.wq, Q, H, "wq"), add(l.wk, KV, H, "wk"), add(l.wv, KV, H, "wv"),
+            add(l.wo, H, Q, "wo"), add(l.w_gate, F, H, "w_gate"), add(l.w_up, F, H, "w_up"),
+            add(l.w_down, H, F, "w_down")}) {
+        if (!s.ok()) return s;
+      }
     }
+    if (absl::Status s = add(m.lm_head, m.vocab, H, "lm_head"); !s.ok()) return s;
   }
-  if (absl::Status s = add(m.lm_head, m.vocab, H, "lm_head"); !s.ok()) return s;
-  return maps;
+  out.wide = wide ? static_cast<int32_t>(n) : 0;
+  return out;
 }
 
 absl::StatusOr<CUtensorMap> encode_act_cache_map(const uint16_t* base, int64_t rows, int64_t K) {

@@ -11,12 +11,21 @@
 
 namespace megaserve::engine {
 
+// The weights' maps (DeviceModel::weight_maps) and where their wide copies begin in them
+// (DeviceModel::wide_maps; 0: none).
+struct WeightMaps {
+  std::vector<CUtensorMap> maps;
+  int32_t wide = 0;
+};
+
 // One map per weight matrix of `layers` (host copies of the device records, in
-// kernels::WeightMatrix order per layer), then the LM head's, for the model's shape in `m`.
-// Empty when a matrix's K is not a multiple of 8 (TMA needs 16-byte row strides): the
-// projections then run on mma.sync. An error when the driver cannot encode a map.
-absl::StatusOr<std::vector<CUtensorMap>> encode_weight_maps(
-    const kernels::DeviceModel& m, const std::vector<kernels::DeviceLayer>& layers);
+// kernels::WeightMatrix order per layer), then the LM head's, for the model's shape in `m`,
+// in boxes of kWgmmaGroupRows rows; then, where every matrix has at least kWgmmaWideRows
+// rows, the same again in boxes of kWgmmaWideRows rows. Empty when a matrix's K is not a
+// multiple of 8 (TMA needs 16-byte row strides): the projections then run on mma.sync. An
+// error when the driver cannot encode a map.
+absl::StatusOr<WeightMaps> encode_weight_maps(const kernels::DeviceModel& m,
+                                              const std::vector<kernels::DeviceLayer>& layers);
 
 // The map of the activation cache (kernels::DeviceModel::act_cache): [rows, K] bf16 at `base`,
 // box 64 k x kernels::kActCacheBoxRows rows, 128-byte swizzle.

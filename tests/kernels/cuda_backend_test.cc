@@ -66,17 +66,20 @@ struct KernelVariant {
   // (tile_matvec_bulk): wgmma (the server's default) and the CUDA-core attention variant take
   // registers, the others bulk copies, so both cores are checked.
   bool matvec_registers = false;
+  // With wgmma: every weight group in a TMA box of its own (16 rows) instead of four in one
+  // (kernels/tile_wgmma.cuh [WIDE_BOX]); the shallow variant takes them, so both are checked.
+  bool wgmma_narrow_boxes = false;
   const char* name() const {
     if (attention_cuda_cores) return "cuda-core-attention";
     if (!tensor_cores) return "cuda-cores";
     if (!wgmma) return "mma.sync";
-    return wgmma_shallow ? "wgmma-shallow" : "wgmma";
+    return wgmma_shallow ? "wgmma-shallow-16-row-boxes" : "wgmma";
   }
 };
 constexpr KernelVariant kVariants[] = {{false, false, false},
                                        {true, false, false},
                                        {true, false, true, false, true},
-                                       {true, false, true, true},
+                                       {true, false, true, true, false, true},
                                        {false, true, false, false, true}};
 
 // `tiles`: the GPU's tile shapes (default gpu_tile_config(132 / tp) with c.kv_split_tokens);
@@ -138,6 +141,7 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.tensor_cores = variant.tensor_cores;
   gpu_opts.wgmma = variant.wgmma;
   gpu_opts.wgmma_shallow = variant.wgmma_shallow;
+  gpu_opts.wgmma_wide_boxes = !variant.wgmma_narrow_boxes;
   gpu_opts.matvec_registers = variant.matvec_registers;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
   gpu_opts.tensor_parallel = tp;
@@ -339,7 +343,7 @@ TEST(CudaWgmma, FewCtasReadCachedActivations) {
   TileConfig tiles = gpu_tile_config(3);
   tiles.hidden_cols = 128;
   run_forced(c, reqs, 4, kVariants[2], tiles, 3, 1, 64);
-  run_forced(c, reqs, 4, kVariants[3], tiles, 3, 1, 64);  // the shallow pipeline (3 cached stages)
+  run_forced(c, reqs, 4, kVariants[3], tiles, 3, 1, 64);  // shallow (3 cached stages), 16-row boxes
 }
 
 // QKV tiles over ranges of RoPE pairs that span two heads (engine/planner/schedule_tiles.cc):
