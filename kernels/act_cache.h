@@ -22,9 +22,11 @@
 // cache (QKV, output projection, gate/up of every layer) use a token row's region strictly one
 // after another, because every op's tiles wait for all the tiles of the stage before it
 // (engine/planner schedule_assembler.h), and QKV -> attention -> output -> gate/up -> down ->
-// the next layer's QKV is such a chain. A fill of 128 rows also overwrites the rows under the
-// next flag without touching it; that is safe for the same reason. Tagging another op, or
-// finer-grained waits, needs this argument made again.
+// the next layer's QKV is such a chain, and the LM head (which keeps its sampling rows at
+// their sampling index, not their token row) waits for all of the last layer's down tiles. A
+// fill of 128 rows also overwrites the rows under the next flag without touching it; that is
+// safe for the same reason. Tagging another op, or finer-grained waits, needs this argument
+// made again.
 #pragma once
 
 #include <stdint.h>

@@ -25,14 +25,23 @@ struct LmHeadOp {
     const int core_bytes = (ctx.smem_floats - kProjectionScaleFloats) * 4;
     PassWalk walk{ctx.call, 0, ctx.pass, ctx.bulk};
     // Chunks of kProjectionScaleRows: one 128-row wgmma pass per chunk and weight tile, so a
-    // decode step of 256 rows streams the vocabulary twice, not four times.
+    // decode step of 256 rows streams the vocabulary twice, not four times. The normalized
+    // sampling rows go through the activation cache [ACT_CACHE] at their sampling index s
+    // (row s of the cache): the first pass over a chunk converts and publishes them, every
+    // other pass on any SM takes them with the TMA unit (converting them in every pass, a
+    // decode step of 256 samples spent ~1.4 ms here on an H100, ~4x its floor). Safe by the
+    // cache's chain argument (kernels/act_cache.h): the LM head's tiles wait for all of the
+    // last layer's down tiles, which waited for all of its gate/up tiles, the last passes
+    // that read the cache before it.
     for (int s0 = a.sample_begin; s0 < a.sample_end; s0 += kProjectionScaleRows) {
       const int n = min(kProjectionScaleRows, a.sample_end - s0);
       const auto row = [&](int r) {
         return st.residual + static_cast<int64_t>(st.sample_rows[s0 + r]) * H;
       };
       const Walk step = project<1>(
-          walk, st.flags, ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm},
+          walk, st.flags,
+          ProjectionInput{n, a.col_end - a.col_begin, H, scale, md.final_norm,
+                          act_cache_tag(kOpcode, 0), s0},
           reinterpret_cast<char*>(core), core_bytes,
           [&] {
             cached_inv_rms(*ctx.norm_cache, static_cast<int32_t>(kOpcode), inst.layer(), s0, n, H,
