@@ -301,6 +301,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::create(const ModelConfig& model,
   config.num_kv_blocks = backend->num_kv_blocks();
   config.max_num_seqs = options.max_num_seqs;
   config.max_num_batched_tokens = options.max_num_batched_tokens;
+  config.max_prefill_tokens_with_decodes = options.max_prefill_tokens_with_decodes;
   config.max_waiting_requests = options.max_waiting_requests;
   config.max_model_len =
       options.max_model_len > 0 ? options.max_model_len : model.max_position_embeddings;

@@ -69,6 +69,7 @@ class RequestOutput {
 struct EngineOptions {
   int32_t max_num_seqs = 256;
   int32_t max_num_batched_tokens = 8192;
+  int32_t max_prefill_tokens_with_decodes = 0;  // scheduler::SchedulerConfig's; 0: no cap
   int32_t max_waiting_requests = 4096;
   int32_t max_model_len = 0;  // 0: the model's max_position_embeddings
   bool enable_prefix_caching = true;

@@ -28,6 +28,11 @@ absl::Status check_engine_options(const ModelConfig& model, const EngineOptions&
           absl::StrCat(count.name, " must be >= 1, got ", count.value));
     }
   }
+  if (options.max_prefill_tokens_with_decodes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_prefill_tokens_with_decodes must be >= 0, got ",
+                     options.max_prefill_tokens_with_decodes));
+  }
   return check_trace_options(options.trace);
 }
 

@@ -44,6 +44,11 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::create(const SchedulerConf
     if (value >= 1) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(name, " must be at least 1, got ", value));
   };
+  if (config.max_prefill_tokens_with_decodes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_prefill_tokens_with_decodes must be at least 0, got ",
+                     config.max_prefill_tokens_with_decodes));
+  }
   for (absl::Status s : {positive("max_num_seqs", config.max_num_seqs),
                          positive("max_num_batched_tokens", config.max_num_batched_tokens),
                          positive("max_waiting_requests", config.max_waiting_requests)}) {

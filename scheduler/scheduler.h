@@ -14,6 +14,7 @@
 //   2. running requests with more left (a prompt in chunks, or re-prefill after preemption);
 //   3. waiting requests in rank order, while budget, the cap and free blocks allow; none in a
 //      step that preempted (the blocks are short), and the first that does not fit stops it.
+// Where 1 picked any decode, 2 and 3 share at most max_prefill_tokens_with_decodes (when set).
 // Rank: lower priority value first, then earlier arrival (FCFS when priorities are equal;
 // the default priority 0 makes FCFS the default policy).
 //
@@ -59,6 +60,11 @@ struct SchedulerConfig {
   int32_t num_kv_blocks = 0;   // from the engine's memory budget: see num_kv_blocks_for_budget
   int32_t max_num_seqs = 256;  // requests per step, and running requests at any time
   int32_t max_num_batched_tokens = 8192;  // input tokens per step
+  // Input tokens of prompts (chunks of running prefills, admissions) per step at most when the
+  // step has decodes; 0: only max_num_batched_tokens. A long prompt then joins a loaded batch
+  // in chunks of this size, so the decodes' inter-token latency stays near a decode step's
+  // (the tokens a preemption refunds in the same step may exceed it).
+  int32_t max_prefill_tokens_with_decodes = 0;
   int32_t max_waiting_requests = 4096;    // waiting queue (preempted requests included)
   // Longest sequence, prompt + generated tokens. A request stops (kLength) on reaching it;
   // the last token is never fed back, so KV holds at most max_model_len - 1 positions.

@@ -65,6 +65,7 @@ config::ServerConfig default_server_config() {
   e->set_max_num_seqs(256);
   e->set_max_num_batched_tokens(8192);
   e->set_max_waiting_requests(4096);
+  e->set_max_prefill_tokens_with_decodes(0);
   e->set_max_model_len(0);
   e->set_cpu_threads(0);
   e->set_enable_prefix_caching(true);

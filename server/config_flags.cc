@@ -113,6 +113,9 @@ ABSL_FLAG(UintOverride, max_num_seqs, shown_value(engine_defaults().max_num_seqs
           "requests per step at most");
 ABSL_FLAG(UintOverride, max_num_batched_tokens,
           shown_value(engine_defaults().max_num_batched_tokens()), "tokens per step at most");
+ABSL_FLAG(UintOverride, max_prefill_tokens_with_decodes,
+          shown_value(engine_defaults().max_prefill_tokens_with_decodes()),
+          "prompt tokens per step at most while decodes run in it; 0: max_num_batched_tokens");
 ABSL_FLAG(UintOverride, max_waiting_requests, shown_value(engine_defaults().max_waiting_requests()),
           "waiting queue length; beyond it requests get RESOURCE_EXHAUSTED");
 ABSL_FLAG(UintOverride, max_model_len, shown_value(engine_defaults().max_model_len()),
@@ -173,6 +176,8 @@ void apply_flag_overrides(config::ServerConfig* c) {
   override_field(FLAGS_max_num_seqs, [e](uint32_t v) { e->set_max_num_seqs(v); });
   override_field(FLAGS_max_num_batched_tokens,
                  [e](uint32_t v) { e->set_max_num_batched_tokens(v); });
+  override_field(FLAGS_max_prefill_tokens_with_decodes,
+                 [e](uint32_t v) { e->set_max_prefill_tokens_with_decodes(v); });
   override_field(FLAGS_max_waiting_requests, [e](uint32_t v) { e->set_max_waiting_requests(v); });
   override_field(FLAGS_max_model_len, [e](uint32_t v) { e->set_max_model_len(v); });
   override_field(FLAGS_cpu_threads, [e](uint32_t v) { e->set_cpu_threads(v); });

@@ -229,6 +229,8 @@ absl::StatusOr<ServedModel> setup_model(const config::ServerConfig& config) {
   engine::EngineOptions options;
   options.max_num_seqs = static_cast<int32_t>(e.max_num_seqs());
   options.max_num_batched_tokens = static_cast<int32_t>(e.max_num_batched_tokens());
+  options.max_prefill_tokens_with_decodes =
+      static_cast<int32_t>(e.max_prefill_tokens_with_decodes());
   options.max_waiting_requests = static_cast<int32_t>(e.max_waiting_requests());
   options.max_model_len = static_cast<int32_t>(e.max_model_len());
   options.enable_prefix_caching = e.enable_prefix_caching();

@@ -51,6 +51,12 @@ TEST(EngineOptionsTest, CountsMustBePositive) {
   options.max_waiting_requests = 0;
   EXPECT_THAT(std::string(check_engine_options(model, options).message()),
               HasSubstr("max_waiting_requests"));
+  options = {};
+  options.max_prefill_tokens_with_decodes = -1;
+  EXPECT_THAT(std::string(check_engine_options(model, options).message()),
+              HasSubstr("max_prefill_tokens_with_decodes must be >= 0, got -1"));
+  options.max_prefill_tokens_with_decodes = 0;  // no cap
+  EXPECT_TRUE(check_engine_options(model, options).ok());
 }
 
 }  // namespace

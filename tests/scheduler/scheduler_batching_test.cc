@@ -10,6 +10,7 @@ namespace {
 
 using testing::apply;
 using ::testing::ElementsAre;
+using ::testing::HasSubstr;
 using ::testing::ElementsAreArray;
 using testing::make_scheduler;
 using testing::output_for;
@@ -142,6 +143,37 @@ TEST(SchedulerBatchingTest, DecodesGoBeforePrefillChunks) {
     EXPECT_LE(p.num_tokens(), c.max_num_batched_tokens);
     apply(*s, output_for(p, position_token));
   }
+}
+
+// max_prefill_tokens_with_decodes: beside a decode, prompt chunks and admissions share 4
+// tokens of the 64-token budget; a step without decodes takes the whole budget.
+TEST(SchedulerBatchingTest, PromptTokensBesideDecodesAreCapped) {
+  SchedulerConfig c = base_config();
+  c.max_prefill_tokens_with_decodes = 4;
+  auto s = make_scheduler(c);
+  ASSERT_TRUE(s->add_request(spec(1, tokens(10, 10), 4)).ok());
+  StepPlan p1 = plan(*s);
+  EXPECT_THAT(rows(p1), ElementsAre(Row{1, 0, 10, true}));  // no decode: not capped
+  apply(*s, output_for(p1, position_token));
+  ASSERT_TRUE(s->add_request(spec(2, tokens(7, 50), 3)).ok());
+  ASSERT_TRUE(s->add_request(spec(3, tokens(2, 80), 3)).ok());
+  const std::vector<std::vector<Row>> expected = {
+      {{1, 10, 1, true}, {2, 0, 4, false}},  // 3 waits: the cap is spent
+      {{1, 11, 1, true}, {2, 4, 3, true}, {3, 0, 1, false}},
+      {{1, 12, 1, true}, {2, 7, 1, true}, {3, 1, 1, true}},  // 1 finishes (4 tokens)
+  };
+  for (size_t step = 0; step < expected.size(); ++step) {
+    StepPlan p = plan(*s);
+    EXPECT_THAT(rows(p), ElementsAreArray(expected[step])) << "step " << step + 2;
+    apply(*s, output_for(p, position_token));
+  }
+}
+
+TEST(SchedulerBatchingTest, NegativePromptCapIsRefused) {
+  SchedulerConfig c = base_config();
+  c.max_prefill_tokens_with_decodes = -1;
+  EXPECT_THAT(Scheduler::create(c).status().message(),
+              HasSubstr("max_prefill_tokens_with_decodes must be at least 0"));
 }
 
 // Three blocks: request 1 holds two, so 2 cannot grow past its first block and preempts
