@@ -20,9 +20,9 @@ StepPlan Scheduler::schedule() {
   // Pass 0: decodes (one token left). Pass 1: chunks of longer prefills. running_ shrinks
   // from the back while we iterate (preemption), which leaves earlier indices in place.
   for (int pass = 0; pass < 2; ++pass) {
-    const bool decodes = std::any_of(picks_.begin(), picks_.end(),
-                                     [](const Pick& p) { return p.live; });
-    if (pass == 1 && decodes && config_.max_prefill_tokens_with_decodes > 0) {
+    // Prompt tokens beside decodes: at most max_prefill_tokens_with_decodes.
+    if (pass == 1 && config_.max_prefill_tokens_with_decodes > 0 &&
+        std::any_of(picks_.begin(), picks_.end(), [](const Pick& p) { return p.live; })) {
       budget = std::min(budget, config_.max_prefill_tokens_with_decodes);
     }
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {

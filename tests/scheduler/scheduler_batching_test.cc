@@ -10,8 +10,8 @@ namespace {
 
 using testing::apply;
 using ::testing::ElementsAre;
-using ::testing::HasSubstr;
 using ::testing::ElementsAreArray;
+using ::testing::HasSubstr;
 using testing::make_scheduler;
 using testing::output_for;
 using testing::plan;
