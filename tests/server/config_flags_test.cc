@@ -36,11 +36,11 @@ TEST(ConfigFlagsTest, GivenFlagsOverrideTheirFields) {
   set_flag("grpc_address", "127.0.0.1:7000");
   set_flag("max_model_len", "256");
   set_flag("enable_prefix_caching", "false");
-  set_flag("max_prefill_tokens_with_decodes", "512");
+  set_flag("max_prefill_tokens_with_decodes", "256");
   const config::ServerConfig config = with_flags();
   EXPECT_EQ(config.endpoints().grpc_address(), "127.0.0.1:7000");
   EXPECT_EQ(config.engine().max_model_len(), 256u);
-  EXPECT_EQ(config.engine().max_prefill_tokens_with_decodes(), 512u);
+  EXPECT_EQ(config.engine().max_prefill_tokens_with_decodes(), 256u);
   EXPECT_FALSE(config.engine().enable_prefix_caching());
   EXPECT_EQ(config.endpoints().metrics_address(), "0.0.0.0:9090");
   EXPECT_EQ(config.endpoints().http_address(), "");  // the HTTP API is off by default
