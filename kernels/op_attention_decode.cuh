@@ -156,12 +156,16 @@ struct AttentionDecodeStream {
                 "Q staging in whole rounds of the CTA");
 
   // Per request: first row in the step, rows in the step, first query row, M rows, keys
-  // [key_begin, key_end), stages.
+  // [key_begin, key_end), stages, and where its block table starts in st.block_indices.
   struct Request {
-    int32_t row0, n, q0, mrows, key_begin, key_end, stages, pad;
+    int32_t row0, n, q0, mrows, key_begin, key_end, stages, blocks_at;
   };
   // Past the stage buffers: the request table, then (m, l) of every warp's 16 rows.
   static constexpr int kTailBytes = kMaxRequests * sizeof(Request) + kMegakernelWarps * 32 * 4;
+  // Then, where the shared memory allows, the cache block indices of every request's keys
+  // [BLOCKS_STAGED]: issuing a stage reads the indices of the stage after it, and from global
+  // memory that read was an L2 round trip on every stage's path (the stage's compute is shorter).
+  static constexpr int kMaxStagedBlocks = 1024;
 
   __host__ __device__ static constexpr int smem_bytes(int buffers) {
     return kQBytes + buffers * kBufferBytes + kTailBytes;
@@ -208,7 +212,7 @@ struct AttentionDecodeStream {
       r.key_end = a.split < 0 ? last : min(last, (a.split + 1) * K);
       r.key_end = max(r.key_end, r.key_begin);
       r.stages = max(1, (r.key_end - r.key_begin + kT - 1) / kT);
-      r.pad = 0;
+      r.blocks_at = st.block_indptr[i];
       table[threadIdx.x] = r;
       too_big = r.mrows > attention_decode::kRows;
     }
@@ -224,8 +228,40 @@ struct AttentionDecodeStream {
     struct Cursor {
       int k, s;  // request (table index) and its stage
     };
-    const auto blocks_of = [&](int k) {
-      return st.block_indices + st.block_indptr[a.request_begin + k];
+    // [BLOCKS_STAGED] Request k's block indices [key_begin / bs, (key_end - 1) / bs] at
+    // staged[offs[k] ...), all requests' together where they fit (offs: kMaxRequests + 1
+    // prefix sums before them).
+    int32_t* const offs = reinterpret_cast<int32_t*>(ml + kMegakernelWarps * 32);
+    int32_t* const staged = offs + kMaxRequests + 1;
+    const bool room = static_cast<int64_t>(ctx.smem_floats) * 4 >=
+                      smem_bytes(buffers) + (kMaxRequests + 1 + kMaxStagedBlocks) * 4;
+    if (room) {
+      if (threadIdx.x == 0) {
+        int total = 0;
+        for (int k = 0; k < nreq; ++k) {
+          offs[k] = total;
+          const Request& r = table[k];
+          if (r.key_end > r.key_begin) total += (r.key_end - 1) / bs - r.key_begin / bs + 1;
+        }
+        offs[nreq] = total;
+      }
+      __syncthreads();
+    }
+    const bool blocks_in_smem = room && offs[nreq] <= kMaxStagedBlocks;
+    if (blocks_in_smem) {
+      for (int e = threadIdx.x; e < offs[nreq]; e += kMegakernelThreads) {
+        int k = 0;
+        while (offs[k + 1] <= e) ++k;
+        const Request& r = table[k];
+        staged[e] = st.block_indices[r.blocks_at + r.key_begin / bs + e - offs[k]];
+      }
+      __syncthreads();
+    }
+    // Request k's block table, indexed by block position within the request as in
+    // st.block_indices (only its keys' blocks are read).
+    const auto blocks_of = [&](int k) -> const int32_t* {
+      if (blocks_in_smem) return staged + offs[k] - table[k].key_begin / bs;
+      return st.block_indices + table[k].blocks_at;
     };
     const auto fetch = [&](Cursor c) {
       if (c.k >= nreq) return RowBlocks{-1, -1, 0, 0};
