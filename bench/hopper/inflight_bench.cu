@@ -24,16 +24,11 @@ namespace {
 using megaserve::hopper::mbarrier_init;
 using megaserve::hopper::mbarrier_wait_parity;
 
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
+// `bytes` from src into shared memory at dst, completing on bar (armed here for them).
+__device__ __forceinline__ void bulk_copy(char* dst, const void* src, uint32_t bytes,
                                           uint64_t* bar) {
-  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes)
-               : "memory");
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          dst),
-      "l"(src), "r"(bytes), "r"(b)
-      : "memory");
+  megaserve::hopper::mbarrier_arrive_expect_tx(bar, bytes);
+  megaserve::hopper::bulk_load(dst, src, bytes, bar);
 }
 
 __global__ void __launch_bounds__(256, 1)
@@ -47,9 +42,10 @@ __global__ void __launch_bounds__(256, 1)
     megaserve::hopper::fence_barrier_init();
   }
   __syncthreads();
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages && s < n; ++s) bulk_copy(base + s * chunk, mine + s * chunk, chunk, &bars[s]);
+    for (int s = 0; s < stages && s < n; ++s) {
+      bulk_copy(smem + s * chunk, mine + s * chunk, chunk, &bars[s]);
+    }
   }
   unsigned acc = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -58,7 +54,7 @@ __global__ void __launch_bounds__(256, 1)
     acc += reinterpret_cast<const unsigned*>(smem + s * chunk)[threadIdx.x];
     __syncthreads();  // every thread is done with buffer s
     if (threadIdx.x == 0 && i + stages < n) {
-      bulk_copy(base + s * chunk, mine + (i + stages) * chunk, chunk, &bars[s]);
+      bulk_copy(smem + s * chunk, mine + (i + stages) * chunk, chunk, &bars[s]);
     }
   }
   if (acc == 0x12345678u) sink[0] = acc;
