@@ -108,10 +108,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   cudaMemset(buf, 1, total);
-  const double copy = time_gbps([&] { cudaMemcpy(buf, buf + total / 2, total / 2, cudaMemcpyDeviceToDevice); },
-                                2.0 * (total / 2));
-  std::printf("inflight_bench: %d SMs, %.0f MB streamed per run; cudaMemcpy d2d %.0f GB/s (read+write)\n",
-              sms, total / 1e6, copy);
+  const double copy =
+      time_gbps([&] { cudaMemcpy(buf, buf + total / 2, total / 2, cudaMemcpyDeviceToDevice); },
+                2.0 * (total / 2));
+  std::printf(
+      "inflight_bench: %d SMs, %.0f MB streamed per run; cudaMemcpy d2d %.0f GB/s (read+write)\n",
+      sms, total / 1e6, copy);
   std::printf("%-6s %8s %8s %14s %10s %8s\n", "kind", "stages", "chunk", "KB in flight/SM", "GB/s",
               "of copy");
   cudaFuncSetAttribute(bulk_stream, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
@@ -120,9 +122,7 @@ int main(int argc, char** argv) {
     for (int stages = 1; stages <= 12; ++stages) {
       if (static_cast<int64_t>(stages) * chunk > 196 * 1024) break;
       const double g = time_gbps(
-          [&] {
-            bulk_stream<<<sms, 256, stages * chunk>>>(buf, per_cta, stages, chunk, sink);
-          },
+          [&] { bulk_stream<<<sms, 256, stages * chunk>>>(buf, per_cta, stages, chunk, sink); },
           static_cast<double>(total));
       std::printf("%-6s %8d %8d %14.0f %10.0f %8.2f\n", "bulk", stages, chunk,
                   stages * chunk / 1024.0, g, g / copy);
