@@ -143,6 +143,9 @@ struct DeviceModel {
   uint16_t* k_cache;
   uint16_t* v_cache;
   int64_t cache_layer_elements;
+  // TMA descriptors of the caches of every layer (K, then V; engine/cuda/cuda_weight_maps.h),
+  // through which decode attention loads its 16-key steps [KV_TMA]; null where it cannot.
+  const CUtensorMap* kv_maps;
   // TMA descriptors of the weights ([rows, K] bf16, box 64 k x kWgmmaGroupRows rows, 128-byte
   // swizzle): layer l's matrix m at l * kLayerMatrices + m, the LM head after the layers. Null
   // when the matrices' K do not allow TMA (K % 8 != 0); the projections then use mma.sync.

@@ -5,7 +5,8 @@
 // log-sum-exp (max + log(sum), -inf for no keys) to split_lse.
 //
 // By default the op runs on bf16 tensor cores for head dims 64 and 128: decode-shaped
-// instructions as one stream of key stages (op_attention_decode.cuh), others pass by pass
+// instructions as 16-key steps per warp loaded by TMA (op_attention_decode_tma.cuh) or one
+// stream of key stages (op_attention_decode.cuh), others pass by pass
 // (op_attention_mma.cuh); other head dims, and steps with kStepAttentionCudaCores, run the
 // CUDA-core version below.
 //
@@ -22,7 +23,7 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/hopper/hopper_ptx.cuh"
-#include "kernels/op_attention_decode.cuh"
+#include "kernels/op_attention_decode_tma.cuh"
 #include "kernels/op_attention_mma.cuh"
 #include "kernels/op_context.cuh"
 

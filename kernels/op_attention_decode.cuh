@@ -50,16 +50,30 @@ __device__ __forceinline__ void load_q(uint32_t q_addr, int q_row0, uint32_t (&q
   }
 }
 
-// One warp's online-softmax step over staged keys [c0, c0 + 16) (first key key0) for the
+// Element offset of (key row, 16-byte chunk) in a staged K or V tile: the stream's rows of
+// HD bf16 (attention_mma::swizzled), or with kHalfRows > 0 the layout TMA writes in boxes of
+// 64 columns x kHalfRows rows with the 128-byte swizzle (columns [64 h, 64 h + 64) of every
+// row in half h, 128-byte rows, chunks XOR-swizzled by row % 8; each half 1024-byte aligned)
+// [KV_TMA].
+template <int HD, int kHalfRows>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  if constexpr (kHalfRows == 0) {
+    return attention_mma::swizzled<HD>(row, chunk);
+  } else {
+    return (chunk >> 3) * (kHalfRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  }
+}
+
+// One warp's online-softmax step over staged keys [c0, c0 + 16) (first key key0; the tiles
+// laid out as tile_offset<HD, kHalfRows> says) for the
 // request's 8 M rows, with swapped operands. This thread holds keys g8 and g8 + 8 of S^T
 // for M rows (columns) 2 t4 and 2 t4 + 1, whose key ends are col_end; m holds their running
 // maxima (the same in every lane of a column), l this thread's part of their sums, o[dt]
 // O^T rows 16 dt + g8 (o[dt][0..1]) and 16 dt + g8 + 8 (o[dt][2..3]) of those columns.
-template <int HD>
+template <int HD, int kHalfRows = 0>
 __device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint32_t k_tile,
                                          uint32_t v_tile, int c0, int key0, const int (&col_end)[2],
                                          float (&o)[HD / 16][4], float (&m)[2], float (&l)[2]) {
-  using attention_mma::swizzled;
   const int lane = threadIdx.x & 31, g8 = lane >> 2, mi = lane >> 3;
   float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   {
@@ -68,7 +82,7 @@ __device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint3
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t a[4];
-      ldmatrix_x4(a, k_tile + swizzled<HD>(krow, 2 * kk + (mi >> 1)) * 2);
+      ldmatrix_x4(a, k_tile + tile_offset<HD, kHalfRows>(krow, 2 * kk + (mi >> 1)) * 2);
       mma_bf16(sc, a, qf[kk][0], qf[kk][1]);
     }
   }
@@ -108,7 +122,7 @@ __device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint3
 #pragma unroll
     for (int dt = 0; dt < HD / 16; ++dt) {
       uint32_t a[4];
-      ldmatrix_x4_trans(a, v_tile + swizzled<HD>(vrow, 2 * dt + (mi & 1)) * 2);
+      ldmatrix_x4_trans(a, v_tile + tile_offset<HD, kHalfRows>(vrow, 2 * dt + (mi & 1)) * 2);
       mma_bf16(o[dt], a, b0, b1);
     }
   }
@@ -405,41 +419,6 @@ struct AttentionDecodeStream {
     cp_async_wait(0);  // only empty groups can be pending here
     __syncthreads();   // shared memory is free for the next instruction
     return true;
-  }
-};
-
-// kAttention on tensor cores: the whole instruction through the decode stream where it takes
-// it; else each request alone, through the stream where its rows fit (so that such a request,
-// a decode row, computes the same numbers whatever shares its instruction) and as passes
-// (AttentionMma) where they do not. Head dims 64 and 128 (AttentionMma::takes).
-struct AttentionDecode {
-  __device__ static void run(const engine::isa::Instruction& inst, const OpContext& ctx) {
-    const auto a = engine::isa::args_of<engine::isa::AttentionArgs>(inst);
-    if (ctx.model.head_dim == 64) return run_hd<64>(inst, ctx, a);
-    return run_hd<128>(inst, ctx, a);
-  }
-
- private:
-  template <int HD>
-  __device__ static void run_hd(const engine::isa::Instruction& inst, const OpContext& ctx,
-                                const engine::isa::AttentionArgs& a) {
-    const DeviceStepDesc& st = ctx.step;
-    const int nreq = a.request_end - a.request_begin;
-    engine::isa::AttentionArgs part = a;  // k = -1: the whole instruction; k >= 0: request k
-    for (int k = nreq > 1 ? -1 : 0; k < nreq; ++k) {
-      if (k >= 0 && nreq > 1) {
-        const int i = a.request_begin + k;
-        part.request_begin = i;
-        part.request_end = i + 1;
-        part.query_begin = 0;
-        part.query_end = st.query_start[i + 1] - st.query_start[i];
-      }
-      if (AttentionDecodeStream<HD>::run(inst, ctx, part)) {
-        if (k < 0) return;
-      } else if (k >= 0) {
-        AttentionMma::run_request<HD>(inst, ctx, part);
-      }
-    }
   }
 };
 

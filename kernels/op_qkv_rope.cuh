@@ -155,8 +155,12 @@ struct QkvRopeOp {
   // [WGMMA_WALK].
   __device__ static bool run(const engine::isa::Instruction& inst, const OpContext& ctx) {
     const DeviceLayer& w = ctx.model.layers[inst.layer()];
-    if (w.q_norm == nullptr && w.k_norm == nullptr) return run_pairs(inst, ctx);
-    return run_heads(inst, ctx);
+    const bool again =
+        w.q_norm == nullptr && w.k_norm == nullptr ? run_pairs(inst, ctx) : run_heads(inst, ctx);
+    // The K/V rows, written through the generic proxy, are read by decode attention's TMA
+    // loads (DeviceModel::kv_maps [KV_TMA]) after its wait for this instruction.
+    if (!again && ctx.model.kv_maps != nullptr) hopper::fence_proxy_async_global();
+    return again;
   }
 
  private:

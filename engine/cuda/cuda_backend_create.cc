@@ -10,6 +10,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_rank_weights.h"
 #include "engine/cuda/cuda_state.h"
+#include "engine/cuda/cuda_weight_maps.h"
 #include "engine/planner/schedule_builder.h"
 #include "kernels/device_probe.h"
 #include "kernels/megakernel.h"
@@ -197,6 +198,15 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(
       st->allocations.push_back(p);
       MEGASERVE_CUDA_RETURN(cudaMemset(p, 0, bytes), "KV cache");
       *cache = static_cast<uint16_t*>(p);
+    }
+    m.kv_maps = nullptr;
+    absl::StatusOr<std::vector<CUtensorMap>> kv_maps = encode_kv_cache_maps(m);
+    if (!kv_maps.ok()) return kv_maps.status();
+    if (!kv_maps->empty()) {
+      absl::StatusOr<CUtensorMap*> on_device =
+          st->upload(kv_maps->data(), kv_maps->size(), "KV cache maps");
+      if (!on_device.ok()) return on_device.status();
+      m.kv_maps = *on_device;
     }
   }
 

@@ -1,10 +1,10 @@
 #include "engine/cuda/cuda_weight_maps.h"
 
-#include <algorithm>
-
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -74,10 +74,9 @@ absl::StatusOr<WeightMaps> encode_weight_maps(const kernels::DeviceModel& m,
     };
     for (const kernels::DeviceLayer& l : layers) {
       // kernels::WeightMatrix order.
-      for (absl::Status s :
-           {add(l.wq, Q, H, "wq"), add(l.wk, KV, H, "wk"), add(l.wv, KV, H, "wv"),
-            add(l.wo, H, Q, "wo"), add(l.w_gate, F, H, "w_gate"), add(l.w_up, F, H, "w_up"),
-            add(l.w_down, H, F, "w_down")}) {
+      for (absl::Status s : {add(l.wq, Q, H, "wq"), add(l.wk, KV, H, "wk"), add(l.wv, KV, H, "wv"),
+                             add(l.wo, H, Q, "wo"), add(l.w_gate, F, H, "w_gate"),
+                             add(l.w_up, F, H, "w_up"), add(l.w_down, H, F, "w_down")}) {
         if (!s.ok()) return s;
       }
     }
@@ -91,6 +90,25 @@ absl::StatusOr<CUtensorMap> encode_act_cache_map(const uint16_t* base, int64_t r
   absl::StatusOr<EncodeTiled> fn = encode_function();
   if (!fn.ok()) return fn.status();
   return encode(*fn, base, rows, K, "activation cache", kernels::kActCacheBoxRows);
+}
+
+absl::StatusOr<std::vector<CUtensorMap>> encode_kv_cache_maps(const kernels::DeviceModel& m) {
+  constexpr int kKvBoxRows = 16;  // a decode step's keys (kernels/op_attention_decode_tma.cuh)
+  const int64_t bs = m.kv_block_size;
+  const int64_t rows = int64_t{m.num_layers} * m.num_kv_blocks * m.kv_heads * bs;
+  if ((m.head_dim != 64 && m.head_dim != 128) || bs % kKvBoxRows != 0 ||
+      rows > std::numeric_limits<int32_t>::max()) {
+    return std::vector<CUtensorMap>{};
+  }
+  absl::StatusOr<EncodeTiled> fn = encode_function();
+  if (!fn.ok()) return fn.status();
+  std::vector<CUtensorMap> maps;
+  for (const uint16_t* cache : {m.k_cache, m.v_cache}) {
+    absl::StatusOr<CUtensorMap> map = encode(*fn, cache, rows, m.head_dim, "KV cache", kKvBoxRows);
+    if (!map.ok()) return map.status();
+    maps.push_back(*map);
+  }
+  return maps;
 }
 
 }  // namespace megaserve::engine

@@ -31,4 +31,13 @@ absl::StatusOr<WeightMaps> encode_weight_maps(const kernels::DeviceModel& m,
 // box 64 k x kernels::kActCacheBoxRows rows, 128-byte swizzle.
 absl::StatusOr<CUtensorMap> encode_act_cache_map(const uint16_t* base, int64_t rows, int64_t K);
 
+// The maps of the KV cache (kernels::DeviceModel::kv_maps, K then V): every layer's cache
+// blocks of `m` (k_cache, v_cache, num_layers, num_kv_blocks, kv_heads, kv_block_size,
+// head_dim) as [num_layers * num_kv_blocks * kv_heads * kv_block_size rows, head_dim] bf16,
+// box 64 x 16 rows, 128-byte swizzle: one TMA load per 64 columns of 16 keys of a cache
+// block's kv head (kernels/op_attention_decode_tma.cuh [KV_TMA]). Empty where decode
+// attention cannot take them that way: head dims other than 64 and 128, block sizes that are
+// not a multiple of 16, or rows past an int32 coordinate.
+absl::StatusOr<std::vector<CUtensorMap>> encode_kv_cache_maps(const kernels::DeviceModel& m);
+
 }  // namespace megaserve::engine
