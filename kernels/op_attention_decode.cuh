@@ -64,6 +64,107 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
   }
 }
 
+// Shared by the decode stream and the TMA steps (op_attention_decode_tma.cuh). A Request has
+// row0, q0, mrows, key_begin, key_end and blocks_at (where its block table starts in
+// st.block_indices).
+
+// Request i's row of an instruction of nreq requests (all its query rows where nreq > 1, else
+// the instruction's): first row in the step, rows, first query row, M rows, keys [key_begin,
+// key_end) of the split (K keys per split) and where its block table starts.
+template <class Request>
+__device__ __forceinline__ void request_of(const DeviceStepDesc& st,
+                                           const engine::isa::AttentionArgs& a, int nreq, int i,
+                                           int group, int K, Request& r) {
+  r.row0 = st.query_start[i];
+  r.n = st.query_start[i + 1] - r.row0;
+  r.q0 = nreq > 1 ? 0 : a.query_begin;
+  const int q1 = nreq > 1 ? r.n : a.query_end;
+  r.mrows = (q1 - r.q0) * group;
+  r.key_begin = a.split < 0 ? 0 : a.split * K;
+  int last = 0;  // past the last key of any of its query rows
+  for (int qi = r.q0; qi < q1; ++qi) last = max(last, st.positions[r.row0 + qi] + 1);
+  r.key_end = a.split < 0 ? last : min(last, (a.split + 1) * K);
+  r.key_end = max(r.key_end, r.key_begin);
+  r.blocks_at = st.block_indptr[i];
+}
+
+// The key ends of this thread's columns (M rows 2 t4 and 2 t4 + 1, t4 = lane % 4) of request
+// r in attend16's layout: past its query row's position (within the split); key_begin for
+// rows of no query (every key masked).
+template <class Request>
+__device__ __forceinline__ void column_key_ends(const DeviceStepDesc& st,
+                                                const engine::isa::AttentionArgs& a, int group,
+                                                int K, const Request& r, int (&col_end)[2]) {
+  const int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int rl = 2 * t4 + e;
+    if (rl < r.mrows) {
+      const int end = st.positions[r.row0 + r.q0 + rl / group] + 1;
+      col_end[e] = a.split < 0 ? end : min(end, (a.split + 1) * K);
+    } else {
+      col_end[e] = r.key_begin;
+    }
+  }
+}
+
+// Stages the Q rows of up to kRequests requests as bf16 times log2 e / sqrt(HD): request k's M
+// row rl (query row q0 + rl / group, q head rl % group of kv head kv_head) at staged row
+// 8 k + rl; rows of no request are zeros.
+template <int HD, int kRequests, class Request>
+__device__ __forceinline__ void stage_q(uint32_t q_addr, const Request* table, int nreq,
+                                        const float* q_rows, int hq, int group, int kv_head) {
+  const float qscale = attention_mma::kLog2e / sqrtf(static_cast<float>(HD));
+  constexpr int kChunks = HD / 8;
+  constexpr int kIters = kRequests * kRows * kChunks / kMegakernelThreads;
+  static_assert(kRequests * kRows * kChunks % kMegakernelThreads == 0, "whole rounds");
+#pragma unroll 2
+  for (int it = 0; it < kIters; ++it) {
+    const int c = threadIdx.x + it * kMegakernelThreads;
+    const int row = c / kChunks, qc = c % kChunks;
+    const int k = row / kRows, rl = row % kRows;
+    float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+    if (k < nreq && rl < table[k].mrows) {
+      const Request& r = table[k];
+      const float* q =
+          q_rows +
+          (static_cast<int64_t>(r.row0 + r.q0 + rl / group) * hq + kv_head * group + rl % group) *
+              HD +
+          qc * 8;
+      x0 = *reinterpret_cast<const float4*>(q);
+      x1 = *reinterpret_cast<const float4*>(q + 4);
+    }
+    attention_mma::store_q_chunk<HD>(q_addr, row, qc, x0, x1, qscale);
+  }
+}
+
+// [BLOCKS_STAGED] Where each request's cache block indices [key_begin / bs, (key_end - 1) /
+// bs] go among all requests' (offs[k], prefix sums; offs[nreq] their total). One thread.
+template <class Request>
+__device__ __forceinline__ void block_offsets(const Request* table, int nreq, int bs,
+                                              int32_t* offs) {
+  int total = 0;
+  for (int k = 0; k < nreq; ++k) {
+    offs[k] = total;
+    const Request& r = table[k];
+    if (r.key_end > r.key_begin) total += (r.key_end - 1) / bs - r.key_begin / bs + 1;
+  }
+  offs[nreq] = total;
+}
+
+// Those indices into staged[0, offs[nreq]), by the whole CTA.
+template <class Request>
+__device__ __forceinline__ void stage_block_indices(const Request* table, const int32_t* offs,
+                                                    int nreq, int bs, const int32_t* block_indices,
+                                                    int32_t* staged) {
+  for (int e = threadIdx.x; e < offs[nreq]; e += kMegakernelThreads) {
+    int k = 0;
+    while (offs[k + 1] <= e) ++k;
+    const Request& r = table[k];
+    staged[e] = block_indices[r.blocks_at + r.key_begin / bs + e - offs[k]];
+  }
+}
+
 // One warp's online-softmax step over staged keys [c0, c0 + 16) (first key key0; the tiles
 // laid out as tile_offset<HD, kHalfRows> says) for the
 // request's 8 M rows, with swapped operands. This thread holds keys g8 and g8 + 8 of S^T
@@ -201,8 +302,7 @@ struct AttentionDecodeStream {
     const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
     const int K = st.kv_split_tokens, bs = st.kv_block_size;
     const engine::KvCacheLayout kv{.kv_heads = hkv, .block_size = bs, .head_dim = HD};
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t4 = lane & 3;
+    const int warp = threadIdx.x >> 5;
 
     const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ctx.smem));
     const uint32_t stage_addr = q_addr + kQBytes;
@@ -215,18 +315,8 @@ struct AttentionDecodeStream {
     if (threadIdx.x < nreq) {
       const int i = a.request_begin + threadIdx.x;
       Request r;
-      r.row0 = st.query_start[i];
-      r.n = st.query_start[i + 1] - r.row0;
-      r.q0 = nreq > 1 ? 0 : a.query_begin;
-      const int q1 = nreq > 1 ? r.n : a.query_end;
-      r.mrows = (q1 - r.q0) * group;
-      r.key_begin = a.split < 0 ? 0 : a.split * K;
-      int last = 0;  // past the last key of any of its query rows
-      for (int qi = r.q0; qi < q1; ++qi) last = max(last, st.positions[r.row0 + qi] + 1);
-      r.key_end = a.split < 0 ? last : min(last, (a.split + 1) * K);
-      r.key_end = max(r.key_end, r.key_begin);
+      attention_decode::request_of(st, a, nreq, i, group, K, r);
       r.stages = max(1, (r.key_end - r.key_begin + kT - 1) / kT);
-      r.blocks_at = st.block_indptr[i];
       table[threadIdx.x] = r;
       too_big = r.mrows > attention_decode::kRows;
     }
@@ -250,25 +340,12 @@ struct AttentionDecodeStream {
     const bool room = static_cast<int64_t>(ctx.smem_floats) * 4 >=
                       smem_bytes(buffers) + (kMaxRequests + 1 + kMaxStagedBlocks) * 4;
     if (room) {
-      if (threadIdx.x == 0) {
-        int total = 0;
-        for (int k = 0; k < nreq; ++k) {
-          offs[k] = total;
-          const Request& r = table[k];
-          if (r.key_end > r.key_begin) total += (r.key_end - 1) / bs - r.key_begin / bs + 1;
-        }
-        offs[nreq] = total;
-      }
+      if (threadIdx.x == 0) attention_decode::block_offsets(table, nreq, bs, offs);
       __syncthreads();
     }
     const bool blocks_in_smem = room && offs[nreq] <= kMaxStagedBlocks;
     if (blocks_in_smem) {
-      for (int e = threadIdx.x; e < offs[nreq]; e += kMegakernelThreads) {
-        int k = 0;
-        while (offs[k + 1] <= e) ++k;
-        const Request& r = table[k];
-        staged[e] = st.block_indices[r.blocks_at + r.key_begin / bs + e - offs[k]];
-      }
+      attention_decode::stage_block_indices(table, offs, nreq, bs, st.block_indices, staged);
       __syncthreads();
     }
     // Request k's block table, indexed by block position within the request as in
@@ -309,30 +386,8 @@ struct AttentionDecodeStream {
     }
     RowBlocks next_blocks = fetch(in);
 
-    // Every request's Q as bf16, scaled by log2 e / sqrt(hd); rows of no request are zeros.
-    {
-      const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
-      constexpr int kRows = attention_decode::kRows;
-      constexpr int kQIters = kMaxRequests * kRows * kChunks / kMegakernelThreads;
-#pragma unroll 2
-      for (int it = 0; it < kQIters; ++it) {
-        const int c = threadIdx.x + it * kMegakernelThreads;
-        const int row = c / kChunks, qc = c % kChunks;
-        const int k = row / kRows, rl = row % kRows;
-        float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
-        if (k < nreq && rl < table[k].mrows) {
-          const Request& r = table[k];
-          const float* q = st.q +
-                           (static_cast<int64_t>(r.row0 + r.q0 + rl / group) * hq +
-                            a.kv_head * group + rl % group) *
-                               HD +
-                           qc * 8;
-          x0 = *reinterpret_cast<const float4*>(q);
-          x1 = *reinterpret_cast<const float4*>(q + 4);
-        }
-        store_q_chunk<HD>(q_addr, row, qc, x0, x1, qscale);
-      }
-    }
+    // Every request's Q as bf16.
+    attention_decode::stage_q<HD, kMaxRequests>(q_addr, table, nreq, st.q, hq, group, a.kv_head);
 
     // This warp's slice state of the current request (reset after each merge), in the
     // swapped layout (attention_decode::attend16).
@@ -365,16 +420,7 @@ struct AttentionDecodeStream {
 
       const Request& r = table[at.k];
       if (at.s == 0) {  // a new request: this thread's columns' key ends
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int rl = 2 * t4 + e;
-          if (rl < r.mrows) {
-            const int end = st.positions[r.row0 + r.q0 + rl / group] + 1;
-            col_end[e] = a.split < 0 ? end : min(end, (a.split + 1) * K);
-          } else {
-            col_end[e] = r.key_begin;
-          }
-        }
+        attention_decode::column_key_ends(st, a, group, K, r, col_end);
       }
       const uint32_t k_tile = stage_addr + (g % buffers) * kBufferBytes;
       const uint32_t v_tile = k_tile + kT * HD * 2;

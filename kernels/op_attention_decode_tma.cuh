@@ -93,31 +93,15 @@ struct AttentionDecodeTma {
     if (threadIdx.x < nreq) {
       const int i = a.request_begin + threadIdx.x;
       Request r;
-      r.row0 = st.query_start[i];
-      r.n = st.query_start[i + 1] - r.row0;
-      r.q0 = nreq > 1 ? 0 : a.query_begin;
-      const int q1 = nreq > 1 ? r.n : a.query_end;
-      r.mrows = (q1 - r.q0) * group;
-      r.key_begin = a.split < 0 ? 0 : a.split * K;
-      int last = 0;  // past the last key of any of its query rows
-      for (int qi = r.q0; qi < q1; ++qi) last = max(last, st.positions[r.row0 + qi] + 1);
-      r.key_end = a.split < 0 ? last : min(last, (a.split + 1) * K);
-      r.key_end = max(r.key_end, r.key_begin);
+      attention_decode::request_of(st, a, nreq, i, group, K, r);
       r.steps = (r.key_end - r.key_begin + kStepKeys - 1) / kStepKeys;
-      r.blocks_at = st.block_indptr[i];
       table[threadIdx.x] = r;
       declined = r.mrows > kRows;
     }
     if (__syncthreads_or(declined)) return false;
     if (threadIdx.x == 0) {  // where every request's cache block indices go [BLOCKS_STAGED]
-      int total = 0;
-      for (int k = 0; k < nreq; ++k) {
-        offs[k] = total;
-        const Request& r = table[k];
-        if (r.key_end > r.key_begin) total += (r.key_end - 1) / bs - r.key_begin / bs + 1;
-      }
-      offs[nreq] = total;
-      if (total <= kMaxStagedBlocks) {
+      attention_decode::block_offsets(table, nreq, bs, offs);
+      if (offs[nreq] <= kMaxStagedBlocks) {
         for (int b = 0; b < kMegakernelWarps * kBuffers; ++b) hopper::mbarrier_init(bars + b, 1);
         hopper::fence_barrier_init();
       }
@@ -165,36 +149,10 @@ struct AttentionDecodeTma {
       in = next(in);
     }
     // The indices staged (read from the loop on) while the first steps load.
-    for (int e = threadIdx.x; e < offs[nreq]; e += kMegakernelThreads) {
-      int k = 0;
-      while (offs[k + 1] <= e) ++k;
-      const Request& r = table[k];
-      staged[e] = st.block_indices[r.blocks_at + r.key_begin / bs + e - offs[k]];
-    }
+    attention_decode::stage_block_indices(table, offs, nreq, bs, st.block_indices, staged);
 
-    // Every request's Q as bf16, scaled by log2 e / sqrt(hd); rows of no request are zeros.
-    {
-      const float qscale = kLog2e / sqrtf(static_cast<float>(HD));
-      constexpr int kQIters = kMaxRequests * kRows * kChunks / kMegakernelThreads;
-#pragma unroll 2
-      for (int it = 0; it < kQIters; ++it) {
-        const int c = threadIdx.x + it * kMegakernelThreads;
-        const int row = c / kChunks, qc = c % kChunks;
-        const int k = row / kRows, rl = row % kRows;
-        float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
-        if (k < nreq && rl < table[k].mrows) {
-          const Request& r = table[k];
-          const float* q = st.q +
-                           (static_cast<int64_t>(r.row0 + r.q0 + rl / group) * hq +
-                            a.kv_head * group + rl % group) *
-                               HD +
-                           qc * 8;
-          x0 = *reinterpret_cast<const float4*>(q);
-          x1 = *reinterpret_cast<const float4*>(q + 4);
-        }
-        store_q_chunk<HD>(q_addr, row, qc, x0, x1, qscale);
-      }
-    }
+    // Every request's Q as bf16.
+    attention_decode::stage_q<HD, kMaxRequests>(q_addr, table, nreq, st.q, hq, group, a.kv_head);
     __syncthreads();  // Q and the block indices are staged
 
     int n = 0;  // this warp's steps computed, over all requests
@@ -205,16 +163,7 @@ struct AttentionDecodeTma {
       for (int dt = 0; dt < HD / 16; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
       int col_end[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int rl = 2 * t4 + e;
-        if (rl < r.mrows) {
-          const int end = st.positions[r.row0 + r.q0 + rl / group] + 1;
-          col_end[e] = a.split < 0 ? end : min(end, (a.split + 1) * K);
-        } else {
-          col_end[e] = r.key_begin;
-        }
-      }
+      attention_decode::column_key_ends(st, a, group, K, r, col_end);
       uint32_t qf[HD / 16][2];
       if (warp < r.steps) attention_decode::load_q<HD>(q_addr, k * kRows, qf);
       for (int s = warp; s < r.steps; s += kSlices, ++n) {
