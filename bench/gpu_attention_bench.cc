@@ -14,6 +14,8 @@
 // For a profiler (ncu, which replays one kernel launch at a time): MEGASERVE_ATTENTION_ONLY=
 // "decode <context>" (256 requests) or "prefill" launches the megakernel once per step and runs
 // that step's attention instructions alone (bench/op_stream.h) twice, unprofiled.
+// MEGASERVE_ATTENTION_PENDING=1 turns on decode attention's options not yet on by default
+// (CudaBackendOptions::attention_rotation and kv_fence_on_reader).
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -75,16 +77,16 @@ int run_only(CudaBackend& b, StepRunner& runner, const std::string& only) {
   words >> kind >> context;
   const bool decode = kind == "decode";
   if (!(decode && context > 0) && kind != "prefill") {
-    std::fprintf(stderr, "MEGASERVE_ATTENTION_ONLY: \"decode <context>\" or \"prefill\", not \"%s\"\n",
+    std::fprintf(stderr,
+                 "MEGASERVE_ATTENTION_ONLY: \"decode <context>\" or \"prefill\", not \"%s\"\n",
                  only.c_str());
     return 1;
   }
   ScheduleBuilder& builder = runner.builder();
   const auto totals = builder.barrier_totals();
-  absl::StatusOr<Step> full =
-      builder.build(decode ? make_plan(1, kBatch, context, 0, false)
-                           : make_plan(1, 1, 0, kPrefillTokens, false),
-                    b.num_kv_blocks());
+  absl::StatusOr<Step> full = builder.build(
+      decode ? make_plan(1, kBatch, context, 0, false) : make_plan(1, 1, 0, kPrefillTokens, false),
+      b.num_kv_blocks());
   builder.rewind_barrier_totals(totals);  // the op stream signals nothing
   if (!full.ok()) {
     std::fprintf(stderr, "%s\n", full.status().ToString().c_str());
@@ -115,6 +117,10 @@ int run(const std::string& config_path) {
   const char* only = std::getenv("MEGASERVE_ATTENTION_ONLY");
   o.persistent = only == nullptr;
   o.step_watchdog_ms = 120000;
+  // MEGASERVE_ATTENTION_PENDING=1: decode attention's options not yet on by default, the slice
+  // rotation [SLICE_ROTATION] and the KV fence on the reader, to compare in one binary.
+  const char* pending = std::getenv("MEGASERVE_ATTENTION_PENDING");
+  o.attention_rotation = o.kv_fence_on_reader = pending != nullptr && std::atoi(pending) != 0;
   auto backend = CudaBackend::create(config, dummy_weights(config, DType::kBF16, 1), o);
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());

@@ -21,6 +21,10 @@
 // kv_split_tokens), default kernel variant, device spans only.
 // MEGASERVE_PROFILE_BOXES=N then profiles decode 256, the two mixed steps and the 8k prefill
 // with the wgmma weights in 64-row TMA boxes and in 16-row ones, N rounds, interleaved.
+// MEGASERVE_PROFILE_VARIANTS=N then profiles decode at batch 1, 8, 64 and 256, the mixed 256
+// step and the 8k prefill under each kernel option not yet on by default (weights into L2
+// ahead of their loads, decode attention's slice rotation, the KV fence on the reader), N
+// rounds, interleaved.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -56,7 +60,7 @@ struct Variant {
   bool tensor_cores;
   bool attention_cuda_cores = false;  // else bf16 tensor-core attention (the default)
   bool wgmma = true;                  // with tensor_cores: wgmma (the default), else mma.sync
-  bool matvec_registers = true;  // matvec projections load weights into registers, not by bulk
+  bool matvec_registers = true;       // matvec projections load weights into registers, not by bulk
 };
 
 // The tile shape from MEGASERVE_PROFILE_TILES, if set; nullopt (with a message) if malformed.
@@ -208,6 +212,57 @@ bool compare_boxes(CudaBackend& b, const ModelConfig& config, int rounds, uint64
   return true;
 }
 
+// The kernel options not yet on by default, as gpu_profile_bench's variants table sets them.
+struct Pending {
+  const char* name;
+  int l2_ahead;             // CudaBackendOptions::l2_ahead [L2_AHEAD]
+  bool attention_rotation;  // [SLICE_ROTATION]
+  bool kv_fence_on_reader;  // [KV_TMA]
+};
+constexpr Pending kPending[] = {
+    {"default", 0, false, false},        {"l2-ahead-1", 1, false, false},
+    {"l2-ahead-2", 2, false, false},     {"rotation", 0, true, false},
+    {"fence-on-reader", 0, false, true}, {"all (l2 1)", 1, true, true},
+};
+
+void set_pending(CudaBackend& b, const Pending& p) {
+  b.set_l2_ahead(p.l2_ahead);
+  b.set_attention_rotation(p.attention_rotation);
+  b.set_kv_fence_on_reader(p.kv_fence_on_reader);
+}
+
+// MEGASERVE_PROFILE_VARIANTS=N: device spans (ms) of decode at batch 1, 8, 64 and 256, the
+// mixed 256 step and the 8k prefill under each of kPending, N rounds of them all, so that a
+// drift over the run shows in every row. False if a step fails.
+bool compare_pending(CudaBackend& b, const ModelConfig& config, int rounds, uint64_t& step_id) {
+  std::printf("\nkernel options not yet on by default (device span, ms)\n");
+  std::printf("%-6s %-16s %10s %10s %10s %10s %10s %10s\n", "round", "options", "b1", "b8", "b64",
+              "b256", "mixed 256", "prefill 8k");
+  for (int r = 0; r < rounds; ++r) {
+    for (const Pending& p : kPending) {
+      set_pending(b, p);
+      StepRunner runner(config, b);
+      double ms[6];
+      int i = 0;
+      for (const int batch : {1, 8, 64, kBigBatch}) {
+        ms[i++] =
+            span_ms(b, runner, config, [&] { return make_plan(step_id++, batch, kContext, 0); });
+      }
+      ms[i++] = span_ms(b, runner, config,
+                        [&] { return make_mixed_plan(step_id++, kBigBatch - 1, kContext, 256); });
+      ms[i++] =
+          span_ms(b, runner, config, [&] { return make_plan(step_id++, 1, 0, kPrefillTokens); });
+      for (const double m : ms) {
+        if (m == 0) return false;
+      }
+      std::printf("%-6d %-16s %10.3f %10.3f %10.3f %10.3f %10.3f %10.3f\n", r, p.name, ms[0], ms[1],
+                  ms[2], ms[3], ms[4], ms[5]);
+    }
+  }
+  set_pending(b, kPending[0]);
+  return true;
+}
+
 int run(const std::string& config_path, const std::string& out_dir, double bf16_tflops) {
   const std::optional<GpuBenchStart> start = start_gpu_bench("gpu_profile_bench", config_path);
   if (!start) return 1;
@@ -319,8 +374,8 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
   for (const int prompt : {256, 2048}) {
     const scheduler::StepPlan mixed = make_mixed_plan(step_id++, kBigBatch - 1, kContext, prompt);
     (void)runner.execute(mixed);  // warm-up
-    const double span = profiled_step(b, runner, config, make_mixed_plan(step_id++, kBigBatch - 1,
-                                                                         kContext, prompt),
+    const double span = profiled_step(b, runner, config,
+                                      make_mixed_plan(step_id++, kBigBatch - 1, kContext, prompt),
                                       "mixed: 255 decodes x context 512 + one prompt of " +
                                           std::to_string(prompt) + " tokens, wgmma",
                                       "");
@@ -369,6 +424,9 @@ int run(const std::string& config_path, const std::string& out_dir, double bf16_
   }
   if (const char* rounds = std::getenv("MEGASERVE_PROFILE_BOXES")) {
     if (!compare_boxes(b, config, std::max(1, std::atoi(rounds)), step_id)) return 1;
+  }
+  if (const char* rounds = std::getenv("MEGASERVE_PROFILE_VARIANTS")) {
+    if (!compare_pending(b, config, std::max(1, std::atoi(rounds)), step_id)) return 1;
   }
   return 0;
 }

@@ -49,6 +49,7 @@ __device__ void load_step(CtaState& cs, const DeviceStepDesc* slot) {
     cs.norm_cache.n = -1;               // the residual rows are this step's from here on
     cs.pass.cache.epoch = desc->epoch;  // keys of earlier steps' blocks no longer match
     cs.pass.wide_maps = (desc->flags & kStepWgmmaNarrowBoxes) != 0 ? 0 : cs.model.wide_maps;
+    cs.pass.l2_ahead = l2_ahead_of(desc->flags, kWgmmaL2Ahead);
   }
   __syncthreads();
 }

@@ -224,6 +224,29 @@ inline constexpr int32_t kStepMatvecRegisters = 32;
 // With kStepWgmma: every weight group in a box of its own, as before the wide boxes
 // [WIDE_BOX] (to compare the two in one process).
 inline constexpr int32_t kStepWgmmaNarrowBoxes = 64;
+// Projections start their weights into L2 ahead of their loads [L2_AHEAD]: the register
+// matvec kMatvecL2Ahead columns per warp ahead (the first ones before the instruction's
+// waits), the wgmma passes kWgmmaL2Ahead k-blocks past the TMA's stages (the first ones
+// before the waits); with kStepL2AheadFar as well, twice as far. Not yet measured, so off by
+// default (CudaBackendOptions::l2_ahead).
+inline constexpr int32_t kStepL2Ahead = 128;
+inline constexpr int32_t kStepL2AheadFar = 256;
+inline constexpr int kMatvecL2Ahead = 2;
+inline constexpr int kWgmmaL2Ahead = 4;
+// Decode attention by TMA [KV_TMA]: its slices rotated over the warps, each request merged by
+// the warp that stores its last slice state [SLICE_ROTATION], instead of slice w on warp w and
+// a CTA barrier and merge per request.
+inline constexpr int32_t kStepAttentionRotation = 512;
+// The K/V rows that QKV writes through the generic proxy ordered before decode attention's
+// TMA reads by a proxy fence on the reading lanes, after their wait, instead of one by every
+// QKV thread after its writes (~4.5 us per QKV instruction on an H100) [KV_TMA].
+inline constexpr int32_t kStepKvFenceOnReader = 1024;
+// How far ahead the step's flags say (0: not at all), for `base` (kMatvecL2Ahead or
+// kWgmmaL2Ahead).
+__host__ __device__ inline int l2_ahead_of(int32_t step_flags, int base) {
+  if ((step_flags & kStepL2Ahead) == 0) return 0;
+  return (step_flags & kStepL2AheadFar) != 0 ? 2 * base : base;
+}
 
 // Per instruction, when profiling: %globaltimer (ns) when its CTA fetched it, when its waits
 // were satisfied and when its op was done, and the SM (%smid) that ran it.

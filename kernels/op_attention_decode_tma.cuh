@@ -23,6 +23,17 @@
 // in one of two merge areas; one __syncthreads, then the CTA merges the request's slices
 // while the next request's first steps load. The two areas alternate, so the merge of
 // request k and the slice stores of request k + 1 need no barrier between them.
+//
+// With kStepAttentionRotation (not yet measured, so not the default) [SLICE_ROTATION]: the
+// steps of all requests form one round robin over the warps: request k's slice i (its steps
+// i, i + 8, ...) goes to warp (first_k + i) % 8, first_k the steps of the requests before it
+// modulo 8, so every warp has the same number of steps, give or take one, over the whole
+// instruction (with slice i on warp i, a request of 33 steps gives warp 0 a fifth step that
+// the other seven wait for, request after request). Each warp stores its slice state in slice
+// order and counts itself in; the warp that counts in last merges the request alone while the
+// others go on with the next request's steps (no CTA barrier until the instruction ends), then
+// frees the area; a warp stores request k's slice only once request k - 2's merge is done (an
+// mbarrier per area). The same slices merged in the same order: the same bits.
 #pragma once
 
 #include "kernels/hopper/hopper_ptx.cuh"
@@ -49,13 +60,15 @@ struct AttentionDecodeTma {
   static constexpr int kMergeFloats = kSlices * 16 + kSlices * kRows * HD;
   struct Request {
     int32_t row0, n, q0, mrows, key_begin, key_end, steps, blocks_at;
+    int32_t first;  // the warp of its slice 0: 0, or rotated [SLICE_ROTATION]
   };
   static constexpr int kMaxStagedBlocks = 1024;
   // Q, the rings (1024-byte aligned: up to 1 KB of padding), two merge areas, the request
-  // table, the mbarriers, the staged block indices and their offsets.
+  // table, the mbarriers (the step buffers', then the two areas'), the staged block indices and
+  // their offsets, the areas' counts.
   static constexpr int kSmemBytes =
       kQBytes + 1024 + kRingBytes + 2 * kMergeFloats * 4 + kMaxRequests * sizeof(Request) +
-      kMegakernelWarps * kBuffers * 8 + (kMaxRequests + 1 + kMaxStagedBlocks) * 4;
+      (kMegakernelWarps * kBuffers + 2) * 8 + (kMaxRequests + 1 + kMaxStagedBlocks + 2) * 4;
   static_assert(kStepBytes % 1024 == 0 && kTileBytes % 1024 == 0, "1024-byte aligned boxes");
 
   // Runs the instruction and returns true, or returns false (having done nothing, every thread
@@ -76,6 +89,7 @@ struct AttentionDecodeTma {
     const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g8 = lane >> 2, t4 = lane & 3;
+    const bool rotate = (st.flags & kStepAttentionRotation) != 0;  // [SLICE_ROTATION]
 
     char* const base = reinterpret_cast<char*>(ctx.smem);
     const uint32_t q_addr = smem_addr(base);
@@ -83,11 +97,19 @@ struct AttentionDecodeTma {
     float* const merge_areas = reinterpret_cast<float*>(ring + kRingBytes);
     Request* const table = reinterpret_cast<Request*>(merge_areas + 2 * kMergeFloats);
     uint64_t* const bars = reinterpret_cast<uint64_t*>(table + kMaxRequests);
-    int32_t* const offs = reinterpret_cast<int32_t*>(bars + kMegakernelWarps * kBuffers);
+    uint64_t* const merged = bars + kMegakernelWarps * kBuffers;  // per merge area
+    int32_t* const offs = reinterpret_cast<int32_t*>(merged + 2);
     int32_t* const staged = offs + kMaxRequests + 1;
+    uint32_t* const counts = reinterpret_cast<uint32_t*>(staged + kMaxStagedBlocks);
 
-    // What the previous op wrote here through the generic proxy comes before the TMA's writes.
+    // What the previous op wrote here through the generic proxy comes before the TMA's writes;
+    // the K/V rows that QKV instructions wrote through it (acquired by thread 0's wait, then
+    // the controller's __syncthreads) before the TMA's reads by the loading lanes, which fence
+    // once here rather than every QKV thread after its writes (~4.5 us per QKV instruction).
     hopper::fence_proxy_async_shared();
+    if (lane < kLoads && (st.flags & kStepKvFenceOnReader) != 0) {
+      hopper::fence_proxy_async_global();
+    }
     __syncthreads();
     bool declined = false;
     if (threadIdx.x < nreq) {
@@ -102,19 +124,29 @@ struct AttentionDecodeTma {
     if (threadIdx.x == 0) {  // where every request's cache block indices go [BLOCKS_STAGED]
       attention_decode::block_offsets(table, nreq, bs, offs);
       if (offs[nreq] <= kMaxStagedBlocks) {
-        for (int b = 0; b < kMegakernelWarps * kBuffers; ++b) hopper::mbarrier_init(bars + b, 1);
+        for (int b = 0; b < kMegakernelWarps * kBuffers + 2; ++b) {
+          hopper::mbarrier_init(bars + b, 1);
+        }
         hopper::fence_barrier_init();
+        int first = 0;
+        for (int k = 0; k < nreq; ++k) {
+          table[k].first = rotate ? first : 0;
+          first = (first + table[k].steps) % kSlices;
+        }
+        counts[0] = counts[1] = 0;
       }
     }
     __syncthreads();
     if (offs[nreq] > kMaxStagedBlocks) return false;
-    // This warp's steps, request by request: (k, s) with s = warp, warp + 8, ... < steps of k.
+    // This warp's slice of request k, and its steps, request by request: (k, s) with s = slice,
+    // slice + 8, ... < steps of k.
+    const auto slice_of = [&](int k) { return (warp - table[k].first + kSlices) % kSlices; };
     struct Step {
       int k, s;
     };
     const auto first_at_or_after = [&](int k) {
-      while (k < nreq && table[k].steps <= warp) ++k;
-      return Step{k, warp};
+      while (k < nreq && table[k].steps <= slice_of(k)) ++k;
+      return Step{k, k < nreq ? slice_of(k) : 0};
     };
     const auto next = [&](Step c) {
       c.s += kSlices;
@@ -164,9 +196,10 @@ struct AttentionDecodeTma {
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
       int col_end[2];
       attention_decode::column_key_ends(st, a, group, K, r, col_end);
+      const int slice = slice_of(k);
       uint32_t qf[HD / 16][2];
-      if (warp < r.steps) attention_decode::load_q<HD>(q_addr, k * kRows, qf);
-      for (int s = warp; s < r.steps; s += kSlices, ++n) {
+      if (slice < r.steps) attention_decode::load_q<HD>(q_addr, k * kRows, qf);
+      for (int s = slice; s < r.steps; s += kSlices, ++n) {
         if (in.k < nreq) {  // the buffer of step n - 1, which every lane is done reading
           issue(in, (n + 1) % kBuffers, false);
           in = next(in);
@@ -191,9 +224,11 @@ struct AttentionDecodeTma {
                                                   o, m, l);
         __syncwarp();  // every lane is done reading the buffer before it is reloaded
       }
-      // The slice state into merge area k % 2 (the area of request k - 2, whose merge every
-      // thread finished before the last __syncthreads).
-      float* const ml = merge_areas + (k & 1) * kMergeFloats;
+      // The slice state into merge area k % 2: with the rotation, once request k - 2's merge
+      // has read it; without, every thread finished that merge before the last __syncthreads.
+      const int area = k & 1;
+      if (rotate && k >= 2) hopper::mbarrier_wait_parity(merged + area, ((k - 2) >> 1) & 1);
+      float* const ml = merge_areas + area * kMergeFloats;
       float* const ow = ml + kSlices * 16;
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
@@ -203,49 +238,79 @@ struct AttentionDecodeTma {
         const int rl = 2 * t4 + e;
         if (rl >= r.mrows) continue;
         if (g8 == 0) {
-          ml[warp * 16 + rl] = m[e];
-          ml[warp * 16 + 8 + rl] = l[e];
+          ml[slice * 16 + rl] = m[e];
+          ml[slice * 16 + 8 + rl] = l[e];
         }
-        float* row = ow + (warp * kRows + rl) * HD + g8;
+        float* row = ow + (slice * kRows + rl) * HD + g8;
 #pragma unroll
         for (int dt = 0; dt < HD / 16; ++dt) {
           row[16 * dt] = o[dt][e];
           row[16 * dt + 8] = o[dt][e + 2];
         }
       }
-      __syncthreads();
-      // The merge, as attention_mma::merge_slices: M = max m_w, out = sum_w 2^(m_w - M) o_w /
-      // sum_w 2^(m_w - M) l_w, in slice order.
-      const int i = a.request_begin + k;
-#pragma unroll 1
-      for (int e = threadIdx.x; e < r.mrows * HD; e += kMegakernelThreads) {
-        const int rl = e / HD, d = e % HD;
-        float M = -INFINITY;
-        for (int w = 0; w < kSlices; ++w) M = fmaxf(M, ml[w * 16 + rl]);
-        float L = 0.0f, A = 0.0f;
-        if (M > -INFINITY) {
-          for (int w = 0; w < kSlices; ++w) {
-            const float c = exp2f(ml[w * 16 + rl] - M);  // a slice without keys: c = 0
-            L += c * ml[w * 16 + 8 + rl];
-            A += c * ow[(w * kRows + rl) * HD + d];
-          }
-        }
-        const float value = L > 0.0f ? A / L : 0.0f;
-        float* lse;
-        float* out = output_row<HD>(md, st, a, i, r.n, r.q0 + rl / group, rl % group, &lse);
-        out[d] = value;
-        if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
-        if (lse == nullptr) {
-          if (uint16_t* bf = attn_act_at(md, st, out)) bf[d] = float_to_bf16_bits(value);
-        }
+      if (!rotate) {  // the CTA merges the request
+        __syncthreads();
+        merge_request(md, st, a, a.request_begin + k, r, ml, ow, group, threadIdx.x,
+                      kMegakernelThreads);
+        continue;
+      }
+      // Counted in after the warp's stores (the fences order them before the count, and the
+      // last warp's reads after it); the last warp in merges.
+      __syncwarp();
+      uint32_t before = 0;
+      if (lane == 0) {
+        __threadfence_block();
+        before = atomicAdd(counts + area, 1u);
+        __threadfence_block();
+      }
+      __syncwarp();
+      if (__shfl_sync(0xffffffffu, before, 0) != kSlices - 1) continue;
+      merge_request(md, st, a, a.request_begin + k, r, ml, ow, group, lane, 32);
+      __syncwarp();  // every lane's reads of the area are done
+      if (lane == 0) {
+        counts[area] = 0;
+        hopper::mbarrier_arrive(merged + area);  // release: the reset and the reads before it
       }
     }
     __syncthreads();  // every merge is done; every step was waited for
     if (threadIdx.x == 0) {
-      for (int b = 0; b < kMegakernelWarps * kBuffers; ++b) hopper::mbarrier_inval(bars + b);
+      for (int b = 0; b < kMegakernelWarps * kBuffers + 2; ++b) hopper::mbarrier_inval(bars + b);
     }
     __syncthreads();  // shared memory is free for the next instruction
     return true;
+  }
+
+ private:
+  // Request i's output from its slices' states in a merge area, as attention_mma::merge_slices:
+  // M = max m_w, out = sum_w 2^(m_w - M) o_w / sum_w 2^(m_w - M) l_w, in slice order; its
+  // elements e0, e0 + stride, ... (the CTA's threads, or one warp's lanes).
+  __device__ static void merge_request(const DeviceModel& md, const DeviceStepDesc& st,
+                                       const engine::isa::AttentionArgs& a, int i, const Request& r,
+                                       const float* ml, const float* ow, int group, int e0,
+                                       int stride) {
+    using namespace attention_mma;
+#pragma unroll 1
+    for (int e = e0; e < r.mrows * HD; e += stride) {
+      const int rl = e / HD, d = e % HD;
+      float M = -INFINITY;
+      for (int w = 0; w < kSlices; ++w) M = fmaxf(M, ml[w * 16 + rl]);
+      float L = 0.0f, A = 0.0f;
+      if (M > -INFINITY) {
+        for (int w = 0; w < kSlices; ++w) {
+          const float c = exp2f(ml[w * 16 + rl] - M);  // a slice without keys: c = 0
+          L += c * ml[w * 16 + 8 + rl];
+          A += c * ow[(w * kRows + rl) * HD + d];
+        }
+      }
+      const float value = L > 0.0f ? A / L : 0.0f;
+      float* lse;
+      float* out = output_row<HD>(md, st, a, i, r.n, r.q0 + rl / group, rl % group, &lse);
+      out[d] = value;
+      if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
+      if (lse == nullptr) {
+        if (uint16_t* bf = attn_act_at(md, st, out)) bf[d] = float_to_bf16_bits(value);
+      }
+    }
   }
 };
 

@@ -33,6 +33,7 @@ struct WgmmaPass {
   uint64_t act_key;
   ActCache cache;     // set once per CTA (the epoch per step)
   int32_t wide_maps;  // DeviceModel::wide_maps, per step (0 with kStepWgmmaNarrowBoxes)
+  int32_t l2_ahead;   // k-blocks the weights start into L2 past the stages (0: none) [L2_AHEAD]
 };
 
 // The row scales (1 / rms) of the last chunk of rows a projection normalized on this CTA, and

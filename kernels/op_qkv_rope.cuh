@@ -158,8 +158,11 @@ struct QkvRopeOp {
     const bool again =
         w.q_norm == nullptr && w.k_norm == nullptr ? run_pairs(inst, ctx) : run_heads(inst, ctx);
     // The K/V rows, written through the generic proxy, are read by decode attention's TMA
-    // loads (DeviceModel::kv_maps [KV_TMA]) after its wait for this instruction.
-    if (!again && ctx.model.kv_maps != nullptr) hopper::fence_proxy_async_global();
+    // loads (DeviceModel::kv_maps [KV_TMA]) after its wait for this instruction; with
+    // kStepKvFenceOnReader the loading lanes fence instead.
+    if (!again && ctx.model.kv_maps != nullptr && (ctx.step.flags & kStepKvFenceOnReader) == 0) {
+      hopper::fence_proxy_async_global();
+    }
     return again;
   }
 

@@ -174,6 +174,11 @@ __device__ bool mma_takes(int32_t step_flags, const ProjectionInput& in, SrcRow 
          mma_can_take<kMats>(in, src_row, row_of);
 }
 
+// Columns per warp the register matvec starts its weights into L2 ahead [L2_AHEAD].
+__device__ __forceinline__ int matvec_l2_ahead(int32_t step_flags) {
+  return l2_ahead_of(step_flags, kMatvecL2Ahead);
+}
+
 // The CUDA cores' bulk-copy ring for a pass of n rows [MATVEC_BULK]: slots per warp (0: the
 // register matvec takes the pass), at byte *ring_at of the core's shared memory, after the
 // pass's fp32 rows.
@@ -198,7 +203,10 @@ __device__ void prefetch_now(int32_t step_flags, const ProjectionInput& in, char
   int ring_at = 0;
   const int slots =
       bulk_pass_slots<kMats>(step_flags, in, min(rpp, in.nrows), smem_bytes, row_of, &ring_at);
-  if (slots == 0) return;
+  if (slots == 0) {  // the register matvec [L2_AHEAD]
+    matvec_first_to_l2<kMats>(in.ncols, in.K, matvec_l2_ahead(step_flags), row_of);
+    return;
+  }
   const int issued = bulk_begin<kMats>(bulk, in.ncols, in.K, smem + ring_at, slots, row_of);
   if ((threadIdx.x & 31) == 0) bulk.issued[threadIdx.x >> 5] = issued;
   if (threadIdx.x == 0) {
@@ -244,7 +252,7 @@ __device__ void project_now(int32_t step_flags, const ProjectionInput& in, char*
       tile_matvec_bulk<kMats>(*bulk, in.ncols, K, xs, n, smem + ring_at, slots, r0 == 0 && begun,
                               row_of, emit_row);
     } else {
-      tile_matvec<kMats>(in.ncols, K, xs, n, row_of, emit_row);
+      tile_matvec<kMats>(in.ncols, K, xs, n, matvec_l2_ahead(step_flags), row_of, emit_row);
     }
     __syncthreads();
   }
@@ -267,9 +275,9 @@ template <int kMaxPassRows, typename SrcRow, typename GroupOf>
 __device__ int wgmma_rows(int32_t step_flags, const ProjectionInput& in, int smem_bytes,
                           SrcRow src_row, GroupOf group_of) {
   constexpr int32_t kWgmmaFlags = kStepTensorCores | kStepWgmma;
-  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 ||
-      smem_bytes < kWgmmaCoreBytes || in.K % 8 != 0 ||
-      (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 || group_of(0, 0).map == nullptr) {
+  if ((step_flags & kWgmmaFlags) != kWgmmaFlags || in.nrows <= 1 || smem_bytes < kWgmmaCoreBytes ||
+      in.K % 8 != 0 || (reinterpret_cast<uintptr_t>(src_row(0)) & 15) != 0 ||
+      group_of(0, 0).map == nullptr) {
     return 0;
   }
   return kMaxPassRows > 64 && in.nrows > 64 && smem_bytes >= kWgmmaWideCoreBytes ? 128 : 64;
@@ -297,6 +305,12 @@ __device__ Walk project(PassWalk& walk, int32_t step_flags, const ProjectionInpu
   if (walk.call == kPrefetchCall) {
     if (n == 0 && walk.bulk != nullptr) {
       prefetch_now<kMats>(step_flags, in, smem, smem_bytes, *walk.bulk, src_row, row_of);
+    } else if (n > 0 && walk.pass->l2_ahead > 0) {  // [L2_AHEAD]
+      if (rows == 128) {
+        wgmma_first_to_l2<kMats, 128>(in, walk.pass->l2_ahead, group_of);
+      } else {
+        wgmma_first_to_l2<kMats, 64>(in, walk.pass->l2_ahead, group_of);
+      }
     }
     return Walk::kPrefetched;
   }

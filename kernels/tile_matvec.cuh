@@ -7,19 +7,49 @@
 #include <stdint.h>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/hopper/hopper_ptx.cuh"
 
 namespace megaserve::kernels {
 
 inline constexpr int kLoadsInFlight = 8;  // per lane, in the vectorized weight loop
 
+// [L2_AHEAD] Starts matrix m's weight row of column c into L2 where the vectorized loop will
+// load it (K % 8 == 0, 16-byte aligned; else nothing): one bulk prefetch of its K * 2 bytes.
+template <typename RowOf>
+__device__ __forceinline__ void weight_row_to_l2(RowOf row_of, int m, int c, int K) {
+  const uint16_t* w = row_of(m, c);
+  if (K % 8 == 0 && (reinterpret_cast<uintptr_t>(w) & 15) == 0) {
+    hopper::prefetch_l2_bulk(w, static_cast<uint32_t>(K) * 2);
+  }
+}
+
+// The columns of warp w that tile_matvec's loop does not start into L2 itself when it runs
+// `ahead` columns ahead: w, w + warps, ..., ahead of them. Called by every thread before the
+// instruction's waits (the weights depend on nothing); lane m takes matrix m.
+template <int kMats, typename RowOf>
+__device__ void matvec_first_to_l2(int ncols, int K, int ahead, RowOf row_of) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane >= kMats) return;
+  for (int i = 0; i < ahead; ++i) {
+    const int c = warp + i * kMegakernelWarps;
+    if (c < ncols) weight_row_to_l2(row_of, lane, c, K);
+  }
+}
+
 // For each column c in [0, ncols) and each row r in [0, nrows):
 //   v[m] = dot(row_of(m, c)[0, K), xs[r * K, r * K + K)) for m < kMats,
 // then emit(c, r, v) once per (c, r), from whichever lane holds it. Callers __syncthreads
-// before (xs written) and after (emitted values read by other threads).
+// before (xs written) and after (emitted values read by other threads). `ahead` > 0: each warp
+// starts the weight rows of its column `ahead` columns on into L2 as it begins a column
+// [L2_AHEAD] (the first `ahead` by matvec_first_to_l2, before the waits).
 template <int kMats, typename RowOf, typename Emit>
-__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, RowOf row_of, Emit emit) {
+__device__ void tile_matvec(int ncols, int K, const float* xs, int nrows, int ahead, RowOf row_of,
+                            Emit emit) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int c = warp; c < ncols; c += kMegakernelWarps) {
+    if (ahead > 0 && lane < kMats && c + ahead * kMegakernelWarps < ncols) {
+      weight_row_to_l2(row_of, lane, c + ahead * kMegakernelWarps, K);
+    }
     float acc[kMats][kMaxMatvecRows];
 #pragma unroll
     for (int m = 0; m < kMats; ++m) {

@@ -96,6 +96,13 @@ __device__ __forceinline__ void copy_weight_group(const WeightGroup& wg, int g, 
   hopper::tma_load_2d(stage + g * kWgmmaGroupRows * 128, map, bar, k, wg.row);
 }
 
+// [L2_AHEAD] Starts group g's k-block at k into L2, as copy_weight_group would copy it.
+__device__ __forceinline__ void weight_group_to_l2(const WeightGroup& wg, int k,
+                                                   int32_t wide_maps) {
+  if (wg.span == 0) return;
+  hopper::prefetch_l2_tile_2d(wg.span == 4 ? wg.map + wide_maps : wg.map, k, wg.row);
+}
+
 inline constexpr int kWgmmaBlockK = 64;  // one 128-byte swizzled row
 inline constexpr int kWgmmaPassB = 256;  // weight rows per pass
 inline constexpr int kWgmmaGroups = kWgmmaPassB / kWgmmaGroupRows;
@@ -177,6 +184,21 @@ struct WgmmaPassShape {
     return (in.nrows + kRows - 1) / kRows * ((in.ncols + kColStride - 1) / kColStride);
   }
 };
+
+// [L2_AHEAD] Before the waits of an instruction whose first pass is pass 0 of `in`: starts
+// that pass's first `blocks` k-blocks of weights into L2 (thread g takes group g, in 16-row
+// boxes), so that its first TMA loads, issued after the waits, hit L2. Weights depend on no
+// other instruction.
+template <int kMats, int kRows, typename GroupOf>
+__device__ void wgmma_first_to_l2(const ProjectionInput& in, int blocks, GroupOf group_of) {
+  const WgmmaPassShape<kMats, kRows> sh(in, 0);
+  const int g = threadIdx.x, cgroups = sh.cstride / kWgmmaGroupRows;
+  if (g >= sh.ngroups) return;
+  const WeightGroup wg = group_of(g / cgroups, sh.c0 + (g % cgroups) * kWgmmaGroupRows);
+  for (int j = 0; j < blocks && j * kWgmmaBlockK < in.K; ++j) {
+    hopper::prefetch_l2_tile_2d(wg.map, in.k0 + j * kWgmmaBlockK, wg.row);
+  }
+}
 
 // Pass p of v[m] = sum_k W_m[c][k] * bf16(x[r][k]) (m < kMats) over columns c < in.ncols and
 // token rows r < in.nrows, where group_of(m, c) (c a multiple of kWgmmaGroupRows) names the
@@ -426,8 +448,12 @@ __device__ __forceinline__ void run_wgmma_pass_rows(const WgmmaPass& pass, Wgmma
     if ((tid & (32 * warps - 1)) == 0) hopper::mbarrier_arrive_expect_tx(bar, tx_bytes);
     if ((tid & 31) != 0) return;
     char* dst = stages + s * kWgmmaStageBytes;
+    const int ahead = j + pass.l2_ahead;  // [L2_AHEAD]: read here, not kept across the loop
     for (int g = (tid >> 5) & (warps - 1); g < ngroups; g += warps) {
       copy_weight_group(groups[g], g, dst, bar, k0 + j * kWgmmaBlockK, wide_maps);
+      if (ahead > j && ahead < nk) {
+        weight_group_to_l2(groups[g], k0 + ahead * kWgmmaBlockK, wide_maps);
+      }
     }
   };
   // This thread's share of k-block j's A: kQuads quads (row, 4 k) of the kRows x 64 block, all
@@ -602,8 +628,12 @@ __device__ __forceinline__ void run_wgmma_pass_cached(const WgmmaPass& pass, Wgm
     if ((tid & 31) != 0) return;
     char* dst = stages + s * kWgmmaStageBytes;
     const int warp = tid >> 5;
+    const int ahead = j + pass.l2_ahead;  // [L2_AHEAD]: read here, not kept across the loop
     for (int g = warp; g < ngroups; g += kMegakernelWarps) {
       copy_weight_group(groups[g], g, dst, bar, k0 + j * kWgmmaBlockK, wide_maps);
+      if (ahead > j && ahead < nk) {
+        weight_group_to_l2(groups[g], k0 + ahead * kWgmmaBlockK, wide_maps);
+      }
     }
     if (warp == kMegakernelWarps - 1) {
 #pragma unroll

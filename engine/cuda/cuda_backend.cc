@@ -220,6 +220,10 @@ absl::Status CudaBackend::submit(const Step& step) {
                         (options_.wgmma ? kernels::kStepWgmma : 0) |
                         (options_.wgmma_shallow ? kernels::kStepWgmmaShallow : 0) |
                         (options_.wgmma_wide_boxes ? 0 : kernels::kStepWgmmaNarrowBoxes) |
+                        (options_.l2_ahead > 0 ? kernels::kStepL2Ahead : 0) |
+                        (options_.l2_ahead > 1 ? kernels::kStepL2AheadFar : 0) |
+                        (options_.attention_rotation ? kernels::kStepAttentionRotation : 0) |
+                        (options_.kv_fence_on_reader ? kernels::kStepKvFenceOnReader : 0) |
                         (options_.matvec_registers ? kernels::kStepMatvecRegisters : 0) |
                         (options_.attention_cuda_cores ? kernels::kStepAttentionCudaCores : 0);
   absl::StatusOr<DeviceStepDesc> desc =

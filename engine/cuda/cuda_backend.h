@@ -89,6 +89,17 @@ struct CudaBackendOptions {
   // With wgmma: four weight groups of consecutive rows of one matrix in one TMA box of 64 rows
   // (kernels/tile_wgmma.cuh [WIDE_BOX]); false: a box per 16-row group, as before.
   bool wgmma_wide_boxes = true;
+  // Projections start their weights into L2 ahead of their loads, the first ones before the
+  // instruction's waits (kernels::kStepL2Ahead [L2_AHEAD]): 1, kernels' kMatvecL2Ahead columns
+  // and kWgmmaL2Ahead k-blocks ahead; 2, twice as far; 0, not at all. 0 until a GPU run
+  // measures it (gpu_profile_bench's MEGASERVE_PROFILE_VARIANTS).
+  int l2_ahead = 0;
+  // Decode attention by TMA with its slices rotated over the warps and each request merged by
+  // its last warp (kernels::kStepAttentionRotation [SLICE_ROTATION]); and the KV proxy fence
+  // on the attention's loading lanes instead of every QKV thread (kStepKvFenceOnReader). Off
+  // until a GPU run measures them.
+  bool attention_rotation = false;
+  bool kv_fence_on_reader = false;
   // CUDA-core projections (up to kMaxMatvecRows token rows, or no tensor cores) load weights
   // into registers instead of streaming them by bulk copies into shared memory
   // (kernels/tile_matvec_bulk.cuh). Registers by default: at Llama-3.1-8B batch 1 on an H100
@@ -173,6 +184,9 @@ class CudaBackend : public Backend {
   void set_wgmma(bool on) { options_.wgmma = on; }
   void set_wgmma_shallow(bool on) { options_.wgmma_shallow = on; }
   void set_wgmma_wide_boxes(bool on) { options_.wgmma_wide_boxes = on; }
+  void set_l2_ahead(int level) { options_.l2_ahead = level; }
+  void set_attention_rotation(bool on) { options_.attention_rotation = on; }
+  void set_kv_fence_on_reader(bool on) { options_.kv_fence_on_reader = on; }
   void set_matvec_registers(bool on) { options_.matvec_registers = on; }
   void set_attention_cuda_cores(bool on) { options_.attention_cuda_cores = on; }
   void set_host_sampling(bool on) { options_.host_sampling = on; }

@@ -144,6 +144,20 @@ __device__ __forceinline__ void bulk_load(void* smem_dst, const void* src, uint3
       "l"(src), "r"(bytes), "r"(smem_addr(bar)));
 }
 
+// L2 prefetches [L2_AHEAD]: hints with no completion and no shared memory, for bytes an SM
+// will load soon, so that its loads then hit L2 instead of waiting for DRAM. No "memory"
+// clobber: they change nothing a thread can observe.
+// `bytes` contiguous bytes (a multiple of 16, `src` 16-byte aligned).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes));
+}
+// The box of `map` at coordinates (c0, c1), as tma_load_2d would copy it.
+__device__ __forceinline__ void prefetch_l2_tile_2d(const CUtensorMap* map, int32_t c0,
+                                                    int32_t c1) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map),
+               "r"(c0), "r"(c1));
+}
+
 // ---------------------------------------------------------------------------------------------
 // wgmma (warpgroup = 4 consecutive warps starting at a warp index divisible by 4)
 // ---------------------------------------------------------------------------------------------

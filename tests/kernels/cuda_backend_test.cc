@@ -69,10 +69,15 @@ struct KernelVariant {
   // With wgmma: every weight group in a TMA box of its own (16 rows) instead of four in one
   // (kernels/tile_wgmma.cuh [WIDE_BOX]); the shallow variant takes them, so both are checked.
   bool wgmma_narrow_boxes = false;
+  // The kernel options not yet on by default: weights into L2 ahead of their loads
+  // (l2_ahead 1 [L2_AHEAD]), decode attention's slice rotation [SLICE_ROTATION] and the KV
+  // proxy fence on the attention's loading lanes (kv_fence_on_reader).
+  bool pending = false;
   const char* name() const {
     if (attention_cuda_cores) return "cuda-core-attention";
     if (!tensor_cores) return "cuda-cores";
     if (!wgmma) return "mma.sync";
+    if (pending) return "wgmma-pending-options";
     return wgmma_shallow ? "wgmma-shallow-16-row-boxes" : "wgmma";
   }
 };
@@ -80,7 +85,8 @@ constexpr KernelVariant kVariants[] = {{false, false, false},
                                        {true, false, false},
                                        {true, false, true, false, true},
                                        {true, false, true, true, false, true},
-                                       {false, true, false, false, true}};
+                                       {false, true, false, false, true},
+                                       {true, false, true, false, true, false, true}};
 
 // `tiles`: the GPU's tile shapes (default gpu_tile_config(132 / tp) with c.kv_split_tokens);
 // `num_sms`: the GPU's CTAs per rank (0: the SMs shared out over the ranks). `tp` > 1: the
@@ -144,6 +150,8 @@ void run_forced(const ModelCase& c, std::vector<ForcedRequest> requests, int num
   gpu_opts.wgmma_wide_boxes = !variant.wgmma_narrow_boxes;
   gpu_opts.matvec_registers = variant.matvec_registers;
   gpu_opts.attention_cuda_cores = variant.attention_cuda_cores;
+  gpu_opts.l2_ahead = variant.pending ? 1 : 0;
+  gpu_opts.attention_rotation = gpu_opts.kv_fence_on_reader = variant.pending;
   gpu_opts.tensor_parallel = tp;
   gpu_opts.tp_ranks_on_one_gpu = tp > 1;
   gpu_opts.verify_schedules = tp > 1;  // the cross-rank waits proven on every step
@@ -407,9 +415,9 @@ INSTANTIATE_TEST_SUITE_P(
 // stages as one stream): eleven requests whose contexts end inside and at the edges of
 // 16-key steps, 128-key stages and KV blocks, from 5 to 700 keys (past the KV split of the
 // second case), prefilled and then decoding four tokens each, so that decode instructions
-// hold 8 and 3 requests (on 2 CTAs) or one; GQA 4 with head dim 128 and GQA 8 (a full n8 tile of the stream's
-// swapped mma) with 64; GQA 16 with 64 is past the stream (16 M rows per request) and runs
-// as one pass per request.
+// hold 8 and 3 requests (on 2 CTAs) or one; GQA 4 with head dim 128 and GQA 8 (a full n8 tile of
+// the stream's swapped mma) with 64; GQA 16 with 64 is past the stream (16 M rows per request) and
+// runs as one pass per request.
 class CudaAttentionDecode : public ::testing::TestWithParam<ModelCase> {};
 
 TEST_P(CudaAttentionDecode, ManyRequestsAgainstTheCpuInterpreter) {
@@ -425,6 +433,8 @@ TEST_P(CudaAttentionDecode, ManyRequestsAgainstTheCpuInterpreter) {
   // stream over several requests); on 132, every (request, kv head) has its own tile.
   run_forced(c, reqs, 5, kVariants[2], gpu_tile_config(2), 2);
   run_forced(c, reqs, 5, kVariants[2]);
+  // The same with the slice rotation (8 requests per tile on 2 CTAs, of 1 to 44 steps each).
+  run_forced(c, reqs, 5, kVariants[5], gpu_tile_config(2), 2);
 }
 
 INSTANTIATE_TEST_SUITE_P(
