@@ -229,11 +229,11 @@ __device__ __forceinline__ void attend16(const uint32_t (&qf)[HD / 16][2], uint3
   }
 }
 
-// Leaves warp w's key-slice state in shared memory as store_slice does (merge_slices' layout:
-// m and l at ml[w * 32 + r] and ml[w * 32 + 16 + r], output rows at ow[(w * 16 + r) * HD +
-// d]), from the swapped layout; l must already be summed over the column's lanes. Columns
-// r >= valid are left out.
-template <int HD>
+// Leaves slice w's key-slice state in shared memory as store_slice does (merge_slices' layout
+// for kTileRows M rows per slice: m and l at ml[w * 2 kTileRows + r] and ml[w * 2 kTileRows +
+// kTileRows + r], output rows at ow[(w * kTileRows + r) * HD + d]), from the swapped layout;
+// l must already be summed over the column's lanes. Columns r >= valid are left out.
+template <int HD, int kTileRows = 16>
 __device__ __forceinline__ void store_slice(float* ml, float* ow, int w, int valid,
                                             const float (&o)[HD / 16][4], const float (&m)[2],
                                             const float (&l)[2]) {
@@ -243,16 +243,36 @@ __device__ __forceinline__ void store_slice(float* ml, float* ow, int w, int val
     const int r = 2 * t4 + e;
     if (r >= valid) continue;
     if (g8 == 0) {
-      ml[w * 32 + r] = m[e];
-      ml[w * 32 + 16 + r] = l[e];
+      ml[w * 2 * kTileRows + r] = m[e];
+      ml[w * 2 * kTileRows + kTileRows + r] = l[e];
     }
-    float* row = ow + (w * 16 + r) * HD + g8;
+    float* row = ow + (w * kTileRows + r) * HD + g8;
 #pragma unroll
     for (int dt = 0; dt < HD / 16; ++dt) {
       row[16 * dt] = o[dt][e];
       row[16 * dt + 8] = o[dt][e + 2];
     }
   }
+}
+
+// merge_slices' write for request i of a decode instruction (its step rows r.n, first query
+// row r.q0): M row `row` of the merge to its output row, the log-sum-exp where the
+// instruction is a KV split, and the bf16 copy of an unsplit row.
+template <int HD, class Request>
+__device__ __forceinline__ auto output_writer(const DeviceModel& md, const DeviceStepDesc& st,
+                                              const engine::isa::AttentionArgs& a, int i,
+                                              const Request& r, int group) {
+  return
+      [&md, &st, &a, i, n = r.n, q0 = r.q0, group](int row, int d, float value, float lse_value) {
+        float* lse;
+        float* out =
+            attention_mma::output_row<HD>(md, st, a, i, n, q0 + row / group, row % group, &lse);
+        out[d] = value;
+        if (lse != nullptr && d == 0) *lse = lse_value;
+        if (lse == nullptr) {
+          if (uint16_t* b = attn_act_at(md, st, out)) b[d] = float_to_bf16_bits(value);
+        }
+      };
 }
 
 }  // namespace attention_decode
@@ -444,20 +464,9 @@ struct AttentionDecodeStream {
         __syncthreads();  // every warp is done reading this stage's buffer
         attention_decode::store_slice<HD>(ml, ow, warp, r.mrows, o, m, l);
         __syncthreads();
-        const int i = a.request_begin + at.k;
-        merge_slices<HD>(ml, ow, 1, kMegakernelWarps, r.mrows,
-                         [&](int row, int d, float value, float lse_value) {
-                           float* lse;
-                           float* out = output_row<HD>(md, st, a, i, r.n, r.q0 + row / group,
-                                                       row % group, &lse);
-                           out[d] = value;
-                           if (lse != nullptr && d == 0) *lse = lse_value;
-                           if (lse == nullptr) {
-                             if (uint16_t* b = attn_act_at(md, st, out)) {
-                               b[d] = float_to_bf16_bits(value);
-                             }
-                           }
-                         });
+        merge_slices<HD>(
+            ml, ow, 1, kMegakernelWarps, r.mrows,
+            attention_decode::output_writer<HD>(md, st, a, a.request_begin + at.k, r, group));
         reset();
       }
       advance(at);

@@ -88,7 +88,6 @@ struct AttentionDecodeTma {
     }
     const int hq = md.q_heads, hkv = md.kv_heads, group = hq / hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g8 = lane >> 2, t4 = lane & 3;
     const bool rotate = (st.flags & kStepAttentionRotation) != 0;  // [SLICE_ROTATION]
 
     char* const base = reinterpret_cast<char*>(ctx.smem);
@@ -235,23 +234,13 @@ struct AttentionDecodeTma {
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
-        const int rl = 2 * t4 + e;
-        if (rl >= r.mrows) continue;
-        if (g8 == 0) {
-          ml[slice * 16 + rl] = m[e];
-          ml[slice * 16 + 8 + rl] = l[e];
-        }
-        float* row = ow + (slice * kRows + rl) * HD + g8;
-#pragma unroll
-        for (int dt = 0; dt < HD / 16; ++dt) {
-          row[16 * dt] = o[dt][e];
-          row[16 * dt + 8] = o[dt][e + 2];
-        }
       }
+      attention_decode::store_slice<HD, kRows>(ml, ow, slice, r.mrows, o, m, l);
+      const auto write =
+          attention_decode::output_writer<HD>(md, st, a, a.request_begin + k, r, group);
       if (!rotate) {  // the CTA merges the request
         __syncthreads();
-        merge_request(md, st, a, a.request_begin + k, r, ml, ow, group, threadIdx.x,
-                      kMegakernelThreads);
+        merge_slices<HD, kRows>(ml, ow, 1, kSlices, r.mrows, write);
         continue;
       }
       // Counted in after the warp's stores (the fences order them before the count, and the
@@ -265,7 +254,7 @@ struct AttentionDecodeTma {
       }
       __syncwarp();
       if (__shfl_sync(0xffffffffu, before, 0) != kSlices - 1) continue;
-      merge_request(md, st, a, a.request_begin + k, r, ml, ow, group, lane, 32);
+      merge_slices<HD, kRows>(ml, ow, 1, kSlices, r.mrows, write, lane, 32);
       __syncwarp();  // every lane's reads of the area are done
       if (lane == 0) {
         counts[area] = 0;
@@ -278,39 +267,6 @@ struct AttentionDecodeTma {
     }
     __syncthreads();  // shared memory is free for the next instruction
     return true;
-  }
-
- private:
-  // Request i's output from its slices' states in a merge area, as attention_mma::merge_slices:
-  // M = max m_w, out = sum_w 2^(m_w - M) o_w / sum_w 2^(m_w - M) l_w, in slice order; its
-  // elements e0, e0 + stride, ... (the CTA's threads, or one warp's lanes).
-  __device__ static void merge_request(const DeviceModel& md, const DeviceStepDesc& st,
-                                       const engine::isa::AttentionArgs& a, int i, const Request& r,
-                                       const float* ml, const float* ow, int group, int e0,
-                                       int stride) {
-    using namespace attention_mma;
-#pragma unroll 1
-    for (int e = e0; e < r.mrows * HD; e += stride) {
-      const int rl = e / HD, d = e % HD;
-      float M = -INFINITY;
-      for (int w = 0; w < kSlices; ++w) M = fmaxf(M, ml[w * 16 + rl]);
-      float L = 0.0f, A = 0.0f;
-      if (M > -INFINITY) {
-        for (int w = 0; w < kSlices; ++w) {
-          const float c = exp2f(ml[w * 16 + rl] - M);  // a slice without keys: c = 0
-          L += c * ml[w * 16 + 8 + rl];
-          A += c * ow[(w * kRows + rl) * HD + d];
-        }
-      }
-      const float value = L > 0.0f ? A / L : 0.0f;
-      float* lse;
-      float* out = output_row<HD>(md, st, a, i, r.n, r.q0 + rl / group, rl % group, &lse);
-      out[d] = value;
-      if (lse != nullptr && d == 0) *lse = L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY;
-      if (lse == nullptr) {
-        if (uint16_t* bf = attn_act_at(md, st, out)) bf[d] = float_to_bf16_bits(value);
-      }
-    }
   }
 };
 

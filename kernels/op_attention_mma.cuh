@@ -228,23 +228,25 @@ __device__ __forceinline__ void store_slice(float* ml, float* ow, int w, int val
 // Merges the S key slices of each of R m-tiles (warp sl * R + t left slice sl of m-tile t with
 // store_slice): M = max m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, in slice
 // order. write(r, d, out, lse) for each of the first `rows` M rows (out 0 and lse -inf for a
-// row without keys).
-template <int HD, class Write>
+// row without keys), elements e0, e0 + stride, ... of the rows x HD (the CTA's threads, or one
+// warp's lanes). kTileRows: M rows per slice state (16, or 8 for the decode ops' n8 tiles).
+template <int HD, int kTileRows = 16, class Write>
 __device__ __forceinline__ void merge_slices(const float* ml, const float* ow, int R, int S,
-                                             int rows, Write write) {
+                                             int rows, Write write, int e0 = threadIdx.x,
+                                             int stride = kMegakernelThreads) {
 #pragma unroll 1
-  for (int e = threadIdx.x; e < rows * HD; e += kMegakernelThreads) {
+  for (int e = e0; e < rows * HD; e += stride) {
     const int r = e / HD, d = e % HD;
-    const int tile = r / 16, rl = r % 16;
+    const int tile = r / kTileRows, rl = r % kTileRows;
     float M = -INFINITY;
-    for (int sl = 0; sl < S; ++sl) M = fmaxf(M, ml[(sl * R + tile) * 32 + rl]);
+    for (int sl = 0; sl < S; ++sl) M = fmaxf(M, ml[(sl * R + tile) * 2 * kTileRows + rl]);
     float L = 0.0f, A = 0.0f;
     if (M > -INFINITY) {
       for (int sl = 0; sl < S; ++sl) {
         const int w = sl * R + tile;
-        const float c = exp2f(ml[w * 32 + rl] - M);  // a slice without keys: m = -inf, c = 0
-        L += c * ml[w * 32 + 16 + rl];
-        A += c * ow[(w * 16 + rl) * HD + d];
+        const float c = exp2f(ml[w * 2 * kTileRows + rl] - M);  // no keys: m = -inf, c = 0
+        L += c * ml[w * 2 * kTileRows + kTileRows + rl];
+        A += c * ow[(w * kTileRows + rl) * HD + d];
       }
     }
     write(r, d, L > 0.0f ? A / L : 0.0f, L > 0.0f ? (M + log2f(L)) * kLn2 : -INFINITY);

@@ -183,6 +183,12 @@ struct WgmmaPassShape {
   __device__ static int count(const ProjectionInput& in) {
     return (in.nrows + kRows - 1) / kRows * ((in.ncols + kColStride - 1) / kColStride);
   }
+  // Weight group g of the pass (g < ngroups: matrix g / groups per matrix, in whole groups).
+  template <typename GroupOf>
+  __device__ WeightGroup group(int g, GroupOf group_of) const {
+    const int cgroups = cstride / kWgmmaGroupRows;  // per matrix
+    return group_of(g / cgroups, c0 + (g % cgroups) * kWgmmaGroupRows);
+  }
 };
 
 // [L2_AHEAD] Before the waits of an instruction whose first pass is pass 0 of `in`: starts
@@ -192,9 +198,9 @@ struct WgmmaPassShape {
 template <int kMats, int kRows, typename GroupOf>
 __device__ void wgmma_first_to_l2(const ProjectionInput& in, int blocks, GroupOf group_of) {
   const WgmmaPassShape<kMats, kRows> sh(in, 0);
-  const int g = threadIdx.x, cgroups = sh.cstride / kWgmmaGroupRows;
+  const int g = threadIdx.x;
   if (g >= sh.ngroups) return;
-  const WeightGroup wg = group_of(g / cgroups, sh.c0 + (g % cgroups) * kWgmmaGroupRows);
+  const WeightGroup wg = sh.group(g, group_of);
   for (int j = 0; j < blocks && j * kWgmmaBlockK < in.K; ++j) {
     hopper::prefetch_l2_tile_2d(wg.map, in.k0 + j * kWgmmaBlockK, wg.row);
   }
@@ -218,11 +224,8 @@ __device__ void wgmma_pass_setup(const ProjectionInput& in, char* smem, bool dee
     l.x_rows[n] = n < sh.nr ? src_row(sh.r0 + n) : nullptr;
     l.x_scale[n] = (n < sh.nr && in.row_scale != nullptr) ? in.row_scale[sh.r0 + n] : 1.0f;
   }
-  const int cgroups = sh.cstride / kWgmmaGroupRows;  // per matrix
   if (tid < sh.ngroups) {
-    const auto at = [&](int g) {
-      return group_of(g / cgroups, sh.c0 + (g % cgroups) * kWgmmaGroupRows);
-    };
+    const auto at = [&](int g) { return sh.group(g, group_of); };
     WeightGroup wg = at(tid);
     // [WIDE_BOX] A quad of the table (groups 4q .. 4q + 3) whose rows follow each other in
     // one matrix comes in one box.
